@@ -1,0 +1,437 @@
+//! The configuration file (TOML): sessions, their interfaces, direction, target and ordered rules.
+//! Parsing checks form and values; every error names the file, line and column of the culprit.
+use std::{fmt, net::IpAddr, ops::RangeInclusive, path::Path, str::FromStr};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error with its place in the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct ConfigError {
+    pub location: Location,
+    pub message: String,
+}
+
+/// `file:line:column`, or just the file when the place is unknown.
+#[derive(Debug, Clone)]
+pub struct Location {
+    pub file: String,
+    pub line_col: Option<(usize, usize)>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line_col {
+            Some((line, col)) => write!(f, "{}:{line}:{col}", self.file),
+            None => write!(f, "{}", self.file),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Sessions, in priority order: copies are made in this order.
+    #[serde(default, rename = "session")]
+    pub sessions: Vec<Spanned<SessionConfig>>,
+    /// Seconds between counter log lines (0: never).
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval_secs: u64,
+}
+
+fn default_stats_interval() -> u64 {
+    10
+}
+
+/// One mirroring session.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    pub name: Spanned<String>,
+    /// Interface names or globs (`veth*`) whose packets are examined.
+    pub interfaces: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub direction: DirectionConfig,
+    pub target: Spanned<TargetConfig>,
+    /// What happens to packets no rule matches.
+    #[serde(default)]
+    pub default: ActionConfig,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<Spanned<RuleConfig>>,
+}
+
+/// Which side of the interfaces to watch.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectionConfig {
+    Ingress,
+    Egress,
+    #[default]
+    Both,
+}
+
+/// Where copies go.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Copies are sent out of this interface.
+    pub interface: String,
+}
+
+/// What a rule does.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionConfig {
+    Mirror,
+    #[default]
+    Skip,
+}
+
+/// One rule; absent fields match anything.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Order within the session: lower numbers are tried first; unique per session.
+    pub number: u32,
+    pub action: ActionConfig,
+    pub ethertype: Option<Ethertype>,
+    pub vlan: Option<Vlan>,
+    pub proto: Option<IpProto>,
+    pub src: Option<Cidr>,
+    pub dst: Option<Cidr>,
+    pub src_port: Option<PortRange>,
+    pub dst_port: Option<PortRange>,
+}
+
+macro_rules! parsed_from_str_or_int {
+    ($ty:ident, $expecting:literal) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                #[serde(untagged)]
+                enum Raw {
+                    Int(i64),
+                    Str(String),
+                }
+                let text = match Raw::deserialize(d)
+                    .map_err(|_| serde::de::Error::custom(concat!("expected ", $expecting)))?
+                {
+                    Raw::Int(i) => i.to_string(),
+                    Raw::Str(s) => s,
+                };
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// An ethertype: a number (`0x88cc`, `2054`) or a name (`ipv4`, `ipv6`, `arp`, `lldp`, `vlan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ethertype(pub u16);
+parsed_from_str_or_int!(Ethertype, "an ethertype number or name");
+
+impl FromStr for Ethertype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let named = match s.to_ascii_lowercase().as_str() {
+            "ipv4" | "ip" => Some(0x0800),
+            "ipv6" => Some(0x86dd),
+            "arp" => Some(0x0806),
+            "lldp" => Some(0x88cc),
+            "vlan" => Some(0x8100),
+            _ => None,
+        };
+        named
+            .or_else(|| parse_u64(s).and_then(|v| u16::try_from(v).ok()))
+            .map(Ethertype)
+            .ok_or_else(|| {
+                format!("`{s}` is not an ethertype (0..0xffff, or ipv4, ipv6, arp, lldp, vlan)")
+            })
+    }
+}
+
+/// A VLAN id, 0..=4095.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Vlan(pub u16);
+parsed_from_str_or_int!(Vlan, "a VLAN id");
+
+impl FromStr for Vlan {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_u64(s)
+            .and_then(|v| u16::try_from(v).ok())
+            .filter(|v| *v <= 4095)
+            .map(Vlan)
+            .ok_or_else(|| format!("`{s}` is not a VLAN id (0..4095)"))
+    }
+}
+
+/// An IP protocol: a number or `tcp`, `udp`, `sctp`, `icmp`, `icmpv6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpProto(pub u8);
+parsed_from_str_or_int!(IpProto, "an IP protocol number or name");
+
+impl FromStr for IpProto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let named = match s.to_ascii_lowercase().as_str() {
+            "icmp" => Some(1),
+            "tcp" => Some(6),
+            "udp" => Some(17),
+            "icmpv6" | "ipv6-icmp" => Some(58),
+            "sctp" => Some(132),
+            _ => None,
+        };
+        named
+            .or_else(|| parse_u64(s).and_then(|v| u8::try_from(v).ok()))
+            .map(IpProto)
+            .ok_or_else(|| {
+                format!("`{s}` is not an IP protocol (0..255, or tcp, udp, sctp, icmp, icmpv6)")
+            })
+    }
+}
+
+impl IpProto {
+    /// Whether packets of this protocol carry ports the parser reads.
+    pub fn has_ports(self) -> bool {
+        matches!(self.0, 6 | 17 | 132)
+    }
+}
+
+/// An IPv4 or IPv6 prefix; a bare address means a host prefix. Host bits must be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr(pub IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let net = match s.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => s.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+                format!("`{s}` is not an IPv4 or IPv6 prefix (10.0.0.0/8, fd00::/64)")
+            })?,
+        };
+        if net.trunc() != net {
+            return Err(format!(
+                "`{s}` has host bits set; did you mean `{}`?",
+                net.trunc()
+            ));
+        }
+        Ok(Cidr(net))
+    }
+}
+
+/// A port or an inclusive port range: `443`, `"1024-65535"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortRange(pub RangeInclusive<u16>);
+parsed_from_str_or_int!(PortRange, "a port or a port range");
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| p.trim().parse::<u16>().ok();
+        let range = match s.split_once('-') {
+            Some((lo, hi)) => port(lo).zip(port(hi)),
+            None => port(s).map(|p| (p, p)),
+        };
+        match range {
+            Some((lo, hi)) if lo <= hi => Ok(PortRange(lo..=hi)),
+            _ => Err(format!(
+                "`{s}` is not a port or port range (0..65535, `low-high` with low <= high)"
+            )),
+        }
+    }
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// A parsed file with what is needed to point at its lines.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub config: Config,
+    pub file: String,
+    text: String,
+}
+
+impl LoadedConfig {
+    /// Reads and parses a file.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            location: Location {
+                file: file.clone(),
+                line_col: None,
+            },
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(file, text)
+    }
+
+    /// Parses text that came from `file`.
+    pub fn parse(file: String, text: String) -> Result<Self, ConfigError> {
+        match toml::from_str::<Config>(&text) {
+            Ok(config) => Ok(Self { config, file, text }),
+            Err(e) => {
+                let location = Location {
+                    file: file.clone(),
+                    line_col: e.span().map(|span| line_col(&text, span.start)),
+                };
+                Err(ConfigError {
+                    location,
+                    message: e.message().to_owned(),
+                })
+            }
+        }
+    }
+
+    /// A configuration built in memory (the CLI's quick form): errors point at the command line.
+    pub fn from_config(config: Config, origin: &str) -> Self {
+        Self {
+            config,
+            file: origin.to_owned(),
+            text: String::new(),
+        }
+    }
+
+    /// The place of a byte span of the file.
+    pub fn location(&self, span: std::ops::Range<usize>) -> Location {
+        Location {
+            file: self.file.clone(),
+            line_col: (!self.text.is_empty()).then(|| line_col(&self.text, span.start)),
+        }
+    }
+
+    /// An error at a byte span of the file.
+    pub fn error(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            location: self.location(span),
+            message: message.into(),
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<LoadedConfig, ConfigError> {
+        LoadedConfig::parse("t.toml".into(), text.into())
+    }
+
+    #[test]
+    fn parses_a_full_session() {
+        let loaded = parse(
+            r#"
+[[session]]
+name = "web"
+interfaces = ["eth0", "veth*"]
+direction = "ingress"
+target = { interface = "mirror0" }
+default = "mirror"
+
+[[session.rule]]
+number = 10
+action = "skip"
+ethertype = "ipv4"
+vlan = 100
+proto = "tcp"
+src = "10.0.0.0/8"
+dst = "fd00::/64"
+src_port = "1024-65535"
+dst_port = 443
+"#,
+        )
+        .expect("valid");
+        let session = &loaded.config.sessions[0].get_ref();
+        assert_eq!(session.direction, DirectionConfig::Ingress);
+        assert_eq!(session.default, ActionConfig::Mirror);
+        let rule = session.rules[0].get_ref();
+        assert_eq!(rule.ethertype, Some(Ethertype(0x0800)));
+        assert_eq!(rule.vlan, Some(Vlan(100)));
+        assert_eq!(rule.proto, Some(IpProto(6)));
+        assert_eq!(rule.src_port, Some(PortRange(1024..=65535)));
+        assert_eq!(rule.dst_port, Some(PortRange(443..=443)));
+        assert_eq!(rule.dst.map(|c| c.0.to_string()), Some("fd00::/64".into()));
+    }
+
+    #[test]
+    fn errors_point_at_the_line() {
+        let cases = [
+            (
+                "[[session]]\nname = \"a\"\nbogus = 1\n",
+                3,
+                "unknown field `bogus`",
+            ),
+            (
+                "[[session]]\nname=\"a\"\ninterfaces=[\"x\"]\ntarget={interface=\"m\"}\n[[session.rule]]\nnumber=1\naction=\"mirror\"\ndst_port=\"9-2\"\n",
+                8,
+                "not a port or port range",
+            ),
+            (
+                "[[session]]\nname=\"a\"\ninterfaces=[\"x\"]\ntarget={interface=\"m\"}\n[[session.rule]]\nnumber=1\naction=\"mirror\"\nsrc=\"10.0.0.1/8\"\n",
+                8,
+                "did you mean `10.0.0.0/8`",
+            ),
+            (
+                "[[session]]\nname=\"a\"\ninterfaces=[\"x\"]\ntarget={interface=\"m\"}\n[[session.rule]]\nnumber=1\naction=\"copy\"\n",
+                7,
+                "unknown variant `copy`",
+            ),
+            (
+                "[[session]]\nname=\"a\"\ninterfaces=[\"x\"]\ntarget={interface=\"m\"}\n[[session.rule]]\nnumber=1\naction=\"mirror\"\nvlan=4096\n",
+                8,
+                "not a VLAN id",
+            ),
+            (
+                "[[session]]\nname=\"a\"\ninterfaces=[\"x\"]\ntarget={interface=\"m\"}\n[[session.rule]]\nnumber=1\naction=\"mirror\"\nproto=\"tcpp\"\n",
+                8,
+                "not an IP protocol",
+            ),
+        ];
+        for (text, line, message) in cases {
+            let err = parse(text).expect_err(text);
+            assert_eq!(err.location.line_col.map(|l| l.0), Some(line), "{err}");
+            assert!(err.message.contains(message), "{err}");
+            assert!(
+                err.to_string().starts_with(&format!("t.toml:{line}:")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn value_forms() {
+        assert_eq!("0x88cc".parse::<Ethertype>(), Ok(Ethertype(0x88cc)));
+        assert_eq!("2054".parse::<Ethertype>(), Ok(Ethertype(0x0806)));
+        assert!("0x10000".parse::<Ethertype>().is_err());
+        assert_eq!("10.1.2.3".parse::<Cidr>().map(|c| c.0.prefix_len()), Ok(32));
+        assert_eq!("fd00::1".parse::<Cidr>().map(|c| c.0.prefix_len()), Ok(128));
+        assert_eq!("0-65535".parse::<PortRange>(), Ok(PortRange(0..=65535)));
+        assert!("65536".parse::<PortRange>().is_err());
+        assert!("".parse::<PortRange>().is_err());
+    }
+}

@@ -1,0 +1,308 @@
+//! The kernel side seen from userspace: loads the eBPF object, fills the lookup maps from a
+//! [`Plan`], attaches the TC programs and reads the counters. Everything it attached is detached
+//! when the [`Datapath`] is dropped, and a failure part-way drops what was done so far.
+use std::ffi::CStr;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    util::KernelVersion,
+};
+use ipnet::IpNet;
+use mirror_common::{
+    ATTACHMENT_BITMAP_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP,
+    Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, HOOK_COUNTERS_MAP, HookCounters,
+    IP_PROTO_BITMAP_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP,
+    SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, TC_EGRESS_PROGRAM,
+    TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
+};
+
+use crate::rules::{Interface, Plan};
+
+/// The eBPF object built by build.rs from mirror-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mirror"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching to {interface} ({direction:?}): {source}")]
+    Attach {
+        interface: String,
+        direction: Direction,
+        source: aya::programs::ProgramError,
+    },
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+    #[error("listing interfaces: {0}")]
+    Interfaces(std::io::Error),
+}
+
+/// A loaded, filled and attached datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    links: Vec<(Direction, String, SchedClassifierLinkId)>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("links", &self.links.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The interfaces of this network namespace.
+pub fn interfaces() -> Result<Vec<Interface>, DatapathError> {
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(DatapathError::Interfaces(std::io::Error::last_os_error()));
+        }
+        let mut out = Vec::new();
+        let mut entry = list;
+        while (*entry).if_index != 0 {
+            out.push(Interface {
+                name: CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+                ifindex: (*entry).if_index,
+            });
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+        Ok(out)
+    }
+}
+
+fn map<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, DatapathError> {
+    ebpf.map_mut(name).ok_or(DatapathError::Missing(name))
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn fill_array<T: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    values: &[T],
+) -> Result<(), DatapathError> {
+    let mut array = Array::<_, T>::try_from(map(ebpf, name)?).map_err(map_err(name))?;
+    for (i, value) in values.iter().enumerate() {
+        array.set(i as u32, value, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn fill_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), DatapathError> {
+    let mut hash = HashMap::<_, K, V>::try_from(map(ebpf, name)?).map_err(map_err(name))?;
+    for (k, v) in entries {
+        hash.insert(k, v, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn fill_prefixes(
+    ebpf: &mut Ebpf,
+    v4_name: &'static str,
+    v6_name: &'static str,
+    entries: &[(IpNet, u32)],
+) -> Result<(), DatapathError> {
+    let mut v4 =
+        LpmTrie::<_, [u8; 4], u32>::try_from(map(ebpf, v4_name)?).map_err(map_err(v4_name))?;
+    for (net, index) in entries {
+        if let IpNet::V4(n) = net {
+            let key = Key::new(u32::from(n.prefix_len()), n.addr().octets());
+            v4.insert(&key, index, 0).map_err(map_err(v4_name))?;
+        }
+    }
+    let mut v6 =
+        LpmTrie::<_, [u8; 16], u32>::try_from(map(ebpf, v6_name)?).map_err(map_err(v6_name))?;
+    for (net, index) in entries {
+        if let IpNet::V6(n) = net {
+            let key = Key::new(u32::from(n.prefix_len()), n.addr().octets());
+            v6.insert(&key, index, 0).map_err(map_err(v6_name))?;
+        }
+    }
+    Ok(())
+}
+
+impl Datapath {
+    /// Loads the programs, fills the maps from `plan` and attaches to every watched interface.
+    pub fn start(plan: &Plan) -> Result<Self, DatapathError> {
+        let tables = &plan.tables;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(RULE_BITMAPS_MAP, tables.bitmaps.len().max(1) as u32)
+            .load(EBPF_OBJECT)?;
+        fill_array(&mut ebpf, RULE_BITMAPS_MAP, &tables.bitmaps)?;
+        fill_array(&mut ebpf, FIELD_WILDCARD_MAP, &tables.wildcard)?;
+        fill_array(&mut ebpf, IP_PROTO_BITMAP_MAP, &tables.ip_proto)?;
+        fill_array(&mut ebpf, SRC_PORT_BITMAP_MAP, &tables.src_port)?;
+        fill_array(&mut ebpf, DST_PORT_BITMAP_MAP, &tables.dst_port)?;
+        fill_array(&mut ebpf, RULES_MAP, &tables.rules)?;
+        fill_array(&mut ebpf, SESSIONS_MAP, &tables.sessions)?;
+        fill_hash(&mut ebpf, ETHERTYPE_BITMAP_MAP, &tables.ethertype)?;
+        fill_hash(&mut ebpf, VLAN_BITMAP_MAP, &tables.vlan)?;
+        fill_prefixes(
+            &mut ebpf,
+            SRC_V4_BITMAP_MAP,
+            SRC_V6_BITMAP_MAP,
+            &tables.src_ip,
+        )?;
+        fill_prefixes(
+            &mut ebpf,
+            DST_V4_BITMAP_MAP,
+            DST_V6_BITMAP_MAP,
+            &tables.dst_ip,
+        )?;
+        // Attachments last: the programs see no session until every other table is complete.
+        fill_hash(&mut ebpf, ATTACHMENT_BITMAP_MAP, &tables.attachments)?;
+
+        let mut datapath = Datapath {
+            ebpf,
+            links: Vec::new(),
+        };
+        let mut hooks: Vec<(Direction, String)> = plan
+            .sessions
+            .iter()
+            .flat_map(|s| s.attachments.iter().map(|(i, d)| (*d, i.name.clone())))
+            .collect();
+        hooks.sort();
+        hooks.dedup();
+        for (direction, name) in [
+            (Direction::Ingress, TC_INGRESS_PROGRAM),
+            (Direction::Egress, TC_EGRESS_PROGRAM),
+        ] {
+            let program = datapath.program(name)?;
+            program
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            for (_, interface) in hooks.iter().filter(|(d, _)| *d == direction) {
+                let attach_type = match direction {
+                    Direction::Ingress => TcAttachType::Ingress,
+                    Direction::Egress => TcAttachType::Egress,
+                };
+                let program = datapath.program(name)?;
+                // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
+                // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
+                if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                }
+                let link = program.attach(interface, attach_type).map_err(|source| {
+                    DatapathError::Attach {
+                        interface: interface.clone(),
+                        direction,
+                        source,
+                    }
+                })?;
+                datapath.links.push((direction, interface.clone(), link));
+            }
+        }
+        Ok(datapath)
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing(name))?;
+        program
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Number of (interface, direction) hooks attached.
+    pub fn hook_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Detaches every program, reporting the first failure (the rest are still detached).
+    pub fn stop(mut self) -> Result<(), DatapathError> {
+        let mut first_error = None;
+        for (direction, interface, link) in std::mem::take(&mut self.links) {
+            let name = match direction {
+                Direction::Ingress => TC_INGRESS_PROGRAM,
+                Direction::Egress => TC_EGRESS_PROGRAM,
+            };
+            let result = self.program(name).and_then(|p| {
+                p.detach(link).map_err(|source| DatapathError::Attach {
+                    interface: interface.clone(),
+                    direction,
+                    source,
+                })
+            });
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Counters summed over CPUs, by index.
+    fn summed<T: aya::Pod + Default>(
+        &self,
+        name: &'static str,
+        len: usize,
+        add: impl Fn(&mut T, &T),
+    ) -> Result<Vec<T>, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+        let array = PerCpuArray::<_, T>::try_from(map).map_err(map_err(name))?;
+        (0..len as u32)
+            .map(|i| {
+                let per_cpu = array.get(&i, 0).map_err(map_err(name))?;
+                let mut total = T::default();
+                for value in per_cpu.iter() {
+                    add(&mut total, value);
+                }
+                Ok(total)
+            })
+            .collect()
+    }
+
+    /// Per-rule counters, by global rule index.
+    pub fn rule_counters(&self, rules: usize) -> Result<Vec<Counters>, DatapathError> {
+        self.summed(RULE_COUNTERS_MAP, rules, add_counters)
+    }
+
+    /// Per-session counters, by session index.
+    pub fn session_counters(&self, sessions: usize) -> Result<Vec<Counters>, DatapathError> {
+        self.summed(SESSION_COUNTERS_MAP, sessions, add_counters)
+    }
+
+    /// Per-hook counters: ingress, egress.
+    pub fn hook_counters(&self) -> Result<Vec<HookCounters>, DatapathError> {
+        self.summed(HOOK_COUNTERS_MAP, 2, |t: &mut HookCounters, v| {
+            t.packets += v.packets;
+            t.malformed += v.malformed;
+            t.step_limit += v.step_limit;
+            t.table_errors += v.table_errors;
+        })
+    }
+}
+
+fn add_counters(total: &mut Counters, value: &Counters) {
+    total.matched += value.matched;
+    total.mirrored += value.mirrored;
+    total.clone_errors += value.clone_errors;
+    total.copy_limit += value.copy_limit;
+}

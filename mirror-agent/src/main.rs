@@ -1,0 +1,273 @@
+//! mirror-agent: mirrors the packets that match a session's rules to a target interface, using TC
+//! eBPF programs. `run` applies a configuration until SIGINT/SIGTERM; `check` only validates one.
+mod config;
+mod datapath;
+mod rules;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{
+        ActionConfig, Cidr, Config, DirectionConfig, Ethertype, IpProto, LoadedConfig, PortRange,
+        RuleConfig, SessionConfig, TargetConfig, Vlan,
+    },
+    datapath::Datapath,
+    rules::Plan,
+};
+
+/// Port mirroring for Linux nodes with eBPF: copies the packets that match a session's rules from
+/// the watched interfaces to a target interface, without touching the original packets.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach and mirror until SIGINT or SIGTERM, then detach everything and print the counters.
+    ///
+    /// Either `--config FILE`, or the quick form for one session:
+    /// `mirror-agent run --iface eth0 --to mirror0 --proto tcp --dst-port 443`.
+    Run(RunArgs),
+    /// Validate a configuration against this host's interfaces; exit 1 with file:line on errors.
+    Check {
+        /// The configuration file (TOML; see examples/).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The configuration file (TOML; see examples/).
+    #[arg(long, conflicts_with_all = ["iface", "to"], required_unless_present = "to")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    quick: QuickSession,
+    /// Seconds between counter log lines; 0 disables them (overrides the file's value).
+    #[arg(long)]
+    stats_interval: Option<u64>,
+}
+
+/// The quick form: one session with one mirror rule built from these flags (default: skip).
+#[derive(Debug, Args)]
+struct QuickSession {
+    /// Interface name or glob to watch (repeatable).
+    #[arg(long, requires = "to")]
+    iface: Vec<String>,
+    /// Target interface the copies are sent out of.
+    #[arg(long, requires = "iface")]
+    to: Option<String>,
+    /// Which side of the interfaces to watch.
+    #[arg(long, value_enum, default_value = "both")]
+    direction: DirectionConfig,
+    /// Ethertype: number (0x88cc) or ipv4, ipv6, arp, lldp, vlan.
+    #[arg(long)]
+    ethertype: Option<Ethertype>,
+    /// Outer VLAN id.
+    #[arg(long)]
+    vlan: Option<Vlan>,
+    /// IP protocol: number or tcp, udp, sctp, icmp, icmpv6.
+    #[arg(long)]
+    proto: Option<IpProto>,
+    /// Source prefix (IPv4 or IPv6).
+    #[arg(long)]
+    src: Option<Cidr>,
+    /// Destination prefix (IPv4 or IPv6).
+    #[arg(long)]
+    dst: Option<Cidr>,
+    /// Source port or range (1024-65535).
+    #[arg(long)]
+    src_port: Option<PortRange>,
+    /// Destination port or range.
+    #[arg(long)]
+    dst_port: Option<PortRange>,
+}
+
+impl QuickSession {
+    fn into_config(self) -> Config {
+        fn spanned<T>(value: T) -> toml::Spanned<T> {
+            toml::Spanned::new(0..0, value)
+        }
+        let rule = RuleConfig {
+            number: 1,
+            action: ActionConfig::Mirror,
+            ethertype: self.ethertype,
+            vlan: self.vlan,
+            proto: self.proto,
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        };
+        let session = SessionConfig {
+            name: spanned("cli".to_owned()),
+            interfaces: spanned(self.iface.into_iter().map(spanned).collect()),
+            direction: self.direction,
+            target: spanned(TargetConfig {
+                interface: self.to.unwrap_or_default(),
+            }),
+            default: ActionConfig::Skip,
+            rules: vec![spanned(rule)],
+        };
+        Config {
+            sessions: vec![spanned(session)],
+            stats_interval_secs: 10,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Check { config } => {
+            let plan = plan(&LoadedConfig::read(&config)?)?;
+            println!(
+                "{}: ok: {} session(s), {} rule(s), {} hook(s), {} bitmap(s)",
+                config.display(),
+                plan.sessions.len(),
+                plan.rules.len() - plan.sessions.len(),
+                plan.sessions
+                    .iter()
+                    .map(|s| s.attachments.len())
+                    .sum::<usize>(),
+                plan.tables.bitmaps.len()
+            );
+            Ok(())
+        }
+        Command::Run(args) => {
+            let mut loaded = match &args.config {
+                Some(path) => LoadedConfig::read(path)?,
+                None => LoadedConfig::from_config(args.quick.into_config(), "command line"),
+            };
+            if let Some(secs) = args.stats_interval {
+                loaded.config.stats_interval_secs = secs;
+            }
+            let plan = plan(&loaded)?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(run(&plan, loaded.config.stats_interval_secs))
+        }
+    }
+}
+
+fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
+    let interfaces = datapath::interfaces()?;
+    let plan = rules::plan(loaded, &interfaces)?;
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(plan)
+}
+
+async fn run(plan: &Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let datapath = Datapath::start(plan).context("starting the datapath")?;
+    println!(
+        "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
+        datapath.hook_count(),
+        plan.sessions.len()
+    );
+    let mut ticker = (stats_interval_secs > 0)
+        .then(|| tokio::time::interval(Duration::from_secs(stats_interval_secs)));
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            () = tick(ticker.as_mut()) => log_counters(&datapath, plan),
+        }
+    }
+    let report = report(&datapath, plan);
+    datapath.stop().context("detaching")?;
+    print!("{}", report?);
+    Ok(())
+}
+
+async fn tick(ticker: Option<&mut tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn log_counters(datapath: &Datapath, plan: &Plan) {
+    match datapath.session_counters(plan.sessions.len()) {
+        Ok(counters) => {
+            for (session, c) in plan.sessions.iter().zip(counters) {
+                tracing::info!(
+                    session = session.name,
+                    matched = c.matched,
+                    mirrored = c.mirrored,
+                    clone_errors = c.clone_errors,
+                    copy_limit = c.copy_limit,
+                    "counters"
+                );
+            }
+        }
+        Err(e) => tracing::warn!("reading counters: {e}"),
+    }
+}
+
+/// The final counters as a table: one line per rule, then one per session and per hook.
+fn report(datapath: &Datapath, plan: &Plan) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let rules = datapath.rule_counters(plan.rules.len())?;
+    let sessions = datapath.session_counters(plan.sessions.len())?;
+    let hooks = datapath.hook_counters()?;
+    let mut out = String::new();
+    let row =
+        |out: &mut String, kind: &str, name: &str, rule: &str, c: &mirror_common::Counters| {
+            let _ = writeln!(
+                out,
+                "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>12} {:>10}",
+                c.matched, c.mirrored, c.clone_errors, c.copy_limit
+            );
+        };
+    let _ = writeln!(
+        out,
+        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>12} {:>10}",
+        "counter", "session", "rule", "matched", "mirrored", "clone_err", "copy_limit"
+    );
+    for (rule, c) in plan.rules.iter().zip(&rules) {
+        let number = rule
+            .number
+            .map_or_else(|| "default".to_owned(), |n| n.to_string());
+        row(
+            &mut out,
+            "rule",
+            &plan.sessions[rule.session].name,
+            &number,
+            c,
+        );
+    }
+    for (session, c) in plan.sessions.iter().zip(&sessions) {
+        row(&mut out, "session", &session.name, "-", c);
+    }
+    for (name, h) in ["ingress", "egress"].iter().zip(&hooks) {
+        let _ = writeln!(
+            out,
+            "hook     {name:<16} packets={} malformed={} step_limit={} table_errors={}",
+            h.packets, h.malformed, h.step_limit, h.table_errors
+        );
+    }
+    if rules.is_empty() {
+        bail!("no rules");
+    }
+    Ok(out)
+}

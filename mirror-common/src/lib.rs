@@ -1,0 +1,213 @@
+//! The map ABI shared by mirror's kernel programs (`mirror-ebpf`) and its agent (`mirror-agent`).
+//!
+//! This file is the single definition of every map's name, key, value and size limit. Both sides
+//! compile against it, so a change here changes both.
+//!
+//! # How a packet is classified: bit-vector classification
+//!
+//! Every rule of every session gets a global index, ordered by session (configuration order) and
+//! then by rule number; each session ends with an implicit catch-all rule that carries the session's
+//! default action. For each packet field ([`Field`]) the agent precomputes, for every distinct value
+//! or value range that the rules mention, the bitmap of rules that accept that value (including the
+//! rules that do not constrain the field). A packet then costs one lookup per field (hash, LPM trie
+//! or direct array), an AND of the eight bitmaps, and a walk over the set bits in rule order: the
+//! first set bit of a session is that session's verdict (first match wins), after which the walk
+//! jumps to the next session's first rule.
+//!
+//! To keep that walk flat as rule sets grow, each [`RuleBitmap`] carries a summary with one bit per
+//! 64-rule word that is non-zero. The kernel ANDs the summaries first and only visits words that
+//! survive in all eight fields, so a packet that matches only the last of 10,000 rules visits a
+//! handful of words instead of 157. We chose this over tuple-space search with a flow cache because
+//! its cost does not depend on flow churn (a port scan or a SYN flood costs the same per packet as a
+//! long flow), it needs no cache invalidation, and port ranges map onto it directly instead of being
+//! expanded into prefixes.
+#![no_std]
+
+/// Largest number of rules across all sessions, including one implicit default rule per session.
+pub const MAX_RULES: u32 = 16_384;
+/// 64-bit words in a rule bitmap.
+pub const BITMAP_WORDS: usize = MAX_RULES as usize / 64;
+/// 64-bit words in a rule bitmap's summary (one bit per non-zero bitmap word).
+pub const SUMMARY_WORDS: usize = BITMAP_WORDS / 64;
+/// Largest number of sessions.
+pub const MAX_SESSIONS: u32 = 64;
+/// Largest number of copies made of one packet at one hook. Sessions are served in configuration
+/// order; a session that accepts a packet after this many copies were made counts a `copy_limit`.
+pub const MAX_COPIES_PER_PACKET: usize = 8;
+/// Largest number of (interface, direction) attachment points.
+pub const MAX_ATTACHMENTS: u32 = 4_096;
+/// Largest number of distinct values per hashed or LPM field (ethertypes, VLAN ids, prefixes).
+pub const MAX_FIELD_VALUES: u32 = 65_536;
+/// Upper bound on classification steps for one packet (words visited plus rules visited).
+pub const MAX_CLASSIFY_STEPS: u32 = MAX_RULES + BITMAP_WORDS as u32;
+
+/// The packet fields a rule can constrain, in the order of [`FIELD_WILDCARD_MAP`]'s entries.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    /// The (interface, direction) the program runs at: selects the sessions that apply.
+    Attachment = 0,
+    /// The innermost ethertype, after up to two VLAN tags.
+    Ethertype = 1,
+    /// The outer VLAN id (absent when the frame is untagged).
+    VlanId = 2,
+    /// The IP protocol (IPv4 protocol or the IPv6 upper-layer header after extension headers).
+    IpProto = 3,
+    /// The IPv4 or IPv6 source address.
+    SrcIp = 4,
+    /// The IPv4 or IPv6 destination address.
+    DstIp = 5,
+    /// The TCP, UDP or SCTP source port.
+    SrcPort = 6,
+    /// The TCP, UDP or SCTP destination port.
+    DstPort = 7,
+}
+
+/// Number of [`Field`]s.
+pub const FIELD_COUNT: usize = 8;
+
+/// `RULE_BITMAPS`: `Array<RuleBitmap>`; sized by the agent at load time to the bitmaps it needs.
+pub const RULE_BITMAPS_MAP: &str = "RULE_BITMAPS";
+/// `FIELD_WILDCARD`: `Array<u32>` of [`FIELD_COUNT`] bitmap indices, the rules that accept a packet
+/// whose field is absent or has a value no rule names.
+pub const FIELD_WILDCARD_MAP: &str = "FIELD_WILDCARD";
+/// `ATTACHMENT_BITMAP`: `HashMap<AttachmentKey, u32>`, bitmap index of the rules whose sessions
+/// watch this interface in this direction. A miss means no session applies.
+pub const ATTACHMENT_BITMAP_MAP: &str = "ATTACHMENT_BITMAP";
+/// `ETHERTYPE_BITMAP`: `HashMap<u32, u32>`, ethertype (host order) to bitmap index.
+pub const ETHERTYPE_BITMAP_MAP: &str = "ETHERTYPE_BITMAP";
+/// `VLAN_BITMAP`: `HashMap<u32, u32>`, VLAN id to bitmap index.
+pub const VLAN_BITMAP_MAP: &str = "VLAN_BITMAP";
+/// `IP_PROTO_BITMAP`: `Array<u32>` of 256, IP protocol to bitmap index.
+pub const IP_PROTO_BITMAP_MAP: &str = "IP_PROTO_BITMAP";
+/// `SRC_V4_BITMAP` / `DST_V4_BITMAP`: `LpmTrie<[u8; 4], u32>`, IPv4 prefix to bitmap index.
+pub const SRC_V4_BITMAP_MAP: &str = "SRC_V4_BITMAP";
+/// See [`SRC_V4_BITMAP_MAP`].
+pub const DST_V4_BITMAP_MAP: &str = "DST_V4_BITMAP";
+/// `SRC_V6_BITMAP` / `DST_V6_BITMAP`: `LpmTrie<[u8; 16], u32>`, IPv6 prefix to bitmap index.
+pub const SRC_V6_BITMAP_MAP: &str = "SRC_V6_BITMAP";
+/// See [`SRC_V6_BITMAP_MAP`].
+pub const DST_V6_BITMAP_MAP: &str = "DST_V6_BITMAP";
+/// `SRC_PORT_BITMAP` / `DST_PORT_BITMAP`: `Array<u32>` of 65,536, port to bitmap index.
+pub const SRC_PORT_BITMAP_MAP: &str = "SRC_PORT_BITMAP";
+/// See [`SRC_PORT_BITMAP_MAP`].
+pub const DST_PORT_BITMAP_MAP: &str = "DST_PORT_BITMAP";
+/// `RULES`: `Array<RuleMeta>` of [`MAX_RULES`], by global rule index.
+pub const RULES_MAP: &str = "RULES";
+/// `SESSIONS`: `Array<SessionMeta>` of [`MAX_SESSIONS`], by session index.
+pub const SESSIONS_MAP: &str = "SESSIONS";
+/// `RULE_COUNTERS`: `PerCpuArray<Counters>` of [`MAX_RULES`], by global rule index.
+pub const RULE_COUNTERS_MAP: &str = "RULE_COUNTERS";
+/// `SESSION_COUNTERS`: `PerCpuArray<Counters>` of [`MAX_SESSIONS`], by session index.
+pub const SESSION_COUNTERS_MAP: &str = "SESSION_COUNTERS";
+/// `HOOK_COUNTERS`: `PerCpuArray<HookCounters>` of 2, by [`Direction`].
+pub const HOOK_COUNTERS_MAP: &str = "HOOK_COUNTERS";
+
+/// Program names in the object file.
+pub const TC_INGRESS_PROGRAM: &str = "mirror_tc_ingress";
+/// See [`TC_INGRESS_PROGRAM`].
+pub const TC_EGRESS_PROGRAM: &str = "mirror_tc_egress";
+
+/// Where a program runs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Packets received by the interface.
+    Ingress = 0,
+    /// Packets sent by the interface.
+    Egress = 1,
+}
+
+/// Key of `ATTACHMENT_BITMAP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachmentKey {
+    /// Interface index in the agent's network namespace.
+    pub ifindex: u32,
+    /// A [`Direction`] as u32.
+    pub direction: u32,
+}
+
+/// A set of rules by global rule index, with a summary of its non-zero words.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RuleBitmap {
+    /// Bit `w` is set when `words[w]` is non-zero.
+    pub summary: [u64; SUMMARY_WORDS],
+    /// Bit `r % 64` of word `r / 64` is set when rule `r` is in the set.
+    pub words: [u64; BITMAP_WORDS],
+}
+
+/// What a rule does with a packet it matches.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Do not copy; the session's decision is made.
+    Skip = 0,
+    /// Copy the packet to the session's target.
+    Mirror = 1,
+}
+
+/// Value of `RULES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RuleMeta {
+    /// Session index this rule belongs to.
+    pub session: u32,
+    /// An [`Action`] as u32.
+    pub action: u32,
+    /// Global index of the first rule of the next session (rules of a session are contiguous).
+    pub next_session_rule: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Value of `SESSIONS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SessionMeta {
+    /// Interface index the copies are sent out of.
+    pub target_ifindex: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Per-CPU counters of a rule or a session.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets this rule or session decided (mirror or skip).
+    pub matched: u64,
+    /// Copies handed to the target.
+    pub mirrored: u64,
+    /// Copies the kernel failed to clone or redirect.
+    pub clone_errors: u64,
+    /// Copies not made because the packet already had [`MAX_COPIES_PER_PACKET`] copies.
+    pub copy_limit: u64,
+}
+
+/// Per-CPU counters of a hook (ingress or egress), across interfaces.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookCounters {
+    /// Packets the program ran on.
+    pub packets: u64,
+    /// Packets whose headers were truncated or malformed; they were still classified by the fields
+    /// that could be read and always passed on unchanged.
+    pub malformed: u64,
+    /// Packets on which classification stopped at [`MAX_CLASSIFY_STEPS`] (never expected).
+    pub step_limit: u64,
+    /// Packets dropped by a rule-table inconsistency (never expected; the packet still passes).
+    pub table_errors: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, made of integers only, with no implicit padding.
+    unsafe impl aya::Pod for super::AttachmentKey {}
+    unsafe impl aya::Pod for super::RuleBitmap {}
+    unsafe impl aya::Pod for super::RuleMeta {}
+    unsafe impl aya::Pod for super::SessionMeta {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::HookCounters {}
+}

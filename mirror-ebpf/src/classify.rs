@@ -1,0 +1,282 @@
+//! Rule lookup by bit-vector classification (the design is explained in `mirror_common`): one
+//! lookup per field gives a rule bitmap; the walk over their intersection runs in a `bpf_loop`
+//! callback, so the verifier checks one step however many rules there are.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::generated::bpf_loop,
+    maps::{LpmTrie, lpm_trie::Key},
+};
+use mirror_common::{
+    Action, AttachmentKey, BITMAP_WORDS, FIELD_COUNT, Field, MAX_CLASSIFY_STEPS,
+    MAX_COPIES_PER_PACKET, SUMMARY_WORDS,
+};
+
+use crate::{
+    count,
+    maps::{
+        ATTACHMENT_BITMAP, DST_PORT_BITMAP, DST_V4_BITMAP, DST_V6_BITMAP, ETHERTYPE_BITMAP,
+        FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES, SRC_PORT_BITMAP, SRC_V4_BITMAP,
+        SRC_V6_BITMAP, VLAN_BITMAP, WALK_SCRATCH,
+    },
+    parse::{ABSENT, FAMILY_V4, FAMILY_V6, Headers},
+};
+
+/// A copy to make: the rule that decided it (its session holds the target).
+#[derive(Clone, Copy)]
+pub struct Copy {
+    pub rule: u32,
+    pub session: u32,
+}
+
+/// The classification of one packet at one hook.
+pub struct Verdict {
+    pub copies: [Copy; MAX_COPIES_PER_PACKET],
+    pub copy_count: usize,
+    pub step_limit_hit: bool,
+}
+
+/// A rule-table inconsistency (a missing bitmap or rule entry): the agent wrote the maps wrong.
+pub struct TableError;
+
+/// State of the walk, shared with the `bpf_loop` callback through a per-CPU scratch map rather than
+/// the stack: the verifier does not track the contents of map values, so every step starts from the
+/// same abstract state and the callback verifies in one pass instead of once per distinct state.
+#[repr(C)]
+pub struct Walk {
+    /// Bitmap index per field.
+    bitmaps: [u32; FIELD_COUNT],
+    /// Words that are non-zero in every field's bitmap and not yet visited.
+    summary: [u64; SUMMARY_WORDS],
+    /// Candidate rules left in the word being visited.
+    word: u64,
+    word_index: u32,
+    /// Rules below this index belong to sessions already decided.
+    min_rule: u32,
+    copy_count: u32,
+    table_error: u32,
+    copies: [Copy; MAX_COPIES_PER_PACKET],
+}
+
+/// Finds, for each session watching `attachment`, the first rule that matches the packet.
+#[inline(always)]
+pub fn classify(
+    attachment: &AttachmentKey,
+    headers: &Headers,
+) -> Result<Option<Verdict>, TableError> {
+    // SAFETY: a hash lookup returns a pointer to the value or None.
+    let Some(&attachment_bitmap) = (unsafe { ATTACHMENT_BITMAP.get(attachment) }) else {
+        return Ok(None);
+    };
+    let walk = WALK_SCRATCH.get_ptr_mut(0).ok_or(TableError)?;
+    // SAFETY: this CPU's scratch slot; a program runs to completion on one CPU without preemption
+    // by another program that uses the slot (TC programs do not nest).
+    let walk = unsafe { &mut *walk };
+    *walk = Walk {
+        bitmaps: [
+            attachment_bitmap,
+            hashed(Field::Ethertype, headers.ethertype, |k| {
+                // SAFETY: as above.
+                unsafe { ETHERTYPE_BITMAP.get(k) }
+            })?,
+            hashed(Field::VlanId, headers.vlan_id, |k| {
+                // SAFETY: as above.
+                unsafe { VLAN_BITMAP.get(k) }
+            })?,
+            indexed(Field::IpProto, headers.ip_proto, |i| IP_PROTO_BITMAP.get(i))?,
+            address(
+                Field::SrcIp,
+                headers.family,
+                &headers.src,
+                &SRC_V4_BITMAP,
+                &SRC_V6_BITMAP,
+            )?,
+            address(
+                Field::DstIp,
+                headers.family,
+                &headers.dst,
+                &DST_V4_BITMAP,
+                &DST_V6_BITMAP,
+            )?,
+            indexed(Field::SrcPort, headers.src_port, |i| SRC_PORT_BITMAP.get(i))?,
+            indexed(Field::DstPort, headers.dst_port, |i| DST_PORT_BITMAP.get(i))?,
+        ],
+        summary: [!0; SUMMARY_WORDS],
+        word: 0,
+        word_index: 0,
+        min_rule: 0,
+        copy_count: 0,
+        table_error: 0,
+        copies: [Copy {
+            rule: 0,
+            session: 0,
+        }; MAX_COPIES_PER_PACKET],
+    };
+    for &index in &walk.bitmaps {
+        let bitmap = RULE_BITMAPS.get(index).ok_or(TableError)?;
+        for (summary, word) in walk.summary.iter_mut().zip(bitmap.summary) {
+            *summary &= word;
+        }
+    }
+    // SAFETY: `walk_step` has the callback signature bpf_loop expects.
+    let steps = unsafe {
+        bpf_loop(
+            MAX_CLASSIFY_STEPS,
+            walk_step as *const () as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    if walk.table_error != 0 || steps < 0 {
+        return Err(TableError);
+    }
+    Ok(Some(Verdict {
+        copies: walk.copies,
+        copy_count: walk.copy_count as usize,
+        step_limit_hit: steps == i64::from(MAX_CLASSIFY_STEPS),
+    }))
+}
+
+/// One step of the walk: load the next candidate word, or decide one rule. Returns 1 to stop.
+extern "C" fn walk_step(_step: u64, _ctx: *mut c_void) -> i64 {
+    let Some(walk) = WALK_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: as in `classify`.
+    let walk = unsafe { &mut *walk };
+    let stop = match try_walk_step(walk) {
+        Ok(stop) => stop,
+        Err(TableError) => {
+            walk.table_error = 1;
+            true
+        }
+    };
+    i64::from(stop)
+}
+
+#[inline(always)]
+fn try_walk_step(walk: &mut Walk) -> Result<bool, TableError> {
+    if walk.word == 0 {
+        let Some(word_index) = take_lowest_bit(&mut walk.summary) else {
+            return Ok(true);
+        };
+        let mut word = !0u64;
+        for &index in &walk.bitmaps {
+            let bitmap = RULE_BITMAPS.get(index).ok_or(TableError)?;
+            word &= *bitmap.words.get(word_index as usize).ok_or(TableError)?;
+        }
+        walk.word_index = word_index;
+        walk.word = word & !bits_below(walk.min_rule, word_index);
+        return Ok(false);
+    }
+    let bit = walk.word.trailing_zeros();
+    let rule = walk.word_index * 64 + bit;
+    let meta = RULES.get(rule).ok_or(TableError)?;
+    count::rule_matched(rule, meta.session);
+    if meta.action == Action::Mirror as u32 {
+        let slot = walk.copy_count as usize;
+        if let Some(copy) = walk.copies.get_mut(slot) {
+            *copy = Copy {
+                rule,
+                session: meta.session,
+            };
+            walk.copy_count += 1;
+        } else {
+            count::copy_limit(rule, meta.session);
+        }
+    }
+    // First match wins: the rest of this session's rules are skipped.
+    walk.min_rule = meta.next_session_rule;
+    walk.word &= !bits_below(walk.min_rule, walk.word_index);
+    clear_words_below(&mut walk.summary, walk.min_rule / 64);
+    Ok(false)
+}
+
+/// Mask of the bits of word `word_index` that stand for rules below `rule`.
+#[inline(always)]
+fn bits_below(rule: u32, word_index: u32) -> u64 {
+    let first = word_index * 64;
+    if rule <= first {
+        0
+    } else if rule >= first + 64 {
+        !0
+    } else {
+        (1u64 << (rule - first)) - 1
+    }
+}
+
+/// Clears summary bits of words below `word_index`.
+#[inline(always)]
+fn clear_words_below(summary: &mut [u64; SUMMARY_WORDS], word_index: u32) {
+    for (i, word) in summary.iter_mut().enumerate() {
+        *word &= !bits_below(word_index, i as u32);
+    }
+}
+
+/// Removes and returns the lowest set bit of the multi-word summary.
+#[inline(always)]
+fn take_lowest_bit(summary: &mut [u64; SUMMARY_WORDS]) -> Option<u32> {
+    for (i, word) in summary.iter_mut().enumerate() {
+        if *word != 0 {
+            let bit = word.trailing_zeros();
+            *word &= *word - 1;
+            let index = i as u32 * 64 + bit;
+            return (index < BITMAP_WORDS as u32).then_some(index);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn wildcard(field: Field) -> Result<u32, TableError> {
+    FIELD_WILDCARD.get(field as u32).copied().ok_or(TableError)
+}
+
+/// Bitmap index for a hashed field: the value's entry, else the field's wildcard bitmap.
+#[inline(always)]
+fn hashed(
+    field: Field,
+    value: u32,
+    lookup: impl Fn(&u32) -> Option<&'static u32>,
+) -> Result<u32, TableError> {
+    if value == ABSENT {
+        return wildcard(field);
+    }
+    match lookup(&value) {
+        Some(&index) => Ok(index),
+        None => wildcard(field),
+    }
+}
+
+/// Bitmap index for a field stored as a direct array over all its values.
+#[inline(always)]
+fn indexed(
+    field: Field,
+    value: u32,
+    lookup: impl Fn(u32) -> Option<&'static u32>,
+) -> Result<u32, TableError> {
+    if value == ABSENT {
+        return wildcard(field);
+    }
+    lookup(value).copied().ok_or(TableError)
+}
+
+/// Bitmap index for an address: the longest matching prefix's entry, else the wildcard bitmap.
+#[inline(always)]
+fn address(
+    field: Field,
+    family: u32,
+    addr: &[u8; 16],
+    v4: &LpmTrie<[u8; 4], u32>,
+    v6: &LpmTrie<[u8; 16], u32>,
+) -> Result<u32, TableError> {
+    let found = match family {
+        FAMILY_V4 => v4.get(Key::new(32, [addr[0], addr[1], addr[2], addr[3]])),
+        FAMILY_V6 => v6.get(Key::new(128, *addr)),
+        _ => None,
+    };
+    match found {
+        Some(&index) => Ok(index),
+        None => wildcard(field),
+    }
+}

@@ -1,0 +1,90 @@
+//! mirror's TC programs: for every packet at a watched hook, find each session's first matching
+//! rule and clone the packet to the targets of the sessions that mirror it. The original packet
+//! always continues unchanged to the next program or the stack (`TC_ACT_UNSPEC`, i.e. TCX_NEXT),
+//! whatever happens here: parse errors, map misses and clone failures are only counted.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod classify;
+#[cfg(target_arch = "bpf")]
+mod count;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+    use mirror_common::{AttachmentKey, Direction};
+
+    use crate::{classify, count, maps::SESSIONS, parse};
+
+    #[classifier]
+    pub fn mirror_tc_ingress(ctx: TcContext) -> i32 {
+        mirror(&ctx, Direction::Ingress);
+        TC_ACT_UNSPEC
+    }
+
+    #[classifier]
+    pub fn mirror_tc_egress(ctx: TcContext) -> i32 {
+        mirror(&ctx, Direction::Egress);
+        TC_ACT_UNSPEC
+    }
+
+    #[inline(always)]
+    fn mirror(ctx: &TcContext, direction: Direction) {
+        count::hook(direction, |c| &mut c.packets);
+        if try_mirror(ctx, direction).is_err() {
+            count::hook(direction, |c| &mut c.table_errors);
+        }
+    }
+
+    #[inline(always)]
+    fn try_mirror(ctx: &TcContext, direction: Direction) -> Result<(), classify::TableError> {
+        let headers = parse::parse(ctx);
+        if headers.malformed {
+            count::hook(direction, |c| &mut c.malformed);
+        }
+        // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let attachment = AttachmentKey {
+            ifindex,
+            direction: direction as u32,
+        };
+        let Some(verdict) = classify::classify(&attachment, &headers)? else {
+            return Ok(());
+        };
+        if verdict.step_limit_hit {
+            count::hook(direction, |c| &mut c.step_limit);
+        }
+        for (i, copy) in verdict.copies.iter().enumerate() {
+            if i >= verdict.copy_count {
+                break;
+            }
+            let session = SESSIONS.get(copy.session).ok_or(classify::TableError)?;
+            match ctx.clone_redirect(session.target_ifindex, 0) {
+                Ok(()) => count::mirrored(copy.rule, copy.session),
+                Err(_) => count::clone_error(copy.rule, copy.session),
+            }
+        }
+        Ok(())
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // SAFETY: the programs contain no panicking paths; bounds are checked with `get`.
+        unsafe { core::hint::unreachable_unchecked() }
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Built for the host only so that the workspace resolves; the real object targets BPF.
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+#[cfg(target_arch = "bpf")]
+static LICENSE: [u8; 4] = *b"GPL\0";

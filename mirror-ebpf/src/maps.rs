@@ -1,0 +1,84 @@
+//! The maps of the map ABI (see `mirror_common`): the agent fills them, the programs read them and
+//! count into the counter maps. Sizes the agent sets at load time start at 1 here.
+use crate::classify::Walk;
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use mirror_common::{
+    AttachmentKey, Counters, FIELD_COUNT, HookCounters, MAX_ATTACHMENTS, MAX_FIELD_VALUES,
+    MAX_RULES, MAX_SESSIONS, RuleBitmap, RuleMeta, SessionMeta,
+};
+
+/// Every distinct rule bitmap; the lookup maps below hold indices into it. Sized by the agent.
+#[map]
+pub static RULE_BITMAPS: Array<RuleBitmap> = Array::with_max_entries(1, 0);
+
+/// Per field, the bitmap of rules that accept a packet whose field is absent or unnamed by any rule.
+#[map]
+pub static FIELD_WILDCARD: Array<u32> = Array::with_max_entries(FIELD_COUNT as u32, 0);
+
+/// (interface, direction) → bitmap of the rules of the sessions watching it.
+#[map]
+pub static ATTACHMENT_BITMAP: HashMap<AttachmentKey, u32> =
+    HashMap::with_max_entries(MAX_ATTACHMENTS, 0);
+
+/// Innermost ethertype → bitmap.
+#[map]
+pub static ETHERTYPE_BITMAP: HashMap<u32, u32> = HashMap::with_max_entries(MAX_FIELD_VALUES, 0);
+
+/// Outer VLAN id → bitmap.
+#[map]
+pub static VLAN_BITMAP: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// IP protocol → bitmap.
+#[map]
+pub static IP_PROTO_BITMAP: Array<u32> = Array::with_max_entries(256, 0);
+
+/// IPv4 source prefix → bitmap of the rules whose source prefix contains it.
+#[map]
+pub static SRC_V4_BITMAP: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_FIELD_VALUES, 0);
+
+/// IPv4 destination prefix → bitmap.
+#[map]
+pub static DST_V4_BITMAP: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_FIELD_VALUES, 0);
+
+/// IPv6 source prefix → bitmap.
+#[map]
+pub static SRC_V6_BITMAP: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_FIELD_VALUES, 0);
+
+/// IPv6 destination prefix → bitmap.
+#[map]
+pub static DST_V6_BITMAP: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_FIELD_VALUES, 0);
+
+/// L4 source port → bitmap (a direct array: one lookup whatever the port ranges).
+#[map]
+pub static SRC_PORT_BITMAP: Array<u32> = Array::with_max_entries(65_536, 0);
+
+/// L4 destination port → bitmap.
+#[map]
+pub static DST_PORT_BITMAP: Array<u32> = Array::with_max_entries(65_536, 0);
+
+/// Global rule index → its session, action and the next session's first rule.
+#[map]
+pub static RULES: Array<RuleMeta> = Array::with_max_entries(MAX_RULES, 0);
+
+/// Session index → its target.
+#[map]
+pub static SESSIONS: Array<SessionMeta> = Array::with_max_entries(MAX_SESSIONS, 0);
+
+/// Per-CPU counters by global rule index.
+#[map]
+pub static RULE_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+/// Per-CPU counters by session index.
+#[map]
+pub static SESSION_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SESSIONS, 0);
+
+/// Per-CPU counters by direction (ingress, egress).
+#[map]
+pub static HOOK_COUNTERS: PerCpuArray<HookCounters> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per-CPU scratch space for the rule walk of the packet being classified (see `classify::Walk`).
+#[map]
+pub static WALK_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,195 @@
+//! Header parsing. Every read goes through `bpf_skb_load_bytes`, which checks bounds against the
+//! whole skb (linear and paged parts alike), so a short or malformed frame yields an error, never an
+//! out-of-bounds read. Parsing stops at the first error; the fields read so far still classify.
+use aya_ebpf::programs::TcContext;
+
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_HEADER_LEN: usize = 14;
+const VLAN_TAG_LEN: usize = 4;
+/// VLAN tags parsed, counting one the kernel already moved into skb metadata.
+const MAX_VLAN_TAGS: u32 = 2;
+/// IPv6 extension headers skipped before giving up on reaching the upper-layer header.
+const MAX_IPV6_EXTENSIONS: usize = 8;
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+
+/// Marks a field the frame does not have (or that could not be read). Plain integers with a
+/// sentinel, not `Option`s: LLVM may leave an `Option`'s payload undefined, which the verifier
+/// rejects as a read of an uninitialised register.
+pub const ABSENT: u32 = u32::MAX;
+
+/// Address family of [`Headers::src`] and [`Headers::dst`].
+pub const FAMILY_NONE: u32 = 0;
+pub const FAMILY_V4: u32 = 4;
+pub const FAMILY_V6: u32 = 6;
+
+/// The fields rules match on, each [`ABSENT`] when the frame has no such field.
+pub struct Headers {
+    pub ethertype: u32,
+    pub vlan_id: u32,
+    pub ip_proto: u32,
+    /// [`FAMILY_NONE`], [`FAMILY_V4`] (address in the first 4 bytes) or [`FAMILY_V6`].
+    pub family: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub malformed: bool,
+}
+
+/// A header was truncated or invalid.
+pub struct Malformed;
+
+/// Parses what it can; never fails. Fields past the first unreadable header stay [`ABSENT`].
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Headers {
+    let mut headers = Headers {
+        ethertype: ABSENT,
+        vlan_id: ABSENT,
+        ip_proto: ABSENT,
+        family: FAMILY_NONE,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: ABSENT,
+        dst_port: ABSENT,
+        malformed: false,
+    };
+    if try_parse(ctx, &mut headers).is_err() {
+        headers.malformed = true;
+    }
+    headers
+}
+
+#[inline(always)]
+fn try_parse(ctx: &TcContext, headers: &mut Headers) -> Result<(), Malformed> {
+    // At ingress the kernel has already moved the outer tag into skb metadata (skb_vlan_untag).
+    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+    let skb = unsafe { &*ctx.skb.skb };
+    let mut tags = 0;
+    if skb.vlan_present != 0 {
+        headers.vlan_id = skb.vlan_tci & 0x0fff;
+        tags = 1;
+    }
+    let mut ethertype = load_be16(ctx, 12)?;
+    let mut offset = ETH_HEADER_LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if tags >= MAX_VLAN_TAGS || !(ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD) {
+            break;
+        }
+        let tci = load_be16(ctx, offset)?;
+        if headers.vlan_id == ABSENT {
+            headers.vlan_id = u32::from(tci & 0x0fff);
+        }
+        ethertype = load_be16(ctx, offset + 2)?;
+        offset += VLAN_TAG_LEN;
+        tags += 1;
+    }
+    headers.ethertype = u32::from(ethertype);
+    match ethertype {
+        ETH_P_IPV4 => parse_ipv4(ctx, offset, headers),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset, headers),
+        _ => Ok(()),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, offset: usize, headers: &mut Headers) -> Result<(), Malformed> {
+    let version_ihl = load_u8(ctx, offset)?;
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return Err(Malformed);
+    }
+    let proto = load_u8(ctx, offset + 9)?;
+    headers.ip_proto = u32::from(proto);
+    let [src, dst]: [[u8; 4]; 2] = load(ctx, offset + 12)?;
+    headers.src[..4].copy_from_slice(&src);
+    headers.dst[..4].copy_from_slice(&dst);
+    headers.family = FAMILY_V4;
+    let fragment_offset = load_be16(ctx, offset + 6)? & 0x1fff;
+    if fragment_offset != 0 {
+        // Only the first fragment carries the L4 header.
+        return Ok(());
+    }
+    parse_ports(ctx, offset + header_len, proto, headers)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, offset: usize, headers: &mut Headers) -> Result<(), Malformed> {
+    if load_u8(ctx, offset)? >> 4 != 6 {
+        return Err(Malformed);
+    }
+    let mut next = load_u8(ctx, offset + 6)?;
+    headers.src = load(ctx, offset + 8)?;
+    headers.dst = load(ctx, offset + 24)?;
+    headers.family = FAMILY_V6;
+    let mut offset = offset + 40;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let [following, len]: [u8; 2] = load(ctx, offset)?;
+                next = following;
+                offset += (usize::from(len) + 1) * 8;
+            }
+            IPV6_AUTH => {
+                let [following, len]: [u8; 2] = load(ctx, offset)?;
+                next = following;
+                offset += (usize::from(len) + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                next = load_u8(ctx, offset)?;
+                let fragment_offset = load_be16(ctx, offset + 2)? & 0xfff8;
+                offset += 8;
+                if fragment_offset != 0 {
+                    headers.ip_proto = u32::from(next);
+                    return Ok(());
+                }
+            }
+            _ => {
+                headers.ip_proto = u32::from(next);
+                return parse_ports(ctx, offset, next, headers);
+            }
+        }
+    }
+    // A chain longer than we follow: the upper-layer protocol is unknown.
+    Err(Malformed)
+}
+
+#[inline(always)]
+fn parse_ports(
+    ctx: &TcContext,
+    offset: usize,
+    proto: u8,
+    headers: &mut Headers,
+) -> Result<(), Malformed> {
+    if matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        let [s0, s1, d0, d1]: [u8; 4] = load(ctx, offset)?;
+        headers.src_port = u32::from(u16::from_be_bytes([s0, s1]));
+        headers.dst_port = u32::from(u16::from_be_bytes([d0, d1]));
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+    ctx.load::<T>(offset).map_err(|_| Malformed)
+}
+
+#[inline(always)]
+fn load_u8(ctx: &TcContext, offset: usize) -> Result<u8, Malformed> {
+    load(ctx, offset)
+}
+
+#[inline(always)]
+fn load_be16(ctx: &TcContext, offset: usize) -> Result<u16, Malformed> {
+    load::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+}
