@@ -640,7 +640,7 @@ pub(crate) fn decide(plan: &Plan, packet: &Packet) -> Vec<(usize, usize)> {
 
 #[cfg(test)]
 fn rule_matches(rule: &Rule, p: &Packet) -> bool {
-    fn ok<T: PartialEq>(want: Option<T>, have: Option<T>, f: impl Fn(&T, &T) -> bool) -> bool {
+    fn ok<W, H>(want: Option<W>, have: Option<H>, f: impl Fn(&W, &H) -> bool) -> bool {
         match (want, have) {
             (None, _) => true,
             (Some(_), None) => false,
@@ -669,4 +669,227 @@ pub(crate) struct Packet {
     pub dst: Option<std::net::IpAddr>,
     pub src_port: Option<u16>,
     pub dst_port: Option<u16>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    fn iface(name: &str, ifindex: u32) -> Interface {
+        Interface { name: name.into(), ifindex }
+    }
+
+    fn interfaces() -> Vec<Interface> {
+        vec![iface("eth0", 2), iface("eth1", 3), iface("veth1", 4), iface("veth2", 5), iface("mir0", 9)]
+    }
+
+    fn load(text: &str) -> LoadedConfig {
+        LoadedConfig::parse("t.toml".into(), text.into()).expect("parses")
+    }
+
+    /// What the kernel computes from the tables, step for step (lookups, AND, summary walk).
+    fn simulate(tables: &Tables, rules: &[Rule], p: &Packet) -> Vec<(usize, usize)> {
+        let key = (p.ifindex, p.direction as u32);
+        let Some(&(_, attachment)) =
+            tables.attachments.iter().find(|(k, _)| (k.ifindex, k.direction) == key)
+        else {
+            return Vec::new();
+        };
+        let hashed = |field: Field, entries: &[(u32, u32)], v: Option<u16>| {
+            v.and_then(|v| entries.iter().find(|(k, _)| *k == u32::from(v)).map(|e| e.1))
+                .unwrap_or(tables.wildcard[field as usize])
+        };
+        let lpm = |field: Field, entries: &[(IpNet, u32)], a: Option<IpAddr>| {
+            a.and_then(|a| {
+                entries.iter().filter(|(n, _)| n.contains(&a)).max_by_key(|(n, _)| n.prefix_len())
+            })
+            .map_or(tables.wildcard[field as usize], |e| e.1)
+        };
+        let port = |field: Field, table: &[u32], v: Option<u16>| {
+            v.map_or(tables.wildcard[field as usize], |v| table[v as usize])
+        };
+        let indices = [
+            attachment,
+            hashed(Field::Ethertype, &tables.ethertype, p.ethertype),
+            hashed(Field::VlanId, &tables.vlan, p.vlan),
+            p.proto.map_or(tables.wildcard[Field::IpProto as usize], |v| tables.ip_proto[v as usize]),
+            lpm(Field::SrcIp, &tables.src_ip, p.src),
+            lpm(Field::DstIp, &tables.dst_ip, p.dst),
+            port(Field::SrcPort, &tables.src_port, p.src_port),
+            port(Field::DstPort, &tables.dst_port, p.dst_port),
+        ];
+        let mut summary = [!0u64; SUMMARY_WORDS];
+        for &i in &indices {
+            for (s, w) in summary.iter_mut().zip(tables.bitmaps[i as usize].summary) {
+                *s &= w;
+            }
+        }
+        let mut decided = Vec::new();
+        let mut min_rule = 0;
+        for w in 0..BITMAP_WORDS {
+            if summary[w / 64] & (1 << (w % 64)) == 0 {
+                continue;
+            }
+            let word = indices.iter().fold(!0u64, |acc, &i| acc & tables.bitmaps[i as usize].words[w]);
+            for bit in 0..64 {
+                let rule = w * 64 + bit;
+                if word & (1 << bit) != 0 && rule >= min_rule {
+                    let meta = tables.rules[rule];
+                    decided.push((meta.session as usize, rule));
+                    min_rule = meta.next_session_rule as usize;
+                }
+            }
+        }
+        assert!(decided.iter().all(|(s, r)| rules[*r].session == *s));
+        decided
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // splitmix64: deterministic, no dependency.
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn maybe<T>(&mut self, percent: u64, f: impl FnOnce(&mut Self) -> T) -> Option<T> {
+            (self.below(100) < percent).then(|| f(self))
+        }
+    }
+
+    fn random_v4(rng: &mut Rng) -> IpAddr {
+        // A small space so that prefixes and packets meet often.
+        IpAddr::from([10, rng.below(4) as u8, rng.below(4) as u8, rng.below(8) as u8])
+    }
+
+    fn random_rule_text(rng: &mut Rng, number: u32) -> String {
+        let mut text = format!(
+            "[[session.rule]]\nnumber = {number}\naction = \"{}\"\n",
+            if rng.below(3) == 0 { "skip" } else { "mirror" }
+        );
+        if let Some(v) = rng.maybe(20, |r| r.below(3) + 100) {
+            text += &format!("vlan = {v}\n");
+        }
+        let proto = rng.maybe(60, |r| [6u8, 17, 1][r.below(3) as usize]);
+        if let Some(p) = proto {
+            text += &format!("proto = {p}\n");
+        }
+        for field in ["src", "dst"] {
+            if let Some(len) = rng.maybe(50, |r| [8u8, 16, 24, 32][r.below(4) as usize]) {
+                let net = IpNet::new(random_v4(rng), len).expect("valid").trunc();
+                text += &format!("{field} = \"{net}\"\n");
+            }
+        }
+        if proto.is_some_and(|p| p != 1) {
+            for field in ["src_port", "dst_port"] {
+                if let Some(lo) = rng.maybe(50, |r| r.below(40) as u16) {
+                    let hi = lo + rng.below(10) as u16;
+                    text += &format!("{field} = \"{lo}-{hi}\"\n");
+                }
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn compiled_tables_agree_with_first_match_semantics() {
+        let mut rng = Rng(7);
+        for round in 0..30 {
+            let mut text = String::new();
+            for (s, ifaces) in ["[\"eth0\"]", "[\"eth0\", \"veth*\"]", "[\"eth1\"]"].iter().enumerate() {
+                let direction = ["ingress", "egress", "both"][s];
+                text += &format!(
+                    "[[session]]\nname = \"s{s}\"\ninterfaces = {ifaces}\ndirection = \"{direction}\"\ntarget = {{ interface = \"mir0\" }}\ndefault = \"{}\"\n",
+                    if round % 2 == 0 { "skip" } else { "mirror" }
+                );
+                for n in 0..(rng.below(40) as u32 + round * 3) {
+                    text += &random_rule_text(&mut rng, n);
+                }
+            }
+            let plan = plan(&load(&text), &interfaces()).expect("valid plan");
+            for _ in 0..400 {
+                let ipv4 = rng.below(10) != 0;
+                let proto = rng.maybe(90, |r| [6u8, 17, 1, 132][r.below(4) as usize]);
+                let has_ports = ipv4 && proto.is_some_and(|p| p != 1);
+                let packet = Packet {
+                    ifindex: [2, 3, 4, 5][rng.below(4) as usize],
+                    direction: if rng.below(2) == 0 { Direction::Ingress } else { Direction::Egress },
+                    ethertype: Some(if ipv4 { 0x0800 } else { 0x0806 }),
+                    vlan: rng.maybe(30, |r| r.below(4) as u16 + 100),
+                    proto: proto.filter(|_| ipv4),
+                    src: ipv4.then(|| random_v4(&mut rng)),
+                    dst: ipv4.then(|| random_v4(&mut rng)),
+                    src_port: has_ports.then(|| rng.below(60) as u16),
+                    dst_port: has_ports.then(|| rng.below(60) as u16),
+                };
+                assert_eq!(
+                    simulate(&plan.tables, &plan.rules, &packet),
+                    decide(&plan, &packet),
+                    "round {round}, {packet:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ten_thousand_rules_compile_with_shared_bitmaps() {
+        let mut rng = Rng(11);
+        let mut text = "[[session]]\nname = \"big\"\ninterfaces = [\"eth0\"]\ntarget = { interface = \"mir0\" }\n".to_owned();
+        for n in 0..10_000u32 {
+            let net = IpNet::new(IpAddr::from(rng.next().to_be_bytes()[..4].try_into().map(|b: [u8; 4]| b).expect("4")), 24 + rng.below(9) as u8).expect("valid").trunc();
+            text += &format!("[[session.rule]]\nnumber = {n}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {}\n", rng.below(65_536));
+        }
+        let plan = plan(&load(&text), &interfaces()).expect("valid plan");
+        assert_eq!(plan.rules.len(), 10_001);
+        assert!(plan.tables.bitmaps.len() < 40_000, "{}", plan.tables.bitmaps.len());
+    }
+
+    fn plan_error(text: &str) -> String {
+        plan(&load(text), &interfaces()).expect_err("invalid").to_string()
+    }
+
+    const HEAD: &str = "[[session]]\nname = \"a\"\n";
+
+    #[test]
+    fn refuses_loops_unknown_interfaces_and_contradictions() {
+        let cases = [
+            (format!("{HEAD}interfaces = [\"eth0\", \"mir0\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:3:", "includes the target `mir0`"),
+            (format!("{HEAD}interfaces = [\"*\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:3:", "a loop"),
+            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"veth1\" }}\n[[session]]\nname = \"b\"\ninterfaces = [\"veth*\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:7:", "the target of session `a`"),
+            (format!("{HEAD}interfaces = [\"nope0\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:3:", "interface `nope0` does not exist"),
+            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"nope1\" }}\n"), "t.toml:4:", "target interface `nope1` does not exist"),
+            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n{HEAD}interfaces = [\"eth1\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:6:", "session name `a` is already used at t.toml:2:"),
+            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 5\naction = \"mirror\"\n[[session.rule]]\nnumber = 5\naction = \"skip\"\n"), "t.toml:8:", "rule number 5 is used twice"),
+            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nsrc = \"10.0.0.0/8\"\ndst = \"fd00::/8\"\n"), "t.toml:5:", "different IP versions"),
+            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nethertype = \"arp\"\nproto = \"udp\"\n"), "t.toml:5:", "not ipv4 or ipv6"),
+            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"icmp\"\ndst_port = 80\n"), "t.toml:5:", "ports are set"),
+            ("stats_interval_secs = 5\n".to_owned(), "t.toml", "no [[session]]"),
+        ];
+        for (text, at, message) in cases {
+            let error = plan_error(&text);
+            assert!(error.starts_with(at) && error.contains(message), "{error}\n--- for:\n{text}");
+        }
+    }
+
+    #[test]
+    fn warns_about_unreachable_and_overlapping_rules() {
+        let text = format!(
+            "{HEAD}interfaces = [\"eth0\", \"lxc*\"]\ntarget = {{ interface = \"mir0\" }}\n\
+             [[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"tcp\"\n\
+             [[session.rule]]\nnumber = 2\naction = \"skip\"\nproto = \"tcp\"\ndst_port = 22\n\
+             [[session.rule]]\nnumber = 3\naction = \"skip\"\ndst = \"10.0.0.0/8\"\n"
+        );
+        let plan = plan(&load(&text), &interfaces()).expect("valid");
+        assert_eq!(plan.warnings.len(), 3, "{:#?}", plan.warnings);
+        assert!(plan.warnings[0].contains("`lxc*` matches no interface now"));
+        assert!(plan.warnings[1].starts_with("t.toml:9:") && plan.warnings[1].contains("rule 2 of session `a` is unreachable: rule 1"));
+        assert!(plan.warnings[2].starts_with("t.toml:14:") && plan.warnings[2].contains("rule 3 of session `a` overlaps rule 1"));
+    }
 }
