@@ -678,11 +678,20 @@ mod tests {
     use super::*;
 
     fn iface(name: &str, ifindex: u32) -> Interface {
-        Interface { name: name.into(), ifindex }
+        Interface {
+            name: name.into(),
+            ifindex,
+        }
     }
 
     fn interfaces() -> Vec<Interface> {
-        vec![iface("eth0", 2), iface("eth1", 3), iface("veth1", 4), iface("veth2", 5), iface("mir0", 9)]
+        vec![
+            iface("eth0", 2),
+            iface("eth1", 3),
+            iface("veth1", 4),
+            iface("veth2", 5),
+            iface("mir0", 9),
+        ]
     }
 
     fn load(text: &str) -> LoadedConfig {
@@ -692,18 +701,28 @@ mod tests {
     /// What the kernel computes from the tables, step for step (lookups, AND, summary walk).
     fn simulate(tables: &Tables, rules: &[Rule], p: &Packet) -> Vec<(usize, usize)> {
         let key = (p.ifindex, p.direction as u32);
-        let Some(&(_, attachment)) =
-            tables.attachments.iter().find(|(k, _)| (k.ifindex, k.direction) == key)
+        let Some(&(_, attachment)) = tables
+            .attachments
+            .iter()
+            .find(|(k, _)| (k.ifindex, k.direction) == key)
         else {
             return Vec::new();
         };
         let hashed = |field: Field, entries: &[(u32, u32)], v: Option<u16>| {
-            v.and_then(|v| entries.iter().find(|(k, _)| *k == u32::from(v)).map(|e| e.1))
-                .unwrap_or(tables.wildcard[field as usize])
+            v.and_then(|v| {
+                entries
+                    .iter()
+                    .find(|(k, _)| *k == u32::from(v))
+                    .map(|e| e.1)
+            })
+            .unwrap_or(tables.wildcard[field as usize])
         };
         let lpm = |field: Field, entries: &[(IpNet, u32)], a: Option<IpAddr>| {
             a.and_then(|a| {
-                entries.iter().filter(|(n, _)| n.contains(&a)).max_by_key(|(n, _)| n.prefix_len())
+                entries
+                    .iter()
+                    .filter(|(n, _)| n.contains(&a))
+                    .max_by_key(|(n, _)| n.prefix_len())
             })
             .map_or(tables.wildcard[field as usize], |e| e.1)
         };
@@ -714,7 +733,10 @@ mod tests {
             attachment,
             hashed(Field::Ethertype, &tables.ethertype, p.ethertype),
             hashed(Field::VlanId, &tables.vlan, p.vlan),
-            p.proto.map_or(tables.wildcard[Field::IpProto as usize], |v| tables.ip_proto[v as usize]),
+            p.proto
+                .map_or(tables.wildcard[Field::IpProto as usize], |v| {
+                    tables.ip_proto[v as usize]
+                }),
             lpm(Field::SrcIp, &tables.src_ip, p.src),
             lpm(Field::DstIp, &tables.dst_ip, p.dst),
             port(Field::SrcPort, &tables.src_port, p.src_port),
@@ -732,7 +754,9 @@ mod tests {
             if summary[w / 64] & (1 << (w % 64)) == 0 {
                 continue;
             }
-            let word = indices.iter().fold(!0u64, |acc, &i| acc & tables.bitmaps[i as usize].words[w]);
+            let word = indices
+                .iter()
+                .fold(!0u64, |acc, &i| acc & tables.bitmaps[i as usize].words[w]);
             for bit in 0..64 {
                 let rule = w * 64 + bit;
                 if word & (1 << bit) != 0 && rule >= min_rule {
@@ -766,7 +790,12 @@ mod tests {
 
     fn random_v4(rng: &mut Rng) -> IpAddr {
         // A small space so that prefixes and packets meet often.
-        IpAddr::from([10, rng.below(4) as u8, rng.below(4) as u8, rng.below(8) as u8])
+        IpAddr::from([
+            10,
+            rng.below(4) as u8,
+            rng.below(4) as u8,
+            rng.below(8) as u8,
+        ])
     }
 
     fn random_rule_text(rng: &mut Rng, number: u32) -> String {
@@ -803,7 +832,10 @@ mod tests {
         let mut rng = Rng(7);
         for round in 0..30 {
             let mut text = String::new();
-            for (s, ifaces) in ["[\"eth0\"]", "[\"eth0\", \"veth*\"]", "[\"eth1\"]"].iter().enumerate() {
+            for (s, ifaces) in ["[\"eth0\"]", "[\"eth0\", \"veth*\"]", "[\"eth1\"]"]
+                .iter()
+                .enumerate()
+            {
                 let direction = ["ingress", "egress", "both"][s];
                 text += &format!(
                     "[[session]]\nname = \"s{s}\"\ninterfaces = {ifaces}\ndirection = \"{direction}\"\ntarget = {{ interface = \"mir0\" }}\ndefault = \"{}\"\n",
@@ -820,7 +852,11 @@ mod tests {
                 let has_ports = ipv4 && proto.is_some_and(|p| p != 1);
                 let packet = Packet {
                     ifindex: [2, 3, 4, 5][rng.below(4) as usize],
-                    direction: if rng.below(2) == 0 { Direction::Ingress } else { Direction::Egress },
+                    direction: if rng.below(2) == 0 {
+                        Direction::Ingress
+                    } else {
+                        Direction::Egress
+                    },
                     ethertype: Some(if ipv4 { 0x0800 } else { 0x0806 }),
                     vlan: rng.maybe(30, |r| r.below(4) as u16 + 100),
                     proto: proto.filter(|_| ipv4),
@@ -843,16 +879,35 @@ mod tests {
         let mut rng = Rng(11);
         let mut text = "[[session]]\nname = \"big\"\ninterfaces = [\"eth0\"]\ntarget = { interface = \"mir0\" }\n".to_owned();
         for n in 0..10_000u32 {
-            let net = IpNet::new(IpAddr::from(rng.next().to_be_bytes()[..4].try_into().map(|b: [u8; 4]| b).expect("4")), 24 + rng.below(9) as u8).expect("valid").trunc();
-            text += &format!("[[session.rule]]\nnumber = {n}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {}\n", rng.below(65_536));
+            let net = IpNet::new(
+                IpAddr::from(
+                    rng.next().to_be_bytes()[..4]
+                        .try_into()
+                        .map(|b: [u8; 4]| b)
+                        .expect("4"),
+                ),
+                24 + rng.below(9) as u8,
+            )
+            .expect("valid")
+            .trunc();
+            text += &format!(
+                "[[session.rule]]\nnumber = {n}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {}\n",
+                rng.below(65_536)
+            );
         }
         let plan = plan(&load(&text), &interfaces()).expect("valid plan");
         assert_eq!(plan.rules.len(), 10_001);
-        assert!(plan.tables.bitmaps.len() < 40_000, "{}", plan.tables.bitmaps.len());
+        assert!(
+            plan.tables.bitmaps.len() < 40_000,
+            "{}",
+            plan.tables.bitmaps.len()
+        );
     }
 
     fn plan_error(text: &str) -> String {
-        plan(&load(text), &interfaces()).expect_err("invalid").to_string()
+        plan(&load(text), &interfaces())
+            .expect_err("invalid")
+            .to_string()
     }
 
     const HEAD: &str = "[[session]]\nname = \"a\"\n";
@@ -860,21 +915,82 @@ mod tests {
     #[test]
     fn refuses_loops_unknown_interfaces_and_contradictions() {
         let cases = [
-            (format!("{HEAD}interfaces = [\"eth0\", \"mir0\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:3:", "includes the target `mir0`"),
-            (format!("{HEAD}interfaces = [\"*\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:3:", "a loop"),
-            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"veth1\" }}\n[[session]]\nname = \"b\"\ninterfaces = [\"veth*\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:7:", "the target of session `a`"),
-            (format!("{HEAD}interfaces = [\"nope0\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:3:", "interface `nope0` does not exist"),
-            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"nope1\" }}\n"), "t.toml:4:", "target interface `nope1` does not exist"),
-            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n{HEAD}interfaces = [\"eth1\"]\ntarget = {{ interface = \"mir0\" }}\n"), "t.toml:6:", "session name `a` is already used at t.toml:2:"),
-            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 5\naction = \"mirror\"\n[[session.rule]]\nnumber = 5\naction = \"skip\"\n"), "t.toml:8:", "rule number 5 is used twice"),
-            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nsrc = \"10.0.0.0/8\"\ndst = \"fd00::/8\"\n"), "t.toml:5:", "different IP versions"),
-            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nethertype = \"arp\"\nproto = \"udp\"\n"), "t.toml:5:", "not ipv4 or ipv6"),
-            (format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"icmp\"\ndst_port = 80\n"), "t.toml:5:", "ports are set"),
-            ("stats_interval_secs = 5\n".to_owned(), "t.toml", "no [[session]]"),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\", \"mir0\"]\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:3:",
+                "includes the target `mir0`",
+            ),
+            (
+                format!("{HEAD}interfaces = [\"*\"]\ntarget = {{ interface = \"mir0\" }}\n"),
+                "t.toml:3:",
+                "a loop",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"veth1\" }}\n[[session]]\nname = \"b\"\ninterfaces = [\"veth*\"]\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:7:",
+                "the target of session `a`",
+            ),
+            (
+                format!("{HEAD}interfaces = [\"nope0\"]\ntarget = {{ interface = \"mir0\" }}\n"),
+                "t.toml:3:",
+                "interface `nope0` does not exist",
+            ),
+            (
+                format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"nope1\" }}\n"),
+                "t.toml:4:",
+                "target interface `nope1` does not exist",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n{HEAD}interfaces = [\"eth1\"]\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:6:",
+                "session name `a` is already used at t.toml:2:",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 5\naction = \"mirror\"\n[[session.rule]]\nnumber = 5\naction = \"skip\"\n"
+                ),
+                "t.toml:8:",
+                "rule number 5 is used twice",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nsrc = \"10.0.0.0/8\"\ndst = \"fd00::/8\"\n"
+                ),
+                "t.toml:5:",
+                "different IP versions",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nethertype = \"arp\"\nproto = \"udp\"\n"
+                ),
+                "t.toml:5:",
+                "not ipv4 or ipv6",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"icmp\"\ndst_port = 80\n"
+                ),
+                "t.toml:5:",
+                "ports are set",
+            ),
+            (
+                "stats_interval_secs = 5\n".to_owned(),
+                "t.toml",
+                "no [[session]]",
+            ),
         ];
         for (text, at, message) in cases {
             let error = plan_error(&text);
-            assert!(error.starts_with(at) && error.contains(message), "{error}\n--- for:\n{text}");
+            assert!(
+                error.starts_with(at) && error.contains(message),
+                "{error}\n--- for:\n{text}"
+            );
         }
     }
 
@@ -889,7 +1005,13 @@ mod tests {
         let plan = plan(&load(&text), &interfaces()).expect("valid");
         assert_eq!(plan.warnings.len(), 3, "{:#?}", plan.warnings);
         assert!(plan.warnings[0].contains("`lxc*` matches no interface now"));
-        assert!(plan.warnings[1].starts_with("t.toml:9:") && plan.warnings[1].contains("rule 2 of session `a` is unreachable: rule 1"));
-        assert!(plan.warnings[2].starts_with("t.toml:14:") && plan.warnings[2].contains("rule 3 of session `a` overlaps rule 1"));
+        assert!(
+            plan.warnings[1].starts_with("t.toml:9:")
+                && plan.warnings[1].contains("rule 2 of session `a` is unreachable: rule 1")
+        );
+        assert!(
+            plan.warnings[2].starts_with("t.toml:14:")
+                && plan.warnings[2].contains("rule 3 of session `a` overlaps rule 1")
+        );
     }
 }

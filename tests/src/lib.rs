@@ -1,1 +1,706 @@
+//! Harness for mirror's privileged integration tests: network namespaces behind guards, the agent as
+//! a child process, AF_PACKET captures and senders, and a sentinel packet that tells a test when
+//! every copy made before it has arrived.
+//!
+//! Topology of a [`Lab`] (every name is per test; interfaces are created inside the namespaces):
+//!
+//! ```text
+//!  src ns            node ns (agent runs here)            sink ns
+//!  eth0 10.10.1.2 ── src0 10.10.1.1 │ sink0 10.10.2.1 ── eth0 10.10.2.2
+//!       fd00:1::2         fd00:1::1 │       fd00:2::1         fd00:2::2
+//!                           mir0, mir1 (targets) ── eth0, eth1 in the mon ns
+//! ```
+//!
+//! Namespaces and links are made with iproute2's `ip`: the tests exercise the agent's netlink use,
+//! not their own, and `ip` keeps the topology readable.
+//!
+//! Ordering: copies are made synchronously in the context of the packet that triggers them, and a
+//! veth delivers on the CPU it was handed the packet on. [`pin_to_first_cpu`] keeps a test's
+//! senders on one CPU, so a sentinel sent last arrives after every copy made before it.
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+use etherparse::{LaxSlicedPacket, TransportSlice};
+
+pub const SRC_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
+pub const SINK_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);
+pub const SRC_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+pub const SINK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
+pub const SRC_MAC: &str = "02:00:00:00:01:02";
+pub const NODE_SRC_MAC: &str = "02:00:00:00:01:01";
+pub const SINK_MAC: &str = "02:00:00:00:02:02";
+pub const NODE_SINK_MAC: &str = "02:00:00:00:02:01";
+/// UDP port of the sentinel datagram that closes every test's traffic.
+pub const SENTINEL_PORT: u16 = 9;
+/// A rule every test configuration includes first: it mirrors the sentinel.
+pub const SENTINEL_RULE: &str =
+    "[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 9\n";
+/// How long a test waits for a condition before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Fails the test unless it runs as root: a privileged test that cannot run must not pass.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests need root (network namespaces, BPF); run `sudo cargo xtask test`"
+    );
+}
+
+/// Runs a command, failing the test with its output when it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {}: {}\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network namespace, deleted (with every interface in it) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> …`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+    }
+
+    /// Runs `f` on a thread that has joined this namespace: sockets it creates belong here.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on this thread only, with a namespace file descriptor.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    /// Interface index of `name` in this namespace.
+    pub fn ifindex(&self, name: &str) -> u32 {
+        let name = CString::new(name).expect("no NUL");
+        // SAFETY: if_nametoindex reads a C string.
+        let index = self.enter(move || unsafe { libc::if_nametoindex(name.as_ptr()) });
+        assert_ne!(index, 0, "no interface in {}", self.name);
+        index
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veths (and their peers elsewhere).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// The four namespaces of a test; see the module docs.
+#[derive(Debug)]
+pub struct Lab {
+    pub src: Netns,
+    pub node: Netns,
+    pub sink: Netns,
+    pub mon: Netns,
+    /// Receives the sentinel at the sink, so that it draws no ICMP port-unreachable back.
+    sentinel_sink: Option<UdpSocket>,
+}
+
+impl Lab {
+    pub fn new(test: &str) -> Self {
+        require_root();
+        let id = format!(
+            "m{}-{}-{test}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut lab = Lab {
+            src: Netns::new(format!("{id}-src")),
+            node: Netns::new(format!("{id}-node")),
+            sink: Netns::new(format!("{id}-sink")),
+            mon: Netns::new(format!("{id}-mon")),
+            sentinel_sink: None,
+        };
+        let node = lab.node.name.as_str();
+        for (ns, dev, mac, peer, peer_mac) in [
+            (&lab.src, "eth0", SRC_MAC, "src0", NODE_SRC_MAC),
+            (&lab.sink, "eth0", SINK_MAC, "sink0", NODE_SINK_MAC),
+            (
+                &lab.mon,
+                "eth0",
+                "02:00:00:00:03:02",
+                "mir0",
+                "02:00:00:00:03:01",
+            ),
+            (
+                &lab.mon,
+                "eth1",
+                "02:00:00:00:04:02",
+                "mir1",
+                "02:00:00:00:04:01",
+            ),
+        ] {
+            ns.ip(&[
+                "link", "add", dev, "address", mac, "type", "veth", "peer", "name", peer,
+                "address", peer_mac, "netns", node,
+            ]);
+        }
+        // No IPv6 on the mirror side: the only frames there are copies.
+        lab.mon.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        lab.mon.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+        for target in ["mir0", "mir1"] {
+            lab.node
+                .sysctl(&format!("net.ipv6.conf.{target}.disable_ipv6"), "1");
+        }
+        lab.node.sysctl("net.ipv4.ip_forward", "1");
+        lab.node.sysctl("net.ipv6.conf.all.forwarding", "1");
+        let addresses = [
+            (&lab.src, "eth0", "10.10.1.2/24", "fd00:1::2/64"),
+            (&lab.node, "src0", "10.10.1.1/24", "fd00:1::1/64"),
+            (&lab.node, "sink0", "10.10.2.1/24", "fd00:2::1/64"),
+            (&lab.sink, "eth0", "10.10.2.2/24", "fd00:2::2/64"),
+        ];
+        for (ns, dev, v4, v6) in addresses {
+            ns.ip(&["addr", "add", v4, "dev", dev]);
+            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+        }
+        for (ns, dev) in [
+            (&lab.src, "eth0"),
+            (&lab.sink, "eth0"),
+            (&lab.mon, "eth0"),
+            (&lab.mon, "eth1"),
+        ] {
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        for dev in ["src0", "sink0", "mir0", "mir1"] {
+            lab.node.ip(&["link", "set", dev, "up"]);
+        }
+        // Static neighbours: no ARP or ND, whose resolution would reorder packets and add frames.
+        for (ns, dev, v4, v6, mac) in [
+            (&lab.src, "eth0", "10.10.1.1", "fd00:1::1", NODE_SRC_MAC),
+            (&lab.node, "src0", "10.10.1.2", "fd00:1::2", SRC_MAC),
+            (&lab.node, "sink0", "10.10.2.2", "fd00:2::2", SINK_MAC),
+            (&lab.sink, "eth0", "10.10.2.1", "fd00:2::1", NODE_SINK_MAC),
+        ] {
+            for addr in [v4, v6] {
+                ns.ip(&[
+                    "neigh",
+                    "replace",
+                    addr,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+        lab.src.ip(&["route", "add", "default", "via", "10.10.1.1"]);
+        lab.src
+            .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"]);
+        lab.sink
+            .ip(&["route", "add", "default", "via", "10.10.2.1"]);
+        lab.sink
+            .ip(&["-6", "route", "add", "default", "via", "fd00:2::1"]);
+        lab.sentinel_sink = Some(udp_socket(
+            &lab.sink,
+            SocketAddr::new(SINK_V4.into(), SENTINEL_PORT),
+        ));
+        lab
+    }
+
+    /// Sends the sentinel datagram from src to sink (through src0 ingress and sink0 egress).
+    pub fn send_sentinel(&self) {
+        let socket = self
+            .src
+            .enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+        pin_to_first_cpu();
+        socket
+            .send_to(b"sentinel", (SINK_V4, SENTINEL_PORT))
+            .expect("send sentinel");
+    }
+
+    /// Starts the agent in the node namespace with this configuration.
+    pub fn start_agent(&self, config: &str) -> Agent {
+        Agent::start(&self.node, config)
+    }
+}
+
+/// Keeps the calling thread on CPU 0, so the packets it sends are processed there in order.
+pub fn pin_to_first_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, applied to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity");
+    }
+}
+
+/// Path of the agent binary: `MIRROR_AGENT_BIN`, else next to this test's target directory.
+pub fn agent_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("MIRROR_AGENT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let candidate = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("mirror-agent"));
+    match candidate {
+        Some(path) if path.exists() => path,
+        _ => panic!("mirror-agent is not built: run `cargo xtask test` (it builds it first)"),
+    }
+}
+
+/// The agent as a child process; killed on drop if a test fails before stopping it.
+#[derive(Debug)]
+pub struct Agent {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Agent {
+    fn start(node: &Netns, config: &str) -> Self {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(&mut file, config.as_bytes()).expect("write config");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(agent_binary())
+            .args(["run", "--stats-interval", "0", "--config"])
+            .arg(file.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn agent");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        // The agent prints this line once every hook is attached; EOF means it failed to start.
+        stdout.read_line(&mut line).expect("agent stdout");
+        assert!(
+            line.contains("attached to"),
+            "agent did not start: {line:?} (status {:?})",
+            child.wait()
+        );
+        Agent {
+            child,
+            stdout,
+            _config: file,
+        }
+    }
+
+    /// SIGTERM, wait for exit, and return the counter report it printed.
+    pub fn stop(mut self) -> Report {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut report = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut report).expect("agent report");
+        let status = self.child.wait().expect("wait agent");
+        assert!(status.success(), "agent exited with {status}: {report}");
+        Report(report)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The counter table the agent prints on exit.
+#[derive(Debug)]
+pub struct Report(pub String);
+
+impl Report {
+    /// (matched, mirrored, clone errors, copy limit) of a rule (`"default"` for the default rule).
+    pub fn rule(&self, session: &str, rule: &str) -> [u64; 4] {
+        self.row("rule", session, rule)
+    }
+
+    /// Counters of a whole session.
+    pub fn session(&self, session: &str) -> [u64; 4] {
+        self.row("session", session, "-")
+    }
+
+    fn row(&self, kind: &str, session: &str, rule: &str) -> [u64; 4] {
+        let line = self
+            .0
+            .lines()
+            .find(|l| {
+                let mut words = l.split_whitespace();
+                words.next() == Some(kind)
+                    && words.next() == Some(session)
+                    && words.next() == Some(rule)
+            })
+            .unwrap_or_else(|| panic!("no {kind} {session} {rule} in report:\n{}", self.0));
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .skip(3)
+            .map(|n| n.parse().expect("number"))
+            .collect();
+        numbers.try_into().expect("four counters")
+    }
+
+    /// A hook line's `name=value` field.
+    pub fn hook(&self, hook: &str, field: &str) -> u64 {
+        let line = self
+            .0
+            .lines()
+            .find(|l| l.starts_with("hook") && l.split_whitespace().nth(1) == Some(hook));
+        let line = line.unwrap_or_else(|| panic!("no hook {hook} in report:\n{}", self.0));
+        line.split_whitespace()
+            .find_map(|w| {
+                w.strip_prefix(&format!("{field}="))
+                    .map(|v| v.parse().expect("number"))
+            })
+            .unwrap_or_else(|| panic!("no {field} in {line}"))
+    }
+}
+
+/// A frame captured by a packet socket, with any VLAN tag the kernel held in metadata put back.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Frame {
+    pub bytes: Vec<u8>,
+    /// Sent by this host (PACKET_OUTGOING) rather than received.
+    pub outgoing: bool,
+}
+
+/// An AF_PACKET socket on one interface of a namespace, seeing every frame in both directions.
+#[derive(Debug)]
+pub struct Capture {
+    fd: OwnedFd,
+}
+
+const ETH_P_ALL: u16 = 0x0003;
+
+fn packet_socket(ns: &Netns, interface: &str) -> OwnedFd {
+    let ifindex = ns.ifindex(interface);
+    ns.enter(move || {
+        // SAFETY: plain socket syscalls on a descriptor we own.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                i32::from(ETH_P_ALL.to_be()),
+            );
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = ETH_P_ALL.to_be();
+            addr.sll_ifindex = ifindex as i32;
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(
+                rc,
+                0,
+                "bind packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            fd
+        }
+    })
+}
+
+impl Capture {
+    pub fn open(ns: &Netns, interface: &str) -> Self {
+        let fd = packet_socket(ns, interface);
+        let one: i32 = 1;
+        // SAFETY: setsockopt with an int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_AUXDATA,
+                (&raw const one).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0, "PACKET_AUXDATA");
+        // Room for every frame of a test, read only after the traffic: a full socket buffer drops.
+        let bytes: i32 = 64 << 20;
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const bytes).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE");
+        Capture { fd }
+    }
+
+    /// Next frame, waiting until `deadline`.
+    fn next(&self, deadline: Instant) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self.try_recv() {
+                return Some(frame);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let mut poll = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd.
+            unsafe { libc::poll(&raw mut poll, 1, left.as_millis().min(1000) as i32) };
+        }
+    }
+
+    fn try_recv(&self) -> Option<Frame> {
+        let mut buf = vec![0u8; 65_600];
+        let mut control = [0u64; 16];
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr points at live buffers for the duration of recvmsg.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&raw mut addr).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_ll>() as u32;
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control);
+        // SAFETY: as above.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &raw mut msg, libc::MSG_TRUNC) };
+        if n < 0 {
+            return None;
+        }
+        buf.truncate(n as usize);
+        // SAFETY: walking the control messages the kernel wrote into `control`.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_PACKET
+                    && (*cmsg).cmsg_type == libc::PACKET_AUXDATA
+                {
+                    let aux = libc::CMSG_DATA(cmsg)
+                        .cast::<libc::tpacket_auxdata>()
+                        .read_unaligned();
+                    if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                        let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+                            aux.tp_vlan_tpid
+                        } else {
+                            0x8100
+                        };
+                        let tag = [tpid.to_be_bytes(), aux.tp_vlan_tci.to_be_bytes()].concat();
+                        buf.splice(12..12, tag);
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+            }
+        }
+        Some(Frame {
+            bytes: buf,
+            outgoing: addr.sll_pkttype == libc::PACKET_OUTGOING as u8,
+        })
+    }
+
+    /// Every frame that arrives before the sentinel (which is consumed), in order.
+    pub fn until_sentinel(&self) -> Vec<Frame> {
+        let deadline = Instant::now() + DEADLINE;
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.next(deadline).unwrap_or_else(|| {
+                panic!(
+                    "no sentinel within {DEADLINE:?}; got {} frame(s) before: {:?}",
+                    frames.len(),
+                    summarize(&frames)
+                )
+            });
+            if is_sentinel(&frame.bytes) {
+                return frames;
+            }
+            frames.push(frame);
+        }
+    }
+
+    /// Every frame queued now, without waiting.
+    pub fn drain(&self) -> Vec<Frame> {
+        std::iter::from_fn(|| self.try_recv()).collect()
+    }
+}
+
+/// Sends raw Ethernet frames out of an interface of a namespace (bypassing nothing: they traverse
+/// the interface's TC egress hook).
+#[derive(Debug)]
+pub struct FrameSender {
+    fd: OwnedFd,
+}
+
+impl FrameSender {
+    pub fn open(ns: &Netns, interface: &str) -> Self {
+        FrameSender {
+            fd: packet_socket(ns, interface),
+        }
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        pin_to_first_cpu();
+        // SAFETY: send on a bound packet socket.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send frame: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The L3/L4 summary of a frame, for test oracles and failure messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub proto: Option<u8>,
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
+}
+
+impl Flow {
+    pub fn of(frame: &[u8]) -> Flow {
+        let mut flow = Flow {
+            src: None,
+            dst: None,
+            proto: None,
+            src_port: None,
+            dst_port: None,
+        };
+        let Ok(packet) = LaxSlicedPacket::from_ethernet(frame) else {
+            return flow;
+        };
+        match &packet.net {
+            Some(etherparse::LaxNetSlice::Ipv4(ip)) => {
+                flow.src = Some(ip.header().source_addr().into());
+                flow.dst = Some(ip.header().destination_addr().into());
+                flow.proto = Some(ip.header().protocol().0);
+            }
+            Some(etherparse::LaxNetSlice::Ipv6(ip)) => {
+                flow.src = Some(ip.header().source_addr().into());
+                flow.dst = Some(ip.header().destination_addr().into());
+                flow.proto = Some(ip.payload().ip_number.0);
+            }
+            _ => {}
+        }
+        match &packet.transport {
+            Some(TransportSlice::Udp(udp)) => {
+                flow.src_port = Some(udp.source_port());
+                flow.dst_port = Some(udp.destination_port());
+            }
+            Some(TransportSlice::Tcp(tcp)) => {
+                flow.src_port = Some(tcp.source_port());
+                flow.dst_port = Some(tcp.destination_port());
+            }
+            _ => {}
+        }
+        flow
+    }
+}
+
+fn is_sentinel(frame: &[u8]) -> bool {
+    let flow = Flow::of(frame);
+    flow.proto == Some(17) && flow.dst_port == Some(SENTINEL_PORT)
+}
+
+fn summarize(frames: &[Frame]) -> Vec<Flow> {
+    frames.iter().map(|f| Flow::of(&f.bytes)).collect()
+}
+
+/// Asserts two frame multisets are equal, with a readable diff on failure.
+pub fn assert_same_frames(what: &str, mut copies: Vec<Vec<u8>>, mut expected: Vec<Vec<u8>>) {
+    copies.sort();
+    expected.sort();
+    if copies != expected {
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|f| !copies.contains(f))
+            .map(|f| Flow::of(f))
+            .collect();
+        let extra: Vec<_> = copies
+            .iter()
+            .filter(|f| !expected.contains(f))
+            .map(|f| Flow::of(f))
+            .collect();
+        panic!(
+            "{what}: {} copies, {} expected\nmissing: {missing:?}\nextra: {extra:?}",
+            copies.len(),
+            expected.len()
+        );
+    }
+}
+
+/// A UDP socket bound in a namespace.
+pub fn udp_socket(ns: &Netns, bind: SocketAddr) -> UdpSocket {
+    ns.enter(move || {
+        let socket = UdpSocket::bind(bind).expect("bind udp");
+        socket.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        socket
+    })
+}
+
+/// Keeps only the frames whose flow satisfies `keep`.
+pub fn select(frames: &[Frame], keep: impl Fn(&Flow, &Frame) -> bool) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .filter(|f| keep(&Flow::of(&f.bytes), f))
+        .map(|f| f.bytes.clone())
+        .collect()
+}
