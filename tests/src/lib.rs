@@ -334,9 +334,14 @@ impl Agent {
     }
 
     /// SIGTERM, wait for exit, and return the counter report it printed.
-    pub fn stop(mut self) -> Report {
+    pub fn stop(self) -> Report {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal`, waits for a clean exit, and returns the counter report it printed.
+    pub fn stop_with(mut self, signal: i32) -> Report {
         // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let mut report = String::new();
         std::io::Read::read_to_string(&mut self.stdout, &mut report).expect("agent report");
         let status = self.child.wait().expect("wait agent");
@@ -703,4 +708,78 @@ pub fn select(frames: &[Frame], keep: impl Fn(&Flow, &Frame) -> bool) -> Vec<Vec
         .filter(|f| keep(&Flow::of(&f.bytes), f))
         .map(|f| f.bytes.clone())
         .collect()
+}
+
+/// MAC address text (`02:00:…`) as bytes.
+pub fn mac(text: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
+/// An untagged IPv4/UDP frame between two MACs.
+pub fn udp_v4_frame(src_mac: &str, dst_mac: &str, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2(mac(src_mac), mac(dst_mac))
+        .ipv4(SRC_V4.octets(), SINK_V4.octets(), 64)
+        .udp(40_000, dst_port);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("build frame");
+    frame
+}
+
+/// An untagged IPv6/UDP frame between two MACs.
+pub fn udp_v6_frame(src_mac: &str, dst_mac: &str, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2(mac(src_mac), mac(dst_mac))
+        .ipv6(SRC_V6.octets(), SINK_V6.octets(), 64)
+        .udp(40_000, dst_port);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("build frame");
+    frame
+}
+
+/// `frame` with VLAN tags `(tpid, vid)` inserted after the MAC addresses, outermost first.
+pub fn tagged(frame: &[u8], tags: &[(u16, u16)]) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    for (tpid, vid) in tags {
+        out.extend(tpid.to_be_bytes());
+        out.extend(vid.to_be_bytes());
+    }
+    out.extend(&frame[12..]);
+    out
+}
+
+/// Names of the TCX programs attached to an interface of a namespace, ingress then egress.
+pub fn tcx_programs(ns: &Netns, interface: &str) -> [Vec<String>; 2] {
+    let interface = interface.to_owned();
+    ns.enter(move || {
+        [
+            aya::programs::TcAttachType::Ingress,
+            aya::programs::TcAttachType::Egress,
+        ]
+        .map(|hook| {
+            let (_, programs) =
+                aya::programs::SchedClassifier::query_tcx(&interface, hook).expect("query tcx");
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                .collect()
+        })
+    })
+}
+
+/// Runs the agent with `args` in a namespace and returns (exit code, stdout, stderr).
+pub fn agent_command(ns: &Netns, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(agent_binary())
+        .args(args)
+        .output()
+        .expect("run agent");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }

@@ -1,0 +1,133 @@
+//! The agent's lifecycle on a host: what it leaves behind after a signal, and how it refuses bad
+//! input (exit code, file:line, nothing attached).
+use mirror_tests::{Lab, SENTINEL_RULE, agent_command, tcx_programs};
+
+const CONFIG: &str = "[[session]]\nname = \"t\"\ninterfaces = [\"src0\", \"sink0\"]\ntarget = { interface = \"mir0\" }\n";
+
+#[test]
+fn signals_detach_every_program_and_print_counters() {
+    let lab = Lab::new("signals");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let agent = lab.start_agent(&format!("{CONFIG}{SENTINEL_RULE}"));
+        for interface in ["src0", "sink0"] {
+            assert_eq!(
+                tcx_programs(&lab.node, interface),
+                [
+                    vec!["mirror_tc_ingre".to_owned()],
+                    vec!["mirror_tc_egres".to_owned()]
+                ],
+                "attached to {interface} (names are cut to 15 bytes by the kernel)"
+            );
+        }
+        let report = agent.stop_with(signal);
+        assert!(
+            report.0.contains("session  t"),
+            "final counters printed: {}",
+            report.0
+        );
+        for interface in ["src0", "sink0", "mir0"] {
+            assert_eq!(
+                tcx_programs(&lab.node, interface),
+                [Vec::<String>::new(), Vec::new()],
+                "{interface} after signal {signal}"
+            );
+            let qdiscs = lab.node.exec(&["tc", "qdisc", "show", "dev", interface]);
+            assert!(
+                !qdiscs.contains("clsact"),
+                "no qdisc left on {interface}: {qdiscs}"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_points_at_file_and_line() {
+    let lab = Lab::new("check");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases = [
+        (
+            "rule number twice",
+            format!("{CONFIG}{SENTINEL_RULE}{SENTINEL_RULE}"),
+            10,
+            "rule number 1 is used twice",
+        ),
+        (
+            "unknown key",
+            format!("{CONFIG}colour = \"blue\"\n"),
+            5,
+            "unknown field `colour`",
+        ),
+        (
+            "bad prefix",
+            format!(
+                "{CONFIG}[[session.rule]]\nnumber = 2\naction = \"mirror\"\ndst = \"10.1.2.3/8\"\n"
+            ),
+            8,
+            "did you mean `10.0.0.0/8`",
+        ),
+        (
+            "missing target",
+            CONFIG.replace("mir0", "nothere0"),
+            4,
+            "target interface `nothere0` does not exist",
+        ),
+    ];
+    for (name, text, line, message) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).expect("write");
+        let path = path.to_str().expect("utf-8");
+        let (code, _, stderr) = agent_command(&lab.node, &["check", "--config", path]);
+        assert_eq!(code, 1, "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}:{line}:")) && stderr.contains(message),
+            "{name}: {stderr}"
+        );
+    }
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, format!("{CONFIG}{SENTINEL_RULE}")).expect("write");
+    let (code, stdout, stderr) = agent_command(
+        &lab.node,
+        &["check", "--config", good.to_str().expect("utf-8")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("ok: 1 session(s), 1 rule(s), 4 hook(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn run_refuses_loops_and_unknown_interfaces_and_attaches_nothing() {
+    let lab = Lab::new("refuse");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["run", "--iface", "src0", "--iface", "mir*", "--to", "mir0"],
+            "includes the target `mir0`",
+        ),
+        (
+            &["run", "--iface", "nope0", "--to", "mir0"],
+            "interface `nope0` does not exist",
+        ),
+        (
+            &[
+                "run",
+                "--iface",
+                "src0",
+                "--to",
+                "mir0",
+                "--dst-port",
+                "70000",
+            ],
+            "not a port",
+        ),
+    ];
+    for (args, message) in cases {
+        let (code, _, stderr) = agent_command(&lab.node, args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert_eq!(
+            tcx_programs(&lab.node, "src0"),
+            [Vec::<String>::new(), Vec::new()]
+        );
+    }
+}
