@@ -331,9 +331,12 @@ fn shadowing(earlier: &Rule, later: &Rule, session: &str) -> Option<String> {
         Some(format!(
             "rule {later_no} of session `{session}` is unreachable: rule {earlier_no} matches every packet it matches"
         ))
-    } else if earlier.action != later.action && overlaps(earlier, later) {
+    } else if earlier.action != later.action && overlaps(earlier, later) && !covers(later, earlier)
+    {
+        // A later rule that contains an earlier one with the other action is the usual
+        // "exception first" pattern; only a partial overlap is likely a mistake.
         Some(format!(
-            "rule {later_no} of session `{session}` overlaps rule {earlier_no}, which has the other action and is tried first"
+            "rule {later_no} of session `{session}` partly overlaps rule {earlier_no}, which has the other action and is tried first"
         ))
     } else {
         None
@@ -1011,7 +1014,7 @@ mod tests {
         );
         assert!(
             plan.warnings[2].starts_with("t.toml:14:")
-                && plan.warnings[2].contains("rule 3 of session `a` overlaps rule 1")
+                && plan.warnings[2].contains("rule 3 of session `a` partly overlaps rule 1")
         );
     }
 }

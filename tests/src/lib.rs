@@ -266,7 +266,7 @@ impl Lab {
 
     /// Starts the agent in the node namespace with this configuration.
     pub fn start_agent(&self, config: &str) -> Agent {
-        Agent::start(&self.node, config)
+        Agent::start(&self.node, &agent_binary(), config)
     }
 }
 
@@ -306,12 +306,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(node: &Netns, config: &str) -> Self {
+    /// Runs `binary` with `config` in `node` and waits until it has attached.
+    pub fn start(node: &Netns, binary: &std::path::Path, config: &str) -> Self {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         std::io::Write::write_all(&mut file, config.as_bytes()).expect("write config");
         let mut child = Command::new("ip")
             .args(["netns", "exec", &node.name])
-            .arg(agent_binary())
+            .arg(binary)
             .args(["run", "--stats-interval", "0", "--config"])
             .arg(file.path())
             .stdout(Stdio::piped())

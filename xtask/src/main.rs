@@ -1,1 +1,145 @@
-fn main() {}
+//! `cargo xtask <task>`: everything needed to go from a fresh clone to a running, tested mirror.
+mod lab;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "mirror's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker built against
+    /// nightly's LLVM, and the Debian tools the tests and the lab use.
+    Setup,
+    /// Build the agent (release), which builds and embeds the eBPF object.
+    Build,
+    /// rustfmt check, and clippy with warnings as errors on the host crates and the eBPF crate.
+    Lint,
+    /// Setup, lint, then every test: unit tests and the privileged integration tests (root).
+    Test {
+        /// Skip the lint step.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// A demo in network namespaces: start the agent on examples/lab.toml, send real traffic,
+    /// show the copies as tcpdump sees them on the mirror side, then the agent's counters (root).
+    Lab,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => build(true).map(drop),
+        Task::Lint => lint(),
+        Task::Test {
+            no_lint,
+            cargo_args,
+        } => test(no_lint, &cargo_args),
+        Task::Lab => {
+            require_root("the lab")?;
+            setup::run()?;
+            lab::run(&build(true)?)
+        }
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_owned()
+}
+
+/// Runs a command in the workspace root, echoing it, failing on a non-zero exit.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("cargo").args(args))
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    command.current_dir(root());
+    eprintln!("xtask: {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the agent and returns the binary's path.
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build", "--package", "mirror-agent"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("mirror-agent"))
+}
+
+fn lint() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&[
+        "+nightly",
+        "clippy",
+        "--package",
+        "mirror-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ])
+}
+
+fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
+    require_root("the integration tests")?;
+    setup::run()?;
+    if !no_lint {
+        lint()?;
+    }
+    let agent = build(false)?;
+    let mut command = Command::new("cargo");
+    command
+        .args(["test", "--workspace"])
+        .args(cargo_args)
+        .env("MIRROR_AGENT_BIN", agent);
+    run(&mut command)
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} need root (network namespaces and BPF): run `sudo -E cargo xtask …`");
+    }
+    Ok(())
+}

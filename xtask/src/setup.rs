@@ -1,0 +1,132 @@
+//! `cargo xtask setup`: idempotent; each step checks before it installs.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// The bpf-linker release known to work with nightly's LLVM 22 and aya 0.14.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests and the lab call: ip and tc (iproute2), tcpdump (the lab's view).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump"];
+
+pub fn run() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_packages()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn step(what: &str, command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask setup: {what}: {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status}): {command:?}");
+    }
+    Ok(())
+}
+
+fn nightly_sysroot() -> Option<String> {
+    output("rustc", &["+nightly", "--print", "sysroot"])
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    if nightly_sysroot().is_none() {
+        step(
+            "installing the nightly toolchain",
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
+        )?;
+    }
+    let sysroot = nightly_sysroot().context("nightly rustc is not usable")?;
+    if std::path::Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
+        eprintln!("xtask setup: nightly rust-src present");
+        return Ok(());
+    }
+    step(
+        "adding rust-src to nightly",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        eprintln!("xtask setup: bpf-linker {BPF_LINKER_VERSION} present");
+        return Ok(());
+    }
+    // bpf-linker links against an LLVM; nightly ships one (libLLVM.so.<ver>-rust-…) but without the
+    // plain libLLVM.so name the build looks for, so add that link inside nightly's sysroot.
+    let sysroot = nightly_sysroot().context("nightly rustc is not usable")?;
+    let lib = std::path::Path::new(&sysroot).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let link = lib.join("libLLVM.so");
+    if link.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink(&llvm, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    step(
+        "building bpf-linker against nightly's LLVM",
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+            ])
+            .args(["--features", "llvm-22"])
+            .env("LLVM_PREFIX", &sysroot),
+    )
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output("dpkg-query", &["-W", "-f=${Status}", p])
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!(
+            "xtask setup: Debian packages present: {}",
+            DEBIAN_PACKAGES.join(" ")
+        );
+        return Ok(());
+    }
+    step(
+        "updating apt",
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    step(
+        "installing Debian packages",
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
