@@ -1,4 +1,4 @@
-//! Builds the eBPF object with the nightly toolchain (aya-build) into OUT_DIR, where the agent
+//! Builds the eBPF object with the nightly toolchain (aya-build) into `OUT_DIR`, where the agent
 //! embeds it: `cargo build` never embeds a stale object.
 use anyhow::Context as _;
 

@@ -318,6 +318,17 @@ impl LoadedConfig {
         }
     }
 
+    /// An error about the file as a whole.
+    pub fn file_error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            location: Location {
+                file: self.file.clone(),
+                line_col: None,
+            },
+            message: message.into(),
+        }
+    }
+
     /// An error at a byte span of the file.
     pub fn error(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
         ConfigError {

@@ -35,7 +35,7 @@ enum Command {
     /// Either `--config FILE`, or the quick form for one session:
     /// `mirror-agent run --iface eth0 --to mirror0 --proto tcp --dst-port 443`.
     Run(RunArgs),
-    /// Validate a configuration against this host's interfaces; exit 1 with file:line on errors.
+    /// Validate a configuration against this host's interfaces; exit 1 with <file:line> on errors.
     Check {
         /// The configuration file (TOML; see examples/).
         #[arg(long)]

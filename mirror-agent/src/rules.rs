@@ -12,7 +12,7 @@ use mirror_common::{
     RuleBitmap, RuleMeta, SUMMARY_WORDS, SessionMeta,
 };
 
-use crate::config::{ActionConfig, ConfigError, DirectionConfig, LoadedConfig, Location};
+use crate::config::{ActionConfig, ConfigError, DirectionConfig, LoadedConfig, SessionConfig};
 
 /// A network interface present on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,25 +81,16 @@ pub struct Tables {
 
 /// Validates `loaded` against the interfaces present and compiles it.
 pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, ConfigError> {
+    let config = &loaded.config;
+    if config.sessions.is_empty() {
+        return Err(loaded.file_error("no [[session]] is configured"));
+    }
+    if let Some(extra) = config.sessions.get(MAX_SESSIONS as usize) {
+        return Err(loaded.error(extra.span(), format!("more than {MAX_SESSIONS} sessions")));
+    }
     let mut warnings = Vec::new();
     let mut sessions = Vec::new();
     let mut rules = Vec::new();
-    let config = &loaded.config;
-    if config.sessions.is_empty() {
-        return Err(ConfigError {
-            location: Location {
-                file: loaded.file.clone(),
-                line_col: None,
-            },
-            message: "no [[session]] is configured".into(),
-        });
-    }
-    if config.sessions.len() > MAX_SESSIONS as usize {
-        return Err(loaded.error(
-            config.sessions[MAX_SESSIONS as usize].span(),
-            format!("more than {MAX_SESSIONS} sessions"),
-        ));
-    }
     let mut names = HashMap::new();
     for (index, spanned) in config.sessions.iter().enumerate() {
         let session = spanned.get_ref();
@@ -114,130 +105,15 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
                 format!("session name `{name}` is already used at {at}"),
             ));
         }
-        let target_name = &session.target.get_ref().interface;
-        let target = find(interfaces, target_name).ok_or_else(|| {
-            loaded.error(
-                session.target.span(),
-                format!("target interface `{target_name}` does not exist"),
-            )
-        })?;
-        let mut watched = BTreeSet::new();
-        if session.interfaces.get_ref().is_empty() {
-            return Err(loaded.error(session.interfaces.span(), "no interfaces to watch"));
-        }
-        for pattern in session.interfaces.get_ref() {
-            let matched = resolve(pattern.get_ref(), interfaces)
-                .map_err(|message| loaded.error(pattern.span(), message))?;
-            if matched.is_empty() {
-                warnings.push(format!(
-                    "{}: `{}` matches no interface now",
-                    loaded.location(pattern.span()),
-                    pattern.get_ref()
-                ));
-            }
-            if matched.iter().any(|i| i.ifindex == target.ifindex) {
-                return Err(loaded.error(
-                    pattern.span(),
-                    format!(
-                        "`{}` includes the target `{target_name}`: copies would be mirrored again (a loop)",
-                        pattern.get_ref()
-                    ),
-                ));
-            }
-            watched.extend(matched.into_iter().map(|i| (i.ifindex, i.name)));
-        }
-        let directions: &[Direction] = match session.direction {
-            DirectionConfig::Ingress => &[Direction::Ingress],
-            DirectionConfig::Egress => &[Direction::Egress],
-            DirectionConfig::Both => &[Direction::Ingress, Direction::Egress],
-        };
-        let attachments = watched
-            .into_iter()
-            .flat_map(|(ifindex, name)| {
-                directions.iter().map(move |d| {
-                    (
-                        Interface {
-                            name: name.clone(),
-                            ifindex,
-                        },
-                        *d,
-                    )
-                })
-            })
-            .collect();
-        sessions.push(Session {
-            name: name.clone(),
-            target,
-            attachments,
-        });
-
-        let mut ordered: Vec<_> = session.rules.iter().collect();
-        ordered.sort_by_key(|r| r.get_ref().number);
-        let first_rule = rules.len();
-        for pair in ordered.windows(2) {
-            if pair[0].get_ref().number == pair[1].get_ref().number {
-                return Err(loaded.error(
-                    pair[1].span(),
-                    format!(
-                        "rule number {} is used twice in session `{name}` (also at {})",
-                        pair[1].get_ref().number,
-                        loaded.location(pair[0].span())
-                    ),
-                ));
-            }
-        }
-        for spanned_rule in ordered {
-            let rule = validate_rule(index, spanned_rule.get_ref())
-                .map_err(|message| loaded.error(spanned_rule.span(), message))?;
-            for earlier in &rules[first_rule..] {
-                if let Some(warning) = shadowing(earlier, &rule, name) {
-                    warnings.push(format!(
-                        "{}: {warning}",
-                        loaded.location(spanned_rule.span())
-                    ));
-                }
-            }
-            rules.push(rule);
-        }
-        rules.push(Rule {
-            session: index,
-            action: session.default,
-            ..Rule::default()
-        });
+        sessions.push(resolve_session(loaded, session, interfaces, &mut warnings)?);
+        rules.extend(session_rules(loaded, index, session, &mut warnings)?);
     }
-    // A target that another session watches would have copies mirrored again.
-    for session in &sessions {
-        for other in &sessions {
-            if other
-                .attachments
-                .iter()
-                .any(|(i, _)| i.ifindex == session.target.ifindex)
-            {
-                let span = config.sessions[sessions_index(&sessions, other)]
-                    .get_ref()
-                    .interfaces
-                    .span();
-                return Err(loaded.error(
-                    span,
-                    format!(
-                        "session `{}` watches `{}`, the target of session `{}`: copies would be mirrored again (a loop)",
-                        other.name, session.target.name, session.name
-                    ),
-                ));
-            }
-        }
-    }
+    refuse_watched_targets(loaded, &sessions)?;
     if rules.len() > MAX_RULES as usize {
-        return Err(ConfigError {
-            location: Location {
-                file: loaded.file.clone(),
-                line_col: None,
-            },
-            message: format!(
-                "{} rules (counting one default rule per session) exceed the limit of {MAX_RULES}",
-                rules.len()
-            ),
-        });
+        return Err(loaded.file_error(format!(
+            "{} rules (counting one default rule per session) exceed the limit of {MAX_RULES}",
+            rules.len()
+        )));
     }
     let tables = compile(&sessions, &rules);
     Ok(Plan {
@@ -248,11 +124,135 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
     })
 }
 
-fn sessions_index(sessions: &[Session], session: &Session) -> usize {
-    sessions
-        .iter()
-        .position(|s| s.name == session.name)
-        .unwrap_or_default()
+/// The session's target and the (interface, direction) pairs it watches.
+fn resolve_session(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+    interfaces: &[Interface],
+    warnings: &mut Vec<String>,
+) -> Result<Session, ConfigError> {
+    let target_name = &session.target.get_ref().interface;
+    let target = find(interfaces, target_name).ok_or_else(|| {
+        loaded.error(
+            session.target.span(),
+            format!("target interface `{target_name}` does not exist"),
+        )
+    })?;
+    if session.interfaces.get_ref().is_empty() {
+        return Err(loaded.error(session.interfaces.span(), "no interfaces to watch"));
+    }
+    let mut watched = BTreeSet::new();
+    for pattern in session.interfaces.get_ref() {
+        let matched = resolve(pattern.get_ref(), interfaces)
+            .map_err(|message| loaded.error(pattern.span(), message))?;
+        if matched.is_empty() {
+            warnings.push(format!(
+                "{}: `{}` matches no interface now",
+                loaded.location(pattern.span()),
+                pattern.get_ref()
+            ));
+        }
+        if matched.iter().any(|i| i.ifindex == target.ifindex) {
+            return Err(loaded.error(
+                pattern.span(),
+                format!(
+                    "`{}` includes the target `{target_name}`: copies would be mirrored again (a loop)",
+                    pattern.get_ref()
+                ),
+            ));
+        }
+        watched.extend(matched.into_iter().map(|i| (i.ifindex, i.name)));
+    }
+    let directions: &[Direction] = match session.direction {
+        DirectionConfig::Ingress => &[Direction::Ingress],
+        DirectionConfig::Egress => &[Direction::Egress],
+        DirectionConfig::Both => &[Direction::Ingress, Direction::Egress],
+    };
+    let attachments = watched
+        .into_iter()
+        .flat_map(|(ifindex, name)| {
+            directions.iter().map(move |d| {
+                (
+                    Interface {
+                        name: name.clone(),
+                        ifindex,
+                    },
+                    *d,
+                )
+            })
+        })
+        .collect();
+    Ok(Session {
+        name: session.name.get_ref().clone(),
+        target,
+        attachments,
+    })
+}
+
+/// The session's rules in number order, then its default rule; warns about hidden rules.
+fn session_rules(
+    loaded: &LoadedConfig,
+    index: usize,
+    session: &SessionConfig,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Rule>, ConfigError> {
+    let name = session.name.get_ref();
+    let mut ordered: Vec<_> = session.rules.iter().collect();
+    ordered.sort_by_key(|r| r.get_ref().number);
+    for pair in ordered.windows(2) {
+        if pair[0].get_ref().number == pair[1].get_ref().number {
+            return Err(loaded.error(
+                pair[1].span(),
+                format!(
+                    "rule number {} is used twice in session `{name}` (also at {})",
+                    pair[1].get_ref().number,
+                    loaded.location(pair[0].span())
+                ),
+            ));
+        }
+    }
+    let mut rules: Vec<Rule> = Vec::with_capacity(ordered.len() + 1);
+    for spanned_rule in ordered {
+        let rule = validate_rule(index, spanned_rule.get_ref())
+            .map_err(|message| loaded.error(spanned_rule.span(), message))?;
+        for earlier in &rules {
+            if let Some(warning) = shadowing(earlier, &rule, name) {
+                warnings.push(format!(
+                    "{}: {warning}",
+                    loaded.location(spanned_rule.span())
+                ));
+            }
+        }
+        rules.push(rule);
+    }
+    rules.push(Rule {
+        session: index,
+        action: session.default,
+        ..Rule::default()
+    });
+    Ok(rules)
+}
+
+/// A target that a session watches would have copies mirrored again.
+fn refuse_watched_targets(loaded: &LoadedConfig, sessions: &[Session]) -> Result<(), ConfigError> {
+    for session in sessions {
+        for (index, other) in sessions.iter().enumerate() {
+            if other
+                .attachments
+                .iter()
+                .any(|(i, _)| i.ifindex == session.target.ifindex)
+            {
+                return Err(loaded.error(
+                    loaded.config.sessions[index].get_ref().interfaces.span(),
+                    format!(
+                        "session `{}` watches `{}`, the target of session `{}`: copies would be mirrored again (a loop)",
+                        other.name, session.target.name, session.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn find(interfaces: &[Interface], name: &str) -> Option<Interface> {
@@ -343,7 +343,7 @@ fn shadowing(earlier: &Rule, later: &Rule, session: &str) -> Option<String> {
     }
 }
 
-fn field_covers<T>(a: &Option<T>, b: &Option<T>, covers: impl Fn(&T, &T) -> bool) -> bool {
+fn field_covers<T>(a: Option<&T>, b: Option<&T>, covers: impl Fn(&T, &T) -> bool) -> bool {
     match (a, b) {
         (None, _) => true,
         (Some(_), None) => false,
@@ -351,7 +351,7 @@ fn field_covers<T>(a: &Option<T>, b: &Option<T>, covers: impl Fn(&T, &T) -> bool
     }
 }
 
-fn field_overlaps<T>(a: &Option<T>, b: &Option<T>, overlap: impl Fn(&T, &T) -> bool) -> bool {
+fn field_overlaps<T>(a: Option<&T>, b: Option<&T>, overlap: impl Fn(&T, &T) -> bool) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => overlap(a, b),
         _ => true,
@@ -363,13 +363,13 @@ fn covers(a: &Rule, b: &Rule) -> bool {
     let range = |x: &RangeInclusive<u16>, y: &RangeInclusive<u16>| {
         x.start() <= y.start() && y.end() <= x.end()
     };
-    field_covers(&a.ethertype, &b.ethertype, PartialEq::eq)
-        && field_covers(&a.vlan, &b.vlan, PartialEq::eq)
-        && field_covers(&a.proto, &b.proto, PartialEq::eq)
-        && field_covers(&a.src, &b.src, net)
-        && field_covers(&a.dst, &b.dst, net)
-        && field_covers(&a.src_port, &b.src_port, range)
-        && field_covers(&a.dst_port, &b.dst_port, range)
+    field_covers(a.ethertype.as_ref(), b.ethertype.as_ref(), PartialEq::eq)
+        && field_covers(a.vlan.as_ref(), b.vlan.as_ref(), PartialEq::eq)
+        && field_covers(a.proto.as_ref(), b.proto.as_ref(), PartialEq::eq)
+        && field_covers(a.src.as_ref(), b.src.as_ref(), net)
+        && field_covers(a.dst.as_ref(), b.dst.as_ref(), net)
+        && field_covers(a.src_port.as_ref(), b.src_port.as_ref(), range)
+        && field_covers(a.dst_port.as_ref(), b.dst_port.as_ref(), range)
 }
 
 fn overlaps(a: &Rule, b: &Rule) -> bool {
@@ -377,13 +377,13 @@ fn overlaps(a: &Rule, b: &Rule) -> bool {
     let range = |x: &RangeInclusive<u16>, y: &RangeInclusive<u16>| {
         x.start() <= y.end() && y.start() <= x.end()
     };
-    field_overlaps(&a.ethertype, &b.ethertype, PartialEq::eq)
-        && field_overlaps(&a.vlan, &b.vlan, PartialEq::eq)
-        && field_overlaps(&a.proto, &b.proto, PartialEq::eq)
-        && field_overlaps(&a.src, &b.src, net)
-        && field_overlaps(&a.dst, &b.dst, net)
-        && field_overlaps(&a.src_port, &b.src_port, range)
-        && field_overlaps(&a.dst_port, &b.dst_port, range)
+    field_overlaps(a.ethertype.as_ref(), b.ethertype.as_ref(), PartialEq::eq)
+        && field_overlaps(a.vlan.as_ref(), b.vlan.as_ref(), PartialEq::eq)
+        && field_overlaps(a.proto.as_ref(), b.proto.as_ref(), PartialEq::eq)
+        && field_overlaps(a.src.as_ref(), b.src.as_ref(), net)
+        && field_overlaps(a.dst.as_ref(), b.dst.as_ref(), net)
+        && field_overlaps(a.src_port.as_ref(), b.src_port.as_ref(), range)
+        && field_overlaps(a.dst_port.as_ref(), b.dst_port.as_ref(), range)
 }
 
 /// A set of rules by global index.
@@ -607,9 +607,9 @@ fn ports(
         while next_event < events.len() && events[next_event].0 == port {
             let (_, rule, starts) = events[next_event];
             if starts {
-                current.set(rule)
+                current.set(rule);
             } else {
-                current.clear(rule)
+                current.clear(rule);
             }
             next_event += 1;
         }
@@ -655,8 +655,16 @@ fn rule_matches(rule: &Rule, p: &Packet) -> bool {
         && ok(rule.proto, p.proto, |a, b| a == b)
         && ok(rule.src, p.src, |n, a| n.contains(a))
         && ok(rule.dst, p.dst, |n, a| n.contains(a))
-        && ok(rule.src_port.clone(), p.src_port, |r, x| r.contains(x))
-        && ok(rule.dst_port.clone(), p.dst_port, |r, x| r.contains(x))
+        && ok(
+            rule.src_port.clone(),
+            p.src_port,
+            std::ops::RangeInclusive::contains,
+        )
+        && ok(
+            rule.dst_port.clone(),
+            p.dst_port,
+            std::ops::RangeInclusive::contains,
+        )
 }
 
 /// Packet fields for the userspace model.
@@ -676,7 +684,7 @@ pub(crate) struct Packet {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
+    use std::{fmt::Write as _, net::IpAddr};
 
     use super::*;
 
@@ -807,23 +815,23 @@ mod tests {
             if rng.below(3) == 0 { "skip" } else { "mirror" }
         );
         if let Some(v) = rng.maybe(20, |r| r.below(3) + 100) {
-            text += &format!("vlan = {v}\n");
+            writeln!(text, "vlan = {v}").expect("writing to a String");
         }
         let proto = rng.maybe(60, |r| [6u8, 17, 1][r.below(3) as usize]);
         if let Some(p) = proto {
-            text += &format!("proto = {p}\n");
+            writeln!(text, "proto = {p}").expect("writing to a String");
         }
         for field in ["src", "dst"] {
             if let Some(len) = rng.maybe(50, |r| [8u8, 16, 24, 32][r.below(4) as usize]) {
                 let net = IpNet::new(random_v4(rng), len).expect("valid").trunc();
-                text += &format!("{field} = \"{net}\"\n");
+                writeln!(text, "{field} = \"{net}\"").expect("writing to a String");
             }
         }
         if proto.is_some_and(|p| p != 1) {
             for field in ["src_port", "dst_port"] {
                 if let Some(lo) = rng.maybe(50, |r| r.below(40) as u16) {
                     let hi = lo + rng.below(10) as u16;
-                    text += &format!("{field} = \"{lo}-{hi}\"\n");
+                    writeln!(text, "{field} = \"{lo}-{hi}\"").expect("writing to a String");
                 }
             }
         }
@@ -840,10 +848,11 @@ mod tests {
                 .enumerate()
             {
                 let direction = ["ingress", "egress", "both"][s];
-                text += &format!(
+                write!(
+                    text,
                     "[[session]]\nname = \"s{s}\"\ninterfaces = {ifaces}\ndirection = \"{direction}\"\ntarget = {{ interface = \"mir0\" }}\ndefault = \"{}\"\n",
                     if round % 2 == 0 { "skip" } else { "mirror" }
-                );
+                ).expect("writing to a String");
                 for n in 0..(rng.below(40) as u32 + round * 3) {
                     text += &random_rule_text(&mut rng, n);
                 }
@@ -893,10 +902,11 @@ mod tests {
             )
             .expect("valid")
             .trunc();
-            text += &format!(
+            write!(
+                    text,
                 "[[session.rule]]\nnumber = {n}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {}\n",
                 rng.below(65_536)
-            );
+            ).expect("writing to a String");
         }
         let plan = plan(&load(&text), &interfaces()).expect("valid plan");
         assert_eq!(plan.rules.len(), 10_001);

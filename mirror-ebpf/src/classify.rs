@@ -144,13 +144,10 @@ extern "C" fn walk_step(_step: u64, _ctx: *mut c_void) -> i64 {
     };
     // SAFETY: as in `classify`.
     let walk = unsafe { &mut *walk };
-    let stop = match try_walk_step(walk) {
-        Ok(stop) => stop,
-        Err(TableError) => {
-            walk.table_error = 1;
-            true
-        }
-    };
+    let stop = try_walk_step(walk).unwrap_or_else(|TableError| {
+        walk.table_error = 1;
+        true
+    });
     i64::from(stop)
 }
 

@@ -1,9 +1,17 @@
 //! mirror's TC programs: for every packet at a watched hook, find each session's first matching
 //! rule and clone the packet to the targets of the sessions that mirror it. The original packet
-//! always continues unchanged to the next program or the stack (`TC_ACT_UNSPEC`, i.e. TCX_NEXT),
+//! always continues unchanged to the next program or the stack (`TC_ACT_UNSPEC`, i.e. `TCX_NEXT`),
 //! whatever happens here: parse errors, map misses and clone failures are only counted.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        clippy::inline_always,
+        reason = "BPF helpers are inlined into the programs on purpose: fewer BPF-to-BPF calls, \
+                  and the verifier sees each bound where it is used"
+    )
+)]
 
 #[cfg(target_arch = "bpf")]
 mod classify;
@@ -22,12 +30,14 @@ mod programs {
     use crate::{classify, count, maps::SESSIONS, parse};
 
     #[classifier]
+    #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
     pub fn mirror_tc_ingress(ctx: TcContext) -> i32 {
         mirror(&ctx, Direction::Ingress);
         TC_ACT_UNSPEC
     }
 
     #[classifier]
+    #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
     pub fn mirror_tc_egress(ctx: TcContext) -> i32 {
         mirror(&ctx, Direction::Egress);
         TC_ACT_UNSPEC

@@ -1,5 +1,5 @@
 //! Harness for mirror's privileged integration tests: network namespaces behind guards, the agent as
-//! a child process, AF_PACKET captures and senders, and a sentinel packet that tells a test when
+//! a child process, `AF_PACKET` captures and senders, and a sentinel packet that tells a test when
 //! every copy made before it has arrived.
 //!
 //! Topology of a [`Lab`] (every name is per test; interfaces are created inside the namespaces):
@@ -82,6 +82,18 @@ impl Netns {
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
+        // Quiet IPv6 on the interfaces made here later: no link-local address, no router
+        // solicitations, and MLD reports sent at once when an address is added (while the lab is
+        // built), not repeated up to a second later, when a test is running.
+        for (key, value) in [
+            ("addr_gen_mode", "1"),
+            ("router_solicitations", "0"),
+            ("accept_ra", "0"),
+            ("mldv2_unsolicited_report_interval", "1"),
+            ("mldv1_unsolicited_report_interval", "1"),
+        ] {
+            ns.sysctl(&format!("net.ipv6.conf.default.{key}"), value);
+        }
         ns
     }
 
@@ -207,16 +219,29 @@ impl Lab {
             ns.ip(&["addr", "add", v4, "dev", dev]);
             ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
         }
-        for (ns, dev) in [
+        let links = [
             (&lab.src, "eth0"),
             (&lab.sink, "eth0"),
             (&lab.mon, "eth0"),
             (&lab.mon, "eth1"),
-        ] {
+            (&lab.node, "src0"),
+            (&lab.node, "sink0"),
+            (&lab.node, "mir0"),
+            (&lab.node, "mir1"),
+        ];
+        for (ns, dev) in links {
             ns.ip(&["link", "set", dev, "up"]);
         }
-        for dev in ["src0", "sink0", "mir0", "mir1"] {
-            lab.node.ip(&["link", "set", dev, "up"]);
+        // The kernel acts on carrier changes up to a second later (linkwatch) and only then sends
+        // its MLD reports: wait for that here, or they would land in the middle of a test.
+        for (ns, dev) in links {
+            wait_for(
+                &format!("{dev} in {} to be operationally up", ns.name),
+                || {
+                    ns.ip(&["-j", "link", "show", "dev", dev])
+                        .contains("\"operstate\":\"UP\"")
+                },
+            );
         }
         // Static neighbours: no ARP or ND, whose resolution would reorder packets and add frames.
         for (ns, dev, v4, v6, mac) in [
@@ -270,13 +295,22 @@ impl Lab {
     }
 }
 
+/// Polls `condition` every 10 ms until it holds, failing the test after [`DEADLINE`].
+pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Keeps the calling thread on CPU 0, so the packets it sends are processed there in order.
 pub fn pin_to_first_cpu() {
     // SAFETY: a zeroed cpu_set_t with one CPU set, applied to the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
         assert_eq!(rc, 0, "sched_setaffinity");
     }
 }
@@ -342,7 +376,7 @@ impl Agent {
     /// Sends `signal`, waits for a clean exit, and returns the counter report it printed.
     pub fn stop_with(mut self, signal: i32) -> Report {
         // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), signal) };
         let mut report = String::new();
         std::io::Read::read_to_string(&mut self.stdout, &mut report).expect("agent report");
         let status = self.child.wait().expect("wait agent");
@@ -412,11 +446,11 @@ impl Report {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Frame {
     pub bytes: Vec<u8>,
-    /// Sent by this host (PACKET_OUTGOING) rather than received.
+    /// Sent by this host (`PACKET_OUTGOING`) rather than received.
     pub outgoing: bool,
 }
 
-/// An AF_PACKET socket on one interface of a namespace, seeing every frame in both directions.
+/// An `AF_PACKET` socket on one interface of a namespace, seeing every frame in both directions.
 #[derive(Debug)]
 pub struct Capture {
     fd: OwnedFd,
@@ -443,7 +477,7 @@ fn packet_socket(ns: &Netns, interface: &str) -> OwnedFd {
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_protocol = ETH_P_ALL.to_be();
-            addr.sll_ifindex = ifindex as i32;
+            addr.sll_ifindex = i32::try_from(ifindex).expect("ifindex");
             let rc = libc::bind(
                 fd.as_raw_fd(),
                 (&raw const addr).cast(),
@@ -526,10 +560,7 @@ impl Capture {
         msg.msg_controllen = size_of_val(&control);
         // SAFETY: as above.
         let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &raw mut msg, libc::MSG_TRUNC) };
-        if n < 0 {
-            return None;
-        }
-        buf.truncate(n as usize);
+        buf.truncate(usize::try_from(n).ok()?);
         // SAFETY: walking the control messages the kernel wrote into `control`.
         unsafe {
             let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
@@ -555,7 +586,7 @@ impl Capture {
         }
         Some(Frame {
             bytes: buf,
-            outgoing: addr.sll_pkttype == libc::PACKET_OUTGOING as u8,
+            outgoing: addr.sll_pkttype == libc::PACKET_OUTGOING,
         })
     }
 
@@ -604,7 +635,7 @@ impl FrameSender {
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         assert_eq!(
             n,
-            frame.len() as isize,
+            isize::try_from(frame.len()).expect("frame length"),
             "send frame: {}",
             std::io::Error::last_os_error()
         );

@@ -1,4 +1,4 @@
-//! Hand-made frames sent with AF_PACKET: VLAN tags (single, double, 802.1ad), ARP by ethertype,
+//! Hand-made frames sent with `AF_PACKET`: VLAN tags (single, double, 802.1ad), ARP by ethertype,
 //! and a table of malformed frames. For each frame: what reached the far side of the primary path
 //! (it must be the frame, unchanged) and whether exactly that frame was copied.
 use mirror_tests::{
@@ -115,18 +115,30 @@ fn ipv6_with_extensions(chain: &[u8], upper: u8, upper_bytes: &[u8]) -> Vec<u8> 
     frame
 }
 
-#[test]
-fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
-    let lab = Lab::new("malformed");
-    let agent = lab.start_agent(&config(
-        "[\"sink0\"]",
-        "egress",
-        "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 4000\n\
-         [[session.rule]]\nnumber = 20\naction = \"mirror\"\nethertype = 0x88b5\n",
-    ));
-    let copies = Capture::open(&lab.mon, "eth0");
-    let delivered = Capture::open(&lab.sink, "eth0");
-    let sender = FrameSender::open(&lab.node, "sink0");
+const HOP_BY_HOP: u8 = 0;
+const DEST_OPTS: u8 = 60;
+const FRAGMENT: u8 = 44;
+
+/// A frame sent out of sink0, whether it must be copied, and whether the parser must count it
+/// as malformed.
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    copied: bool,
+    malformed: bool,
+}
+
+fn case(name: &'static str, frame: Vec<u8>, copied: bool, malformed: bool) -> Case {
+    Case {
+        name,
+        frame,
+        copied,
+        malformed,
+    }
+}
+
+/// Rules of the session under test: UDP to port 4000, and ethertype 0x88b5.
+fn malformed_cases() -> Vec<Case> {
     let udp = udp_v4_frame(
         NODE_SINK_MAC,
         SINK_MAC,
@@ -139,105 +151,105 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
         f(&mut frame);
         frame
     };
-    const HOP_BY_HOP: u8 = 0;
-    const DEST_OPTS: u8 = 60;
-    const FRAGMENT: u8 = 44;
+    let mut ipv4_options = udp[..34].to_vec();
+    ipv4_options[14] = 0x46;
+    ipv4_options[16..18].copy_from_slice(&((udp.len() - 14 + 4) as u16).to_be_bytes());
+    ipv4_options.extend([1, 1, 1, 0]); // NOP, NOP, NOP, EOL
+    ipv4_options.extend(&udp[34..]);
     let mut ipv6_fragment = ipv6_with_extensions(&[], FRAGMENT, &[17, 0, 0, 8, 0, 0, 0, 1]);
     ipv6_fragment.extend(udp_header);
-    // (name, frame, copied?, malformed?)
-    let cases: Vec<(&str, Vec<u8>, bool, bool)> = vec![
-        ("ipv4 udp 4000 (control)", udp.clone(), true, false),
-        (
+    vec![
+        case("ipv4 udp 4000 (control)", udp.clone(), true, false),
+        case(
             "runt: ethernet header only",
             udp[..14].to_vec(),
             false,
             true,
         ),
-        ("ipv4 ihl 4", with(&|f| f[14] = 0x44), false, true),
-        ("ipv4 version 5", with(&|f| f[14] = 0x55), false, true),
-        (
+        case("ipv4 ihl 4", with(&|f| f[14] = 0x44), false, true),
+        case("ipv4 version 5", with(&|f| f[14] = 0x55), false, true),
+        case(
             "ipv4 cut inside its header",
             udp[..14 + 12].to_vec(),
             false,
             true,
         ),
-        (
+        case(
             "ipv4 udp header cut to 2 bytes",
             udp[..14 + 20 + 2].to_vec(),
             false,
             true,
         ),
-        (
+        case(
             "ipv4 non-first fragment",
             with(&|f| f[20..22].copy_from_slice(&[0x00, 0x10])),
             false,
             false,
         ),
-        (
-            "ipv4 with options, udp 4000",
-            {
-                let mut f = udp[..34].to_vec();
-                f[14] = 0x46;
-                f[16..18].copy_from_slice(&((udp.len() - 14 + 4) as u16).to_be_bytes());
-                f.extend([1, 1, 1, 0]); // NOP, NOP, NOP, EOL
-                f.extend(&udp[34..]);
-                f
-            },
-            true,
-            false,
-        ),
-        (
+        case("ipv4 with options, udp 4000", ipv4_options, true, false),
+        case(
             "ipv6 hop-by-hop + dest-opts, udp 4000",
             ipv6_with_extensions(&[HOP_BY_HOP, DEST_OPTS], 17, udp_header),
             true,
             false,
         ),
-        (
+        case(
             "ipv6 9 extension headers",
             ipv6_with_extensions(&[DEST_OPTS; 9], 17, udp_header),
             false,
             true,
         ),
-        (
+        case(
             "ipv6 extension header cut",
             ipv6_with_extensions(&[DEST_OPTS], 17, &[])[..14 + 40 + 4].to_vec(),
             false,
             true,
         ),
-        ("ipv6 non-first fragment", ipv6_fragment, false, false),
-        (
+        case("ipv6 non-first fragment", ipv6_fragment, false, false),
+        case(
             "ipv6 udp header cut",
             ipv6_with_extensions(&[], 17, &udp_header[..3]),
             false,
             true,
         ),
-        (
+        case(
             "ethertype 0x88b5",
-            {
-                let mut f = udp.clone();
-                f[12..14].copy_from_slice(&[0x88, 0xb5]);
-                f
-            },
+            with(&|f| f[12..14].copy_from_slice(&[0x88, 0xb5])),
             true,
             false,
         ),
         // (The receiving kernel drops a tagged frame with fewer than 6 bytes after the tag, so the
         // far side could not show that it continued: keep 2 bytes of IPv4 header.)
-        (
+        case(
             "802.1Q tag, ipv4 header cut to 2 bytes",
             tagged(&udp[..16], &[(0x8100, 7)]),
             false,
             true,
         ),
-        (
+        case(
             "802.1Q tagged udp 4000 (tag in data at egress)",
             tagged(&udp, &[(0x8100, 7)]),
             true,
             false,
         ),
-    ];
-    for (_, frame, _, _) in &cases {
-        sender.send(frame);
+    ]
+}
+
+#[test]
+fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
+    let lab = Lab::new("malformed");
+    let agent = lab.start_agent(&config(
+        "[\"sink0\"]",
+        "egress",
+        "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 4000\n\
+         [[session.rule]]\nnumber = 20\naction = \"mirror\"\nethertype = 0x88b5\n",
+    ));
+    let copies = Capture::open(&lab.mon, "eth0");
+    let delivered = Capture::open(&lab.sink, "eth0");
+    let sender = FrameSender::open(&lab.node, "sink0");
+    let cases = malformed_cases();
+    for case in &cases {
+        sender.send(&case.frame);
     }
     sender.send(&udp_v4_frame(
         NODE_SINK_MAC,
@@ -257,19 +269,29 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
         .into_iter()
         .map(|f| f.bytes)
         .collect();
-    for (i, (name, frame, copied, _)) in cases.iter().enumerate() {
+    for (i, case) in cases.iter().enumerate() {
         assert_eq!(
             delivered.get(i),
-            Some(frame),
-            "{name}: the original must continue unchanged"
+            Some(&case.frame),
+            "{}: the original must continue unchanged",
+            case.name
         );
-        assert_eq!(copies.contains(frame), *copied, "{name}: copy");
+        assert_eq!(
+            copies.contains(&case.frame),
+            case.copied,
+            "{}: copy",
+            case.name
+        );
     }
     assert_eq!(delivered.len(), cases.len());
-    let expected = cases.iter().filter(|c| c.2).map(|c| c.1.clone()).collect();
+    let expected = cases
+        .iter()
+        .filter(|c| c.copied)
+        .map(|c| c.frame.clone())
+        .collect();
     assert_same_frames("malformed table", copies, expected);
     let report = agent.stop();
-    let malformed = cases.iter().filter(|c| c.3).count() as u64;
+    let malformed = cases.iter().filter(|c| c.malformed).count() as u64;
     assert_eq!(report.hook("egress", "malformed"), malformed);
     assert_eq!(report.hook("egress", "table_errors"), 0);
 }

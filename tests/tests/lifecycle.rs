@@ -1,5 +1,5 @@
 //! The agent's lifecycle on a host: what it leaves behind after a signal, and how it refuses bad
-//! input (exit code, file:line, nothing attached).
+//! input (exit code, <file:line>, nothing attached).
 use mirror_tests::{Lab, SENTINEL_RULE, agent_command, tcx_programs};
 
 const CONFIG: &str = "[[session]]\nname = \"t\"\ninterfaces = [\"src0\", \"sink0\"]\ntarget = { interface = \"mir0\" }\n";

@@ -1,5 +1,5 @@
 //! Real traffic through the node: UDP (IPv4 and IPv6), a TCP connection in both directions, ICMP
-//! and ICMPv6. Every copy on the mirror side must equal, byte for byte, a frame seen on the primary
+//! and `ICMPv6`. Every copy on the mirror side must equal, byte for byte, a frame seen on the primary
 //! path at the mirrored hook, and exactly the frames the rules select must be copied.
 use std::{
     io::{Read, Write},
