@@ -176,19 +176,32 @@ impl Lab {
             mon: Netns::new(format!("{id}-mon")),
             sentinel_sink: None,
         };
-        let node = lab.node.name.as_str();
+        lab.wire();
+        lab.address();
+        lab.bring_up();
+        lab.route();
+        lab.sentinel_sink = Some(udp_socket(
+            &lab.sink,
+            SocketAddr::new(SINK_V4.into(), SENTINEL_PORT),
+        ));
+        lab
+    }
+
+    /// Creates the veth pairs, with fixed MAC addresses.
+    fn wire(&self) {
+        let node = self.node.name.as_str();
         for (ns, dev, mac, peer, peer_mac) in [
-            (&lab.src, "eth0", SRC_MAC, "src0", NODE_SRC_MAC),
-            (&lab.sink, "eth0", SINK_MAC, "sink0", NODE_SINK_MAC),
+            (&self.src, "eth0", SRC_MAC, "src0", NODE_SRC_MAC),
+            (&self.sink, "eth0", SINK_MAC, "sink0", NODE_SINK_MAC),
             (
-                &lab.mon,
+                &self.mon,
                 "eth0",
                 "02:00:00:00:03:02",
                 "mir0",
                 "02:00:00:00:03:01",
             ),
             (
-                &lab.mon,
+                &self.mon,
                 "eth1",
                 "02:00:00:00:04:02",
                 "mir1",
@@ -200,34 +213,42 @@ impl Lab {
                 "address", peer_mac, "netns", node,
             ]);
         }
+    }
+
+    /// Addresses, forwarding, and no IPv6 on the mirror side.
+    fn address(&self) {
         // No IPv6 on the mirror side: the only frames there are copies.
-        lab.mon.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        lab.mon.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+        self.mon.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        self.mon.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
         for target in ["mir0", "mir1"] {
-            lab.node
+            self.node
                 .sysctl(&format!("net.ipv6.conf.{target}.disable_ipv6"), "1");
         }
-        lab.node.sysctl("net.ipv4.ip_forward", "1");
-        lab.node.sysctl("net.ipv6.conf.all.forwarding", "1");
+        self.node.sysctl("net.ipv4.ip_forward", "1");
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1");
         let addresses = [
-            (&lab.src, "eth0", "10.10.1.2/24", "fd00:1::2/64"),
-            (&lab.node, "src0", "10.10.1.1/24", "fd00:1::1/64"),
-            (&lab.node, "sink0", "10.10.2.1/24", "fd00:2::1/64"),
-            (&lab.sink, "eth0", "10.10.2.2/24", "fd00:2::2/64"),
+            (&self.src, "eth0", "10.10.1.2/24", "fd00:1::2/64"),
+            (&self.node, "src0", "10.10.1.1/24", "fd00:1::1/64"),
+            (&self.node, "sink0", "10.10.2.1/24", "fd00:2::1/64"),
+            (&self.sink, "eth0", "10.10.2.2/24", "fd00:2::2/64"),
         ];
         for (ns, dev, v4, v6) in addresses {
             ns.ip(&["addr", "add", v4, "dev", dev]);
             ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
         }
+    }
+
+    /// Sets every link up and waits until the kernel has acted on it.
+    fn bring_up(&self) {
         let links = [
-            (&lab.src, "eth0"),
-            (&lab.sink, "eth0"),
-            (&lab.mon, "eth0"),
-            (&lab.mon, "eth1"),
-            (&lab.node, "src0"),
-            (&lab.node, "sink0"),
-            (&lab.node, "mir0"),
-            (&lab.node, "mir1"),
+            (&self.src, "eth0"),
+            (&self.sink, "eth0"),
+            (&self.mon, "eth0"),
+            (&self.mon, "eth1"),
+            (&self.node, "src0"),
+            (&self.node, "sink0"),
+            (&self.node, "mir0"),
+            (&self.node, "mir1"),
         ];
         for (ns, dev) in links {
             ns.ip(&["link", "set", dev, "up"]);
@@ -243,12 +264,16 @@ impl Lab {
                 },
             );
         }
+    }
+
+    /// Static neighbours and default routes.
+    fn route(&self) {
         // Static neighbours: no ARP or ND, whose resolution would reorder packets and add frames.
         for (ns, dev, v4, v6, mac) in [
-            (&lab.src, "eth0", "10.10.1.1", "fd00:1::1", NODE_SRC_MAC),
-            (&lab.node, "src0", "10.10.1.2", "fd00:1::2", SRC_MAC),
-            (&lab.node, "sink0", "10.10.2.2", "fd00:2::2", SINK_MAC),
-            (&lab.sink, "eth0", "10.10.2.1", "fd00:2::1", NODE_SINK_MAC),
+            (&self.src, "eth0", "10.10.1.1", "fd00:1::1", NODE_SRC_MAC),
+            (&self.node, "src0", "10.10.1.2", "fd00:1::2", SRC_MAC),
+            (&self.node, "sink0", "10.10.2.2", "fd00:2::2", SINK_MAC),
+            (&self.sink, "eth0", "10.10.2.1", "fd00:2::1", NODE_SINK_MAC),
         ] {
             for addr in [v4, v6] {
                 ns.ip(&[
@@ -264,18 +289,14 @@ impl Lab {
                 ]);
             }
         }
-        lab.src.ip(&["route", "add", "default", "via", "10.10.1.1"]);
-        lab.src
+        self.src
+            .ip(&["route", "add", "default", "via", "10.10.1.1"]);
+        self.src
             .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"]);
-        lab.sink
+        self.sink
             .ip(&["route", "add", "default", "via", "10.10.2.1"]);
-        lab.sink
+        self.sink
             .ip(&["-6", "route", "add", "default", "via", "fd00:2::1"]);
-        lab.sentinel_sink = Some(udp_socket(
-            &lab.sink,
-            SocketAddr::new(SINK_V4.into(), SENTINEL_PORT),
-        ));
-        lab
     }
 
     /// Sends the sentinel datagram from src to sink (through src0 ingress and sink0 egress).
