@@ -435,6 +435,21 @@ dst_port = 443
     }
 
     #[test]
+    fn shipped_examples_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("examples/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let loaded = LoadedConfig::read(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!loaded.config.sessions.is_empty(), "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "examples found: {seen}");
+    }
+
+    #[test]
     fn value_forms() {
         assert_eq!("0x88cc".parse::<Ethertype>(), Ok(Ethertype(0x88cc)));
         assert_eq!("2054".parse::<Ethertype>(), Ok(Ethertype(0x0806)));

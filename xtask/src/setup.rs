@@ -5,8 +5,9 @@ use anyhow::{Context as _, bail};
 
 /// The bpf-linker release known to work with nightly's LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests and the lab call: ip and tc (iproute2), tcpdump (the lab's view).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump"];
+/// Debian packages the tests and the lab use: ip and tc (iproute2), tcpdump (the lab's view), and
+/// python3-dpkt for the real captures it ships, which the tests replay.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "python3-dpkt"];
 
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
