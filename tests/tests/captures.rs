@@ -1,4 +1,4 @@
-//! Real traffic: the captures Debian's python3-dpkt ships (HTTP over TCP, DNS and ICMP, PPPoE),
+//! Real traffic: the captures Debian's python3-dpkt ships (HTTP over TCP, DNS and ICMP, `PPPoE`),
 //! replayed frame by frame into the node. Which frames must be copied is decided by an independent
 //! decoder (etherparse), and every copy must equal its captured frame byte for byte.
 use std::path::Path;
