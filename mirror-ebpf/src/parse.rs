@@ -179,8 +179,28 @@ fn parse_ports(
     Ok(())
 }
 
+/// Offsets up to this are read directly from the linear part of the skb when it holds them.
+const MAX_DIRECT_OFFSET: usize = 512;
+
+/// Reads a `T` at `offset`: directly from the packet when the linear part holds it (the common
+/// case, and several times cheaper than a helper call), else through `bpf_skb_load_bytes`, which
+/// also reaches paged data. Either way, past the end of the packet is an error.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // At least 2 bytes: for a 1-byte read LLVM turns `p + 1 <= end` into `p < end`, from which
+    // the verifier derives no readable range. Near the end of the packet the helper takes over.
+    let checked = if size_of::<T>() < 2 {
+        2
+    } else {
+        size_of::<T>()
+    };
+    if offset <= MAX_DIRECT_OFFSET && start + offset + checked <= end {
+        // SAFETY: [start + offset, start + offset + checked) lies before data_end, checked just
+        // above; packet data has no alignment guarantee, hence read_unaligned.
+        return Ok(unsafe { ((start + offset) as *const T).read_unaligned() });
+    }
     ctx.load::<T>(offset).map_err(|_| Malformed)
 }
 
