@@ -327,10 +327,15 @@ pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// Keeps the calling thread on CPU 0, so the packets it sends are processed there in order.
 pub fn pin_to_first_cpu() {
+    pin_to_cpu(0);
+}
+
+/// Keeps the calling thread on one CPU.
+pub fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one CPU set, applied to the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
         assert_eq!(rc, 0, "sched_setaffinity");
     }
@@ -387,6 +392,11 @@ impl Agent {
             stdout,
             _config: file,
         }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGTERM, wait for exit, and return the counter report it printed.

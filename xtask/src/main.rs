@@ -1,4 +1,10 @@
 //! `cargo xtask <task>`: everything needed to go from a fresh clone to a running, tested mirror.
+#[expect(
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss,
+    reason = "packet counts, rates and durations, far below 2^52 and never negative"
+)]
+mod bench;
 mod lab;
 mod setup;
 
@@ -38,6 +44,22 @@ enum Task {
     /// A demo in network namespaces: start the agent on examples/lab.toml, send real traffic,
     /// show the copies as tcpdump sees them on the mirror side, then the agent's counters (root).
     Lab,
+    /// Benchmarks: the cost of mirroring to the primary path, beside tc mirred and daemonlogger;
+    /// rule and attach scaling. Writes bench/results/ (root; takes about 10 minutes).
+    Bench {
+        /// Repetitions per scenario and frame size.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Seconds per repetition.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Offered rate of the CPU-cost runs (packets per second).
+        #[arg(long, default_value_t = 100_000)]
+        fixed_rate: u64,
+        /// A short run: 2 repetitions of 0.5 s, fewer rule and interface counts.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +71,36 @@ fn main() -> anyhow::Result<()> {
             no_lint,
             cargo_args,
         } => test(no_lint, &cargo_args),
+        Task::Bench {
+            reps,
+            seconds,
+            fixed_rate,
+            quick,
+        } => {
+            require_root("the benchmarks")?;
+            setup::run()?;
+            setup::bench_tools()?;
+            let options = if quick {
+                bench::Options {
+                    reps: 2,
+                    seconds: 0.5,
+                    fixed_rate,
+                    rule_counts: vec![1, 1000],
+                    attach_counts: vec![1, 50],
+                    frame_sizes: vec![60],
+                }
+            } else {
+                bench::Options {
+                    reps,
+                    seconds,
+                    fixed_rate,
+                    rule_counts: vec![1, 100, 1000, 10_000],
+                    attach_counts: vec![1, 100, 500],
+                    frame_sizes: vec![60, 1400],
+                }
+            };
+            bench::run(&build(true)?, &options)
+        }
         Task::Lab => {
             require_root("the lab")?;
             setup::run()?;

@@ -12,7 +12,7 @@ const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "python3-dpkt"];
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -101,8 +101,13 @@ fn bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// What `cargo xtask bench` adds: the userspace peer and the chart's font.
+pub fn bench_tools() -> anyhow::Result<()> {
+    debian_packages(&["daemonlogger", "fonts-dejavu-core", "util-linux"])
+}
+
+fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

@@ -1,0 +1,609 @@
+//! `cargo xtask bench`: what mirroring costs the primary path, measured side by side with the
+//! tools users would use instead, in one invocation (see the README's "Benchmarks").
+//!
+//! Topology: the test lab (source → node → sink, monitor behind mir0). The generator sends one UDP
+//! flow from the source namespace to an address the node routes to the sink, which drops it (it is
+//! not the sink's address), so the measured path is: veth in → TC ingress on src0 (where every
+//! mirroring scenario hooks) → forward → veth out. On veth that whole path runs in the sender's
+//! context, so a max-rate run measures the per-packet cost on one core.
+mod report;
+mod traffic;
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mirror_tests::{Agent, Lab, NODE_SRC_MAC, SINK_MAC, SRC_MAC, wait_for};
+use serde::Serialize;
+use traffic::{Spinner, counters, generate, wait_for_idle};
+
+/// Where the generator sends: routed by the node to the sink, which is not this address.
+const FLOW_DST: &str = "10.10.2.99";
+const FLOW_DST_PORT: u16 = 5201;
+/// The VXLAN underlay between the node's mir0 and the monitor.
+const VXLAN_LOCAL: &str = "10.10.3.1";
+const VXLAN_REMOTE: &str = "10.10.3.2";
+const MON_MAC: &str = "02:00:00:00:03:02";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub reps: usize,
+    pub seconds: f64,
+    /// Offered rate of the CPU-cost runs, packets per second.
+    pub fixed_rate: u64,
+    /// Rule counts for the scaling scenarios.
+    pub rule_counts: Vec<usize>,
+    /// Interface counts for the attach-scaling runs.
+    pub attach_counts: Vec<usize>,
+    pub frame_sizes: Vec<usize>,
+}
+
+/// One way of mirroring src0's ingress (or none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scenario {
+    Baseline,
+    TcMirred,
+    TcMirredVxlan,
+    Daemonlogger,
+    /// mirror with `rules` rules (the matching one last) or, with `matching` false, one rule that
+    /// matches nothing.
+    Mirror {
+        rules: usize,
+        matching: bool,
+    },
+    /// tc u32 filters carrying the same rules, each with action mirred.
+    TcU32 {
+        rules: usize,
+    },
+}
+
+impl Scenario {
+    fn name(&self) -> String {
+        match self {
+            Scenario::Baseline => "baseline (no mirroring)".into(),
+            Scenario::TcMirred => "tc u32 match-all + mirred".into(),
+            Scenario::TcMirredVxlan => "tc mirred into vxlan".into(),
+            Scenario::Daemonlogger => "daemonlogger".into(),
+            Scenario::Mirror {
+                rules: 1,
+                matching: true,
+            } => "mirror TC, 100% match".into(),
+            Scenario::Mirror {
+                matching: false, ..
+            } => "mirror TC, no match".into(),
+            Scenario::Mirror { rules, .. } => format!("mirror TC, {rules} rules"),
+            Scenario::TcU32 { rules } => format!("tc u32 mirred, {rules} rules"),
+        }
+    }
+
+    /// Whether every packet should produce one copy.
+    fn copies_all(&self) -> bool {
+        !matches!(
+            self,
+            Scenario::Baseline
+                | Scenario::Mirror {
+                    matching: false,
+                    ..
+                }
+        )
+    }
+}
+
+/// A scenario in place; undone on drop.
+enum Active<'a> {
+    Nothing,
+    Tc(&'a Lab),
+    Agent(Agent),
+    Process(Child),
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        match self {
+            Active::Tc(lab) => {
+                let _ = Command::new("tc")
+                    .args([
+                        "-n",
+                        &lab.node.name,
+                        "qdisc",
+                        "del",
+                        "dev",
+                        "src0",
+                        "clsact",
+                    ])
+                    .status();
+            }
+            Active::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Active::Nothing | Active::Agent(_) => {}
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Sample {
+    pub pps: f64,
+    pub completeness: Option<f64>,
+    pub busy_before: f64,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Row {
+    pub scenario: String,
+    pub frame_bytes: usize,
+    pub samples: Vec<Sample>,
+    pub median_pps: f64,
+    pub min_pps: f64,
+    pub max_pps: f64,
+    pub completeness: Option<f64>,
+    /// CPU time per packet at the fixed offered rate (ns), where measured.
+    pub cpu_ns_per_packet: Option<f64>,
+    /// Whether the fixed rate was forwarded in full (else the cost is of what got through).
+    pub fixed_rate_sustained: Option<bool>,
+    /// Mean run time of mirror's ingress program per packet (`kernel.bpf_stats_enabled`), ns.
+    pub program_ns_per_packet: Option<f64>,
+    pub agent_rss_kib: Option<u64>,
+    /// Rule count for the scaling scenarios.
+    pub rules: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct AttachRow {
+    pub interfaces: usize,
+    pub seconds: f64,
+    pub agent_rss_kib: u64,
+}
+
+pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
+    let lab = Lab::new("bench");
+    prepare(&lab);
+    let mut scenarios = vec![
+        Scenario::Baseline,
+        Scenario::TcMirred,
+        Scenario::TcMirredVxlan,
+        Scenario::Daemonlogger,
+        Scenario::Mirror {
+            rules: 1,
+            matching: true,
+        },
+        Scenario::Mirror {
+            rules: 1,
+            matching: false,
+        },
+    ];
+    for &rules in &options.rule_counts {
+        if rules > 1 {
+            scenarios.push(Scenario::Mirror {
+                rules,
+                matching: true,
+            });
+        }
+        scenarios.push(Scenario::TcU32 { rules });
+    }
+    let mut rows = Vec::new();
+    for &size in &options.frame_sizes {
+        let frame = flow_frame(size);
+        for scenario in &scenarios {
+            eprintln!(
+                "bench: {} with {size}-byte frames ({:.0?} so far)",
+                scenario.name(),
+                started.elapsed()
+            );
+            rows.push(measure(&lab, agent, scenario, &frame, options)?);
+        }
+    }
+    let attach = attach_scaling(agent, &options.attach_counts)?;
+    drop(lab);
+    report::write(&rows, &attach, options, started.elapsed())
+}
+
+/// Routes and devices every scenario may use.
+fn prepare(lab: &Lab) {
+    let node = &lab.node;
+    node.ip(&[
+        "neigh",
+        "replace",
+        FLOW_DST,
+        "lladdr",
+        SINK_MAC,
+        "dev",
+        "sink0",
+        "nud",
+        "permanent",
+    ]);
+    node.ip(&["addr", "add", &format!("{VXLAN_LOCAL}/24"), "dev", "mir0"]);
+    node.ip(&[
+        "neigh",
+        "replace",
+        VXLAN_REMOTE,
+        "lladdr",
+        MON_MAC,
+        "dev",
+        "mir0",
+        "nud",
+        "permanent",
+    ]);
+    node.ip(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "42",
+        "local",
+        VXLAN_LOCAL,
+        "remote",
+        VXLAN_REMOTE,
+        "dstport",
+        "4789",
+        "dev",
+        "mir0",
+    ]);
+    node.ip(&["link", "set", "vx0", "up"]);
+}
+
+/// The generator's frame: UDP from the source to [`FLOW_DST`], `size` bytes without FCS.
+fn flow_frame(size: usize) -> Vec<u8> {
+    let dst: std::net::Ipv4Addr = FLOW_DST.parse().expect("address");
+    let builder = etherparse::PacketBuilder::ethernet2(
+        mirror_tests::mac(SRC_MAC),
+        mirror_tests::mac(NODE_SRC_MAC),
+    )
+    .ipv4(mirror_tests::SRC_V4.octets(), dst.octets(), 64)
+    .udp(1234, FLOW_DST_PORT);
+    let payload = vec![0x5a; size.saturating_sub(14 + 20 + 8)];
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, &payload).expect("frame");
+    frame
+}
+
+fn tc(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("tc")
+        .args(["-n", &lab.node.name])
+        .args(args)
+        .status()
+        .context("running tc")?;
+    if !status.success() {
+        bail!("tc {}: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random numbers (splitmix64), so every run builds the same rule sets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// `rules - 1` random non-matching (destination prefix, destination port) rules, then the
+/// matching one. Half the prefixes contain the flow's destination, so the prefix lookup alone does
+/// not rule them out: only the port does.
+fn rule_set(rules: usize) -> Vec<(String, u16)> {
+    let mut rng = Rng(42);
+    let mut set = Vec::with_capacity(rules);
+    while set.len() + 1 < rules {
+        let r = rng.next();
+        let port = (r % 65_535) as u16 + 1;
+        if port == FLOW_DST_PORT {
+            continue;
+        }
+        let len = 8 + (r >> 20) % 25;
+        let base: u32 = if r & (1 << 40) == 0 {
+            u32::from(FLOW_DST.parse::<std::net::Ipv4Addr>().expect("address"))
+        } else {
+            0xac10_0000 | ((r >> 44) as u32 & 0x000f_ffff)
+        };
+        let net = std::net::Ipv4Addr::from(base & (u32::MAX << (32 - len)));
+        set.push((format!("{net}/{len}"), port));
+    }
+    set.push((format!("{FLOW_DST}/32"), FLOW_DST_PORT));
+    set
+}
+
+fn mirror_config(rules: usize, matching: bool) -> String {
+    let mut config = "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = { interface = \"mir0\" }\n".to_owned();
+    if !matching {
+        config +=
+            "[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5202\n";
+        return config;
+    }
+    for (number, (net, port)) in rule_set(rules).into_iter().enumerate() {
+        writeln!(
+            config,
+            "[[session.rule]]\nnumber = {}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {port}",
+            number + 1
+        )
+        .expect("writing to a String");
+    }
+    config
+}
+
+fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Result<Active<'a>> {
+    Ok(match scenario {
+        Scenario::Baseline => Active::Nothing,
+        Scenario::TcMirred | Scenario::TcMirredVxlan => {
+            tc(lab, &["qdisc", "add", "dev", "src0", "clsact"])?;
+            let active = Active::Tc(lab);
+            let target = if *scenario == Scenario::TcMirred {
+                "mir0"
+            } else {
+                "vx0"
+            };
+            tc(
+                lab,
+                &[
+                    "filter", "add", "dev", "src0", "ingress", "protocol", "all", "u32", "match",
+                    "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev", target,
+                ],
+            )?;
+            active
+        }
+        Scenario::TcU32 { rules } => {
+            tc(lab, &["qdisc", "add", "dev", "src0", "clsact"])?;
+            let active = Active::Tc(lab);
+            let mut batch = String::new();
+            for (net, port) in rule_set(*rules) {
+                writeln!(
+                    batch,
+                    "filter add dev src0 ingress protocol ip prio 1 u32 match ip protocol 17 0xff match ip dst {net} match ip dport {port} 0xffff action mirred egress mirror dev mir0"
+                )
+                .expect("writing to a String");
+            }
+            let file =
+                std::env::temp_dir().join(format!("mirror-bench-u32-{}.tc", std::process::id()));
+            std::fs::write(&file, batch)?;
+            let result = tc(lab, &["-batch", file.to_str().context("temp path")?]);
+            let _ = std::fs::remove_file(&file);
+            result?;
+            active
+        }
+        Scenario::Daemonlogger => {
+            let before = packet_sockets(lab);
+            let child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &lab.node.name,
+                    "taskset",
+                    "-c",
+                    "1",
+                    "daemonlogger",
+                    "-i",
+                    "src0",
+                    "-o",
+                    "mir0",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting daemonlogger (cargo xtask setup installs it)")?;
+            let active = Active::Process(child);
+            wait_for("daemonlogger to open its packet sockets", || {
+                packet_sockets(lab) > before
+            });
+            active
+        }
+        Scenario::Mirror { rules, matching } => Active::Agent(Agent::start(
+            &lab.node,
+            agent,
+            &mirror_config(*rules, *matching),
+        )),
+    })
+}
+
+/// Packet sockets open in the node namespace.
+fn packet_sockets(lab: &Lab) -> usize {
+    lab.node
+        .exec(&["cat", "/proc/net/packet"])
+        .lines()
+        .count()
+        .saturating_sub(1)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn measure(
+    lab: &Lab,
+    agent: &Path,
+    scenario: &Scenario,
+    frame: &[u8],
+    options: &Options,
+) -> anyhow::Result<Row> {
+    let active = activate(lab, agent, scenario)?;
+    let duration = Duration::from_secs_f64(options.seconds);
+    // Warm-up: caches, the neighbour entries, daemonlogger's buffers.
+    generate(
+        &lab.src,
+        "eth0",
+        frame,
+        Duration::from_millis(300),
+        None,
+        10_000_000,
+    )?;
+    settle(lab)?;
+    let mut samples = Vec::new();
+    for _ in 0..options.reps {
+        let busy_before = wait_for_idle()?;
+        let (hook0, _) = counters(&lab.node, "src0")?;
+        let (sink0, _) = counters(&lab.sink, "eth0")?;
+        let (mon0, _) = counters(&lab.mon, "eth0")?;
+        let sent = generate(&lab.src, "eth0", frame, duration, None, 50_000_000)?;
+        settle(lab)?;
+        let (hook1, _) = counters(&lab.node, "src0")?;
+        let (sink1, _) = counters(&lab.sink, "eth0")?;
+        let (mon1, _) = counters(&lab.mon, "eth0")?;
+        let pps = (sink1 - sink0) as f64 / sent.elapsed.as_secs_f64();
+        let completeness = scenario
+            .copies_all()
+            .then(|| (mon1 - mon0) as f64 / (hook1 - hook0).max(1) as f64);
+        samples.push(Sample {
+            pps,
+            completeness,
+            busy_before,
+        });
+    }
+    let program_ns_per_packet = program_cost()?;
+    let agent_rss_kib = match &active {
+        Active::Agent(agent) => Some(rss_kib(agent.pid())?),
+        _ => None,
+    };
+    let (cpu_ns_per_packet, fixed_rate_sustained) = if frame.len() == options.frame_sizes[0] {
+        let (cost, sustained) = cpu_cost(lab, frame, options)?;
+        (Some(cost), Some(sustained))
+    } else {
+        (None, None)
+    };
+    drop(active);
+    let mut pps: Vec<f64> = samples.iter().map(|s| s.pps).collect();
+    let mut completeness: Vec<f64> = samples.iter().filter_map(|s| s.completeness).collect();
+    Ok(Row {
+        scenario: scenario.name(),
+        frame_bytes: frame.len(),
+        median_pps: median(&mut pps),
+        min_pps: pps[0],
+        max_pps: pps[pps.len() - 1],
+        completeness: (!completeness.is_empty()).then(|| median(&mut completeness)),
+        samples,
+        cpu_ns_per_packet,
+        fixed_rate_sustained,
+        program_ns_per_packet,
+        agent_rss_kib,
+        rules: match scenario {
+            Scenario::Mirror {
+                rules,
+                matching: true,
+            }
+            | Scenario::TcU32 { rules } => Some(*rules),
+            _ => None,
+        },
+    })
+}
+
+/// Waits until the monitor's receive counter stops moving (daemonlogger copies asynchronously).
+fn settle(lab: &Lab) -> anyhow::Result<()> {
+    let mut last = counters(&lab.mon, "eth0")?.0;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = counters(&lab.mon, "eth0")?.0;
+        if now == last {
+            return Ok(());
+        }
+        last = now;
+    }
+    Ok(())
+}
+
+/// Mean run time per invocation of mirror's ingress program, if one is loaded.
+fn program_cost() -> anyhow::Result<Option<f64>> {
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if info.name_as_str() == Some("mirror_tc_ingre") && info.run_count() > 0 {
+            return Ok(Some(
+                info.run_time().as_nanos() as f64 / info.run_count() as f64,
+            ));
+        }
+    }
+    Ok(None)
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// CPU time per packet at the fixed rate: the node's receive path is steered to CPU 1 (RPS on
+/// src0), and a nice-19 spinner there measures what the path leaves.
+fn cpu_cost(lab: &Lab, frame: &[u8], options: &Options) -> anyhow::Result<(f64, bool)> {
+    let rps = "/sys/class/net/src0/queues/rx-0/rps_cpus";
+    lab.node.exec(&["sh", "-c", &format!("echo 2 > {rps}")]);
+    let result = (|| {
+        // Before the spinner starts: it keeps CPU 1 busy on purpose.
+        wait_for_idle()?;
+        let spinner = Spinner::start();
+        let window = Duration::from_secs_f64(options.seconds);
+        let idle = spinner.rate_over(|| {
+            std::thread::sleep(window);
+            Ok(window)
+        })?;
+        let (sink0, _) = counters(&lab.sink, "eth0")?;
+        let mut sent = None;
+        let loaded = spinner.rate_over(|| {
+            let s = generate(
+                &lab.src,
+                "eth0",
+                frame,
+                window,
+                Some(options.fixed_rate),
+                u64::MAX,
+            )?;
+            sent = Some(s);
+            Ok(s.elapsed)
+        })?;
+        settle(lab)?;
+        let (sink1, _) = counters(&lab.sink, "eth0")?;
+        let sent = sent.context("generator result")?;
+        let forwarded = sink1 - sink0;
+        let busy = (1.0 - loaded / idle).clamp(0.0, 1.0);
+        let pps = forwarded as f64 / sent.elapsed.as_secs_f64();
+        Ok((
+            busy * 1e9 / pps.max(1.0),
+            forwarded as f64 >= 0.99 * sent.packets as f64,
+        ))
+    })();
+    lab.node.exec(&["sh", "-c", &format!("echo 0 > {rps}")]);
+    result
+}
+
+/// Time and agent memory to attach to `count` veth interfaces.
+fn attach_scaling(agent: &Path, counts: &[usize]) -> anyhow::Result<Vec<AttachRow>> {
+    let mut rows = Vec::new();
+    for &count in counts {
+        eprintln!("bench: attaching to {count} interfaces");
+        let ns = mirror_tests::Netns::new(format!("m{}-attach-{count}", std::process::id()));
+        let mut batch = String::from("link add tgt0 type veth peer name tgt1\n");
+        for i in 0..count {
+            writeln!(batch, "link add w{i} type veth peer name p{i}").expect("writing to a String");
+        }
+        let file =
+            std::env::temp_dir().join(format!("mirror-bench-links-{}.ip", std::process::id()));
+        std::fs::write(&file, batch)?;
+        ns.ip(&["-batch", file.to_str().context("temp path")?]);
+        let _ = std::fs::remove_file(&file);
+        let config = "stats_interval_secs = 0\n[[session]]\nname = \"many\"\ninterfaces = [\"w*\"]\ntarget = { interface = \"tgt0\" }\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\n";
+        let start = Instant::now();
+        let running = Agent::start(&ns, agent, config);
+        let seconds = start.elapsed().as_secs_f64();
+        let agent_rss_kib = rss_kib(running.pid())?;
+        running.stop();
+        rows.push(AttachRow {
+            interfaces: count,
+            seconds,
+            agent_rss_kib,
+        });
+    }
+    Ok(rows)
+}

@@ -1,0 +1,345 @@
+//! Bench output: a markdown table, the raw JSON, and a PNG chart, in bench/results/.
+use std::{fmt::Write as _, time::Duration};
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::{AttachRow, Options, Row};
+
+/// The font the chart's text is drawn with (Debian's fonts-dejavu-core).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    date: String,
+    kernel: String,
+    cpu: String,
+    cpus: usize,
+    memory: String,
+    commit: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Results<'a> {
+    machine: Machine,
+    reps: usize,
+    seconds_per_rep: f64,
+    fixed_rate_pps: u64,
+    rows: &'a [Row],
+    attach: &'a [AttachRow],
+}
+
+fn command(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    Machine {
+        date: command("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        kernel: command("uname", &["-r"]),
+        cpu: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_default(),
+        cpus: cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count(),
+        memory: meminfo
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("MemTotal:")
+            .trim()
+            .to_owned(),
+        commit: command("git", &["rev-parse", "--short", "HEAD"]),
+    }
+}
+
+fn find<'a>(rows: &'a [Row], size: usize, name: &str) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.frame_bytes == size && r.scenario == name)
+}
+
+fn ratio(row: &Row, reference: Option<&Row>) -> String {
+    reference.map_or("-".into(), |r| {
+        format!("{:.3}x", row.median_pps / r.median_pps)
+    })
+}
+
+fn opt(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
+    value.map_or("-".into(), format)
+}
+
+pub fn write(
+    rows: &[Row],
+    attach: &[AttachRow],
+    options: &Options,
+    took: Duration,
+) -> anyhow::Result<()> {
+    let machine = machine();
+    let dir = crate::root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let stem = machine.date.replace(':', "");
+    let mut md = String::new();
+    writeln!(md, "# mirror benchmark, {}\n", machine.date)?;
+    writeln!(
+        md,
+        "Machine: {} CPU(s), {}, {} memory, Linux {}; commit {}. {} repetitions of {} s per scenario \
+         and frame size (median, min–max); CPU cost at {} pps offered; the run took {:.0} s.\n",
+        machine.cpus,
+        machine.cpu,
+        machine.memory,
+        machine.kernel,
+        machine.commit,
+        options.reps,
+        options.seconds,
+        options.fixed_rate,
+        took.as_secs_f64()
+    )?;
+    for &size in &options.frame_sizes {
+        let baseline = find(rows, size, "baseline (no mirroring)");
+        let mirred = find(rows, size, "tc u32 match-all + mirred");
+        writeln!(md, "## {size}-byte frames\n")?;
+        writeln!(
+            md,
+            "| scenario | forwarded pps (median) | min–max | vs baseline | vs tc mirred | copies received | CPU ns/pkt | program ns/pkt | agent RSS |"
+        )?;
+        writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+        for row in rows.iter().filter(|r| r.frame_bytes == size) {
+            let cpu = match (row.cpu_ns_per_packet, row.fixed_rate_sustained) {
+                (Some(ns), Some(true)) => format!("{ns:.0}"),
+                (Some(ns), _) => format!("{ns:.0} (rate not sustained)"),
+                _ => "-".into(),
+            };
+            writeln!(
+                md,
+                "| {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} |",
+                row.scenario,
+                row.median_pps,
+                row.min_pps,
+                row.max_pps,
+                ratio(row, baseline),
+                ratio(row, mirred),
+                opt(row.completeness, |c| format!("{:.2}%", c * 100.0)),
+                cpu,
+                opt(row.program_ns_per_packet, |n| format!("{n:.0}")),
+                row.agent_rss_kib
+                    .map_or("-".into(), |k| format!("{:.1} MB", k as f64 / 1024.0)),
+            )?;
+        }
+        writeln!(md)?;
+    }
+    writeln!(
+        md,
+        "## Attach scaling\n\n| interfaces | hooks | time to attach | agent RSS |\n|---:|---:|---:|---:|"
+    )?;
+    for row in attach {
+        writeln!(
+            md,
+            "| {} | {} | {:.2} s | {:.1} MB |",
+            row.interfaces,
+            row.interfaces * 2,
+            row.seconds,
+            row.agent_rss_kib as f64 / 1024.0
+        )?;
+    }
+    writeln!(md, "\n## Targets\n\n{}", targets(rows, attach, options))?;
+    writeln!(
+        md,
+        "![throughput per scenario and rule scaling]({stem}.png)"
+    )?;
+    std::fs::write(dir.join(format!("{stem}.md")), &md)?;
+    let results = Results {
+        machine,
+        reps: options.reps,
+        seconds_per_rep: options.seconds,
+        fixed_rate_pps: options.fixed_rate,
+        rows,
+        attach,
+    };
+    std::fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    chart(rows, options, &dir.join(format!("{stem}.png")))?;
+    println!("{md}");
+    println!("written: bench/results/{stem}.{{md,json,png}}");
+    Ok(())
+}
+
+fn targets(rows: &[Row], attach: &[AttachRow], options: &Options) -> String {
+    let mut out = String::new();
+    let mut line = |what: &str, value: String, met: bool| {
+        let _ = writeln!(
+            out,
+            "- {what}: {value} — {}",
+            if met { "met" } else { "missed" }
+        );
+    };
+    for &size in &options.frame_sizes {
+        let get = |name: &str| find(rows, size, name);
+        if let (Some(mirror), Some(mirred)) = (
+            get("mirror TC, 100% match"),
+            get("tc u32 match-all + mirred"),
+        ) {
+            let r = mirror.median_pps / mirred.median_pps;
+            let complete = mirror.completeness.unwrap_or(0.0);
+            line(
+                &format!("{size} B: mirror ≥ 1.0x tc mirred with 100% copies"),
+                format!("{r:.3}x, {:.2}% copies", complete * 100.0),
+                r >= 1.0 && complete >= 1.0,
+            );
+        }
+        if let (Some(nomatch), Some(baseline)) =
+            (get("mirror TC, no match"), get("baseline (no mirroring)"))
+        {
+            let overhead = 1.0 - nomatch.median_pps / baseline.median_pps;
+            line(
+                &format!("{size} B: non-matching overhead ≤ 5% of baseline"),
+                format!("{:.1}%", overhead * 100.0),
+                overhead <= 0.05,
+            );
+        }
+        let most = options.rule_counts.iter().max().copied().unwrap_or(1);
+        if let (Some(many), Some(one)) = (
+            get(&format!("mirror TC, {most} rules")),
+            get("mirror TC, 100% match"),
+        ) {
+            let r = many.median_pps / one.median_pps;
+            line(
+                &format!("{size} B: {most} rules ≥ 0.95x the 1-rule throughput"),
+                format!("{r:.3}x"),
+                r >= 0.95,
+            );
+        }
+    }
+    if let Some(row) = attach.iter().max_by_key(|r| r.interfaces) {
+        line(
+            &format!("{} interfaces attached in < 5 s", row.interfaces),
+            format!("{:.2} s", row.seconds),
+            row.seconds < 5.0,
+        );
+    }
+    let rss = rows
+        .iter()
+        .filter_map(|r| r.agent_rss_kib)
+        .chain(attach.iter().map(|r| r.agent_rss_kib))
+        .max()
+        .unwrap_or(0);
+    line(
+        "agent RSS < 50 MB (largest seen)",
+        format!("{:.1} MB", rss as f64 / 1024.0),
+        rss < 50 * 1024,
+    );
+    out
+}
+
+fn chart(rows: &[Row], options: &Options, path: &std::path::Path) -> anyhow::Result<()> {
+    let font = std::fs::read(FONT).with_context(|| format!("{FONT} (fonts-dejavu-core)"))?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("bad font {FONT}"))?;
+    let root = BitMapBackend::new(path, (1400, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(800);
+    let size = options.frame_sizes[0];
+    let bars: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.frame_bytes == size && r.rules.is_none_or(|n| n == 1))
+        .collect();
+    let top = bars.iter().map(|r| r.max_pps).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            format!("forwarded pps, {size}-byte frames (median, min-max)"),
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(140)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..bars.len(), 0.0..top)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let labels: Vec<String> = bars.iter().map(|r| r.scenario.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars.len())
+        .x_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
+        .x_label_style(
+            ("sans-serif", 12)
+                .into_font()
+                .transform(FontTransform::Rotate90),
+        )
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, r)| {
+            Rectangle::new([(i, 0.0), (i + 1, r.median_pps)], BLUE.mix(0.6).filled())
+        }))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .draw_series(
+            bars.iter()
+                .enumerate()
+                .map(|(i, r)| PathElement::new(vec![(i, r.min_pps), (i, r.max_pps)], BLACK)),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let max_rules = options
+        .rule_counts
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(1)
+        .max(2) as f64;
+    let scaling_top = rows
+        .iter()
+        .filter(|r| r.frame_bytes == size && r.rules.is_some())
+        .map(|r| r.max_pps)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let mut scaling = ChartBuilder::on(&right)
+        .caption(
+            format!("rule scaling, {size}-byte frames"),
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((1.0..max_rules * 1.5).log_scale(), 0.0..scaling_top)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    scaling
+        .configure_mesh()
+        .x_desc("rules")
+        .y_desc("pps")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (prefix, color) in [("mirror TC", RED), ("tc u32", BLUE)] {
+        let points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.frame_bytes == size && r.scenario.starts_with(prefix))
+            .filter_map(|r| Some((r.rules? as f64, r.median_pps)))
+            .collect();
+        scaling
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(prefix)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    scaling
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
