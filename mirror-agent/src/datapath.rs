@@ -161,8 +161,8 @@ impl Datapath {
         fill_array(&mut ebpf, DST_PORT_BITMAP_MAP, &tables.dst_port)?;
         fill_array(&mut ebpf, RULES_MAP, &tables.rules)?;
         fill_array(&mut ebpf, SESSIONS_MAP, &tables.sessions)?;
-        fill_hash(&mut ebpf, ETHERTYPE_BITMAP_MAP, &tables.ethertype)?;
-        fill_hash(&mut ebpf, VLAN_BITMAP_MAP, &tables.vlan)?;
+        fill_array(&mut ebpf, ETHERTYPE_BITMAP_MAP, &tables.ethertype)?;
+        fill_array(&mut ebpf, VLAN_BITMAP_MAP, &tables.vlan)?;
         fill_prefixes(
             &mut ebpf,
             SRC_V4_BITMAP_MAP,

@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 use mirror_common::{
     Action, AttachmentKey, BITMAP_WORDS, Direction, FIELD_COUNT, Field, MAX_RULES, MAX_SESSIONS,
-    RuleBitmap, RuleMeta, SUMMARY_WORDS, SessionMeta,
+    RuleBitmap, RuleMeta, SUMMARY_WORDS, SessionMeta, UNCONSTRAINED,
 };
 
 use crate::config::{ActionConfig, ConfigError, DirectionConfig, LoadedConfig, SessionConfig};
@@ -62,14 +62,16 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
-/// The contents of the kernel's lookup maps.
+/// The contents of the kernel's lookup maps. A field no rule constrains has an empty table and
+/// [`UNCONSTRAINED`] as its wildcard.
 #[derive(Debug)]
 pub struct Tables {
     pub bitmaps: Vec<RuleBitmap>,
     pub wildcard: [u32; FIELD_COUNT],
     pub attachments: Vec<(AttachmentKey, u32)>,
-    pub ethertype: Vec<(u32, u32)>,
-    pub vlan: Vec<(u32, u32)>,
+    /// Direct arrays by value; empty when no rule constrains the field.
+    pub ethertype: Vec<u32>,
+    pub vlan: Vec<u32>,
     pub ip_proto: Vec<u32>,
     pub src_ip: Vec<(IpNet, u32)>,
     pub dst_ip: Vec<(IpNet, u32)>,
@@ -448,20 +450,6 @@ impl Interner {
 
 fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
     let mut interner = Interner::default();
-    let wildcard_of = |f: &dyn Fn(&Rule) -> bool| Bits::of(rules, |r| f(r));
-    let exact = |interner: &mut Interner, get: &dyn Fn(&Rule) -> Option<u32>| {
-        let wildcard = Bits::of(rules, |r| get(r).is_none());
-        let values: BTreeSet<u32> = rules.iter().filter_map(get).collect();
-        let entries = values
-            .into_iter()
-            .map(|v| {
-                let bits = Bits::of(rules, |r| get(r).is_none_or(|x| x == v));
-                (v, interner.intern(&bits))
-            })
-            .collect::<Vec<_>>();
-        (interner.intern(&wildcard), entries)
-    };
-
     let mut attachments = Vec::new();
     for (s, session) in sessions.iter().enumerate() {
         for (interface, direction) in &session.attachments {
@@ -487,19 +475,17 @@ fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
         .collect();
     attachment_entries.sort_by_key(|(k, _)| (k.ifindex, k.direction));
 
-    let (ethertype_wild, ethertype) = exact(&mut interner, &|r| r.ethertype.map(u32::from));
-    let (vlan_wild, vlan) = exact(&mut interner, &|r| r.vlan.map(u32::from));
-    let (proto_wild, proto_entries) = exact(&mut interner, &|r| r.proto.map(u32::from));
-    let mut ip_proto = vec![proto_wild; 256];
-    for (p, i) in proto_entries {
-        ip_proto[p as usize] = i;
-    }
+    let (ethertype_wild, ethertype) = direct(&mut interner, rules, 65_536, |r| {
+        r.ethertype.map(usize::from)
+    });
+    let (vlan_wild, vlan) = direct(&mut interner, rules, 4096, |r| r.vlan.map(usize::from));
+    let (proto_wild, ip_proto) = direct(&mut interner, rules, 256, |r| r.proto.map(usize::from));
     let (src_wild, src_ip) = prefixes(&mut interner, rules, |r| r.src);
     let (dst_wild, dst_ip) = prefixes(&mut interner, rules, |r| r.dst);
     let (src_port_wild, src_port) = ports(&mut interner, rules, |r| r.src_port.clone());
     let (dst_port_wild, dst_port) = ports(&mut interner, rules, |r| r.dst_port.clone());
     // No session watches an attachment that has no entry, so its wildcard is the empty set.
-    let attachment_wild = interner.intern(&wildcard_of(&|_| false));
+    let attachment_wild = interner.intern(&Bits::empty(rules.len()));
 
     let mut wildcard = [0; FIELD_COUNT];
     for (field, index) in [
@@ -549,6 +535,27 @@ fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
     }
 }
 
+/// A direct array over every value of a field that rules match exactly (ethertype, VLAN id, IP
+/// protocol): each value's entry is the bitmap of the rules naming it plus those that do not
+/// constrain the field. No table at all (and [`UNCONSTRAINED`]) when no rule constrains it.
+fn direct(
+    interner: &mut Interner,
+    rules: &[Rule],
+    values: usize,
+    get: impl Fn(&Rule) -> Option<usize>,
+) -> (u32, Vec<u32>) {
+    let named: BTreeSet<usize> = rules.iter().filter_map(&get).collect();
+    if named.is_empty() {
+        return (UNCONSTRAINED, Vec::new());
+    }
+    let wildcard = interner.intern(&Bits::of(rules, |r| get(r).is_none()));
+    let mut table = vec![wildcard; values];
+    for value in named {
+        table[value] = interner.intern(&Bits::of(rules, |r| get(r).is_none_or(|v| v == value)));
+    }
+    (wildcard, table)
+}
+
 /// LPM entries: each prefix a rule names maps to the rules whose prefix contains it (its ancestors
 /// and itself) plus the rules that do not constrain the field.
 fn prefixes(
@@ -556,6 +563,9 @@ fn prefixes(
     rules: &[Rule],
     get: impl Fn(&Rule) -> Option<IpNet>,
 ) -> (u32, Vec<(IpNet, u32)>) {
+    if rules.iter().all(|r| get(r).is_none()) {
+        return (UNCONSTRAINED, Vec::new());
+    }
     let wildcard = Bits::of(rules, |r| get(r).is_none());
     let mut by_prefix: HashMap<IpNet, Vec<usize>> = HashMap::new();
     for (i, r) in rules.iter().enumerate() {
@@ -589,6 +599,9 @@ fn ports(
     rules: &[Rule],
     get: impl Fn(&Rule) -> Option<RangeInclusive<u16>>,
 ) -> (u32, Vec<u32>) {
+    if rules.iter().all(|r| get(r).is_none()) {
+        return (UNCONSTRAINED, Vec::new());
+    }
     let wildcard = Bits::of(rules, |r| get(r).is_none());
     // (port, rule, starts): a range [a, b] starts at a and ends after b.
     let mut events: Vec<(u32, usize, bool)> = Vec::new();
@@ -719,40 +732,37 @@ mod tests {
         else {
             return Vec::new();
         };
-        let hashed = |field: Field, entries: &[(u32, u32)], v: Option<u16>| {
-            v.and_then(|v| {
-                entries
-                    .iter()
-                    .find(|(k, _)| *k == u32::from(v))
-                    .map(|e| e.1)
-            })
-            .unwrap_or(tables.wildcard[field as usize])
+        let direct = |field: Field, table: &[u32], v: Option<u16>| {
+            let wildcard = tables.wildcard[field as usize];
+            match v {
+                Some(v) if wildcard != UNCONSTRAINED => table[usize::from(v)],
+                _ => wildcard,
+            }
         };
         let lpm = |field: Field, entries: &[(IpNet, u32)], a: Option<IpAddr>| {
-            a.and_then(|a| {
-                entries
-                    .iter()
-                    .filter(|(n, _)| n.contains(&a))
-                    .max_by_key(|(n, _)| n.prefix_len())
-            })
-            .map_or(tables.wildcard[field as usize], |e| e.1)
+            let wildcard = tables.wildcard[field as usize];
+            a.filter(|_| wildcard != UNCONSTRAINED)
+                .and_then(|a| {
+                    entries
+                        .iter()
+                        .filter(|(n, _)| n.contains(&a))
+                        .max_by_key(|(n, _)| n.prefix_len())
+                })
+                .map_or(wildcard, |e| e.1)
         };
-        let port = |field: Field, table: &[u32], v: Option<u16>| {
-            v.map_or(tables.wildcard[field as usize], |v| table[v as usize])
-        };
-        let indices = [
+        let indices: Vec<u32> = [
             attachment,
-            hashed(Field::Ethertype, &tables.ethertype, p.ethertype),
-            hashed(Field::VlanId, &tables.vlan, p.vlan),
-            p.proto
-                .map_or(tables.wildcard[Field::IpProto as usize], |v| {
-                    tables.ip_proto[v as usize]
-                }),
+            direct(Field::Ethertype, &tables.ethertype, p.ethertype),
+            direct(Field::VlanId, &tables.vlan, p.vlan),
+            direct(Field::IpProto, &tables.ip_proto, p.proto.map(u16::from)),
             lpm(Field::SrcIp, &tables.src_ip, p.src),
             lpm(Field::DstIp, &tables.dst_ip, p.dst),
-            port(Field::SrcPort, &tables.src_port, p.src_port),
-            port(Field::DstPort, &tables.dst_port, p.dst_port),
-        ];
+            direct(Field::SrcPort, &tables.src_port, p.src_port),
+            direct(Field::DstPort, &tables.dst_port, p.dst_port),
+        ]
+        .into_iter()
+        .filter(|&i| i != UNCONSTRAINED)
+        .collect();
         let mut summary = [!0u64; SUMMARY_WORDS];
         for &i in &indices {
             for (s, w) in summary.iter_mut().zip(tables.bitmaps[i as usize].summary) {
@@ -884,6 +894,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn fields_no_rule_constrains_get_no_table() {
+        let text = format!(
+            "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n\
+             [[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 53\n"
+        );
+        let tables = plan(&load(&text), &interfaces()).expect("valid").tables;
+        for field in [
+            Field::Ethertype,
+            Field::VlanId,
+            Field::SrcIp,
+            Field::DstIp,
+            Field::SrcPort,
+        ] {
+            assert_eq!(tables.wildcard[field as usize], UNCONSTRAINED, "{field:?}");
+        }
+        assert!(
+            tables.ethertype.is_empty() && tables.vlan.is_empty() && tables.src_port.is_empty()
+        );
+        assert!(tables.src_ip.is_empty() && tables.dst_ip.is_empty());
+        assert_eq!(
+            (tables.ip_proto.len(), tables.dst_port.len()),
+            (256, 65_536)
+        );
+        assert_ne!(tables.wildcard[Field::IpProto as usize], UNCONSTRAINED);
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub const MAX_SESSIONS: u32 = 64;
 pub const MAX_COPIES_PER_PACKET: usize = 8;
 /// Largest number of (interface, direction) attachment points.
 pub const MAX_ATTACHMENTS: u32 = 4_096;
-/// Largest number of distinct values per hashed or LPM field (ethertypes, VLAN ids, prefixes).
+/// Largest number of distinct prefixes per LPM field.
 pub const MAX_FIELD_VALUES: u32 = 65_536;
 /// Upper bound on classification steps for one packet (words visited plus rules visited).
 pub const MAX_CLASSIFY_STEPS: u32 = MAX_RULES + BITMAP_WORDS as u32;
@@ -69,14 +69,17 @@ pub const FIELD_COUNT: usize = 8;
 /// `RULE_BITMAPS`: `Array<RuleBitmap>`; sized by the agent at load time to the bitmaps it needs.
 pub const RULE_BITMAPS_MAP: &str = "RULE_BITMAPS";
 /// `FIELD_WILDCARD`: `Array<u32>` of [`FIELD_COUNT`] bitmap indices, the rules that accept a packet
-/// whose field is absent or has a value no rule names.
+/// whose field is absent or has a value no rule names; [`UNCONSTRAINED`] for a field no rule
+/// constrains, which the programs then neither look up nor intersect.
 pub const FIELD_WILDCARD_MAP: &str = "FIELD_WILDCARD";
+/// A [`FIELD_WILDCARD`](FIELD_WILDCARD_MAP) entry: no rule constrains this field.
+pub const UNCONSTRAINED: u32 = u32::MAX;
 /// `ATTACHMENT_BITMAP`: `HashMap<AttachmentKey, u32>`, bitmap index of the rules whose sessions
 /// watch this interface in this direction. A miss means no session applies.
 pub const ATTACHMENT_BITMAP_MAP: &str = "ATTACHMENT_BITMAP";
-/// `ETHERTYPE_BITMAP`: `HashMap<u32, u32>`, ethertype (host order) to bitmap index.
+/// `ETHERTYPE_BITMAP`: `Array<u32>` of 65,536, ethertype to bitmap index (a direct array: no hash).
 pub const ETHERTYPE_BITMAP_MAP: &str = "ETHERTYPE_BITMAP";
-/// `VLAN_BITMAP`: `HashMap<u32, u32>`, VLAN id to bitmap index.
+/// `VLAN_BITMAP`: `Array<u32>` of 4,096, VLAN id to bitmap index.
 pub const VLAN_BITMAP_MAP: &str = "VLAN_BITMAP";
 /// `IP_PROTO_BITMAP`: `Array<u32>` of 256, IP protocol to bitmap index.
 pub const IP_PROTO_BITMAP_MAP: &str = "IP_PROTO_BITMAP";

@@ -23,13 +23,13 @@ pub static FIELD_WILDCARD: Array<u32> = Array::with_max_entries(FIELD_COUNT as u
 pub static ATTACHMENT_BITMAP: HashMap<AttachmentKey, u32> =
     HashMap::with_max_entries(MAX_ATTACHMENTS, 0);
 
-/// Innermost ethertype → bitmap.
+/// Innermost ethertype → bitmap (a direct array).
 #[map]
-pub static ETHERTYPE_BITMAP: HashMap<u32, u32> = HashMap::with_max_entries(MAX_FIELD_VALUES, 0);
+pub static ETHERTYPE_BITMAP: Array<u32> = Array::with_max_entries(65_536, 0);
 
-/// Outer VLAN id → bitmap.
+/// Outer VLAN id → bitmap (a direct array).
 #[map]
-pub static VLAN_BITMAP: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+pub static VLAN_BITMAP: Array<u32> = Array::with_max_entries(4096, 0);
 
 /// IP protocol → bitmap.
 #[map]
