@@ -3,6 +3,7 @@
 mod config;
 mod datapath;
 mod rules;
+mod tcx;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -159,7 +160,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
-                .block_on(run(&plan, loaded.config.stats_interval_secs))
+                .block_on(run(plan, loaded.config.stats_interval_secs))
         }
     }
 }
@@ -173,10 +174,13 @@ fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
-async fn run(plan: &Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
+async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let datapath = Datapath::start(plan).context("starting the datapath")?;
+    let datapath = Datapath::start(&plan).context("starting the datapath")?;
+    // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
+    plan.tables = rules::Tables::default();
+    release_freed_memory();
     println!(
         "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
         datapath.hook_count(),
@@ -188,13 +192,23 @@ async fn run(plan: &Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            () = tick(ticker.as_mut()) => log_counters(&datapath, plan),
+            () = tick(ticker.as_mut()) => log_counters(&datapath, &plan),
         }
     }
-    let report = report(&datapath, plan);
+    let report = report(&datapath, &plan);
     datapath.stop().context("detaching")?;
     print!("{}", report?);
     Ok(())
+}
+
+/// Hands freed heap pages back to the kernel, so the agent's resident size reflects what it
+/// still uses (glibc keeps them otherwise).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn tick(ticker: Option<&mut tokio::time::Interval>) {

@@ -64,7 +64,7 @@ pub struct Plan {
 
 /// The contents of the kernel's lookup maps. A field no rule constrains has an empty table and
 /// [`UNCONSTRAINED`] as its wildcard.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Tables {
     pub bitmaps: Vec<RuleBitmap>,
     pub wildcard: [u32; FIELD_COUNT],
