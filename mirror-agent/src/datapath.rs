@@ -1,11 +1,7 @@
 //! The kernel side seen from userspace: loads the eBPF object, fills the lookup maps from a
 //! [`Plan`], attaches the TC programs and reads the counters. Everything it attached is detached
 //! when the [`Datapath`] is dropped, and a failure part-way drops what was done so far.
-use std::{
-    ffi::CStr,
-    os::fd::{AsFd as _, OwnedFd},
-    sync::Mutex,
-};
+use std::ffi::CStr;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -22,10 +18,7 @@ use mirror_common::{
     TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
 };
 
-use crate::{
-    rules::{Interface, Plan},
-    tcx,
-};
+use crate::rules::{Interface, Plan};
 
 /// The eBPF object built by build.rs from mirror-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mirror"));
@@ -50,33 +43,22 @@ pub enum DatapathError {
         direction: Direction,
         source: aya::programs::ProgramError,
     },
-    #[error("attaching to {interface} ({direction:?}): {source}")]
-    AttachTcx {
-        interface: String,
-        direction: Direction,
-        source: std::io::Error,
-    },
     #[error("the object has no {0}")]
     Missing(&'static str),
     #[error("listing interfaces: {0}")]
     Interfaces(std::io::Error),
-    #[error("duplicating a program descriptor: {0}")]
-    Duplicate(std::io::Error),
 }
 
 /// A loaded, filled and attached datapath.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// TCX links (Linux >= 6.6): closing a descriptor detaches its program.
-    tcx_links: Vec<OwnedFd>,
-    /// Netlink (`cls_bpf`) attachments on older kernels.
-    netlink_links: Vec<(Direction, String, SchedClassifierLinkId)>,
+    links: Vec<(Direction, String, SchedClassifierLinkId)>,
 }
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
-            .field("hooks", &self.hook_count())
+            .field("links", &self.links.len())
             .finish_non_exhaustive()
     }
 }
@@ -198,90 +180,45 @@ impl Datapath {
 
         let mut datapath = Datapath {
             ebpf,
-            tcx_links: Vec::new(),
-            netlink_links: Vec::new(),
+            links: Vec::new(),
         };
-        let mut hooks: Vec<(Direction, Interface)> = plan
+        let mut hooks: Vec<(Direction, String)> = plan
             .sessions
             .iter()
-            .flat_map(|s| s.attachments.iter().map(|(i, d)| (*d, i.clone())))
+            .flat_map(|s| s.attachments.iter().map(|(i, d)| (*d, i.name.clone())))
             .collect();
-        hooks.sort_by_key(|(d, i)| (*d, i.ifindex));
-        hooks.dedup_by_key(|(d, i)| (*d, i.ifindex));
-        for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-            datapath
-                .program(name)?
+        hooks.sort();
+        hooks.dedup();
+        for (direction, name) in [
+            (Direction::Ingress, TC_INGRESS_PROGRAM),
+            (Direction::Egress, TC_EGRESS_PROGRAM),
+        ] {
+            let program = datapath.program(name)?;
+            program
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-            datapath.attach_netlink(&hooks)?;
-        } else {
-            datapath.attach_tcx(&hooks)?;
-        }
-        Ok(datapath)
-    }
-
-    /// TCX links, made in parallel (see [`tcx`]). On a failure, the links already made are
-    /// closed when `self` is dropped.
-    fn attach_tcx(&mut self, hooks: &[(Direction, Interface)]) -> Result<(), DatapathError> {
-        let ingress = self.program_fd(TC_INGRESS_PROGRAM)?;
-        let egress = self.program_fd(TC_EGRESS_PROGRAM)?;
-        let results = tcx::parallel(hooks, |(direction, interface)| {
-            let program = match direction {
-                Direction::Ingress => ingress.as_fd(),
-                Direction::Egress => egress.as_fd(),
-            };
-            tcx::attach(program, interface.ifindex, *direction)
-        });
-        let mut first_error = None;
-        for ((direction, interface), result) in hooks.iter().zip(results) {
-            match result {
-                Ok(link) => self.tcx_links.push(link),
-                Err(source) => {
-                    first_error.get_or_insert(DatapathError::AttachTcx {
-                        interface: interface.name.clone(),
-                        direction: *direction,
-                        source,
-                    });
+            for (_, interface) in hooks.iter().filter(|(d, _)| *d == direction) {
+                let attach_type = match direction {
+                    Direction::Ingress => TcAttachType::Ingress,
+                    Direction::Egress => TcAttachType::Egress,
+                };
+                let program = datapath.program(name)?;
+                // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
+                // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
+                if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
                 }
+                let link = program.attach(interface, attach_type).map_err(|source| {
+                    DatapathError::Attach {
+                        interface: interface.clone(),
+                        direction,
+                        source,
+                    }
+                })?;
+                datapath.links.push((direction, interface.clone(), link));
             }
         }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    /// Netlink `cls_bpf` filters for kernels without TCX; they need a clsact qdisc (an existing
-    /// one is used; one added here stays, empty and harmless).
-    fn attach_netlink(&mut self, hooks: &[(Direction, Interface)]) -> Result<(), DatapathError> {
-        for (direction, interface) in hooks {
-            let (name, attach_type) = match direction {
-                Direction::Ingress => (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
-                Direction::Egress => (TC_EGRESS_PROGRAM, TcAttachType::Egress),
-            };
-            let _ = aya::programs::tc::qdisc_add_clsact(&interface.name);
-            let link = self
-                .program(name)?
-                .attach(&interface.name, attach_type)
-                .map_err(|source| DatapathError::Attach {
-                    interface: interface.name.clone(),
-                    direction: *direction,
-                    source,
-                })?;
-            self.netlink_links
-                .push((*direction, interface.name.clone(), link));
-        }
-        Ok(())
-    }
-
-    /// A duplicate of a loaded program's descriptor, usable from other threads.
-    fn program_fd(&mut self, name: &'static str) -> Result<OwnedFd, DatapathError> {
-        let fd = self
-            .program(name)?
-            .fd()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        fd.as_fd()
-            .try_clone_to_owned()
-            .map_err(DatapathError::Duplicate)
+        Ok(datapath)
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -296,20 +233,20 @@ impl Datapath {
 
     /// Number of (interface, direction) hooks attached.
     pub fn hook_count(&self) -> usize {
-        self.tcx_links.len() + self.netlink_links.len()
+        self.links.len()
     }
 
     /// Detaches every program, reporting the first failure (the rest are still detached).
     pub fn stop(mut self) -> Result<(), DatapathError> {
         let mut first_error = None;
-        for (direction, interface, link) in std::mem::take(&mut self.netlink_links) {
+        for (direction, interface, link) in std::mem::take(&mut self.links) {
             let name = match direction {
                 Direction::Ingress => TC_INGRESS_PROGRAM,
                 Direction::Egress => TC_EGRESS_PROGRAM,
             };
             let result = self.program(name).and_then(|p| {
                 p.detach(link).map_err(|source| DatapathError::Attach {
-                    interface,
+                    interface: interface.clone(),
                     direction,
                     source,
                 })
@@ -318,7 +255,6 @@ impl Datapath {
                 first_error.get_or_insert(e);
             }
         }
-        // TCX links are closed by Drop.
         first_error.map_or(Ok(()), Err)
     }
 
@@ -361,19 +297,6 @@ impl Datapath {
             t.step_limit += v.step_limit;
             t.table_errors += v.table_errors;
         })
-    }
-}
-
-impl Drop for Datapath {
-    /// Closes the TCX links in parallel: each detach waits for an RCU grace period.
-    fn drop(&mut self) {
-        let links: Vec<_> = std::mem::take(&mut self.tcx_links)
-            .into_iter()
-            .map(|l| Mutex::new(Some(l)))
-            .collect();
-        tcx::parallel(&links, |link| {
-            drop(link.lock().ok().and_then(|mut l| l.take()));
-        });
     }
 }
 

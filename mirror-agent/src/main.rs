@@ -3,7 +3,6 @@
 mod config;
 mod datapath;
 mod rules;
-mod tcx;
 
 use std::{path::PathBuf, time::Duration};
 
