@@ -249,50 +249,98 @@ fn chart(rows: &[Row], options: &Options, path: &std::path::Path) -> anyhow::Res
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("bad font {FONT}"))?;
     let root = BitMapBackend::new(path, (1400, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(plot_error)?;
     let (left, right) = root.split_horizontally(800);
     let size = options.frame_sizes[0];
+    throughput_panel(&left, rows, size)?;
+    scaling_panel(&right, rows, options, size)?;
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
+fn plot_error(error: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing the chart: {error}")
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "plotters' label formatter signature"
+)]
+fn thousands(v: &f64) -> String {
+    format!("{:.0}k", v / 1000.0)
+}
+
+/// Forwarded pps per scenario (one rule where rules count), as horizontal bars.
+fn throughput_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    rows: &[Row],
+    size: usize,
+) -> anyhow::Result<()> {
     let bars: Vec<&Row> = rows
         .iter()
         .filter(|r| r.frame_bytes == size && r.rules.is_none_or(|n| n == 1))
         .collect();
     let top = bars.iter().map(|r| r.max_pps).fold(1.0, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(&left)
+    // Horizontal bars: the scenario names read on the left, one per bar.
+    let mut chart = ChartBuilder::on(area)
         .caption(
-            format!("forwarded pps, {size}-byte frames (median, min-max)"),
+            format!("forwarded pps, {size}-byte frames (median; line: min-max)"),
             ("sans-serif", 20),
         )
         .margin(10)
-        .x_label_area_size(140)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0..bars.len(), 0.0..top)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let labels: Vec<String> = bars.iter().map(|r| r.scenario.clone()).collect();
+        .x_label_area_size(40)
+        .y_label_area_size(220)
+        .build_cartesian_2d(0.0..top, (0..bars.len()).into_segmented())
+        .map_err(plot_error)?;
     chart
         .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(bars.len())
-        .x_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
-        .x_label_style(
-            ("sans-serif", 12)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
+        .disable_y_mesh()
+        .x_label_formatter(&thousands)
+        .y_labels(bars.len())
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => {
+                bars.get(*i).map(|r| r.scenario.clone()).unwrap_or_default()
+            }
+            _ => String::new(),
+        })
+        .y_label_style(("sans-serif", 14))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     chart
         .draw_series(bars.iter().enumerate().map(|(i, r)| {
-            Rectangle::new([(i, 0.0), (i + 1, r.median_pps)], BLUE.mix(0.6).filled())
+            let mut bar = Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (r.median_pps, SegmentValue::Exact(i + 1)),
+                ],
+                BLUE.mix(0.6).filled(),
+            );
+            bar.set_margin(6, 6, 0, 0);
+            bar
         }))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     chart
-        .draw_series(
-            bars.iter()
-                .enumerate()
-                .map(|(i, r)| PathElement::new(vec![(i, r.min_pps), (i, r.max_pps)], BLACK)),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .draw_series(bars.iter().enumerate().map(|(i, r)| {
+            PathElement::new(
+                vec![
+                    (r.min_pps, SegmentValue::CenterOf(i)),
+                    (r.max_pps, SegmentValue::CenterOf(i)),
+                ],
+                BLACK.stroke_width(2),
+            )
+        }))
+        .map_err(plot_error)?;
 
+    Ok(())
+}
+
+/// Forwarded pps against the number of rules, for mirror and tc u32.
+fn scaling_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    rows: &[Row],
+    options: &Options,
+    size: usize,
+) -> anyhow::Result<()> {
     let max_rules = options
         .rule_counts
         .iter()
@@ -306,7 +354,7 @@ fn chart(rows: &[Row], options: &Options, path: &std::path::Path) -> anyhow::Res
         .map(|r| r.max_pps)
         .fold(1.0, f64::max)
         * 1.1;
-    let mut scaling = ChartBuilder::on(&right)
+    let mut scaling = ChartBuilder::on(area)
         .caption(
             format!("rule scaling, {size}-byte frames"),
             ("sans-serif", 20),
@@ -315,13 +363,15 @@ fn chart(rows: &[Row], options: &Options, path: &std::path::Path) -> anyhow::Res
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d((1.0..max_rules * 1.5).log_scale(), 0.0..scaling_top)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     scaling
         .configure_mesh()
         .x_desc("rules")
-        .y_desc("pps")
+        .y_desc("forwarded pps")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&thousands)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     for (prefix, color) in [("mirror TC", RED), ("tc u32", BLUE)] {
         let points: Vec<(f64, f64)> = rows
             .iter()
@@ -330,7 +380,7 @@ fn chart(rows: &[Row], options: &Options, path: &std::path::Path) -> anyhow::Res
             .collect();
         scaling
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(plot_error)?
             .label(prefix)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
@@ -339,7 +389,6 @@ fn chart(rows: &[Row], options: &Options, path: &std::path::Path) -> anyhow::Res
         .background_style(WHITE)
         .border_style(BLACK)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     Ok(())
 }
