@@ -791,56 +791,50 @@ mod tests {
         decided
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            // splitmix64: deterministic, no dependency.
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn maybe<T>(&mut self, percent: u64, f: impl FnOnce(&mut Self) -> T) -> Option<T> {
-            (self.below(100) < percent).then(|| f(self))
-        }
+    /// Deterministic test randomness: `Rng::with_seed` gives the same sequence on every run.
+    use fastrand::Rng;
+
+    fn below(rng: &mut Rng, n: u64) -> u64 {
+        rng.u64(..n)
+    }
+
+    /// `Some(f(rng))` in `percent` out of 100 cases.
+    fn maybe<T>(rng: &mut Rng, percent: u64, f: impl FnOnce(&mut Rng) -> T) -> Option<T> {
+        (below(rng, 100) < percent).then(|| f(rng))
     }
 
     fn random_v4(rng: &mut Rng) -> IpAddr {
         // A small space so that prefixes and packets meet often.
         IpAddr::from([
             10,
-            rng.below(4) as u8,
-            rng.below(4) as u8,
-            rng.below(8) as u8,
+            below(rng, 4) as u8,
+            below(rng, 4) as u8,
+            below(rng, 8) as u8,
         ])
     }
 
     fn random_rule_text(rng: &mut Rng, number: u32) -> String {
         let mut text = format!(
             "[[session.rule]]\nnumber = {number}\naction = \"{}\"\n",
-            if rng.below(3) == 0 { "skip" } else { "mirror" }
+            if below(rng, 3) == 0 { "skip" } else { "mirror" }
         );
-        if let Some(v) = rng.maybe(20, |r| r.below(3) + 100) {
+        if let Some(v) = maybe(rng, 20, |r| below(r, 3) + 100) {
             writeln!(text, "vlan = {v}").expect("writing to a String");
         }
-        let proto = rng.maybe(60, |r| [6u8, 17, 1][r.below(3) as usize]);
+        let proto = maybe(rng, 60, |r| [6u8, 17, 1][below(r, 3) as usize]);
         if let Some(p) = proto {
             writeln!(text, "proto = {p}").expect("writing to a String");
         }
         for field in ["src", "dst"] {
-            if let Some(len) = rng.maybe(50, |r| [8u8, 16, 24, 32][r.below(4) as usize]) {
+            if let Some(len) = maybe(rng, 50, |r| [8u8, 16, 24, 32][below(r, 4) as usize]) {
                 let net = IpNet::new(random_v4(rng), len).expect("valid").trunc();
                 writeln!(text, "{field} = \"{net}\"").expect("writing to a String");
             }
         }
         if proto.is_some_and(|p| p != 1) {
             for field in ["src_port", "dst_port"] {
-                if let Some(lo) = rng.maybe(50, |r| r.below(40) as u16) {
-                    let hi = lo + rng.below(10) as u16;
+                if let Some(lo) = maybe(rng, 50, |r| below(r, 40) as u16) {
+                    let hi = lo + below(rng, 10) as u16;
                     writeln!(text, "{field} = \"{lo}-{hi}\"").expect("writing to a String");
                 }
             }
@@ -850,7 +844,7 @@ mod tests {
 
     #[test]
     fn compiled_tables_agree_with_first_match_semantics() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::with_seed(7);
         for round in 0..30 {
             let mut text = String::new();
             for (s, ifaces) in ["[\"eth0\"]", "[\"eth0\", \"veth*\"]", "[\"eth1\"]"]
@@ -863,29 +857,29 @@ mod tests {
                     "[[session]]\nname = \"s{s}\"\ninterfaces = {ifaces}\ndirection = \"{direction}\"\ntarget = {{ interface = \"mir0\" }}\ndefault = \"{}\"\n",
                     if round % 2 == 0 { "skip" } else { "mirror" }
                 ).expect("writing to a String");
-                for n in 0..(rng.below(40) as u32 + round * 3) {
+                for n in 0..(below(&mut rng, 40) as u32 + round * 3) {
                     text += &random_rule_text(&mut rng, n);
                 }
             }
             let plan = plan(&load(&text), &interfaces()).expect("valid plan");
             for _ in 0..400 {
-                let ipv4 = rng.below(10) != 0;
-                let proto = rng.maybe(90, |r| [6u8, 17, 1, 132][r.below(4) as usize]);
+                let ipv4 = below(&mut rng, 10) != 0;
+                let proto = maybe(&mut rng, 90, |r| [6u8, 17, 1, 132][below(r, 4) as usize]);
                 let has_ports = ipv4 && proto.is_some_and(|p| p != 1);
                 let packet = Packet {
-                    ifindex: [2, 3, 4, 5][rng.below(4) as usize],
-                    direction: if rng.below(2) == 0 {
+                    ifindex: [2, 3, 4, 5][below(&mut rng, 4) as usize],
+                    direction: if below(&mut rng, 2) == 0 {
                         Direction::Ingress
                     } else {
                         Direction::Egress
                     },
                     ethertype: Some(if ipv4 { 0x0800 } else { 0x0806 }),
-                    vlan: rng.maybe(30, |r| r.below(4) as u16 + 100),
+                    vlan: maybe(&mut rng, 30, |r| below(r, 4) as u16 + 100),
                     proto: proto.filter(|_| ipv4),
                     src: ipv4.then(|| random_v4(&mut rng)),
                     dst: ipv4.then(|| random_v4(&mut rng)),
-                    src_port: has_ports.then(|| rng.below(60) as u16),
-                    dst_port: has_ports.then(|| rng.below(60) as u16),
+                    src_port: has_ports.then(|| below(&mut rng, 60) as u16),
+                    dst_port: has_ports.then(|| below(&mut rng, 60) as u16),
                 };
                 assert_eq!(
                     simulate(&plan.tables, &plan.rules, &packet),
@@ -925,24 +919,24 @@ mod tests {
 
     #[test]
     fn ten_thousand_rules_compile_with_shared_bitmaps() {
-        let mut rng = Rng(11);
+        let mut rng = Rng::with_seed(11);
         let mut text = "[[session]]\nname = \"big\"\ninterfaces = [\"eth0\"]\ntarget = { interface = \"mir0\" }\n".to_owned();
         for n in 0..10_000u32 {
             let net = IpNet::new(
                 IpAddr::from(
-                    rng.next().to_be_bytes()[..4]
+                    rng.u64(..).to_be_bytes()[..4]
                         .try_into()
                         .map(|b: [u8; 4]| b)
                         .expect("4"),
                 ),
-                24 + rng.below(9) as u8,
+                24 + below(&mut rng, 9) as u8,
             )
             .expect("valid")
             .trunc();
             write!(
                     text,
                 "[[session.rule]]\nnumber = {n}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {}\n",
-                rng.below(65_536)
+                below(&mut rng, 65_536)
             ).expect("writing to a String");
         }
         let plan = plan(&load(&text), &interfaces()).expect("valid plan");

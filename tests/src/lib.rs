@@ -39,6 +39,13 @@ pub const SINK_MAC: &str = "02:00:00:00:02:02";
 pub const NODE_SINK_MAC: &str = "02:00:00:00:02:01";
 /// UDP port of the sentinel datagram that closes every test's traffic.
 pub const SENTINEL_PORT: u16 = 9;
+/// A configuration with one session `t` targeting `mir0`, whose first rule mirrors the sentinel.
+pub fn session_config(interfaces: &str, direction: &str, rules: &str) -> String {
+    format!(
+        "[[session]]\nname = \"t\"\ninterfaces = {interfaces}\ndirection = \"{direction}\"\ntarget = {{ interface = \"mir0\" }}\n{SENTINEL_RULE}{rules}"
+    )
+}
+
 /// A rule every test configuration includes first: it mirrors the sentinel.
 pub const SENTINEL_RULE: &str =
     "[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 9\n";
@@ -640,6 +647,11 @@ impl Capture {
         }
     }
 
+    /// The bytes of every frame that arrives before the sentinel.
+    pub fn bytes_until_sentinel(&self) -> Vec<Vec<u8>> {
+        self.until_sentinel().into_iter().map(|f| f.bytes).collect()
+    }
+
     /// Every frame queued now, without waiting.
     pub fn drain(&self) -> Vec<Frame> {
         std::iter::from_fn(|| self.try_recv()).collect()
@@ -658,6 +670,11 @@ impl FrameSender {
         FrameSender {
             fd: packet_socket(ns, interface),
         }
+    }
+
+    /// Sends the sentinel as a raw UDP frame between these MAC addresses.
+    pub fn send_sentinel(&self, src_mac: &str, dst_mac: &str) {
+        self.send(&udp_v4_frame(src_mac, dst_mac, SENTINEL_PORT, b"sentinel"));
     }
 
     pub fn send(&self, frame: &[u8]) {

@@ -4,8 +4,7 @@
 use std::path::Path;
 
 use mirror_tests::{
-    Capture, FrameSender, Lab, NODE_SRC_MAC, SENTINEL_PORT, SENTINEL_RULE, SRC_MAC,
-    assert_same_frames, udp_v4_frame,
+    Capture, FrameSender, Lab, NODE_SRC_MAC, SRC_MAC, assert_same_frames, session_config,
 };
 
 const CAPTURES: &str = "/usr/share/doc/python3-dpkt/examples/data";
@@ -41,14 +40,17 @@ fn selected(frame: &[u8]) -> bool {
 #[test]
 fn real_captures_replayed_are_copied_as_the_rules_say() {
     let lab = Lab::new("captures");
-    let agent = lab.start_agent(&format!(
-        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n{SENTINEL_RULE}\
-         [[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"tcp\"\ndst_port = 80\n\
+    let agent = lab.start_agent(&session_config(
+        "[\"src0\"]",
+        "ingress",
+        &format!(
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"tcp\"\ndst_port = 80\n\
          [[session.rule]]\nnumber = 11\naction = \"mirror\"\nproto = \"tcp\"\nsrc_port = 80\n\
          [[session.rule]]\nnumber = 20\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 53\n\
          [[session.rule]]\nnumber = 21\naction = \"mirror\"\nproto = \"udp\"\nsrc_port = 53\n\
          [[session.rule]]\nnumber = 30\naction = \"mirror\"\nproto = \"icmp\"\n\
          [[session.rule]]\nnumber = 40\naction = \"mirror\"\nethertype = {ETHERTYPE_PPPOE_SESSION}\n"
+        ),
     ));
     let copies = Capture::open(&lab.mon, "eth0");
     let sender = FrameSender::open(&lab.src, "eth0");
@@ -59,12 +61,7 @@ fn real_captures_replayed_are_copied_as_the_rules_say() {
     for frame in &replayed {
         sender.send(frame);
     }
-    sender.send(&udp_v4_frame(
-        SRC_MAC,
-        NODE_SRC_MAC,
-        SENTINEL_PORT,
-        b"sentinel",
-    ));
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
     let expected: Vec<_> = replayed.iter().filter(|f| selected(f)).cloned().collect();
     let skipped = replayed.len() - expected.len();
     assert!(
@@ -72,11 +69,7 @@ fn real_captures_replayed_are_copied_as_the_rules_say() {
         "{} selected, {skipped} not",
         expected.len()
     );
-    let copies: Vec<_> = copies
-        .until_sentinel()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let copies: Vec<_> = copies.bytes_until_sentinel();
     assert_same_frames("replayed captures", copies, expected.clone());
     let report = agent.stop();
     assert_eq!(report.rule("t", "default"), [skipped as u64, 0, 0, 0]);

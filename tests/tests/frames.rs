@@ -2,20 +2,14 @@
 //! and a table of malformed frames. For each frame: what reached the far side of the primary path
 //! (it must be the frame, unchanged) and whether exactly that frame was copied.
 use mirror_tests::{
-    Capture, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_PORT, SENTINEL_RULE, SINK_MAC,
-    SRC_MAC, assert_same_frames, mac, tagged, udp_v4_frame, udp_v6_frame,
+    Capture, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE, SINK_MAC, SRC_MAC,
+    assert_same_frames, mac, session_config, tagged, udp_v4_frame, udp_v6_frame,
 };
-
-fn config(interfaces: &str, direction: &str, rules: &str) -> String {
-    format!(
-        "[[session]]\nname = \"t\"\ninterfaces = {interfaces}\ndirection = \"{direction}\"\ntarget = {{ interface = \"mir0\" }}\n{SENTINEL_RULE}{rules}"
-    )
-}
 
 #[test]
 fn vlan_rules_match_the_outer_tag_single_double_and_802_1ad() {
     let lab = Lab::new("vlan");
-    let agent = lab.start_agent(&config(
+    let agent = lab.start_agent(&session_config(
         "[\"src0\"]",
         "ingress",
         "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nvlan = 100\n",
@@ -36,17 +30,8 @@ fn vlan_rules_match_the_outer_tag_single_double_and_802_1ad() {
     for (frame, _) in &cases {
         sender.send(frame);
     }
-    sender.send(&udp_v4_frame(
-        SRC_MAC,
-        NODE_SRC_MAC,
-        SENTINEL_PORT,
-        b"sentinel",
-    ));
-    let copies: Vec<_> = copies
-        .until_sentinel()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let copies: Vec<_> = copies.bytes_until_sentinel();
     let expected = cases
         .iter()
         .filter(|(_, copied)| *copied)
@@ -73,7 +58,7 @@ fn arp_request(sender_mac: &str, sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<
 #[test]
 fn arp_is_matched_by_ethertype() {
     let lab = Lab::new("arp");
-    let agent = lab.start_agent(&config(
+    let agent = lab.start_agent(&session_config(
         "[\"src0\"]",
         "ingress",
         "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nethertype = \"arp\"\n",
@@ -83,17 +68,8 @@ fn arp_is_matched_by_ethertype() {
     let arp = arp_request(SRC_MAC, [10, 10, 1, 2], [10, 10, 1, 1]);
     sender.send(&arp);
     sender.send(&udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, b"not arp"));
-    sender.send(&udp_v4_frame(
-        SRC_MAC,
-        NODE_SRC_MAC,
-        SENTINEL_PORT,
-        b"sentinel",
-    ));
-    let copies: Vec<_> = copies
-        .until_sentinel()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let copies: Vec<_> = copies.bytes_until_sentinel();
     assert_same_frames("arp", copies, vec![arp]);
     agent.stop();
 }
@@ -238,7 +214,7 @@ fn malformed_cases() -> Vec<Case> {
 #[test]
 fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
     let lab = Lab::new("malformed");
-    let agent = lab.start_agent(&config(
+    let agent = lab.start_agent(&session_config(
         "[\"sink0\"]",
         "egress",
         "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 4000\n\
@@ -251,12 +227,7 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
     for case in &cases {
         sender.send(&case.frame);
     }
-    sender.send(&udp_v4_frame(
-        NODE_SINK_MAC,
-        SINK_MAC,
-        SENTINEL_PORT,
-        b"sentinel",
-    ));
+    sender.send_sentinel(NODE_SINK_MAC, SINK_MAC);
     // Received frames only: the sink's own answers (ICMP errors) are outgoing.
     let delivered: Vec<_> = delivered
         .until_sentinel()
@@ -264,11 +235,7 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
         .filter(|f| !f.outgoing)
         .map(|f| f.bytes)
         .collect();
-    let copies: Vec<_> = copies
-        .until_sentinel()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let copies: Vec<_> = copies.bytes_until_sentinel();
     for (i, case) in cases.iter().enumerate() {
         assert_eq!(
             delivered.get(i),
@@ -315,20 +282,11 @@ fn sessions_sharing_an_interface_each_get_one_copy() {
     for frame in &frames {
         sender.send(frame);
     }
-    sender.send(&udp_v4_frame(
-        SRC_MAC,
-        NODE_SRC_MAC,
-        SENTINEL_PORT,
-        b"sentinel",
-    ));
-    assert_same_frames(
-        "web",
-        web.until_sentinel().into_iter().map(|f| f.bytes).collect(),
-        vec![frames[0].clone()],
-    );
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    assert_same_frames("web", web.bytes_until_sentinel(), vec![frames[0].clone()]);
     assert_same_frames(
         "all-udp",
-        all.until_sentinel().into_iter().map(|f| f.bytes).collect(),
+        all.bytes_until_sentinel(),
         vec![frames[0].clone(), frames[2].clone()],
     );
     let report = agent.stop();

@@ -7,20 +7,14 @@ use std::{
 };
 
 use mirror_tests::{
-    Capture, Lab, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_V4, SRC_V6, assert_same_frames,
-    pin_to_first_cpu, select, udp_socket,
+    Capture, Lab, SINK_V4, SINK_V6, SRC_V4, SRC_V6, assert_same_frames, pin_to_first_cpu, select,
+    session_config, udp_socket,
 };
-
-fn session(interfaces: &str, direction: &str, rules: &str) -> String {
-    format!(
-        "[[session]]\nname = \"t\"\ninterfaces = {interfaces}\ndirection = \"{direction}\"\ntarget = {{ interface = \"mir0\" }}\n{SENTINEL_RULE}{rules}"
-    )
-}
 
 #[test]
 fn udp_ipv4_and_ipv6_copied_at_ingress_and_egress() {
     let lab = Lab::new("udp");
-    let agent = lab.start_agent(&session(
+    let agent = lab.start_agent(&session_config(
         "[\"src0\", \"sink0\"]",
         "both",
         "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
@@ -89,7 +83,7 @@ fn udp_ipv4_and_ipv6_copied_at_ingress_and_egress() {
 #[test]
 fn tcp_connection_copied_in_both_directions() {
     let lab = Lab::new("tcp");
-    let agent = lab.start_agent(&session(
+    let agent = lab.start_agent(&session_config(
         "[\"src0\"]",
         "both",
         "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"tcp\"\ndst_port = 7000\n\
@@ -205,7 +199,7 @@ fn ping(lab: &Lab, to: IpAddr, id: u16) {
 #[test]
 fn icmp_and_icmpv6_echo_copied() {
     let lab = Lab::new("icmp");
-    let agent = lab.start_agent(&session(
+    let agent = lab.start_agent(&session_config(
         "[\"src0\"]",
         "both",
         "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"icmp\"\n\

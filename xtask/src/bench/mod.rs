@@ -279,27 +279,15 @@ fn tc(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deterministic pseudo-random numbers (splitmix64), so every run builds the same rule sets.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// `rules - 1` random non-matching (destination prefix, destination port) rules, then the
 /// matching one. Half the prefixes contain the flow's destination, so the prefix lookup alone does
 /// not rule them out: only the port does.
 fn rule_set(rules: usize) -> Vec<(String, u16)> {
-    let mut rng = Rng(42);
+    // Seeded: every run builds the same rule sets.
+    let mut rng = fastrand::Rng::with_seed(42);
     let mut set = Vec::with_capacity(rules);
     while set.len() + 1 < rules {
-        let r = rng.next();
+        let r = rng.u64(..);
         let port = (r % 65_535) as u16 + 1;
         if port == FLOW_DST_PORT {
             continue;
