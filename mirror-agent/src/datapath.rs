@@ -189,32 +189,27 @@ impl Datapath {
             .collect();
         hooks.sort();
         hooks.dedup();
-        for (direction, name) in [
-            (Direction::Ingress, TC_INGRESS_PROGRAM),
-            (Direction::Egress, TC_EGRESS_PROGRAM),
-        ] {
+        // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
+        // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
+        let needs_clsact = KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0));
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let (name, attach_type) = hook(direction);
             let program = datapath.program(name)?;
             program
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
             for (_, interface) in hooks.iter().filter(|(d, _)| *d == direction) {
-                let attach_type = match direction {
-                    Direction::Ingress => TcAttachType::Ingress,
-                    Direction::Egress => TcAttachType::Egress,
-                };
-                let program = datapath.program(name)?;
-                // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
-                // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
-                if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+                if needs_clsact {
                     let _ = aya::programs::tc::qdisc_add_clsact(interface);
                 }
-                let link = program.attach(interface, attach_type).map_err(|source| {
-                    DatapathError::Attach {
+                let link = datapath
+                    .program(name)?
+                    .attach(interface, attach_type)
+                    .map_err(|source| DatapathError::Attach {
                         interface: interface.clone(),
                         direction,
                         source,
-                    }
-                })?;
+                    })?;
                 datapath.links.push((direction, interface.clone(), link));
             }
         }
@@ -240,10 +235,7 @@ impl Datapath {
     pub fn stop(mut self) -> Result<(), DatapathError> {
         let mut first_error = None;
         for (direction, interface, link) in std::mem::take(&mut self.links) {
-            let name = match direction {
-                Direction::Ingress => TC_INGRESS_PROGRAM,
-                Direction::Egress => TC_EGRESS_PROGRAM,
-            };
+            let (name, _) = hook(direction);
             let result = self.program(name).and_then(|p| {
                 p.detach(link).map_err(|source| DatapathError::Attach {
                     interface: interface.clone(),
@@ -297,6 +289,14 @@ impl Datapath {
             t.step_limit += v.step_limit;
             t.table_errors += v.table_errors;
         })
+    }
+}
+
+/// The program and TC attach point serving a direction.
+fn hook(direction: Direction) -> (&'static str, TcAttachType) {
+    match direction {
+        Direction::Ingress => (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
+        Direction::Egress => (TC_EGRESS_PROGRAM, TcAttachType::Egress),
     }
 }
 
