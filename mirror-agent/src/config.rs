@@ -73,12 +73,37 @@ pub enum DirectionConfig {
     Both,
 }
 
-/// Where copies go.
+/// Where copies go: exactly one of `interface` or `vxlan`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    /// Copies are sent out of this interface.
-    pub interface: String,
+    /// Copies are sent out of this interface as they are.
+    pub interface: Option<String>,
+    /// Copies are encapsulated in VXLAN and sent to a remote collector.
+    pub vxlan: Option<VxlanConfig>,
+}
+
+/// A VXLAN tunnel to a collector (Zeek, Suricata, Wireshark, a packet broker, `mirror-agent
+/// collect`).
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VxlanConfig {
+    /// The collector's IPv4 or IPv6 address.
+    pub remote: IpAddr,
+    /// VXLAN network identifier, 0..=16777215: tells the collector which session a copy is from.
+    pub vni: Vni,
+    /// Destination UDP port.
+    #[serde(default = "default_vxlan_port")]
+    pub port: u16,
+    /// Source address of the outer packets (same family as `remote`); by default the route's.
+    pub local: Option<IpAddr>,
+}
+
+/// The IANA VXLAN port.
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+
+fn default_vxlan_port() -> u16 {
+    DEFAULT_VXLAN_PORT
 }
 
 /// What a rule does.
@@ -126,6 +151,22 @@ macro_rules! parsed_from_str_or_int {
             }
         }
     };
+}
+
+/// A VXLAN network identifier (24 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vni(pub u32);
+parsed_from_str_or_int!(Vni, "a VNI");
+
+impl FromStr for Vni {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_u64(s)
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|v| *v <= 0x00ff_ffff)
+            .map(Vni)
+            .ok_or_else(|| format!("`{s}` is not a VNI (0..16777215)"))
+    }
 }
 
 /// An ethertype: a number (`0x88cc`, `2054`) or a name (`ipv4`, `ipv6`, `arp`, `lldp`, `vlan`).

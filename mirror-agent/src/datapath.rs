@@ -12,13 +12,22 @@ use aya::{
 use ipnet::IpNet;
 use mirror_common::{
     ATTACHMENT_BITMAP_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP,
-    Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, HOOK_COUNTERS_MAP, HookCounters,
-    IP_PROTO_BITMAP_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP,
-    SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, TC_EGRESS_PROGRAM,
-    TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
+    Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field, HOOK_COUNT, HOOK_COUNTERS_MAP,
+    HookCounters, IP_PROTO_BITMAP_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP,
+    SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP,
+    SessionMeta, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TC_TUNNEL_PROGRAM, VLAN_BITMAP_MAP,
 };
 
 use crate::rules::{Interface, Plan};
+
+/// Where a program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// The mirror program on a watched interface.
+    Mirror(Direction),
+    /// The tunnel program at the egress of one of the agent's VXLAN devices.
+    Tunnel,
+}
 
 /// The eBPF object built by build.rs from mirror-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mirror"));
@@ -37,10 +46,10 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("attaching to {interface} ({direction:?}): {source}")]
+    #[error("attaching to {interface} ({hook:?}): {source}")]
     Attach {
         interface: String,
-        direction: Direction,
+        hook: Hook,
         source: aya::programs::ProgramError,
     },
     #[error("the object has no {0}")]
@@ -52,7 +61,7 @@ pub enum DatapathError {
 /// A loaded, filled and attached datapath.
 pub struct Datapath {
     ebpf: Ebpf,
-    links: Vec<(Direction, String, SchedClassifierLinkId)>,
+    links: Vec<(Hook, String, SchedClassifierLinkId)>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -110,6 +119,25 @@ fn fill_array<T: aya::Pod>(
     Ok(())
 }
 
+/// A direct array (see `mirror_common::ETHERTYPE_BITMAP_MAP`): only the entries that differ from
+/// the field's wildcard are written, as bitmap index plus one.
+fn fill_direct(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    table: &[u32],
+    wildcard: u32,
+) -> Result<(), DatapathError> {
+    let mut array = Array::<_, u32>::try_from(map(ebpf, name)?).map_err(map_err(name))?;
+    for (value, index) in table.iter().enumerate() {
+        if *index != wildcard {
+            array
+                .set(value as u32, index + 1, 0)
+                .map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
 fn fill_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -148,21 +176,30 @@ fn fill_prefixes(
 }
 
 impl Datapath {
-    /// Loads the programs, fills the maps from `plan` and attaches to every watched interface.
-    pub fn start(plan: &Plan) -> Result<Self, DatapathError> {
+    /// Loads the programs, fills the maps from `plan` and the sessions' resolved targets, attaches
+    /// the tunnel program to `tunnel_devices` and the mirror programs to every watched interface.
+    pub fn start(
+        plan: &Plan,
+        sessions: &[SessionMeta],
+        tunnel_devices: &[(String, u32)],
+    ) -> Result<Self, DatapathError> {
         let tables = &plan.tables;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(RULE_BITMAPS_MAP, tables.bitmaps.len().max(1) as u32)
             .load(EBPF_OBJECT)?;
         fill_array(&mut ebpf, RULE_BITMAPS_MAP, &tables.bitmaps)?;
         fill_array(&mut ebpf, FIELD_WILDCARD_MAP, &tables.wildcard)?;
-        fill_array(&mut ebpf, IP_PROTO_BITMAP_MAP, &tables.ip_proto)?;
-        fill_array(&mut ebpf, SRC_PORT_BITMAP_MAP, &tables.src_port)?;
-        fill_array(&mut ebpf, DST_PORT_BITMAP_MAP, &tables.dst_port)?;
+        for (name, field, table) in [
+            (ETHERTYPE_BITMAP_MAP, Field::Ethertype, &tables.ethertype),
+            (VLAN_BITMAP_MAP, Field::VlanId, &tables.vlan),
+            (IP_PROTO_BITMAP_MAP, Field::IpProto, &tables.ip_proto),
+            (SRC_PORT_BITMAP_MAP, Field::SrcPort, &tables.src_port),
+            (DST_PORT_BITMAP_MAP, Field::DstPort, &tables.dst_port),
+        ] {
+            fill_direct(&mut ebpf, name, table, tables.wildcard[field as usize])?;
+        }
         fill_array(&mut ebpf, RULES_MAP, &tables.rules)?;
-        fill_array(&mut ebpf, SESSIONS_MAP, &tables.sessions)?;
-        fill_array(&mut ebpf, ETHERTYPE_BITMAP_MAP, &tables.ethertype)?;
-        fill_array(&mut ebpf, VLAN_BITMAP_MAP, &tables.vlan)?;
+        fill_array(&mut ebpf, SESSIONS_MAP, sessions)?;
         fill_prefixes(
             &mut ebpf,
             SRC_V4_BITMAP_MAP,
@@ -182,36 +219,51 @@ impl Datapath {
             ebpf,
             links: Vec::new(),
         };
-        let mut hooks: Vec<(Direction, String)> = plan
+        // Tunnel devices first: a copy must never reach a device without its program.
+        let mut hooks: Vec<(Hook, String)> = tunnel_devices
+            .iter()
+            .map(|(name, _)| (Hook::Tunnel, name.clone()))
+            .collect();
+        let mut watched: Vec<(Hook, String)> = plan
             .sessions
             .iter()
-            .flat_map(|s| s.attachments.iter().map(|(i, d)| (*d, i.name.clone())))
+            .flat_map(|s| {
+                s.attachments
+                    .iter()
+                    .map(|(i, d)| (Hook::Mirror(*d), i.name.clone()))
+            })
             .collect();
-        hooks.sort();
-        hooks.dedup();
+        watched.sort();
+        watched.dedup();
+        hooks.extend(watched);
         // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
         // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
         let needs_clsact = KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0));
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let (name, attach_type) = hook(direction);
-            let program = datapath.program(name)?;
-            program
+        for hook in [
+            Hook::Tunnel,
+            Hook::Mirror(Direction::Ingress),
+            Hook::Mirror(Direction::Egress),
+        ] {
+            let (name, _) = attach_point(hook);
+            datapath
+                .program(name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            for (_, interface) in hooks.iter().filter(|(d, _)| *d == direction) {
-                if needs_clsact {
-                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
-                }
-                let link = datapath
-                    .program(name)?
-                    .attach(interface, attach_type)
-                    .map_err(|source| DatapathError::Attach {
-                        interface: interface.clone(),
-                        direction,
-                        source,
-                    })?;
-                datapath.links.push((direction, interface.clone(), link));
+        }
+        for (hook, interface) in hooks {
+            let (name, attach_type) = attach_point(hook);
+            if needs_clsact {
+                let _ = aya::programs::tc::qdisc_add_clsact(&interface);
             }
+            let link = datapath
+                .program(name)?
+                .attach(&interface, attach_type)
+                .map_err(|source| DatapathError::Attach {
+                    interface: interface.clone(),
+                    hook,
+                    source,
+                })?;
+            datapath.links.push((hook, interface, link));
         }
         Ok(datapath)
     }
@@ -226,20 +278,24 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })
     }
 
-    /// Number of (interface, direction) hooks attached.
+    /// Number of watched (interface, direction) hooks attached.
     pub fn hook_count(&self) -> usize {
-        self.links.len()
+        self.links
+            .iter()
+            .filter(|(hook, _, _)| matches!(hook, Hook::Mirror(_)))
+            .count()
     }
 
     /// Detaches every program, reporting the first failure (the rest are still detached).
     pub fn stop(mut self) -> Result<(), DatapathError> {
         let mut first_error = None;
-        for (direction, interface, link) in std::mem::take(&mut self.links) {
-            let (name, _) = hook(direction);
+        // Watched interfaces first, tunnel devices last: the reverse of attaching.
+        for (hook, interface, link) in std::mem::take(&mut self.links).into_iter().rev() {
+            let (name, _) = attach_point(hook);
             let result = self.program(name).and_then(|p| {
                 p.detach(link).map_err(|source| DatapathError::Attach {
                     interface: interface.clone(),
-                    direction,
+                    hook,
                     source,
                 })
             });
@@ -281,22 +337,29 @@ impl Datapath {
         self.summed(SESSION_COUNTERS_MAP, sessions, add_counters)
     }
 
-    /// Per-hook counters: ingress, egress.
+    /// Per-hook counters: ingress, egress, tunnel.
     pub fn hook_counters(&self) -> Result<Vec<HookCounters>, DatapathError> {
-        self.summed(HOOK_COUNTERS_MAP, 2, |t: &mut HookCounters, v| {
-            t.packets += v.packets;
-            t.malformed += v.malformed;
-            t.step_limit += v.step_limit;
-            t.table_errors += v.table_errors;
-        })
+        self.summed(
+            HOOK_COUNTERS_MAP,
+            HOOK_COUNT as usize,
+            |t: &mut HookCounters, v| {
+                t.packets += v.packets;
+                t.malformed += v.malformed;
+                t.step_limit += v.step_limit;
+                t.table_errors += v.table_errors;
+                t.foreign += v.foreign;
+                t.tunnel_errors += v.tunnel_errors;
+            },
+        )
     }
 }
 
-/// The program and TC attach point serving a direction.
-fn hook(direction: Direction) -> (&'static str, TcAttachType) {
-    match direction {
-        Direction::Ingress => (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
-        Direction::Egress => (TC_EGRESS_PROGRAM, TcAttachType::Egress),
+/// The program and TC attach point serving a hook.
+fn attach_point(hook: Hook) -> (&'static str, TcAttachType) {
+    match hook {
+        Hook::Mirror(Direction::Ingress) => (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
+        Hook::Mirror(Direction::Egress) => (TC_EGRESS_PROGRAM, TcAttachType::Egress),
+        Hook::Tunnel => (TC_TUNNEL_PROGRAM, TcAttachType::Egress),
     }
 }
 
@@ -305,4 +368,5 @@ fn add_counters(total: &mut Counters, value: &Counters) {
     total.mirrored += value.mirrored;
     total.clone_errors += value.clone_errors;
     total.copy_limit += value.copy_limit;
+    total.too_big += value.too_big;
 }

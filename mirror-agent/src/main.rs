@@ -1,8 +1,11 @@
-//! mirror-agent: mirrors the packets that match a session's rules to a target interface, using TC
-//! eBPF programs. `run` applies a configuration until SIGINT/SIGTERM; `check` only validates one.
+//! mirror-agent: mirrors the packets that match a session's rules to a target interface or a VXLAN
+//! collector, using TC eBPF programs. `run` applies a configuration until SIGINT/SIGTERM; `check`
+//! only validates one; `collect` receives VXLAN copies into a pcap file or an interface.
+mod collect;
 mod config;
 mod datapath;
 mod rules;
+mod tunnel;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -12,15 +15,17 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{
-        ActionConfig, Cidr, Config, DirectionConfig, Ethertype, IpProto, LoadedConfig, PortRange,
-        RuleConfig, SessionConfig, TargetConfig, Vlan,
+        ActionConfig, Cidr, Config, DEFAULT_VXLAN_PORT, DirectionConfig, Ethertype, IpProto,
+        LoadedConfig, PortRange, RuleConfig, SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
     },
     datapath::Datapath,
-    rules::Plan,
+    rules::{Plan, Target},
+    tunnel::ResolvedTargets,
 };
 
 /// Port mirroring for Linux nodes with eBPF: copies the packets that match a session's rules from
-/// the watched interfaces to a target interface, without touching the original packets.
+/// the watched interfaces to a target interface or a VXLAN collector, without touching the
+/// original packets.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -33,20 +38,25 @@ enum Command {
     /// Attach and mirror until SIGINT or SIGTERM, then detach everything and print the counters.
     ///
     /// Either `--config FILE`, or the quick form for one session:
-    /// `mirror-agent run --iface eth0 --to mirror0 --proto tcp --dst-port 443`.
+    /// `mirror-agent run --iface eth0 --to mirror0 --proto tcp --dst-port 443`, or
+    /// `mirror-agent run --iface eth0 --to-vxlan 192.0.2.10 --vni 7`.
     Run(RunArgs),
-    /// Validate a configuration against this host's interfaces; exit 1 with <file:line> on errors.
+    /// Validate a configuration against this host's interfaces and routes; exit 1 with
+    /// <file:line> on errors.
     Check {
         /// The configuration file (TOML; see examples/).
         #[arg(long)]
         config: PathBuf,
     },
+    /// Receive VXLAN copies (from this agent or any VXLAN source): write the inner frames to a
+    /// pcap/pcapng file and/or send them out of an interface, count them per VNI.
+    Collect(collect::CollectArgs),
 }
 
 #[derive(Debug, Args)]
 struct RunArgs {
     /// The configuration file (TOML; see examples/).
-    #[arg(long, conflicts_with_all = ["iface", "to"], required_unless_present = "to")]
+    #[arg(long, conflicts_with_all = ["iface", "target"], required_unless_present = "target")]
     config: Option<PathBuf>,
     #[command(flatten)]
     quick: QuickSession,
@@ -59,11 +69,23 @@ struct RunArgs {
 #[derive(Debug, Args)]
 struct QuickSession {
     /// Interface name or glob to watch (repeatable).
-    #[arg(long, requires = "to")]
+    #[arg(long, requires = "target")]
     iface: Vec<String>,
     /// Target interface the copies are sent out of.
-    #[arg(long, requires = "iface")]
+    #[arg(long, group = "target", requires = "iface")]
     to: Option<String>,
+    /// Target collector: copies are sent in VXLAN to this IPv4 or IPv6 address.
+    #[arg(long, group = "target", requires = "iface")]
+    to_vxlan: Option<std::net::IpAddr>,
+    /// VNI of the VXLAN copies (0..16777215).
+    #[arg(long, requires = "to_vxlan", default_value = "0")]
+    vni: Vni,
+    /// Destination UDP port of the VXLAN copies.
+    #[arg(long, requires = "to_vxlan", default_value_t = DEFAULT_VXLAN_PORT)]
+    vxlan_port: u16,
+    /// Source address of the VXLAN copies (default: the route's).
+    #[arg(long, requires = "to_vxlan")]
+    vxlan_local: Option<std::net::IpAddr>,
     /// Which side of the interfaces to watch.
     #[arg(long, value_enum, default_value = "both")]
     direction: DirectionConfig,
@@ -111,7 +133,13 @@ impl QuickSession {
             interfaces: spanned(self.iface.into_iter().map(spanned).collect()),
             direction: self.direction,
             target: spanned(TargetConfig {
-                interface: self.to.unwrap_or_default(),
+                interface: self.to,
+                vxlan: self.to_vxlan.map(|remote| VxlanConfig {
+                    remote,
+                    vni: self.vni,
+                    port: self.vxlan_port,
+                    local: self.vxlan_local,
+                }),
             }),
             default: ActionConfig::Skip,
             rules: vec![spanned(rule)],
@@ -133,6 +161,16 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Check { config } => {
             let plan = plan(&LoadedConfig::read(&config)?)?;
+            for session in &plan.sessions {
+                if let Target::Vxlan(vxlan) = &session.target {
+                    let len = tunnel::max_tunnel_copy_len(vxlan)
+                        .with_context(|| format!("session `{}`", session.name))?;
+                    println!(
+                        "session `{}`: {}: copies up to {len} bytes fit the path",
+                        session.name, session.target
+                    );
+                }
+            }
             println!(
                 "{}: ok: {} session(s), {} rule(s), {} hook(s), {} bitmap(s)",
                 config.display(),
@@ -155,13 +193,17 @@ fn main() -> anyhow::Result<()> {
                 loaded.config.stats_interval_secs = secs;
             }
             let plan = plan(&loaded)?;
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")?
-                .block_on(run(plan, loaded.config.stats_interval_secs))
+            runtime()?.block_on(run(plan, loaded.config.stats_interval_secs))
         }
+        Command::Collect(args) => runtime()?.block_on(collect::run(args)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
@@ -176,10 +218,29 @@ fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
 async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let datapath = Datapath::start(&plan).context("starting the datapath")?;
+    let mut targets = tunnel::resolve(&plan.sessions)
+        .await
+        .context("preparing the targets")?;
+    let datapath = match Datapath::start(&plan, &targets.sessions, &targets.devices.devices) {
+        Ok(datapath) => datapath,
+        Err(e) => {
+            if let Err(cleanup) = targets.devices.remove().await {
+                tracing::warn!("removing VXLAN devices: {cleanup}");
+            }
+            return Err(e).context("starting the datapath");
+        }
+    };
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
     release_freed_memory();
+    for (session, meta) in plan.sessions.iter().zip(&targets.sessions) {
+        tracing::info!(
+            "session `{}` -> {} (copies up to {} bytes)",
+            session.name,
+            session.target,
+            meta.max_copy_len
+        );
+    }
     println!(
         "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
         datapath.hook_count(),
@@ -194,8 +255,15 @@ async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
             () = tick(ticker.as_mut()) => log_counters(&datapath, &plan),
         }
     }
-    let report = report(&datapath, &plan);
-    datapath.stop().context("detaching")?;
+    let report = report(&datapath, &plan, &targets).await;
+    let detached = datapath.stop().context("detaching");
+    let removed = targets
+        .devices
+        .remove()
+        .await
+        .context("removing VXLAN devices");
+    detached?;
+    removed?;
     print!("{}", report?);
     Ok(())
 }
@@ -229,6 +297,7 @@ fn log_counters(datapath: &Datapath, plan: &Plan) {
                     mirrored = c.mirrored,
                     clone_errors = c.clone_errors,
                     copy_limit = c.copy_limit,
+                    too_big = c.too_big,
                     "counters"
                 );
             }
@@ -237,8 +306,13 @@ fn log_counters(datapath: &Datapath, plan: &Plan) {
     }
 }
 
-/// The final counters as a table: one line per rule, then one per session and per hook.
-fn report(datapath: &Datapath, plan: &Plan) -> anyhow::Result<String> {
+/// The final counters as a table: one line per rule, then one per session, per hook and per
+/// target interface (copies the kernel lost after they left the programs).
+async fn report(
+    datapath: &Datapath,
+    plan: &Plan,
+    targets: &ResolvedTargets,
+) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let rules = datapath.rule_counters(plan.rules.len())?;
     let sessions = datapath.session_counters(plan.sessions.len())?;
@@ -248,24 +322,22 @@ fn report(datapath: &Datapath, plan: &Plan) -> anyhow::Result<String> {
         |out: &mut String, kind: &str, name: &str, rule: &str, c: &mirror_common::Counters| {
             let _ = writeln!(
                 out,
-                "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>12} {:>10}",
-                c.matched, c.mirrored, c.clone_errors, c.copy_limit
+                "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>12} {:>10} {:>10}",
+                c.matched, c.mirrored, c.clone_errors, c.copy_limit, c.too_big
             );
         };
     let _ = writeln!(
         out,
-        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>12} {:>10}",
-        "counter", "session", "rule", "matched", "mirrored", "clone_err", "copy_limit"
+        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "counter", "session", "rule", "matched", "mirrored", "clone_err", "copy_limit", "too_big"
     );
     for (rule, c) in plan.rules.iter().zip(&rules) {
-        let number = rule
-            .number
-            .map_or_else(|| "default".to_owned(), |n| n.to_string());
+        let kind = rule.kind.to_string();
         row(
             &mut out,
             "rule",
             &plan.sessions[rule.session].name,
-            &number,
+            &kind,
             c,
         );
     }
@@ -277,6 +349,33 @@ fn report(datapath: &Datapath, plan: &Plan) -> anyhow::Result<String> {
             out,
             "hook     {name:<16} packets={} malformed={} step_limit={} table_errors={}",
             h.packets, h.malformed, h.step_limit, h.table_errors
+        );
+    }
+    if let Some(tunnel) = hooks.get(mirror_common::TUNNEL_HOOK as usize)
+        && !targets.devices.devices.is_empty()
+    {
+        let _ = writeln!(
+            out,
+            "hook     {:<16} packets={} foreign={} tunnel_errors={}",
+            "tunnel", tunnel.packets, tunnel.foreign, tunnel.tunnel_errors
+        );
+    }
+    let mut target_devices: Vec<(String, u32)> = plan
+        .sessions
+        .iter()
+        .filter_map(|s| match &s.target {
+            Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
+            Target::Vxlan(_) => None,
+        })
+        .chain(targets.devices.devices.iter().cloned())
+        .collect();
+    target_devices.sort();
+    target_devices.dedup();
+    for (name, ifindex) in target_devices {
+        let (dropped, errors) = targets.devices.tx_losses(ifindex).await?;
+        let _ = writeln!(
+            out,
+            "target   {name:<16} tx_dropped={dropped} tx_errors={errors}"
         );
     }
     if rules.is_empty() {

@@ -3,16 +3,19 @@
 //! complete plan or an error, so nothing is applied from a configuration that fails here.
 use std::{
     collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
 };
 
 use ipnet::IpNet;
 use mirror_common::{
     Action, AttachmentKey, BITMAP_WORDS, Direction, FIELD_COUNT, Field, MAX_RULES, MAX_SESSIONS,
-    RuleBitmap, RuleMeta, SUMMARY_WORDS, SessionMeta, UNCONSTRAINED,
+    RuleBitmap, RuleMeta, SUMMARY_WORDS, UNCONSTRAINED,
 };
 
-use crate::config::{ActionConfig, ConfigError, DirectionConfig, LoadedConfig, SessionConfig};
+use crate::config::{
+    ActionConfig, ConfigError, DirectionConfig, LoadedConfig, SessionConfig, VxlanConfig,
+};
 
 /// A network interface present on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +28,7 @@ pub struct Interface {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rule {
     pub session: usize,
-    /// The configured rule number; `None` for a session's implicit default rule.
-    pub number: Option<u32>,
+    pub kind: RuleKind,
     pub action: ActionConfig,
     pub ethertype: Option<u16>,
     pub vlan: Option<u16>,
@@ -37,6 +39,29 @@ pub struct Rule {
     pub dst_port: Option<RangeInclusive<u16>>,
 }
 
+/// Where a rule comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RuleKind {
+    /// A configured rule with its number.
+    Numbered(u32),
+    /// Put first in every session when any session has a VXLAN target: skips the outer packets of
+    /// the agent's own tunnels, so copies are never mirrored again.
+    TunnelGuard,
+    /// The session's implicit last rule, with its default action.
+    #[default]
+    Default,
+}
+
+impl std::fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuleKind::Numbered(n) => write!(f, "{n}"),
+            RuleKind::TunnelGuard => f.write_str("guard"),
+            RuleKind::Default => f.write_str("default"),
+        }
+    }
+}
+
 fn action_abi(action: ActionConfig) -> Action {
     match action {
         ActionConfig::Skip => Action::Skip,
@@ -44,11 +69,32 @@ fn action_abi(action: ActionConfig) -> Action {
     }
 }
 
+/// Where a session's copies go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Interface(Interface),
+    Vxlan(VxlanConfig),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Interface(i) => write!(f, "interface {}", i.name),
+            Target::Vxlan(v) => write!(
+                f,
+                "vxlan {} vni {}",
+                SocketAddr::new(v.remote, v.port),
+                v.vni.0
+            ),
+        }
+    }
+}
+
 /// A session after validation.
 #[derive(Debug, Clone)]
 pub struct Session {
     pub name: String,
-    pub target: Interface,
+    pub target: Target,
     /// Interfaces and directions watched, sorted.
     pub attachments: Vec<(Interface, Direction)>,
 }
@@ -78,7 +124,6 @@ pub struct Tables {
     pub src_port: Vec<u32>,
     pub dst_port: Vec<u32>,
     pub rules: Vec<RuleMeta>,
-    pub sessions: Vec<SessionMeta>,
 }
 
 /// Validates `loaded` against the interfaces present and compiles it.
@@ -92,9 +137,8 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
     }
     let mut warnings = Vec::new();
     let mut sessions = Vec::new();
-    let mut rules = Vec::new();
     let mut names = HashMap::new();
-    for (index, spanned) in config.sessions.iter().enumerate() {
+    for spanned in &config.sessions {
         let session = spanned.get_ref();
         let name = session.name.get_ref();
         if name.is_empty() {
@@ -108,7 +152,20 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
             ));
         }
         sessions.push(resolve_session(loaded, session, interfaces, &mut warnings)?);
-        rules.extend(session_rules(loaded, index, session, &mut warnings)?);
+    }
+    let guards = tunnel_guards(&sessions);
+    let mut rules = Vec::new();
+    for (index, spanned) in config.sessions.iter().enumerate() {
+        rules.extend(guards.iter().map(|guard| Rule {
+            session: index,
+            ..guard.clone()
+        }));
+        rules.extend(session_rules(
+            loaded,
+            index,
+            spanned.get_ref(),
+            &mut warnings,
+        )?);
     }
     refuse_watched_targets(loaded, &sessions)?;
     if rules.len() > MAX_RULES as usize {
@@ -126,6 +183,71 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
     })
 }
 
+/// The rules that keep the outer packets of every VXLAN target (UDP to the collector's address and
+/// port, from this node or any other) out of every session.
+fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
+    let endpoints: BTreeSet<(IpAddr, u16)> = sessions
+        .iter()
+        .filter_map(|s| match &s.target {
+            Target::Vxlan(v) => Some((v.remote, v.port)),
+            Target::Interface(_) => None,
+        })
+        .collect();
+    endpoints
+        .into_iter()
+        .map(|(remote, port)| Rule {
+            kind: RuleKind::TunnelGuard,
+            action: ActionConfig::Skip,
+            proto: Some(17),
+            dst: Some(IpNet::from(remote)),
+            dst_port: Some(port..=port),
+            ..Rule::default()
+        })
+        .collect()
+}
+
+/// A session's target, checked.
+fn resolve_target(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+    interfaces: &[Interface],
+) -> Result<Target, ConfigError> {
+    let span = session.target.span();
+    match session.target.get_ref() {
+        crate::config::TargetConfig {
+            interface: Some(name),
+            vxlan: None,
+        } => find(interfaces, name)
+            .map(Target::Interface)
+            .ok_or_else(|| loaded.error(span, format!("target interface `{name}` does not exist"))),
+        crate::config::TargetConfig {
+            interface: None,
+            vxlan: Some(vxlan),
+        } => {
+            let problem = if vxlan.remote.is_unspecified() || vxlan.remote.is_multicast() {
+                Some(format!(
+                    "vxlan remote `{}` must be a unicast address",
+                    vxlan.remote
+                ))
+            } else if vxlan.port == 0 {
+                Some("vxlan port must not be 0".to_owned())
+            } else if vxlan
+                .local
+                .is_some_and(|l| l.is_ipv4() != vxlan.remote.is_ipv4())
+            {
+                Some("vxlan `local` and `remote` are of different IP versions".to_owned())
+            } else {
+                None
+            };
+            match problem {
+                Some(message) => Err(loaded.error(span, message)),
+                None => Ok(Target::Vxlan(vxlan.clone())),
+            }
+        }
+        _ => Err(loaded.error(span, "a target needs exactly one of `interface` or `vxlan`")),
+    }
+}
+
 /// The session's target and the (interface, direction) pairs it watches.
 fn resolve_session(
     loaded: &LoadedConfig,
@@ -133,13 +255,11 @@ fn resolve_session(
     interfaces: &[Interface],
     warnings: &mut Vec<String>,
 ) -> Result<Session, ConfigError> {
-    let target_name = &session.target.get_ref().interface;
-    let target = find(interfaces, target_name).ok_or_else(|| {
-        loaded.error(
-            session.target.span(),
-            format!("target interface `{target_name}` does not exist"),
-        )
-    })?;
+    let target = resolve_target(loaded, session, interfaces)?;
+    let target_ifindex = match &target {
+        Target::Interface(i) => Some(i.ifindex),
+        Target::Vxlan(_) => None,
+    };
     if session.interfaces.get_ref().is_empty() {
         return Err(loaded.error(session.interfaces.span(), "no interfaces to watch"));
     }
@@ -154,12 +274,13 @@ fn resolve_session(
                 pattern.get_ref()
             ));
         }
-        if matched.iter().any(|i| i.ifindex == target.ifindex) {
+        if let Some(target) = matched.iter().find(|i| Some(i.ifindex) == target_ifindex) {
             return Err(loaded.error(
                 pattern.span(),
                 format!(
-                    "`{}` includes the target `{target_name}`: copies would be mirrored again (a loop)",
-                    pattern.get_ref()
+                    "`{}` includes the target `{}`: copies would be mirrored again (a loop)",
+                    pattern.get_ref(),
+                    target.name
                 ),
             ));
         }
@@ -235,20 +356,24 @@ fn session_rules(
     Ok(rules)
 }
 
-/// A target that a session watches would have copies mirrored again.
+/// A target interface that a session watches would have copies mirrored again. (VXLAN targets
+/// are covered by the tunnel guard rules instead.)
 fn refuse_watched_targets(loaded: &LoadedConfig, sessions: &[Session]) -> Result<(), ConfigError> {
     for session in sessions {
+        let Target::Interface(target) = &session.target else {
+            continue;
+        };
         for (index, other) in sessions.iter().enumerate() {
             if other
                 .attachments
                 .iter()
-                .any(|(i, _)| i.ifindex == session.target.ifindex)
+                .any(|(i, _)| i.ifindex == target.ifindex)
             {
                 return Err(loaded.error(
                     loaded.config.sessions[index].get_ref().interfaces.span(),
                     format!(
                         "session `{}` watches `{}`, the target of session `{}`: copies would be mirrored again (a loop)",
-                        other.name, session.target.name, session.name
+                        other.name, target.name, session.name
                     ),
                 ));
             }
@@ -283,7 +408,7 @@ fn resolve(pattern: &str, interfaces: &[Interface]) -> Result<Vec<Interface>, St
 fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Rule, String> {
     let out = Rule {
         session,
-        number: Some(rule.number),
+        kind: RuleKind::Numbered(rule.number),
         action: rule.action,
         ethertype: rule.ethertype.map(|e| e.0),
         vlan: rule.vlan.map(|v| v.0),
@@ -327,8 +452,10 @@ fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Rul
 
 /// A warning when `earlier` (same session, tried first) hides all or part of `later`.
 fn shadowing(earlier: &Rule, later: &Rule, session: &str) -> Option<String> {
-    let earlier_no = earlier.number?;
-    let later_no = later.number?;
+    let (RuleKind::Numbered(earlier_no), RuleKind::Numbered(later_no)) = (earlier.kind, later.kind)
+    else {
+        return None;
+    };
     if covers(earlier, later) {
         Some(format!(
             "rule {later_no} of session `{session}` is unreachable: rule {earlier_no} matches every packet it matches"
@@ -512,13 +639,6 @@ fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
             reserved: 0,
         })
         .collect();
-    let session_meta = sessions
-        .iter()
-        .map(|s| SessionMeta {
-            target_ifindex: s.target.ifindex,
-            reserved: 0,
-        })
-        .collect();
     Tables {
         bitmaps: interner.bitmaps,
         wildcard,
@@ -531,7 +651,6 @@ fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
         src_port,
         dst_port,
         rules: rule_meta,
-        sessions: session_meta,
     }
 }
 

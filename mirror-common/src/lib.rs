@@ -77,6 +77,10 @@ pub const UNCONSTRAINED: u32 = u32::MAX;
 /// `ATTACHMENT_BITMAP`: `HashMap<AttachmentKey, u32>`, bitmap index of the rules whose sessions
 /// watch this interface in this direction. A miss means no session applies.
 pub const ATTACHMENT_BITMAP_MAP: &str = "ATTACHMENT_BITMAP";
+/// The direct arrays below (ethertype, VLAN, IP protocol, ports) hold a bitmap index plus one, and
+/// zero for a value no rule names, which stands for the field's [`FIELD_WILDCARD`](FIELD_WILDCARD_MAP) bitmap: the
+/// agent then writes only the values rules name, not all 65,536 entries.
+///
 /// `ETHERTYPE_BITMAP`: `Array<u32>` of 65,536, ethertype to bitmap index (a direct array: no hash).
 pub const ETHERTYPE_BITMAP_MAP: &str = "ETHERTYPE_BITMAP";
 /// `VLAN_BITMAP`: `Array<u32>` of 4,096, VLAN id to bitmap index.
@@ -103,13 +107,30 @@ pub const SESSIONS_MAP: &str = "SESSIONS";
 pub const RULE_COUNTERS_MAP: &str = "RULE_COUNTERS";
 /// `SESSION_COUNTERS`: `PerCpuArray<Counters>` of [`MAX_SESSIONS`], by session index.
 pub const SESSION_COUNTERS_MAP: &str = "SESSION_COUNTERS";
-/// `HOOK_COUNTERS`: `PerCpuArray<HookCounters>` of 2, by [`Direction`].
+/// `HOOK_COUNTERS`: `PerCpuArray<HookCounters>` of [`HOOK_COUNT`]: one per [`Direction`], then
+/// [`TUNNEL_HOOK`].
 pub const HOOK_COUNTERS_MAP: &str = "HOOK_COUNTERS";
+/// Entries of `HOOK_COUNTERS`.
+pub const HOOK_COUNT: u32 = 3;
+/// `HOOK_COUNTERS` index of the tunnel program (see [`TC_TUNNEL_PROGRAM`]).
+pub const TUNNEL_HOOK: u32 = 2;
 
 /// Program names in the object file.
 pub const TC_INGRESS_PROGRAM: &str = "mirror_tc_ingress";
 /// See [`TC_INGRESS_PROGRAM`].
 pub const TC_EGRESS_PROGRAM: &str = "mirror_tc_egress";
+/// The program at the egress of the agent's VXLAN devices: gives each copy its session's tunnel
+/// key (remote, VNI) and passes it on to the device, which encapsulates it.
+pub const TC_TUNNEL_PROGRAM: &str = "mirror_tc_tunnel";
+
+/// How a copy bound for a VXLAN target tells the tunnel program its session: `bpf_clone_redirect`
+/// cannot attach data to the clone alone, so the mirror program sets the packet's mark to
+/// `COPY_MARK | session` just for the clone and restores the original mark right after. The
+/// tunnel program clears the mark again before the device routes the encapsulated copy.
+pub const COPY_MARK: u32 = 0x6d69_7200;
+/// The bits of a mark that hold [`COPY_MARK`]; the others hold the session index.
+pub const COPY_MARK_MASK: u32 = 0xffff_ff00;
+const _: () = assert!(MAX_SESSIONS <= !COPY_MARK_MASK + 1 && COPY_MARK & !COPY_MARK_MASK == 0);
 
 /// Where a program runs.
 #[repr(u32)]
@@ -165,14 +186,32 @@ pub struct RuleMeta {
     pub reserved: u32,
 }
 
+/// [`SessionMeta::target_kind`]: copies leave through an interface as they are.
+pub const TARGET_INTERFACE: u32 = 0;
+/// [`SessionMeta::target_kind`]: copies are encapsulated in VXLAN over IPv4.
+pub const TARGET_VXLAN_V4: u32 = 4;
+/// [`SessionMeta::target_kind`]: copies are encapsulated in VXLAN over IPv6.
+pub const TARGET_VXLAN_V6: u32 = 6;
+
 /// Value of `SESSIONS`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionMeta {
-    /// Interface index the copies are sent out of.
+    /// Interface index the copies are sent out of (the VXLAN device for a tunnel target).
     pub target_ifindex: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// [`TARGET_INTERFACE`], [`TARGET_VXLAN_V4`] or [`TARGET_VXLAN_V6`].
+    pub target_kind: u32,
+    /// Largest copy the target carries whole, as an Ethernet frame from its first byte (a VLAN tag
+    /// held in skb metadata counts; a GSO packet counts by its largest segment). A larger copy is
+    /// not made and counts as `too_big`. 0: no limit.
+    pub max_copy_len: u32,
+    /// VXLAN network identifier (24 bits).
+    pub vni: u32,
+    /// Tunnel remote in `bpf_tunnel_key` layout: an IPv4 address as a host-order `u32` in the first
+    /// word, or an IPv6 address's 16 bytes in network order.
+    pub remote: [u32; 4],
+    /// Tunnel source address, same layout; zero lets the kernel choose by route.
+    pub local: [u32; 4],
 }
 
 /// Per-CPU counters of a rule or a session.
@@ -187,9 +226,11 @@ pub struct Counters {
     pub clone_errors: u64,
     /// Copies not made because the packet already had [`MAX_COPIES_PER_PACKET`] copies.
     pub copy_limit: u64,
+    /// Copies not made because they exceed the target's [`SessionMeta::max_copy_len`].
+    pub too_big: u64,
 }
 
-/// Per-CPU counters of a hook (ingress or egress), across interfaces.
+/// Per-CPU counters of a hook (ingress, egress or the tunnel program), across interfaces.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HookCounters {
@@ -202,6 +243,10 @@ pub struct HookCounters {
     pub step_limit: u64,
     /// Packets dropped by a rule-table inconsistency (never expected; the packet still passes).
     pub table_errors: u64,
+    /// Tunnel program only: packets at a VXLAN device of ours that were not copies (dropped).
+    pub foreign: u64,
+    /// Tunnel program only: copies whose tunnel key could not be set (dropped).
+    pub tunnel_errors: u64,
 }
 
 #[cfg(feature = "user")]

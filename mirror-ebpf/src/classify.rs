@@ -35,6 +35,9 @@ pub struct Verdict {
     pub copies: &'static [Copy; MAX_COPIES_PER_PACKET],
     pub copy_count: usize,
     pub step_limit_hit: bool,
+    /// [`Headers::l4_offset`], read back from map memory: the verifier keeps no range for it, so
+    /// using it later does not make the verifier tell apart every parse path that produced it.
+    pub l4_offset: u32,
 }
 
 /// A rule-table inconsistency (a missing bitmap or rule entry): the agent wrote the maps wrong.
@@ -56,6 +59,7 @@ pub struct Walk {
     min_rule: u32,
     copy_count: u32,
     table_error: u32,
+    l4_offset: u32,
     copies: [Copy; MAX_COPIES_PER_PACKET],
 }
 
@@ -99,6 +103,8 @@ pub fn classify(
         indexed(Field::DstPort, headers.dst_port, |i| DST_PORT_BITMAP.get(i))?,
     ];
     reset(walk);
+    // SAFETY: a field of `walk`, valid for writes.
+    unsafe { core::ptr::write_volatile(&raw mut walk.l4_offset, headers.l4_offset) };
     for &index in &walk.bitmaps {
         if index == UNCONSTRAINED {
             continue;
@@ -159,6 +165,8 @@ fn verdict(walk: &'static Walk, step_limit_hit: bool) -> Verdict {
         copies: &walk.copies,
         copy_count: walk.copy_count as usize,
         step_limit_hit,
+        // SAFETY: a field of `walk`, valid for reads.
+        l4_offset: unsafe { core::ptr::read_volatile(&raw const walk.l4_offset) },
     }
 }
 
@@ -268,7 +276,11 @@ fn indexed(
     if value == ABSENT || wildcard == UNCONSTRAINED {
         return Ok(wildcard);
     }
-    lookup(value).copied().ok_or(TableError)
+    // Entries hold a bitmap index plus one; zero (never written) stands for the wildcard.
+    match lookup(value).copied().ok_or(TableError)? {
+        0 => Ok(wildcard),
+        stored => Ok(stored - 1),
+    }
 }
 
 /// Bitmap index for an address: the longest matching prefix's entry, else the wildcard bitmap.

@@ -14,6 +14,8 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod act;
+#[cfg(target_arch = "bpf")]
 mod classify;
 #[cfg(target_arch = "bpf")]
 mod count;
@@ -21,13 +23,19 @@ mod count;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod tunnel;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+        macros::classifier,
+        programs::TcContext,
+    };
     use mirror_common::{AttachmentKey, Direction};
 
-    use crate::{classify, count, maps::SESSIONS, parse};
+    use crate::{act, classify, count, parse, tunnel};
 
     #[classifier]
     #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
@@ -41,6 +49,16 @@ mod programs {
     pub fn mirror_tc_egress(ctx: TcContext) -> i32 {
         mirror(&ctx, Direction::Egress);
         TC_ACT_UNSPEC
+    }
+
+    /// At the egress of the agent's VXLAN devices, which carry nothing but copies.
+    #[classifier]
+    #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
+    pub fn mirror_tc_tunnel(ctx: TcContext) -> i32 {
+        match tunnel::set_key(&ctx) {
+            Ok(()) => TC_ACT_OK,
+            Err(tunnel::NotSent) => TC_ACT_SHOT,
+        }
     }
 
     #[inline(always)]
@@ -69,17 +87,8 @@ mod programs {
         if verdict.step_limit_hit {
             count::hook(direction, |c| &mut c.step_limit);
         }
-        for (i, copy) in verdict.copies.iter().enumerate() {
-            if i >= verdict.copy_count {
-                break;
-            }
-            let session = SESSIONS.get(copy.session).ok_or(classify::TableError)?;
-            match ctx.clone_redirect(session.target_ifindex, 0) {
-                Ok(()) => count::mirrored(copy.rule, copy.session),
-                Err(_) => count::clone_error(copy.rule, copy.session),
-            }
-        }
-        Ok(())
+        let copy_len = parse::copy_len(ctx, headers.ip_proto, verdict.l4_offset);
+        act::send(ctx, &verdict, copy_len)
     }
 
     #[panic_handler]

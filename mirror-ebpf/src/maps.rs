@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use mirror_common::{
-    AttachmentKey, Counters, FIELD_COUNT, HookCounters, MAX_ATTACHMENTS, MAX_FIELD_VALUES,
-    MAX_RULES, MAX_SESSIONS, RuleBitmap, RuleMeta, SessionMeta,
+    AttachmentKey, Counters, FIELD_COUNT, HOOK_COUNT, HookCounters, MAX_ATTACHMENTS,
+    MAX_FIELD_VALUES, MAX_RULES, MAX_SESSIONS, RuleBitmap, RuleMeta, SessionMeta,
 };
 
 /// Every distinct rule bitmap; the lookup maps below hold indices into it. Sized by the agent.
@@ -75,9 +75,9 @@ pub static RULE_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 #[map]
 pub static SESSION_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SESSIONS, 0);
 
-/// Per-CPU counters by direction (ingress, egress).
+/// Per-CPU counters by hook: ingress, egress, tunnel.
 #[map]
-pub static HOOK_COUNTERS: PerCpuArray<HookCounters> = PerCpuArray::with_max_entries(2, 0);
+pub static HOOK_COUNTERS: PerCpuArray<HookCounters> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);
 
 /// Per-CPU scratch space for the rule walk of the packet being classified (see `classify::Walk`).
 #[map]

@@ -44,6 +44,8 @@ pub struct Headers {
     pub dst: [u8; 16],
     pub src_port: u32,
     pub dst_port: u32,
+    /// Offset of the TCP, UDP or SCTP header; [`ABSENT`] when there is none.
+    pub l4_offset: u32,
     pub malformed: bool,
 }
 
@@ -62,6 +64,7 @@ pub fn parse(ctx: &TcContext) -> Headers {
         dst: [0; 16],
         src_port: ABSENT,
         dst_port: ABSENT,
+        l4_offset: ABSENT,
         malformed: false,
     };
     if try_parse(ctx, &mut headers).is_err() {
@@ -175,8 +178,37 @@ fn parse_ports(
         let [s0, s1, d0, d1]: [u8; 4] = load(ctx, offset)?;
         headers.src_port = u32::from(u16::from_be_bytes([s0, s1]));
         headers.dst_port = u32::from(u16::from_be_bytes([d0, d1]));
+        headers.l4_offset = offset as u32;
     }
     Ok(())
+}
+
+/// The length of the largest frame a copy of this packet becomes on the wire: the whole frame, a
+/// VLAN tag held in metadata included, or for a GSO packet its largest segment (headers plus
+/// `gso_size`), which is what a tunnel or a veth carries after segmentation. `l4_offset` is
+/// [`Headers::l4_offset`] as classification returned it (see `classify::Verdict`).
+#[inline(always)]
+pub fn copy_len(ctx: &TcContext, ip_proto: u32, l4_offset: u32) -> u32 {
+    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+    let skb = unsafe { &*ctx.skb.skb };
+    let tag = if skb.vlan_present != 0 {
+        VLAN_TAG_LEN as u32
+    } else {
+        0
+    };
+    let whole = skb.len + tag;
+    if skb.gso_size == 0 || l4_offset == ABSENT {
+        return whole;
+    }
+    let l4_header_len = match ip_proto as u8 {
+        IPPROTO_TCP => match ctx.load::<u8>(l4_offset as usize + 12) {
+            Ok(data_offset) => u32::from(data_offset >> 4) * 4,
+            Err(_) => return whole,
+        },
+        IPPROTO_UDP => 8,
+        _ => return whole,
+    };
+    whole.min(l4_offset + l4_header_len + skb.gso_size + tag)
 }
 
 /// Offsets up to this are read directly from the linear part of the skb when it holds them.

@@ -1,0 +1,343 @@
+//! What targets need at run time: the VXLAN devices copies leave through, and the largest copy
+//! each target carries whole.
+//!
+//! One kernel VXLAN device in external (collect-metadata) mode per destination port serves every
+//! session and collector on that port: the tunnel program gives each copy its remote and VNI. The
+//! agent creates the device through rtnetlink, reuses one of its own left by an earlier run, and
+//! removes it on exit.
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+};
+
+use futures_util::TryStreamExt as _;
+use mirror_common::{SessionMeta, TARGET_INTERFACE, TARGET_VXLAN_V4, TARGET_VXLAN_V6};
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVxlan,
+    packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
+};
+
+use crate::{
+    config::VxlanConfig,
+    rules::{Session, Target},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("opening a netlink socket: {0}")]
+    Connect(io::Error),
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    #[error(
+        "`{name}` exists but is not a VXLAN device in external mode on port {port}; \
+         remove or rename it (the agent names its VXLAN devices {DEVICE_PREFIX}<port>)"
+    )]
+    Foreign { name: String, port: u16 },
+    #[error("vxlan remote {remote}: {source}")]
+    Path {
+        remote: SocketAddr,
+        source: io::Error,
+    },
+    #[error("interface index {0} vanished")]
+    Vanished(u32),
+}
+
+/// Names of the agent's VXLAN devices: this prefix and the destination port.
+pub const DEVICE_PREFIX: &str = "mirror-vx";
+
+/// Bytes a VXLAN copy gains outside its inner frame, counted against the path MTU (which excludes
+/// the outer Ethernet header): outer IP header, UDP, VXLAN.
+fn encapsulation_overhead(remote: IpAddr) -> u32 {
+    let ip_header = if remote.is_ipv4() { 20 } else { 40 };
+    ip_header + 8 + 8
+}
+
+/// The interfaces' MTU allows this much more than the MTU as a frame: the Ethernet header and one
+/// VLAN tag (what the kernel's veth and most drivers accept).
+const ETHERNET_AND_TAG: u32 = 14 + 4;
+
+/// The agent's VXLAN devices.
+#[derive(Debug)]
+pub struct TunnelDevices {
+    handle: Handle,
+    /// (name, ifindex) of every device this run uses, removed by [`TunnelDevices::remove`].
+    pub devices: Vec<(String, u32)>,
+}
+
+/// What the programs need per session, and the devices the tunnel program attaches to.
+#[derive(Debug)]
+pub struct ResolvedTargets {
+    pub sessions: Vec<SessionMeta>,
+    pub devices: TunnelDevices,
+}
+
+/// A netlink handle whose connection runs on the current tokio runtime.
+pub fn netlink() -> Result<Handle, TunnelError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(TunnelError::Connect)?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+fn netlink_error(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> TunnelError {
+    let what = what.into();
+    move |source| TunnelError::Netlink { what, source }
+}
+
+/// Resolves every session's target: creates or adopts the VXLAN devices and measures the path to
+/// each collector. On error, the devices created so far are removed again.
+pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelError> {
+    let mut devices = TunnelDevices {
+        handle: netlink()?,
+        devices: Vec::new(),
+    };
+    let mut metas = Vec::with_capacity(sessions.len());
+    for session in sessions {
+        match session_meta(&mut devices, &session.target).await {
+            Ok(meta) => metas.push(meta),
+            Err(e) => {
+                if let Err(cleanup) = devices.remove().await {
+                    tracing::warn!("removing VXLAN devices after an error: {cleanup}");
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(ResolvedTargets {
+        sessions: metas,
+        devices,
+    })
+}
+
+async fn session_meta(
+    devices: &mut TunnelDevices,
+    target: &Target,
+) -> Result<SessionMeta, TunnelError> {
+    match target {
+        Target::Interface(interface) => Ok(SessionMeta {
+            target_ifindex: interface.ifindex,
+            target_kind: TARGET_INTERFACE,
+            max_copy_len: devices.mtu(interface.ifindex).await? + ETHERNET_AND_TAG,
+            ..SessionMeta::default()
+        }),
+        Target::Vxlan(vxlan) => {
+            let max_copy_len = max_tunnel_copy_len(vxlan)?;
+            Ok(SessionMeta {
+                target_ifindex: devices.ensure(vxlan.port).await?,
+                target_kind: if vxlan.remote.is_ipv4() {
+                    TARGET_VXLAN_V4
+                } else {
+                    TARGET_VXLAN_V6
+                },
+                max_copy_len,
+                vni: vxlan.vni.0,
+                remote: tunnel_key_address(Some(vxlan.remote)),
+                local: tunnel_key_address(vxlan.local),
+            })
+        }
+    }
+}
+
+/// An address in `bpf_tunnel_key` layout (see `SessionMeta::remote`).
+fn tunnel_key_address(address: Option<IpAddr>) -> [u32; 4] {
+    match address {
+        None => [0; 4],
+        Some(IpAddr::V4(v4)) => [u32::from(v4), 0, 0, 0],
+        Some(IpAddr::V6(v6)) => {
+            let bytes = v6.octets();
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([
+                    bytes[4 * i],
+                    bytes[4 * i + 1],
+                    bytes[4 * i + 2],
+                    bytes[4 * i + 3],
+                ])
+            })
+        }
+    }
+}
+
+/// The largest inner frame a copy to this collector may be: the path MTU the kernel's route to it
+/// has (found by connecting a UDP socket, which sends nothing) minus the encapsulation. Fails when
+/// there is no route, or `local` is not an address of this node.
+pub fn max_tunnel_copy_len(vxlan: &VxlanConfig) -> Result<u32, TunnelError> {
+    let remote = SocketAddr::new(vxlan.remote, vxlan.port);
+    let path_error = |source| TunnelError::Path { remote, source };
+    let local = vxlan.local.unwrap_or(match vxlan.remote {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    });
+    let socket = UdpSocket::bind((local, 0)).map_err(path_error)?;
+    socket.connect(remote).map_err(path_error)?;
+    let (level, name) = match vxlan.remote {
+        IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
+        IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw mut mtu).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(path_error(io::Error::last_os_error()));
+    }
+    Ok(mtu
+        .cast_unsigned()
+        .saturating_sub(encapsulation_overhead(vxlan.remote)))
+}
+
+fn is_our_device(link: &LinkMessage, port: u16) -> bool {
+    let mut vxlan = false;
+    let mut external = false;
+    let mut on_port = false;
+    for attribute in &link.attributes {
+        let LinkAttribute::LinkInfo(infos) = attribute else {
+            continue;
+        };
+        for info in infos {
+            match info {
+                LinkInfo::Kind(InfoKind::Vxlan) => vxlan = true,
+                LinkInfo::Data(InfoData::Vxlan(data)) => {
+                    for item in data {
+                        match item {
+                            InfoVxlan::CollectMetadata(on) => external = *on,
+                            InfoVxlan::Port(p) => on_port = *p == port,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    vxlan && external && on_port
+}
+
+impl TunnelDevices {
+    async fn link(&self, name: &str) -> Result<Option<LinkMessage>, TunnelError> {
+        let found = self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await;
+        match found {
+            Ok(link) => Ok(link),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(netlink_error(format!("looking up {name}"))(e)),
+        }
+    }
+
+    /// An interface's MTU.
+    pub async fn mtu(&self, ifindex: u32) -> Result<u32, TunnelError> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(ifindex)
+            .execute()
+            .try_next()
+            .await
+            .map_err(netlink_error(format!("looking up interface {ifindex}")))?
+            .ok_or(TunnelError::Vanished(ifindex))?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            })
+            .ok_or(TunnelError::Vanished(ifindex))
+    }
+
+    /// The interface index of the device for `port`, created (down, IPv6 off, then up) if absent.
+    async fn ensure(&mut self, port: u16) -> Result<u32, TunnelError> {
+        let name = format!("{DEVICE_PREFIX}{port}");
+        if let Some((_, ifindex)) = self.devices.iter().find(|(n, _)| *n == name) {
+            return Ok(*ifindex);
+        }
+        let link = match self.link(&name).await? {
+            Some(link) if is_our_device(&link, port) => {
+                tracing::info!("reusing {name}, left by an earlier run");
+                link
+            }
+            Some(_) => return Err(TunnelError::Foreign { name, port }),
+            None => {
+                let message = LinkVxlan::new(&name, 0)
+                    .collect_metadata(true)
+                    .port(port)
+                    .learning(false)
+                    .arp(false)
+                    .build();
+                self.handle
+                    .link()
+                    .add(message)
+                    .execute()
+                    .await
+                    .map_err(netlink_error(format!("creating {name}")))?;
+                self.link(&name)
+                    .await?
+                    .ok_or_else(|| TunnelError::Foreign {
+                        name: name.clone(),
+                        port,
+                    })?
+            }
+        };
+        let ifindex = link.header.index;
+        self.devices.push((name.clone(), ifindex));
+        // The device carries copies only: no addresses, no router or listener reports of its own.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(ifindex).up().build())
+            .execute()
+            .await
+            .map_err(netlink_error(format!("setting {name} up")))?;
+        Ok(ifindex)
+    }
+
+    /// Transmit drops and errors the kernel counted on an interface (a copy lost after it left the
+    /// programs, e.g. no route or no neighbour for the collector).
+    pub async fn tx_losses(&self, ifindex: u32) -> Result<(u64, u64), TunnelError> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(ifindex)
+            .execute()
+            .try_next()
+            .await
+            .map_err(netlink_error(format!("reading interface {ifindex}")))?
+            .ok_or(TunnelError::Vanished(ifindex))?;
+        Ok(link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Stats64(s) => Some((s.tx_dropped, s.tx_errors)),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
+    /// Removes every device of this run, reporting the first failure.
+    pub async fn remove(&mut self) -> Result<(), TunnelError> {
+        let mut first_error = None;
+        for (name, ifindex) in std::mem::take(&mut self.devices) {
+            if let Err(e) = self.handle.link().del(ifindex).execute().await {
+                first_error.get_or_insert(netlink_error(format!("removing {name}"))(e));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
