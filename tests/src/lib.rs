@@ -37,6 +37,16 @@ pub const SRC_MAC: &str = "02:00:00:00:01:02";
 pub const NODE_SRC_MAC: &str = "02:00:00:00:01:01";
 pub const SINK_MAC: &str = "02:00:00:00:02:02";
 pub const NODE_SINK_MAC: &str = "02:00:00:00:02:01";
+/// The node's end of the underlay link to the collector ([`Lab::with_collector`]).
+pub const NODE_UL_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const NODE_UL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc, 0, 0, 0, 0, 0, 1);
+pub const NODE_UL_MAC: &str = "02:00:00:00:05:01";
+/// The collector's address on the underlay link.
+pub const COL_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const COL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc, 0, 0, 0, 0, 0, 2);
+pub const COL_MAC: &str = "02:00:00:00:05:02";
+/// The VXLAN port.
+pub const VXLAN_PORT: u16 = 4789;
 /// UDP port of the sentinel datagram that closes every test's traffic.
 pub const SENTINEL_PORT: u16 = 9;
 /// A configuration with one session `t` targeting `mir0`, whose first rule mirrors the sentinel.
@@ -166,6 +176,8 @@ pub struct Lab {
     pub mon: Netns,
     /// Receives the sentinel at the sink, so that it draws no ICMP port-unreachable back.
     sentinel_sink: Option<UdpSocket>,
+    /// The collector's namespace, behind the node's `ul0` (see [`Lab::with_collector`]).
+    pub col: Option<Netns>,
 }
 
 impl Lab {
@@ -182,6 +194,7 @@ impl Lab {
             sink: Netns::new(format!("{id}-sink")),
             mon: Netns::new(format!("{id}-mon")),
             sentinel_sink: None,
+            col: None,
         };
         lab.wire();
         lab.address();
@@ -192,6 +205,97 @@ impl Lab {
             SocketAddr::new(SINK_V4.into(), SENTINEL_PORT),
         ));
         lab
+    }
+
+    /// A lab plus a collector namespace reached over an underlay link with this MTU:
+    /// node `ul0` ([`NODE_UL_V4`], [`NODE_UL_V6`]) ── `eth0` in `col` ([`COL_V4`], [`COL_V6`]).
+    /// `col` also has a veth pair `tap0` ── `tap1` for the collector's `--tap` output.
+    pub fn with_collector(test: &str, underlay_mtu: u32) -> Self {
+        let mut lab = Lab::new(test);
+        let col = Netns::new(format!("{}-col", lab.node.name.trim_end_matches("-node")));
+        col.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "address",
+            COL_MAC,
+            "mtu",
+            &underlay_mtu.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "address",
+            NODE_UL_MAC,
+            "netns",
+            &lab.node.name,
+        ]);
+        lab.node
+            .ip(&["link", "set", "ul0", "mtu", &underlay_mtu.to_string()]);
+        for (ns, dev, v4, v6, peer_v4, peer_v6, peer_mac) in [
+            (
+                &lab.node, "ul0", NODE_UL_V4, NODE_UL_V6, COL_V4, COL_V6, COL_MAC,
+            ),
+            (
+                &col,
+                "eth0",
+                COL_V4,
+                COL_V6,
+                NODE_UL_V4,
+                NODE_UL_V6,
+                NODE_UL_MAC,
+            ),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            for peer in [peer_v4.to_string(), peer_v6.to_string()] {
+                ns.ip(&[
+                    "neigh",
+                    "replace",
+                    &peer,
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        // The collector's --tap output: frames it sends out of tap0 arrive at tap1.
+        col.ip(&[
+            "link", "add", "tap0", "type", "veth", "peer", "name", "tap1",
+        ]);
+        col.ip(&["link", "set", "tap0", "up"]);
+        col.ip(&["link", "set", "tap1", "up"]);
+        for (ns, dev) in [
+            (&lab.node, "ul0"),
+            (&col, "eth0"),
+            (&col, "tap0"),
+            (&col, "tap1"),
+        ] {
+            wait_for(&format!("{dev} in {} to be up", ns.name), || {
+                ns.ip(&["-j", "link", "show", "dev", dev])
+                    .contains("\"operstate\":\"UP\"")
+            });
+        }
+        lab.col = Some(col);
+        lab
+    }
+
+    /// The collector's namespace; only in a lab made by [`Lab::with_collector`].
+    pub fn col(&self) -> &Netns {
+        self.col.as_ref().expect("a lab with a collector")
     }
 
     /// Creates the veth pairs, with fixed MAC addresses.
@@ -435,17 +539,18 @@ impl Drop for Agent {
 pub struct Report(pub String);
 
 impl Report {
-    /// (matched, mirrored, clone errors, copy limit) of a rule (`"default"` for the default rule).
-    pub fn rule(&self, session: &str, rule: &str) -> [u64; 4] {
+    /// (matched, mirrored, clone errors, copy limit, too big) of a rule (`"default"` for the default
+    /// rule, `"guard"` for the tunnel guard).
+    pub fn rule(&self, session: &str, rule: &str) -> [u64; 5] {
         self.row("rule", session, rule)
     }
 
     /// Counters of a whole session.
-    pub fn session(&self, session: &str) -> [u64; 4] {
+    pub fn session(&self, session: &str) -> [u64; 5] {
         self.row("session", session, "-")
     }
 
-    fn row(&self, kind: &str, session: &str, rule: &str) -> [u64; 4] {
+    fn row(&self, kind: &str, session: &str, rule: &str) -> [u64; 5] {
         let line = self
             .0
             .lines()
@@ -461,16 +566,25 @@ impl Report {
             .skip(3)
             .map(|n| n.parse().expect("number"))
             .collect();
-        numbers.try_into().expect("four counters")
+        numbers.try_into().expect("five counters")
     }
 
     /// A hook line's `name=value` field.
     pub fn hook(&self, hook: &str, field: &str) -> u64 {
+        self.field("hook", hook, field)
+    }
+
+    /// A target line's `name=value` field.
+    pub fn target(&self, target: &str, field: &str) -> u64 {
+        self.field("target", target, field)
+    }
+
+    fn field(&self, kind: &str, name: &str, field: &str) -> u64 {
         let line = self
             .0
             .lines()
-            .find(|l| l.starts_with("hook") && l.split_whitespace().nth(1) == Some(hook));
-        let line = line.unwrap_or_else(|| panic!("no hook {hook} in report:\n{}", self.0));
+            .find(|l| l.starts_with(kind) && l.split_whitespace().nth(1) == Some(name));
+        let line = line.unwrap_or_else(|| panic!("no {kind} {name} in report:\n{}", self.0));
         line.split_whitespace()
             .find_map(|w| {
                 w.strip_prefix(&format!("{field}="))
@@ -630,21 +744,30 @@ impl Capture {
 
     /// Every frame that arrives before the sentinel (which is consumed), in order.
     pub fn until_sentinel(&self) -> Vec<Frame> {
+        let mut frames = self.until_nth(1, is_sentinel);
+        frames.pop();
+        frames
+    }
+
+    /// Every frame up to and including the `n`th one that satisfies `last`, in order.
+    pub fn until_nth(&self, n: usize, last: impl Fn(&[u8]) -> bool) -> Vec<Frame> {
         let deadline = Instant::now() + DEADLINE;
         let mut frames = Vec::new();
-        loop {
+        let mut seen = 0;
+        while seen < n {
             let frame = self.next(deadline).unwrap_or_else(|| {
                 panic!(
-                    "no sentinel within {DEADLINE:?}; got {} frame(s) before: {:?}",
+                    "only {seen} of {n} closing frame(s) within {DEADLINE:?}; got {} frame(s): {:?}",
                     frames.len(),
                     summarize(&frames)
                 )
             });
-            if is_sentinel(&frame.bytes) {
-                return frames;
+            if last(&frame.bytes) {
+                seen += 1;
             }
             frames.push(frame);
         }
+        frames
     }
 
     /// The bytes of every frame that arrives before the sentinel.
@@ -740,7 +863,8 @@ impl Flow {
     }
 }
 
-fn is_sentinel(frame: &[u8]) -> bool {
+/// Whether `frame` is the sentinel datagram.
+pub fn is_sentinel(frame: &[u8]) -> bool {
     let flow = Flow::of(frame);
     flow.proto == Some(17) && flow.dst_port == Some(SENTINEL_PORT)
 }
@@ -862,4 +986,252 @@ pub fn agent_command(ns: &Netns, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// A VXLAN datagram seen on the wire: its outer UDP source port, VNI and inner frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vxlan {
+    pub outer_src_port: u16,
+    /// The outer IPv4 header has DF set, or the outer header is IPv6.
+    pub dont_fragment: bool,
+    /// The outer packet is an IP fragment.
+    pub fragment: bool,
+    pub vni: u32,
+    pub inner: Vec<u8>,
+}
+
+/// The VXLAN contents of a frame sent to [`VXLAN_PORT`], if it is one.
+pub fn vxlan_of(frame: &[u8]) -> Option<Vxlan> {
+    let packet = LaxSlicedPacket::from_ethernet(frame).ok()?;
+    let (dont_fragment, fragment) = match &packet.net {
+        Some(etherparse::LaxNetSlice::Ipv4(ip)) => (
+            ip.header().dont_fragment(),
+            ip.header().more_fragments() || ip.header().fragments_offset().value() != 0,
+        ),
+        Some(etherparse::LaxNetSlice::Ipv6(ip)) => (true, ip.payload().fragmented),
+        _ => return None,
+    };
+    let Some(TransportSlice::Udp(udp)) = &packet.transport else {
+        return None;
+    };
+    let payload = udp.payload();
+    if udp.destination_port() != VXLAN_PORT || payload.len() < 8 || payload[0] & 0x08 == 0 {
+        return None;
+    }
+    Some(Vxlan {
+        outer_src_port: udp.source_port(),
+        dont_fragment,
+        fragment,
+        vni: u32::from_be_bytes([0, payload[4], payload[5], payload[6]]),
+        inner: payload[8..].to_vec(),
+    })
+}
+
+/// Whether `frame` is a VXLAN copy of the sentinel.
+pub fn is_vxlan_sentinel(frame: &[u8]) -> bool {
+    vxlan_of(frame).is_some_and(|v| is_sentinel(&v.inner))
+}
+
+/// UDP datagrams the namespace's stack has delivered to sockets (`Udp: InDatagrams`, both IP
+/// versions).
+pub fn udp_datagrams_delivered(ns: &Netns) -> u64 {
+    let v4 = ns.exec(&["cat", "/proc/net/snmp"]);
+    let mut lines = v4.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (
+        lines.next().expect("Udp names"),
+        lines.next().expect("Udp values"),
+    );
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "InDatagrams")
+        .expect("InDatagrams");
+    let v4_count: u64 = values
+        .split_whitespace()
+        .nth(column)
+        .and_then(|v| v.parse().ok())
+        .expect("InDatagrams value");
+    let v6 = ns.exec(&["cat", "/proc/net/snmp6"]);
+    let v6_count: u64 = v6
+        .lines()
+        .find_map(|l| l.strip_prefix("Udp6InDatagrams"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    v4_count + v6_count
+}
+
+/// `mirror-agent collect` running in a namespace, stopped with SIGINT.
+#[derive(Debug)]
+pub struct Collector {
+    child: Child,
+    file: std::path::PathBuf,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Collector {
+    /// Starts the collector listening on `listen`, writing `file_name` in a fresh directory, and
+    /// waits until it listens.
+    pub fn start(ns: &Netns, listen: &str, file_name: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join(file_name);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(agent_binary())
+            .args([
+                "collect",
+                "--stats-interval",
+                "0",
+                "--listen",
+                listen,
+                "--write",
+            ])
+            .arg(&file)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn collector");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        stderr.read_line(&mut line).expect("collector stderr");
+        assert!(
+            line.contains("listening on"),
+            "collector did not start: {line:?} (status {:?})",
+            child.wait()
+        );
+        Collector {
+            child,
+            file,
+            dir: Some(dir),
+        }
+    }
+
+    /// SIGINT, wait for a clean exit, and return its summary.
+    pub fn stop(mut self) -> CollectorSummary {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGINT) };
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().expect("stdout"), &mut out)
+            .expect("collector summary");
+        let status = self.child.wait().expect("wait collector");
+        assert!(status.success(), "collector exited with {status}: {out}");
+        CollectorSummary {
+            text: out,
+            file: self.file.clone(),
+            _dir: self.dir.take().expect("stopped once"),
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What `mirror-agent collect` printed on exit, and the file it wrote.
+#[derive(Debug)]
+pub struct CollectorSummary {
+    pub text: String,
+    pub file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl CollectorSummary {
+    /// The frames of the capture file (pcap or pcapng), in order, with the pcapng interface name.
+    pub fn written(&self) -> Vec<(Option<String>, Vec<u8>)> {
+        let file = &self.file;
+        let data = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        if file.extension().is_some_and(|e| e == "pcapng") {
+            let mut reader = pcap_file::pcapng::PcapNgReader::new(data.as_slice()).expect("pcapng");
+            let mut names = Vec::new();
+            let mut frames = Vec::new();
+            while let Some(block) = reader.next_block() {
+                match block.expect("pcapng block") {
+                    pcap_file::pcapng::Block::InterfaceDescription(idb) => {
+                        names.push(idb.options.iter().find_map(|o| match o {
+                            pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
+                            _ => None,
+                        }));
+                    }
+                    pcap_file::pcapng::Block::EnhancedPacket(epb) => {
+                        frames.push((names[epb.interface_id as usize].clone(), epb.data.to_vec()));
+                    }
+                    _ => {}
+                }
+            }
+            frames
+        } else {
+            let mut reader = pcap_file::pcap::PcapReader::new(data.as_slice()).expect("pcap");
+            let mut frames = Vec::new();
+            while let Some(packet) = reader.next_packet() {
+                frames.push((None, packet.expect("pcap packet").data.to_vec()));
+            }
+            frames
+        }
+    }
+
+    /// Frames received with this VNI.
+    pub fn vni_frames(&self, vni: u32) -> u64 {
+        self.text
+            .lines()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next()? == vni.to_string()).then(|| words.next()?.parse().ok())?
+            })
+            .unwrap_or(0)
+    }
+
+    /// A `dropped` line's `name=value` field.
+    pub fn dropped(&self, field: &str) -> u64 {
+        self.text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{field}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {}", self.text))
+    }
+}
+
+/// Writes frames to a pcap file (for tshark).
+pub fn write_pcap(path: &std::path::Path, frames: &[Vec<u8>]) {
+    let file = std::fs::File::create(path).expect("create pcap");
+    let mut writer = pcap_file::pcap::PcapWriter::new(file).expect("pcap writer");
+    for frame in frames {
+        writer
+            .write_packet(&pcap_file::pcap::PcapPacket::new(
+                Duration::ZERO,
+                frame.len() as u32,
+                frame,
+            ))
+            .expect("write pcap");
+    }
+}
+
+/// One line per packet of `tshark -r FILE [-d …] -T fields -e FIELD…`, fields tab-separated.
+pub fn tshark_fields(
+    file: &std::path::Path,
+    decode_as: Option<&str>,
+    fields: &[&str],
+) -> Vec<String> {
+    let mut command = Command::new("tshark");
+    command.arg("-r").arg(file);
+    if let Some(rule) = decode_as {
+        command.args(["-d", rule]);
+    }
+    command.args(["-T", "fields"]);
+    for field in fields {
+        command.args(["-e", field]);
+    }
+    let output = command
+        .output()
+        .expect("tshark (installed by cargo xtask setup)");
+    assert!(
+        output.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }

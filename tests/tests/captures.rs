@@ -72,7 +72,7 @@ fn real_captures_replayed_are_copied_as_the_rules_say() {
     let copies: Vec<_> = copies.bytes_until_sentinel();
     assert_same_frames("replayed captures", copies, expected.clone());
     let report = agent.stop();
-    assert_eq!(report.rule("t", "default"), [skipped as u64, 0, 0, 0]);
+    assert_eq!(report.rule("t", "default"), [skipped as u64, 0, 0, 0, 0]);
     assert_eq!(
         report.hook("ingress", "malformed"),
         0,

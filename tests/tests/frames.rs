@@ -39,8 +39,8 @@ fn vlan_rules_match_the_outer_tag_single_double_and_802_1ad() {
         .collect();
     assert_same_frames("vlan", copies, expected);
     let report = agent.stop();
-    assert_eq!(report.rule("t", "10"), [4, 4, 0, 0]);
-    assert_eq!(report.rule("t", "default"), [3, 0, 0, 0]);
+    assert_eq!(report.rule("t", "10"), [4, 4, 0, 0, 0]);
+    assert_eq!(report.rule("t", "default"), [3, 0, 0, 0, 0]);
 }
 
 fn arp_request(sender_mac: &str, sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
@@ -292,9 +292,9 @@ fn sessions_sharing_an_interface_each_get_one_copy() {
     let report = agent.stop();
     assert_eq!(
         report.session("web"),
-        [4, 2, 0, 0],
+        [4, 2, 0, 0, 0],
         "sentinel and 5555 mirrored; 5556, 5557 by default skip"
     );
-    assert_eq!(report.rule("all-udp", "10"), [1, 0, 0, 0]);
-    assert_eq!(report.rule("all-udp", "default"), [3, 3, 0, 0]);
+    assert_eq!(report.rule("all-udp", "10"), [1, 0, 0, 0, 0]);
+    assert_eq!(report.rule("all-udp", "default"), [3, 3, 0, 0, 0]);
 }

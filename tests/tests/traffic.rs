@@ -72,10 +72,10 @@ fn udp_ipv4_and_ipv6_copied_at_ingress_and_egress() {
     );
 
     let report = agent.stop();
-    assert_eq!(report.rule("t", "10"), [20, 20, 0, 0]);
+    assert_eq!(report.rule("t", "10"), [20, 20, 0, 0, 0]);
     assert_eq!(
         report.rule("t", "1"),
-        [2, 2, 0, 0],
+        [2, 2, 0, 0, 0],
         "the sentinel, at src0 ingress and sink0 egress"
     );
 }

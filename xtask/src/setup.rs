@@ -5,9 +5,10 @@ use anyhow::{Context as _, bail};
 
 /// The bpf-linker release known to work with nightly's LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests and the lab use: ip and tc (iproute2), tcpdump (the lab's view), and
-/// python3-dpkt for the real captures it ships, which the tests replay.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "python3-dpkt"];
+/// Debian packages the tests and the lab use: ip and tc (iproute2), tcpdump (the lab's view),
+/// python3-dpkt for the real captures it ships, which the tests replay, and tshark, the
+/// independent decoder the VXLAN tests check our output with.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "python3-dpkt", "tshark"];
 
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;

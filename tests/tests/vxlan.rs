@@ -1,0 +1,435 @@
+//! VXLAN targets end to end: copies leave the node through the agent's VXLAN device, cross an
+//! underlay link to a collector namespace, and `mirror-agent collect` writes their inner frames to
+//! a file and sends them out of a tap. Each test checks the inner frames byte for byte against the
+//! frames on the primary path, and lets tshark (an independent decoder) read both the wire and our
+//! file.
+//!
+//! Synchronisation: the collector handles datagrams in order and sends each frame out of `tap0`,
+//! so once the sentinel's copy arrives at `tap1`, every copy made before it has been handled.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+};
+
+use mirror_tests::{
+    COL_V4, COL_V6, Capture, Collector, Flow, Frame, Lab, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_V4,
+    SRC_V6, assert_same_frames, is_sentinel, pin_to_first_cpu, select, tshark_fields, udp_socket,
+    vxlan_of, write_pcap,
+};
+
+/// One session sending to a VXLAN collector; its first rule mirrors the sentinel.
+fn vxlan_session(
+    name: &str,
+    interfaces: &str,
+    direction: &str,
+    remote: &str,
+    vni: u32,
+    rules: &str,
+) -> String {
+    format!(
+        "[[session]]\nname = \"{name}\"\ninterfaces = {interfaces}\ndirection = \"{direction}\"\ntarget = {{ vxlan = {{ remote = \"{remote}\", vni = {vni} }} }}\n{SENTINEL_RULE}{rules}"
+    )
+}
+
+const UDP_5555: &str =
+    "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n";
+
+/// Waits for `sentinels` copies of the sentinel at the collector's tap: every copy made before
+/// them has then been written. Returns the frames the tap saw.
+fn collected_through_tap(tap: &Capture, sentinels: usize) -> Vec<Frame> {
+    tap.until_nth(sentinels, is_sentinel)
+}
+
+/// Sends five UDP datagrams of growing size over IPv4 and IPv6 to `port` at the sink.
+fn send_udp(lab: &Lab, port: u16, sizes: &[usize]) {
+    let senders = [
+        udp_socket(&lab.src, SocketAddr::new(SRC_V4.into(), 0)),
+        udp_socket(&lab.src, SocketAddr::new(SRC_V6.into(), 0)),
+    ];
+    pin_to_first_cpu();
+    for (i, size) in sizes.iter().enumerate() {
+        let payload = vec![i as u8; *size];
+        senders[0].send_to(&payload, (SINK_V4, port)).expect("send");
+        senders[1].send_to(&payload, (SINK_V6, port)).expect("send");
+    }
+}
+
+/// Sends `data` over a TCP connection from src to sink port 7000 and checks it arrived whole.
+fn send_tcp_stream(lab: &Lab, data: &[u8]) {
+    let listener = lab
+        .sink
+        .enter(|| TcpListener::bind((SINK_V4, 7000)).expect("listen"));
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut received = Vec::new();
+        std::io::Read::read_to_end(&mut stream, &mut received).expect("read");
+        received
+    });
+    let to_send = data.to_vec();
+    lab.src.enter(move || {
+        pin_to_first_cpu();
+        let mut stream = TcpStream::connect((SINK_V4, 7000)).expect("connect");
+        stream.write_all(&to_send).expect("write");
+    });
+    assert!(
+        server.join().expect("server") == data,
+        "the primary path carried the stream"
+    );
+}
+
+#[test]
+fn vxlan_copies_carry_the_original_frames() {
+    let lab = Lab::with_collector("vxlan", 1600);
+    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let wire = Capture::open(lab.col(), "eth0");
+    let tap = Capture::open(lab.col(), "tap1");
+    let agent = lab.start_agent(&vxlan_session(
+        "t",
+        "[\"src0\", \"sink0\"]",
+        "both",
+        "192.0.2.2",
+        100,
+        UDP_5555,
+    ));
+    let at_src = Capture::open(&lab.src, "eth0");
+    let at_sink = Capture::open(&lab.sink, "eth0");
+    let receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5556));
+    send_udp(&lab, 5555, &[60, 300, 700, 1100, 1400]);
+    send_udp(&lab, 5556, &[80]);
+    lab.send_sentinel();
+    // The sentinel is copied at src0 ingress and at sink0 egress.
+    let tapped = collected_through_tap(&tap, 2);
+    let summary = collector.stop();
+    let report = agent.stop();
+    let mut buf = [0u8; 100];
+    assert_eq!(receiver.recv(&mut buf).expect("primary path"), 80);
+
+    // The copies on the wire: VNI 100, DF set, never fragmented; their inner frames are exactly
+    // the frames that entered src0 and left sink0, sentinels included.
+    let wire: Vec<Vec<u8>> = wire.drain().into_iter().map(|f| f.bytes).collect();
+    let tunnelled: Vec<_> = wire.iter().filter_map(|f| vxlan_of(f)).collect();
+    assert_eq!(tunnelled.len(), wire.len(), "only VXLAN on the underlay");
+    assert!(
+        tunnelled
+            .iter()
+            .all(|v| v.vni == 100 && v.dont_fragment && !v.fragment)
+    );
+    let to = |port: u16| move |f: &Flow| f.proto == Some(17) && f.dst_port == Some(port);
+    let mut expected = select(&at_src.drain(), |f, frame| {
+        frame.outgoing && (to(5555)(f) || to(9)(f))
+    });
+    expected.extend(select(&at_sink.drain(), |f, frame| {
+        !frame.outgoing && (to(5555)(f) || to(9)(f))
+    }));
+    assert_eq!(expected.len(), 22, "primary captures");
+    let inner: Vec<Vec<u8>> = tunnelled.iter().map(|v| v.inner.clone()).collect();
+    assert_same_frames("vxlan inner frames", inner.clone(), expected);
+
+    // The collector wrote them in arrival order, and sent them out of its tap.
+    let written: Vec<Vec<u8>> = summary.written().into_iter().map(|(_, f)| f).collect();
+    assert_eq!(written, inner);
+    assert_eq!(
+        tapped.into_iter().map(|f| f.bytes).collect::<Vec<_>>(),
+        inner
+    );
+    assert_eq!(summary.vni_frames(100), 22, "{}", summary.text);
+    for field in [
+        "short",
+        "bad_flags",
+        "other_vni",
+        "socket_drops",
+        "tap_errors",
+    ] {
+        assert_eq!(summary.dropped(field), 0, "{field}: {}", summary.text);
+    }
+
+    // tshark agrees: 22 VXLAN datagrams with VNI 100 on the wire, 22 frames in our file with the
+    // same inner destination ports.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wire_file = dir.path().join("wire.pcap");
+    write_pcap(&wire_file, &wire);
+    let vnis = tshark_fields(&wire_file, Some("udp.port==4789,vxlan"), &["vxlan.vni"]);
+    assert_eq!(vnis, vec!["100"; 22]);
+    let ports = |file: &std::path::Path, decode| {
+        let mut ports = tshark_fields(file, decode, &["udp.dstport"]);
+        ports.sort();
+        ports
+    };
+    let inner_ports: Vec<String> = ports(&wire_file, Some("udp.port==4789,vxlan"))
+        .iter()
+        .map(|p| p.split(',').next_back().unwrap_or_default().to_owned())
+        .collect();
+    let mut written_ports = ports(&summary.file, None);
+    written_ports.sort();
+    assert_eq!(written_ports.len(), 22);
+    assert_eq!(
+        written_ports.iter().filter(|p| *p == "5555").count(),
+        20,
+        "{written_ports:?}"
+    );
+    let mut inner_ports = inner_ports;
+    inner_ports.sort();
+    assert_eq!(inner_ports, written_ports);
+
+    assert_eq!(report.rule("t", "10"), [20, 20, 0, 0, 0]);
+    assert_eq!(report.hook("tunnel", "packets"), 22);
+    assert_eq!(report.hook("tunnel", "foreign"), 0);
+    assert_eq!(report.target("mirror-vx4789", "tx_dropped"), 0);
+    assert!(
+        !lab.node.ip(&["link", "show"]).contains("mirror-vx"),
+        "the VXLAN device is removed on exit"
+    );
+}
+
+#[test]
+fn two_sessions_two_vnis_over_an_ipv6_underlay_with_a_tcp_connection() {
+    let lab = Lab::with_collector("vxlan6", 1600);
+    let collector = Collector::start(lab.col(), "[::]:4789", "copies.pcapng", &["--tap", "tap0"]);
+    let tap = Capture::open(lab.col(), "tap1");
+    let wire = Capture::open(lab.col(), "eth0");
+    let config = [
+        vxlan_session(
+            "tcp",
+            "[\"src0\"]",
+            "ingress",
+            &COL_V6.to_string(),
+            10,
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"tcp\"\ndst_port = 7000\n",
+        ),
+        vxlan_session("udp", "[\"src0\"]", "ingress", &COL_V6.to_string(), 20, UDP_5555),
+    ]
+    .concat();
+    let agent = lab.start_agent(&config);
+
+    // A TCP stream from src to sink (copied at src0 ingress: the client's segments).
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    send_tcp_stream(&lab, &data);
+    send_udp(&lab, 5555, &[100, 200]);
+    lab.send_sentinel();
+    // Both sessions copy the sentinel.
+    collected_through_tap(&tap, 2);
+    let summary = collector.stop();
+    let report = agent.stop();
+
+    // IPv6 outer headers, and each session's copies under its own VNI.
+    let wire = wire.drain();
+    let vnis: BTreeSet<u32> = wire
+        .iter()
+        .filter_map(|f| vxlan_of(&f.bytes))
+        .map(|v| v.vni)
+        .collect();
+    assert_eq!(vnis, BTreeSet::from([10, 20]));
+    assert!(
+        wire.iter()
+            .all(|f| Flow::of(&f.bytes).dst == Some(COL_V6.into()))
+    );
+    let written = summary.written();
+    let by_vni = |name: &str| -> Vec<Vec<u8>> {
+        written
+            .iter()
+            .filter(|(n, _)| n.as_deref() == Some(name))
+            .map(|(_, f)| f.clone())
+            .collect()
+    };
+    let udp = by_vni("vni 20");
+    assert_eq!(udp.len(), 5, "4 datagrams and the sentinel");
+    assert!(udp.iter().all(|f| {
+        let flow = Flow::of(f);
+        flow.proto == Some(17) && matches!(flow.dst_port, Some(5555 | 9))
+    }));
+    // The TCP copies reassemble to the bytes the client sent.
+    let tcp = by_vni("vni 10");
+    let mut segments = BTreeMap::new();
+    let mut first_seq = None;
+    for frame in tcp.iter().filter(|f| !is_sentinel(f)) {
+        let packet = etherparse::SlicedPacket::from_ethernet(frame).expect("tcp copy");
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = packet.transport else {
+            panic!("not TCP: {:?}", Flow::of(frame));
+        };
+        assert_eq!(tcp.destination_port(), 7000);
+        if tcp.syn() {
+            first_seq = Some(tcp.sequence_number().wrapping_add(1));
+        }
+        if !tcp.payload().is_empty() {
+            segments.insert(tcp.sequence_number(), tcp.payload().to_vec());
+        }
+    }
+    let mut next = first_seq.expect("the SYN was copied");
+    let mut stream = Vec::new();
+    while let Some(payload) = segments.get(&next) {
+        stream.extend_from_slice(payload);
+        next = next.wrapping_add(payload.len() as u32);
+    }
+    assert_eq!(stream.len(), data.len(), "copied TCP stream length");
+    assert!(stream == data, "copied TCP stream bytes");
+
+    assert_eq!(summary.vni_frames(10), tcp.len() as u64, "{}", summary.text);
+    assert_eq!(summary.vni_frames(20), 5);
+    assert_eq!(summary.dropped("socket_drops"), 0);
+    let names = tshark_fields(&summary.file, None, &["frame.interface_name"]);
+    assert_eq!(names.len(), written.len());
+    assert_eq!(
+        names.iter().filter(|n| *n == "vni 20").count(),
+        5,
+        "tshark reads the pcapng interfaces"
+    );
+    assert_eq!(report.rule("tcp", "10")[4], 0, "nothing too big");
+    assert_eq!(report.rule("udp", "10"), [4, 4, 0, 0, 0]);
+}
+
+#[test]
+fn copies_too_big_for_the_underlay_are_counted_not_fragmented() {
+    // Path MTU 1400: the largest inner frame is 1400 - 20 (IP) - 8 (UDP) - 8 (VXLAN) = 1364.
+    let lab = Lab::with_collector("vxbig", 1400);
+    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let tap = Capture::open(lab.col(), "tap1");
+    let wire = Capture::open(lab.col(), "eth0");
+    let tcp_rule =
+        "[[session.rule]]\nnumber = 20\naction = \"mirror\"\nproto = \"tcp\"\ndst_port = 7000\n";
+    let agent = lab.start_agent(&vxlan_session(
+        "t",
+        "[\"src0\"]",
+        "ingress",
+        "192.0.2.2",
+        7,
+        &format!("{UDP_5555}{tcp_rule}"),
+    ));
+    let receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5555));
+    let sender = udp_socket(&lab.src, SocketAddr::new(SRC_V4.into(), 0));
+    pin_to_first_cpu();
+    // Frame length = 14 (Ethernet) + 20 (IPv4) + 8 (UDP) + payload.
+    let payloads = [1322, 1323, 1322, 1400, 1458];
+    for size in payloads {
+        sender
+            .send_to(&vec![0x5a; size], (SINK_V4, 5555))
+            .expect("send");
+    }
+    // A TCP stream: its full-size segments (GSO or not) make 1514-byte frames, too big.
+    send_tcp_stream(&lab, &vec![7; 100_000]);
+    lab.send_sentinel();
+    let tapped = collected_through_tap(&tap, 1);
+    let summary = collector.stop();
+    let report = agent.stop();
+
+    // The primary path is untouched: every datagram arrived.
+    let mut buf = vec![0u8; 2000];
+    for size in payloads {
+        assert_eq!(receiver.recv(&mut buf).expect("primary path"), size);
+    }
+    let udp_lengths: Vec<usize> = tapped
+        .iter()
+        .filter(|f| Flow::of(&f.bytes).dst_port == Some(5555))
+        .map(|f| f.bytes.len())
+        .collect();
+    assert_eq!(udp_lengths, [1364, 1364], "only the copies that fit arrive");
+    assert!(tapped.iter().all(|f| f.bytes.len() <= 1364));
+    let [matched, mirrored, _, _, too_big] = report.rule("t", "20");
+    assert!(too_big > 0, "the TCP data segments are too big");
+    assert_eq!(matched, mirrored + too_big);
+    let tcp_copies = tapped
+        .iter()
+        .filter(|f| Flow::of(&f.bytes).dst_port == Some(7000))
+        .count();
+    assert_eq!(tcp_copies as u64, mirrored, "the small TCP segments arrive");
+    assert!(
+        wire.drain()
+            .iter()
+            .filter_map(|f| vxlan_of(&f.bytes))
+            .all(|v| v.dont_fragment && !v.fragment)
+    );
+    assert_eq!(report.rule("t", "10"), [5, 2, 0, 0, 3], "3 copies too big");
+    assert_eq!(summary.vni_frames(7), 3 + mirrored);
+}
+
+#[test]
+fn the_outer_source_port_follows_the_inner_flow() {
+    let lab = Lab::with_collector("vxport", 1600);
+    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let tap = Capture::open(lab.col(), "tap1");
+    let wire = Capture::open(lab.col(), "eth0");
+    let agent = lab.start_agent(&vxlan_session(
+        "t",
+        "[\"src0\"]",
+        "ingress",
+        "192.0.2.2",
+        1,
+        UDP_5555,
+    ));
+    let _receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5555));
+    let flows: Vec<_> = (0..12)
+        .map(|_| udp_socket(&lab.src, SocketAddr::new(SRC_V4.into(), 0)))
+        .collect();
+    pin_to_first_cpu();
+    for round in 0..4u8 {
+        for flow in &flows {
+            flow.send_to(&[round; 64], (SINK_V4, 5555)).expect("send");
+        }
+    }
+    lab.send_sentinel();
+    collected_through_tap(&tap, 1);
+    collector.stop();
+    agent.stop();
+
+    let mut ports: BTreeMap<Option<u16>, BTreeSet<u16>> = BTreeMap::new();
+    for vxlan in wire.drain().iter().filter_map(|f| vxlan_of(&f.bytes)) {
+        if !is_sentinel(&vxlan.inner) {
+            ports
+                .entry(Flow::of(&vxlan.inner).src_port)
+                .or_default()
+                .insert(vxlan.outer_src_port);
+        }
+    }
+    assert_eq!(ports.len(), flows.len(), "every flow was copied");
+    for (flow, outer) in &ports {
+        assert_eq!(
+            outer.len(),
+            1,
+            "flow from port {flow:?} used outer ports {outer:?}"
+        );
+    }
+    let distinct: BTreeSet<u16> = ports.values().flatten().copied().collect();
+    assert!(
+        distinct.len() >= flows.len() / 2,
+        "12 flows should spread over many outer ports, got {distinct:?}"
+    );
+}
+
+#[test]
+fn tunnel_packets_on_a_watched_underlay_are_not_mirrored_again() {
+    let lab = Lab::with_collector("vxloop", 1600);
+    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let tap = Capture::open(lab.col(), "tap1");
+    // The session watches the underlay too, and mirrors everything by default: without the tunnel
+    // guard, each copy leaving ul0 would be copied again, without end.
+    let config = vxlan_session(
+        "t",
+        "[\"src0\", \"ul0\"]",
+        "both",
+        &COL_V4.to_string(),
+        5,
+        "",
+    )
+    .replace("[[session.rule]]", "default = \"mirror\"\n[[session.rule]]");
+    let agent = lab.start_agent(&config);
+    let _receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5555));
+    let sender = udp_socket(&lab.src, SocketAddr::new(SRC_V4.into(), 0));
+    pin_to_first_cpu();
+    for i in 0..10u8 {
+        sender.send_to(&[i; 100], (SINK_V4, 5555)).expect("send");
+    }
+    lab.send_sentinel();
+    let tapped = collected_through_tap(&tap, 1);
+    let summary = collector.stop();
+    let report = agent.stop();
+
+    assert_eq!(
+        tapped.len(),
+        11,
+        "each datagram copied once, then the sentinel"
+    );
+    assert_eq!(summary.vni_frames(5), 11);
+    // Each of the 11 copies crossed ul0's egress once and was skipped there by the guard.
+    assert_eq!(report.rule("t", "guard"), [11, 0, 0, 0, 0]);
+    assert_eq!(report.session("t")[1], 11);
+}
