@@ -500,5 +500,7 @@ dst_port = 443
         assert_eq!("0-65535".parse::<PortRange>(), Ok(PortRange(0..=65535)));
         assert!("65536".parse::<PortRange>().is_err());
         assert!("".parse::<PortRange>().is_err());
+        assert_eq!("0xffffff".parse::<Vni>(), Ok(Vni(0x00ff_ffff)));
+        assert!("16777216".parse::<Vni>().is_err());
     }
 }

@@ -1147,6 +1147,39 @@ mod tests {
                 "t.toml",
                 "no [[session]]",
             ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\", vxlan = {{ remote = \"192.0.2.9\", vni = 1 }} }}\n"
+                ),
+                "t.toml:4:",
+                "exactly one of `interface` or `vxlan`",
+            ),
+            (
+                format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{}}\n"),
+                "t.toml:4:",
+                "exactly one of `interface` or `vxlan`",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ vxlan = {{ remote = \"239.1.1.1\", vni = 1 }} }}\n"
+                ),
+                "t.toml:4:",
+                "must be a unicast address",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ vxlan = {{ remote = \"192.0.2.9\", vni = 1, local = \"fd00::1\" }} }}\n"
+                ),
+                "t.toml:4:",
+                "different IP versions",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ vxlan = {{ remote = \"192.0.2.9\", vni = 1, port = 0 }} }}\n"
+                ),
+                "t.toml:4:",
+                "port must not be 0",
+            ),
         ];
         for (text, at, message) in cases {
             let error = plan_error(&text);
@@ -1155,6 +1188,52 @@ mod tests {
                 "{error}\n--- for:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn vxlan_targets_put_a_tunnel_guard_first_in_every_session() {
+        let plan = plan(
+            &load(&format!(
+                "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ vxlan = {{ remote = \"fd00::9\", vni = 3, port = 8472 }} }}\ndefault = \"mirror\"\n\
+                 [[session]]\nname = \"b\"\ninterfaces = [\"eth1\"]\ntarget = {{ interface = \"mir0\" }}\n"
+            )),
+            &interfaces(),
+        )
+        .expect("valid");
+        let kinds: Vec<(usize, RuleKind)> =
+            plan.rules.iter().map(|r| (r.session, r.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, RuleKind::TunnelGuard),
+                (0, RuleKind::Default),
+                (1, RuleKind::TunnelGuard),
+                (1, RuleKind::Default)
+            ]
+        );
+        let guard = &plan.rules[0];
+        assert_eq!(guard.action, ActionConfig::Skip);
+        assert_eq!(guard.proto, Some(17));
+        assert_eq!(guard.dst, Some("fd00::9/128".parse().expect("net")));
+        assert_eq!(guard.dst_port, Some(8472..=8472));
+        // The outer packet of a copy is skipped; an ordinary packet reaches the default rule.
+        let outer = Packet {
+            ifindex: 2,
+            direction: Direction::Ingress,
+            ethertype: Some(0x86dd),
+            vlan: None,
+            proto: Some(17),
+            src: Some("fd00::1".parse().expect("ip")),
+            dst: Some("fd00::9".parse().expect("ip")),
+            src_port: Some(40_000),
+            dst_port: Some(8472),
+        };
+        assert_eq!(decide(&plan, &outer), [(0, 0)]);
+        let other = Packet {
+            dst_port: Some(8473),
+            ..outer
+        };
+        assert_eq!(decide(&plan, &other), [(0, 1)]);
     }
 
     #[test]

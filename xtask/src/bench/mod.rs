@@ -59,7 +59,14 @@ enum Scenario {
     TcU32 {
         rules: usize,
     },
+    /// mirror, one rule matching everything, into its VXLAN device towards the same collector
+    /// address as `TcMirredVxlan` (on port [`MIRROR_VXLAN_PORT`], as tc's device holds 4789).
+    MirrorVxlan,
 }
+
+/// Destination port of the mirror VXLAN scenario: an external-mode device cannot share a port
+/// with tc's plain VXLAN device. The port does not change the cost.
+const MIRROR_VXLAN_PORT: u16 = 4790;
 
 impl Scenario {
     fn name(&self) -> String {
@@ -77,6 +84,7 @@ impl Scenario {
             } => "mirror TC, no match".into(),
             Scenario::Mirror { rules, .. } => format!("mirror TC, {rules} rules"),
             Scenario::TcU32 { rules } => format!("tc u32 mirred, {rules} rules"),
+            Scenario::MirrorVxlan => "mirror TC into vxlan".into(),
         }
     }
 
@@ -179,6 +187,7 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             rules: 1,
             matching: false,
         },
+        Scenario::MirrorVxlan,
     ];
     for &rules in &options.rule_counts {
         if rules > 1 {
@@ -392,6 +401,13 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
             &lab.node,
             agent,
             &mirror_config(*rules, *matching),
+        )),
+        Scenario::MirrorVxlan => Active::Agent(Agent::start(
+            &lab.node,
+            agent,
+            &format!(
+                "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ vxlan = {{ remote = \"{VXLAN_REMOTE}\", vni = 42, port = {MIRROR_VXLAN_PORT} }} }}\n"
+            ),
         )),
     })
 }

@@ -199,6 +199,17 @@ fn targets(rows: &[Row], attach: &[AttachRow], options: &Options) -> String {
                 r >= 1.0 && complete >= 1.0,
             );
         }
+        if let (Some(mirror), Some(mirred)) =
+            (get("mirror TC into vxlan"), get("tc mirred into vxlan"))
+        {
+            let r = mirror.median_pps / mirred.median_pps;
+            let complete = mirror.completeness.unwrap_or(0.0);
+            line(
+                &format!("{size} B: mirror into vxlan ≥ 1.0x tc mirred into vxlan, 100% copies"),
+                format!("{r:.3}x, {:.2}% copies", complete * 100.0),
+                r >= 1.0 && complete >= 1.0,
+            );
+        }
         if let (Some(nomatch), Some(baseline)) =
             (get("mirror TC, no match"), get("baseline (no mirroring)"))
         {
