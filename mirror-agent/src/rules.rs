@@ -1147,6 +1147,13 @@ mod tests {
                 "t.toml",
                 "no [[session]]",
             ),
+        ];
+        assert_refused(&cases);
+    }
+
+    #[test]
+    fn refuses_bad_vxlan_targets() {
+        let cases = [
             (
                 format!(
                     "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\", vxlan = {{ remote = \"192.0.2.9\", vni = 1 }} }}\n"
@@ -1181,8 +1188,13 @@ mod tests {
                 "port must not be 0",
             ),
         ];
+        assert_refused(&cases);
+    }
+
+    /// Each (configuration, expected place, expected message) is refused as expected.
+    fn assert_refused(cases: &[(String, &str, &str)]) {
         for (text, at, message) in cases {
-            let error = plan_error(&text);
+            let error = plan_error(text);
             assert!(
                 error.starts_with(at) && error.contains(message),
                 "{error}\n--- for:\n{text}"

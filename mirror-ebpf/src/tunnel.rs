@@ -3,8 +3,8 @@
 //! the outer UDP source port from the copy's flow hash, so a flow's copies share one.
 use aya_ebpf::{
     bindings::{
-        BPF_F_DONT_FRAGMENT, BPF_F_TUNINFO_IPV6, bpf_tunnel_key, bpf_tunnel_key__bindgen_ty_1,
-        bpf_tunnel_key__bindgen_ty_2, bpf_tunnel_key__bindgen_ty_3,
+        BPF_F_DONT_FRAGMENT, BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, bpf_tunnel_key,
+        bpf_tunnel_key__bindgen_ty_1, bpf_tunnel_key__bindgen_ty_2, bpf_tunnel_key__bindgen_ty_3,
     },
     helpers::generated::bpf_skb_set_tunnel_key,
     programs::TcContext,
@@ -46,10 +46,14 @@ pub fn set_key(ctx: &TcContext) -> Result<(), NotSent> {
         },
     };
     // Never fragmented: the mirror program already held back copies larger than the path allows.
-    let mut flags = u64::from(BPF_F_DONT_FRAGMENT);
-    if session.target_kind == TARGET_VXLAN_V6 {
-        flags |= u64::from(BPF_F_TUNINFO_IPV6);
-    }
+    // The outer UDP checksum is zero over IPv4, as RFC 7348 recommends and Linux VXLAN devices do
+    // by default; IPv6 requires one.
+    let flags = u64::from(BPF_F_DONT_FRAGMENT)
+        | if session.target_kind == TARGET_VXLAN_V6 {
+            u64::from(BPF_F_TUNINFO_IPV6)
+        } else {
+            u64::from(BPF_F_ZERO_CSUM_TX)
+        };
     // SAFETY: the helper reads `size_of::<bpf_tunnel_key>()` bytes of `key`, a stack value.
     let result = unsafe {
         bpf_skb_set_tunnel_key(

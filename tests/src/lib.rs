@@ -425,6 +425,17 @@ impl Lab {
     pub fn start_agent(&self, config: &str) -> Agent {
         Agent::start(&self.node, &agent_binary(), config)
     }
+
+    /// Starts `mirror-agent collect` in the collector namespace with its `--tap` on `tap0`.
+    pub fn start_collector(&self, listen: &str, file_name: &str) -> Collector {
+        Collector::start(
+            self.col(),
+            &agent_binary(),
+            listen,
+            file_name,
+            &["--tap", "tap0"],
+        )
+    }
 }
 
 /// Polls `condition` every 10 ms until it holds, failing the test after [`DEADLINE`].
@@ -1070,12 +1081,18 @@ pub struct Collector {
 impl Collector {
     /// Starts the collector listening on `listen`, writing `file_name` in a fresh directory, and
     /// waits until it listens.
-    pub fn start(ns: &Netns, listen: &str, file_name: &str, extra: &[&str]) -> Self {
+    pub fn start(
+        ns: &Netns,
+        binary: &std::path::Path,
+        listen: &str,
+        file_name: &str,
+        extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join(file_name);
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
-            .arg(agent_binary())
+            .arg(binary)
             .args([
                 "collect",
                 "--stats-interval",

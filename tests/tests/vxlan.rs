@@ -13,9 +13,9 @@ use std::{
 };
 
 use mirror_tests::{
-    COL_V4, COL_V6, Capture, Collector, Flow, Frame, Lab, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_V4,
-    SRC_V6, assert_same_frames, is_sentinel, pin_to_first_cpu, select, tshark_fields, udp_socket,
-    vxlan_of, write_pcap,
+    COL_V4, COL_V6, Capture, Flow, Frame, Lab, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_V4, SRC_V6,
+    assert_same_frames, is_sentinel, pin_to_first_cpu, select, tshark_fields, udp_socket, vxlan_of,
+    write_pcap,
 };
 
 /// One session sending to a VXLAN collector; its first rule mirrors the sentinel.
@@ -81,7 +81,7 @@ fn send_tcp_stream(lab: &Lab, data: &[u8]) {
 #[test]
 fn vxlan_copies_carry_the_original_frames() {
     let lab = Lab::with_collector("vxlan", 1600);
-    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let collector = lab.start_collector("0.0.0.0:4789", "copies.pcap");
     let wire = Capture::open(lab.col(), "eth0");
     let tap = Capture::open(lab.col(), "tap1");
     let agent = lab.start_agent(&vxlan_session(
@@ -185,7 +185,7 @@ fn vxlan_copies_carry_the_original_frames() {
 #[test]
 fn two_sessions_two_vnis_over_an_ipv6_underlay_with_a_tcp_connection() {
     let lab = Lab::with_collector("vxlan6", 1600);
-    let collector = Collector::start(lab.col(), "[::]:4789", "copies.pcapng", &["--tap", "tap0"]);
+    let collector = lab.start_collector("[::]:4789", "copies.pcapng");
     let tap = Capture::open(lab.col(), "tap1");
     let wire = Capture::open(lab.col(), "eth0");
     let config = [
@@ -282,7 +282,7 @@ fn two_sessions_two_vnis_over_an_ipv6_underlay_with_a_tcp_connection() {
 fn copies_too_big_for_the_underlay_are_counted_not_fragmented() {
     // Path MTU 1400: the largest inner frame is 1400 - 20 (IP) - 8 (UDP) - 8 (VXLAN) = 1364.
     let lab = Lab::with_collector("vxbig", 1400);
-    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let collector = lab.start_collector("0.0.0.0:4789", "copies.pcap");
     let tap = Capture::open(lab.col(), "tap1");
     let wire = Capture::open(lab.col(), "eth0");
     let tcp_rule =
@@ -345,7 +345,7 @@ fn copies_too_big_for_the_underlay_are_counted_not_fragmented() {
 #[test]
 fn the_outer_source_port_follows_the_inner_flow() {
     let lab = Lab::with_collector("vxport", 1600);
-    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let collector = lab.start_collector("0.0.0.0:4789", "copies.pcap");
     let tap = Capture::open(lab.col(), "tap1");
     let wire = Capture::open(lab.col(), "eth0");
     let agent = lab.start_agent(&vxlan_session(
@@ -398,7 +398,7 @@ fn the_outer_source_port_follows_the_inner_flow() {
 #[test]
 fn tunnel_packets_on_a_watched_underlay_are_not_mirrored_again() {
     let lab = Lab::with_collector("vxloop", 1600);
-    let collector = Collector::start(lab.col(), "0.0.0.0:4789", "copies.pcap", &["--tap", "tap0"]);
+    let collector = lab.start_collector("0.0.0.0:4789", "copies.pcap");
     let tap = Capture::open(lab.col(), "tap1");
     // The session watches the underlay too, and mirrors everything by default: without the tunnel
     // guard, each copy leaving ul0 would be copied again, without end.

@@ -1,5 +1,7 @@
-//! `cargo xtask lab`: the demo. Builds the test topology (see the mirror-tests crate), runs the
-//! agent on examples/lab.toml, sends real traffic, and shows what arrived on the mirror side.
+//! `cargo xtask lab`: the demo. Builds the test topology (see the mirror-tests crate) with a
+//! collector namespace, runs the agent on examples/lab.toml, sends real traffic, and shows what
+//! arrived on the mirror interface (tcpdump) and at the VXLAN collector (`mirror-agent collect`,
+//! its file decoded by tshark).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -10,19 +12,37 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use mirror_tests::{Agent, Lab, SINK_V4, SINK_V6, SRC_V4, SRC_V6, udp_socket};
+use mirror_tests::{
+    Agent, Capture, Collector, Lab, SINK_V4, SINK_V6, SRC_V4, SRC_V6, is_sentinel, udp_socket,
+};
 
 pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
     let config_path = crate::root().join("examples/lab.toml");
     let config = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
     println!("== mirror lab ==");
-    let lab = Lab::new("lab");
+    let lab = Lab::with_collector("lab", 1600);
     println!(
-        "namespaces: {} → {} → {}; copies go out of mir0 to {}/eth0",
-        lab.src.name, lab.node.name, lab.sink.name, lab.mon.name
+        "namespaces: {} → {} → {}; copies go out of mir0 to {}/eth0, and in VXLAN over ul0 to {}",
+        lab.src.name,
+        lab.node.name,
+        lab.sink.name,
+        lab.mon.name,
+        lab.col().name
     );
     println!("config: {}\n", config_path.display());
+    let collector = Collector::start(
+        lab.col(),
+        agent_binary,
+        "0.0.0.0:4789",
+        "lab.pcapng",
+        &["--tap", "tap0"],
+    );
+    let collected = Capture::open(lab.col(), "tap1");
+    println!(
+        "collector listening on 192.0.2.2:4789 in {}",
+        lab.col().name
+    );
     let agent = Agent::start(&lab.node, agent_binary, &config);
     println!("agent running in {}", lab.node.name);
 
@@ -80,6 +100,19 @@ pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
     }
     let _ = tcpdump.kill();
     let _ = tcpdump.wait();
+    // The collector handles datagrams in order: once the marker is out of its tap, it has all.
+    collected.until_nth(1, is_sentinel);
+    let summary = collector.stop();
+    println!("\nthe VXLAN collector's summary:\n{}", summary.text);
+    println!("its file, decoded by tshark:");
+    let decoded = Command::new("tshark")
+        .arg("-r")
+        .arg(&summary.file)
+        .output()
+        .context("running tshark (cargo xtask setup installs it)")?;
+    for line in String::from_utf8_lossy(&decoded.stdout).lines() {
+        println!("  {line}");
+    }
     println!("\nagent stopped; its final counters:\n{}", agent.stop().0);
     println!("namespaces removed. Run `mirror-agent run --help` for the quick CLI form.");
     Ok(())

@@ -59,6 +59,10 @@ enum Task {
         /// A short run: 2 repetitions of 0.5 s, fewer rule and interface counts.
         #[arg(long)]
         quick: bool,
+        /// Only the scenarios whose name contains this text (e.g. `vxlan`); `attach` for attach
+        /// scaling alone.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -76,6 +80,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             fixed_rate,
             quick,
+            only,
         } => {
             require_root("the benchmarks")?;
             setup::run()?;
@@ -88,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                     rule_counts: vec![1, 1000],
                     attach_counts: vec![1, 50],
                     frame_sizes: vec![60],
+                    only,
                 }
             } else {
                 bench::Options {
@@ -97,6 +103,7 @@ fn main() -> anyhow::Result<()> {
                     rule_counts: vec![1, 100, 1000, 10_000],
                     attach_counts: vec![1, 100, 500],
                     frame_sizes: vec![60, 1400],
+                    only,
                 }
             };
             bench::run(&build(true)?, &options)

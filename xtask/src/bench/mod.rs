@@ -40,6 +40,9 @@ pub struct Options {
     /// Interface counts for the attach-scaling runs.
     pub attach_counts: Vec<usize>,
     pub frame_sizes: Vec<usize>,
+    /// Run only the scenarios whose name contains this (and attach scaling only if it is
+    /// "attach"); ratios need their reference scenarios in the same run.
+    pub only: Option<String>,
 }
 
 /// One way of mirroring src0's ingress (or none).
@@ -170,8 +173,6 @@ pub struct AttachRow {
 
 pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
-    let _stats =
-        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
     let lab = Lab::new("bench");
     prepare(&lab);
     let mut scenarios = vec![
@@ -198,6 +199,9 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
         }
         scenarios.push(Scenario::TcU32 { rules });
     }
+    if let Some(only) = &options.only {
+        scenarios.retain(|s| s.name().contains(only.as_str()));
+    }
     let mut rows = Vec::new();
     for &size in &options.frame_sizes {
         let frame = flow_frame(size);
@@ -210,7 +214,10 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             rows.push(measure(&lab, agent, scenario, &frame, options)?);
         }
     }
-    let attach = attach_scaling(agent, &options.attach_counts)?;
+    let attach = match options.only.as_deref() {
+        None | Some("attach") => attach_scaling(agent, &options.attach_counts)?,
+        Some(_) => Vec::new(),
+    };
     drop(lab);
     report::write(&rows, &attach, options, started.elapsed())
 }
@@ -466,7 +473,14 @@ fn measure(
             busy_before,
         });
     }
-    let program_ns_per_packet = program_cost()?;
+    // The kernel's per-program run time, in a separate run: measuring it reads the clock twice per
+    // program run, which would slow the max-rate runs above.
+    let program_ns_per_packet = {
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enabling BPF run-time stats")?;
+        generate(&lab.src, "eth0", frame, duration, None, 50_000_000)?;
+        program_cost()?
+    };
     let agent_rss_kib = match &active {
         Active::Agent(agent) => Some(rss_kib(agent.pid())?),
         _ => None,
