@@ -1179,12 +1179,7 @@ impl CollectorSummary {
             }
             frames
         } else {
-            let mut reader = pcap_file::pcap::PcapReader::new(data.as_slice()).expect("pcap");
-            let mut frames = Vec::new();
-            while let Some(packet) = reader.next_packet() {
-                frames.push((None, packet.expect("pcap packet").data.to_vec()));
-            }
-            frames
+            pcap_frames(file).into_iter().map(|f| (None, f)).collect()
         }
     }
 
@@ -1207,6 +1202,17 @@ impl CollectorSummary {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {field} in {}", self.text))
     }
+}
+
+/// The frames of a pcap file, in order.
+pub fn pcap_frames(file: &std::path::Path) -> Vec<Vec<u8>> {
+    let data = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let mut reader = pcap_file::pcap::PcapReader::new(data.as_slice()).expect("pcap");
+    let mut frames = Vec::new();
+    while let Some(packet) = reader.next_packet() {
+        frames.push(packet.expect("pcap packet").data.to_vec());
+    }
+    frames
 }
 
 /// Writes frames to a pcap file (for tshark).

@@ -13,9 +13,10 @@ use std::{
 };
 
 use mirror_tests::{
-    COL_V4, COL_V6, Capture, Flow, Frame, Lab, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_V4, SRC_V6,
-    assert_same_frames, is_sentinel, pin_to_first_cpu, select, tshark_fields, udp_socket, vxlan_of,
-    write_pcap,
+    COL_V4, COL_V6, Capture, Collector, Flow, Frame, Lab, NODE_UL_V4, SENTINEL_PORT, SENTINEL_RULE,
+    SINK_MAC, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, agent_binary, assert_same_frames,
+    is_sentinel, pcap_frames, pin_to_first_cpu, select, tshark_fields, udp_socket, udp_v4_frame,
+    vxlan_of, write_pcap,
 };
 
 /// One session sending to a VXLAN collector; its first rule mirrors the sentinel.
@@ -432,4 +433,84 @@ fn tunnel_packets_on_a_watched_underlay_are_not_mirrored_again() {
     // Each of the 11 copies crossed ul0's egress once and was skipped there by the guard.
     assert_eq!(report.rule("t", "guard"), [11, 0, 0, 0, 0]);
     assert_eq!(report.session("t")[1], 11);
+}
+
+#[test]
+fn the_collector_counts_bad_datagrams_filters_vnis_and_rotates_files() {
+    let lab = Lab::with_collector("vxcol", 1500);
+    let collector = Collector::start(
+        lab.col(),
+        &agent_binary(),
+        "0.0.0.0:4789",
+        "copies.pcap",
+        &[
+            "--tap",
+            "tap0",
+            "--vni",
+            "5",
+            "--rotate-bytes",
+            "4096",
+            "--rotate-count",
+            "2",
+        ],
+    );
+    let tap = Capture::open(lab.col(), "tap1");
+    let sender = udp_socket(&lab.node, SocketAddr::new(NODE_UL_V4.into(), 0));
+    let datagram = |flags: u8, vni: u32, inner: &[u8]| {
+        let mut d = vec![flags, 0, 0, 0];
+        d.extend_from_slice(&(vni << 8).to_be_bytes());
+        d.extend_from_slice(inner);
+        d
+    };
+    let frame = |i: u8| udp_v4_frame(SRC_MAC, SINK_MAC, 6000, &[i; 958]);
+    pin_to_first_cpu();
+    let mut sent = Vec::new();
+    for i in 0..12u8 {
+        sender
+            .send_to(&datagram(0x08, 5, &frame(i)), (COL_V4, 4789))
+            .expect("send");
+        sent.push(frame(i));
+        if i == 3 {
+            for bad in [
+                vec![0x08, 0, 0],             // short
+                datagram(0x00, 5, &frame(i)), // no I flag
+                datagram(0x08, 6, &frame(i)), // another VNI
+            ] {
+                sender.send_to(&bad, (COL_V4, 4789)).expect("send");
+            }
+        }
+    }
+    let sentinel = udp_v4_frame(SRC_MAC, SINK_MAC, SENTINEL_PORT, b"sentinel");
+    sender
+        .send_to(&datagram(0x08, 5, &sentinel), (COL_V4, 4789))
+        .expect("send");
+    let tapped = tap.until_nth(1, is_sentinel);
+    let summary = collector.stop();
+
+    sent.push(sentinel);
+    assert_eq!(
+        tapped.into_iter().map(|f| f.bytes).collect::<Vec<_>>(),
+        sent,
+        "the accepted frames, in order, out of the tap"
+    );
+    assert_eq!(summary.vni_frames(5), 13, "{}", summary.text);
+    assert_eq!(summary.vni_frames(6), 0);
+    for field in ["short", "bad_flags", "other_vni"] {
+        assert_eq!(summary.dropped(field), 1, "{field}: {}", summary.text);
+    }
+    // 1,000-byte frames (1,016 bytes with their pcap record header): a file takes a fifth frame
+    // at 4,064 bytes and is full after it, so frames 0–4, 5–9 and 10–12 went to files 1, 2 and 3,
+    // and only the newest two files are kept.
+    let dir = summary.file.parent().expect("dir");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["copies-000002.pcap", "copies-000003.pcap"]);
+    let kept: Vec<Vec<u8>> = names
+        .iter()
+        .flat_map(|name| pcap_frames(&dir.join(name)))
+        .collect();
+    assert_eq!(kept, sent[5..], "the newest files hold the last frames");
 }
