@@ -40,6 +40,8 @@ pub struct Config {
     /// Seconds between counter log lines (0: never).
     #[serde(default = "default_stats_interval")]
     pub stats_interval_secs: u64,
+    /// A budget all sessions' copies share, on top of their own limits.
+    pub node_rate_limit: Option<Spanned<RateLimitConfig>>,
 }
 
 fn default_stats_interval() -> u64 {
@@ -59,8 +61,49 @@ pub struct SessionConfig {
     /// What happens to packets no rule matches.
     #[serde(default)]
     pub default: ActionConfig,
+    /// Copies are cut to this many bytes (from the Ethernet header); the original is untouched.
+    pub snaplen: Option<Spanned<u32>>,
+    /// Copy only a sample of what the rules select.
+    pub sample: Option<Spanned<SampleConfig>>,
+    /// At most this many copies (and bytes of copies) per second.
+    pub rate_limit: Option<Spanned<RateLimitConfig>>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RuleConfig>>,
+}
+
+/// `sample = { every = 100, by = "flow" }`.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SampleConfig {
+    /// Keep 1 in this many.
+    pub every: u32,
+    #[serde(default)]
+    pub by: SampleBy,
+    /// Mixed into the flow hash (`by = "flow"`): agents with the same seed sample the same flows.
+    /// Default: chosen at random when the agent starts.
+    pub seed: Option<u32>,
+}
+
+/// What sampling picks.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleBy {
+    /// Each packet independently, at random.
+    #[default]
+    Packet,
+    /// Whole flows (both directions), by a hash of addresses, ports and protocol.
+    Flow,
+}
+
+/// `rate_limit = { packets_per_second = 1000, bytes_per_second = 10_000_000 }`; bursts default to
+/// a tenth of a second's worth (at least one packet, and 64 KiB).
+#[derive(Debug, Deserialize, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub packets_per_second: Option<u64>,
+    pub bytes_per_second: Option<u64>,
+    pub burst_packets: Option<u64>,
+    pub burst_bytes: Option<u64>,
 }
 
 /// Which side of the interfaces to watch.

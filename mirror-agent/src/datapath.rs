@@ -13,9 +13,10 @@ use ipnet::IpNet;
 use mirror_common::{
     ATTACHMENT_BITMAP_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP,
     Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field, HOOK_COUNT, HOOK_COUNTERS_MAP,
-    HookCounters, IP_PROTO_BITMAP_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP,
-    SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP,
-    SessionMeta, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TC_TUNNEL_PROGRAM, VLAN_BITMAP_MAP,
+    HookCounters, IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP,
+    RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP,
+    SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM,
+    VLAN_BITMAP_MAP,
 };
 
 use crate::rules::{Interface, Plan};
@@ -25,8 +26,8 @@ use crate::rules::{Interface, Plan};
 pub enum Hook {
     /// The mirror program on a watched interface.
     Mirror(Direction),
-    /// The tunnel program at the egress of one of the agent's VXLAN devices.
-    Tunnel,
+    /// The copy program at the egress of a target (interface or VXLAN device).
+    Copy,
 }
 
 /// The eBPF object built by build.rs from mirror-ebpf.
@@ -177,11 +178,12 @@ fn fill_prefixes(
 
 impl Datapath {
     /// Loads the programs, fills the maps from `plan` and the sessions' resolved targets, attaches
-    /// the tunnel program to `tunnel_devices` and the mirror programs to every watched interface.
+    /// the copy program to every target device and the mirror programs to every watched
+    /// interface.
     pub fn start(
         plan: &Plan,
         sessions: &[SessionMeta],
-        tunnel_devices: &[(String, u32)],
+        target_devices: &[(String, u32)],
     ) -> Result<Self, DatapathError> {
         let tables = &plan.tables;
         let mut ebpf = EbpfLoader::new()
@@ -200,6 +202,7 @@ impl Datapath {
         }
         fill_array(&mut ebpf, RULES_MAP, &tables.rules)?;
         fill_array(&mut ebpf, SESSIONS_MAP, sessions)?;
+        fill_array(&mut ebpf, NODE_RATE_LIMIT_MAP, &[plan.node_rate])?;
         fill_prefixes(
             &mut ebpf,
             SRC_V4_BITMAP_MAP,
@@ -219,10 +222,10 @@ impl Datapath {
             ebpf,
             links: Vec::new(),
         };
-        // Tunnel devices first: a copy must never reach a device without its program.
-        let mut hooks: Vec<(Hook, String)> = tunnel_devices
+        // Targets first: a copy must never reach a target without the copy program.
+        let mut hooks: Vec<(Hook, String)> = target_devices
             .iter()
-            .map(|(name, _)| (Hook::Tunnel, name.clone()))
+            .map(|(name, _)| (Hook::Copy, name.clone()))
             .collect();
         let mut watched: Vec<(Hook, String)> = plan
             .sessions
@@ -240,7 +243,7 @@ impl Datapath {
         // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
         let needs_clsact = KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0));
         for hook in [
-            Hook::Tunnel,
+            Hook::Copy,
             Hook::Mirror(Direction::Ingress),
             Hook::Mirror(Direction::Egress),
         ] {
@@ -289,7 +292,7 @@ impl Datapath {
     /// Detaches every program, reporting the first failure (the rest are still detached).
     pub fn stop(mut self) -> Result<(), DatapathError> {
         let mut first_error = None;
-        // Watched interfaces first, tunnel devices last: the reverse of attaching.
+        // Watched interfaces first, targets last: the reverse of attaching.
         for (hook, interface, link) in std::mem::take(&mut self.links).into_iter().rev() {
             let (name, _) = attach_point(hook);
             let result = self.program(name).and_then(|p| {
@@ -348,7 +351,7 @@ impl Datapath {
                 t.step_limit += v.step_limit;
                 t.table_errors += v.table_errors;
                 t.foreign += v.foreign;
-                t.tunnel_errors += v.tunnel_errors;
+                t.copy_errors += v.copy_errors;
             },
         )
     }
@@ -359,7 +362,7 @@ fn attach_point(hook: Hook) -> (&'static str, TcAttachType) {
     match hook {
         Hook::Mirror(Direction::Ingress) => (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
         Hook::Mirror(Direction::Egress) => (TC_EGRESS_PROGRAM, TcAttachType::Egress),
-        Hook::Tunnel => (TC_TUNNEL_PROGRAM, TcAttachType::Egress),
+        Hook::Copy => (TC_COPY_PROGRAM, TcAttachType::Egress),
     }
 }
 
@@ -369,4 +372,7 @@ fn add_counters(total: &mut Counters, value: &Counters) {
     total.clone_errors += value.clone_errors;
     total.copy_limit += value.copy_limit;
     total.too_big += value.too_big;
+    total.sampled_out += value.sampled_out;
+    total.rate_limited += value.rate_limited;
+    total.truncated += value.truncated;
 }

@@ -16,7 +16,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::{
         ActionConfig, Cidr, Config, DEFAULT_VXLAN_PORT, DirectionConfig, Ethertype, IpProto,
-        LoadedConfig, PortRange, RuleConfig, SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
+        LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
+        SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
     },
     datapath::Datapath,
     rules::{Plan, Target},
@@ -110,6 +111,21 @@ struct QuickSession {
     /// Destination port or range.
     #[arg(long)]
     dst_port: Option<PortRange>,
+    /// Cut copies to this many bytes (the originals are untouched).
+    #[arg(long)]
+    snaplen: Option<u32>,
+    /// Copy 1 in N of the packets the rule selects (at random).
+    #[arg(long, value_name = "N")]
+    sample: Option<u32>,
+    /// With --sample: pick whole flows (both directions), not single packets.
+    #[arg(long, requires = "sample")]
+    sample_flows: bool,
+    /// At most this many copies per second.
+    #[arg(long)]
+    max_pps: Option<u64>,
+    /// At most this many bytes of copies per second.
+    #[arg(long)]
+    max_bps: Option<u64>,
 }
 
 impl QuickSession {
@@ -142,11 +158,31 @@ impl QuickSession {
                 }),
             }),
             default: ActionConfig::Skip,
+            snaplen: self.snaplen.map(spanned),
+            sample: self.sample.map(|every| {
+                spanned(SampleConfig {
+                    every,
+                    by: if self.sample_flows {
+                        SampleBy::Flow
+                    } else {
+                        SampleBy::Packet
+                    },
+                    seed: None,
+                })
+            }),
+            rate_limit: (self.max_pps.is_some() || self.max_bps.is_some()).then(|| {
+                spanned(RateLimitConfig {
+                    packets_per_second: self.max_pps,
+                    bytes_per_second: self.max_bps,
+                    ..RateLimitConfig::default()
+                })
+            }),
             rules: vec![spanned(rule)],
         };
         Config {
             sessions: vec![spanned(session)],
             stats_interval_secs: 10,
+            node_rate_limit: None,
         }
     }
 }
@@ -221,7 +257,8 @@ async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
     let mut targets = tunnel::resolve(&plan.sessions)
         .await
         .context("preparing the targets")?;
-    let datapath = match Datapath::start(&plan, &targets.sessions, &targets.devices.devices) {
+    let target_devices = target_devices(&plan, &targets);
+    let datapath = match Datapath::start(&plan, &targets.sessions, &target_devices) {
         Ok(datapath) => datapath,
         Err(e) => {
             if let Err(cleanup) = targets.devices.remove().await {
@@ -255,7 +292,7 @@ async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
             () = tick(ticker.as_mut()) => log_counters(&datapath, &plan),
         }
     }
-    let report = report(&datapath, &plan, &targets).await;
+    let report = report(&datapath, &plan, &targets, &target_devices).await;
     let detached = datapath.stop().context("detaching");
     let removed = targets
         .devices
@@ -298,6 +335,9 @@ fn log_counters(datapath: &Datapath, plan: &Plan) {
                     clone_errors = c.clone_errors,
                     copy_limit = c.copy_limit,
                     too_big = c.too_big,
+                    sampled_out = c.sampled_out,
+                    rate_limited = c.rate_limited,
+                    truncated = c.truncated,
                     "counters"
                 );
             }
@@ -306,30 +346,67 @@ fn log_counters(datapath: &Datapath, plan: &Plan) {
     }
 }
 
+/// Every interface copies leave through: interface targets and the agent's VXLAN devices.
+fn target_devices(plan: &Plan, targets: &ResolvedTargets) -> Vec<(String, u32)> {
+    let mut devices: Vec<(String, u32)> = plan
+        .sessions
+        .iter()
+        .filter_map(|s| match &s.target {
+            Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
+            Target::Vxlan(_) => None,
+        })
+        .chain(targets.devices.devices.iter().cloned())
+        .collect();
+    devices.sort();
+    devices.dedup();
+    devices
+}
+
 /// The final counters as a table: one line per rule, then one per session, per hook and per
 /// target interface (copies the kernel lost after they left the programs).
 async fn report(
     datapath: &Datapath,
     plan: &Plan,
     targets: &ResolvedTargets,
+    target_devices: &[(String, u32)],
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let rules = datapath.rule_counters(plan.rules.len())?;
     let sessions = datapath.session_counters(plan.sessions.len())?;
     let hooks = datapath.hook_counters()?;
     let mut out = String::new();
-    let row =
-        |out: &mut String, kind: &str, name: &str, rule: &str, c: &mirror_common::Counters| {
-            let _ = writeln!(
-                out,
-                "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>12} {:>10} {:>10}",
-                c.matched, c.mirrored, c.clone_errors, c.copy_limit, c.too_big
-            );
-        };
+    let row = |out: &mut String,
+               kind: &str,
+               name: &str,
+               rule: &str,
+               c: &mirror_common::Counters| {
+        let _ = writeln!(
+            out,
+            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
+            c.matched,
+            c.mirrored,
+            c.clone_errors,
+            c.copy_limit,
+            c.too_big,
+            c.sampled_out,
+            c.rate_limited,
+            c.truncated
+        );
+    };
     let _ = writeln!(
         out,
-        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>12} {:>10} {:>10}",
-        "counter", "session", "rule", "matched", "mirrored", "clone_err", "copy_limit", "too_big"
+        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
+        "counter",
+        "session",
+        "rule",
+        "matched",
+        "mirrored",
+        "clone_err",
+        "copy_limit",
+        "too_big",
+        "sampled_out",
+        "rate_limited",
+        "truncated"
     );
     for (rule, c) in plan.rules.iter().zip(&rules) {
         let kind = rule.kind.to_string();
@@ -351,28 +428,15 @@ async fn report(
             h.packets, h.malformed, h.step_limit, h.table_errors
         );
     }
-    if let Some(tunnel) = hooks.get(mirror_common::TUNNEL_HOOK as usize)
-        && !targets.devices.devices.is_empty()
-    {
+    if let Some(copy) = hooks.get(mirror_common::COPY_HOOK as usize) {
         let _ = writeln!(
             out,
-            "hook     {:<16} packets={} foreign={} tunnel_errors={}",
-            "tunnel", tunnel.packets, tunnel.foreign, tunnel.tunnel_errors
+            "hook     {:<16} packets={} foreign={} copy_errors={}",
+            "copy", copy.packets, copy.foreign, copy.copy_errors
         );
     }
-    let mut target_devices: Vec<(String, u32)> = plan
-        .sessions
-        .iter()
-        .filter_map(|s| match &s.target {
-            Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
-            Target::Vxlan(_) => None,
-        })
-        .chain(targets.devices.devices.iter().cloned())
-        .collect();
-    target_devices.sort();
-    target_devices.dedup();
     for (name, ifindex) in target_devices {
-        let (dropped, errors) = targets.devices.tx_losses(ifindex).await?;
+        let (dropped, errors) = targets.devices.tx_losses(*ifindex).await?;
         let _ = writeln!(
             out,
             "target   {name:<16} tx_dropped={dropped} tx_errors={errors}"

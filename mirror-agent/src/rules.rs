@@ -10,11 +10,13 @@ use std::{
 use ipnet::IpNet;
 use mirror_common::{
     Action, AttachmentKey, BITMAP_WORDS, Direction, FIELD_COUNT, Field, MAX_RULES, MAX_SESSIONS,
-    RuleBitmap, RuleMeta, SUMMARY_WORDS, UNCONSTRAINED,
+    RateLimit, RuleBitmap, RuleMeta, SAMPLE_ALL, SAMPLE_FLOWS, SAMPLE_PACKETS, SUMMARY_WORDS,
+    UNCONSTRAINED,
 };
 
 use crate::config::{
-    ActionConfig, ConfigError, DirectionConfig, LoadedConfig, SessionConfig, VxlanConfig,
+    ActionConfig, ConfigError, DirectionConfig, LoadedConfig, RateLimitConfig, SampleBy,
+    SessionConfig, VxlanConfig,
 };
 
 /// A network interface present on the node.
@@ -90,11 +92,24 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// What a session does to the copies its rules select: sampling, then size, then rate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Controls {
+    /// Copies are cut to this many bytes.
+    pub snaplen: Option<u32>,
+    /// `SAMPLE_ALL`, `SAMPLE_PACKETS` or `SAMPLE_FLOWS`, 1 in `every`, and the flow hash seed.
+    pub sample_mode: u32,
+    pub sample_every: u32,
+    pub sample_seed: u32,
+    pub rate: RateLimit,
+}
+
 /// A session after validation.
 #[derive(Debug, Clone)]
 pub struct Session {
     pub name: String,
     pub target: Target,
+    pub controls: Controls,
     /// Interfaces and directions watched, sorted.
     pub attachments: Vec<(Interface, Direction)>,
 }
@@ -103,6 +118,8 @@ pub struct Session {
 #[derive(Debug)]
 pub struct Plan {
     pub sessions: Vec<Session>,
+    /// The budget all sessions share.
+    pub node_rate: RateLimit,
     pub rules: Vec<Rule>,
     pub tables: Tables,
     pub warnings: Vec<String>,
@@ -175,8 +192,13 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
         )));
     }
     let tables = compile(&sessions, &rules);
+    let node_rate = match &config.node_rate_limit {
+        Some(limit) => rate_limit(loaded, limit)?,
+        None => RateLimit::default(),
+    };
     Ok(Plan {
         sessions,
+        node_rate,
         rules,
         tables,
         warnings,
@@ -308,8 +330,97 @@ fn resolve_session(
     Ok(Session {
         name: session.name.get_ref().clone(),
         target,
+        controls: controls(loaded, session)?,
         attachments,
     })
+}
+
+/// Largest snaplen: a VXLAN or Ethernet frame is at most this long.
+const MAX_SNAPLEN: u32 = 65_535;
+/// Smallest snaplen: the Ethernet header, so that a cut copy is still a frame.
+const MIN_SNAPLEN: u32 = 14;
+
+/// A session's snaplen, sampling and rate limit, checked.
+fn controls(loaded: &LoadedConfig, session: &SessionConfig) -> Result<Controls, ConfigError> {
+    let mut controls = Controls {
+        sample_every: 1,
+        ..Controls::default()
+    };
+    if let Some(snaplen) = &session.snaplen {
+        if !(MIN_SNAPLEN..=MAX_SNAPLEN).contains(snaplen.get_ref()) {
+            return Err(loaded.error(
+                snaplen.span(),
+                format!("snaplen must be {MIN_SNAPLEN}..{MAX_SNAPLEN} bytes (at least the Ethernet header)"),
+            ));
+        }
+        controls.snaplen = Some(*snaplen.get_ref());
+    }
+    if let Some(sample) = &session.sample {
+        let config = sample.get_ref();
+        if config.every == 0 {
+            return Err(loaded.error(sample.span(), "sample.every must be at least 1"));
+        }
+        controls.sample_every = config.every;
+        controls.sample_mode = match (config.every, config.by) {
+            (1, _) => SAMPLE_ALL,
+            (_, SampleBy::Packet) => SAMPLE_PACKETS,
+            (_, SampleBy::Flow) => SAMPLE_FLOWS,
+        };
+        controls.sample_seed = config.seed.unwrap_or_else(random_seed);
+    }
+    if let Some(limit) = &session.rate_limit {
+        controls.rate = rate_limit(loaded, limit)?;
+    }
+    Ok(controls)
+}
+
+/// A seed nobody can predict (the standard library's per-process hash keys).
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u32
+}
+
+/// A rate limit in the kernel's terms (see `mirror_common::RateLimit`).
+fn rate_limit(
+    loaded: &LoadedConfig,
+    limit: &toml::Spanned<RateLimitConfig>,
+) -> Result<RateLimit, ConfigError> {
+    const NS_PER_SECOND: u64 = 1_000_000_000;
+    let config = limit.get_ref();
+    let refuse = |message: &str| Err(loaded.error(limit.span(), message));
+    if config.packets_per_second.is_none() && config.bytes_per_second.is_none() {
+        return refuse("a rate limit needs packets_per_second, bytes_per_second or both");
+    }
+    let mut out = RateLimit::default();
+    if let Some(pps) = config.packets_per_second {
+        if pps == 0 || pps > NS_PER_SECOND {
+            return refuse("packets_per_second must be 1..1000000000");
+        }
+        let burst = config.burst_packets.unwrap_or((pps / 10).max(1));
+        if burst == 0 {
+            return refuse("burst_packets must be at least 1");
+        }
+        out.packet_cost_ns = NS_PER_SECOND / pps;
+        out.packet_burst_ns = burst.saturating_mul(out.packet_cost_ns);
+    } else if config.burst_packets.is_some() {
+        return refuse("burst_packets needs packets_per_second");
+    }
+    if let Some(bps) = config.bytes_per_second {
+        if bps == 0 || bps > NS_PER_SECOND * 1024 {
+            return refuse("bytes_per_second must be 1..1024000000000");
+        }
+        let burst = config.burst_bytes.unwrap_or((bps / 10).max(65_536));
+        if burst < u64::from(MIN_SNAPLEN) {
+            return refuse("burst_bytes must hold at least one frame header (14 bytes)");
+        }
+        out.byte_cost_ns_x1024 = NS_PER_SECOND * 1024 / bps;
+        out.byte_burst_ns = burst.saturating_mul(out.byte_cost_ns_x1024) >> 10;
+    } else if config.burst_bytes.is_some() {
+        return refuse("burst_bytes needs bytes_per_second");
+    }
+    Ok(out)
 }
 
 /// The session's rules in number order, then its default rule; warns about hidden rules.

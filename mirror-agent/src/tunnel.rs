@@ -20,7 +20,7 @@ use rtnetlink::{
 
 use crate::{
     config::VxlanConfig,
-    rules::{Session, Target},
+    rules::{Controls, Session, Target},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +97,7 @@ pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelErro
     let mut metas = Vec::with_capacity(sessions.len());
     for session in sessions {
         match session_meta(&mut devices, &session.target).await {
-            Ok(meta) => metas.push(meta),
+            Ok(meta) => metas.push(with_controls(meta, &session.controls)),
             Err(e) => {
                 if let Err(cleanup) = devices.remove().await {
                     tracing::warn!("removing VXLAN devices after an error: {cleanup}");
@@ -136,8 +136,27 @@ async fn session_meta(
                 vni: vxlan.vni.0,
                 remote: tunnel_key_address(Some(vxlan.remote)),
                 local: tunnel_key_address(vxlan.local),
+                ..SessionMeta::default()
             })
         }
+    }
+}
+
+/// Adds a session's controls to its target's entry; the snaplen never exceeds what the target
+/// carries, so that a cut copy always fits.
+fn with_controls(meta: SessionMeta, controls: &Controls) -> SessionMeta {
+    let snaplen = match (controls.snaplen, meta.max_copy_len) {
+        (None, _) => 0,
+        (Some(snaplen), 0) => snaplen,
+        (Some(snaplen), max) => snaplen.min(max),
+    };
+    SessionMeta {
+        snaplen,
+        sample_mode: controls.sample_mode,
+        sample_every: controls.sample_every,
+        sample_seed: controls.sample_seed,
+        rate: controls.rate,
+        ..meta
     }
 }
 

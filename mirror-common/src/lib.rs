@@ -34,6 +34,9 @@ pub const MAX_SESSIONS: u32 = 64;
 /// Largest number of copies made of one packet at one hook. Sessions are served in configuration
 /// order; a session that accepts a packet after this many copies were made counts a `copy_limit`.
 pub const MAX_COPIES_PER_PACKET: usize = 8;
+/// Largest nesting of mirror programs on one CPU that still makes copies: a copy into a VXLAN
+/// device runs the underlay's hook (1) before its clone returns; deeper means copies of copies.
+pub const MAX_NESTING: u32 = 4;
 /// Largest number of (interface, direction) attachment points.
 pub const MAX_ATTACHMENTS: u32 = 4_096;
 /// Largest number of distinct prefixes per LPM field.
@@ -108,29 +111,30 @@ pub const RULE_COUNTERS_MAP: &str = "RULE_COUNTERS";
 /// `SESSION_COUNTERS`: `PerCpuArray<Counters>` of [`MAX_SESSIONS`], by session index.
 pub const SESSION_COUNTERS_MAP: &str = "SESSION_COUNTERS";
 /// `HOOK_COUNTERS`: `PerCpuArray<HookCounters>` of [`HOOK_COUNT`]: one per [`Direction`], then
-/// [`TUNNEL_HOOK`].
+/// [`COPY_HOOK`].
 pub const HOOK_COUNTERS_MAP: &str = "HOOK_COUNTERS";
 /// Entries of `HOOK_COUNTERS`.
 pub const HOOK_COUNT: u32 = 3;
-/// `HOOK_COUNTERS` index of the tunnel program (see [`TC_TUNNEL_PROGRAM`]).
-pub const TUNNEL_HOOK: u32 = 2;
+/// `HOOK_COUNTERS` index of the copy program (see [`TC_COPY_PROGRAM`]).
+pub const COPY_HOOK: u32 = 2;
 
 /// Program names in the object file.
 pub const TC_INGRESS_PROGRAM: &str = "mirror_tc_ingress";
 /// See [`TC_INGRESS_PROGRAM`].
 pub const TC_EGRESS_PROGRAM: &str = "mirror_tc_egress";
-/// The program at the egress of the agent's VXLAN devices: gives each copy its session's tunnel
-/// key (remote, VNI) and passes it on to the device, which encapsulates it.
-pub const TC_TUNNEL_PROGRAM: &str = "mirror_tc_tunnel";
+/// The program at the egress of every target (interfaces and the agent's VXLAN devices): cuts a
+/// copy to its session's snaplen, gives a tunnel copy its session's tunnel key (remote, VNI), and
+/// clears the copy's mark. Packets that are not copies pass unchanged.
+pub const TC_COPY_PROGRAM: &str = "mirror_tc_copy";
 
-/// How a copy bound for a VXLAN target tells the tunnel program its session: `bpf_clone_redirect`
-/// cannot attach data to the clone alone, so the mirror program sets the packet's mark to
-/// `COPY_MARK | session` just for the clone and restores the original mark right after. The
-/// tunnel program clears the mark again before the device routes the encapsulated copy.
-pub const COPY_MARK: u32 = 0x6d69_7200;
-/// The bits of a mark that hold [`COPY_MARK`]; the others hold the session index.
-pub const COPY_MARK_MASK: u32 = 0xffff_ff00;
-const _: () = assert!(MAX_SESSIONS <= !COPY_MARK_MASK + 1 && COPY_MARK & !COPY_MARK_MASK == 0);
+/// How a copy tells the copy program at its target which rule made it: `bpf_clone_redirect` cannot
+/// attach data to the clone alone, so the mirror program sets the packet's mark to
+/// `COPY_MARK | rule` just for the clone and restores the original mark right after. The copy
+/// program clears the mark again before the copy leaves (or, in a tunnel, is routed).
+pub const COPY_MARK: u32 = 0x6d69_0000;
+/// The bits of a mark that hold [`COPY_MARK`]; the others hold the global rule index.
+pub const COPY_MARK_MASK: u32 = 0xffff_0000;
+const _: () = assert!(MAX_RULES <= !COPY_MARK_MASK + 1 && COPY_MARK & !COPY_MARK_MASK == 0);
 
 /// Where a program runs.
 #[repr(u32)]
@@ -193,6 +197,48 @@ pub const TARGET_VXLAN_V4: u32 = 4;
 /// [`SessionMeta::target_kind`]: copies are encapsulated in VXLAN over IPv6.
 pub const TARGET_VXLAN_V6: u32 = 6;
 
+/// [`SessionMeta::sample_mode`]: every packet is a candidate.
+pub const SAMPLE_ALL: u32 = 0;
+/// [`SessionMeta::sample_mode`]: each candidate copy is kept with probability 1 / `sample_every`.
+pub const SAMPLE_PACKETS: u32 = 1;
+/// [`SessionMeta::sample_mode`]: a flow's copies are all kept or all dropped, by a symmetric hash
+/// of its addresses, ports and protocol (both directions of a conversation decide alike).
+pub const SAMPLE_FLOWS: u32 = 2;
+
+/// A token bucket in GCRA form: each admitted copy moves a theoretical arrival time forward by its
+/// cost, and a copy is admitted while that time stays within the burst allowance of now. Zero
+/// fields disable that half of the limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Nanoseconds one copy costs (1e9 / packets per second).
+    pub packet_cost_ns: u64,
+    /// How far ahead of now the packet clock may run: burst packets × `packet_cost_ns`.
+    pub packet_burst_ns: u64,
+    /// Nanoseconds one byte costs, × 1024 (1e9 × 1024 / bytes per second).
+    pub byte_cost_ns_x1024: u64,
+    /// How far ahead of now the byte clock may run: burst bytes × the byte cost.
+    pub byte_burst_ns: u64,
+}
+
+/// Value of `RATE_STATE`: the buckets' theoretical arrival times, shared by all CPUs. Updates are
+/// plain stores, not locked: two CPUs admitting at the same instant may each pass once where the
+/// bucket had room for one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub packet_tat_ns: u64,
+    pub byte_tat_ns: u64,
+}
+
+/// `RATE_STATE`: `Array<RateState>` of [`MAX_SESSIONS`] + 1: by session index, then the node-wide
+/// budget at [`NODE_RATE_INDEX`].
+pub const RATE_STATE_MAP: &str = "RATE_STATE";
+/// `NODE_RATE_LIMIT`: `Array<RateLimit>` of 1, the budget all sessions' copies share.
+pub const NODE_RATE_LIMIT_MAP: &str = "NODE_RATE_LIMIT";
+/// `RATE_STATE` index of the node-wide budget.
+pub const NODE_RATE_INDEX: u32 = MAX_SESSIONS;
+
 /// Value of `SESSIONS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -203,8 +249,16 @@ pub struct SessionMeta {
     pub target_kind: u32,
     /// Largest copy the target carries whole, as an Ethernet frame from its first byte (a VLAN tag
     /// held in skb metadata counts; a GSO packet counts by its largest segment). A larger copy is
-    /// not made and counts as `too_big`. 0: no limit.
+    /// not made and counts as `too_big`, unless `snaplen` is set. 0: no limit.
     pub max_copy_len: u32,
+    /// Copies are cut to this many bytes (already no more than `max_copy_len`); 0: whole.
+    pub snaplen: u32,
+    /// [`SAMPLE_ALL`], [`SAMPLE_PACKETS`] or [`SAMPLE_FLOWS`].
+    pub sample_mode: u32,
+    /// Keep 1 in this many (packets or flows); at least 1.
+    pub sample_every: u32,
+    /// Mixed into the flow hash, so that nodes can sample different flows or the same ones.
+    pub sample_seed: u32,
     /// VXLAN network identifier (24 bits).
     pub vni: u32,
     /// Tunnel remote in `bpf_tunnel_key` layout: an IPv4 address as a host-order `u32` in the first
@@ -212,6 +266,8 @@ pub struct SessionMeta {
     pub remote: [u32; 4],
     /// Tunnel source address, same layout; zero lets the kernel choose by route.
     pub local: [u32; 4],
+    /// This session's own limit.
+    pub rate: RateLimit,
 }
 
 /// Per-CPU counters of a rule or a session.
@@ -228,6 +284,12 @@ pub struct Counters {
     pub copy_limit: u64,
     /// Copies not made because they exceed the target's [`SessionMeta::max_copy_len`].
     pub too_big: u64,
+    /// Copies not made because sampling left them out.
+    pub sampled_out: u64,
+    /// Copies not made because the session's limit or the node's budget was spent.
+    pub rate_limited: u64,
+    /// Copies cut to the session's `snaplen` (also counted in `mirrored`).
+    pub truncated: u64,
 }
 
 /// Per-CPU counters of a hook (ingress, egress or the tunnel program), across interfaces.
@@ -243,10 +305,11 @@ pub struct HookCounters {
     pub step_limit: u64,
     /// Packets dropped by a rule-table inconsistency (never expected; the packet still passes).
     pub table_errors: u64,
-    /// Tunnel program only: packets at a VXLAN device of ours that were not copies (dropped).
+    /// Copy program only: packets at a target that were not copies (passed on unchanged; a VXLAN
+    /// device of ours then drops them).
     pub foreign: u64,
-    /// Tunnel program only: copies whose tunnel key could not be set (dropped).
-    pub tunnel_errors: u64,
+    /// Copy program only: copies that could not be cut or given their tunnel key (dropped).
+    pub copy_errors: u64,
 }
 
 #[cfg(feature = "user")]
@@ -256,6 +319,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleBitmap {}
     unsafe impl aya::Pod for super::RuleMeta {}
     unsafe impl aya::Pod for super::SessionMeta {}
+    unsafe impl aya::Pod for super::RateLimit {}
+    unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::HookCounters {}
 }

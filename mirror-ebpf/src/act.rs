@@ -1,54 +1,83 @@
 //! Sending the copies a classification decided, one `bpf_loop` step per copy: the verifier checks
-//! one step instead of every combination of outcomes (target kind, too big, clone failure) across
-//! [`MAX_COPIES_PER_PACKET`] copies, which took it tens of seconds when unrolled.
+//! one step instead of every combination of outcomes (sampled out, too big, rate limited, clone
+//! failure) across [`MAX_COPIES_PER_PACKET`] copies, which took it tens of seconds when unrolled.
+//! Each copy goes through sampling, then the size check (cut to snaplen, or too big), then the
+//! rate limits, and only then is it cloned.
 use core::ffi::c_void;
 
 use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, programs::TcContext};
-use mirror_common::{COPY_MARK, MAX_COPIES_PER_PACKET, SessionMeta, TARGET_INTERFACE};
+use mirror_common::{COPY_MARK, MAX_COPIES_PER_PACKET};
 
 use crate::{
     classify::{Copy, TableError, Verdict},
-    count,
-    maps::SESSIONS,
+    count, limit,
+    maps::{BATCHES, NESTING, SESSIONS},
 };
 
-/// What the loop steps share, on this program's stack. The copies are read out of the walk
-/// scratch first: a copy to a VXLAN device is sent synchronously down to the underlay interface,
-/// whose own hook may run the mirror program again and reuse the scratch.
+/// A packet's copies while they are sent, in per-CPU map memory (the programs' stack is nearly
+/// full). The copies are read out of the walk scratch first: a copy to a VXLAN device is sent
+/// synchronously down to the underlay interface, whose own hook may run the mirror program again
+/// and reuse the scratch. That nested run takes the next batch (see [`BATCHES`]).
 #[repr(C)]
-struct Batch {
-    skb: *mut __sk_buff,
+pub struct Batch {
     /// [`crate::parse::copy_len`] of the packet.
     copy_len: u32,
+    /// [`limit::flow_hash`] of the packet.
+    flow_hash: u32,
     /// A table inconsistency was met (counted by the caller).
     table_error: u32,
     copies: [Copy; MAX_COPIES_PER_PACKET],
 }
 
+/// What `bpf_loop` hands each step, on the stack (a context pointer cannot go into a map).
+#[repr(C)]
+struct Sending {
+    skb: *mut __sk_buff,
+    depth: u32,
+}
+
 /// Sends the verdict's copies to their sessions' targets, counting each outcome.
 #[inline(always)]
-pub fn send(ctx: &TcContext, verdict: &Verdict, copy_len: u32) -> Result<(), TableError> {
-    let mut batch = Batch {
-        skb: ctx.skb.skb,
-        copy_len,
-        table_error: 0,
-        copies: [Copy {
-            rule: 0,
-            session: 0,
-        }; MAX_COPIES_PER_PACKET],
+pub fn send(
+    ctx: &TcContext,
+    verdict: &Verdict,
+    copy_len: u32,
+    flow_hash: u32,
+) -> Result<(), TableError> {
+    let depth_slot = NESTING.get_ptr_mut(0).ok_or(TableError)?;
+    // SAFETY: this CPU's slot; programs on one CPU nest but never interleave.
+    let depth = unsafe { *depth_slot };
+    let Some(batch) = BATCHES.get_ptr_mut(depth) else {
+        // Nested deeper than any real path goes (copies of copies): make no more.
+        for copy in verdict.copies.iter().take(verdict.copy_count) {
+            count::copy_limit(copy.rule, copy.session);
+        }
+        return Ok(());
     };
+    // SAFETY: this CPU's batch at this depth, used by nobody else until `send` returns.
+    let batch = unsafe { &mut *batch };
+    batch.copy_len = copy_len;
+    batch.flow_hash = flow_hash;
+    batch.table_error = 0;
     for (to, from) in batch.copies.iter_mut().zip(verdict.copies.iter()) {
         // SAFETY: a valid reference into the walk scratch; volatile so that the copy is made now.
         *to = unsafe { core::ptr::read_volatile(from) };
     }
-    // SAFETY: `send_step` has the callback signature bpf_loop expects; `batch` outlives the call.
+    let mut sending = Sending {
+        skb: ctx.skb.skb,
+        depth,
+    };
+    // SAFETY: `send_step` has the callback signature bpf_loop expects; `sending` outlives the
+    // call; the depth slot is this CPU's.
     unsafe {
+        *depth_slot = depth + 1;
         bpf_loop(
             verdict.copy_count as u32,
             send_step as *const () as *mut c_void,
-            (&raw mut batch).cast(),
+            (&raw mut sending).cast(),
             0,
         );
+        *depth_slot = depth;
     }
     if batch.table_error == 0 {
         Ok(())
@@ -58,8 +87,13 @@ pub fn send(ctx: &TcContext, verdict: &Verdict, copy_len: u32) -> Result<(), Tab
 }
 
 extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
-    // SAFETY: `context` is the `Batch` that `send` passed to bpf_loop.
-    let batch = unsafe { &mut *context.cast::<Batch>() };
+    // SAFETY: `context` is the `Sending` that `send` passed to bpf_loop.
+    let sending = unsafe { &*context.cast::<Sending>() };
+    let Some(batch) = BATCHES.get_ptr_mut(sending.depth) else {
+        return 1;
+    };
+    // SAFETY: as in `send`.
+    let batch = unsafe { &mut *batch };
     let Some(copy) = batch.copies.get(index as usize).copied() else {
         return 1;
     };
@@ -67,29 +101,46 @@ extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
         batch.table_error = 1;
         return 1;
     };
-    if session.max_copy_len != 0 && batch.copy_len > session.max_copy_len {
-        count::too_big(copy.rule, copy.session);
+    if !limit::sampled_in(session, batch.flow_hash) {
+        count::bump(copy.rule, copy.session, |c| &mut c.sampled_out);
         return 0;
     }
-    let ctx = TcContext::new(batch.skb);
-    match send_copy(&ctx, session, copy.session) {
-        Ok(()) => count::mirrored(copy.rule, copy.session),
+    let truncated = session.snaplen != 0 && batch.copy_len > session.snaplen;
+    let len = if truncated {
+        session.snaplen
+    } else {
+        if session.max_copy_len != 0 && batch.copy_len > session.max_copy_len {
+            count::bump(copy.rule, copy.session, |c| &mut c.too_big);
+            return 0;
+        }
+        batch.copy_len
+    };
+    if !limit::admit(copy.session, session, len) {
+        count::bump(copy.rule, copy.session, |c| &mut c.rate_limited);
+        return 0;
+    }
+    let ctx = TcContext::new(sending.skb);
+    match send_copy(&ctx, session.target_ifindex, copy.rule) {
+        Ok(()) => {
+            count::mirrored(copy.rule, copy.session);
+            if truncated {
+                count::bump(copy.rule, copy.session, |c| &mut c.truncated);
+            }
+        }
         Err(_) => count::clone_error(copy.rule, copy.session),
     }
     0
 }
 
-/// Clones the packet to the session's target. A tunnel copy carries its session in its mark
-/// (see `mirror_common::COPY_MARK`); the original's mark is back before this returns.
+/// Clones the packet to the target. The copy carries its rule in its mark for the copy program
+/// at the target (see `mirror_common::COPY_MARK`); the original's mark is back before this
+/// returns.
 #[inline(always)]
-fn send_copy(ctx: &TcContext, session: &SessionMeta, index: u32) -> Result<(), i64> {
-    if session.target_kind == TARGET_INTERFACE {
-        return ctx.clone_redirect(session.target_ifindex, 0);
-    }
+fn send_copy(ctx: &TcContext, target_ifindex: u32, rule: u32) -> Result<(), i64> {
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark(COPY_MARK | index);
-    let sent = ctx.clone_redirect(session.target_ifindex, 0);
+    ctx.set_mark(COPY_MARK | rule);
+    let sent = ctx.clone_redirect(target_ifindex, 0);
     ctx.set_mark(mark);
     sent
 }

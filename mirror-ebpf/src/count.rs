@@ -3,8 +3,9 @@ use mirror_common::{Counters, Direction, HookCounters};
 
 use crate::maps::{HOOK_COUNTERS, RULE_COUNTERS, SESSION_COUNTERS};
 
+/// Counts into a rule's and its session's counters.
 #[inline(always)]
-fn bump(rule: u32, session: u32, field: impl Fn(&mut Counters) -> &mut u64) {
+pub fn bump(rule: u32, session: u32, field: impl Fn(&mut Counters) -> &mut u64) {
     for counters in [
         RULE_COUNTERS.get_ptr_mut(rule),
         SESSION_COUNTERS.get_ptr_mut(session),
@@ -38,25 +39,11 @@ pub fn copy_limit(rule: u32, session: u32) {
 }
 
 #[inline(always)]
-pub fn too_big(rule: u32, session: u32) {
-    bump(rule, session, |c| &mut c.too_big);
-}
-
-/// Counts into a session's counters only (the tunnel program does not know the rule).
-#[inline(always)]
-pub fn session(session: u32, field: impl Fn(&mut Counters) -> &mut u64) {
-    if let Some(counters) = SESSION_COUNTERS.get_ptr_mut(session) {
-        // SAFETY: as above.
-        *field(unsafe { &mut *counters }) += 1;
-    }
-}
-
-#[inline(always)]
 pub fn hook(direction: Direction, field: impl Fn(&mut HookCounters) -> &mut u64) {
     hook_at(direction as u32, field);
 }
 
-/// Counts into `HOOK_COUNTERS[index]` (a direction or `TUNNEL_HOOK`).
+/// Counts into `HOOK_COUNTERS[index]` (a direction or `COPY_HOOK`).
 #[inline(always)]
 pub fn hook_at(index: u32, field: impl Fn(&mut HookCounters) -> &mut u64) {
     if let Some(counters) = HOOK_COUNTERS.get_ptr_mut(index) {

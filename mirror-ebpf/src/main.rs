@@ -18,24 +18,26 @@ mod act;
 #[cfg(target_arch = "bpf")]
 mod classify;
 #[cfg(target_arch = "bpf")]
+mod copy;
+#[cfg(target_arch = "bpf")]
 mod count;
+#[cfg(target_arch = "bpf")]
+mod limit;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
-#[cfg(target_arch = "bpf")]
-mod tunnel;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+        bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
         macros::classifier,
         programs::TcContext,
     };
     use mirror_common::{AttachmentKey, Direction};
 
-    use crate::{act, classify, count, parse, tunnel};
+    use crate::{act, classify, copy, count, limit, parse};
 
     #[classifier]
     #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
@@ -51,13 +53,13 @@ mod programs {
         TC_ACT_UNSPEC
     }
 
-    /// At the egress of the agent's VXLAN devices, which carry nothing but copies.
+    /// At the egress of every target: finishes copies, passes everything else on.
     #[classifier]
     #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
-    pub fn mirror_tc_tunnel(ctx: TcContext) -> i32 {
-        match tunnel::set_key(&ctx) {
-            Ok(()) => TC_ACT_OK,
-            Err(tunnel::NotSent) => TC_ACT_SHOT,
+    pub fn mirror_tc_copy(ctx: TcContext) -> i32 {
+        match copy::finish(&ctx) {
+            copy::Outcome::Foreign | copy::Outcome::Finished => TC_ACT_UNSPEC,
+            copy::Outcome::Failed => TC_ACT_SHOT,
         }
     }
 
@@ -88,7 +90,7 @@ mod programs {
             count::hook(direction, |c| &mut c.step_limit);
         }
         let copy_len = parse::copy_len(ctx, headers.ip_proto, verdict.l4_offset);
-        act::send(ctx, &verdict, copy_len)
+        act::send(ctx, &verdict, copy_len, limit::flow_hash(&headers))
     }
 
     #[panic_handler]

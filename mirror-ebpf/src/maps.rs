@@ -1,13 +1,14 @@
 //! The maps of the map ABI (see `mirror_common`): the agent fills them, the programs read them and
 //! count into the counter maps. Sizes the agent sets at load time start at 1 here.
-use crate::classify::Walk;
+use crate::{act::Batch, classify::Walk};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use mirror_common::{
     AttachmentKey, Counters, FIELD_COUNT, HOOK_COUNT, HookCounters, MAX_ATTACHMENTS,
-    MAX_FIELD_VALUES, MAX_RULES, MAX_SESSIONS, RuleBitmap, RuleMeta, SessionMeta,
+    MAX_FIELD_VALUES, MAX_NESTING, MAX_RULES, MAX_SESSIONS, RateLimit, RateState, RuleBitmap,
+    RuleMeta, SessionMeta,
 };
 
 /// Every distinct rule bitmap; the lookup maps below hold indices into it. Sized by the agent.
@@ -82,3 +83,20 @@ pub static HOOK_COUNTERS: PerCpuArray<HookCounters> = PerCpuArray::with_max_entr
 /// Per-CPU scratch space for the rule walk of the packet being classified (see `classify::Walk`).
 #[map]
 pub static WALK_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// The rate limits' bucket states: by session, then the node-wide budget (`NODE_RATE_INDEX`).
+#[map]
+pub static RATE_STATE: Array<RateState> = Array::with_max_entries(MAX_SESSIONS + 1, 0);
+
+/// The node-wide budget all sessions' copies share (zero: none).
+#[map]
+pub static NODE_RATE_LIMIT: Array<RateLimit> = Array::with_max_entries(1, 0);
+
+/// How deeply mirror programs are nested on this CPU right now (a copy sent into a VXLAN device
+/// runs the underlay's hooks before `bpf_clone_redirect` returns).
+#[map]
+pub static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU, one batch of copies per nesting level (see `act::Batch`); deeper runs copy nothing.
+#[map]
+pub static BATCHES: PerCpuArray<Batch> = PerCpuArray::with_max_entries(MAX_NESTING, 0);

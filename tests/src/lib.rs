@@ -545,23 +545,46 @@ impl Drop for Agent {
     }
 }
 
+/// A rule's or session's counters, as the agent reports them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub matched: u64,
+    pub mirrored: u64,
+    pub clone_errors: u64,
+    pub copy_limit: u64,
+    pub too_big: u64,
+    pub sampled_out: u64,
+    pub rate_limited: u64,
+    pub truncated: u64,
+}
+
+impl Counts {
+    /// `matched` packets of which `mirrored` were copied, nothing else counted.
+    pub fn copied(matched: u64, mirrored: u64) -> Self {
+        Counts {
+            matched,
+            mirrored,
+            ..Counts::default()
+        }
+    }
+}
+
 /// The counter table the agent prints on exit.
 #[derive(Debug)]
 pub struct Report(pub String);
 
 impl Report {
-    /// (matched, mirrored, clone errors, copy limit, too big) of a rule (`"default"` for the default
-    /// rule, `"guard"` for the tunnel guard).
-    pub fn rule(&self, session: &str, rule: &str) -> [u64; 5] {
+    /// The counters of a rule (`"default"` for the default rule, `"guard"` for the tunnel guard).
+    pub fn rule(&self, session: &str, rule: &str) -> Counts {
         self.row("rule", session, rule)
     }
 
     /// Counters of a whole session.
-    pub fn session(&self, session: &str) -> [u64; 5] {
+    pub fn session(&self, session: &str) -> Counts {
         self.row("session", session, "-")
     }
 
-    fn row(&self, kind: &str, session: &str, rule: &str) -> [u64; 5] {
+    fn row(&self, kind: &str, session: &str, rule: &str) -> Counts {
         let line = self
             .0
             .lines()
@@ -577,7 +600,26 @@ impl Report {
             .skip(3)
             .map(|n| n.parse().expect("number"))
             .collect();
-        numbers.try_into().expect("five counters")
+        let [
+            matched,
+            mirrored,
+            clone_errors,
+            copy_limit,
+            too_big,
+            sampled_out,
+            rate_limited,
+            truncated,
+        ] = numbers.try_into().expect("eight counters");
+        Counts {
+            matched,
+            mirrored,
+            clone_errors,
+            copy_limit,
+            too_big,
+            sampled_out,
+            rate_limited,
+            truncated,
+        }
     }
 
     /// A hook line's `name=value` field.

@@ -13,10 +13,10 @@ use std::{
 };
 
 use mirror_tests::{
-    COL_V4, COL_V6, Capture, Collector, Flow, Frame, Lab, NODE_UL_V4, SENTINEL_PORT, SENTINEL_RULE,
-    SINK_MAC, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, agent_binary, assert_same_frames,
-    is_sentinel, pcap_frames, pin_to_first_cpu, select, tshark_fields, udp_socket, udp_v4_frame,
-    vxlan_of, write_pcap,
+    COL_V4, COL_V6, Capture, Collector, Counts, Flow, Frame, Lab, NODE_UL_V4, SENTINEL_PORT,
+    SENTINEL_RULE, SINK_MAC, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, agent_binary,
+    assert_same_frames, is_sentinel, pcap_frames, pin_to_first_cpu, select, tshark_fields,
+    udp_socket, udp_v4_frame, vxlan_of, write_pcap,
 };
 
 /// One session sending to a VXLAN collector; its first rule mirrors the sentinel.
@@ -173,9 +173,9 @@ fn vxlan_copies_carry_the_original_frames() {
     inner_ports.sort();
     assert_eq!(inner_ports, written_ports);
 
-    assert_eq!(report.rule("t", "10"), [20, 20, 0, 0, 0]);
-    assert_eq!(report.hook("tunnel", "packets"), 22);
-    assert_eq!(report.hook("tunnel", "foreign"), 0);
+    assert_eq!(report.rule("t", "10"), Counts::copied(20, 20));
+    assert_eq!(report.hook("copy", "packets"), 22);
+    assert_eq!(report.hook("copy", "foreign"), 0);
     assert_eq!(report.target("mirror-vx4789", "tx_dropped"), 0);
     assert!(
         !lab.node.ip(&["link", "show"]).contains("mirror-vx"),
@@ -275,8 +275,8 @@ fn two_sessions_two_vnis_over_an_ipv6_underlay_with_a_tcp_connection() {
         5,
         "tshark reads the pcapng interfaces"
     );
-    assert_eq!(report.rule("tcp", "10")[4], 0, "nothing too big");
-    assert_eq!(report.rule("udp", "10"), [4, 4, 0, 0, 0]);
+    assert_eq!(report.rule("tcp", "10").too_big, 0, "nothing too big");
+    assert_eq!(report.rule("udp", "10"), Counts::copied(4, 4));
 }
 
 #[test]
@@ -325,7 +325,12 @@ fn copies_too_big_for_the_underlay_are_counted_not_fragmented() {
         .collect();
     assert_eq!(udp_lengths, [1364, 1364], "only the copies that fit arrive");
     assert!(tapped.iter().all(|f| f.bytes.len() <= 1364));
-    let [matched, mirrored, _, _, too_big] = report.rule("t", "20");
+    let Counts {
+        matched,
+        mirrored,
+        too_big,
+        ..
+    } = report.rule("t", "20");
     assert!(too_big > 0, "the TCP data segments are too big");
     assert_eq!(matched, mirrored + too_big);
     let tcp_copies = tapped
@@ -339,7 +344,16 @@ fn copies_too_big_for_the_underlay_are_counted_not_fragmented() {
             .filter_map(|f| vxlan_of(&f.bytes))
             .all(|v| v.dont_fragment && !v.fragment)
     );
-    assert_eq!(report.rule("t", "10"), [5, 2, 0, 0, 3], "3 copies too big");
+    assert_eq!(
+        report.rule("t", "10"),
+        Counts {
+            matched: 5,
+            mirrored: 2,
+            too_big: 3,
+            ..Counts::default()
+        },
+        "3 copies too big"
+    );
     assert_eq!(summary.vni_frames(7), 3 + mirrored);
 }
 
@@ -431,8 +445,8 @@ fn tunnel_packets_on_a_watched_underlay_are_not_mirrored_again() {
     );
     assert_eq!(summary.vni_frames(5), 11);
     // Each of the 11 copies crossed ul0's egress once and was skipped there by the guard.
-    assert_eq!(report.rule("t", "guard"), [11, 0, 0, 0, 0]);
-    assert_eq!(report.session("t")[1], 11);
+    assert_eq!(report.rule("t", "guard"), Counts::copied(11, 0));
+    assert_eq!(report.session("t").mirrored, 11);
 }
 
 #[test]
