@@ -1302,6 +1302,87 @@ mod tests {
         assert_refused(&cases);
     }
 
+    #[test]
+    fn refuses_bad_controls() {
+        let session = |controls: &str| {
+            format!(
+                "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n{controls}\n"
+            )
+        };
+        let cases = [
+            (
+                session("snaplen = 13"),
+                "t.toml:5:",
+                "snaplen must be 14..65535",
+            ),
+            (session("snaplen = 70000"), "t.toml:5:", "snaplen must be"),
+            (
+                session("sample = { every = 0 }"),
+                "t.toml:5:",
+                "sample.every must be at least 1",
+            ),
+            (
+                session("rate_limit = { burst_packets = 5 }"),
+                "t.toml:5:",
+                "needs packets_per_second, bytes_per_second or both",
+            ),
+            (
+                session("rate_limit = { bytes_per_second = 1000, burst_packets = 5 }"),
+                "t.toml:5:",
+                "burst_packets needs packets_per_second",
+            ),
+            (
+                session("rate_limit = { packets_per_second = 0 }"),
+                "t.toml:5:",
+                "packets_per_second must be",
+            ),
+            (
+                format!(
+                    "node_rate_limit = {{ bytes_per_second = 100, burst_bytes = 10 }}\n{}",
+                    session("")
+                ),
+                "t.toml:1:",
+                "burst_bytes must hold",
+            ),
+        ];
+        assert_refused(&cases);
+    }
+
+    #[test]
+    fn controls_in_kernel_terms() {
+        let plan = plan(
+            &load(&format!(
+                "node_rate_limit = {{ packets_per_second = 50 }}\n{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n\
+                 snaplen = 128\nsample = {{ every = 8, by = \"flow\", seed = 7 }}\n\
+                 rate_limit = {{ packets_per_second = 1000, bytes_per_second = 1000000, burst_bytes = 3000 }}\n"
+            )),
+            &interfaces(),
+        )
+        .expect("valid");
+        let controls = &plan.sessions[0].controls;
+        assert_eq!(controls.snaplen, Some(128));
+        assert_eq!(
+            (
+                controls.sample_mode,
+                controls.sample_every,
+                controls.sample_seed
+            ),
+            (SAMPLE_FLOWS, 8, 7)
+        );
+        assert_eq!(
+            controls.rate,
+            RateLimit {
+                packet_cost_ns: 1_000_000,
+                // Default burst: a tenth of a second's worth.
+                packet_burst_ns: 100 * 1_000_000,
+                byte_cost_ns_x1024: 1_024_000,
+                byte_burst_ns: 3000 * 1000,
+            }
+        );
+        assert_eq!(plan.node_rate.packet_cost_ns, 20_000_000);
+        assert_eq!(plan.node_rate.packet_burst_ns, 5 * 20_000_000);
+    }
+
     /// Each (configuration, expected place, expected message) is refused as expected.
     fn assert_refused(cases: &[(String, &str, &str)]) {
         for (text, at, message) in cases {

@@ -65,6 +65,11 @@ enum Scenario {
     /// mirror, one rule matching everything, into its VXLAN device towards the same collector
     /// address as `TcMirredVxlan` (on port [`MIRROR_VXLAN_PORT`], as tc's device holds 4789).
     MirrorVxlan,
+    /// mirror, one match-all rule, with a session control (a TOML line) that makes few copies.
+    MirrorControlled {
+        name: &'static str,
+        control: &'static str,
+    },
 }
 
 /// Destination port of the mirror VXLAN scenario: an external-mode device cannot share a port
@@ -88,6 +93,7 @@ impl Scenario {
             Scenario::Mirror { rules, .. } => format!("mirror TC, {rules} rules"),
             Scenario::TcU32 { rules } => format!("tc u32 mirred, {rules} rules"),
             Scenario::MirrorVxlan => "mirror TC into vxlan".into(),
+            Scenario::MirrorControlled { name, .. } => format!("mirror TC, {name}"),
         }
     }
 
@@ -100,6 +106,7 @@ impl Scenario {
                     matching: false,
                     ..
                 }
+                | Scenario::MirrorControlled { .. }
         )
     }
 }
@@ -189,6 +196,14 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             matching: false,
         },
         Scenario::MirrorVxlan,
+        Scenario::MirrorControlled {
+            name: "sampled 1/100",
+            control: "sample = { every = 100 }",
+        },
+        Scenario::MirrorControlled {
+            name: "rate-limited 1000 pps",
+            control: "rate_limit = { packets_per_second = 1000 }",
+        },
     ];
     for &rules in &options.rule_counts {
         if rules > 1 {
@@ -408,6 +423,13 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
             &lab.node,
             agent,
             &mirror_config(*rules, *matching),
+        )),
+        Scenario::MirrorControlled { control, .. } => Active::Agent(Agent::start(
+            &lab.node,
+            agent,
+            &format!(
+                "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n{control}\n"
+            ),
         )),
         Scenario::MirrorVxlan => Active::Agent(Agent::start(
             &lab.node,

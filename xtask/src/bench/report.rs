@@ -210,6 +210,21 @@ fn targets(rows: &[Row], attach: &[AttachRow], options: &Options) -> String {
                 r >= 1.0 && complete >= 1.0,
             );
         }
+        if let Some(full) = get("mirror TC, 100% match") {
+            for name in [
+                "mirror TC, sampled 1/100",
+                "mirror TC, rate-limited 1000 pps",
+            ] {
+                if let Some(controlled) = get(name) {
+                    let r = controlled.median_pps / full.median_pps;
+                    line(
+                        &format!("{size} B: {name} ≥ 0.98x the unlimited mirror's forwarded pps"),
+                        format!("{r:.3}x"),
+                        r >= 0.98,
+                    );
+                }
+            }
+        }
         if let (Some(nomatch), Some(baseline)) =
             (get("mirror TC, no match"), get("baseline (no mirroring)"))
         {
