@@ -38,6 +38,13 @@ fn send_burst(lab: &Lab, count: usize, size: usize) -> Duration {
     started.elapsed()
 }
 
+/// The most copies a bucket of `burst` refilled at `per_second` admits while traffic lasts `took`
+/// (the last refill rounded up, plus one for a refill at the very end).
+fn admitted_at_most(burst: u64, per_second: u64, took: Duration) -> u64 {
+    let refills = (took.as_nanos() * u128::from(per_second)).div_ceil(1_000_000_000);
+    burst + u64::try_from(refills).expect("a short test") + 1
+}
+
 /// The copies at the monitor's eth0 before the sentinel, and the agent's report.
 fn copies_and_report(
     lab: &Lab,
@@ -131,7 +138,7 @@ fn snaplen_over_vxlan_cuts_inner_frames_and_gso_copies() {
     lab.src.enter(|| {
         pin_to_first_cpu();
         let mut stream = std::net::TcpStream::connect((SINK_V4, 7000)).expect("connect");
-        std::io::Write::write_all(&mut stream, &[3; 300_000]).expect("write");
+        std::io::Write::write_all(&mut stream, &vec![3; 300_000]).expect("write");
     });
     assert_eq!(server.join().expect("server"), 300_000, "primary path");
     lab.send_sentinel();
@@ -254,7 +261,7 @@ fn a_packet_rate_limit_admits_the_burst_then_the_rate() {
     assert_eq!(counts.mirrored + counts.rate_limited, 1000, "{counts:?}");
     assert_eq!(copies.len() as u64, counts.mirrored);
     // The burst of 10 at once, then one every 10 ms while the sending lasted.
-    let bound = 10 + (took.as_secs_f64() * 100.0).ceil() as u64 + 1;
+    let bound = admitted_at_most(10, 100, took);
     assert!(
         (10..=bound).contains(&counts.mirrored),
         "{} copies in {took:?} (bound {bound})",
@@ -303,12 +310,11 @@ fn a_byte_limit_and_the_node_budget_hold_across_sessions() {
     assert_eq!(other_counts.mirrored + other_counts.rate_limited, 200);
     assert_eq!(ctl_copies.len() as u64, ctl.mirrored);
     assert_eq!(other.len() as u64, other_counts.mirrored);
-    let seconds = took.as_secs_f64();
     // Bytes: 5 frames of burst, then one per 10 ms.
-    let byte_bound = 5 + (seconds * 100.0).ceil() as u64 + 1;
+    let byte_bound = admitted_at_most(5, 100, took);
     assert!(ctl.mirrored <= byte_bound, "ctl {ctl:?} in {took:?}");
     // The node budget: 20 at once, then 50 per second, for both sessions together.
-    let node_bound = 20 + (seconds * 50.0).ceil() as u64 + 1;
+    let node_bound = admitted_at_most(20, 50, took);
     assert!(
         ctl.mirrored + other_counts.mirrored <= node_bound,
         "{} copies in {took:?} (bound {node_bound})",
