@@ -178,8 +178,8 @@ fn fill_prefixes(
 
 impl Datapath {
     /// Loads the programs, fills the maps from `plan` and the sessions' resolved targets, attaches
-    /// the copy program to every target device and the mirror programs to every watched
-    /// interface.
+    /// the copy program to `target_devices` (the targets whose copies need finishing) and the
+    /// mirror programs to every watched interface.
     pub fn start(
         plan: &Plan,
         sessions: &[SessionMeta],

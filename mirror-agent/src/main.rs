@@ -258,7 +258,18 @@ async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
         .await
         .context("preparing the targets")?;
     let target_devices = target_devices(&plan, &targets);
-    let datapath = match Datapath::start(&plan, &targets.sessions, &target_devices) {
+    // The copy program goes where copies need finishing (a tunnel key or a cut).
+    let finishing: Vec<(String, u32)> = target_devices
+        .iter()
+        .filter(|(_, ifindex)| {
+            targets
+                .sessions
+                .iter()
+                .any(|m| m.target_ifindex == *ifindex && m.finish != 0)
+        })
+        .cloned()
+        .collect();
+    let datapath = match Datapath::start(&plan, &targets.sessions, &finishing) {
         Ok(datapath) => datapath,
         Err(e) => {
             if let Err(cleanup) = targets.devices.remove().await {

@@ -152,6 +152,7 @@ fn with_controls(meta: SessionMeta, controls: &Controls) -> SessionMeta {
     };
     SessionMeta {
         snaplen,
+        finish: u32::from(snaplen != 0 || meta.target_kind != TARGET_INTERFACE),
         sample_mode: controls.sample_mode,
         sample_every: controls.sample_every,
         sample_seed: controls.sample_seed,

@@ -253,6 +253,9 @@ pub struct SessionMeta {
     pub max_copy_len: u32,
     /// Copies are cut to this many bytes (already no more than `max_copy_len`); 0: whole.
     pub snaplen: u32,
+    /// 1 when copies need the copy program at the target (a tunnel key or a cut), and so carry
+    /// their rule in the mark; 0 sends them as plain clones.
+    pub finish: u32,
     /// [`SAMPLE_ALL`], [`SAMPLE_PACKETS`] or [`SAMPLE_FLOWS`].
     pub sample_mode: u32,
     /// Keep 1 in this many (packets or flows); at least 1.

@@ -120,7 +120,12 @@ extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
         return 0;
     }
     let ctx = TcContext::new(sending.skb);
-    match send_copy(&ctx, session.target_ifindex, copy.rule) {
+    let sent = if session.finish == 0 {
+        ctx.clone_redirect(session.target_ifindex, 0)
+    } else {
+        send_marked_copy(&ctx, session.target_ifindex, copy.rule)
+    };
+    match sent {
         Ok(()) => {
             count::mirrored(copy.rule, copy.session);
             if truncated {
@@ -136,7 +141,7 @@ extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
 /// at the target (see `mirror_common::COPY_MARK`); the original's mark is back before this
 /// returns.
 #[inline(always)]
-fn send_copy(ctx: &TcContext, target_ifindex: u32, rule: u32) -> Result<(), i64> {
+fn send_marked_copy(ctx: &TcContext, target_ifindex: u32, rule: u32) -> Result<(), i64> {
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
     let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(COPY_MARK | rule);

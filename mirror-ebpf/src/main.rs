@@ -89,6 +89,9 @@ mod programs {
         if verdict.step_limit_hit {
             count::hook(direction, |c| &mut c.step_limit);
         }
+        if verdict.copy_count == 0 {
+            return Ok(());
+        }
         let copy_len = parse::copy_len(ctx, headers.ip_proto, verdict.l4_offset);
         act::send(ctx, &verdict, copy_len, limit::flow_hash(&headers))
     }

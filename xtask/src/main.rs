@@ -59,8 +59,8 @@ enum Task {
         /// A short run: 2 repetitions of 0.5 s, fewer rule and interface counts.
         #[arg(long)]
         quick: bool,
-        /// Only the scenarios whose name contains this text (e.g. `vxlan`); `attach` for attach
-        /// scaling alone.
+        /// Only the scenarios whose name contains one of these comma-separated texts (e.g.
+        /// `baseline,match,vxlan`); `attach` for attach scaling.
         #[arg(long)]
         only: Option<String>,
     },

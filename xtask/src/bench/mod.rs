@@ -40,8 +40,8 @@ pub struct Options {
     /// Interface counts for the attach-scaling runs.
     pub attach_counts: Vec<usize>,
     pub frame_sizes: Vec<usize>,
-    /// Run only the scenarios whose name contains this (and attach scaling only if it is
-    /// "attach"); ratios need their reference scenarios in the same run.
+    /// Run only the scenarios whose name contains one of these comma-separated parts (attach
+    /// scaling only with the part "attach"); ratios need their reference scenarios in the run.
     pub only: Option<String>,
 }
 
@@ -215,7 +215,7 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
         scenarios.push(Scenario::TcU32 { rules });
     }
     if let Some(only) = &options.only {
-        scenarios.retain(|s| s.name().contains(only.as_str()));
+        scenarios.retain(|s| only.split(',').any(|part| s.name().contains(part)));
     }
     let mut rows = Vec::new();
     for &size in &options.frame_sizes {
@@ -229,9 +229,9 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             rows.push(measure(&lab, agent, scenario, &frame, options)?);
         }
     }
-    let attach = match options.only.as_deref() {
-        None | Some("attach") => attach_scaling(agent, &options.attach_counts)?,
-        Some(_) => Vec::new(),
+    let attach = match &options.only {
+        Some(only) if !only.split(',').any(|part| part == "attach") => Vec::new(),
+        _ => attach_scaling(agent, &options.attach_counts)?,
     };
     drop(lab);
     report::write(&rows, &attach, options, started.elapsed())
