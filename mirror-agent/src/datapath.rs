@@ -340,7 +340,7 @@ impl Datapath {
         self.summed(SESSION_COUNTERS_MAP, sessions, add_counters)
     }
 
-    /// Per-hook counters: ingress, egress, tunnel.
+    /// Per-hook counters: ingress, egress, copy program.
     pub fn hook_counters(&self) -> Result<Vec<HookCounters>, DatapathError> {
         self.summed(
             HOOK_COUNTERS_MAP,

@@ -260,10 +260,8 @@ impl TunnelDevices {
         }
     }
 
-    /// An interface's MTU.
-    pub async fn mtu(&self, ifindex: u32) -> Result<u32, TunnelError> {
-        let link = self
-            .handle
+    async fn link_by_index(&self, ifindex: u32) -> Result<LinkMessage, TunnelError> {
+        self.handle
             .link()
             .get()
             .match_index(ifindex)
@@ -271,7 +269,12 @@ impl TunnelDevices {
             .try_next()
             .await
             .map_err(netlink_error(format!("looking up interface {ifindex}")))?
-            .ok_or(TunnelError::Vanished(ifindex))?;
+            .ok_or(TunnelError::Vanished(ifindex))
+    }
+
+    /// An interface's MTU.
+    pub async fn mtu(&self, ifindex: u32) -> Result<u32, TunnelError> {
+        let link = self.link_by_index(ifindex).await?;
         link.attributes
             .iter()
             .find_map(|a| match a {
@@ -330,16 +333,7 @@ impl TunnelDevices {
     /// Transmit drops and errors the kernel counted on an interface (a copy lost after it left the
     /// programs, e.g. no route or no neighbour for the collector).
     pub async fn tx_losses(&self, ifindex: u32) -> Result<(u64, u64), TunnelError> {
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(ifindex)
-            .execute()
-            .try_next()
-            .await
-            .map_err(netlink_error(format!("reading interface {ifindex}")))?
-            .ok_or(TunnelError::Vanished(ifindex))?;
+        let link = self.link_by_index(ifindex).await?;
         Ok(link
             .attributes
             .iter()

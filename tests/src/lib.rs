@@ -501,14 +501,8 @@ impl Agent {
             .spawn()
             .expect("spawn agent");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
         // The agent prints this line once every hook is attached; EOF means it failed to start.
-        stdout.read_line(&mut line).expect("agent stdout");
-        assert!(
-            line.contains("attached to"),
-            "agent did not start: {line:?} (status {:?})",
-            child.wait()
-        );
+        await_first_line(&mut child, &mut stdout, "attached to", "agent");
         Agent {
             child,
             stdout,
@@ -567,6 +561,17 @@ impl Counts {
             ..Counts::default()
         }
     }
+}
+
+/// Reads `child`'s first line from `output` and fails the test unless it contains `ready`.
+fn await_first_line(child: &mut Child, output: &mut impl BufRead, ready: &str, what: &str) {
+    let mut line = String::new();
+    output.read_line(&mut line).expect("child output");
+    assert!(
+        line.contains(ready),
+        "{what} did not start: {line:?} (status {:?})",
+        child.wait()
+    );
 }
 
 /// The counter table the agent prints on exit.
@@ -1150,13 +1155,7 @@ impl Collector {
             .spawn()
             .expect("spawn collector");
         let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-        let mut line = String::new();
-        stderr.read_line(&mut line).expect("collector stderr");
-        assert!(
-            line.contains("listening on"),
-            "collector did not start: {line:?} (status {:?})",
-            child.wait()
-        );
+        await_first_line(&mut child, &mut stderr, "listening on", "collector");
         Collector {
             child,
             file,
