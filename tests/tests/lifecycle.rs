@@ -131,3 +131,77 @@ fn run_refuses_loops_and_unknown_interfaces_and_attaches_nothing() {
         );
     }
 }
+
+#[test]
+fn vxlan_targets_are_checked_and_leave_nothing_behind_on_refusal() {
+    let lab = Lab::with_collector("vxrefuse", 1500);
+    // A bad control on the command line: refused before anything is made.
+    let (code, _, stderr) = agent_command(
+        &lab.node,
+        &[
+            "run",
+            "--iface",
+            "src0",
+            "--to-vxlan",
+            "192.0.2.2",
+            "--snaplen",
+            "5",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("snaplen must be 14..65535"), "{stderr}");
+    // check reports the largest copy the path carries: 1500 - 36 bytes of encapsulation.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("vx.toml");
+    std::fs::write(
+        &config,
+        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ntarget = { vxlan = { remote = \"192.0.2.2\", vni = 5 } }\n",
+    )
+    .expect("write config");
+    let config = config.to_str().expect("utf-8");
+    let (code, stdout, stderr) = agent_command(&lab.node, &["check", "--config", config]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("copies up to 1464 bytes fit the path"),
+        "{stdout}"
+    );
+    // Unreachable: refused at start, no device left, nothing attached.
+    let (code, _, stderr) = agent_command(
+        &lab.node,
+        &[
+            "run",
+            "--iface",
+            "src0",
+            "--to-vxlan",
+            "203.0.113.9",
+            "--vni",
+            "1",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("Network is unreachable"), "{stderr}");
+    assert!(!lab.node.ip(&["link", "show"]).contains("mirror-vx"));
+    // A device of ours' name that is not ours: refused, and left as it was.
+    lab.node.ip(&[
+        "link",
+        "add",
+        "mirror-vx4789",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "other0",
+    ]);
+    let (code, _, stderr) = agent_command(&lab.node, &["run", "--config", config]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("`mirror-vx4789` exists but is not a VXLAN device"),
+        "{stderr}"
+    );
+    let links = lab.node.ip(&["-br", "link", "show"]);
+    assert!(links.contains("mirror-vx4789@other0"), "{links}");
+    assert_eq!(
+        tcx_programs(&lab.node, "src0"),
+        [Vec::<String>::new(), Vec::new()]
+    );
+}
