@@ -42,6 +42,10 @@ pub struct Config {
     pub stats_interval_secs: u64,
     /// A budget all sessions' copies share, on top of their own limits.
     pub node_rate_limit: Option<Spanned<RateLimitConfig>>,
+    /// The API's Unix socket (`mirror-agent status`, `stats`).
+    pub api_socket: Option<std::path::PathBuf>,
+    /// Where to serve Prometheus `/metrics`, `/healthz` and `/readyz` (none by default).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn default_stats_interval() -> u64 {

@@ -1,13 +1,14 @@
 //! mirror-agent: mirrors the packets that match a session's rules to a target interface or a VXLAN
 //! collector, using TC eBPF programs. `run` applies a configuration until SIGINT/SIGTERM; `check`
 //! only validates one; `collect` receives VXLAN copies into a pcap file or an interface.
+mod api;
 mod collect;
 mod config;
 mod datapath;
 mod rules;
 mod tunnel;
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
@@ -52,6 +53,31 @@ enum Command {
     /// Receive VXLAN copies (from this agent or any VXLAN source): write the inner frames to a
     /// pcap/pcapng file and/or send them out of an interface, count them per VNI.
     Collect(collect::CollectArgs),
+    /// Show what the running agent watches: sessions, targets, hooks (through its API socket).
+    Status {
+        /// The running agent's API socket.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running agent's counters per session: matched, mirrored, not sent (with --watch:
+    /// a refreshing table with rates).
+    Stats {
+        /// The running agent's API socket.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+        /// Print the API's JSON (every counter, per rule too).
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Refresh the table every --interval seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +90,13 @@ struct RunArgs {
     /// Seconds between counter log lines; 0 disables them (overrides the file's value).
     #[arg(long)]
     stats_interval: Option<u64>,
+    /// The API's Unix socket (default /run/mirror-agent.sock; overrides the file's `api_socket`).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Serve Prometheus /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9464 (overrides the
+    /// file's `metrics_address`).
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// The quick form: one session with one mirror rule built from these flags (default: skip).
@@ -183,6 +216,8 @@ impl QuickSession {
             sessions: vec![spanned(session)],
             stats_interval_secs: 10,
             node_rate_limit: None,
+            api_socket: None,
+            metrics_address: None,
         }
     }
 }
@@ -228,10 +263,24 @@ fn main() -> anyhow::Result<()> {
             if let Some(secs) = args.stats_interval {
                 loaded.config.stats_interval_secs = secs;
             }
+            let endpoints = Endpoints {
+                socket: args
+                    .api_socket
+                    .or_else(|| loaded.config.api_socket.clone())
+                    .unwrap_or_else(|| api::DEFAULT_SOCKET.into()),
+                metrics: args.metrics_address.or(loaded.config.metrics_address),
+            };
             let plan = plan(&loaded)?;
-            runtime()?.block_on(run(plan, loaded.config.stats_interval_secs))
+            runtime()?.block_on(run(plan, loaded.config.stats_interval_secs, endpoints))
         }
         Command::Collect(args) => runtime()?.block_on(collect::run(args)),
+        Command::Status { api_socket, json } => runtime()?.block_on(show_status(&api_socket, json)),
+        Command::Stats {
+            api_socket,
+            json,
+            watch,
+            interval,
+        } => runtime()?.block_on(show_stats(&api_socket, json, watch, interval)),
     }
 }
 
@@ -251,9 +300,34 @@ fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
-async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
+/// Where the API listens.
+#[derive(Debug)]
+struct Endpoints {
+    socket: PathBuf,
+    metrics: Option<std::net::SocketAddr>,
+}
+
+async fn run(plan: Plan, stats_interval_secs: u64, endpoints: Endpoints) -> anyhow::Result<()> {
+    // Bound before anything is attached: a busy socket or port fails the start cleanly.
+    let socket = api::bind_socket(&endpoints.socket)?;
+    let result = serve(plan, stats_interval_secs, &endpoints, socket).await;
+    // Removed by the server when it ran; here when the start failed before it did.
+    let _ = std::fs::remove_file(&endpoints.socket);
+    result
+}
+
+async fn serve(
+    mut plan: Plan,
+    stats_interval_secs: u64,
+    endpoints: &Endpoints,
+    socket: tokio::net::UnixListener,
+) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let metrics = match endpoints.metrics {
+        Some(address) => Some(api::bind_metrics(address).await?),
+        None => None,
+    };
     let mut targets = tunnel::resolve(&plan.sessions)
         .await
         .context("preparing the targets")?;
@@ -289,9 +363,24 @@ async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
             meta.max_copy_len
         );
     }
+    let shared = api::Shared::new(datapath, &plan);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut servers = vec![tokio::spawn(api::serve_socket(
+        socket,
+        endpoints.socket.clone(),
+        shared.clone(),
+        stopped.clone(),
+    ))];
+    if let Some(listener) = metrics {
+        servers.push(tokio::spawn(api::serve_metrics(
+            listener,
+            shared.clone(),
+            stopped,
+        )));
+    }
     println!(
         "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
-        datapath.hook_count(),
+        shared.hook_count(),
         plan.sessions.len()
     );
     let mut ticker = (stats_interval_secs > 0)
@@ -300,9 +389,22 @@ async fn run(mut plan: Plan, stats_interval_secs: u64) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            () = tick(ticker.as_mut()) => log_counters(&datapath, &plan),
+            () = tick(ticker.as_mut()) => log_counters(&shared, &plan),
         }
     }
+    let _ = stop.send(true);
+    for server in servers {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e:#}"),
+            Err(e) => tracing::warn!("API task: {e}"),
+        }
+    }
+    let datapath = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow::anyhow!("the API still holds the datapath"))?
+        .datapath
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let report = report(&datapath, &plan, &targets, &target_devices).await;
     let detached = datapath.stop().context("detaching");
     let removed = targets
@@ -335,10 +437,11 @@ async fn tick(ticker: Option<&mut tokio::time::Interval>) {
     }
 }
 
-fn log_counters(datapath: &Datapath, plan: &Plan) {
-    match datapath.session_counters(plan.sessions.len()) {
-        Ok(counters) => {
-            for (session, c) in plan.sessions.iter().zip(counters) {
+fn log_counters(shared: &api::Shared, plan: &Plan) {
+    match shared.stats() {
+        Ok(stats) => {
+            for (session, s) in plan.sessions.iter().zip(&stats.sessions) {
+                let c = &s.counters;
                 tracing::info!(
                     session = session.name,
                     matched = c.matched,
@@ -353,8 +456,115 @@ fn log_counters(datapath: &Datapath, plan: &Plan) {
                 );
             }
         }
-        Err(e) => tracing::warn!("reading counters: {e}"),
+        Err(e) => tracing::warn!("reading counters: {e:#}"),
     }
+}
+
+/// `mirror-agent status`.
+async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let body = api::get_from(socket, "/status").await?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: api::Status = serde_json::from_str(&body).context("the agent's /status")?;
+    println!(
+        "mirror-agent {}: up {} s, configuration generation {}, {} hook(s) attached",
+        status.version, status.uptime_seconds, status.generation, status.hooks_attached
+    );
+    for session in &status.sessions {
+        let hooks: Vec<String> = session
+            .hooks
+            .iter()
+            .map(|(interface, direction)| format!("{interface}/{direction}"))
+            .collect();
+        println!(
+            "session {:<16} -> {:<32} watching {}",
+            session.name,
+            session.target,
+            hooks.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// `mirror-agent stats`: one table, or with `watch` one every `interval` seconds with rates.
+async fn show_stats(
+    socket: &std::path::Path,
+    json: bool,
+    watch: bool,
+    interval: f64,
+) -> anyhow::Result<()> {
+    let fetch = || async {
+        let body = api::get_from(socket, "/stats").await?;
+        serde_json::from_str::<api::Stats>(&body)
+            .map(|stats| (body, stats))
+            .context("the agent's /stats")
+    };
+    let (body, mut previous) = fetch().await?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    print!("{}", stats_table(&previous, None));
+    if !watch {
+        return Ok(());
+    }
+    let period = Duration::from_secs_f64(interval.max(0.1));
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => return Ok(()),
+            () = tokio::time::sleep(period) => {}
+        }
+        let (_, stats) = fetch().await?;
+        // Clear the screen and redraw.
+        print!(
+            "\x1b[2J\x1b[H{}",
+            stats_table(&stats, Some((&previous, period)))
+        );
+        previous = stats;
+    }
+}
+
+/// Sessions × matched / mirrored / not sent, with per-second rates against `previous`.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "a rate on screen needs no more than 52 bits"
+)]
+fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "{:<16} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
+        "session", "matched", "mirrored", "not_sent", "matched/s", "mirrored/s", "not_sent/s"
+    );
+    for session in &stats.sessions {
+        let c = &session.counters;
+        let before = previous
+            .and_then(|(p, _)| p.sessions.iter().find(|s| s.name == session.name))
+            .map(|s| s.counters);
+        let rate = |now: u64, then: Option<u64>| match (then, previous) {
+            (Some(then), Some((_, period))) => {
+                format!(
+                    "{:.0}",
+                    now.saturating_sub(then) as f64 / period.as_secs_f64()
+                )
+            }
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}",
+            session.name,
+            c.matched,
+            c.mirrored,
+            c.not_sent(),
+            rate(c.matched, before.map(|b| b.matched)),
+            rate(c.mirrored, before.map(|b| b.mirrored)),
+            rate(c.not_sent(), before.map(|b| b.not_sent())),
+        );
+    }
+    out
 }
 
 /// Every interface copies leave through: interface targets and the agent's VXLAN devices.

@@ -485,6 +485,8 @@ pub struct Agent {
     child: Child,
     stdout: BufReader<ChildStdout>,
     _config: tempfile::NamedTempFile,
+    /// Holds the agent's API socket unless the configuration names one.
+    _api_dir: tempfile::TempDir,
 }
 
 impl Agent {
@@ -492,11 +494,20 @@ impl Agent {
     pub fn start(node: &Netns, binary: &std::path::Path, config: &str) -> Self {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         std::io::Write::write_all(&mut file, config.as_bytes()).expect("write config");
-        let mut child = Command::new("ip")
+        // Agents of tests running at once each need their own API socket.
+        let api_dir = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &node.name])
             .arg(binary)
             .args(["run", "--stats-interval", "0", "--config"])
-            .arg(file.path())
+            .arg(file.path());
+        if !config.contains("api_socket") {
+            command
+                .arg("--api-socket")
+                .arg(api_dir.path().join("agent.sock"));
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn agent");
@@ -507,6 +518,7 @@ impl Agent {
             child,
             stdout,
             _config: file,
+            _api_dir: api_dir,
         }
     }
 
@@ -1031,14 +1043,21 @@ pub fn tcx_programs(ns: &Netns, interface: &str) -> [Vec<String>; 2] {
     })
 }
 
-/// Runs the agent with `args` in a namespace and returns (exit code, stdout, stderr).
+/// Runs the agent with `args` in a namespace and returns (exit code, stdout, stderr). A `run`
+/// gets an API socket of its own, so that tests running at once do not meet on the default one.
 pub fn agent_command(ns: &Netns, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new("ip")
+    let api_dir = tempfile::tempdir().expect("temp dir");
+    let mut command = Command::new("ip");
+    command
         .args(["netns", "exec", &ns.name])
         .arg(agent_binary())
-        .args(args)
-        .output()
-        .expect("run agent");
+        .args(args);
+    if args.first() == Some(&"run") && !args.contains(&"--api-socket") {
+        command
+            .arg("--api-socket")
+            .arg(api_dir.path().join("agent.sock"));
+    }
+    let output = command.output().expect("run agent");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),

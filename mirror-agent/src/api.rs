@@ -1,0 +1,439 @@
+//! The running agent's API. On a Unix socket (root only, mode 0600): `GET /status` and
+//! `GET /stats` (JSON), plus `/metrics`; on an optional TCP address for Prometheus: `/metrics`
+//! (`OpenMetrics` text), `/healthz` and `/readyz`. The CLI's `status` and `stats` read the socket.
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use mirror_common::{Counters, HookCounters};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{datapath::Datapath, rules::Plan};
+
+/// Label pairs of a metric.
+type Labels = Vec<(&'static str, String)>;
+
+/// Where the API socket is unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/mirror-agent.sock";
+
+/// What the API serves from: the datapath (for counters) and what the plan says.
+#[derive(Debug)]
+pub struct Shared {
+    pub datapath: Mutex<Datapath>,
+    view: PlanView,
+    started: Instant,
+}
+
+/// The parts of a plan the API reports (the compiled tables are gone by then).
+#[derive(Debug)]
+struct PlanView {
+    sessions: Vec<SessionView>,
+    /// (session index, rule label) by global rule index.
+    rules: Vec<(usize, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionView {
+    pub name: String,
+    pub target: String,
+    /// (interface, direction) pairs watched.
+    pub hooks: Vec<(String, String)>,
+}
+
+impl Shared {
+    pub fn new(datapath: Datapath, plan: &Plan) -> Arc<Self> {
+        let view = PlanView {
+            sessions: plan
+                .sessions
+                .iter()
+                .map(|s| SessionView {
+                    name: s.name.clone(),
+                    target: s.target.to_string(),
+                    hooks: s
+                        .attachments
+                        .iter()
+                        .map(|(i, d)| (i.name.clone(), format!("{d:?}").to_lowercase()))
+                        .collect(),
+                })
+                .collect(),
+            rules: plan
+                .rules
+                .iter()
+                .map(|r| (r.session, r.kind.to_string()))
+                .collect(),
+        };
+        Arc::new(Shared {
+            datapath: Mutex::new(datapath),
+            view,
+            started: Instant::now(),
+        })
+    }
+
+    /// Watched hooks attached.
+    pub fn hook_count(&self) -> usize {
+        self.datapath().hook_count()
+    }
+
+    fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
+        self.datapath
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        let datapath = self.datapath();
+        let sessions = datapath.session_counters(self.view.sessions.len())?;
+        let rules = datapath.rule_counters(self.view.rules.len())?;
+        let hooks = datapath.hook_counters()?;
+        let hook = |i: usize| hooks.get(i).map(HookStats::from).unwrap_or_default();
+        Ok(Stats {
+            sessions: self
+                .view
+                .sessions
+                .iter()
+                .zip(&sessions)
+                .enumerate()
+                .map(|(index, (view, counters))| SessionStats {
+                    name: view.name.clone(),
+                    counters: counters.into(),
+                    rules: self
+                        .view
+                        .rules
+                        .iter()
+                        .zip(&rules)
+                        .filter(|((session, _), _)| *session == index)
+                        .map(|((_, label), counters)| RuleStats {
+                            rule: label.clone(),
+                            counters: counters.into(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            ingress: hook(0),
+            egress: hook(1),
+            copy: hook(mirror_common::COPY_HOOK as usize),
+        })
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            generation: 1,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            hooks_attached: self.datapath().hook_count(),
+            sessions: self.view.sessions.clone(),
+        }
+    }
+
+    /// The counters in `OpenMetrics` text.
+    fn metrics(&self) -> anyhow::Result<String> {
+        let stats = self.stats()?;
+        let mut registry = Registry::with_prefix("mirror");
+        let rule_counter = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<Labels, Counter>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let matched = rule_counter(
+            &mut registry,
+            "rule_matched_packets",
+            "Packets a rule decided (first match in its session)",
+        );
+        let copies = rule_counter(&mut registry, "rule_copies", "Copies sent to the target");
+        let truncated = rule_counter(
+            &mut registry,
+            "rule_truncated_copies",
+            "Copies cut to the session's snaplen (also counted as sent)",
+        );
+        let not_sent = rule_counter(
+            &mut registry,
+            "rule_copies_not_sent",
+            "Copies not made, by reason",
+        );
+        for session in &stats.sessions {
+            for rule in &session.rules {
+                let labels = vec![
+                    ("session", session.name.clone()),
+                    ("rule", rule.rule.clone()),
+                ];
+                let c = &rule.counters;
+                matched.get_or_create(&labels).inc_by(c.matched);
+                copies.get_or_create(&labels).inc_by(c.mirrored);
+                truncated.get_or_create(&labels).inc_by(c.truncated);
+                for (reason, value) in [
+                    ("clone_error", c.clone_errors),
+                    ("copy_limit", c.copy_limit),
+                    ("too_big", c.too_big),
+                    ("sampled_out", c.sampled_out),
+                    ("rate_limited", c.rate_limited),
+                ] {
+                    let mut labels = labels.clone();
+                    labels.push(("reason", reason.to_owned()));
+                    not_sent.get_or_create(&labels).inc_by(value);
+                }
+            }
+        }
+        let hook_packets = rule_counter(
+            &mut registry,
+            "hook_packets",
+            "Packets the programs ran on, by hook",
+        );
+        let hook_malformed = rule_counter(
+            &mut registry,
+            "hook_malformed_packets",
+            "Packets with truncated or malformed headers (passed on unchanged)",
+        );
+        for (name, hook) in [
+            ("ingress", &stats.ingress),
+            ("egress", &stats.egress),
+            ("copy", &stats.copy),
+        ] {
+            let labels = vec![("hook", name.to_owned())];
+            hook_packets.get_or_create(&labels).inc_by(hook.packets);
+            hook_malformed.get_or_create(&labels).inc_by(hook.malformed);
+        }
+        let attached = Family::<Labels, Gauge>::default();
+        registry.register(
+            "attached_hooks",
+            "Watched (interface, direction) hooks, by session",
+            attached.clone(),
+        );
+        for session in &self.view.sessions {
+            for (interface, direction) in &session.hooks {
+                attached
+                    .get_or_create(&vec![
+                        ("session", session.name.clone()),
+                        ("interface", interface.clone()),
+                        ("direction", direction.clone()),
+                    ])
+                    .set(1);
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        Ok(out)
+    }
+}
+
+/// Counters as the API shows them.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CounterStats {
+    pub matched: u64,
+    pub mirrored: u64,
+    pub clone_errors: u64,
+    pub copy_limit: u64,
+    pub too_big: u64,
+    pub sampled_out: u64,
+    pub rate_limited: u64,
+    pub truncated: u64,
+}
+
+impl From<&Counters> for CounterStats {
+    fn from(c: &Counters) -> Self {
+        CounterStats {
+            matched: c.matched,
+            mirrored: c.mirrored,
+            clone_errors: c.clone_errors,
+            copy_limit: c.copy_limit,
+            too_big: c.too_big,
+            sampled_out: c.sampled_out,
+            rate_limited: c.rate_limited,
+            truncated: c.truncated,
+        }
+    }
+}
+
+impl CounterStats {
+    /// Copies the rules selected that were not sent, for any reason.
+    pub fn not_sent(&self) -> u64 {
+        self.clone_errors + self.copy_limit + self.too_big + self.sampled_out + self.rate_limited
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HookStats {
+    pub packets: u64,
+    pub malformed: u64,
+    pub step_limit: u64,
+    pub table_errors: u64,
+    pub foreign: u64,
+    pub copy_errors: u64,
+}
+
+impl From<&HookCounters> for HookStats {
+    fn from(h: &HookCounters) -> Self {
+        HookStats {
+            packets: h.packets,
+            malformed: h.malformed,
+            step_limit: h.step_limit,
+            table_errors: h.table_errors,
+            foreign: h.foreign,
+            copy_errors: h.copy_errors,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuleStats {
+    pub rule: String,
+    pub counters: CounterStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStats {
+    pub name: String,
+    pub counters: CounterStats,
+    pub rules: Vec<RuleStats>,
+}
+
+/// `GET /stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    pub sessions: Vec<SessionStats>,
+    pub ingress: HookStats,
+    pub egress: HookStats,
+    pub copy: HookStats,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    /// Which configuration is applied; 1 until reloads exist.
+    pub generation: u64,
+    pub uptime_seconds: u64,
+    pub hooks_attached: usize,
+    pub sessions: Vec<SessionView>,
+}
+
+fn internal(error: &anyhow::Error) -> (StatusCode, String) {
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n"))
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    shared.stats().map(Json).map_err(|e| internal(&e))
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    Json(shared.status())
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    shared
+        .metrics()
+        .map(|text| {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                text,
+            )
+        })
+        .map_err(|e| internal(&e))
+}
+
+/// The agent is alive and its programs attached (it serves only once they are).
+async fn ready() -> &'static str {
+    "ok\n"
+}
+
+/// Binds the API socket: refuses one another agent answers on, replaces a stale one, and makes it
+/// root-only (0600).
+pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("{} is in use: is another agent running?", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves the API on the socket bound at `path` until `stop` turns true, then removes the file.
+pub async fn serve_socket(
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stopped(stop))
+        .await;
+    let _ = std::fs::remove_file(&path);
+    served.context("serving the API socket")
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on a TCP address until `stop` turns true.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(ready))
+        .route("/readyz", get(ready))
+        .with_state(shared);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stopped(stop))
+        .await
+        .context("serving metrics")
+}
+
+/// Binds the metrics address (before anything is attached, so a busy port fails the start).
+pub async fn bind_metrics(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listening on {address} for metrics"))
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// `GET path` on the agent's socket; the body, or an error naming the socket.
+pub async fn get_from(socket: &Path, path: &str) -> anyhow::Result<String> {
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {} (is the agent running? --api-socket sets the path)",
+                socket.display()
+            )
+        })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with the agent")?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, "agent")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    anyhow::ensure!(status.is_success(), "the agent answered {status}: {text}");
+    Ok(text)
+}
