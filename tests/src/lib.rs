@@ -507,10 +507,7 @@ impl Agent {
                 .arg("--api-socket")
                 .arg(api_dir.path().join("agent.sock"));
         }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("spawn agent");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         // The agent prints this line once every hook is attached; EOF means it failed to start.
         await_first_line(&mut child, &mut stdout, "attached to", "agent");
