@@ -1,16 +1,24 @@
 //! The running agent's API. On a Unix socket (root only, mode 0600): `GET /status` and
-//! `GET /stats` (JSON), plus `/metrics`; on an optional TCP address for Prometheus: `/metrics`
+//! `GET /stats` (JSON), `GET /stats/stream?interval_ms=N` (one JSON line per interval, with
+//! per-session rates, until the agent stops), plus `/metrics`; on an optional TCP address for Prometheus: `/metrics`
 //! (`OpenMetrics` text), `/healthz` and `/readyz`. The CLI's `status` and `stats` read the socket.
 use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Query, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::get,
+};
 use mirror_common::{Counters, HookCounters};
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -33,6 +41,8 @@ pub struct Shared {
     pub datapath: Mutex<Datapath>,
     view: PlanView,
     started: Instant,
+    /// Turns true when the agent stops: streams end, so that the servers can.
+    stop: watch::Receiver<bool>,
 }
 
 /// The parts of a plan the API reports (the compiled tables are gone by then).
@@ -52,7 +62,7 @@ pub struct SessionView {
 }
 
 impl Shared {
-    pub fn new(datapath: Datapath, plan: &Plan) -> Arc<Self> {
+    pub fn new(datapath: Datapath, plan: &Plan, stop: watch::Receiver<bool>) -> Arc<Self> {
         let view = PlanView {
             sessions: plan
                 .sessions
@@ -77,6 +87,7 @@ impl Shared {
             datapath: Mutex::new(datapath),
             view,
             started: Instant::now(),
+            stop,
         })
     }
 
@@ -326,6 +337,101 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     shared.stats().map(Json).map_err(|e| internal(&e))
 }
 
+/// One line of `GET /stats/stream`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamLine {
+    /// Wall-clock time of the reading, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    pub stats: Stats,
+    /// Per session, since the previous line (absent on the first).
+    pub rates: Vec<SessionRates>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRates {
+    pub name: String,
+    pub matched_per_second: f64,
+    pub mirrored_per_second: f64,
+    pub not_sent_per_second: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    interval_ms: Option<u64>,
+}
+
+/// Shortest interval a stream accepts.
+const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(100);
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "a rate needs no more than 52 bits"
+)]
+fn rates(stats: &Stats, previous: &Stats, elapsed: Duration) -> Vec<SessionRates> {
+    let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
+    let per_second = |now: u64, then: u64| now.saturating_sub(then) as f64 / seconds;
+    stats
+        .sessions
+        .iter()
+        .zip(&previous.sessions)
+        .map(|(now, then)| SessionRates {
+            name: now.name.clone(),
+            matched_per_second: per_second(now.counters.matched, then.counters.matched),
+            mirrored_per_second: per_second(now.counters.mirrored, then.counters.mirrored),
+            not_sent_per_second: per_second(now.counters.not_sent(), then.counters.not_sent()),
+        })
+        .collect()
+}
+
+async fn stream(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<StreamQuery>,
+) -> impl IntoResponse {
+    let period = query
+        .interval_ms
+        .map_or(Duration::from_secs(1), Duration::from_millis)
+        .max(MIN_STREAM_INTERVAL);
+    let stop = shared.stop.clone();
+    let lines = futures_util::stream::unfold(
+        (shared, None::<(Stats, Instant)>),
+        move |(shared, previous)| {
+            let mut stop = stop.clone();
+            async move {
+                if previous.is_some() {
+                    tokio::select! {
+                        () = tokio::time::sleep(period) => {}
+                        _ = stop.wait_for(|stop| *stop) => return None,
+                    }
+                }
+                if *stop.borrow() {
+                    return None;
+                }
+                let stats = shared.stats().ok()?;
+                let now = Instant::now();
+                let line = StreamLine {
+                    unix_ms: SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                    rates: previous
+                        .as_ref()
+                        .map(|(then, at)| rates(&stats, then, now - *at))
+                        .unwrap_or_default(),
+                    stats,
+                };
+                let text = serde_json::to_string(&line).ok()? + "\n";
+                Some((
+                    Ok::<_, std::convert::Infallible>(text),
+                    (shared, Some((line.stats, now))),
+                ))
+            }
+        },
+    );
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+}
+
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     Json(shared.status())
 }
@@ -374,6 +480,7 @@ pub async fn serve_socket(
     let app = Router::new()
         .route("/status", get(status))
         .route("/stats", get(stats))
+        .route("/stats/stream", get(stream))
         .route("/metrics", get(metrics))
         .with_state(shared);
     let served = axum::serve(listener, app)
@@ -414,6 +521,17 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 /// `GET path` on the agent's socket; the body, or an error naming the socket.
 pub async fn get_from(socket: &Path, path: &str) -> anyhow::Result<String> {
     use http_body_util::BodyExt as _;
+    let response = request(socket, path).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Sends `GET path` to the agent's socket; the response, once its status says success.
+async fn request(
+    socket: &Path,
+    path: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    use http_body_util::BodyExt as _;
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| {
@@ -432,8 +550,37 @@ pub async fn get_from(socket: &Path, path: &str) -> anyhow::Result<String> {
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
     let response = sender.send_request(request).await?;
     let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
     let body = response.into_body().collect().await?.to_bytes();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    anyhow::ensure!(status.is_success(), "the agent answered {status}: {text}");
-    Ok(text)
+    anyhow::bail!(
+        "the agent answered {status}: {}",
+        String::from_utf8_lossy(&body)
+    )
+}
+
+/// `GET path` on the agent's socket, handing each line of the body to `line` until it returns
+/// false or the agent ends the stream.
+pub async fn stream_from(
+    socket: &Path,
+    path: &str,
+    mut line: impl FnMut(&str) -> bool,
+) -> anyhow::Result<()> {
+    use http_body_util::BodyExt as _;
+    let mut response = request(socket, path).await?;
+    let mut pending = Vec::new();
+    while let Some(frame) = response.body_mut().frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let text: Vec<u8> = pending.drain(..=end).collect();
+            if !line(String::from_utf8_lossy(&text).trim_end()) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }

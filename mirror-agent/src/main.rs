@@ -68,15 +68,19 @@ enum Command {
         /// The running agent's API socket.
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         api_socket: PathBuf,
-        /// Print the API's JSON (every counter, per rule too).
-        #[arg(long, conflicts_with = "watch")]
+        /// Print the API's JSON (every counter, per rule too); with --watch, one line per
+        /// interval with per-session rates (NDJSON).
+        #[arg(long)]
         json: bool,
-        /// Refresh the table every --interval seconds until interrupted.
+        /// Refresh every --interval seconds until interrupted (or --count readings).
         #[arg(long)]
         watch: bool,
-        /// Seconds between refreshes with --watch.
+        /// Seconds between refreshes with --watch (at least 0.1).
         #[arg(long, default_value_t = 1.0)]
         interval: f64,
+        /// With --watch: stop after this many readings.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
 }
 
@@ -280,7 +284,15 @@ fn main() -> anyhow::Result<()> {
             json,
             watch,
             interval,
-        } => runtime()?.block_on(show_stats(&api_socket, json, watch, interval)),
+            count,
+        } => {
+            let runtime = runtime()?;
+            if watch && json {
+                runtime.block_on(stream_stats(&api_socket, interval, count))
+            } else {
+                runtime.block_on(show_stats(&api_socket, json, watch, interval, count))
+            }
+        }
     }
 }
 
@@ -363,8 +375,8 @@ async fn serve(
             meta.max_copy_len
         );
     }
-    let shared = api::Shared::new(datapath, &plan);
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let shared = api::Shared::new(datapath, &plan, stopped.clone());
     let mut servers = vec![tokio::spawn(api::serve_socket(
         socket,
         endpoints.socket.clone(),
@@ -488,12 +500,32 @@ async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `mirror-agent stats --watch --json`: the API's stream, one JSON line per reading.
+async fn stream_stats(
+    socket: &std::path::Path,
+    interval: f64,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let path = format!(
+        "/stats/stream?interval_ms={}",
+        Duration::from_secs_f64(interval.max(0.1)).as_millis()
+    );
+    let mut seen = 0;
+    api::stream_from(socket, &path, |line| {
+        println!("{line}");
+        seen += 1;
+        count.is_none_or(|n| seen < n)
+    })
+    .await
+}
+
 /// `mirror-agent stats`: one table, or with `watch` one every `interval` seconds with rates.
 async fn show_stats(
     socket: &std::path::Path,
     json: bool,
     watch: bool,
     interval: f64,
+    count: Option<u64>,
 ) -> anyhow::Result<()> {
     let fetch = || async {
         let body = api::get_from(socket, "/stats").await?;
@@ -512,7 +544,9 @@ async fn show_stats(
     }
     let period = Duration::from_secs_f64(interval.max(0.1));
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    loop {
+    let mut shown = 1;
+    while count.is_none_or(|n| shown < n) {
+        shown += 1;
         tokio::select! {
             _ = sigint.recv() => return Ok(()),
             () = tokio::time::sleep(period) => {}
@@ -525,6 +559,7 @@ async fn show_stats(
         );
         previous = stats;
     }
+    Ok(())
 }
 
 /// Sessions × matched / mirrored / not sent, with per-second rates against `previous`.

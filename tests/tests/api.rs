@@ -28,6 +28,44 @@ fn http_get(lab: &Lab, address: SocketAddr, path: &str) -> (String, String) {
     )
 }
 
+/// `stats --watch --json`: three readings of the stream, every counter of the session, rates
+/// from the second reading on, at the interval asked for.
+fn check_stream(lab: &Lab, socket_arg: &str) {
+    let (code, stream, stderr) = agent_command(
+        &lab.node,
+        &[
+            "stats",
+            "--watch",
+            "--json",
+            "--interval",
+            "0.2",
+            "--count",
+            "3",
+            "--api-socket",
+            socket_arg,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<serde_json::Value> = stream
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an NDJSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{stream}");
+    let mut last_ms = 0;
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            line["stats"]["sessions"][0]["counters"]["mirrored"], 8,
+            "{line}"
+        );
+        let ms = line["unix_ms"].as_u64().expect("unix_ms");
+        assert!(ms >= last_ms + if i == 0 { 0 } else { 150 }, "{stream}");
+        last_ms = ms;
+        let rates = line["rates"].as_array().expect("rates");
+        assert_eq!(rates.len(), usize::from(i != 0), "{line}");
+    }
+    assert_eq!(lines[2]["rates"][0]["mirrored_per_second"], 0.0);
+}
+
 #[test]
 fn the_api_socket_and_metrics_agree_with_the_final_report() {
     let lab = Lab::new("api");
@@ -99,7 +137,27 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
         assert!(body.contains(expected), "{expected} in:\n{body}");
     }
 
+    check_stream(&lab, socket_arg);
+
+    // A stream still open does not hold the agent up when it stops; the stream then ends.
+    let mut open_stream = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node.name])
+        .arg(mirror_tests::agent_binary())
+        .args(["stats", "--watch", "--json", "--api-socket", socket_arg])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("stream client");
+    let mut stream_out = std::io::BufReader::new(open_stream.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stream_out, &mut first).expect("the stream's first line");
+    assert!(first.contains("\"unix_ms\""), "{first}");
     let report = agent.stop();
+    let mut rest = String::new();
+    stream_out
+        .read_to_string(&mut rest)
+        .expect("the stream ends");
+    let ended = open_stream.wait().expect("the stream client ends");
+    assert!(ended.success(), "{ended:?}");
     assert_eq!(report.rule("t", "10"), Counts::copied(7, 7));
     assert!(!socket.exists(), "the socket is removed on exit");
     let (code, _, stderr) = agent_command(&lab.node, &["status", "--api-socket", socket_arg]);
