@@ -96,6 +96,29 @@ impl Shared {
         self.datapath().hook_count()
     }
 
+    /// The watched (interface, direction) hooks attached now.
+    pub fn attached(&self) -> Vec<(String, mirror_common::Direction)> {
+        self.datapath().attached()
+    }
+
+    /// See [`Datapath::watch_later`].
+    pub fn watch_later(
+        &self,
+        interface: &str,
+        ifindex: u32,
+        direction: mirror_common::Direction,
+        sessions: Vec<usize>,
+        bitmap: impl FnOnce() -> mirror_common::RuleBitmap,
+    ) -> Result<(), crate::datapath::DatapathError> {
+        self.datapath()
+            .watch_later(interface, ifindex, direction, sessions, bitmap)
+    }
+
+    /// See [`Datapath::forget`].
+    pub fn forget(&self, interface: &str, ifindex: u32) -> bool {
+        self.datapath().forget(interface, ifindex)
+    }
+
     fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
         self.datapath
             .lock()
@@ -139,11 +162,16 @@ impl Shared {
     }
 
     fn status(&self) -> Status {
+        let attached = self.attached();
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             generation: 1,
             uptime_seconds: self.started.elapsed().as_secs(),
-            hooks_attached: self.datapath().hook_count(),
+            hooks_attached: attached.len(),
+            attached: attached
+                .into_iter()
+                .map(|(i, d)| (i, format!("{d:?}").to_lowercase()))
+                .collect(),
             sessions: self.view.sessions.clone(),
         }
     }
@@ -326,6 +354,8 @@ pub struct Status {
     pub generation: u64,
     pub uptime_seconds: u64,
     pub hooks_attached: usize,
+    /// The (interface, direction) hooks attached now, including interfaces that appeared later.
+    pub attached: Vec<(String, String)>,
     pub sessions: Vec<SessionView>,
 }
 

@@ -11,12 +11,12 @@ use aya::{
 };
 use ipnet::IpNet;
 use mirror_common::{
-    ATTACHMENT_BITMAP_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP,
-    Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field, HOOK_COUNT, HOOK_COUNTERS_MAP,
-    HookCounters, IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP,
-    RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP,
-    SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM,
-    VLAN_BITMAP_MAP,
+    ATTACHMENT_BITMAP_MAP, AttachmentKey, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP,
+    DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field, HOOK_COUNT,
+    HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP,
+    RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP,
+    SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM,
+    TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
 };
 
 use crate::rules::{Interface, Plan};
@@ -63,7 +63,15 @@ pub enum DatapathError {
 pub struct Datapath {
     ebpf: Ebpf,
     links: Vec<(Hook, String, SchedClassifierLinkId)>,
+    /// Bitmaps written for interfaces attached later, by the sessions watching them.
+    later_bitmaps: std::collections::HashMap<Vec<usize>, u32>,
+    /// The next free entry of `RULE_BITMAPS` (entries past the plan's are kept spare).
+    next_bitmap: u32,
 }
+
+/// Entries of `RULE_BITMAPS` kept for interfaces that appear after the start (one per distinct
+/// set of sessions watching them).
+const SPARE_BITMAPS: u32 = 64;
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -187,7 +195,10 @@ impl Datapath {
     ) -> Result<Self, DatapathError> {
         let tables = &plan.tables;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(RULE_BITMAPS_MAP, tables.bitmaps.len().max(1) as u32)
+            .map_max_entries(
+                RULE_BITMAPS_MAP,
+                tables.bitmaps.len() as u32 + SPARE_BITMAPS,
+            )
             .load(EBPF_OBJECT)?;
         fill_array(&mut ebpf, RULE_BITMAPS_MAP, &tables.bitmaps)?;
         fill_array(&mut ebpf, FIELD_WILDCARD_MAP, &tables.wildcard)?;
@@ -221,6 +232,8 @@ impl Datapath {
         let mut datapath = Datapath {
             ebpf,
             links: Vec::new(),
+            later_bitmaps: std::collections::HashMap::new(),
+            next_bitmap: tables.bitmaps.len() as u32,
         };
         // Targets first: a copy must never reach a target without the copy program.
         let mut hooks: Vec<(Hook, String)> = target_devices
@@ -279,6 +292,92 @@ impl Datapath {
         program
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Watches an interface that appeared after the start: classifies its packets in `direction`
+    /// against `bitmap`, the rules of `sessions`, and attaches the mirror program. The bitmap and
+    /// the attachment entry are written before the program is attached.
+    pub fn watch_later(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        direction: Direction,
+        sessions: Vec<usize>,
+        bitmap: impl FnOnce() -> mirror_common::RuleBitmap,
+    ) -> Result<(), DatapathError> {
+        let index = if let Some(index) = self.later_bitmaps.get(&sessions) {
+            *index
+        } else {
+            let index = self.next_bitmap;
+            let mut bitmaps = Array::<_, mirror_common::RuleBitmap>::try_from(map(
+                &mut self.ebpf,
+                RULE_BITMAPS_MAP,
+            )?)
+            .map_err(map_err(RULE_BITMAPS_MAP))?;
+            bitmaps
+                .set(index, bitmap(), 0)
+                .map_err(map_err(RULE_BITMAPS_MAP))?;
+            self.next_bitmap += 1;
+            self.later_bitmaps.insert(sessions, index);
+            index
+        };
+        let key = AttachmentKey {
+            ifindex,
+            direction: direction as u32,
+        };
+        fill_hash(&mut self.ebpf, ATTACHMENT_BITMAP_MAP, &[(key, index)])?;
+        let hook = Hook::Mirror(direction);
+        let (name, attach_type) = attach_point(hook);
+        let link = self
+            .program(name)?
+            .attach(interface, attach_type)
+            .map_err(|source| DatapathError::Attach {
+                interface: interface.to_owned(),
+                hook,
+                source,
+            })?;
+        self.links.push((hook, interface.to_owned(), link));
+        Ok(())
+    }
+
+    /// Forgets an interface that is gone: its attachment entries (its index may be reused) and
+    /// its links (the kernel detached them with the device). Returns whether it was watched.
+    pub fn forget(&mut self, interface: &str, ifindex: u32) -> bool {
+        if let Some(Ok(mut attachments)) = map(&mut self.ebpf, ATTACHMENT_BITMAP_MAP)
+            .ok()
+            .map(HashMap::<_, AttachmentKey, u32>::try_from)
+        {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let _ = attachments.remove(&AttachmentKey {
+                    ifindex,
+                    direction: direction as u32,
+                });
+            }
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(hook, name, _)| matches!(hook, Hook::Mirror(_)) && name == interface);
+        self.links = kept;
+        let watched = !gone.is_empty();
+        for (hook, _, link) in gone {
+            let (name, _) = attach_point(hook);
+            if let Ok(program) = self.program(name) {
+                // The device took the link with it; dropping our handle is all that is left.
+                let _ = program.detach(link);
+            }
+        }
+        watched
+    }
+
+    /// The watched (interface, direction) hooks attached now.
+    pub fn attached(&self) -> Vec<(String, Direction)> {
+        self.links
+            .iter()
+            .filter_map(|(hook, name, _)| match hook {
+                Hook::Mirror(direction) => Some((name.clone(), *direction)),
+                Hook::Copy => None,
+            })
+            .collect()
     }
 
     /// Number of watched (interface, direction) hooks attached.

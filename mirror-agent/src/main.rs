@@ -5,6 +5,7 @@ mod api;
 mod collect;
 mod config;
 mod datapath;
+mod follow;
 mod rules;
 mod tunnel;
 
@@ -383,6 +384,10 @@ async fn serve(
         shared.clone(),
         stopped.clone(),
     ))];
+    let targets_ifindexes = target_devices.iter().map(|(_, ifindex)| *ifindex).collect();
+    if let Some(follower) = follow::Follower::new(&plan.sessions, &plan.rules, targets_ifindexes) {
+        servers.push(tokio::spawn(follower.run(shared.clone(), stopped.clone())));
+    }
     if let Some(listener) = metrics {
         servers.push(tokio::spawn(api::serve_metrics(
             listener,

@@ -112,6 +112,10 @@ pub struct Session {
     pub controls: Controls,
     /// Interfaces and directions watched, sorted.
     pub attachments: Vec<(Interface, Direction)>,
+    /// The session's interface globs, which interfaces created later may match.
+    pub globs: Vec<glob::Pattern>,
+    /// The directions watched.
+    pub directions: Vec<Direction>,
 }
 
 /// Everything the agent applies: sessions, rules in global order, and the kernel tables.
@@ -332,6 +336,14 @@ fn resolve_session(
         target,
         controls: controls(loaded, session)?,
         attachments,
+        globs: session
+            .interfaces
+            .get_ref()
+            .iter()
+            .filter(|p| is_glob(p.get_ref()))
+            .filter_map(|p| glob::Pattern::new(p.get_ref()).ok())
+            .collect(),
+        directions: directions.to_vec(),
     })
 }
 
@@ -624,6 +636,12 @@ fn overlaps(a: &Rule, b: &Rule) -> bool {
         && field_overlaps(a.dst.as_ref(), b.dst.as_ref(), net)
         && field_overlaps(a.src_port.as_ref(), b.src_port.as_ref(), range)
         && field_overlaps(a.dst_port.as_ref(), b.dst_port.as_ref(), range)
+}
+
+/// The bitmap of every rule of `sessions`: what an interface these sessions watch is classified
+/// against.
+pub fn sessions_bitmap(rules: &[Rule], sessions: &[usize]) -> RuleBitmap {
+    Bits::of(rules, |r| sessions.contains(&r.session)).to_abi()
 }
 
 /// A set of rules by global index.
