@@ -19,7 +19,7 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use mirror_common::{Counters, HookCounters};
+use mirror_common::{Counters, Direction, HookCounters};
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
@@ -27,7 +27,11 @@ use prometheus_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::{datapath::Datapath, rules::Plan};
+use crate::{
+    datapath::Datapath,
+    follow::Follow,
+    rules::{self, Plan},
+};
 
 /// Label pairs of a metric.
 type Labels = Vec<(&'static str, String)>;
@@ -35,14 +39,36 @@ type Labels = Vec<(&'static str, String)>;
 /// Where the API socket is unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mirror-agent.sock";
 
-/// What the API serves from: the datapath (for counters) and what the plan says.
+/// What the API serves from: the configuration applied now, and a way to ask for a reload.
 #[derive(Debug)]
 pub struct Shared {
-    pub datapath: Mutex<Datapath>,
-    view: PlanView,
+    applied: Mutex<Applied>,
     started: Instant,
     /// Turns true when the agent stops: streams end, so that the servers can.
     stop: watch::Receiver<bool>,
+    /// Where `POST /reload` asks the agent to reload; the answer is the new generation.
+    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+}
+
+/// A reload asked for on the API, and where its outcome goes.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<u64, String>>;
+
+/// One applied configuration: its datapath, what the API reports of it, and the counters its
+/// unchanged sessions carried over from the configurations before it.
+#[derive(Debug)]
+pub struct Applied {
+    pub datapath: Datapath,
+    view: PlanView,
+    carried: Carried,
+    /// What the follower needs to watch interfaces that appear later.
+    pub follow: Option<Follow>,
+}
+
+/// Counters carried over from earlier generations, added to the live ones.
+#[derive(Debug, Default)]
+struct Carried {
+    sessions: Vec<CounterStats>,
+    rules: Vec<CounterStats>,
 }
 
 /// The parts of a plan the API reports (the compiled tables are gone by then).
@@ -51,6 +77,9 @@ struct PlanView {
     sessions: Vec<SessionView>,
     /// (session index, rule label) by global rule index.
     rules: Vec<(usize, String)>,
+    /// Per session: what it is made of; equal fingerprints across a reload mean an unchanged
+    /// session, whose counters go on.
+    fingerprints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,9 +90,9 @@ pub struct SessionView {
     pub hooks: Vec<(String, String)>,
 }
 
-impl Shared {
-    pub fn new(datapath: Datapath, plan: &Plan, stop: watch::Receiver<bool>) -> Arc<Self> {
-        let view = PlanView {
+impl PlanView {
+    fn of(plan: &Plan) -> Self {
+        PlanView {
             sessions: plan
                 .sessions
                 .iter()
@@ -73,7 +102,7 @@ impl Shared {
                     hooks: s
                         .attachments
                         .iter()
-                        .map(|(i, d)| (i.name.clone(), format!("{d:?}").to_lowercase()))
+                        .map(|(i, d)| (i.name.clone(), direction_name(*d)))
                         .collect(),
                 })
                 .collect(),
@@ -82,57 +111,74 @@ impl Shared {
                 .iter()
                 .map(|r| (r.session, r.kind.to_string()))
                 .collect(),
+            fingerprints: rules::fingerprints(plan),
+        }
+    }
+}
+
+fn direction_name(direction: Direction) -> String {
+    format!("{direction:?}").to_lowercase()
+}
+
+impl Applied {
+    /// The first configuration.
+    pub fn new(datapath: Datapath, plan: &Plan, follow: Option<Follow>) -> Self {
+        Applied {
+            datapath,
+            view: PlanView::of(plan),
+            carried: Carried::default(),
+            follow,
+        }
+    }
+
+    /// The configuration that replaces `self`, whose datapath `datapath` has taken over: the
+    /// counters of `self` (final: its programs are detached) go on in the sessions that did not
+    /// change.
+    pub fn succeed(&self, datapath: Datapath, plan: &Plan, follow: Option<Follow>) -> Self {
+        let before = self.stats().unwrap_or_else(|e| {
+            tracing::warn!("reading the replaced configuration's counters: {e:#}");
+            Stats::default()
+        });
+        let view = PlanView::of(plan);
+        let mut carried = Carried {
+            sessions: vec![CounterStats::default(); view.sessions.len()],
+            rules: vec![CounterStats::default(); view.rules.len()],
         };
-        Arc::new(Shared {
-            datapath: Mutex::new(datapath),
+        for (index, fingerprint) in view.fingerprints.iter().enumerate() {
+            let Some(old) = self.view.fingerprints.iter().position(|f| f == fingerprint) else {
+                continue;
+            };
+            let Some(old_stats) = before.sessions.get(old) else {
+                continue;
+            };
+            carried.sessions[index] = old_stats.counters;
+            // An unchanged session has the same rules in the same order.
+            let rules = view
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, _))| *s == index);
+            for ((rule, _), old_rule) in rules.zip(&old_stats.rules) {
+                carried.rules[rule] = old_rule.counters;
+            }
+        }
+        Applied {
+            datapath,
             view,
-            started: Instant::now(),
-            stop,
-        })
+            carried,
+            follow,
+        }
     }
 
-    /// Watched hooks attached.
-    pub fn hook_count(&self) -> usize {
-        self.datapath().hook_count()
-    }
-
-    /// The watched (interface, direction) hooks attached now.
-    pub fn attached(&self) -> Vec<(String, mirror_common::Direction)> {
-        self.datapath().attached()
-    }
-
-    /// See [`Datapath::watch_later`].
-    pub fn watch_later(
-        &self,
-        interface: &str,
-        ifindex: u32,
-        direction: mirror_common::Direction,
-        sessions: Vec<usize>,
-        bitmap: impl FnOnce() -> mirror_common::RuleBitmap,
-    ) -> Result<(), crate::datapath::DatapathError> {
-        self.datapath()
-            .watch_later(interface, ifindex, direction, sessions, bitmap)
-    }
-
-    /// See [`Datapath::forget`].
-    pub fn forget(&self, interface: &str, ifindex: u32) -> bool {
-        self.datapath().forget(interface, ifindex)
-    }
-
-    fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
-        self.datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Every counter, summed over CPUs.
+    /// Every counter, summed over CPUs, plus what earlier generations carried over.
     pub fn stats(&self) -> anyhow::Result<Stats> {
-        let datapath = self.datapath();
-        let sessions = datapath.session_counters(self.view.sessions.len())?;
-        let rules = datapath.rule_counters(self.view.rules.len())?;
-        let hooks = datapath.hook_counters()?;
+        let sessions = self.datapath.session_counters(self.view.sessions.len())?;
+        let rules = self.datapath.rule_counters(self.view.rules.len())?;
+        let hooks = self.datapath.hook_counters()?;
         let hook = |i: usize| hooks.get(i).map(HookStats::from).unwrap_or_default();
+        let carried = |list: &[CounterStats], i: usize| list.get(i).copied().unwrap_or_default();
         Ok(Stats {
+            generation: self.datapath.generation(),
             sessions: self
                 .view
                 .sessions
@@ -141,16 +187,18 @@ impl Shared {
                 .enumerate()
                 .map(|(index, (view, counters))| SessionStats {
                     name: view.name.clone(),
-                    counters: counters.into(),
+                    counters: CounterStats::from(counters) + carried(&self.carried.sessions, index),
                     rules: self
                         .view
                         .rules
                         .iter()
                         .zip(&rules)
-                        .filter(|((session, _), _)| *session == index)
-                        .map(|((_, label), counters)| RuleStats {
+                        .enumerate()
+                        .filter(|(_, ((session, _), _))| *session == index)
+                        .map(|(rule, ((_, label), counters))| RuleStats {
                             rule: label.clone(),
-                            counters: counters.into(),
+                            counters: CounterStats::from(counters)
+                                + carried(&self.carried.rules, rule),
                         })
                         .collect(),
                 })
@@ -160,19 +208,56 @@ impl Shared {
             copy: hook(mirror_common::COPY_HOOK as usize),
         })
     }
+}
+
+impl Shared {
+    pub fn new(
+        applied: Applied,
+        stop: watch::Receiver<bool>,
+        reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            applied: Mutex::new(applied),
+            started: Instant::now(),
+            stop,
+            reload,
+        })
+    }
+
+    /// The applied configuration, locked (reloads and the follower change it).
+    pub fn applied(&self) -> std::sync::MutexGuard<'_, Applied> {
+        self.applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The applied configuration, for the final report.
+    pub fn into_applied(self: Arc<Self>) -> anyhow::Result<Applied> {
+        Ok(Arc::try_unwrap(self)
+            .map_err(|_| anyhow::anyhow!("the API still holds the datapath"))?
+            .applied
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Every counter: see [`Applied::stats`].
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        self.applied().stats()
+    }
 
     fn status(&self) -> Status {
-        let attached = self.attached();
+        let applied = self.applied();
+        let attached = applied.datapath.attached();
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            generation: 1,
+            generation: applied.datapath.generation(),
             uptime_seconds: self.started.elapsed().as_secs(),
             hooks_attached: attached.len(),
             attached: attached
                 .into_iter()
-                .map(|(i, d)| (i, format!("{d:?}").to_lowercase()))
+                .map(|(i, d)| (i, direction_name(d)))
                 .collect(),
-            sessions: self.view.sessions.clone(),
+            sessions: applied.view.sessions.clone(),
         }
     }
 
@@ -249,7 +334,7 @@ impl Shared {
             "Watched (interface, direction) hooks, by session",
             attached.clone(),
         );
-        for session in &self.view.sessions {
+        for session in &self.applied().view.sessions {
             for (interface, direction) in &session.hooks {
                 attached
                     .get_or_create(&vec![
@@ -290,6 +375,23 @@ impl From<&Counters> for CounterStats {
             sampled_out: c.sampled_out,
             rate_limited: c.rate_limited,
             truncated: c.truncated,
+        }
+    }
+}
+
+impl std::ops::Add for CounterStats {
+    type Output = CounterStats;
+
+    fn add(self, other: CounterStats) -> CounterStats {
+        CounterStats {
+            matched: self.matched + other.matched,
+            mirrored: self.mirrored + other.mirrored,
+            clone_errors: self.clone_errors + other.clone_errors,
+            copy_limit: self.copy_limit + other.copy_limit,
+            too_big: self.too_big + other.too_big,
+            sampled_out: self.sampled_out + other.sampled_out,
+            rate_limited: self.rate_limited + other.rate_limited,
+            truncated: self.truncated + other.truncated,
         }
     }
 }
@@ -338,8 +440,10 @@ pub struct SessionStats {
 }
 
 /// `GET /stats`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Stats {
+    /// The configuration generation the counters are of.
+    pub generation: u64,
     pub sessions: Vec<SessionStats>,
     pub ingress: HookStats,
     pub egress: HookStats,
@@ -350,7 +454,8 @@ pub struct Stats {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
-    /// Which configuration is applied; 1 until reloads exist.
+    /// Which configuration is applied: 1 at the start (in pinned mode, one more than the agent
+    /// before), one more with every reload.
     pub generation: u64,
     pub uptime_seconds: u64,
     pub hooks_attached: usize,
@@ -462,6 +567,20 @@ async fn stream(
     )
 }
 
+/// `POST /reload`: the new generation, or why the configuration was rejected (the old one keeps
+/// running).
+async fn reload(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    let (answer, outcome) = tokio::sync::oneshot::channel();
+    if shared.reload.send(answer).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response();
+    }
+    match outcome.await {
+        Ok(Ok(generation)) => Json(serde_json::json!({ "generation": generation })).into_response(),
+        Ok(Err(reason)) => (StatusCode::UNPROCESSABLE_ENTITY, reason + "\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response(),
+    }
+}
+
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     Json(shared.status())
 }
@@ -512,6 +631,7 @@ pub async fn serve_socket(
         .route("/stats", get(stats))
         .route("/stats/stream", get(stream))
         .route("/metrics", get(metrics))
+        .route("/reload", axum::routing::post(reload))
         .with_state(shared);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stopped(stop))
@@ -550,15 +670,24 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 
 /// `GET path` on the agent's socket; the body, or an error naming the socket.
 pub async fn get_from(socket: &Path, path: &str) -> anyhow::Result<String> {
+    body_of(request(socket, hyper::Method::GET, path).await?).await
+}
+
+/// `POST path` on the agent's socket; the body, or an error with the agent's answer.
+pub async fn post_to(socket: &Path, path: &str) -> anyhow::Result<String> {
+    body_of(request(socket, hyper::Method::POST, path).await?).await
+}
+
+async fn body_of(response: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<String> {
     use http_body_util::BodyExt as _;
-    let response = request(socket, path).await?;
     let body = response.into_body().collect().await?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Sends `GET path` to the agent's socket; the response, once its status says success.
+/// Sends a request to the agent's socket; the response, once its status says success.
 async fn request(
     socket: &Path,
+    method: hyper::Method,
     path: &str,
 ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
     use http_body_util::BodyExt as _;
@@ -575,7 +704,9 @@ async fn request(
             .await
             .context("HTTP handshake with the agent")?;
     tokio::spawn(connection);
-    let request = hyper::Request::get(path)
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, "agent")
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
     let response = sender.send_request(request).await?;
@@ -598,7 +729,7 @@ pub async fn stream_from(
     mut line: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<()> {
     use http_body_util::BodyExt as _;
-    let mut response = request(socket, path).await?;
+    let mut response = request(socket, hyper::Method::GET, path).await?;
     let mut pending = Vec::new();
     while let Some(frame) = response.body_mut().frame().await {
         let Ok(data) = frame?.into_data() else {

@@ -46,6 +46,9 @@ pub struct Config {
     pub api_socket: Option<std::path::PathBuf>,
     /// Where to serve Prometheus `/metrics`, `/healthz` and `/readyz` (none by default).
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Pinned mode: a bpffs directory where programs and links outlive the agent (none by
+    /// default: everything is detached on exit).
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 fn default_stats_interval() -> u64 {

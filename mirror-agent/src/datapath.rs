@@ -1,22 +1,29 @@
 //! The kernel side seen from userspace: loads the eBPF object, fills the lookup maps from a
 //! [`Plan`], attaches the TC programs and reads the counters. Everything it attached is detached
 //! when the [`Datapath`] is dropped, and a failure part-way drops what was done so far.
-use std::ffi::CStr;
+use std::{
+    ffi::CStr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
     util::KernelVersion,
 };
 use ipnet::IpNet;
 use mirror_common::{
-    ATTACHMENT_BITMAP_MAP, AttachmentKey, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP,
-    DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field, HOOK_COUNT,
-    HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP,
-    RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP,
-    SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM,
-    TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
+    ATTACHMENT_BITMAP_MAP, AttachmentKey, COPY_GENERATION_BIT, Counters, DST_PORT_BITMAP_MAP,
+    DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP,
+    Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP,
+    NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP,
+    SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta,
+    TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
 };
 
 use crate::rules::{Interface, Plan};
@@ -57,25 +64,54 @@ pub enum DatapathError {
     Missing(&'static str),
     #[error("listing interfaces: {0}")]
     Interfaces(std::io::Error),
+    #[error("pinning or adopting links in {path}: {message}")]
+    Pin { path: PathBuf, message: String },
 }
 
 /// A loaded, filled and attached datapath.
 pub struct Datapath {
     ebpf: Ebpf,
-    links: Vec<(Hook, String, SchedClassifierLinkId)>,
+    /// The configuration generation this object was loaded for (see
+    /// `mirror_common::GENERATION_GLOBAL`).
+    generation: u64,
+    links: Vec<Attached>,
+    /// Where links are pinned (pinned mode), so that they outlive the agent.
+    pin_dir: Option<PathBuf>,
     /// Bitmaps written for interfaces attached later, by the sessions watching them.
     later_bitmaps: std::collections::HashMap<Vec<usize>, u32>,
     /// The next free entry of `RULE_BITMAPS` (entries past the plan's are kept spare).
     next_bitmap: u32,
 }
 
+/// A program attached to an interface. Dropping it detaches the program, unless it is pinned.
+#[derive(Debug)]
+pub struct Attached {
+    hook: Hook,
+    interface: String,
+    link: SchedClassifierLink,
+    /// Where the link is pinned (pinned mode).
+    pin: Option<PathBuf>,
+}
+
+/// A datapath that could not take over: why, and the links it was handed, untouched.
+#[derive(Debug)]
+pub struct TakeOverFailed {
+    pub error: DatapathError,
+    pub previous: Vec<Attached>,
+}
+
 /// Entries of `RULE_BITMAPS` kept for interfaces that appear after the start (one per distinct
 /// set of sessions watching them).
 const SPARE_BITMAPS: u32 = 64;
 
+/// In a pin directory, the name of the (empty) directory that records the generation of the
+/// programs attached through its links: `generation-N`.
+const GENERATION_MARK: &str = "generation-";
+
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
+            .field("generation", &self.generation)
             .field("links", &self.links.len())
             .finish_non_exhaustive()
     }
@@ -185,16 +221,22 @@ fn fill_prefixes(
 }
 
 impl Datapath {
-    /// Loads the programs, fills the maps from `plan` and the sessions' resolved targets, attaches
-    /// the copy program to `target_devices` (the targets whose copies need finishing) and the
-    /// mirror programs to every watched interface.
-    pub fn start(
+    /// Loads the programs for configuration `generation` and fills the maps from `plan` and the
+    /// sessions' resolved targets. Nothing is attached yet (see [`Datapath::attach`]).
+    pub fn load(
         plan: &Plan,
         sessions: &[SessionMeta],
-        target_devices: &[(String, u32)],
+        generation: u64,
+        pin_dir: Option<&Path>,
     ) -> Result<Self, DatapathError> {
         let tables = &plan.tables;
+        let generation_bit = if generation % 2 == 1 {
+            COPY_GENERATION_BIT
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
+            .override_global(GENERATION_GLOBAL, &generation_bit, true)
             .map_max_entries(
                 RULE_BITMAPS_MAP,
                 tables.bitmaps.len() as u32 + SPARE_BITMAPS,
@@ -228,33 +270,14 @@ impl Datapath {
         )?;
         // Attachments last: the programs see no session until every other table is complete.
         fill_hash(&mut ebpf, ATTACHMENT_BITMAP_MAP, &tables.attachments)?;
-
         let mut datapath = Datapath {
             ebpf,
+            generation,
             links: Vec::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
             later_bitmaps: std::collections::HashMap::new(),
             next_bitmap: tables.bitmaps.len() as u32,
         };
-        // Targets first: a copy must never reach a target without the copy program.
-        let mut hooks: Vec<(Hook, String)> = target_devices
-            .iter()
-            .map(|(name, _)| (Hook::Copy, name.clone()))
-            .collect();
-        let mut watched: Vec<(Hook, String)> = plan
-            .sessions
-            .iter()
-            .flat_map(|s| {
-                s.attachments
-                    .iter()
-                    .map(|(i, d)| (Hook::Mirror(*d), i.name.clone()))
-            })
-            .collect();
-        watched.sort();
-        watched.dedup();
-        hooks.extend(watched);
-        // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
-        // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
-        let needs_clsact = KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0));
         for hook in [
             Hook::Copy,
             Hook::Mirror(Direction::Ingress),
@@ -266,22 +289,232 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        for (hook, interface) in hooks {
-            let (name, attach_type) = attach_point(hook);
-            if needs_clsact {
-                let _ = aya::programs::tc::qdisc_add_clsact(&interface);
-            }
-            let link = datapath
-                .program(name)?
-                .attach(&interface, attach_type)
-                .map_err(|source| DatapathError::Attach {
-                    interface: interface.clone(),
-                    hook,
-                    source,
-                })?;
-            datapath.links.push((hook, interface, link));
-        }
         Ok(datapath)
+    }
+
+    /// Attaches the copy program to `target_devices` (the targets whose copies need finishing)
+    /// and the mirror programs to every interface `plan` watches, taking over `previous`: the
+    /// links of the datapath this one replaces (a reload, or an agent before this one in pinned
+    /// mode).
+    ///
+    /// A watched hook `previous` already holds is switched to the new program in one step
+    /// (`BPF_LINK_UPDATE`): each packet is judged wholly by the old programs and maps or wholly by
+    /// the new ones. The new copy programs are attached before any mirror program is switched,
+    /// next to the old ones; each finishes only its own generation's copies. The old copy
+    /// programs go last, once no old mirror program can still be running. If a new attachment
+    /// fails, what this call attached is detached again and `previous` is handed back untouched.
+    pub fn attach(
+        &mut self,
+        plan: &Plan,
+        target_devices: &[(String, u32)],
+        mut previous: Vec<Attached>,
+    ) -> Result<(), Box<TakeOverFailed>> {
+        let replacing = !previous.is_empty();
+        let mut watched: Vec<(Hook, String)> = plan
+            .sessions
+            .iter()
+            .flat_map(|s| {
+                s.attachments
+                    .iter()
+                    .map(|(i, d)| (Hook::Mirror(*d), i.name.clone()))
+            })
+            .collect();
+        watched.sort();
+        watched.dedup();
+        let (switched, fresh): (Vec<_>, Vec<_>) = watched.into_iter().partition(|(hook, name)| {
+            previous
+                .iter()
+                .any(|a| a.hook == *hook && a.interface == *name)
+        });
+        // Targets first: a copy must never reach a target without the copy program.
+        let fresh = target_devices
+            .iter()
+            .map(|(name, _)| (Hook::Copy, name.clone()))
+            .chain(fresh);
+        for (hook, interface) in fresh {
+            if let Err(e) = self.attach_new(hook, &interface) {
+                release(std::mem::take(&mut self.links));
+                return Err(Box::new(TakeOverFailed { error: e, previous }));
+            }
+        }
+        for (hook, interface) in switched {
+            let Some(at) = previous
+                .iter()
+                .position(|a| a.hook == hook && a.interface == interface)
+            else {
+                continue;
+            };
+            let old = previous.swap_remove(at);
+            if let Err(e) = self.switch(old) {
+                // Only a link whose interface vanished meanwhile fails to switch.
+                tracing::warn!("{e}");
+            }
+        }
+        if !previous.is_empty() || replacing {
+            let (old_copies, old_mirrors): (Vec<_>, Vec<_>) =
+                previous.into_iter().partition(|a| a.hook == Hook::Copy);
+            release(old_mirrors);
+            // Then no old program is running any more: their counters are final, and no copy
+            // of theirs is left for an old copy program to finish.
+            wait_for_running_programs();
+            release(old_copies);
+        }
+        self.record_generation();
+        Ok(())
+    }
+
+    /// Attaches `hook`'s program to `interface` (pinning the link in pinned mode).
+    fn attach_new(&mut self, hook: Hook, interface: &str) -> Result<(), DatapathError> {
+        let (name, attach_type) = attach_point(hook);
+        // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
+        // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+            let _ = aya::programs::tc::qdisc_add_clsact(interface);
+        }
+        let attach_error = |source| DatapathError::Attach {
+            interface: interface.to_owned(),
+            hook,
+            source,
+        };
+        let program = self.program(name)?;
+        let id = program
+            .attach(interface, attach_type)
+            .map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        let (link, pin) = self.pinned(hook, interface, link)?;
+        self.links.push(Attached {
+            hook,
+            interface: interface.to_owned(),
+            link,
+            pin,
+        });
+        Ok(())
+    }
+
+    /// Switches an attached link to this datapath's program for its hook.
+    fn switch(&mut self, old: Attached) -> Result<(), DatapathError> {
+        let Attached {
+            hook,
+            interface,
+            link,
+            pin,
+        } = old;
+        let (name, _) = attach_point(hook);
+        let attach_error = |source| DatapathError::Attach {
+            interface: interface.clone(),
+            hook,
+            source,
+        };
+        let program = self.program(name)?;
+        let id = program.attach_to_link(link).map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        self.links.push(Attached {
+            hook,
+            interface,
+            link,
+            pin,
+        });
+        Ok(())
+    }
+
+    /// In pinned mode, pins a new link where a later agent finds it.
+    fn pinned(
+        &self,
+        hook: Hook,
+        interface: &str,
+        link: SchedClassifierLink,
+    ) -> Result<(SchedClassifierLink, Option<PathBuf>), DatapathError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok((link, None));
+        };
+        let path = dir.join(pin_name(hook, interface, self.generation));
+        let pin_error = |message: String| DatapathError::Pin {
+            path: path.clone(),
+            message,
+        };
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_error(e.to_string()))?;
+        let pinned = fd_link.pin(&path).map_err(|e| pin_error(e.to_string()))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+            .map_err(|e| pin_error(e.to_string()))?;
+        Ok((link, Some(path)))
+    }
+
+    /// Takes back the links handed to a datapath that failed to take over.
+    pub fn restore_links(&mut self, links: Vec<Attached>) {
+        self.links = links;
+    }
+
+    /// In pinned mode, records this datapath's generation for the next agent.
+    fn record_generation(&self) {
+        let Some(dir) = &self.pin_dir else {
+            return;
+        };
+        // The new mark first: an agent that dies in between leaves two, and the next takes the
+        // higher.
+        let _ = std::fs::create_dir(dir.join(format!("{GENERATION_MARK}{}", self.generation)));
+        for (generation, _) in pinned_generations(dir) {
+            if generation != self.generation {
+                let _ = std::fs::remove_dir(dir.join(format!("{GENERATION_MARK}{generation}")));
+            }
+        }
+    }
+
+    /// The links a pinned-mode agent left in `dir` (still attached, still running its programs),
+    /// and the generation they run. Pins of interfaces that are gone are removed.
+    pub fn adopt_pins(dir: &Path) -> Result<(u64, Vec<Attached>), DatapathError> {
+        let pin_error = |message: String| DatapathError::Pin {
+            path: dir.to_path_buf(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| pin_error(e.to_string()))?;
+        if !on_bpffs(dir) {
+            return Err(pin_error(
+                "not on a BPF file system (mount one with `mount -t bpf bpf /sys/fs/bpf`)".into(),
+            ));
+        }
+        let generation = pinned_generations(dir)
+            .into_iter()
+            .map(|(generation, _)| generation)
+            .max()
+            .unwrap_or(0);
+        let entries = std::fs::read_dir(dir).map_err(|e| pin_error(e.to_string()))?;
+        let mut links = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((hook, interface)) = parse_pin_name(&name) else {
+                continue;
+            };
+            let path = entry.path();
+            let link = PinnedLink::from_pin(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|pinned| {
+                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())
+                });
+            match link {
+                Ok(link) if ifindex_of(interface).is_some() => links.push(Attached {
+                    hook,
+                    interface: interface.to_owned(),
+                    link,
+                    pin: Some(path),
+                }),
+                Ok(_) => {
+                    tracing::info!("{interface} is gone: removing its pin {}", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(pin_error(format!("{name}: {e}"))),
+            }
+        }
+        Ok((generation, links))
+    }
+
+    /// The links, for the datapath that replaces this one.
+    pub fn take_links(&mut self) -> Vec<Attached> {
+        std::mem::take(&mut self.links)
+    }
+
+    /// The configuration generation this datapath was loaded for.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -326,18 +559,7 @@ impl Datapath {
             direction: direction as u32,
         };
         fill_hash(&mut self.ebpf, ATTACHMENT_BITMAP_MAP, &[(key, index)])?;
-        let hook = Hook::Mirror(direction);
-        let (name, attach_type) = attach_point(hook);
-        let link = self
-            .program(name)?
-            .attach(interface, attach_type)
-            .map_err(|source| DatapathError::Attach {
-                interface: interface.to_owned(),
-                hook,
-                source,
-            })?;
-        self.links.push((hook, interface.to_owned(), link));
-        Ok(())
+        self.attach_new(Hook::Mirror(direction), interface)
     }
 
     /// Forgets an interface that is gone: its attachment entries (its index may be reused) and
@@ -356,16 +578,10 @@ impl Datapath {
         }
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
             .into_iter()
-            .partition(|(hook, name, _)| matches!(hook, Hook::Mirror(_)) && name == interface);
+            .partition(|a| matches!(a.hook, Hook::Mirror(_)) && a.interface == interface);
         self.links = kept;
         let watched = !gone.is_empty();
-        for (hook, _, link) in gone {
-            let (name, _) = attach_point(hook);
-            if let Ok(program) = self.program(name) {
-                // The device took the link with it; dropping our handle is all that is left.
-                let _ = program.detach(link);
-            }
-        }
+        release(gone);
         watched
     }
 
@@ -373,8 +589,8 @@ impl Datapath {
     pub fn attached(&self) -> Vec<(String, Direction)> {
         self.links
             .iter()
-            .filter_map(|(hook, name, _)| match hook {
-                Hook::Mirror(direction) => Some((name.clone(), *direction)),
+            .filter_map(|a| match a.hook {
+                Hook::Mirror(direction) => Some((a.interface.clone(), direction)),
                 Hook::Copy => None,
             })
             .collect()
@@ -384,28 +600,17 @@ impl Datapath {
     pub fn hook_count(&self) -> usize {
         self.links
             .iter()
-            .filter(|(hook, _, _)| matches!(hook, Hook::Mirror(_)))
+            .filter(|a| matches!(a.hook, Hook::Mirror(_)))
             .count()
     }
 
-    /// Detaches every program, reporting the first failure (the rest are still detached).
-    pub fn stop(mut self) -> Result<(), DatapathError> {
-        let mut first_error = None;
-        // Watched interfaces first, targets last: the reverse of attaching.
-        for (hook, interface, link) in std::mem::take(&mut self.links).into_iter().rev() {
-            let (name, _) = attach_point(hook);
-            let result = self.program(name).and_then(|p| {
-                p.detach(link).map_err(|source| DatapathError::Attach {
-                    interface: interface.clone(),
-                    hook,
-                    source,
-                })
-            });
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
-            }
+    /// Detaches every program, the watched interfaces first and the targets last; in pinned mode
+    /// leaves them attached and pinned for the next agent instead.
+    pub fn stop(mut self) {
+        let links = std::mem::take(&mut self.links);
+        if self.pin_dir.is_none() {
+            release(links);
         }
-        first_error.map_or(Ok(()), Err)
     }
 
     /// Counters summed over CPUs, by index.
@@ -462,6 +667,88 @@ fn attach_point(hook: Hook) -> (&'static str, TcAttachType) {
         Hook::Mirror(Direction::Ingress) => (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
         Hook::Mirror(Direction::Egress) => (TC_EGRESS_PROGRAM, TcAttachType::Egress),
         Hook::Copy => (TC_COPY_PROGRAM, TcAttachType::Egress),
+    }
+}
+
+/// Detaches links a datapath no longer uses (removing their pins first).
+fn release(links: Vec<Attached>) {
+    for attached in links.into_iter().rev() {
+        if let Some(pin) = &attached.pin {
+            let _ = std::fs::remove_file(pin);
+        }
+        drop(attached);
+    }
+}
+
+/// A link's pin: `ingress-<interface>`, `egress-<interface>` (a reload switches these links in
+/// place), `copy<generation>-<interface>` (old and new copy programs are attached side by side
+/// while a reload switches). Interface names hold no `/`.
+fn pin_name(hook: Hook, interface: &str, generation: u64) -> String {
+    match hook {
+        Hook::Mirror(Direction::Ingress) => format!("ingress-{interface}"),
+        Hook::Mirror(Direction::Egress) => format!("egress-{interface}"),
+        Hook::Copy => format!("copy{generation}-{interface}"),
+    }
+}
+
+fn parse_pin_name(name: &str) -> Option<(Hook, &str)> {
+    let (hook, interface) = name.split_once('-')?;
+    let hook = match hook {
+        "ingress" => Hook::Mirror(Direction::Ingress),
+        "egress" => Hook::Mirror(Direction::Egress),
+        copy if copy
+            .strip_prefix("copy")
+            .is_some_and(|g| g.parse::<u64>().is_ok()) =>
+        {
+            Hook::Copy
+        }
+        _ => return None,
+    };
+    Some((hook, interface))
+}
+
+/// The generation marks in a pin directory (see [`GENERATION_MARK`]).
+fn pinned_generations(dir: &Path) -> Vec<(u64, PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let generation = name.to_str()?.strip_prefix(GENERATION_MARK)?.parse().ok()?;
+            Some((generation, entry.path()))
+        })
+        .collect()
+}
+
+fn on_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && stat.f_type == BPF_FS_MAGIC
+    }
+}
+
+fn ifindex_of(interface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (ifindex != 0).then_some(ifindex)
+}
+
+/// Returns once every program run that started before the call has ended: TC programs run in RCU
+/// read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period.
+fn wait_for_running_programs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        // Not available (e.g. nohz_full CPUs): a program run lasts microseconds.
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

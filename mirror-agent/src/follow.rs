@@ -16,14 +16,14 @@ use rtnetlink::{
 use tokio::sync::watch;
 
 use crate::{
-    api::Shared,
+    api::{Applied, Shared},
     rules::{self, Rule, Session},
     tunnel::DEVICE_PREFIX,
 };
 
-/// What the follower needs of the plan.
+/// What the follower needs of the applied plan.
 #[derive(Debug)]
-pub struct Follower {
+pub struct Follow {
     /// Per session: its globs and directions.
     sessions: Vec<(Vec<glob::Pattern>, Vec<Direction>)>,
     rules: Vec<Rule>,
@@ -31,13 +31,13 @@ pub struct Follower {
     targets: Vec<u32>,
 }
 
-impl Follower {
+impl Follow {
     /// `None` when no session has a glob: there is nothing to follow.
     pub fn new(sessions: &[Session], rules: &[Rule], targets: Vec<u32>) -> Option<Self> {
         sessions
             .iter()
             .any(|s| !s.globs.is_empty())
-            .then(|| Follower {
+            .then(|| Follow {
                 sessions: sessions
                     .iter()
                     .map(|s| (s.globs.clone(), s.directions.clone()))
@@ -46,75 +46,89 @@ impl Follower {
                 targets,
             })
     }
+}
 
-    /// Follows link events until `stop` turns true.
-    pub async fn run(
-        self,
-        shared: Arc<Shared>,
-        mut stop: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let (connection, _, mut messages) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
-        tokio::spawn(connection);
-        loop {
-            let message = tokio::select! {
-                message = messages.next() => message,
-                _ = stop.wait_for(|stop| *stop) => return Ok(()),
-            };
-            let Some((message, _)) = message else {
-                anyhow::bail!("the kernel closed the link event socket");
-            };
-            match message.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                    self.appeared(&shared, &link);
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
-                    if let Some(name) = name_of(&link)
-                        && shared.forget(&name, link.header.index)
-                    {
-                        tracing::info!("{name} is gone: forgotten");
-                    }
-                }
-                _ => {}
+/// Follows link events until `stop` turns true, for whatever configuration is applied when an
+/// event comes.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let (connection, _, mut messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
+    // Ended with this task: it would only complain that nobody reads its events any more.
+    let connection = AbortOnDrop(tokio::spawn(connection));
+    let _ = &connection;
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => message,
+            _ = stop.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let Some((message, _)) = message else {
+            anyhow::bail!("the kernel closed the link event socket");
+        };
+        match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                appeared(&shared, &link);
             }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                if let Some(name) = name_of(&link)
+                    && shared.applied().datapath.forget(&name, link.header.index)
+                {
+                    tracing::info!("{name} is gone: forgotten");
+                }
+            }
+            _ => {}
         }
     }
+}
 
-    /// Attaches to `link` in each direction some session's glob asks for, unless it is watched
-    /// already (a link event also comes for every change of an existing interface).
-    fn appeared(&self, shared: &Shared, link: &LinkMessage) {
-        let Some(name) = name_of(link) else {
-            return;
-        };
-        let ifindex = link.header.index;
-        if self.targets.contains(&ifindex) || name.starts_with(DEVICE_PREFIX) {
-            return;
+/// Attaches to `link` in each direction some session's glob asks for, unless it is watched
+/// already (a link event also comes for every change of an existing interface).
+fn appeared(shared: &Shared, link: &LinkMessage) {
+    let Some(name) = name_of(link) else {
+        return;
+    };
+    let ifindex = link.header.index;
+    let mut applied = shared.applied();
+    let Applied {
+        datapath, follow, ..
+    } = &mut *applied;
+    let Some(follow) = follow else {
+        return;
+    };
+    if follow.targets.contains(&ifindex) || name.starts_with(DEVICE_PREFIX) {
+        return;
+    }
+    let attached = datapath.attached();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        if attached.iter().any(|(n, d)| *n == name && *d == direction) {
+            continue;
         }
-        let attached = shared.attached();
-        for direction in [Direction::Ingress, Direction::Egress] {
-            if attached.iter().any(|(n, d)| *n == name && *d == direction) {
-                continue;
-            }
-            let sessions: Vec<usize> = self
-                .sessions
-                .iter()
-                .enumerate()
-                .filter(|(_, (globs, directions))| {
-                    directions.contains(&direction) && globs.iter().any(|g| g.matches(&name))
-                })
-                .map(|(index, _)| index)
-                .collect();
-            if sessions.is_empty() {
-                continue;
-            }
-            let result = shared.watch_later(&name, ifindex, direction, sessions.clone(), || {
-                rules::sessions_bitmap(&self.rules, &sessions)
-            });
-            match result {
-                Ok(()) => tracing::info!("{name} appeared: watching it ({direction:?})"),
-                Err(e) => tracing::warn!("{name} appeared but could not be watched: {e}"),
-            }
+        let sessions: Vec<usize> = follow
+            .sessions
+            .iter()
+            .enumerate()
+            .filter(|(_, (globs, directions))| {
+                directions.contains(&direction) && globs.iter().any(|g| g.matches(&name))
+            })
+            .map(|(index, _)| index)
+            .collect();
+        if sessions.is_empty() {
+            continue;
         }
+        let result = datapath.watch_later(&name, ifindex, direction, sessions.clone(), || {
+            rules::sessions_bitmap(&follow.rules, &sessions)
+        });
+        match result {
+            Ok(()) => tracing::info!("{name} appeared: watching it ({direction:?})"),
+            Err(e) => tracing::warn!("{name} appeared but could not be watched: {e}"),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

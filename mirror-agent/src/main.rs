@@ -4,14 +4,15 @@
 mod api;
 mod collect;
 mod config;
+mod daemon;
 mod datapath;
 mod follow;
 mod rules;
 mod tunnel;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -21,9 +22,7 @@ use crate::{
         LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
         SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
     },
-    datapath::Datapath,
     rules::{Plan, Target},
-    tunnel::ResolvedTargets,
 };
 
 /// Port mirroring for Linux nodes with eBPF: copies the packets that match a session's rules from
@@ -40,7 +39,10 @@ struct Cli {
 enum Command {
     /// Attach and mirror until SIGINT or SIGTERM, then detach everything and print the counters.
     ///
-    /// Either `--config FILE`, or the quick form for one session:
+    /// With `--config FILE`, the agent applies the file again on SIGHUP, on `mirror-agent reload`
+    /// and when the file changes (checked every second, symlink swaps included): an invalid file
+    /// is rejected with the reason and the running configuration stays; a valid one replaces it
+    /// atomically per hook. Or the quick form for one session:
     /// `mirror-agent run --iface eth0 --to mirror0 --proto tcp --dst-port 443`, or
     /// `mirror-agent run --iface eth0 --to-vxlan 192.0.2.10 --vni 7`.
     Run(RunArgs),
@@ -62,6 +64,13 @@ enum Command {
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Make the running agent apply its configuration file again; prints the new generation, or
+    /// why the file was rejected (exit 1; the running configuration stays).
+    Reload {
+        /// The running agent's API socket.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
     },
     /// Show the running agent's counters per session: matched, mirrored, not sent (with --watch:
     /// a refreshing table with rates).
@@ -102,6 +111,12 @@ struct RunArgs {
     /// file's `metrics_address`).
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
+    /// Pinned mode: keep the programs and links in this bpffs directory (e.g. /sys/fs/bpf/mirror)
+    /// so that they go on mirroring after the agent exits or crashes, and take over what an
+    /// earlier agent left there (overrides the file's `pin_dir`). Without it, everything is
+    /// detached on exit.
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
 }
 
 /// The quick form: one session with one mirror rule built from these flags (default: skip).
@@ -223,6 +238,7 @@ impl QuickSession {
             node_rate_limit: None,
             api_socket: None,
             metrics_address: None,
+            pin_dir: None,
         }
     }
 }
@@ -268,17 +284,30 @@ fn main() -> anyhow::Result<()> {
             if let Some(secs) = args.stats_interval {
                 loaded.config.stats_interval_secs = secs;
             }
-            let endpoints = Endpoints {
+            let options = daemon::Options {
+                config: args.config,
+                stats_interval_secs: loaded.config.stats_interval_secs,
                 socket: args
                     .api_socket
                     .or_else(|| loaded.config.api_socket.clone())
                     .unwrap_or_else(|| api::DEFAULT_SOCKET.into()),
                 metrics: args.metrics_address.or(loaded.config.metrics_address),
+                pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),
             };
             let plan = plan(&loaded)?;
-            runtime()?.block_on(run(plan, loaded.config.stats_interval_secs, endpoints))
+            runtime()?.block_on(daemon::run(plan, options))
         }
         Command::Collect(args) => runtime()?.block_on(collect::run(args)),
+        Command::Reload { api_socket } => runtime()?.block_on(async {
+            let answer = api::post_to(&api_socket, "/reload").await?;
+            let generation: serde_json::Value =
+                serde_json::from_str(&answer).context("the agent's answer to /reload")?;
+            println!(
+                "reloaded: configuration generation {}",
+                generation["generation"]
+            );
+            Ok(())
+        }),
         Command::Status { api_socket, json } => runtime()?.block_on(show_status(&api_socket, json)),
         Command::Stats {
             api_socket,
@@ -311,170 +340,6 @@ fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
         tracing::warn!("{warning}");
     }
     Ok(plan)
-}
-
-/// Where the API listens.
-#[derive(Debug)]
-struct Endpoints {
-    socket: PathBuf,
-    metrics: Option<std::net::SocketAddr>,
-}
-
-async fn run(plan: Plan, stats_interval_secs: u64, endpoints: Endpoints) -> anyhow::Result<()> {
-    // Bound before anything is attached: a busy socket or port fails the start cleanly.
-    let socket = api::bind_socket(&endpoints.socket)?;
-    let result = serve(plan, stats_interval_secs, &endpoints, socket).await;
-    // Removed by the server when it ran; here when the start failed before it did.
-    let _ = std::fs::remove_file(&endpoints.socket);
-    result
-}
-
-async fn serve(
-    mut plan: Plan,
-    stats_interval_secs: u64,
-    endpoints: &Endpoints,
-    socket: tokio::net::UnixListener,
-) -> anyhow::Result<()> {
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let metrics = match endpoints.metrics {
-        Some(address) => Some(api::bind_metrics(address).await?),
-        None => None,
-    };
-    let mut targets = tunnel::resolve(&plan.sessions)
-        .await
-        .context("preparing the targets")?;
-    let target_devices = target_devices(&plan, &targets);
-    // The copy program goes where copies need finishing (a tunnel key or a cut).
-    let finishing: Vec<(String, u32)> = target_devices
-        .iter()
-        .filter(|(_, ifindex)| {
-            targets
-                .sessions
-                .iter()
-                .any(|m| m.target_ifindex == *ifindex && m.finish != 0)
-        })
-        .cloned()
-        .collect();
-    let datapath = match Datapath::start(&plan, &targets.sessions, &finishing) {
-        Ok(datapath) => datapath,
-        Err(e) => {
-            if let Err(cleanup) = targets.devices.remove().await {
-                tracing::warn!("removing VXLAN devices: {cleanup}");
-            }
-            return Err(e).context("starting the datapath");
-        }
-    };
-    // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
-    plan.tables = rules::Tables::default();
-    release_freed_memory();
-    for (session, meta) in plan.sessions.iter().zip(&targets.sessions) {
-        tracing::info!(
-            "session `{}` -> {} (copies up to {} bytes)",
-            session.name,
-            session.target,
-            meta.max_copy_len
-        );
-    }
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let shared = api::Shared::new(datapath, &plan, stopped.clone());
-    let mut servers = vec![tokio::spawn(api::serve_socket(
-        socket,
-        endpoints.socket.clone(),
-        shared.clone(),
-        stopped.clone(),
-    ))];
-    let targets_ifindexes = target_devices.iter().map(|(_, ifindex)| *ifindex).collect();
-    if let Some(follower) = follow::Follower::new(&plan.sessions, &plan.rules, targets_ifindexes) {
-        servers.push(tokio::spawn(follower.run(shared.clone(), stopped.clone())));
-    }
-    if let Some(listener) = metrics {
-        servers.push(tokio::spawn(api::serve_metrics(
-            listener,
-            shared.clone(),
-            stopped,
-        )));
-    }
-    println!(
-        "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
-        shared.hook_count(),
-        plan.sessions.len()
-    );
-    let mut ticker = (stats_interval_secs > 0)
-        .then(|| tokio::time::interval(Duration::from_secs(stats_interval_secs)));
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            () = tick(ticker.as_mut()) => log_counters(&shared, &plan),
-        }
-    }
-    let _ = stop.send(true);
-    for server in servers {
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("{e:#}"),
-            Err(e) => tracing::warn!("API task: {e}"),
-        }
-    }
-    let datapath = Arc::try_unwrap(shared)
-        .map_err(|_| anyhow::anyhow!("the API still holds the datapath"))?
-        .datapath
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let report = report(&datapath, &plan, &targets, &target_devices).await;
-    let detached = datapath.stop().context("detaching");
-    let removed = targets
-        .devices
-        .remove()
-        .await
-        .context("removing VXLAN devices");
-    detached?;
-    removed?;
-    print!("{}", report?);
-    Ok(())
-}
-
-/// Hands freed heap pages back to the kernel, so the agent's resident size reflects what it
-/// still uses (glibc keeps them otherwise).
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-async fn tick(ticker: Option<&mut tokio::time::Interval>) {
-    match ticker {
-        Some(t) => {
-            t.tick().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-fn log_counters(shared: &api::Shared, plan: &Plan) {
-    match shared.stats() {
-        Ok(stats) => {
-            for (session, s) in plan.sessions.iter().zip(&stats.sessions) {
-                let c = &s.counters;
-                tracing::info!(
-                    session = session.name,
-                    matched = c.matched,
-                    mirrored = c.mirrored,
-                    clone_errors = c.clone_errors,
-                    copy_limit = c.copy_limit,
-                    too_big = c.too_big,
-                    sampled_out = c.sampled_out,
-                    rate_limited = c.rate_limited,
-                    truncated = c.truncated,
-                    "counters"
-                );
-            }
-        }
-        Err(e) => tracing::warn!("reading counters: {e:#}"),
-    }
 }
 
 /// `mirror-agent status`.
@@ -605,106 +470,4 @@ fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) ->
         );
     }
     out
-}
-
-/// Every interface copies leave through: interface targets and the agent's VXLAN devices.
-fn target_devices(plan: &Plan, targets: &ResolvedTargets) -> Vec<(String, u32)> {
-    let mut devices: Vec<(String, u32)> = plan
-        .sessions
-        .iter()
-        .filter_map(|s| match &s.target {
-            Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
-            Target::Vxlan(_) => None,
-        })
-        .chain(targets.devices.devices.iter().cloned())
-        .collect();
-    devices.sort();
-    devices.dedup();
-    devices
-}
-
-/// The final counters as a table: one line per rule, then one per session, per hook and per
-/// target interface (copies the kernel lost after they left the programs).
-async fn report(
-    datapath: &Datapath,
-    plan: &Plan,
-    targets: &ResolvedTargets,
-    target_devices: &[(String, u32)],
-) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
-    let rules = datapath.rule_counters(plan.rules.len())?;
-    let sessions = datapath.session_counters(plan.sessions.len())?;
-    let hooks = datapath.hook_counters()?;
-    let mut out = String::new();
-    let row = |out: &mut String,
-               kind: &str,
-               name: &str,
-               rule: &str,
-               c: &mirror_common::Counters| {
-        let _ = writeln!(
-            out,
-            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
-            c.matched,
-            c.mirrored,
-            c.clone_errors,
-            c.copy_limit,
-            c.too_big,
-            c.sampled_out,
-            c.rate_limited,
-            c.truncated
-        );
-    };
-    let _ = writeln!(
-        out,
-        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
-        "counter",
-        "session",
-        "rule",
-        "matched",
-        "mirrored",
-        "clone_err",
-        "copy_limit",
-        "too_big",
-        "sampled_out",
-        "rate_limited",
-        "truncated"
-    );
-    for (rule, c) in plan.rules.iter().zip(&rules) {
-        let kind = rule.kind.to_string();
-        row(
-            &mut out,
-            "rule",
-            &plan.sessions[rule.session].name,
-            &kind,
-            c,
-        );
-    }
-    for (session, c) in plan.sessions.iter().zip(&sessions) {
-        row(&mut out, "session", &session.name, "-", c);
-    }
-    for (name, h) in ["ingress", "egress"].iter().zip(&hooks) {
-        let _ = writeln!(
-            out,
-            "hook     {name:<16} packets={} malformed={} step_limit={} table_errors={}",
-            h.packets, h.malformed, h.step_limit, h.table_errors
-        );
-    }
-    if let Some(copy) = hooks.get(mirror_common::COPY_HOOK as usize) {
-        let _ = writeln!(
-            out,
-            "hook     {:<16} packets={} foreign={} copy_errors={}",
-            "copy", copy.packets, copy.foreign, copy.copy_errors
-        );
-    }
-    for (name, ifindex) in target_devices {
-        let (dropped, errors) = targets.devices.tx_losses(*ifindex).await?;
-        let _ = writeln!(
-            out,
-            "target   {name:<16} tx_dropped={dropped} tx_errors={errors}"
-        );
-    }
-    if rules.is_empty() {
-        bail!("no rules");
-    }
-    Ok(out)
 }

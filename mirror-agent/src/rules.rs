@@ -638,6 +638,46 @@ fn overlaps(a: &Rule, b: &Rule) -> bool {
         && field_overlaps(a.dst_port.as_ref(), b.dst_port.as_ref(), range)
 }
 
+/// Per session, a text of everything that decides what it copies and where: its name, target,
+/// controls, interfaces and rules. A reload keeps the counters of a session whose fingerprint
+/// did not change.
+pub fn fingerprints(plan: &Plan) -> Vec<String> {
+    plan.sessions
+        .iter()
+        .enumerate()
+        .map(|(index, s)| {
+            let rules: Vec<Rule> = plan
+                .rules
+                .iter()
+                .filter(|r| r.session == index)
+                .map(|r| Rule {
+                    session: 0,
+                    ..r.clone()
+                })
+                .collect();
+            let globs: Vec<&str> = s.globs.iter().map(glob::Pattern::as_str).collect();
+            // Interfaces named, not those a glob found: they come and go.
+            let named: Vec<&(Interface, Direction)> = s
+                .attachments
+                .iter()
+                .filter(|(i, _)| !s.globs.iter().any(|g| g.matches(&i.name)))
+                .collect();
+            format!(
+                "{:?}",
+                (
+                    &s.name,
+                    &s.target,
+                    &s.controls,
+                    named,
+                    globs,
+                    &s.directions,
+                    rules
+                )
+            )
+        })
+        .collect()
+}
+
 /// The bitmap of every rule of `sessions`: what an interface these sessions watch is classified
 /// against.
 pub fn sessions_bitmap(rules: &[Rule], sessions: &[usize]) -> RuleBitmap {

@@ -66,6 +66,8 @@ pub struct TunnelDevices {
     handle: Handle,
     /// (name, ifindex) of every device this run uses, removed by [`TunnelDevices::remove`].
     pub devices: Vec<(String, u32)>,
+    /// The ifindexes of the devices this resolution created (not found in place).
+    created: Vec<u32>,
 }
 
 /// What the programs need per session, and the devices the tunnel program attaches to.
@@ -88,18 +90,20 @@ fn netlink_error(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Tu
 }
 
 /// Resolves every session's target: creates or adopts the VXLAN devices and measures the path to
-/// each collector. On error, the devices created so far are removed again.
+/// each collector. On error, the devices it created are removed again (those it found in place
+/// may be serving the configuration that runs now).
 pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelError> {
     let mut devices = TunnelDevices {
         handle: netlink()?,
         devices: Vec::new(),
+        created: Vec::new(),
     };
     let mut metas = Vec::with_capacity(sessions.len());
     for session in sessions {
         match session_meta(&mut devices, &session.target).await {
             Ok(meta) => metas.push(with_controls(meta, &session.controls)),
             Err(e) => {
-                if let Err(cleanup) = devices.remove().await {
+                if let Err(cleanup) = devices.remove_created().await {
                     tracing::warn!("removing VXLAN devices after an error: {cleanup}");
                 }
                 return Err(e);
@@ -292,7 +296,7 @@ impl TunnelDevices {
         }
         let link = match self.link(&name).await? {
             Some(link) if is_our_device(&link, port) => {
-                tracing::info!("reusing {name}, left by an earlier run");
+                tracing::info!("using {name}, which is in place already");
                 link
             }
             Some(_) => return Err(TunnelError::Foreign { name, port }),
@@ -309,12 +313,15 @@ impl TunnelDevices {
                     .execute()
                     .await
                     .map_err(netlink_error(format!("creating {name}")))?;
-                self.link(&name)
+                let link = self
+                    .link(&name)
                     .await?
                     .ok_or_else(|| TunnelError::Foreign {
                         name: name.clone(),
                         port,
-                    })?
+                    })?;
+                self.created.push(link.header.index);
+                link
             }
         };
         let ifindex = link.header.index;
@@ -342,6 +349,21 @@ impl TunnelDevices {
                 _ => None,
             })
             .unwrap_or_default())
+    }
+
+    /// Removes the devices this resolution created (after a failure: the ones found in place may
+    /// be serving the configuration that runs now).
+    pub async fn remove_created(&mut self) -> Result<(), TunnelError> {
+        let created = std::mem::take(&mut self.created);
+        self.devices
+            .retain(|(_, ifindex)| created.contains(ifindex));
+        self.remove().await
+    }
+
+    /// Removes the devices of `self` that `next` does not use (after a reload).
+    pub async fn remove_unused(&mut self, next: &TunnelDevices) -> Result<(), TunnelError> {
+        self.devices.retain(|device| !next.devices.contains(device));
+        self.remove().await
     }
 
     /// Removes every device of this run, reporting the first failure.

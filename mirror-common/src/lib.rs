@@ -129,12 +129,27 @@ pub const TC_COPY_PROGRAM: &str = "mirror_tc_copy";
 
 /// How a copy tells the copy program at its target which rule made it: `bpf_clone_redirect` cannot
 /// attach data to the clone alone, so the mirror program sets the packet's mark to
-/// `COPY_MARK | rule` just for the clone and restores the original mark right after. The copy
-/// program clears the mark again before the copy leaves (or, in a tunnel, is routed).
+/// `COPY_MARK | generation bit | rule` just for the clone and restores the original mark right
+/// after. The copy program clears the mark again before the copy leaves (or, in a tunnel, is
+/// routed).
 pub const COPY_MARK: u32 = 0x6d69_0000;
-/// The bits of a mark that hold [`COPY_MARK`]; the others hold the global rule index.
+/// The bits of a mark that hold [`COPY_MARK`].
 pub const COPY_MARK_MASK: u32 = 0xffff_0000;
-const _: () = assert!(MAX_RULES <= !COPY_MARK_MASK + 1 && COPY_MARK & !COPY_MARK_MASK == 0);
+/// Set in a copy's mark by the programs of odd configuration generations (see
+/// [`GENERATION_GLOBAL`]). While a reload swaps programs, the old and the new copy programs are
+/// both attached to a target; each finishes only the copies of its own generation (rule indices
+/// differ between them) and passes the others on.
+pub const COPY_GENERATION_BIT: u32 = 0x8000;
+/// The bits of a copy's mark that hold the global rule index.
+pub const COPY_RULE_MASK: u32 = MAX_RULES - 1;
+const _: () = assert!(
+    MAX_RULES.is_power_of_two()
+        && COPY_RULE_MASK & (COPY_MARK_MASK | COPY_GENERATION_BIT) == 0
+        && COPY_MARK & !COPY_MARK_MASK == 0
+);
+/// Name of the programs' read-only global `u32`: [`COPY_GENERATION_BIT`] in the objects loaded
+/// for odd configuration generations, 0 in the others. The agent sets it at load time.
+pub const GENERATION_GLOBAL: &str = "COPY_GENERATION";
 
 /// Where a program runs.
 #[repr(u32)]

@@ -8,6 +8,8 @@ use core::ffi::c_void;
 use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, programs::TcContext};
 use mirror_common::{COPY_MARK, MAX_COPIES_PER_PACKET};
 
+use crate::maps::copy_generation;
+
 use crate::{
     classify::{Copy, TableError, Verdict},
     count, limit,
@@ -144,7 +146,7 @@ extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
 fn send_marked_copy(ctx: &TcContext, target_ifindex: u32, rule: u32) -> Result<(), i64> {
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark(COPY_MARK | rule);
+    ctx.set_mark(COPY_MARK | copy_generation() | rule);
     let sent = ctx.clone_redirect(target_ifindex, 0);
     ctx.set_mark(mark);
     sent

@@ -12,12 +12,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mirror_common::{
-    COPY_HOOK, COPY_MARK, COPY_MARK_MASK, SessionMeta, TARGET_INTERFACE, TARGET_VXLAN_V6,
+    COPY_GENERATION_BIT, COPY_HOOK, COPY_MARK, COPY_MARK_MASK, COPY_RULE_MASK, SessionMeta,
+    TARGET_INTERFACE, TARGET_VXLAN_V6,
 };
 
 use crate::{
     count,
-    maps::{RULES, SESSIONS},
+    maps::{RULES, SESSIONS, copy_generation},
 };
 
 /// What becomes of a packet at a target.
@@ -39,8 +40,11 @@ pub fn finish(ctx: &TcContext) -> Outcome {
     count::hook_at(COPY_HOOK, |c| &mut c.packets);
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
     let skb = unsafe { &*ctx.skb.skb };
-    let rule = skb.mark & !COPY_MARK_MASK;
-    let found = (skb.mark & COPY_MARK_MASK == COPY_MARK)
+    let rule = skb.mark & COPY_RULE_MASK;
+    // A copy of another generation's programs is theirs to finish (their copy program is
+    // attached next to this one while a reload swaps them).
+    let ours = skb.mark & (COPY_MARK_MASK | COPY_GENERATION_BIT) == COPY_MARK | copy_generation();
+    let found = ours
         .then(|| RULES.get(rule))
         .flatten()
         .and_then(|meta| Some((meta.session, SESSIONS.get(meta.session)?)));

@@ -100,3 +100,14 @@ pub static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// Per CPU, one batch of copies per nesting level (see `act::Batch`); deeper runs copy nothing.
 #[map]
 pub static BATCHES: PerCpuArray<Batch> = PerCpuArray::with_max_entries(MAX_NESTING, 0);
+
+/// [`mirror_common::GENERATION_GLOBAL`]: the generation bit of this object's copy marks.
+#[unsafe(no_mangle)]
+static COPY_GENERATION: u32 = 0;
+
+/// This object's [`mirror_common::COPY_GENERATION_BIT`] or 0, as the agent set it at load time.
+#[inline(always)]
+pub fn copy_generation() -> u32 {
+    // SAFETY: a read of a static; volatile so that the compiler keeps the load the agent patches.
+    unsafe { core::ptr::read_volatile(&raw const COPY_GENERATION) }
+}

@@ -484,7 +484,8 @@ pub fn agent_binary() -> std::path::PathBuf {
 pub struct Agent {
     child: Child,
     stdout: BufReader<ChildStdout>,
-    _config: tempfile::NamedTempFile,
+    /// The configuration file [`Agent::start`] wrote, removed with the agent.
+    config_file: Option<tempfile::NamedTempFile>,
     /// Holds the agent's API socket unless the configuration names one.
     _api_dir: tempfile::TempDir,
 }
@@ -494,6 +495,20 @@ impl Agent {
     pub fn start(node: &Netns, binary: &std::path::Path, config: &str) -> Self {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         std::io::Write::write_all(&mut file, config.as_bytes()).expect("write config");
+        let mut agent = Agent::start_file(node, binary, file.path(), &[]);
+        agent.config_file = Some(file);
+        agent
+    }
+
+    /// Runs `binary` with the configuration file at `path` (which names its `api_socket`, or gets
+    /// one of its own) and `extra` arguments in `node`, and waits until it has attached.
+    pub fn start_file(
+        node: &Netns,
+        binary: &std::path::Path,
+        path: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
+        let config = std::fs::read_to_string(path).expect("read config");
         // Agents of tests running at once each need their own API socket.
         let api_dir = tempfile::tempdir().expect("temp dir");
         let mut command = Command::new("ip");
@@ -501,7 +516,8 @@ impl Agent {
             .args(["netns", "exec", &node.name])
             .arg(binary)
             .args(["run", "--stats-interval", "0", "--config"])
-            .arg(file.path());
+            .arg(path)
+            .args(extra);
         if !config.contains("api_socket") {
             command
                 .arg("--api-socket")
@@ -514,9 +530,15 @@ impl Agent {
         Agent {
             child,
             stdout,
-            _config: file,
+            config_file: None,
             _api_dir: api_dir,
         }
+    }
+
+    /// SIGKILL: the agent dies without a chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill agent");
+        self.child.wait().expect("wait agent");
     }
 
     /// The agent's process id.
@@ -1314,4 +1336,87 @@ pub fn tshark_fields(
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// Frames sent one after another from a thread until stopped (or a bound is reached): frame `n`
+/// is `frame(n)`. Sends at most `max` frames, in bursts of 8 with a millisecond between them (about
+/// 8,000 frames per second), so that the captures of a test keep every frame.
+#[derive(Debug)]
+pub struct TrafficLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u32>>,
+}
+
+impl TrafficLoop {
+    pub fn start(
+        sender: FrameSender,
+        max: u32,
+        frame: impl Fn(u32) -> Vec<u8> + Send + 'static,
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_mins(1);
+            let mut sent = 0;
+            while sent < max && Instant::now() < deadline && !stopping.load(Ordering::Relaxed) {
+                sender.send(&frame(sent));
+                sent += 1;
+                if sent % 8 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            sent
+        });
+        TrafficLoop {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the loop and returns how many frames it sent.
+    pub fn finish(mut self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("traffic thread")
+    }
+}
+
+impl Drop for TrafficLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A bpffs mounted on a temporary directory for a test's pinned mode (the host's /sys/fs/bpf is
+/// not visible inside `ip netns exec`, which mounts a sysfs of its own); unmounted on drop.
+#[derive(Debug)]
+pub struct BpfFs {
+    dir: tempfile::TempDir,
+}
+
+impl BpfFs {
+    pub fn mount() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        run(
+            "mount",
+            &["-t", "bpf", "bpf", dir.path().to_str().expect("utf-8")],
+        );
+        BpfFs { dir }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
 }

@@ -2,8 +2,8 @@
 use std::time::Instant;
 
 use mirror_tests::{
-    Capture, Counts, Lab, NODE_SRC_MAC, SRC_MAC, agent_command, session_config, tcx_programs,
-    udp_v4_frame, wait_for,
+    Agent, BpfFs, Capture, Counts, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, TrafficLoop,
+    agent_binary, agent_command, session_config, tcx_programs, udp_v4_frame, wait_for,
 };
 
 /// The (interface, direction) pairs `status --json` lists as attached.
@@ -78,4 +78,322 @@ fn an_interface_matching_a_glob_is_followed_as_it_comes_and_goes() {
     let report = agent.stop();
     assert_eq!(report.rule("t", "10"), Counts::copied(2, 2));
     assert_eq!(report.rule("t", "1"), Counts::copied(4, 4));
+}
+
+/// A frame of the traffic loops: UDP to `port`, its sequence number in the payload.
+fn numbered(port: u16, seq: u32) -> Vec<u8> {
+    let mut payload = seq.to_be_bytes().to_vec();
+    payload.resize(32, 0xab);
+    udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, &payload)
+}
+
+/// The destination port and sequence number of a frame of [`numbered`].
+fn port_and_seq(frame: &[u8]) -> (u16, u32) {
+    let port = u16::from_be_bytes([frame[36], frame[37]]);
+    let seq = u32::from_be_bytes([frame[42], frame[43], frame[44], frame[45]]);
+    (port, seq)
+}
+
+/// Two sessions: `t` (src0 ingress to mir0) mirrors UDP to `mirrored` and skips the rest; `u`
+/// (sink0 egress to mir1, cut to 1000 bytes) mirrors UDP 5003 and never changes.
+fn reload_config(socket: &str, mirrored: u16) -> String {
+    format!(
+        "api_socket = \"{socket}\"\n{}\n[[session]]\nname = \"u\"\ninterfaces = [\"sink0\"]\ndirection = \"egress\"\ntarget = {{ interface = \"mir1\" }}\nsnaplen = 1000\n{SENTINEL_RULE}[[session.rule]]\nnumber = 2\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5003\n",
+        session_config(
+            "[\"src0\"]",
+            "ingress",
+            &format!(
+                "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {mirrored}\n"
+            ),
+        )
+    )
+}
+
+/// `status --json`'s configuration generation.
+fn generation(lab: &Lab, socket: &str) -> u64 {
+    let (code, stdout, stderr) =
+        agent_command(&lab.node, &["status", "--json", "--api-socket", socket]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    status["generation"].as_u64().expect("generation")
+}
+
+/// Replaces the file `link` points at the way a Kubernetes `ConfigMap` update does: a new file,
+/// and the symlink swapped to it in one rename.
+fn swap_config(dir: &std::path::Path, link: &std::path::Path, name: &str, text: &str) {
+    let target = dir.join(name);
+    std::fs::write(&target, text).expect("write config");
+    let staged = dir.join("staged.toml");
+    std::os::unix::fs::symlink(&target, &staged).expect("symlink");
+    std::fs::rename(&staged, link).expect("swap symlink");
+}
+
+#[test]
+fn a_reload_under_traffic_switches_each_packet_from_the_old_rules_to_the_new() {
+    let lab = Lab::new("reload");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let config = dir.path().join("config.toml");
+    swap_config(dir.path(), &config, "a.toml", &reload_config(socket, 5001));
+    let agent = Agent::start_file(&lab.node, &agent_binary(), &config, &[]);
+    assert_eq!(generation(&lab, socket), 1);
+    let copies = Capture::open(&lab.mon, "eth0");
+    let unchanged = Capture::open(&lab.mon, "eth1");
+    let sender = mirror_tests::FrameSender::open(&lab.src, "eth0");
+
+    // Session u sees 5 packets under the first configuration.
+    let u_sender = mirror_tests::FrameSender::open(&lab.src, "eth0");
+    for seq in 0..5 {
+        u_sender.send(&numbered(5003, seq));
+    }
+
+    // A stats stream open across the reload.
+    let stream = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node.name])
+        .arg(agent_binary())
+        .args([
+            "stats",
+            "--watch",
+            "--json",
+            "--interval",
+            "0.1",
+            "--api-socket",
+            socket,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("stream client");
+
+    // Alternating 5001 and 5002 while the file is swapped: the agent notices the change by itself.
+    let traffic = TrafficLoop::start(sender, 40_000, |seq| {
+        numbered(if seq % 2 == 0 { 5001 } else { 5002 }, seq)
+    });
+    let mut frames = Vec::new();
+    wait_for("copies under the first configuration", || {
+        frames.extend(copies.drain().into_iter().map(|f| f.bytes));
+        frames.len() > 200
+    });
+    swap_config(dir.path(), &config, "b.toml", &reload_config(socket, 5002));
+    wait_for("the agent to apply the new file", || {
+        generation(&lab, socket) == 2
+    });
+    let generation_two = generation(&lab, socket);
+    // Some traffic under the new configuration too: wait until copies of 5002 are flowing.
+    wait_for("copies under the new configuration", || {
+        frames.extend(copies.drain().into_iter().map(|f| f.bytes));
+        frames.iter().any(|f| port_and_seq(f).0 == 5002)
+    });
+    let sent = traffic.finish();
+    lab.send_sentinel();
+    frames.extend(copies.bytes_until_sentinel());
+
+    let copied_by_new = assert_one_switch(&frames, sent);
+
+    // An invalid file is rejected with its reason; the running rules stay.
+    std::fs::write(
+        dir.path().join("b.toml"),
+        reload_config(socket, 5002) + "colour = \"blue\"\n",
+    )
+    .expect("write config");
+    let (code, _, stderr) = agent_command(&lab.node, &["reload", "--api-socket", socket]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("b.toml") || stderr.contains("config.toml"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("unknown field `colour`"), "{stderr}");
+    assert_eq!(generation(&lab, socket), generation_two);
+    let u_sender = mirror_tests::FrameSender::open(&lab.src, "eth0");
+    u_sender.send(&numbered(5001, 1_000_000));
+    u_sender.send(&numbered(5002, 1_000_001));
+    for seq in 5..10 {
+        u_sender.send(&numbered(5003, seq));
+    }
+    lab.send_sentinel();
+    assert_eq!(
+        copies.bytes_until_sentinel(),
+        [numbered(5002, 1_000_001)],
+        "the rules of the running configuration"
+    );
+    // Session u did not change: its counters went on across the reload.
+    lab.send_sentinel();
+    let u_copies: Vec<u32> = unchanged
+        .until_nth(3, mirror_tests::is_sentinel)
+        .iter()
+        .filter(|f| !mirror_tests::is_sentinel(&f.bytes))
+        .map(|f| port_and_seq(&f.bytes).1)
+        .collect();
+    assert_eq!(u_copies, (0..10).collect::<Vec<_>>());
+    let report = agent.stop();
+    assert_eq!(report.rule("u", "2"), Counts::copied(10, 10));
+    assert_stream_across_reload(stream);
+    assert_eq!(
+        report.rule("t", "10").mirrored,
+        copied_by_new + 1,
+        "counters start again for a changed session"
+    );
+}
+
+/// Checks that the copies of the alternating 5001/5002 traffic of `sent` packets split at one
+/// packet: before it, the packets were judged by the old rules (5001 copied), from it on by the
+/// new ones (5002 copied); nothing lost or copied twice across the switch, every copy byte for
+/// byte. Returns how many copies the new rules made.
+fn assert_one_switch(frames: &[Vec<u8>], sent: u32) -> u64 {
+    // Every packet was judged wholly by one configuration, in send order: before some cut, the
+    // even (5001) packets were copied and no odd one; from the cut on, the odd (5002) ones and
+    // no even one. Nothing was lost and nothing copied twice across the switch.
+    let seqs: Vec<(u16, u32)> = frames.iter().map(|f| port_and_seq(f)).collect();
+    let judged = |switch: u32| -> Vec<(u16, u32)> {
+        (0..sent)
+            .filter(|seq| (seq % 2 == 0) == (*seq < switch))
+            .map(|seq| (if seq % 2 == 0 { 5001 } else { 5002 }, seq))
+            .collect()
+    };
+    // The first packet judged by the new rules lies after the last 5001 copy, at or before the
+    // first 5002 copy.
+    let last_old = seqs
+        .iter()
+        .rev()
+        .find(|(port, _)| *port == 5001)
+        .expect("copies of 5001")
+        .1;
+    let first_new = seqs
+        .iter()
+        .find(|(port, _)| *port == 5002)
+        .expect("copies of 5002")
+        .1;
+    println!("{sent} packets sent, switched after packet {last_old}");
+    assert!(
+        last_old > 100 && first_new + 100 < sent,
+        "the switch happened under traffic"
+    );
+    assert!(
+        (last_old + 1..=first_new).any(|switch| seqs == judged(switch)),
+        "{} copies of {sent} packets do not split into old and new rules at one packet: {:?}",
+        seqs.len(),
+        seqs.iter()
+            .filter(|(_, seq)| seq.abs_diff(first_new) < 10)
+            .collect::<Vec<_>>()
+    );
+    for frame in frames {
+        let (port, seq) = port_and_seq(frame);
+        assert_eq!(*frame, numbered(port, seq), "byte for byte");
+    }
+
+    seqs.iter().filter(|(port, _)| *port == 5002).count() as u64
+}
+
+/// Reads a `stats --watch --json` stream to its end (the agent stopped).
+fn assert_stream_across_reload(stream: std::process::Child) {
+    // The stream ended with the agent: every line parses, the generation goes from 1 to 2, and
+    // the unchanged session's counters never go back.
+    let output = stream.wait_with_output().expect("stream client");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an NDJSON line"))
+        .collect();
+    let readings: Vec<(u64, u64)> = lines
+        .iter()
+        .map(|l| {
+            let u = &l["stats"]["sessions"][1];
+            assert_eq!(u["name"], "u");
+            (
+                l["stats"]["generation"].as_u64().expect("generation"),
+                u["counters"]["matched"].as_u64().expect("matched"),
+            )
+        })
+        .collect();
+    assert!(readings.windows(2).all(|w| w[0] <= w[1]), "{readings:?}");
+    assert_eq!(readings.first().map(|r| r.0), Some(1), "{readings:?}");
+    assert_eq!(readings.last().map(|r| r.0), Some(2), "{readings:?}");
+}
+
+#[test]
+fn in_pinned_mode_mirroring_survives_kill_9_and_a_new_agent_takes_over_without_a_gap() {
+    let lab = Lab::new("pinned");
+    let bpffs = BpfFs::mount();
+    let pins = bpffs.path().join("mirror");
+    let pins_arg = pins.to_str().expect("utf-8");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("config.toml");
+    // A snaplen sends every copy through the copy program at mir0, whose old and new versions
+    // hand over too.
+    std::fs::write(
+        &config,
+        format!(
+            "api_socket = \"{}\"\n{}snaplen = 1000\n{SENTINEL_RULE}[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5001\n",
+            socket.display(),
+            session_config("[\"src0\"]", "ingress", "").replace(SENTINEL_RULE, ""),
+        ),
+    )
+    .expect("write config");
+    let socket = socket.to_str().expect("utf-8");
+    let start = || {
+        Agent::start_file(
+            &lab.node,
+            &agent_binary(),
+            &config,
+            &["--pin-dir", pins_arg],
+        )
+    };
+    let first = start();
+    let copies = Capture::open(&lab.mon, "eth0");
+    let delivered = Capture::open(&lab.sink, "eth0");
+    let traffic = TrafficLoop::start(
+        mirror_tests::FrameSender::open(&lab.src, "eth0"),
+        40_000,
+        |seq| numbered(5001, seq),
+    );
+    let mut frames = Vec::new();
+    let copies_past = |n: usize, frames: &mut Vec<Vec<u8>>| {
+        let target = frames.len() + n;
+        wait_for(&format!("{target} copies"), || {
+            frames.extend(copies.drain().into_iter().map(|f| f.bytes));
+            frames.len() >= target
+        });
+    };
+    copies_past(200, &mut frames);
+    first.kill();
+    // Nobody runs the agent now: the pinned programs go on.
+    copies_past(200, &mut frames);
+    let second = start();
+    assert_eq!(generation(&lab, socket), 2, "the second agent took over");
+    copies_past(200, &mut frames);
+    let sent = traffic.finish();
+    lab.send_sentinel();
+    frames.extend(copies.bytes_until_sentinel());
+    println!("{sent} packets sent, {} copies", frames.len());
+    assert_eq!(
+        frames,
+        (0..sent).map(|seq| numbered(5001, seq)).collect::<Vec<_>>(),
+        "every packet copied once, in order, byte for byte"
+    );
+    let reached_sink: Vec<u32> = delivered
+        .until_sentinel()
+        .iter()
+        .map(|f| port_and_seq(&f.bytes))
+        .filter(|(port, _)| *port == 5001)
+        .map(|(_, seq)| seq)
+        .collect();
+    assert_eq!(
+        reached_sink,
+        (0..sent).collect::<Vec<_>>(),
+        "the primary path"
+    );
+
+    // A stop in pinned mode leaves everything running; removing the pins detaches it.
+    let report = second.stop();
+    assert_eq!(
+        report.rule("t", "10").mirrored,
+        report.rule("t", "10").matched
+    );
+    assert_eq!(tcx_programs(&lab.node, "src0")[0], ["mirror_tc_ingre"]);
+    assert_eq!(tcx_programs(&lab.node, "mir0")[1], ["mirror_tc_copy"]);
+    std::fs::remove_dir_all(&pins).expect("remove the pins");
+    wait_for("the programs to be detached", || {
+        tcx_programs(&lab.node, "src0") == [Vec::<String>::new(), Vec::new()]
+            && tcx_programs(&lab.node, "mir0") == [Vec::<String>::new(), Vec::new()]
+    });
 }

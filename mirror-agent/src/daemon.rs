@@ -1,0 +1,491 @@
+//! `mirror-agent run`: applies a configuration, serves the API, follows interfaces, reloads the
+//! configuration on SIGHUP, `POST /reload` or a change of the file, and on SIGINT/SIGTERM detaches
+//! everything (or, in pinned mode, leaves it running for the next agent) and prints the counters.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    api::{self, Applied, Shared},
+    config::LoadedConfig,
+    datapath::Datapath,
+    follow::{self, Follow},
+    rules::{self, Plan, Target},
+    tunnel::{self, ResolvedTargets},
+};
+
+/// How the agent runs, from the command line and the configuration file.
+#[derive(Debug)]
+pub struct Options {
+    /// The file a reload reads again; `None` for the command line's quick form.
+    pub config: Option<PathBuf>,
+    pub stats_interval_secs: u64,
+    /// The API's Unix socket.
+    pub socket: PathBuf,
+    /// Where Prometheus `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Pinned mode: programs and links stay in this bpffs directory after the agent exits, and a
+    /// new agent takes them over.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// How often the configuration file is checked for a change.
+const FILE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+pub async fn run(plan: Plan, options: Options) -> anyhow::Result<()> {
+    // Bound before anything is attached: a busy socket or port fails the start cleanly.
+    let socket = api::bind_socket(&options.socket)?;
+    let result = serve(plan, &options, socket).await;
+    // Removed by the server when it ran; here when the start failed before it did.
+    let _ = std::fs::remove_file(&options.socket);
+    result
+}
+
+/// What the agent applies now, next to what the API shares.
+struct Daemon<'a> {
+    options: &'a Options,
+    shared: Arc<Shared>,
+    /// The applied plan (without its compiled tables).
+    plan: Plan,
+    targets: ResolvedTargets,
+    target_devices: Vec<(String, u32)>,
+}
+
+/// A plan made ready: its targets resolved and its datapath loaded and attached.
+struct Prepared {
+    plan: Plan,
+    targets: ResolvedTargets,
+    target_devices: Vec<(String, u32)>,
+    datapath: Datapath,
+    follow: Option<Follow>,
+}
+
+async fn serve(
+    plan: Plan,
+    options: &Options,
+    socket: tokio::net::UnixListener,
+) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let metrics = match options.metrics {
+        Some(address) => Some(api::bind_metrics(address).await?),
+        None => None,
+    };
+    let prepared = start(plan, options).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
+    let shared = Shared::new(
+        Applied::new(prepared.datapath, &prepared.plan, prepared.follow),
+        stopped.clone(),
+        reload_requests,
+    );
+    let mut daemon = Daemon {
+        options,
+        shared: shared.clone(),
+        plan: prepared.plan,
+        targets: prepared.targets,
+        target_devices: prepared.target_devices,
+    };
+    let mut servers = vec![
+        tokio::spawn(api::serve_socket(
+            socket,
+            options.socket.clone(),
+            shared.clone(),
+            stopped.clone(),
+        )),
+        tokio::spawn(follow::run(shared.clone(), stopped.clone())),
+    ];
+    if let Some(listener) = metrics {
+        servers.push(tokio::spawn(api::serve_metrics(
+            listener,
+            shared.clone(),
+            stopped,
+        )));
+    }
+    drop(shared);
+    println!(
+        "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
+        daemon.shared.applied().datapath.hook_count(),
+        daemon.plan.sessions.len()
+    );
+    let mut ticker = (options.stats_interval_secs > 0)
+        .then(|| tokio::time::interval(Duration::from_secs(options.stats_interval_secs)));
+    let mut file_check = tokio::time::interval(FILE_CHECK_PERIOD);
+    let mut file_seen = options.config.as_deref().and_then(file_identity);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                let _ = daemon.reload("SIGHUP").await;
+            }
+            Some(answer) = reloads.recv() => {
+                let outcome = daemon.reload("the API").await.map_err(|e| format!("{e:#}"));
+                let _ = answer.send(outcome);
+            }
+            _ = file_check.tick(), if options.config.is_some() => {
+                let now = options.config.as_deref().and_then(file_identity);
+                if now.is_some() && now != file_seen {
+                    file_seen = now;
+                    let _ = daemon.reload("a change of the file").await;
+                }
+            }
+            () = tick(ticker.as_mut()) => daemon.log_counters(),
+        }
+    }
+    let _ = stop.send(true);
+    for server in servers {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e:#}"),
+            Err(e) => tracing::warn!("API task: {e}"),
+        }
+    }
+    daemon.finish().await
+}
+
+/// The first configuration: attached afresh, or in pinned mode taking over what an earlier agent
+/// left in the pin directory.
+async fn start(plan: Plan, options: &Options) -> anyhow::Result<Prepared> {
+    let (generation, previous) = match &options.pin_dir {
+        Some(dir) => Datapath::adopt_pins(dir).context("taking over the pinned programs")?,
+        None => (0, Vec::new()),
+    };
+    if !previous.is_empty() {
+        tracing::info!(
+            "taking over {} pinned link(s) of generation {generation} in {}",
+            previous.len(),
+            options
+                .pin_dir
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display()
+        );
+    }
+    prepare(
+        plan,
+        generation + 1,
+        options,
+        |datapath, plan, finishing| {
+            datapath
+                .attach(plan, finishing, previous)
+                .map_err(|failed| failed.error)
+        },
+    )
+    .await
+    .context("starting the datapath")
+}
+
+/// Resolves `plan`'s targets and loads its datapath for `generation`, then lets `attach` attach
+/// it. On failure the VXLAN devices this created are removed again.
+async fn prepare(
+    mut plan: Plan,
+    generation: u64,
+    options: &Options,
+    attach: impl FnOnce(
+        &mut Datapath,
+        &Plan,
+        &[(String, u32)],
+    ) -> Result<(), crate::datapath::DatapathError>,
+) -> anyhow::Result<Prepared> {
+    let mut targets = tunnel::resolve(&plan.sessions)
+        .await
+        .context("preparing the targets")?;
+    let target_devices = target_devices(&plan, &targets);
+    // The copy program goes where copies need finishing (a tunnel key or a cut).
+    let finishing: Vec<(String, u32)> = target_devices
+        .iter()
+        .filter(|(_, ifindex)| {
+            targets
+                .sessions
+                .iter()
+                .any(|m| m.target_ifindex == *ifindex && m.finish != 0)
+        })
+        .cloned()
+        .collect();
+    let datapath = Datapath::load(
+        &plan,
+        &targets.sessions,
+        generation,
+        options.pin_dir.as_deref(),
+    )
+    .map_err(anyhow::Error::from)
+    .and_then(|mut datapath| {
+        attach(&mut datapath, &plan, &finishing)?;
+        Ok(datapath)
+    });
+    let datapath = match datapath {
+        Ok(datapath) => datapath,
+        Err(e) => {
+            if let Err(cleanup) = targets.devices.remove_created().await {
+                tracing::warn!("removing VXLAN devices: {cleanup}");
+            }
+            return Err(e);
+        }
+    };
+    // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
+    plan.tables = rules::Tables::default();
+    release_freed_memory();
+    for (session, meta) in plan.sessions.iter().zip(&targets.sessions) {
+        tracing::info!(
+            "session `{}` -> {} (copies up to {} bytes)",
+            session.name,
+            session.target,
+            meta.max_copy_len
+        );
+    }
+    let follow = Follow::new(
+        &plan.sessions,
+        &plan.rules,
+        target_devices.iter().map(|(_, ifindex)| *ifindex).collect(),
+    );
+    Ok(Prepared {
+        plan,
+        targets,
+        target_devices,
+        datapath,
+        follow,
+    })
+}
+
+impl Daemon<'_> {
+    /// Applies the configuration file again, or keeps the running one and says why not.
+    async fn reload(&mut self, why: &str) -> anyhow::Result<u64> {
+        let result = self.try_reload().await;
+        match &result {
+            Ok(generation) => tracing::info!("reloaded on {why}: generation {generation}"),
+            Err(e) => {
+                tracing::error!("reload on {why} rejected, the running configuration stays: {e:#}");
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&mut self) -> anyhow::Result<u64> {
+        let Some(path) = &self.options.config else {
+            anyhow::bail!(
+                "the agent runs a session from the command line: there is no file to reload"
+            );
+        };
+        let loaded = LoadedConfig::read(path)?;
+        if loaded
+            .config
+            .api_socket
+            .as_ref()
+            .is_some_and(|s| *s != self.options.socket)
+            || loaded
+                .config
+                .metrics_address
+                .is_some_and(|m| Some(m) != self.options.metrics)
+        {
+            tracing::warn!("api_socket and metrics_address take effect at the next start");
+        }
+        let plan = crate::plan(&loaded)?;
+        let generation = self.shared.applied().datapath.generation() + 1;
+        let shared = self.shared.clone();
+        let prepared = prepare(
+            plan,
+            generation,
+            self.options,
+            |datapath, plan, finishing| {
+                let mut applied = shared.applied();
+                let previous = applied.datapath.take_links();
+                datapath
+                    .attach(plan, finishing, previous)
+                    .map_err(|failed| {
+                        applied.datapath.restore_links(failed.previous);
+                        failed.error
+                    })
+            },
+        )
+        .await?;
+        let replaced = {
+            let mut applied = self.shared.applied();
+            let next = applied.succeed(prepared.datapath, &prepared.plan, prepared.follow);
+            std::mem::replace(&mut *applied, next)
+        };
+        // The old object (programs, maps) is freed outside the lock.
+        drop(replaced);
+        if let Err(e) = self
+            .targets
+            .devices
+            .remove_unused(&prepared.targets.devices)
+            .await
+        {
+            tracing::warn!("removing VXLAN devices no longer used: {e}");
+        }
+        self.plan = prepared.plan;
+        self.targets = prepared.targets;
+        self.target_devices = prepared.target_devices;
+        Ok(generation)
+    }
+
+    fn log_counters(&self) {
+        match self.shared.stats() {
+            Ok(stats) => {
+                for session in &stats.sessions {
+                    let c = &session.counters;
+                    tracing::info!(
+                        session = session.name,
+                        matched = c.matched,
+                        mirrored = c.mirrored,
+                        clone_errors = c.clone_errors,
+                        copy_limit = c.copy_limit,
+                        too_big = c.too_big,
+                        sampled_out = c.sampled_out,
+                        rate_limited = c.rate_limited,
+                        truncated = c.truncated,
+                        "counters"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("reading counters: {e:#}"),
+        }
+    }
+
+    /// Detaches (or in pinned mode leaves) everything and prints the final counters.
+    async fn finish(self) -> anyhow::Result<()> {
+        let Daemon {
+            options,
+            shared,
+            plan: _,
+            mut targets,
+            target_devices,
+        } = self;
+        let applied = shared.into_applied()?;
+        let report = report(&applied, &targets, &target_devices).await;
+        applied.datapath.stop();
+        if let Some(dir) = &options.pin_dir {
+            println!(
+                "mirror-agent: pinned mode: the programs keep mirroring from {} until a new agent takes them over (remove the directory to detach them)",
+                dir.display()
+            );
+        } else {
+            targets
+                .devices
+                .remove()
+                .await
+                .context("removing VXLAN devices")?;
+        }
+        print!("{}", report?);
+        Ok(())
+    }
+}
+
+/// What tells a changed file: device, inode, size and modification time of what the path
+/// resolves to (a Kubernetes `ConfigMap` update swaps a symlink: a new inode).
+fn file_identity(path: &Path) -> Option<(u64, u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino(), meta.len(), meta.modified().ok()?))
+}
+
+/// Hands freed heap pages back to the kernel, so the agent's resident size reflects what it
+/// still uses (glibc keeps them otherwise).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+async fn tick(ticker: Option<&mut tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Every interface copies leave through: interface targets and the agent's VXLAN devices.
+fn target_devices(plan: &Plan, targets: &ResolvedTargets) -> Vec<(String, u32)> {
+    let mut devices: Vec<(String, u32)> = plan
+        .sessions
+        .iter()
+        .filter_map(|s| match &s.target {
+            Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
+            Target::Vxlan(_) => None,
+        })
+        .chain(targets.devices.devices.iter().cloned())
+        .collect();
+    devices.sort();
+    devices.dedup();
+    devices
+}
+
+/// The final counters as a table: one line per rule, then one per session, per hook and per
+/// target interface (copies the kernel lost after they left the programs).
+async fn report(
+    applied: &Applied,
+    targets: &ResolvedTargets,
+    target_devices: &[(String, u32)],
+) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let stats = applied.stats()?;
+    let mut out = String::new();
+    let row = |out: &mut String, kind: &str, name: &str, rule: &str, c: &api::CounterStats| {
+        let _ = writeln!(
+            out,
+            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
+            c.matched,
+            c.mirrored,
+            c.clone_errors,
+            c.copy_limit,
+            c.too_big,
+            c.sampled_out,
+            c.rate_limited,
+            c.truncated
+        );
+    };
+    let _ = writeln!(
+        out,
+        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
+        "counter",
+        "session",
+        "rule",
+        "matched",
+        "mirrored",
+        "clone_err",
+        "copy_limit",
+        "too_big",
+        "sampled_out",
+        "rate_limited",
+        "truncated"
+    );
+    for session in &stats.sessions {
+        for rule in &session.rules {
+            row(&mut out, "rule", &session.name, &rule.rule, &rule.counters);
+        }
+    }
+    for session in &stats.sessions {
+        row(&mut out, "session", &session.name, "-", &session.counters);
+    }
+    for (name, h) in [("ingress", &stats.ingress), ("egress", &stats.egress)] {
+        let _ = writeln!(
+            out,
+            "hook     {name:<16} packets={} malformed={} step_limit={} table_errors={}",
+            h.packets, h.malformed, h.step_limit, h.table_errors
+        );
+    }
+    let _ = writeln!(
+        out,
+        "hook     {:<16} packets={} foreign={} copy_errors={}",
+        "copy", stats.copy.packets, stats.copy.foreign, stats.copy.copy_errors
+    );
+    for (name, ifindex) in target_devices {
+        let (dropped, errors) = targets.devices.tx_losses(*ifindex).await?;
+        let _ = writeln!(
+            out,
+            "target   {name:<16} tx_dropped={dropped} tx_errors={errors}"
+        );
+    }
+    Ok(out)
+}
