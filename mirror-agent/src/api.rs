@@ -1,7 +1,8 @@
 //! The running agent's API. On a Unix socket (root only, mode 0600): `GET /status` and
 //! `GET /stats` (JSON), `GET /stats/stream?interval_ms=N` (one JSON line per interval, with
-//! per-session rates, until the agent stops), plus `/metrics`; on an optional TCP address for Prometheus: `/metrics`
-//! (`OpenMetrics` text), `/healthz` and `/readyz`. The CLI's `status` and `stats` read the socket.
+//! per-session rates, until the agent stops), `GET /metrics` and `POST /reload`. On an optional
+//! TCP address, for Prometheus and dashboards: `/metrics` (`OpenMetrics` text), `/healthz`,
+//! `/readyz` and the read-only JSON routes. The CLI's `status`, `stats` and `reload` use the socket.
 use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
@@ -253,6 +254,12 @@ impl Shared {
             generation: applied.datapath.generation(),
             uptime_seconds: self.started.elapsed().as_secs(),
             hooks_attached: attached.len(),
+            programs: applied
+                .datapath
+                .program_ids()
+                .into_iter()
+                .map(|(name, id)| (name.to_owned(), id))
+                .collect(),
             attached: attached
                 .into_iter()
                 .map(|(i, d)| (i, direction_name(d)))
@@ -461,6 +468,8 @@ pub struct Status {
     pub hooks_attached: usize,
     /// The (interface, direction) hooks attached now, including interfaces that appeared later.
     pub attached: Vec<(String, String)>,
+    /// (name, kernel program id) of the programs of this generation.
+    pub programs: Vec<(String, u32)>,
     pub sessions: Vec<SessionView>,
 }
 
@@ -640,13 +649,18 @@ pub async fn serve_socket(
     served.context("serving the API socket")
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on a TCP address until `stop` turns true.
+/// Serves `/metrics`, `/healthz` and `/readyz`, and the API's read-only routes (`/status`,
+/// `/stats`, `/stats/stream`) on a TCP address until `stop` turns true. Reloads are only taken on
+/// the root-only socket.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let app = Router::new()
+        .route("/status", get(status))
+        .route("/stats", get(stats))
+        .route("/stats/stream", get(stream))
         .route("/metrics", get(metrics))
         .route("/healthz", get(ready))
         .route("/readyz", get(ready))

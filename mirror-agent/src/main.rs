@@ -354,6 +354,18 @@ async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()>
         "mirror-agent {}: up {} s, configuration generation {}, {} hook(s) attached",
         status.version, status.uptime_seconds, status.generation, status.hooks_attached
     );
+    let programs: Vec<String> = status
+        .programs
+        .iter()
+        .map(|(name, id)| format!("{name}={id}"))
+        .collect();
+    println!("programs: {}", programs.join(" "));
+    let attached: Vec<String> = status
+        .attached
+        .iter()
+        .map(|(interface, direction)| format!("{interface}/{direction}"))
+        .collect();
+    println!("attached: {}", attached.join(" "));
     for session in &status.sessions {
         let hooks: Vec<String> = session
             .hooks
