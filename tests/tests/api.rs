@@ -131,8 +131,15 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
     assert!(line.contains(" 200 "), "{line}");
     let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
     assert_eq!(status["generation"], 1);
-    assert_eq!(status["programs"].as_array().map(Vec::len), Some(3), "{body}");
-    assert!(status["programs"][0][1].as_u64().is_some_and(|id| id > 0), "{body}");
+    assert_eq!(
+        status["programs"].as_array().map(Vec::len),
+        Some(3),
+        "{body}"
+    );
+    assert!(
+        status["programs"][0][1].as_u64().is_some_and(|id| id > 0),
+        "{body}"
+    );
     let (line, _) = http_get(&lab, metrics, "/reload");
     assert!(line.contains(" 404 "), "{line}");
     let (line, body) = http_get(&lab, metrics, "/metrics");
