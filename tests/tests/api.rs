@@ -66,6 +66,25 @@ fn check_stream(lab: &Lab, socket_arg: &str) {
     assert_eq!(lines[2]["rates"][0]["mirrored_per_second"], 0.0);
 }
 
+/// The read-only JSON routes are on the metrics address too; reloads are only on the socket.
+fn check_tcp_json_routes(lab: &Lab, metrics: SocketAddr) {
+    let (line, body) = http_get(lab, metrics, "/status");
+    assert!(line.contains(" 200 "), "{line}");
+    let shown: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(shown["generation"], 1);
+    assert_eq!(
+        shown["programs"].as_array().map(Vec::len),
+        Some(3),
+        "{body}"
+    );
+    assert!(
+        shown["programs"][0][1].as_u64().is_some_and(|id| id > 0),
+        "{body}"
+    );
+    let (line, _) = http_get(lab, metrics, "/reload");
+    assert!(line.contains(" 404 "), "{line}");
+}
+
 #[test]
 fn the_api_socket_and_metrics_agree_with_the_final_report() {
     let lab = Lab::new("api");
@@ -126,22 +145,7 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
     let (line, body) = http_get(&lab, metrics, "/healthz");
     assert!(line.contains(" 200 "), "{line}");
     assert_eq!(body, "ok\n");
-    // The read-only JSON routes on TCP too; reloads only on the socket.
-    let (line, body) = http_get(&lab, metrics, "/status");
-    assert!(line.contains(" 200 "), "{line}");
-    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
-    assert_eq!(status["generation"], 1);
-    assert_eq!(
-        status["programs"].as_array().map(Vec::len),
-        Some(3),
-        "{body}"
-    );
-    assert!(
-        status["programs"][0][1].as_u64().is_some_and(|id| id > 0),
-        "{body}"
-    );
-    let (line, _) = http_get(&lab, metrics, "/reload");
-    assert!(line.contains(" 404 "), "{line}");
+    check_tcp_json_routes(&lab, metrics);
     let (line, body) = http_get(&lab, metrics, "/metrics");
     assert!(line.contains(" 200 "), "{line}");
     for expected in [
