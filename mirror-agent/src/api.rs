@@ -59,6 +59,9 @@ pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<u64, String>>;
 #[derive(Debug)]
 pub struct Applied {
     pub datapath: Datapath,
+    /// Sends the ring copies on (XDP sessions, file targets); stops once it has sent what is
+    /// queued when dropped.
+    pub drain: Option<crate::emit::Drain>,
     view: PlanView,
     carried: Carried,
     /// What the follower needs to watch interfaces that appear later.
@@ -123,9 +126,15 @@ fn direction_name(direction: Direction) -> String {
 
 impl Applied {
     /// The first configuration.
-    pub fn new(datapath: Datapath, plan: &Plan, follow: Option<Follow>) -> Self {
+    pub fn new(
+        datapath: Datapath,
+        drain: Option<crate::emit::Drain>,
+        plan: &Plan,
+        follow: Option<Follow>,
+    ) -> Self {
         Applied {
             datapath,
+            drain,
             view: PlanView::of(plan),
             carried: Carried::default(),
             follow,
@@ -135,7 +144,13 @@ impl Applied {
     /// The configuration that replaces `self`, whose datapath `datapath` has taken over: the
     /// counters of `self` (final: its programs are detached) go on in the sessions that did not
     /// change.
-    pub fn succeed(&self, datapath: Datapath, plan: &Plan, follow: Option<Follow>) -> Self {
+    pub fn succeed(
+        &self,
+        datapath: Datapath,
+        drain: Option<crate::emit::Drain>,
+        plan: &Plan,
+        follow: Option<Follow>,
+    ) -> Self {
         let before = self.stats().unwrap_or_else(|e| {
             tracing::warn!("reading the replaced configuration's counters: {e:#}");
             Stats::default()
@@ -165,6 +180,7 @@ impl Applied {
         }
         Applied {
             datapath,
+            drain,
             view,
             carried,
             follow,
@@ -204,8 +220,9 @@ impl Applied {
                         .collect(),
                 })
                 .collect(),
-            ingress: hook(0),
-            egress: hook(1),
+            ingress: hook(Direction::Ingress as usize),
+            egress: hook(Direction::Egress as usize),
+            xdp: hook(Direction::XdpIngress as usize),
             copy: hook(mirror_common::COPY_HOOK as usize),
         })
     }
@@ -309,6 +326,7 @@ impl Shared {
                     ("too_big", c.too_big),
                     ("sampled_out", c.sampled_out),
                     ("rate_limited", c.rate_limited),
+                    ("ring_full", c.ring_full),
                 ] {
                     let mut labels = labels.clone();
                     labels.push(("reason", reason.to_owned()));
@@ -329,6 +347,7 @@ impl Shared {
         for (name, hook) in [
             ("ingress", &stats.ingress),
             ("egress", &stats.egress),
+            ("xdp", &stats.xdp),
             ("copy", &stats.copy),
         ] {
             let labels = vec![("hook", name.to_owned())];
@@ -369,6 +388,8 @@ pub struct CounterStats {
     pub sampled_out: u64,
     pub rate_limited: u64,
     pub truncated: u64,
+    /// Ring copies dropped because the ring buffer was full.
+    pub ring_full: u64,
 }
 
 impl From<&Counters> for CounterStats {
@@ -382,6 +403,7 @@ impl From<&Counters> for CounterStats {
             sampled_out: c.sampled_out,
             rate_limited: c.rate_limited,
             truncated: c.truncated,
+            ring_full: c.ring_full,
         }
     }
 }
@@ -399,6 +421,7 @@ impl std::ops::Add for CounterStats {
             sampled_out: self.sampled_out + other.sampled_out,
             rate_limited: self.rate_limited + other.rate_limited,
             truncated: self.truncated + other.truncated,
+            ring_full: self.ring_full + other.ring_full,
         }
     }
 }
@@ -406,7 +429,12 @@ impl std::ops::Add for CounterStats {
 impl CounterStats {
     /// Copies the rules selected that were not sent, for any reason.
     pub fn not_sent(&self) -> u64 {
-        self.clone_errors + self.copy_limit + self.too_big + self.sampled_out + self.rate_limited
+        self.clone_errors
+            + self.copy_limit
+            + self.too_big
+            + self.sampled_out
+            + self.rate_limited
+            + self.ring_full
     }
 }
 
@@ -454,6 +482,7 @@ pub struct Stats {
     pub sessions: Vec<SessionStats>,
     pub ingress: HookStats,
     pub egress: HookStats,
+    pub xdp: HookStats,
     pub copy: HookStats,
 }
 

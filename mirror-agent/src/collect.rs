@@ -4,15 +4,12 @@
 //! for an IDS. Bad datagrams are counted, never fatal. Counts per VNI are logged as it runs and
 //! printed on exit, together with the datagrams the socket itself dropped.
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
-    ffi::CString,
-    fs::File,
-    io::{self, BufWriter},
+    io,
     mem::MaybeUninit,
     net::{SocketAddr, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    path::{Path, PathBuf},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,22 +17,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Args;
-use pcap_file::{
-    DataLink, TsResolution,
-    pcap::{PcapHeader, PcapPacket, PcapWriter},
-    pcapng::{
-        PcapNgBlock as _, PcapNgWriter,
-        blocks::{
-            enhanced_packet::EnhancedPacketBlock,
-            interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
-        },
-    },
-};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::Vni;
+use crate::{
+    capture::{Sink, open_tap, send_frame},
+    config::Vni,
+};
 
 /// Receive VXLAN copies and write or forward their inner frames.
 #[derive(Debug, Args)]
@@ -224,7 +213,13 @@ fn receive(
                 entry.1 += frame.len() as u64;
                 counts.accepted += 1;
                 if let Some(sink) = &mut sink {
-                    sink.write(vni, datagram.timestamp, frame)?;
+                    sink.write(
+                        vni,
+                        || format!("vni {vni}"),
+                        datagram.timestamp,
+                        frame,
+                        frame.len() as u32,
+                    )?;
                 }
                 if let Some(tap) = tap
                     && send_frame(tap.as_raw_fd(), frame).is_err()
@@ -334,191 +329,6 @@ fn receive_one(socket: &UdpSocket, buffer: &mut [u8]) -> io::Result<Datagram> {
     Ok(datagram)
 }
 
-/// A packet socket that sends frames out of `interface` as they are.
-fn open_tap(interface: &str) -> anyhow::Result<OwnedFd> {
-    let name = CString::new(interface).context("interface name")?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("--tap: interface `{interface}` does not exist");
-    }
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening a packet socket");
-    }
-    // SAFETY: fd is a new socket owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields set make it a bind to the interface.
-    let mut address: libc::sockaddr_ll = unsafe { MaybeUninit::zeroed().assume_init() };
-    address.sll_family = libc::AF_PACKET as u16;
-    address.sll_ifindex = ifindex.cast_signed();
-    // SAFETY: `address` is a sockaddr_ll of the size given.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("binding to {interface}"));
-    }
-    Ok(socket)
-}
-
-fn send_frame(fd: RawFd, frame: &[u8]) -> io::Result<()> {
-    // SAFETY: send reads `frame.len()` bytes of `frame`.
-    let sent = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
-    if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// The capture files: the format follows the file name, rotated by size when asked.
-struct Sink {
-    path: PathBuf,
-    rotate_bytes: Option<u64>,
-    rotate_count: Option<u64>,
-    sequence: u64,
-    writer: Writer,
-    written: u64,
-}
-
-enum Writer {
-    Pcap(PcapWriter<BufWriter<File>>),
-    /// With the VNIs that have an interface description block in this file, by interface id.
-    PcapNg(PcapNgWriter<BufWriter<File>>, Vec<u32>),
-}
-
-/// Frames are stored whole (VXLAN carries at most 64 KiB).
-const SNAPLEN: u32 = 65_535;
-
-impl Sink {
-    fn open(
-        path: &Path,
-        rotate_bytes: Option<u64>,
-        rotate_count: Option<u64>,
-    ) -> anyhow::Result<Self> {
-        let sequence = u64::from(rotate_bytes.is_some());
-        let first = file_name(path, sequence);
-        Ok(Sink {
-            path: path.to_owned(),
-            rotate_bytes,
-            rotate_count,
-            sequence,
-            writer: Writer::create(&first)?,
-            written: 0,
-        })
-    }
-
-    fn write(&mut self, vni: u32, timestamp: Duration, frame: &[u8]) -> anyhow::Result<()> {
-        if self.rotate_bytes.is_some_and(|limit| self.written >= limit) {
-            self.rotate()?;
-        }
-        self.written += self.writer.write(vni, timestamp, frame)?;
-        Ok(())
-    }
-
-    fn rotate(&mut self) -> anyhow::Result<()> {
-        self.sequence += 1;
-        let next = Writer::create(&file_name(&self.path, self.sequence))?;
-        std::mem::replace(&mut self.writer, next).finish()?;
-        self.written = 0;
-        if let Some(keep) = self.rotate_count
-            && self.sequence > keep
-        {
-            let old = file_name(&self.path, self.sequence - keep);
-            std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> anyhow::Result<()> {
-        self.writer.finish()
-    }
-}
-
-/// `dir/name.ext` itself for sequence 0, else `dir/name-00000N.ext`.
-fn file_name(path: &Path, sequence: u64) -> PathBuf {
-    if sequence == 0 {
-        return path.to_owned();
-    }
-    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-    let name = match path.extension() {
-        Some(ext) => format!("{stem}-{sequence:06}.{}", ext.to_string_lossy()),
-        None => format!("{stem}-{sequence:06}"),
-    };
-    path.with_file_name(name)
-}
-
-impl Writer {
-    fn create(path: &Path) -> anyhow::Result<Self> {
-        let file = BufWriter::new(
-            File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        let pcapng = path.extension().is_some_and(|e| e == "pcapng");
-        let context = || format!("writing {}", path.display());
-        Ok(if pcapng {
-            Writer::PcapNg(PcapNgWriter::new(file).with_context(context)?, Vec::new())
-        } else {
-            let header = PcapHeader {
-                snaplen: SNAPLEN,
-                datalink: DataLink::ETHERNET,
-                ts_resolution: TsResolution::NanoSecond,
-                ..PcapHeader::default()
-            };
-            Writer::Pcap(PcapWriter::with_header(file, header).with_context(context)?)
-        })
-    }
-
-    /// Writes one frame; returns the bytes it took in the file.
-    fn write(&mut self, vni: u32, timestamp: Duration, frame: &[u8]) -> anyhow::Result<u64> {
-        let len = frame.len() as u32;
-        let written = match self {
-            Writer::Pcap(w) => w.write_packet(&PcapPacket::new(timestamp, len, frame))?,
-            Writer::PcapNg(w, interfaces) => {
-                let mut written = 0;
-                let interface_id = if let Some(id) = interfaces.iter().position(|v| *v == vni) {
-                    id
-                } else {
-                    let description = InterfaceDescriptionBlock {
-                        linktype: DataLink::ETHERNET,
-                        snaplen: SNAPLEN,
-                        options: vec![
-                            InterfaceDescriptionOption::IfName(Cow::Owned(format!("vni {vni}"))),
-                            // Timestamps in nanoseconds (the default is microseconds).
-                            InterfaceDescriptionOption::IfTsResol(9),
-                        ],
-                    };
-                    written += w.write_block(&description.into_block())?;
-                    interfaces.push(vni);
-                    interfaces.len() - 1
-                };
-                let packet = EnhancedPacketBlock {
-                    interface_id: interface_id as u32,
-                    timestamp,
-                    original_len: len,
-                    data: Cow::Borrowed(frame),
-                    options: Vec::new(),
-                };
-                written + w.write_block(&packet.into_block())?
-            }
-        };
-        Ok(written as u64)
-    }
-
-    fn finish(self) -> anyhow::Result<()> {
-        let mut file = match self {
-            Writer::Pcap(w) => w.into_writer(),
-            Writer::PcapNg(w, _) => w.into_inner(),
-        };
-        io::Write::flush(&mut file).context("flushing the capture file")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,13 +346,5 @@ mod tests {
         datagram[0] = 0xff;
         datagram[7] = 0xff;
         assert_eq!(decapsulate(&datagram).map(|(v, _)| v), Ok(42));
-    }
-
-    #[test]
-    fn rotated_file_names() {
-        let path = Path::new("/tmp/cap.pcapng");
-        assert_eq!(file_name(path, 0), path);
-        assert_eq!(file_name(path, 3), Path::new("/tmp/cap-000003.pcapng"));
-        assert_eq!(file_name(Path::new("x"), 12), Path::new("x-000012"));
     }
 }

@@ -49,7 +49,13 @@ pub struct Config {
     /// Pinned mode: a bpffs directory where programs and links outlive the agent (none by
     /// default: everything is detached on exit).
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Bytes of the ring buffer that carries XDP and pcap copies to the agent: a power of two, at
+    /// least 4096 (default 8 MiB). A full ring drops copies (counted as `ring_full`).
+    pub copy_ring_bytes: Option<Spanned<u32>>,
 }
+
+/// The default [`Config::copy_ring_bytes`].
+pub const DEFAULT_COPY_RING_BYTES: u32 = 8 << 20;
 
 fn default_stats_interval() -> u64 {
     10
@@ -62,8 +68,11 @@ pub struct SessionConfig {
     pub name: Spanned<String>,
     /// Interface names or globs (`veth*`) whose packets are examined.
     pub interfaces: Spanned<Vec<Spanned<String>>>,
-    #[serde(default)]
-    pub direction: DirectionConfig,
+    /// Default: both for TC, ingress (the only side XDP sees) for XDP.
+    pub direction: Option<Spanned<DirectionConfig>>,
+    /// Where packets are examined: `tc` (default; copies are clones) or `xdp` (before the
+    /// kernel's stack; copies go through the ring buffer and the agent sends them on).
+    pub hook: Option<Spanned<HookConfig>>,
     pub target: Spanned<TargetConfig>,
     /// What happens to packets no rule matches.
     #[serde(default)]
@@ -123,14 +132,31 @@ pub enum DirectionConfig {
     Both,
 }
 
-/// Where copies go: exactly one of `interface` or `vxlan`.
-#[derive(Debug, Deserialize)]
+/// Where a session's packets are examined.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HookConfig {
+    /// TC (ingress and egress): copies are clones made in the kernel.
+    #[default]
+    Tc,
+    /// XDP (received packets, before the kernel's stack): copies go through the ring buffer.
+    Xdp,
+}
+
+/// Where copies go: exactly one of `interface`, `vxlan` or `file`.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// Copies are sent out of this interface as they are.
     pub interface: Option<String>,
     /// Copies are encapsulated in VXLAN and sent to a remote collector.
     pub vxlan: Option<VxlanConfig>,
+    /// Copies are written to this pcap (`.pcap`) or pcapng (`.pcapng`) file.
+    pub file: Option<std::path::PathBuf>,
+    /// With `file`: start a new file (`NAME-000002.pcapng`, …) when this many bytes are written.
+    pub rotate_bytes: Option<u64>,
+    /// With `rotate_bytes`: keep only the newest this many files.
+    pub rotate_count: Option<u64>,
 }
 
 /// A VXLAN tunnel to a collector (Zeek, Suricata, Wireshark, a packet broker, `mirror-agent
@@ -469,7 +495,10 @@ dst_port = 443
         )
         .expect("valid");
         let session = &loaded.config.sessions[0].get_ref();
-        assert_eq!(session.direction, DirectionConfig::Ingress);
+        assert_eq!(
+            session.direction.as_ref().map(|d| *d.get_ref()),
+            Some(DirectionConfig::Ingress)
+        );
         assert_eq!(session.default, ActionConfig::Mirror);
         let rule = session.rules[0].get_ref();
         assert_eq!(rule.ethertype, Some(Ethertype(0x0800)));

@@ -14,6 +14,7 @@ use crate::{
     api::{self, Applied, Shared},
     config::LoadedConfig,
     datapath::Datapath,
+    emit::{Drain, Files},
     follow::{self, Follow},
     rules::{self, Plan, Target},
     tunnel::{self, ResolvedTargets},
@@ -54,6 +55,8 @@ struct Daemon<'a> {
     plan: Plan,
     targets: ResolvedTargets,
     target_devices: Vec<(String, u32)>,
+    /// The capture files of file targets, across reloads.
+    files: Arc<Files>,
 }
 
 /// A plan made ready: its targets resolved and its datapath loaded and attached.
@@ -62,6 +65,7 @@ struct Prepared {
     targets: ResolvedTargets,
     target_devices: Vec<(String, u32)>,
     datapath: Datapath,
+    drain: Option<Drain>,
     follow: Option<Follow>,
 }
 
@@ -77,11 +81,17 @@ async fn serve(
         Some(address) => Some(api::bind_metrics(address).await?),
         None => None,
     };
-    let prepared = start(plan, options).await?;
+    let files = Arc::new(Files::default());
+    let prepared = start(plan, options, &files).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
     let shared = Shared::new(
-        Applied::new(prepared.datapath, &prepared.plan, prepared.follow),
+        Applied::new(
+            prepared.datapath,
+            prepared.drain,
+            &prepared.plan,
+            prepared.follow,
+        ),
         stopped.clone(),
         reload_requests,
     );
@@ -91,6 +101,7 @@ async fn serve(
         plan: prepared.plan,
         targets: prepared.targets,
         target_devices: prepared.target_devices,
+        files,
     };
     let mut servers = vec![
         tokio::spawn(api::serve_socket(
@@ -152,7 +163,7 @@ async fn serve(
 
 /// The first configuration: attached afresh, or in pinned mode taking over what an earlier agent
 /// left in the pin directory.
-async fn start(plan: Plan, options: &Options) -> anyhow::Result<Prepared> {
+async fn start(plan: Plan, options: &Options, files: &Files) -> anyhow::Result<Prepared> {
     let (generation, previous) = match &options.pin_dir {
         Some(dir) => Datapath::adopt_pins(dir).context("taking over the pinned programs")?,
         None => (0, Vec::new()),
@@ -172,6 +183,7 @@ async fn start(plan: Plan, options: &Options) -> anyhow::Result<Prepared> {
         plan,
         generation + 1,
         options,
+        files,
         |datapath, plan, finishing| {
             datapath
                 .attach(plan, finishing, previous)
@@ -188,6 +200,7 @@ async fn prepare(
     mut plan: Plan,
     generation: u64,
     options: &Options,
+    files: &Files,
     attach: impl FnOnce(
         &mut Datapath,
         &Plan,
@@ -217,11 +230,13 @@ async fn prepare(
     )
     .map_err(anyhow::Error::from)
     .and_then(|mut datapath| {
+        // The drain runs before anything is attached: no copy waits in a full ring.
+        let drain = Drain::start(datapath.take_ring()?, &plan, files)?;
         attach(&mut datapath, &plan, &finishing)?;
-        Ok(datapath)
+        Ok((datapath, drain))
     });
-    let datapath = match datapath {
-        Ok(datapath) => datapath,
+    let (datapath, drain) = match datapath {
+        Ok(prepared) => prepared,
         Err(e) => {
             if let Err(cleanup) = targets.devices.remove_created().await {
                 tracing::warn!("removing VXLAN devices: {cleanup}");
@@ -250,6 +265,7 @@ async fn prepare(
         targets,
         target_devices,
         datapath,
+        drain,
         follow,
     })
 }
@@ -293,6 +309,7 @@ impl Daemon<'_> {
             plan,
             generation,
             self.options,
+            &self.files,
             |datapath, plan, finishing| {
                 let mut applied = shared.applied();
                 let previous = applied.datapath.take_links();
@@ -307,11 +324,20 @@ impl Daemon<'_> {
         .await?;
         let replaced = {
             let mut applied = self.shared.applied();
-            let next = applied.succeed(prepared.datapath, &prepared.plan, prepared.follow);
+            let next = applied.succeed(
+                prepared.datapath,
+                prepared.drain,
+                &prepared.plan,
+                prepared.follow,
+            );
             std::mem::replace(&mut *applied, next)
         };
-        // The old object (programs, maps) is freed outside the lock.
+        // The old object (programs, maps) is freed outside the lock, once its drain has sent
+        // what its ring still held.
         drop(replaced);
+        if let Err(e) = self.files.close_unused(Some(&prepared.plan)) {
+            tracing::warn!("closing capture files no longer written: {e:#}");
+        }
         if let Err(e) = self
             .targets
             .devices
@@ -357,10 +383,16 @@ impl Daemon<'_> {
             plan: _,
             mut targets,
             target_devices,
+            files,
         } = self;
-        let applied = shared.into_applied()?;
-        let report = report(&applied, &targets, &target_devices).await;
+        let mut applied = shared.into_applied()?;
+        // Detached first (or left pinned), then the drain sends what the ring still holds: the
+        // counters in the report are final.
         applied.datapath.stop();
+        let emitted = applied.drain.take().map(Drain::finish);
+        let closed = files.close_unused(None).context("closing capture files");
+        let report = report(&applied, emitted.as_deref(), &targets, &target_devices).await;
+        closed?;
         if let Some(dir) = &options.pin_dir {
             println!(
                 "mirror-agent: pinned mode: the programs keep mirroring from {} until a new agent takes them over (remove the directory to detach them)",
@@ -412,7 +444,7 @@ fn target_devices(plan: &Plan, targets: &ResolvedTargets) -> Vec<(String, u32)> 
         .iter()
         .filter_map(|s| match &s.target {
             Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
-            Target::Vxlan(_) => None,
+            Target::Vxlan(_) | Target::File(_) => None,
         })
         .chain(targets.devices.devices.iter().cloned())
         .collect();
@@ -425,6 +457,7 @@ fn target_devices(plan: &Plan, targets: &ResolvedTargets) -> Vec<(String, u32)> 
 /// target interface (copies the kernel lost after they left the programs).
 async fn report(
     applied: &Applied,
+    emitted: Option<&[(u64, u64)]>,
     targets: &ResolvedTargets,
     target_devices: &[(String, u32)],
 ) -> anyhow::Result<String> {
@@ -434,7 +467,7 @@ async fn report(
     let row = |out: &mut String, kind: &str, name: &str, rule: &str, c: &api::CounterStats| {
         let _ = writeln!(
             out,
-            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
+            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9}",
             c.matched,
             c.mirrored,
             c.clone_errors,
@@ -442,12 +475,13 @@ async fn report(
             c.too_big,
             c.sampled_out,
             c.rate_limited,
-            c.truncated
+            c.truncated,
+            c.ring_full
         );
     };
     let _ = writeln!(
         out,
-        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10}",
+        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9}",
         "counter",
         "session",
         "rule",
@@ -458,7 +492,8 @@ async fn report(
         "too_big",
         "sampled_out",
         "rate_limited",
-        "truncated"
+        "truncated",
+        "ring_full"
     );
     for session in &stats.sessions {
         for rule in &session.rules {
@@ -468,7 +503,11 @@ async fn report(
     for session in &stats.sessions {
         row(&mut out, "session", &session.name, "-", &session.counters);
     }
-    for (name, h) in [("ingress", &stats.ingress), ("egress", &stats.egress)] {
+    for (name, h) in [
+        ("ingress", &stats.ingress),
+        ("egress", &stats.egress),
+        ("xdp", &stats.xdp),
+    ] {
         let _ = writeln!(
             out,
             "hook     {name:<16} packets={} malformed={} step_limit={} table_errors={}",
@@ -480,6 +519,13 @@ async fn report(
         "hook     {:<16} packets={} foreign={} copy_errors={}",
         "copy", stats.copy.packets, stats.copy.foreign, stats.copy.copy_errors
     );
+    for (session, (sent, failed)) in stats.sessions.iter().zip(emitted.unwrap_or_default()) {
+        let _ = writeln!(
+            out,
+            "ring     {:<16} sent={sent} failed={failed}",
+            session.name
+        );
+    }
     for (name, ifindex) in target_devices {
         let (dropped, errors) = targets.devices.tx_losses(*ifindex).await?;
         let _ = writeln!(

@@ -8,22 +8,24 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        SchedClassifier, TcAttachType,
+        SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
+        xdp::{XdpLink, XdpMode},
     },
     util::KernelVersion,
 };
 use ipnet::IpNet;
 use mirror_common::{
-    ATTACHMENT_BITMAP_MAP, AttachmentKey, COPY_GENERATION_BIT, Counters, DST_PORT_BITMAP_MAP,
-    DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP,
-    Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP,
-    NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP,
-    SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta,
-    TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
+    ATTACHMENT_BITMAP_MAP, AttachmentKey, COPY_GENERATION_BIT, COPY_RING_MAP, Counters,
+    DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP,
+    FIELD_WILDCARD_MAP, Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters,
+    IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP,
+    SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP,
+    SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
+    XDP_PROGRAM,
 };
 
 use crate::rules::{Interface, Plan};
@@ -88,9 +90,33 @@ pub struct Datapath {
 pub struct Attached {
     hook: Hook,
     interface: String,
-    link: SchedClassifierLink,
+    link: HookLink,
     /// Where the link is pinned (pinned mode).
     pin: Option<PathBuf>,
+}
+
+/// A TC or an XDP link.
+#[derive(Debug)]
+enum HookLink {
+    Tc(SchedClassifierLink),
+    Xdp(XdpLink),
+}
+
+impl HookLink {
+    fn into_fd(self) -> Result<FdLink, aya::programs::links::LinkError> {
+        match self {
+            HookLink::Tc(link) => link.try_into(),
+            HookLink::Xdp(link) => link.try_into(),
+        }
+    }
+
+    /// The link behind `fd` as the kind `hook` uses.
+    fn from_fd(hook: Hook, fd: FdLink) -> Result<Self, aya::programs::links::LinkError> {
+        Ok(match hook {
+            Hook::Mirror(Direction::XdpIngress) => HookLink::Xdp(fd.try_into()?),
+            _ => HookLink::Tc(fd.try_into()?),
+        })
+    }
 }
 
 /// A datapath that could not take over: why, and the links it was handed, untouched.
@@ -241,6 +267,7 @@ impl Datapath {
                 RULE_BITMAPS_MAP,
                 tables.bitmaps.len() as u32 + SPARE_BITMAPS,
             )
+            .map_max_entries(COPY_RING_MAP, plan.copy_ring_bytes)
             .load(EBPF_OBJECT)?;
         fill_array(&mut ebpf, RULE_BITMAPS_MAP, &tables.bitmaps)?;
         fill_array(&mut ebpf, FIELD_WILDCARD_MAP, &tables.wildcard)?;
@@ -278,17 +305,19 @@ impl Datapath {
             later_bitmaps: std::collections::HashMap::new(),
             next_bitmap: tables.bitmaps.len() as u32,
         };
-        for hook in [
-            Hook::Copy,
-            Hook::Mirror(Direction::Ingress),
-            Hook::Mirror(Direction::Egress),
-        ] {
-            let (name, _) = attach_point(hook);
+        for name in [TC_COPY_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
             datapath
                 .program(name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        datapath
+            .xdp_program()?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: XDP_PROGRAM,
+                source,
+            })?;
         Ok(datapath)
     }
 
@@ -365,22 +394,41 @@ impl Datapath {
 
     /// Attaches `hook`'s program to `interface` (pinning the link in pinned mode).
     fn attach_new(&mut self, hook: Hook, interface: &str) -> Result<(), DatapathError> {
-        let (name, attach_type) = attach_point(hook);
-        // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
-        // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-            let _ = aya::programs::tc::qdisc_add_clsact(interface);
-        }
         let attach_error = |source| DatapathError::Attach {
             interface: interface.to_owned(),
             hook,
             source,
         };
-        let program = self.program(name)?;
-        let id = program
-            .attach(interface, attach_type)
-            .map_err(attach_error)?;
-        let link = program.take_link(id).map_err(attach_error)?;
+        let link = match attach_point(hook) {
+            AttachPoint::Tc(name, attach_type) => {
+                // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
+                // attachment. An existing clsact is fine, and one we add stays (harmless, empty).
+                if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                }
+                let program = self.program(name)?;
+                let id = program
+                    .attach(interface, attach_type)
+                    .map_err(attach_error)?;
+                HookLink::Tc(program.take_link(id).map_err(attach_error)?)
+            }
+            AttachPoint::Xdp => {
+                let program = self.xdp_program()?;
+                // Native XDP where the driver has it; else the kernel's generic XDP.
+                let id = match program.attach(interface, XdpMode::Driver) {
+                    Ok(id) => id,
+                    Err(native) => {
+                        tracing::warn!(
+                            "{interface}: native XDP unavailable ({native}); using generic XDP"
+                        );
+                        program
+                            .attach(interface, XdpMode::Skb)
+                            .map_err(attach_error)?
+                    }
+                };
+                HookLink::Xdp(program.take_link(id).map_err(attach_error)?)
+            }
+        };
         let (link, pin) = self.pinned(hook, interface, link)?;
         self.links.push(Attached {
             hook,
@@ -399,15 +447,24 @@ impl Datapath {
             link,
             pin,
         } = old;
-        let (name, _) = attach_point(hook);
         let attach_error = |source| DatapathError::Attach {
             interface: interface.clone(),
             hook,
             source,
         };
-        let program = self.program(name)?;
-        let id = program.attach_to_link(link).map_err(attach_error)?;
-        let link = program.take_link(id).map_err(attach_error)?;
+        let link = match (attach_point(hook), link) {
+            (AttachPoint::Tc(name, _), HookLink::Tc(link)) => {
+                let program = self.program(name)?;
+                let id = program.attach_to_link(link).map_err(attach_error)?;
+                HookLink::Tc(program.take_link(id).map_err(attach_error)?)
+            }
+            (AttachPoint::Xdp, HookLink::Xdp(link)) => {
+                let program = self.xdp_program()?;
+                let id = program.attach_to_link(link).map_err(attach_error)?;
+                HookLink::Xdp(program.take_link(id).map_err(attach_error)?)
+            }
+            _ => return Err(DatapathError::Missing("a link of the hook's kind")),
+        };
         self.links.push(Attached {
             hook,
             interface,
@@ -422,8 +479,8 @@ impl Datapath {
         &self,
         hook: Hook,
         interface: &str,
-        link: SchedClassifierLink,
-    ) -> Result<(SchedClassifierLink, Option<PathBuf>), DatapathError> {
+        link: HookLink,
+    ) -> Result<(HookLink, Option<PathBuf>), DatapathError> {
         let Some(dir) = &self.pin_dir else {
             return Ok((link, None));
         };
@@ -432,10 +489,10 @@ impl Datapath {
             path: path.clone(),
             message,
         };
-        let fd_link = FdLink::try_from(link).map_err(|e| pin_error(e.to_string()))?;
+        let fd_link = link.into_fd().map_err(|e| pin_error(e.to_string()))?;
         let pinned = fd_link.pin(&path).map_err(|e| pin_error(e.to_string()))?;
-        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-            .map_err(|e| pin_error(e.to_string()))?;
+        let link =
+            HookLink::from_fd(hook, FdLink::from(pinned)).map_err(|e| pin_error(e.to_string()))?;
         Ok((link, Some(path)))
     }
 
@@ -488,7 +545,7 @@ impl Datapath {
             let link = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|pinned| {
-                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())
+                    HookLink::from_fd(hook, FdLink::from(pinned)).map_err(|e| e.to_string())
                 });
             match link {
                 Ok(link) if ifindex_of(interface).is_some() => links.push(Attached {
@@ -505,6 +562,16 @@ impl Datapath {
             }
         }
         Ok((generation, links))
+    }
+
+    /// The ring buffer of copies the agent sends on (see `mirror_common::COPY_RING_MAP`); it can
+    /// be taken once.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(COPY_RING_MAP)
+            .ok_or(DatapathError::Missing(COPY_RING_MAP))?;
+        RingBuf::try_from(map).map_err(map_err(COPY_RING_MAP))
     }
 
     /// The links, for the datapath that replaces this one.
@@ -526,6 +593,17 @@ impl Datapath {
     /// The configuration generation this datapath was loaded for.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        let program = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or(DatapathError::Missing(XDP_PROGRAM))?;
+        program.try_into().map_err(|source| DatapathError::Program {
+            name: XDP_PROGRAM,
+            source,
+        })
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -580,7 +658,7 @@ impl Datapath {
             .ok()
             .map(HashMap::<_, AttachmentKey, u32>::try_from)
         {
-            for direction in [Direction::Ingress, Direction::Egress] {
+            for direction in [Direction::Ingress, Direction::Egress, Direction::XdpIngress] {
                 let _ = attachments.remove(&AttachmentKey {
                     ifindex,
                     direction: direction as u32,
@@ -617,7 +695,7 @@ impl Datapath {
 
     /// Detaches every program, the watched interfaces first and the targets last; in pinned mode
     /// leaves them attached and pinned for the next agent instead.
-    pub fn stop(mut self) {
+    pub fn stop(&mut self) {
         let links = std::mem::take(&mut self.links);
         if self.pin_dir.is_none() {
             release(links);
@@ -672,12 +750,21 @@ impl Datapath {
     }
 }
 
-/// The program and TC attach point serving a hook.
-fn attach_point(hook: Hook) -> (&'static str, TcAttachType) {
+/// Where a hook's program attaches.
+enum AttachPoint {
+    Tc(&'static str, TcAttachType),
+    Xdp,
+}
+
+/// The program and attach point serving a hook.
+fn attach_point(hook: Hook) -> AttachPoint {
     match hook {
-        Hook::Mirror(Direction::Ingress) => (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
-        Hook::Mirror(Direction::Egress) => (TC_EGRESS_PROGRAM, TcAttachType::Egress),
-        Hook::Copy => (TC_COPY_PROGRAM, TcAttachType::Egress),
+        Hook::Mirror(Direction::Ingress) => {
+            AttachPoint::Tc(TC_INGRESS_PROGRAM, TcAttachType::Ingress)
+        }
+        Hook::Mirror(Direction::Egress) => AttachPoint::Tc(TC_EGRESS_PROGRAM, TcAttachType::Egress),
+        Hook::Mirror(Direction::XdpIngress) => AttachPoint::Xdp,
+        Hook::Copy => AttachPoint::Tc(TC_COPY_PROGRAM, TcAttachType::Egress),
     }
 }
 
@@ -691,13 +778,14 @@ fn release(links: Vec<Attached>) {
     }
 }
 
-/// A link's pin: `ingress-<interface>`, `egress-<interface>` (a reload switches these links in
-/// place), `copy<generation>-<interface>` (old and new copy programs are attached side by side
+/// A link's pin: `ingress-<interface>`, `egress-<interface>`, `xdp-<interface>` (a reload
+/// switches these links in place), `copy<generation>-<interface>` (old and new copy programs are attached side by side
 /// while a reload switches). Interface names hold no `/`.
 fn pin_name(hook: Hook, interface: &str, generation: u64) -> String {
     match hook {
         Hook::Mirror(Direction::Ingress) => format!("ingress-{interface}"),
         Hook::Mirror(Direction::Egress) => format!("egress-{interface}"),
+        Hook::Mirror(Direction::XdpIngress) => format!("xdp-{interface}"),
         Hook::Copy => format!("copy{generation}-{interface}"),
     }
 }
@@ -707,6 +795,7 @@ fn parse_pin_name(name: &str) -> Option<(Hook, &str)> {
     let hook = match hook {
         "ingress" => Hook::Mirror(Direction::Ingress),
         "egress" => Hook::Mirror(Direction::Egress),
+        "xdp" => Hook::Mirror(Direction::XdpIngress),
         copy if copy
             .strip_prefix("copy")
             .is_some_and(|g| g.parse::<u64>().is_ok()) =>
@@ -772,4 +861,5 @@ fn add_counters(total: &mut Counters, value: &Counters) {
     total.sampled_out += value.sampled_out;
     total.rate_limited += value.rate_limited;
     total.truncated += value.truncated;
+    total.ring_full += value.ring_full;
 }

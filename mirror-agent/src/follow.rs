@@ -98,7 +98,7 @@ fn appeared(shared: &Shared, link: &LinkMessage) {
         return;
     }
     let attached = datapath.attached();
-    for direction in [Direction::Ingress, Direction::Egress] {
+    for direction in [Direction::Ingress, Direction::Egress, Direction::XdpIngress] {
         if attached.iter().any(|(n, d)| *n == name && *d == direction) {
             continue;
         }

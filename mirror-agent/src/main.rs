@@ -2,13 +2,16 @@
 //! collector, using TC eBPF programs. `run` applies a configuration until SIGINT/SIGTERM; `check`
 //! only validates one; `collect` receives VXLAN copies into a pcap file or an interface.
 mod api;
+mod capture;
 mod collect;
 mod config;
 mod daemon;
 mod datapath;
+mod emit;
 mod follow;
 mod rules;
 mod tunnel;
+mod vxlan_out;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -18,8 +21,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{
-        ActionConfig, Cidr, Config, DEFAULT_VXLAN_PORT, DirectionConfig, Ethertype, IpProto,
-        LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
+        ActionConfig, Cidr, Config, DEFAULT_VXLAN_PORT, DirectionConfig, Ethertype, HookConfig,
+        IpProto, LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
         SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
     },
     rules::{Plan, Target},
@@ -125,7 +128,8 @@ struct QuickSession {
     /// Interface name or glob to watch (repeatable).
     #[arg(long, requires = "target")]
     iface: Vec<String>,
-    /// Target interface the copies are sent out of.
+    /// Target interface the copies are sent out of, or `file:PATH` to write them to a pcap
+    /// (`.pcap`) or pcapng (`.pcapng`) file.
     #[arg(long, group = "target", requires = "iface")]
     to: Option<String>,
     /// Target collector: copies are sent in VXLAN to this IPv4 or IPv6 address.
@@ -140,9 +144,13 @@ struct QuickSession {
     /// Source address of the VXLAN copies (default: the route's).
     #[arg(long, requires = "to_vxlan")]
     vxlan_local: Option<std::net::IpAddr>,
-    /// Which side of the interfaces to watch.
-    #[arg(long, value_enum, default_value = "both")]
-    direction: DirectionConfig,
+    /// Which side of the interfaces to watch (default: both for TC, ingress for XDP).
+    #[arg(long, value_enum)]
+    direction: Option<DirectionConfig>,
+    /// Where packets are examined: tc, or xdp (received packets, before the kernel's stack;
+    /// copies go through a ring buffer and the agent sends them on).
+    #[arg(long, value_enum)]
+    hook: Option<HookConfig>,
     /// Ethertype: number (0x88cc) or ipv4, ipv6, arp, lldp, vlan.
     #[arg(long)]
     ethertype: Option<Ethertype>,
@@ -200,15 +208,22 @@ impl QuickSession {
         let session = SessionConfig {
             name: spanned("cli".to_owned()),
             interfaces: spanned(self.iface.into_iter().map(spanned).collect()),
-            direction: self.direction,
+            direction: self.direction.map(spanned),
+            hook: self.hook.map(spanned),
             target: spanned(TargetConfig {
-                interface: self.to,
+                file: self
+                    .to
+                    .as_deref()
+                    .and_then(|to| to.strip_prefix("file:"))
+                    .map(PathBuf::from),
+                interface: self.to.filter(|to| !to.starts_with("file:")),
                 vxlan: self.to_vxlan.map(|remote| VxlanConfig {
                     remote,
                     vni: self.vni,
                     port: self.vxlan_port,
                     local: self.vxlan_local,
                 }),
+                ..TargetConfig::default()
             }),
             default: ActionConfig::Skip,
             snaplen: self.snaplen.map(spanned),
@@ -239,6 +254,7 @@ impl QuickSession {
             api_socket: None,
             metrics_address: None,
             pin_dir: None,
+            copy_ring_bytes: None,
         }
     }
 }

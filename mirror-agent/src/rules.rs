@@ -15,8 +15,8 @@ use mirror_common::{
 };
 
 use crate::config::{
-    ActionConfig, ConfigError, DirectionConfig, LoadedConfig, RateLimitConfig, SampleBy,
-    SessionConfig, VxlanConfig,
+    ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
+    RateLimitConfig, SampleBy, SessionConfig, VxlanConfig,
 };
 
 /// A network interface present on the node.
@@ -76,6 +76,15 @@ fn action_abi(action: ActionConfig) -> Action {
 pub enum Target {
     Interface(Interface),
     Vxlan(VxlanConfig),
+    File(FileTarget),
+}
+
+/// A pcap or pcapng file the agent writes copies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileTarget {
+    pub path: std::path::PathBuf,
+    pub rotate_bytes: Option<u64>,
+    pub rotate_count: Option<u64>,
 }
 
 impl std::fmt::Display for Target {
@@ -88,6 +97,7 @@ impl std::fmt::Display for Target {
                 SocketAddr::new(v.remote, v.port),
                 v.vni.0
             ),
+            Target::File(file) => write!(f, "file {}", file.path.display()),
         }
     }
 }
@@ -114,8 +124,11 @@ pub struct Session {
     pub attachments: Vec<(Interface, Direction)>,
     /// The session's interface globs, which interfaces created later may match.
     pub globs: Vec<glob::Pattern>,
-    /// The directions watched.
+    /// The directions watched ([`Direction::XdpIngress`] alone for an XDP session).
     pub directions: Vec<Direction>,
+    /// Copies go through the ring buffer and the agent sends them on: an XDP session, or a file
+    /// target.
+    pub through_ring: bool,
 }
 
 /// Everything the agent applies: sessions, rules in global order, and the kernel tables.
@@ -124,6 +137,8 @@ pub struct Plan {
     pub sessions: Vec<Session>,
     /// The budget all sessions share.
     pub node_rate: RateLimit,
+    /// Size of the ring buffer of copies the agent sends on.
+    pub copy_ring_bytes: u32,
     pub rules: Vec<Rule>,
     pub tables: Tables,
     pub warnings: Vec<String>,
@@ -200,9 +215,20 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
         Some(limit) => rate_limit(loaded, limit)?,
         None => RateLimit::default(),
     };
+    let copy_ring_bytes = match &config.copy_ring_bytes {
+        Some(bytes) if !bytes.get_ref().is_power_of_two() || *bytes.get_ref() < 4096 => {
+            return Err(loaded.error(
+                bytes.span(),
+                "copy_ring_bytes must be a power of two of at least 4096",
+            ));
+        }
+        Some(bytes) => *bytes.get_ref(),
+        None => DEFAULT_COPY_RING_BYTES,
+    };
     Ok(Plan {
         sessions,
         node_rate,
+        copy_ring_bytes,
         rules,
         tables,
         warnings,
@@ -216,7 +242,7 @@ fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
         .iter()
         .filter_map(|s| match &s.target {
             Target::Vxlan(v) => Some((v.remote, v.port)),
-            Target::Interface(_) => None,
+            Target::Interface(_) | Target::File(_) => None,
         })
         .collect();
     endpoints
@@ -239,16 +265,30 @@ fn resolve_target(
     interfaces: &[Interface],
 ) -> Result<Target, ConfigError> {
     let span = session.target.span();
-    match session.target.get_ref() {
+    let target = session.target.get_ref();
+    if target.file.is_none() && (target.rotate_bytes.is_some() || target.rotate_count.is_some()) {
+        return Err(loaded.error(
+            span,
+            "`rotate_bytes` and `rotate_count` go with a `file` target",
+        ));
+    }
+    if target.rotate_count.is_some() && target.rotate_bytes.is_none() {
+        return Err(loaded.error(span, "`rotate_count` needs `rotate_bytes`"));
+    }
+    match target {
         crate::config::TargetConfig {
             interface: Some(name),
             vxlan: None,
+            file: None,
+            ..
         } => find(interfaces, name)
             .map(Target::Interface)
             .ok_or_else(|| loaded.error(span, format!("target interface `{name}` does not exist"))),
         crate::config::TargetConfig {
             interface: None,
             vxlan: Some(vxlan),
+            file: None,
+            ..
         } => {
             let problem = if vxlan.remote.is_unspecified() || vxlan.remote.is_multicast() {
                 Some(format!(
@@ -270,7 +310,52 @@ fn resolve_target(
                 None => Ok(Target::Vxlan(vxlan.clone())),
             }
         }
-        _ => Err(loaded.error(span, "a target needs exactly one of `interface` or `vxlan`")),
+        crate::config::TargetConfig {
+            interface: None,
+            vxlan: None,
+            file: Some(path),
+            rotate_bytes,
+            rotate_count,
+        } => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent.is_some_and(|p| !p.is_dir()) {
+                return Err(loaded.error(
+                    span,
+                    format!("the directory of `{}` does not exist", path.display()),
+                ));
+            }
+            Ok(Target::File(FileTarget {
+                path: path.clone(),
+                rotate_bytes: *rotate_bytes,
+                rotate_count: *rotate_count,
+            }))
+        }
+        _ => Err(loaded.error(
+            span,
+            "a target needs exactly one of `interface`, `vxlan` or `file`",
+        )),
+    }
+}
+
+/// The hooks a session's direction and hook stand for.
+fn directions(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+) -> Result<&'static [Direction], ConfigError> {
+    let direction = session.direction.as_ref().map(|d| *d.get_ref());
+    match session.hook.as_ref().map(|h| *h.get_ref()) {
+        None | Some(HookConfig::Tc) => Ok(match direction {
+            Some(DirectionConfig::Ingress) => &[Direction::Ingress],
+            Some(DirectionConfig::Egress) => &[Direction::Egress],
+            None | Some(DirectionConfig::Both) => &[Direction::Ingress, Direction::Egress],
+        }),
+        Some(HookConfig::Xdp) => match &session.direction {
+            Some(spanned) if *spanned.get_ref() != DirectionConfig::Ingress => Err(loaded.error(
+                spanned.span(),
+                "XDP sees received packets only: with hook = \"xdp\", direction must be \"ingress\" (or left out)",
+            )),
+            _ => Ok(&[Direction::XdpIngress]),
+        },
     }
 }
 
@@ -284,7 +369,7 @@ fn resolve_session(
     let target = resolve_target(loaded, session, interfaces)?;
     let target_ifindex = match &target {
         Target::Interface(i) => Some(i.ifindex),
-        Target::Vxlan(_) => None,
+        Target::Vxlan(_) | Target::File(_) => None,
     };
     if session.interfaces.get_ref().is_empty() {
         return Err(loaded.error(session.interfaces.span(), "no interfaces to watch"));
@@ -312,11 +397,8 @@ fn resolve_session(
         }
         watched.extend(matched.into_iter().map(|i| (i.ifindex, i.name)));
     }
-    let directions: &[Direction] = match session.direction {
-        DirectionConfig::Ingress => &[Direction::Ingress],
-        DirectionConfig::Egress => &[Direction::Egress],
-        DirectionConfig::Both => &[Direction::Ingress, Direction::Egress],
-    };
+    let directions = directions(loaded, session)?;
+    let through_ring = directions == [Direction::XdpIngress] || matches!(target, Target::File(_));
     let attachments = watched
         .into_iter()
         .flat_map(|(ifindex, name)| {
@@ -344,6 +426,7 @@ fn resolve_session(
             .filter_map(|p| glob::Pattern::new(p.get_ref()).ok())
             .collect(),
         directions: directions.to_vec(),
+        through_ring,
     })
 }
 
@@ -1321,6 +1404,51 @@ mod tests {
     }
 
     #[test]
+    fn refuses_contradictory_xdp_and_file_settings() {
+        let cases = [
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\nhook = \"xdp\"\ndirection = \"egress\"\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:5:",
+                "XDP sees received packets only",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\", rotate_bytes = 1000 }}\n"
+                ),
+                "t.toml:4:",
+                "go with a `file` target",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ file = \"/nonexistent-dir/x.pcap\" }}\n"
+                ),
+                "t.toml:4:",
+                "does not exist",
+            ),
+            (
+                format!(
+                    "copy_ring_bytes = 5000\n{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:1:",
+                "power of two",
+            ),
+        ];
+        assert_refused(&cases);
+        let xdp = plan(
+            &load(&format!(
+                "{HEAD}interfaces = [\"eth0\"]\nhook = \"xdp\"\ntarget = {{ file = \"/tmp/x.pcapng\" }}\n"
+            )),
+            &interfaces(),
+        )
+        .expect("valid");
+        assert_eq!(xdp.sessions[0].directions, [Direction::XdpIngress]);
+        assert!(xdp.sessions[0].through_ring);
+        assert_eq!(xdp.copy_ring_bytes, DEFAULT_COPY_RING_BYTES);
+    }
+
+    #[test]
     fn refuses_bad_vxlan_targets() {
         let cases = [
             (
@@ -1328,12 +1456,12 @@ mod tests {
                     "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\", vxlan = {{ remote = \"192.0.2.9\", vni = 1 }} }}\n"
                 ),
                 "t.toml:4:",
-                "exactly one of `interface` or `vxlan`",
+                "exactly one of `interface`, `vxlan` or `file`",
             ),
             (
                 format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{}}\n"),
                 "t.toml:4:",
-                "exactly one of `interface` or `vxlan`",
+                "exactly one of `interface`, `vxlan` or `file`",
             ),
             (
                 format!(

@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures_util::TryStreamExt as _;
-use mirror_common::{SessionMeta, TARGET_INTERFACE, TARGET_VXLAN_V4, TARGET_VXLAN_V6};
+use mirror_common::{SessionMeta, TARGET_INTERFACE, TARGET_RING, TARGET_VXLAN_V4, TARGET_VXLAN_V6};
 use rtnetlink::{
     Handle, LinkUnspec, LinkVxlan,
     packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
@@ -100,7 +100,7 @@ pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelErro
     };
     let mut metas = Vec::with_capacity(sessions.len());
     for session in sessions {
-        match session_meta(&mut devices, &session.target).await {
+        match session_meta(&mut devices, session).await {
             Ok(meta) => metas.push(with_controls(meta, &session.controls)),
             Err(e) => {
                 if let Err(cleanup) = devices.remove_created().await {
@@ -118,24 +118,32 @@ pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelErro
 
 async fn session_meta(
     devices: &mut TunnelDevices,
-    target: &Target,
+    session: &Session,
 ) -> Result<SessionMeta, TunnelError> {
-    match target {
+    match &session.target {
         Target::Interface(interface) => Ok(SessionMeta {
             target_ifindex: interface.ifindex,
-            target_kind: TARGET_INTERFACE,
+            target_kind: if session.through_ring {
+                TARGET_RING
+            } else {
+                TARGET_INTERFACE
+            },
             max_copy_len: devices.mtu(interface.ifindex).await? + ETHERNET_AND_TAG,
             ..SessionMeta::default()
         }),
         Target::Vxlan(vxlan) => {
             let max_copy_len = max_tunnel_copy_len(vxlan)?;
+            let (target_ifindex, target_kind) = if session.through_ring {
+                // The agent sends these itself, on a socket: no device.
+                (0, TARGET_RING)
+            } else if vxlan.remote.is_ipv4() {
+                (devices.ensure(vxlan.port).await?, TARGET_VXLAN_V4)
+            } else {
+                (devices.ensure(vxlan.port).await?, TARGET_VXLAN_V6)
+            };
             Ok(SessionMeta {
-                target_ifindex: devices.ensure(vxlan.port).await?,
-                target_kind: if vxlan.remote.is_ipv4() {
-                    TARGET_VXLAN_V4
-                } else {
-                    TARGET_VXLAN_V6
-                },
+                target_ifindex,
+                target_kind,
                 max_copy_len,
                 vni: vxlan.vni.0,
                 remote: tunnel_key_address(Some(vxlan.remote)),
@@ -143,6 +151,10 @@ async fn session_meta(
                 ..SessionMeta::default()
             })
         }
+        Target::File(_) => Ok(SessionMeta {
+            target_kind: TARGET_RING,
+            ..SessionMeta::default()
+        }),
     }
 }
 
@@ -156,7 +168,12 @@ fn with_controls(meta: SessionMeta, controls: &Controls) -> SessionMeta {
     };
     SessionMeta {
         snaplen,
-        finish: u32::from(snaplen != 0 || meta.target_kind != TARGET_INTERFACE),
+        // Ring copies are cut as they are queued; clones that need a cut or a tunnel key are
+        // finished by the copy program at the target.
+        finish: u32::from(
+            meta.target_kind != TARGET_RING
+                && (snaplen != 0 || meta.target_kind != TARGET_INTERFACE),
+        ),
         sample_mode: controls.sample_mode,
         sample_every: controls.sample_every,
         sample_seed: controls.sample_seed,

@@ -114,12 +114,14 @@ pub const SESSION_COUNTERS_MAP: &str = "SESSION_COUNTERS";
 /// [`COPY_HOOK`].
 pub const HOOK_COUNTERS_MAP: &str = "HOOK_COUNTERS";
 /// Entries of `HOOK_COUNTERS`.
-pub const HOOK_COUNT: u32 = 3;
+pub const HOOK_COUNT: u32 = 4;
 /// `HOOK_COUNTERS` index of the copy program (see [`TC_COPY_PROGRAM`]).
 pub const COPY_HOOK: u32 = 2;
 
 /// Program names in the object file.
 pub const TC_INGRESS_PROGRAM: &str = "mirror_tc_ingress";
+/// The XDP program (received packets only; copies through [`COPY_RING_MAP`]).
+pub const XDP_PROGRAM: &str = "mirror_xdp";
 /// See [`TC_INGRESS_PROGRAM`].
 pub const TC_EGRESS_PROGRAM: &str = "mirror_tc_egress";
 /// The program at the egress of every target (interfaces and the agent's VXLAN devices): cuts a
@@ -159,6 +161,10 @@ pub enum Direction {
     Ingress = 0,
     /// Packets sent by the interface.
     Egress = 1,
+    /// Packets received by the interface, seen by the XDP program before the kernel's stack
+    /// (sessions with `hook = "xdp"`). Its copies go through [`COPY_RING_MAP`]. The value is also
+    /// the hook's `HOOK_COUNTERS` index (2 is [`COPY_HOOK`]).
+    XdpIngress = 3,
 }
 
 /// Key of `ATTACHMENT_BITMAP`.
@@ -212,6 +218,40 @@ pub const TARGET_VXLAN_V4: u32 = 4;
 /// [`SessionMeta::target_kind`]: copies are encapsulated in VXLAN over IPv6.
 pub const TARGET_VXLAN_V6: u32 = 6;
 
+/// [`SessionMeta::target_kind`]: copies go into [`COPY_RING_MAP`] and the agent sends them on (a
+/// pcap file, or any target of an XDP session: XDP cannot clone a packet).
+pub const TARGET_RING: u32 = 8;
+
+/// `COPY_RING`: a ring buffer (`BPF_MAP_TYPE_RINGBUF`), sized by the agent, of copies the agent
+/// sends on: each record is a [`RingCopyHeader`] followed by `cap_len` bytes of the frame. A full
+/// ring drops the copy and counts it as `ring_full`; the original packet never waits.
+pub const COPY_RING_MAP: &str = "COPY_RING";
+/// Largest copy a ring record holds (a jumbo frame); longer copies are cut and count as
+/// `truncated`.
+pub const MAX_RING_COPY: u32 = 9216;
+
+/// The header of a [`COPY_RING_MAP`] record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingCopyHeader {
+    /// `bpf_ktime_get_ns` when the copy was made (monotonic clock).
+    pub timestamp_ns: u64,
+    /// The interface the packet was seen on.
+    pub ifindex: u32,
+    /// A [`Direction`] as u32.
+    pub direction: u32,
+    /// Session and global rule index that made the copy.
+    pub session: u32,
+    pub rule: u32,
+    /// The frame's length on the wire, and how many of its bytes follow the header.
+    pub orig_len: u32,
+    pub cap_len: u32,
+    /// The packet's symmetric flow hash (the VXLAN source port of its copies follows it).
+    pub flow_hash: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
 /// [`SessionMeta::sample_mode`]: every packet is a candidate.
 pub const SAMPLE_ALL: u32 = 0;
 /// [`SessionMeta::sample_mode`]: each candidate copy is kept with probability 1 / `sample_every`.
@@ -260,7 +300,7 @@ pub const NODE_RATE_INDEX: u32 = MAX_SESSIONS;
 pub struct SessionMeta {
     /// Interface index the copies are sent out of (the VXLAN device for a tunnel target).
     pub target_ifindex: u32,
-    /// [`TARGET_INTERFACE`], [`TARGET_VXLAN_V4`] or [`TARGET_VXLAN_V6`].
+    /// [`TARGET_INTERFACE`], [`TARGET_VXLAN_V4`], [`TARGET_VXLAN_V6`] or [`TARGET_RING`].
     pub target_kind: u32,
     /// Largest copy the target carries whole, as an Ethernet frame from its first byte (a VLAN tag
     /// held in skb metadata counts; a GSO packet counts by its largest segment). A larger copy is
@@ -308,6 +348,8 @@ pub struct Counters {
     pub rate_limited: u64,
     /// Copies cut to the session's `snaplen` (also counted in `mirrored`).
     pub truncated: u64,
+    /// Copies not made because [`COPY_RING_MAP`] was full (the agent did not drain it in time).
+    pub ring_full: u64,
 }
 
 /// Per-CPU counters of a hook (ingress, egress or the tunnel program), across interfaces.
@@ -338,6 +380,7 @@ mod pod {
     unsafe impl aya::Pod for super::RuleMeta {}
     unsafe impl aya::Pod for super::SessionMeta {}
     unsafe impl aya::Pod for super::RateLimit {}
+    unsafe impl aya::Pod for super::RingCopyHeader {}
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::HookCounters {}

@@ -5,16 +5,80 @@
 //! rate limits, and only then is it cloned.
 use core::ffi::c_void;
 
-use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, programs::TcContext};
-use mirror_common::{COPY_MARK, MAX_COPIES_PER_PACKET};
-
-use crate::maps::copy_generation;
+use aya_ebpf::{
+    helpers::generated::bpf_loop,
+    programs::{TcContext, XdpContext},
+};
+use mirror_common::{COPY_MARK, MAX_COPIES_PER_PACKET, MAX_RING_COPY, SessionMeta, TARGET_RING};
 
 use crate::{
     classify::{Copy, TableError, Verdict},
     count, limit,
-    maps::{BATCHES, NESTING, SESSIONS},
+    maps::{BATCHES, NESTING, SESSIONS, copy_generation},
+    packet::Packet,
+    ring,
 };
+
+/// A copy the target did not take.
+pub enum NotSent {
+    /// The kernel failed to clone or redirect it.
+    Clone,
+    /// The ring buffer was full.
+    RingFull,
+}
+
+/// How a hook hands a copy of `len` bytes (at most) to its session's target.
+pub trait Sender: Packet + Sized {
+    fn deliver(
+        &self,
+        copy: Copy,
+        session: &SessionMeta,
+        direction: u32,
+        len: u32,
+        flow_hash: u32,
+    ) -> Result<(), NotSent>;
+}
+
+impl Sender for TcContext {
+    #[inline(always)]
+    fn deliver(
+        &self,
+        copy: Copy,
+        session: &SessionMeta,
+        direction: u32,
+        len: u32,
+        flow_hash: u32,
+    ) -> Result<(), NotSent> {
+        if session.target_kind == TARGET_RING {
+            return ring::emit(self, copy, direction, len, flow_hash)
+                .map(|_| ())
+                .map_err(|ring::NotQueued| NotSent::RingFull);
+        }
+        let sent = if session.finish == 0 {
+            self.clone_redirect(session.target_ifindex, 0)
+        } else {
+            send_marked_copy(self, session.target_ifindex, copy.rule)
+        };
+        sent.map_err(|_| NotSent::Clone)
+    }
+}
+
+impl Sender for XdpContext {
+    /// XDP cannot clone: every copy goes through the ring.
+    #[inline(always)]
+    fn deliver(
+        &self,
+        copy: Copy,
+        _session: &SessionMeta,
+        direction: u32,
+        len: u32,
+        flow_hash: u32,
+    ) -> Result<(), NotSent> {
+        ring::emit(self, copy, direction, len, flow_hash)
+            .map(|_| ())
+            .map_err(|ring::NotQueued| NotSent::RingFull)
+    }
+}
 
 /// A packet's copies while they are sent, in per-CPU map memory (the programs' stack is nearly
 /// full). The copies are read out of the walk scratch first: a copy to a VXLAN device is sent
@@ -34,14 +98,16 @@ pub struct Batch {
 /// What `bpf_loop` hands each step, on the stack (a context pointer cannot go into a map).
 #[repr(C)]
 struct Sending {
-    skb: *mut __sk_buff,
+    ctx: *mut c_void,
     depth: u32,
+    direction: u32,
 }
 
 /// Sends the verdict's copies to their sessions' targets, counting each outcome.
 #[inline(always)]
-pub fn send(
-    ctx: &TcContext,
+pub fn send<P: Sender>(
+    ctx: &P,
+    direction: u32,
     verdict: &Verdict,
     copy_len: u32,
     flow_hash: u32,
@@ -66,8 +132,9 @@ pub fn send(
         *to = unsafe { core::ptr::read_volatile(from) };
     }
     let mut sending = Sending {
-        skb: ctx.skb.skb,
+        ctx: ctx.raw(),
         depth,
+        direction,
     };
     // SAFETY: `send_step` has the callback signature bpf_loop expects; `sending` outlives the
     // call; the depth slot is this CPU's.
@@ -75,7 +142,7 @@ pub fn send(
         *depth_slot = depth + 1;
         bpf_loop(
             verdict.copy_count as u32,
-            send_step as *const () as *mut c_void,
+            send_step::<P> as *const () as *mut c_void,
             (&raw mut sending).cast(),
             0,
         );
@@ -88,7 +155,7 @@ pub fn send(
     }
 }
 
-extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
+extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
     // SAFETY: `context` is the `Sending` that `send` passed to bpf_loop.
     let sending = unsafe { &*context.cast::<Sending>() };
     let Some(batch) = BATCHES.get_ptr_mut(sending.depth) else {
@@ -107,7 +174,8 @@ extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
         count::bump(copy.rule, copy.session, |c| &mut c.sampled_out);
         return 0;
     }
-    let truncated = session.snaplen != 0 && batch.copy_len > session.snaplen;
+    let truncated = session.snaplen != 0 && batch.copy_len > session.snaplen
+        || session.target_kind == TARGET_RING && batch.copy_len > MAX_RING_COPY;
     let len = if truncated {
         session.snaplen
     } else {
@@ -121,20 +189,17 @@ extern "C" fn send_step(index: u64, context: *mut c_void) -> i64 {
         count::bump(copy.rule, copy.session, |c| &mut c.rate_limited);
         return 0;
     }
-    let ctx = TcContext::new(sending.skb);
-    let sent = if session.finish == 0 {
-        ctx.clone_redirect(session.target_ifindex, 0)
-    } else {
-        send_marked_copy(&ctx, session.target_ifindex, copy.rule)
-    };
-    match sent {
+    // SAFETY: `sending.ctx` is this program's context pointer, stored by `send`.
+    let ctx = unsafe { P::from_raw(sending.ctx) };
+    match ctx.deliver(copy, session, sending.direction, len, batch.flow_hash) {
         Ok(()) => {
             count::mirrored(copy.rule, copy.session);
             if truncated {
                 count::bump(copy.rule, copy.session, |c| &mut c.truncated);
             }
         }
-        Err(_) => count::clone_error(copy.rule, copy.session),
+        Err(NotSent::Clone) => count::clone_error(copy.rule, copy.session),
+        Err(NotSent::RingFull) => count::bump(copy.rule, copy.session, |c| &mut c.ring_full),
     }
     0
 }

@@ -1,5 +1,6 @@
-//! mirror's TC programs: for every packet at a watched hook, find each session's first matching
-//! rule and clone the packet to the targets of the sessions that mirror it. The original packet
+//! mirror's TC and XDP programs: for every packet at a watched hook, find each session's first
+//! matching rule and clone the packet to the targets of the sessions that mirror it (or, for XDP
+//! and pcap targets, queue a copy in the ring buffer for the agent). The original packet
 //! always continues unchanged to the next program or the stack (`TC_ACT_UNSPEC`, i.e. `TCX_NEXT`),
 //! whatever happens here: parse errors, map misses and clone failures are only counted.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -26,14 +27,18 @@ mod limit;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod ring;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-        macros::classifier,
-        programs::TcContext,
+        bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
     };
     use mirror_common::{AttachmentKey, Direction};
 
@@ -53,6 +58,15 @@ mod programs {
         TC_ACT_UNSPEC
     }
 
+    /// Received packets, before the kernel's stack: copies go through the ring buffer, the packet
+    /// always passes.
+    #[xdp]
+    #[expect(clippy::needless_pass_by_value, reason = "the #[xdp] signature")]
+    pub fn mirror_xdp(ctx: XdpContext) -> u32 {
+        mirror(&ctx, Direction::XdpIngress);
+        XDP_PASS
+    }
+
     /// At the egress of every target: finishes copies, passes everything else on.
     #[classifier]
     #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
@@ -64,7 +78,7 @@ mod programs {
     }
 
     #[inline(always)]
-    fn mirror(ctx: &TcContext, direction: Direction) {
+    fn mirror<P: act::Sender>(ctx: &P, direction: Direction) {
         count::hook(direction, |c| &mut c.packets);
         if try_mirror(ctx, direction).is_err() {
             count::hook(direction, |c| &mut c.table_errors);
@@ -72,15 +86,16 @@ mod programs {
     }
 
     #[inline(always)]
-    fn try_mirror(ctx: &TcContext, direction: Direction) -> Result<(), classify::TableError> {
+    fn try_mirror<P: act::Sender>(
+        ctx: &P,
+        direction: Direction,
+    ) -> Result<(), classify::TableError> {
         let headers = parse::parse(ctx);
         if headers.malformed {
             count::hook(direction, |c| &mut c.malformed);
         }
-        // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let attachment = AttachmentKey {
-            ifindex,
+            ifindex: ctx.ifindex(),
             direction: direction as u32,
         };
         let Some(verdict) = classify::classify(&attachment, &headers)? else {
@@ -93,7 +108,13 @@ mod programs {
             return Ok(());
         }
         let copy_len = parse::copy_len(ctx, headers.ip_proto, verdict.l4_offset);
-        act::send(ctx, &verdict, copy_len, limit::flow_hash(&headers))
+        act::send(
+            ctx,
+            direction as u32,
+            &verdict,
+            copy_len,
+            limit::flow_hash(&headers),
+        )
     }
 
     #[panic_handler]

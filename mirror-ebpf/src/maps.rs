@@ -1,9 +1,9 @@
 //! The maps of the map ABI (see `mirror_common`): the agent fills them, the programs read them and
 //! count into the counter maps. Sizes the agent sets at load time start at 1 here.
-use crate::{act::Batch, classify::Walk};
+use crate::{act::Batch, classify::Walk, ring::RingRecord};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use mirror_common::{
     AttachmentKey, Counters, FIELD_COUNT, HOOK_COUNT, HookCounters, MAX_ATTACHMENTS,
@@ -100,6 +100,15 @@ pub static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// Per CPU, one batch of copies per nesting level (see `act::Batch`); deeper runs copy nothing.
 #[map]
 pub static BATCHES: PerCpuArray<Batch> = PerCpuArray::with_max_entries(MAX_NESTING, 0);
+
+/// Copies the agent sends on (XDP sessions, pcap targets): see `mirror_common::COPY_RING_MAP`.
+/// Sized by the agent.
+#[map]
+pub static COPY_RING: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+/// Per CPU, the ring record being built (see `ring::RingRecord`).
+#[map]
+pub static RING_SCRATCH: PerCpuArray<RingRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// [`mirror_common::GENERATION_GLOBAL`]: the generation bit of this object's copy marks.
 #[unsafe(no_mangle)]

@@ -1,14 +1,13 @@
-//! Header parsing. Every read goes through `bpf_skb_load_bytes`, which checks bounds against the
-//! whole skb (linear and paged parts alike), so a short or malformed frame yields an error, never an
-//! out-of-bounds read. Parsing stops at the first error; the fields read so far still classify.
-use aya_ebpf::programs::TcContext;
+//! Header parsing, the same for TC and XDP packets (see [`Packet`]). Every read is bounds-checked
+//! (directly against the packet's end, or by the kernel's load helper, which also reaches paged
+//! data), so a short or malformed frame yields an error, never an out-of-bounds read. Parsing stops at the first error; the fields read so far still classify.
+use crate::packet::{Packet, VLAN_TAG_LEN};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_HEADER_LEN: usize = 14;
-const VLAN_TAG_LEN: usize = 4;
 /// VLAN tags parsed, counting one the kernel already moved into skb metadata.
 const MAX_VLAN_TAGS: u32 = 2;
 /// IPv6 extension headers skipped before giving up on reaching the upper-layer header.
@@ -54,7 +53,7 @@ pub struct Malformed;
 
 /// Parses what it can; never fails. Fields past the first unreadable header stay [`ABSENT`].
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Headers {
+pub fn parse<P: Packet>(ctx: &P) -> Headers {
     let mut headers = Headers {
         ethertype: ABSENT,
         vlan_id: ABSENT,
@@ -74,13 +73,12 @@ pub fn parse(ctx: &TcContext) -> Headers {
 }
 
 #[inline(always)]
-fn try_parse(ctx: &TcContext, headers: &mut Headers) -> Result<(), Malformed> {
-    // At ingress the kernel has already moved the outer tag into skb metadata (skb_vlan_untag).
-    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
-    let skb = unsafe { &*ctx.skb.skb };
+fn try_parse<P: Packet>(ctx: &P, headers: &mut Headers) -> Result<(), Malformed> {
+    // At TC ingress the kernel has already moved the outer tag into skb metadata
+    // (skb_vlan_untag).
     let mut tags = 0;
-    if skb.vlan_present != 0 {
-        headers.vlan_id = skb.vlan_tci & 0x0fff;
+    if let Some([_, _, t0, t1]) = ctx.tag_in_metadata() {
+        headers.vlan_id = u32::from(u16::from_be_bytes([t0, t1]) & 0x0fff);
         tags = 1;
     }
     let mut ethertype = load_be16(ctx, 12)?;
@@ -94,7 +92,7 @@ fn try_parse(ctx: &TcContext, headers: &mut Headers) -> Result<(), Malformed> {
             headers.vlan_id = u32::from(tci & 0x0fff);
         }
         ethertype = load_be16(ctx, offset + 2)?;
-        offset += VLAN_TAG_LEN;
+        offset += VLAN_TAG_LEN as usize;
         tags += 1;
     }
     headers.ethertype = u32::from(ethertype);
@@ -106,7 +104,7 @@ fn try_parse(ctx: &TcContext, headers: &mut Headers) -> Result<(), Malformed> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, offset: usize, headers: &mut Headers) -> Result<(), Malformed> {
+fn parse_ipv4<P: Packet>(ctx: &P, offset: usize, headers: &mut Headers) -> Result<(), Malformed> {
     let version_ihl = load_u8(ctx, offset)?;
     let header_len = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || header_len < 20 {
@@ -127,7 +125,7 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, headers: &mut Headers) -> Result<(
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, offset: usize, headers: &mut Headers) -> Result<(), Malformed> {
+fn parse_ipv6<P: Packet>(ctx: &P, offset: usize, headers: &mut Headers) -> Result<(), Malformed> {
     if load_u8(ctx, offset)? >> 4 != 6 {
         return Err(Malformed);
     }
@@ -168,8 +166,8 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, headers: &mut Headers) -> Result<(
 }
 
 #[inline(always)]
-fn parse_ports(
-    ctx: &TcContext,
+fn parse_ports<P: Packet>(
+    ctx: &P,
     offset: usize,
     proto: u8,
     headers: &mut Headers,
@@ -188,37 +186,36 @@ fn parse_ports(
 /// `gso_size`), which is what a tunnel or a veth carries after segmentation. `l4_offset` is
 /// [`Headers::l4_offset`] as classification returned it (see `classify::Verdict`).
 #[inline(always)]
-pub fn copy_len(ctx: &TcContext, ip_proto: u32, l4_offset: u32) -> u32 {
-    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
-    let skb = unsafe { &*ctx.skb.skb };
-    let tag = if skb.vlan_present != 0 {
-        VLAN_TAG_LEN as u32
+pub fn copy_len<P: Packet>(ctx: &P, ip_proto: u32, l4_offset: u32) -> u32 {
+    let whole = ctx.frame_len();
+    let gso_size = ctx.gso_size();
+    if gso_size == 0 || l4_offset == ABSENT {
+        return whole;
+    }
+    let tag = if ctx.tag_in_metadata().is_some() {
+        VLAN_TAG_LEN
     } else {
         0
     };
-    let whole = skb.len + tag;
-    if skb.gso_size == 0 || l4_offset == ABSENT {
-        return whole;
-    }
     let l4_header_len = match ip_proto as u8 {
-        IPPROTO_TCP => match ctx.load::<u8>(l4_offset as usize + 12) {
+        IPPROTO_TCP => match load::<P, u8>(ctx, l4_offset as usize + 12) {
             Ok(data_offset) => u32::from(data_offset >> 4) * 4,
             Err(_) => return whole,
         },
         IPPROTO_UDP => 8,
         _ => return whole,
     };
-    whole.min(l4_offset + l4_header_len + skb.gso_size + tag)
+    whole.min(l4_offset + l4_header_len + gso_size + tag)
 }
 
 /// Offsets up to this are read directly from the linear part of the skb when it holds them.
 const MAX_DIRECT_OFFSET: usize = 512;
 
-/// Reads a `T` at `offset`: directly from the packet when the linear part holds it (the common
-/// case, and several times cheaper than a helper call), else through `bpf_skb_load_bytes`, which
-/// also reaches paged data. Either way, past the end of the packet is an error.
+/// Reads a `T` at `offset`: directly from the packet when its linear part holds it (the common
+/// case, and several times cheaper than a helper call), else through the kernel's load helper,
+/// which also reaches paged data. Either way, past the end of the packet is an error.
 #[inline(always)]
-fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+fn load<P: Packet, T: Copy>(ctx: &P, offset: usize) -> Result<T, Malformed> {
     let start = ctx.data();
     let end = ctx.data_end();
     // At least 2 bytes: for a 1-byte read LLVM turns `p + 1 <= end` into `p < end`, from which
@@ -233,15 +230,23 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
         // above; packet data has no alignment guarantee, hence read_unaligned.
         return Ok(unsafe { ((start + offset) as *const T).read_unaligned() });
     }
-    ctx.load::<T>(offset).map_err(|_| Malformed)
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    ctx.load_bytes(
+        offset as u32,
+        value.as_mut_ptr().cast(),
+        size_of::<T>() as u32,
+    )
+    .map_err(|()| Malformed)?;
+    // SAFETY: the helper filled all of `value` (it fails otherwise); T is plain bytes.
+    Ok(unsafe { value.assume_init() })
 }
 
 #[inline(always)]
-fn load_u8(ctx: &TcContext, offset: usize) -> Result<u8, Malformed> {
+fn load_u8<P: Packet>(ctx: &P, offset: usize) -> Result<u8, Malformed> {
     load(ctx, offset)
 }
 
 #[inline(always)]
-fn load_be16(ctx: &TcContext, offset: usize) -> Result<u16, Malformed> {
-    load::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+fn load_be16<P: Packet>(ctx: &P, offset: usize) -> Result<u16, Malformed> {
+    load::<P, [u8; 2]>(ctx, offset).map(u16::from_be_bytes)
 }

@@ -29,6 +29,8 @@ use std::{
 
 use etherparse::{LaxSlicedPacket, TransportSlice};
 
+pub mod cases;
+
 pub const SRC_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const SINK_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);
 pub const SRC_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
@@ -581,6 +583,7 @@ pub struct Counts {
     pub sampled_out: u64,
     pub rate_limited: u64,
     pub truncated: u64,
+    pub ring_full: u64,
 }
 
 impl Counts {
@@ -645,7 +648,8 @@ impl Report {
             sampled_out,
             rate_limited,
             truncated,
-        ] = numbers.try_into().expect("eight counters");
+            ring_full,
+        ] = numbers.try_into().expect("nine counters");
         Counts {
             matched,
             mirrored,
@@ -655,12 +659,18 @@ impl Report {
             sampled_out,
             rate_limited,
             truncated,
+            ring_full,
         }
     }
 
     /// A hook line's `name=value` field.
     pub fn hook(&self, hook: &str, field: &str) -> u64 {
         self.field("hook", hook, field)
+    }
+
+    /// A ring line's `name=value` field (copies the agent sent on, or failed to, per session).
+    pub fn ring(&self, session: &str, field: &str) -> u64 {
+        self.field("ring", session, field)
     }
 
     /// A target line's `name=value` field.
@@ -1236,30 +1246,7 @@ pub struct CollectorSummary {
 impl CollectorSummary {
     /// The frames of the capture file (pcap or pcapng), in order, with the pcapng interface name.
     pub fn written(&self) -> Vec<(Option<String>, Vec<u8>)> {
-        let file = &self.file;
-        let data = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        if file.extension().is_some_and(|e| e == "pcapng") {
-            let mut reader = pcap_file::pcapng::PcapNgReader::new(data.as_slice()).expect("pcapng");
-            let mut names = Vec::new();
-            let mut frames = Vec::new();
-            while let Some(block) = reader.next_block() {
-                match block.expect("pcapng block") {
-                    pcap_file::pcapng::Block::InterfaceDescription(idb) => {
-                        names.push(idb.options.iter().find_map(|o| match o {
-                            pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
-                            _ => None,
-                        }));
-                    }
-                    pcap_file::pcapng::Block::EnhancedPacket(epb) => {
-                        frames.push((names[epb.interface_id as usize].clone(), epb.data.to_vec()));
-                    }
-                    _ => {}
-                }
-            }
-            frames
-        } else {
-            pcap_frames(file).into_iter().map(|f| (None, f)).collect()
-        }
+        capture_file_frames(&self.file)
     }
 
     /// Frames received with this VNI.
@@ -1292,6 +1279,33 @@ pub fn pcap_frames(file: &std::path::Path) -> Vec<Vec<u8>> {
         frames.push(packet.expect("pcap packet").data.to_vec());
     }
     frames
+}
+
+/// The frames of a pcap or pcapng file, in order, with their pcapng interface names.
+pub fn capture_file_frames(file: &std::path::Path) -> Vec<(Option<String>, Vec<u8>)> {
+    let data = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    if file.extension().is_some_and(|e| e == "pcapng") {
+        let mut reader = pcap_file::pcapng::PcapNgReader::new(data.as_slice()).expect("pcapng");
+        let mut names = Vec::new();
+        let mut frames = Vec::new();
+        while let Some(block) = reader.next_block() {
+            match block.expect("pcapng block") {
+                pcap_file::pcapng::Block::InterfaceDescription(idb) => {
+                    names.push(idb.options.iter().find_map(|o| match o {
+                        pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
+                        _ => None,
+                    }));
+                }
+                pcap_file::pcapng::Block::EnhancedPacket(epb) => {
+                    frames.push((names[epb.interface_id as usize].clone(), epb.data.to_vec()));
+                }
+                _ => {}
+            }
+        }
+        frames
+    } else {
+        pcap_frames(file).into_iter().map(|f| (None, f)).collect()
+    }
 }
 
 /// Writes frames to a pcap file (for tshark).

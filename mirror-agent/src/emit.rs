@@ -1,0 +1,301 @@
+//! The agent's half of the ring-buffer path (XDP sessions and file targets): a thread of its own
+//! drains `COPY_RING` and hands each copy to its session's target, a packet socket on the target
+//! interface, a VXLAN socket, or a pcap/pcapng file. It waits on the ring's descriptor, so it sleeps
+//! while there is nothing to send, and it drains everything queued on each wake-up.
+use std::{
+    collections::HashMap,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use mirror_common::{Direction, RingCopyHeader};
+
+use crate::{
+    capture::{Sink, open_tap, send_frame},
+    rules::{Plan, Target},
+    vxlan_out::VxlanSender,
+};
+
+/// How long the drain thread sleeps between checks that it should stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// The capture files of file targets, kept open across reloads (a reload must not start a
+/// session's file again) and closed when the agent stops.
+#[derive(Debug, Default)]
+pub struct Files(Mutex<HashMap<PathBuf, Arc<Mutex<Sink>>>>);
+
+impl Files {
+    fn open(&self, target: &crate::rules::FileTarget) -> anyhow::Result<Arc<Mutex<Sink>>> {
+        let mut files = lock(&self.0);
+        if let Some(sink) = files.get(&target.path) {
+            return Ok(sink.clone());
+        }
+        let sink = Arc::new(Mutex::new(Sink::open(
+            &target.path,
+            target.rotate_bytes,
+            target.rotate_count,
+        )?));
+        files.insert(target.path.clone(), sink.clone());
+        Ok(sink)
+    }
+
+    /// Flushes and closes the files no session of `plan` writes any more (all of them for
+    /// `None`).
+    pub fn close_unused(&self, plan: Option<&Plan>) -> anyhow::Result<()> {
+        let used: Vec<&PathBuf> = plan
+            .into_iter()
+            .flat_map(|p| &p.sessions)
+            .filter_map(|s| match &s.target {
+                Target::File(file) => Some(&file.path),
+                _ => None,
+            })
+            .collect();
+        let closing: Vec<_> = {
+            let mut files = lock(&self.0);
+            let gone: Vec<PathBuf> = files
+                .keys()
+                .filter(|path| !used.contains(path))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|path| files.remove(path)).collect()
+        };
+        for sink in closing {
+            let sink = Arc::try_unwrap(sink)
+                .map_err(|_| anyhow::anyhow!("a capture file is still in use"))?
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            sink.finish()?;
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Where one session's ring copies go.
+enum Emit {
+    Interface(OwnedFd),
+    Vxlan(VxlanSender),
+    File(Arc<Mutex<Sink>>),
+}
+
+/// Copies sent on and copies the target refused, per session.
+#[derive(Debug, Default)]
+struct EmitCounts {
+    sent: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// The drain thread of one generation's ring.
+#[derive(Debug)]
+pub struct Drain {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// By session index.
+    counts: Arc<Vec<EmitCounts>>,
+}
+
+impl Drain {
+    /// Starts draining `ring` for the ring sessions of `plan` (`None` when it has none).
+    pub fn start(
+        ring: RingBuf<MapData>,
+        plan: &Plan,
+        files: &Files,
+    ) -> anyhow::Result<Option<Self>> {
+        if !plan.sessions.iter().any(|s| s.through_ring) {
+            return Ok(None);
+        }
+        let emits = plan
+            .sessions
+            .iter()
+            .map(|s| {
+                if !s.through_ring {
+                    return Ok(None);
+                }
+                let emit = match &s.target {
+                    Target::Interface(i) => Emit::Interface(open_tap(&i.name)?),
+                    Target::Vxlan(v) => Emit::Vxlan(VxlanSender::new(v)?),
+                    Target::File(f) => Emit::File(files.open(f)?),
+                };
+                Ok(Some(emit))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("opening the targets of ring copies")?;
+        let names: HashMap<u32, String> = plan
+            .sessions
+            .iter()
+            .flat_map(|s| &s.attachments)
+            .map(|(i, _)| (i.ifindex, i.name.clone()))
+            .collect();
+        let counts: Arc<Vec<EmitCounts>> = Arc::new(
+            plan.sessions
+                .iter()
+                .map(|_| EmitCounts::default())
+                .collect(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("ring-drain".into())
+            .spawn({
+                let (stop, counts) = (stop.clone(), counts.clone());
+                move || drain(ring, &emits, &names, &counts, &stop)
+            })
+            .context("starting the ring drain thread")?;
+        Ok(Some(Drain {
+            stop,
+            thread: Some(thread),
+            counts,
+        }))
+    }
+}
+
+impl Drain {
+    /// Stops the thread once it has sent everything queued; (sent, failed) per session.
+    pub fn finish(mut self) -> Vec<(u64, u64)> {
+        self.stop_thread();
+        self.counts
+            .iter()
+            .map(|c| {
+                (
+                    c.sent.load(Ordering::Relaxed),
+                    c.failed.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+fn drain(
+    mut ring: RingBuf<MapData>,
+    emits: &[Option<Emit>],
+    names: &HashMap<u32, String>,
+    counts: &[EmitCounts],
+    stop: &AtomicBool,
+) {
+    let clock = WallClock::now();
+    loop {
+        // Read the flag before draining: what was queued before it was set is then sent.
+        let stopping = stop.load(Ordering::Relaxed);
+        while let Some(record) = ring.next() {
+            let Some((header, frame)) = parse(&record) else {
+                continue;
+            };
+            let Some(Some(emit)) = emits.get(header.session as usize) else {
+                continue;
+            };
+            let sent = match emit {
+                Emit::Interface(fd) => {
+                    send_frame(fd.as_raw_fd(), frame).map_err(anyhow::Error::from)
+                }
+                Emit::Vxlan(sender) => sender
+                    .send(frame, header.flow_hash)
+                    .map_err(anyhow::Error::from),
+                Emit::File(sink) => lock(sink).write(
+                    header.ifindex,
+                    || describe(names, header.ifindex, header.direction),
+                    clock.wall(header.timestamp_ns),
+                    frame,
+                    header.orig_len,
+                ),
+            };
+            let count = &counts[header.session as usize];
+            match sent {
+                Ok(()) => count.sent.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    if count.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!(
+                            "sending a ring copy on: {e:#} (further failures are counted)"
+                        );
+                    }
+                    0
+                }
+            };
+        }
+        if stopping {
+            return;
+        }
+        let mut poll = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on a descriptor the ring owns.
+        unsafe { libc::poll(&raw mut poll, 1, STOP_CHECK.as_millis() as i32) };
+    }
+}
+
+/// A record's header and frame bytes; `None` for a record shorter than it says.
+fn parse(record: &[u8]) -> Option<(RingCopyHeader, &[u8])> {
+    let header_len = size_of::<RingCopyHeader>();
+    let head = record.get(..header_len)?;
+    // SAFETY: `head` holds a RingCopyHeader's bytes (plain integers); the read is unaligned.
+    let header = unsafe { head.as_ptr().cast::<RingCopyHeader>().read_unaligned() };
+    let frame = record.get(header_len..header_len + header.cap_len as usize)?;
+    Some((header, frame))
+}
+
+/// A pcapng interface name: the watched interface and hook.
+fn describe(names: &HashMap<u32, String>, ifindex: u32, direction: u32) -> String {
+    let hook = match direction {
+        d if d == Direction::XdpIngress as u32 => "xdp",
+        d if d == Direction::Egress as u32 => "egress",
+        _ => "ingress",
+    };
+    match names.get(&ifindex) {
+        Some(name) => format!("{name} {hook}"),
+        None => format!("ifindex {ifindex} {hook}"),
+    }
+}
+
+/// Turns the kernel's monotonic timestamps into wall-clock time.
+struct WallClock {
+    /// Wall-clock minus monotonic time, in nanoseconds.
+    offset_ns: i128,
+}
+
+impl WallClock {
+    fn now() -> Self {
+        let read = |clock| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec.
+            unsafe { libc::clock_gettime(clock, &raw mut ts) };
+            i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+        };
+        WallClock {
+            offset_ns: read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC),
+        }
+    }
+
+    fn wall(&self, monotonic_ns: u64) -> Duration {
+        let ns = i128::from(monotonic_ns) + self.offset_ns;
+        Duration::from_nanos(u64::try_from(ns).unwrap_or_default())
+    }
+}

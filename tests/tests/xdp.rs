@@ -1,0 +1,293 @@
+//! The ring-buffer path: sessions at the XDP hook (copies queued in the ring buffer, sent on by the
+//! agent to an interface, a VXLAN collector or a pcap file) and pcap file targets of TC sessions.
+use std::net::SocketAddr;
+
+use mirror_tests::{
+    COL_V4, Capture, Counts, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE,
+    SINK_MAC, SINK_V4, SRC_MAC, SRC_V4, agent_command, assert_same_frames, capture_file_frames,
+    cases, is_sentinel, pin_to_first_cpu, tshark_fields, udp_socket, udp_v4_frame, vxlan_of,
+};
+
+/// One session `t` at the XDP hook of `interfaces`, to `target`, with the sentinel rule and
+/// `rules`.
+fn xdp_session(interfaces: &str, target: &str, rules: &str) -> String {
+    format!(
+        "[[session]]\nname = \"t\"\ninterfaces = {interfaces}\nhook = \"xdp\"\ntarget = {target}\n{SENTINEL_RULE}{rules}"
+    )
+}
+
+#[test]
+fn the_frame_table_through_xdp_is_copied_by_the_agent_and_passed_unchanged() {
+    let lab = Lab::new("xdp-table");
+    let agent = lab.start_agent(&xdp_session(
+        "[\"sink0\"]",
+        "{ interface = \"mir0\" }",
+        cases::MALFORMED_RULES,
+    ));
+    let copies = Capture::open(&lab.mon, "eth0");
+    // What XDP passed on: the node's own capture of sink0 sees frames after the XDP program.
+    let passed = Capture::open(&lab.node, "sink0");
+    let sender = FrameSender::open(&lab.sink, "eth0");
+    let cases = cases::malformed();
+    for case in &cases {
+        sender.send(&case.frame);
+    }
+    sender.send_sentinel(SINK_MAC, NODE_SINK_MAC);
+    let passed: Vec<Vec<u8>> = passed
+        .until_sentinel()
+        .into_iter()
+        .filter(|f| !f.outgoing)
+        .map(|f| f.bytes)
+        .collect();
+    let copies = copies.bytes_until_sentinel();
+    for (i, case) in cases.iter().enumerate() {
+        assert_eq!(
+            passed.get(i),
+            Some(&case.frame),
+            "{}: the original continues unchanged",
+            case.name
+        );
+    }
+    assert_eq!(passed.len(), cases.len());
+    let expected = cases
+        .iter()
+        .filter(|c| c.copied)
+        .map(|c| c.frame.clone())
+        .collect();
+    assert_same_frames("the table at XDP", copies, expected);
+    let report = agent.stop();
+    let malformed = cases.iter().filter(|c| c.malformed).count() as u64;
+    assert_eq!(report.hook("xdp", "malformed"), malformed);
+    assert_eq!(report.hook("xdp", "table_errors"), 0);
+    let expected_copies = cases.iter().filter(|c| c.copied).count() as u64;
+    assert_eq!(report.rule("t", "1"), Counts::copied(1, 1), "the sentinel");
+    assert_eq!(
+        report.session("t").mirrored,
+        expected_copies + 1,
+        "every copy through the ring"
+    );
+    assert_eq!(report.session("t").ring_full, 0);
+    assert_eq!(
+        report.ring("t", "sent"),
+        expected_copies + 1,
+        "{}",
+        report.0
+    );
+    assert_eq!(report.ring("t", "failed"), 0);
+}
+
+#[test]
+fn xdp_copies_reach_a_vxlan_collector_as_the_tc_path_sends_them() {
+    let lab = Lab::with_collector("xdp-vxlan", 1600);
+    let collector = lab.start_collector("0.0.0.0:4789", "copies.pcap");
+    let wire = Capture::open(lab.col(), "eth0");
+    let agent = lab.start_agent(&xdp_session(
+        "[\"src0\"]",
+        &format!("{{ vxlan = {{ remote = \"{COL_V4}\", vni = 77 }} }}"),
+        "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
+    ));
+    let sent = Capture::open(&lab.src, "eth0");
+    let _receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5555));
+    pin_to_first_cpu();
+    // Three flows (source ports), three datagrams each, of growing size.
+    for port in 0..3u16 {
+        let socket = udp_socket(&lab.src, SocketAddr::new(SRC_V4.into(), 41_000 + port));
+        for size in [20usize, 500, 1400] {
+            socket
+                .send_to(&vec![port as u8; size], (SINK_V4, 5555))
+                .expect("send");
+        }
+    }
+    lab.send_sentinel();
+    let wire = wire.until_nth(1, |f| vxlan_of(f).is_some_and(|v| is_sentinel(&v.inner)));
+    let summary = collector.stop();
+    let report = agent.stop();
+
+    let tunnelled: Vec<_> = wire.iter().filter_map(|f| vxlan_of(&f.bytes)).collect();
+    let expected: Vec<Vec<u8>> = sent
+        .drain()
+        .into_iter()
+        .filter(|f| f.outgoing)
+        .map(|f| f.bytes)
+        .collect();
+    assert_eq!(expected.len(), 10, "nine datagrams and the sentinel");
+    let inner: Vec<Vec<u8>> = tunnelled.iter().map(|v| v.inner.clone()).collect();
+    assert_eq!(inner, expected, "inner frames, byte for byte, in order");
+    assert!(
+        tunnelled
+            .iter()
+            .all(|v| v.vni == 77 && v.dont_fragment && !v.fragment)
+    );
+    // One outer source port per inner flow, different across these flows.
+    let ports: Vec<u16> = tunnelled.iter().map(|v| v.outer_src_port).collect();
+    for flow in ports[..9].chunks(3) {
+        assert!(flow.iter().all(|p| *p == flow[0]), "{ports:?}");
+    }
+    assert!(
+        ports[0] != ports[3] || ports[3] != ports[6],
+        "flows spread: {ports:?}"
+    );
+    let written: Vec<Vec<u8>> = summary.written().into_iter().map(|(_, f)| f).collect();
+    assert_eq!(written, inner, "our collector");
+    assert_eq!(summary.vni_frames(77), 10, "{}", summary.text);
+
+    // tshark decodes the wire the same way.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wire_file = dir.path().join("wire.pcap");
+    mirror_tests::write_pcap(
+        &wire_file,
+        &wire.iter().map(|f| f.bytes.clone()).collect::<Vec<_>>(),
+    );
+    let vnis = tshark_fields(&wire_file, None, &["vxlan.vni"]);
+    assert_eq!(vnis, vec!["77"; 10]);
+    assert_eq!(report.session("t").mirrored, 10);
+}
+
+#[test]
+fn a_pcap_target_is_a_filtered_always_on_capture_for_tc_and_xdp() {
+    let lab = Lab::new("pcap");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (hook, file) in [("tc", "tc.pcapng"), ("xdp", "xdp.pcap")] {
+        let path = dir.path().join(file);
+        let path_arg = format!("file:{}", path.display());
+        let api = dir.path().join(format!("{hook}.sock"));
+        // The quick form: `run --iface … --to file:… --proto udp`.
+        let mut agent = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.node.name])
+            .arg(mirror_tests::agent_binary())
+            .args([
+                "run",
+                "--iface",
+                "src0",
+                "--hook",
+                hook,
+                "--direction",
+                "ingress",
+                "--to",
+                &path_arg,
+                "--proto",
+                "udp",
+                "--stats-interval",
+                "0",
+                "--api-socket",
+            ])
+            .arg(&api)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("agent");
+        let mut stdout = std::io::BufReader::new(agent.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
+        assert!(line.contains("attached to"), "{hook}: {line}");
+        let sender = FrameSender::open(&lab.src, "eth0");
+        let frames: Vec<Vec<u8>> = (0..20u8)
+            .map(|i| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000 + u16::from(i), &[i; 50]))
+            .collect();
+        for frame in &frames {
+            sender.send(frame);
+        }
+        // Not UDP: not written.
+        sender.send(&udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, b"x")[..14 + 9]);
+        let (code, _, stderr) = agent_command(
+            &lab.node,
+            &[
+                "stats",
+                "--json",
+                "--api-socket",
+                api.to_str().expect("utf-8"),
+            ],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(agent.id().cast_signed(), libc::SIGTERM) };
+        let mut report = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut report).expect("report");
+        assert!(agent.wait().expect("agent").success(), "{report}");
+        // The agent sends what the ring holds before it exits: every frame is in the file.
+        let written: Vec<Vec<u8>> = capture_file_frames(&path)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(written, frames, "{hook}: the file, byte for byte");
+        let ports = tshark_fields(&path, None, &["udp.dstport"]);
+        assert_eq!(ports.len(), 20, "{hook}: tshark reads the file");
+        assert_eq!(ports[19], "6019");
+    }
+}
+
+/// Whether every thread of process `pid` is in the stopped state (`T` in /proc).
+fn all_threads_stopped(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the agent's threads")
+        .flatten()
+        .all(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The state follows the command name, which is in parentheses.
+                    let after = stat.rsplit_once(')')?.1;
+                    after.split_whitespace().next().map(|state| state == "T")
+                })
+                .unwrap_or(false)
+        })
+}
+
+#[test]
+fn a_full_ring_drops_copies_and_counts_them_never_the_originals() {
+    let lab = Lab::new("ring-full");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("copies.pcap");
+    let agent = lab.start_agent(&format!(
+        "copy_ring_bytes = 4096\n{}",
+        xdp_session(
+            "[\"src0\"]",
+            &format!("{{ file = \"{}\" }}", path.display()),
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
+        )
+    ));
+    let passed = Capture::open(&lab.node, "src0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let frames: Vec<Vec<u8>> = (0..300u16)
+        .map(|i| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5555, &i.to_be_bytes().repeat(16)))
+        .collect();
+    // Nobody drains the ring while the agent is stopped: it holds what fits, the rest is dropped.
+    let pid = agent.pid().cast_signed();
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    mirror_tests::wait_for("every thread of the agent to be stopped", || {
+        all_threads_stopped(pid)
+    });
+    for frame in &frames {
+        sender.send(frame);
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let passed: Vec<Vec<u8>> = passed
+        .until_sentinel()
+        .into_iter()
+        .filter(|f| !f.outgoing)
+        .map(|f| f.bytes)
+        .collect();
+    assert_eq!(passed, frames, "every original passed, in order");
+    let report = agent.stop();
+    let counts = report.rule("t", "10");
+    println!("{counts:?}");
+    assert_eq!(counts.matched, 300);
+    assert!(counts.ring_full > 0, "{counts:?}");
+    assert_eq!(counts.mirrored + counts.ring_full, 300, "{counts:?}");
+    // A 4 KiB ring holds at most 4096 / (8 + 32 + 74) records of these frames.
+    assert!(counts.mirrored <= 4096 / (8 + 32 + 74), "{counts:?}");
+    let written: Vec<Vec<u8>> = capture_file_frames(&path)
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
+    let kept = counts.mirrored as usize;
+    assert_eq!(
+        written.len(),
+        kept + 1,
+        "the copies the ring held, then the sentinel"
+    );
+    assert_eq!(written[..kept], frames[..kept], "the first ones, in order");
+    assert!(is_sentinel(&written[kept]));
+}
