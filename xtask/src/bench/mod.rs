@@ -65,6 +65,11 @@ enum Scenario {
     /// mirror, one rule matching everything, into its VXLAN device towards the same collector
     /// address as `TcMirredVxlan` (on port [`MIRROR_VXLAN_PORT`], as tc's device holds 4789).
     MirrorVxlan,
+    /// mirror at the XDP hook, one rule matching everything: copies through the ring buffer, sent
+    /// by the agent out of mir0 (AF_PACKET) or, with `vxlan`, to the VXLAN collector.
+    MirrorXdp {
+        vxlan: bool,
+    },
     /// mirror, one match-all rule, with a session control (a TOML line) that makes few copies.
     MirrorControlled {
         name: &'static str,
@@ -93,6 +98,8 @@ impl Scenario {
             Scenario::Mirror { rules, .. } => format!("mirror TC, {rules} rules"),
             Scenario::TcU32 { rules } => format!("tc u32 mirred, {rules} rules"),
             Scenario::MirrorVxlan => "mirror TC into vxlan".into(),
+            Scenario::MirrorXdp { vxlan: false } => "mirror XDP to interface".into(),
+            Scenario::MirrorXdp { vxlan: true } => "mirror XDP into vxlan".into(),
             Scenario::MirrorControlled { name, .. } => format!("mirror TC, {name}"),
         }
     }
@@ -196,6 +203,8 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             matching: false,
         },
         Scenario::MirrorVxlan,
+        Scenario::MirrorXdp { vxlan: false },
+        Scenario::MirrorXdp { vxlan: true },
         Scenario::MirrorControlled {
             name: "sampled 1/100",
             control: "sample = { every = 100 }",
@@ -438,6 +447,22 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
                 "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ vxlan = {{ remote = \"{VXLAN_REMOTE}\", vni = 42, port = {MIRROR_VXLAN_PORT} }} }}\n"
             ),
         )),
+        Scenario::MirrorXdp { vxlan } => {
+            let target = if *vxlan {
+                format!(
+                    "{{ vxlan = {{ remote = \"{VXLAN_REMOTE}\", vni = 42, port = {MIRROR_VXLAN_PORT} }} }}"
+                )
+            } else {
+                "{ interface = \"mir0\" }".to_owned()
+            };
+            Active::Agent(Agent::start(
+                &lab.node,
+                agent,
+                &format!(
+                    "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\nhook = \"xdp\"\ndefault = \"mirror\"\ntarget = {target}\n"
+                ),
+            ))
+        }
     })
 }
 

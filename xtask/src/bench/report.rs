@@ -155,6 +155,11 @@ pub fn write(
     writeln!(md, "\n## Targets\n\n{}", targets(rows, attach, options))?;
     writeln!(
         md,
+        "\n## The XDP path against the TC path\n\n{}",
+        xdp_against_tc(rows, options)
+    )?;
+    writeln!(
+        md,
         "![throughput per scenario and rule scaling]({stem}.png)"
     )?;
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
@@ -174,6 +179,33 @@ pub fn write(
     println!("{md}");
     println!("written: bench/results/{stem}.{{md,json,png}}");
     Ok(())
+}
+
+/// Where XDP sessions (copies through the ring, sent by the agent) beat or lose to TC sessions
+/// (clones in the kernel), on forwarded pps and on copies made.
+fn xdp_against_tc(rows: &[Row], options: &Options) -> String {
+    let mut out = String::new();
+    for &size in &options.frame_sizes {
+        let get = |name: &str| find(rows, size, name);
+        for (xdp, tc) in [
+            ("mirror XDP to interface", "mirror TC, 100% match"),
+            ("mirror XDP into vxlan", "mirror TC into vxlan"),
+        ] {
+            let (Some(xdp_row), Some(tc_row)) = (get(xdp), get(tc)) else {
+                continue;
+            };
+            let r = xdp_row.median_pps / tc_row.median_pps;
+            let copies = |row: &Row| row.completeness.unwrap_or(0.0) * 100.0;
+            let _ = writeln!(
+                out,
+                "- {size} B: {xdp}: {r:.3}x the forwarded pps of {tc} ({}), copies {:.2}% against {:.2}%",
+                if r >= 1.0 { "beats it" } else { "loses" },
+                copies(xdp_row),
+                copies(tc_row)
+            );
+        }
+    }
+    out
 }
 
 fn targets(rows: &[Row], attach: &[AttachRow], options: &Options) -> String {
