@@ -121,7 +121,12 @@ impl PlanView {
 }
 
 fn direction_name(direction: Direction) -> String {
-    format!("{direction:?}").to_lowercase()
+    match direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+        Direction::XdpIngress => "xdp",
+    }
+    .to_owned()
 }
 
 impl Applied {

@@ -68,6 +68,57 @@ pub fn send_frame(fd: RawFd, frame: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Sends `datagrams` on `fd` (to `destination`, for an unconnected socket) with as few `sendmmsg`
+/// calls as the kernel allows. Returns how many were sent, and the first error of those that were
+/// not (each failed one is skipped).
+pub fn send_many(
+    fd: RawFd,
+    datagrams: &[Vec<u8>],
+    destination: Option<&(libc::sockaddr_storage, libc::socklen_t)>,
+) -> (usize, Vec<io::Error>) {
+    let mut iovecs: Vec<libc::iovec> = datagrams
+        .iter()
+        .map(|d| libc::iovec {
+            iov_base: d.as_ptr().cast_mut().cast(),
+            iov_len: d.len(),
+        })
+        .collect();
+    let mut messages: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: an all-zero mmsghdr is valid; the fields set point at live buffers.
+            let mut message: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+            message.msg_hdr.msg_iov = iov;
+            message.msg_hdr.msg_iovlen = 1;
+            if let Some((address, len)) = destination {
+                message.msg_hdr.msg_name = std::ptr::from_ref(address).cast_mut().cast();
+                message.msg_hdr.msg_namelen = *len;
+            }
+            message
+        })
+        .collect();
+    let mut sent = 0;
+    let mut errors = Vec::new();
+    let mut at = 0;
+    while at < messages.len() {
+        let rest = &mut messages[at..];
+        // SAFETY: sendmmsg reads `rest.len()` headers, each pointing at a live buffer.
+        let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => {
+                sent += n;
+                at += n;
+            }
+            // The message at `at` failed: skip it and go on with the rest.
+            _ => {
+                errors.push(io::Error::last_os_error());
+                at += 1;
+            }
+        }
+    }
+    (sent, errors)
+}
+
 /// The capture files: the format follows the file name, rotated by size when asked.
 pub struct Sink {
     path: PathBuf,

@@ -1,7 +1,8 @@
 //! The agent's half of the ring-buffer path (XDP sessions and file targets): a thread of its own
 //! drains `COPY_RING` and hands each copy to its session's target, a packet socket on the target
 //! interface, a VXLAN socket, or a pcap/pcapng file. It waits on the ring's descriptor, so it sleeps
-//! while there is nothing to send, and it drains everything queued on each wake-up.
+//! while there is nothing to send, drains everything queued on each wake-up, and sends datagrams in
+//! batches (one `sendmmsg` for up to 64).
 use std::{
     collections::HashMap,
     os::fd::{AsRawFd as _, OwnedFd},
@@ -19,7 +20,7 @@ use aya::maps::{MapData, RingBuf};
 use mirror_common::{Direction, RingCopyHeader};
 
 use crate::{
-    capture::{Sink, open_tap, send_frame},
+    capture::{Sink, open_tap, send_many},
     rules::{Plan, Target},
     vxlan_out::VxlanSender,
 };
@@ -190,6 +191,58 @@ impl Drop for Drain {
     }
 }
 
+/// Copies waiting to be sent on a socket, in one `sendmmsg` per batch.
+#[derive(Default)]
+struct Outbox {
+    /// Buffers, reused; the first `queued` hold datagrams.
+    datagrams: Vec<Vec<u8>>,
+    queued: usize,
+}
+
+/// Copies sent with one system call, at most.
+const BATCH: usize = 64;
+
+impl Outbox {
+    /// An empty buffer for the next datagram.
+    fn next(&mut self) -> &mut Vec<u8> {
+        if self.queued == self.datagrams.len() {
+            self.datagrams.push(Vec::new());
+        }
+        self.queued += 1;
+        let buffer = &mut self.datagrams[self.queued - 1];
+        buffer.clear();
+        buffer
+    }
+
+    /// Sends what is queued for `emit`, counting into `count`.
+    fn flush(&mut self, emit: &Emit, count: &EmitCounts) {
+        if self.queued == 0 {
+            return;
+        }
+        let queued = &self.datagrams[..self.queued];
+        let (sent, errors) = match emit {
+            Emit::Interface(fd) => send_many(fd.as_raw_fd(), queued, None),
+            Emit::Vxlan(sender) => {
+                let (socket, destination) = sender.socket();
+                send_many(socket.as_raw_fd(), queued, Some(&destination))
+            }
+            Emit::File(_) => (0, Vec::new()),
+        };
+        self.queued = 0;
+        count.sent.fetch_add(sent as u64, Ordering::Relaxed);
+        if let Some(error) = errors.first() {
+            failed(count, errors.len() as u64, error);
+        }
+    }
+}
+
+/// Counts `n` copies a target refused, and logs the first of a session.
+fn failed(count: &EmitCounts, n: u64, error: &dyn std::fmt::Display) {
+    if count.failed.fetch_add(n, Ordering::Relaxed) == 0 {
+        tracing::warn!("sending a ring copy on: {error:#} (further failures are counted)");
+    }
+}
+
 fn drain(
     mut ring: RingBuf<MapData>,
     emits: &[Option<Emit>],
@@ -198,6 +251,7 @@ fn drain(
     stop: &AtomicBool,
 ) {
     let clock = WallClock::now();
+    let mut outboxes: Vec<Outbox> = emits.iter().map(|_| Outbox::default()).collect();
     loop {
         // Read the flag before draining: what was queued before it was set is then sent.
         let stopping = stop.load(Ordering::Relaxed);
@@ -205,36 +259,43 @@ fn drain(
             let Some((header, frame)) = parse(&record) else {
                 continue;
             };
-            let Some(Some(emit)) = emits.get(header.session as usize) else {
+            let session = header.session as usize;
+            let (Some(Some(emit)), Some(outbox), Some(count)) = (
+                emits.get(session),
+                outboxes.get_mut(session),
+                counts.get(session),
+            ) else {
                 continue;
             };
-            let sent = match emit {
-                Emit::Interface(fd) => {
-                    send_frame(fd.as_raw_fd(), frame).map_err(anyhow::Error::from)
+            match emit {
+                Emit::Interface(_) => outbox.next().extend_from_slice(frame),
+                Emit::Vxlan(sender) => sender.encapsulate(frame, header.flow_hash, outbox.next()),
+                Emit::File(sink) => {
+                    let written = lock(sink).write(
+                        header.ifindex,
+                        || describe(names, header.ifindex, header.direction),
+                        clock.wall(header.timestamp_ns),
+                        frame,
+                        header.orig_len,
+                    );
+                    match written {
+                        Ok(()) => count.sent.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failed(count, 1, &e);
+                            0
+                        }
+                    };
                 }
-                Emit::Vxlan(sender) => sender
-                    .send(frame, header.flow_hash)
-                    .map_err(anyhow::Error::from),
-                Emit::File(sink) => lock(sink).write(
-                    header.ifindex,
-                    || describe(names, header.ifindex, header.direction),
-                    clock.wall(header.timestamp_ns),
-                    frame,
-                    header.orig_len,
-                ),
-            };
-            let count = &counts[header.session as usize];
-            match sent {
-                Ok(()) => count.sent.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    if count.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                        tracing::warn!(
-                            "sending a ring copy on: {e:#} (further failures are counted)"
-                        );
-                    }
-                    0
-                }
-            };
+            }
+            if outbox.queued == BATCH {
+                outbox.flush(emit, count);
+            }
+        }
+        // The ring is empty: send what is queued before sleeping.
+        for ((emit, outbox), count) in emits.iter().zip(&mut outboxes).zip(counts) {
+            if let Some(emit) = emit {
+                outbox.flush(emit, count);
+            }
         }
         if stopping {
             return;

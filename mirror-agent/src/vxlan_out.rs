@@ -67,15 +67,17 @@ impl VxlanSender {
         })
     }
 
-    /// Sends `frame` in one datagram whose source port follows `flow_hash`.
-    pub fn send(&self, frame: &[u8], flow_hash: u32) -> io::Result<()> {
+    /// Writes into `datagram` (emptied first) what carries `frame` to the collector, with a
+    /// source port that follows `flow_hash`: the IPv4 header (IPv6: the kernel adds its own), UDP,
+    /// VXLAN.
+    pub fn encapsulate(&self, frame: &[u8], flow_hash: u32, datagram: &mut Vec<u8>) {
         let (low, high) = self.ports;
         let span = u64::from(high - low) + 1;
         let source_port = low + ((u64::from(flow_hash) * span) >> 32) as u16;
         let udp_len = UDP_HEADER_LEN + VXLAN_HEADER_LEN + frame.len();
-        let mut datagram = Vec::with_capacity(IPV4_HEADER_LEN + udp_len);
+        datagram.clear();
         if let (IpAddr::V4(local), SocketAddr::V4(remote)) = (self.local, self.remote) {
-            ipv4_header(&mut datagram, local, *remote.ip(), udp_len);
+            ipv4_header(datagram, local, *remote.ip(), udp_len);
         }
         datagram.extend_from_slice(&source_port.to_be_bytes());
         datagram.extend_from_slice(&self.remote.port().to_be_bytes());
@@ -85,7 +87,11 @@ impl VxlanSender {
         datagram.extend_from_slice(&[VXLAN_FLAG_VNI, 0, 0, 0]);
         datagram.extend_from_slice(&(self.vni << 8).to_be_bytes());
         datagram.extend_from_slice(frame);
-        send_to(&self.socket, &datagram, self.remote)
+    }
+
+    /// The raw socket and the collector's address in the kernel's layout.
+    pub fn socket(&self) -> (&OwnedFd, (libc::sockaddr_storage, libc::socklen_t)) {
+        (&self.socket, sockaddr(self.remote))
     }
 }
 
@@ -159,7 +165,7 @@ fn set_option(
 }
 
 /// A socket address in the kernel's layout, and its length.
-fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid; the fields set below make it one address.
     let mut storage: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
     let len = match address {
@@ -192,24 +198,4 @@ fn bind(socket: &OwnedFd, address: SocketAddr) -> anyhow::Result<()> {
             .with_context(|| format!("binding the VXLAN socket to {}", address.ip()));
     }
     Ok(())
-}
-
-fn send_to(socket: &OwnedFd, datagram: &[u8], remote: SocketAddr) -> io::Result<()> {
-    let (storage, len) = sockaddr(remote);
-    // SAFETY: sendto reads `datagram` and `len` bytes of `storage`.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            datagram.as_ptr().cast(),
-            datagram.len(),
-            0,
-            (&raw const storage).cast(),
-            len,
-        )
-    };
-    if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }

@@ -962,6 +962,12 @@ impl Flow {
     }
 }
 
+/// Whether a frame is one of the kernel's own `MLDv2` reports (to `ff02::16`), which a link sends
+/// for a while after it comes up: never a copy.
+pub fn is_mld_report(frame: &[u8]) -> bool {
+    frame.starts_with(&[0x33, 0x33, 0, 0, 0, 0x16])
+}
+
 /// Whether `frame` is the sentinel datagram.
 pub fn is_sentinel(frame: &[u8]) -> bool {
     let flow = Flow::of(frame);

@@ -94,6 +94,18 @@ fn port_and_seq(frame: &[u8]) -> (u16, u32) {
     (port, seq)
 }
 
+/// The sequence numbers of the [`numbered`] frames to port 5001 a capture received (the sink's
+/// own ICMP answers are outgoing).
+fn received_seqs(frames: Vec<mirror_tests::Frame>) -> Vec<u32> {
+    frames
+        .into_iter()
+        .filter(|f| !f.outgoing)
+        .map(|f| port_and_seq(&f.bytes))
+        .filter(|(port, _)| *port == 5001)
+        .map(|(_, seq)| seq)
+        .collect()
+}
+
 /// Two sessions: `t` (src0 ingress to mir0) mirrors UDP to `mirrored` and skips the rest; `u`
 /// (sink0 egress to mir1, cut to 1000 bytes) mirrors UDP 5003 and never changes.
 fn reload_config(socket: &str, mirrored: u16) -> String {
@@ -370,13 +382,7 @@ fn in_pinned_mode_mirroring_survives_kill_9_and_a_new_agent_takes_over_without_a
         (0..sent).map(|seq| numbered(5001, seq)).collect::<Vec<_>>(),
         "every packet copied once, in order, byte for byte"
     );
-    let reached_sink: Vec<u32> = delivered
-        .until_sentinel()
-        .iter()
-        .map(|f| port_and_seq(&f.bytes))
-        .filter(|(port, _)| *port == 5001)
-        .map(|(_, seq)| seq)
-        .collect();
+    let reached_sink = received_seqs(delivered.until_sentinel());
     assert_eq!(
         reached_sink,
         (0..sent).collect::<Vec<_>>(),
@@ -396,4 +402,49 @@ fn in_pinned_mode_mirroring_survives_kill_9_and_a_new_agent_takes_over_without_a
         tcx_programs(&lab.node, "src0") == [Vec::<String>::new(), Vec::new()]
             && tcx_programs(&lab.node, "mir0") == [Vec::<String>::new(), Vec::new()]
     });
+}
+
+#[test]
+fn kill_9_in_the_default_mode_detaches_everything_and_never_disturbs_the_primary_path() {
+    let lab = Lab::new("kill9");
+    let agent = lab.start_agent(&session_config(
+        "[\"src0\"]",
+        "ingress",
+        "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5001\n",
+    ));
+    let copies = Capture::open(&lab.mon, "eth0");
+    let delivered = Capture::open(&lab.sink, "eth0");
+    let traffic = TrafficLoop::start(
+        mirror_tests::FrameSender::open(&lab.src, "eth0"),
+        40_000,
+        |seq| numbered(5001, seq),
+    );
+    let mut frames = Vec::new();
+    wait_for("copies before the kill", || {
+        frames.extend(copies.drain().into_iter().map(|f| f.bytes));
+        frames.len() > 200
+    });
+    agent.kill();
+    // The kernel closed the agent's links: nothing stays attached.
+    wait_for("the programs to be detached", || {
+        tcx_programs(&lab.node, "src0") == [Vec::<String>::new(), Vec::new()]
+    });
+    let last_copied = frames.iter().map(|f| port_and_seq(f).1).max().unwrap_or(0);
+    let mut reached = Vec::new();
+    wait_for("traffic well after the kill", || {
+        reached.extend(received_seqs(delivered.drain()));
+        reached.last().is_some_and(|seq| *seq > last_copied + 200)
+    });
+    let sent = traffic.finish();
+    lab.send_sentinel();
+    // Every packet reached the sink, in order, before, during and after the kill.
+    reached.extend(received_seqs(delivered.until_sentinel()));
+    // Nothing copies the sentinel any more; the copies made before the kill are all in by now.
+    let copies_made = frames.len() + copies.drain().len();
+    println!("{sent} packets sent, {copies_made} copied before the kill");
+    assert!(
+        copies_made < sent as usize,
+        "mirroring stopped with the agent"
+    );
+    assert_eq!(reached, (0..sent).collect::<Vec<_>>(), "the primary path");
 }

@@ -15,8 +15,8 @@ use std::{
 use mirror_tests::{
     COL_V4, COL_V6, Capture, Collector, Counts, Flow, Frame, Lab, NODE_UL_V4, SENTINEL_PORT,
     SENTINEL_RULE, SINK_MAC, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, agent_binary,
-    assert_same_frames, is_sentinel, pcap_frames, pin_to_first_cpu, select, tshark_fields,
-    udp_socket, udp_v4_frame, vxlan_of, write_pcap,
+    assert_same_frames, is_mld_report, is_sentinel, pcap_frames, pin_to_first_cpu, select,
+    tshark_fields, udp_socket, udp_v4_frame, vxlan_of, write_pcap,
 };
 
 /// One session sending to a VXLAN collector; its first rule mirrors the sentinel.
@@ -79,9 +79,6 @@ fn send_tcp_stream(lab: &Lab, data: &[u8]) {
     );
 }
 
-/// Destination MAC of `MLDv2` reports (`ff02::16`).
-const MLD_REPORT_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 0x16];
-
 #[test]
 fn vxlan_copies_carry_the_original_frames() {
     let lab = Lab::with_collector("vxlan", 1600);
@@ -117,7 +114,7 @@ fn vxlan_copies_carry_the_original_frames() {
         .drain()
         .into_iter()
         .map(|f| f.bytes)
-        .filter(|f| !f.starts_with(&MLD_REPORT_MAC))
+        .filter(|f| !is_mld_report(f))
         .collect();
     let tunnelled: Vec<_> = wire.iter().filter_map(|f| vxlan_of(f)).collect();
     assert_eq!(tunnelled.len(), wire.len(), "only VXLAN on the underlay");

@@ -66,7 +66,7 @@ enum Scenario {
     /// address as `TcMirredVxlan` (on port [`MIRROR_VXLAN_PORT`], as tc's device holds 4789).
     MirrorVxlan,
     /// mirror at the XDP hook, one rule matching everything: copies through the ring buffer, sent
-    /// by the agent out of mir0 (AF_PACKET) or, with `vxlan`, to the VXLAN collector.
+    /// by the agent out of mir0 (`AF_PACKET`) or, with `vxlan`, to the VXLAN collector.
     MirrorXdp {
         vxlan: bool,
     },
@@ -578,11 +578,13 @@ fn settle(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Mean run time per invocation of mirror's ingress program, if one is loaded.
+/// Mean run time per invocation of mirror's ingress program (TC or XDP, whichever ran), if one
+/// is loaded.
 fn program_cost() -> anyhow::Result<Option<f64>> {
     for info in aya::programs::loaded_programs() {
         let info = info?;
-        if info.name_as_str() == Some("mirror_tc_ingre") && info.run_count() > 0 {
+        let ingress = matches!(info.name_as_str(), Some("mirror_tc_ingre" | "mirror_xdp"));
+        if ingress && info.run_count() > 0 {
             return Ok(Some(
                 info.run_time().as_nanos() as f64 / info.run_count() as f64,
             ));
