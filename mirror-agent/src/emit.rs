@@ -1,8 +1,8 @@
 //! The agent's half of the ring-buffer path (XDP sessions and file targets): a thread of its own
 //! drains `COPY_RING` and hands each copy to its session's target, a packet socket on the target
-//! interface, a VXLAN socket, or a pcap/pcapng file. It waits on the ring's descriptor, so it sleeps
-//! while there is nothing to send, drains everything queued on each wake-up, and sends datagrams in
-//! batches (one `sendmmsg` for up to 64).
+//! interface, a VXLAN socket, or a pcap/pcapng file. It wakes up every [`IDLE_WAIT`] (or at once
+//! when the ring is half full), drains everything queued, and sends datagrams in batches (one
+//! `sendmmsg` for up to 64).
 use std::{
     collections::HashMap,
     os::fd::{AsRawFd as _, OwnedFd},
@@ -25,8 +25,10 @@ use crate::{
     vxlan_out::VxlanSender,
 };
 
-/// How long the drain thread sleeps between checks that it should stop.
-const STOP_CHECK: Duration = Duration::from_millis(100);
+/// How long the drain thread sleeps when the ring is empty: records wake it only once the ring
+/// is half full (see the eBPF `ring::wakeup_flags`), so this bounds the delay of a copy at low
+/// rates, and how soon the thread sees that it should stop.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 /// The capture files of file targets, kept open across reloads (a reload must not start a
 /// session's file again) and closed when the agent stops.
@@ -306,7 +308,7 @@ fn drain(
             revents: 0,
         };
         // SAFETY: one pollfd on a descriptor the ring owns.
-        unsafe { libc::poll(&raw mut poll, 1, STOP_CHECK.as_millis() as i32) };
+        unsafe { libc::poll(&raw mut poll, 1, IDLE_WAIT.as_millis() as i32) };
     }
 }
 

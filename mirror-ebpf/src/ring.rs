@@ -1,6 +1,9 @@
 //! Copies through the ring buffer: the packet's first bytes and a header go into `COPY_RING`,
 //! and the agent sends them on (XDP cannot clone; a pcap target needs userspace anyway).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    helpers::bpf_ktime_get_ns,
+};
 use mirror_common::{MAX_RING_COPY, RingCopyHeader};
 
 use crate::{
@@ -63,9 +66,23 @@ pub fn emit<P: Packet>(
         )
     };
     COPY_RING
-        .output::<[u8]>(bytes, 0)
+        .output::<[u8]>(bytes, wakeup_flags())
         .map(|()| cap_len)
         .map_err(|_| NotQueued)
+}
+
+/// Whether this record wakes the agent's drain thread. A wake-up per record (the helper's
+/// default when the reader waits) costs microseconds of program time; instead the reader wakes
+/// up on its own every few milliseconds, and a record wakes it only when the ring is half full.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let queued = COPY_RING.query(u64::from(BPF_RB_AVAIL_DATA));
+    let size = COPY_RING.query(u64::from(BPF_RB_RING_SIZE));
+    if queued >= size / 2 {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
 }
 
 /// Copies the frame's first `len` bytes into `to`, with the tag held in metadata put back.

@@ -869,6 +869,16 @@ impl Capture {
         frames
     }
 
+    /// The bytes of every frame received (not sent by the capture's own namespace) before the
+    /// sentinel.
+    pub fn received_until_sentinel(&self) -> Vec<Vec<u8>> {
+        self.until_sentinel()
+            .into_iter()
+            .filter(|f| !f.outgoing)
+            .map(|f| f.bytes)
+            .collect()
+    }
+
     /// The bytes of every frame that arrives before the sentinel.
     pub fn bytes_until_sentinel(&self) -> Vec<Vec<u8>> {
         self.until_sentinel().into_iter().map(|f| f.bytes).collect()

@@ -94,6 +94,15 @@ fn port_and_seq(frame: &[u8]) -> (u16, u32) {
     (port, seq)
 }
 
+/// [`numbered`] frames to `port` from src, until stopped.
+fn numbered_traffic(lab: &Lab, port: u16) -> TrafficLoop {
+    TrafficLoop::start(
+        mirror_tests::FrameSender::open(&lab.src, "eth0"),
+        40_000,
+        move |seq| numbered(port, seq),
+    )
+}
+
 /// The sequence numbers of the [`numbered`] frames to port 5001 a capture received (the sink's
 /// own ICMP answers are outgoing).
 fn received_seqs(frames: Vec<mirror_tests::Frame>) -> Vec<u32> {
@@ -353,11 +362,7 @@ fn in_pinned_mode_mirroring_survives_kill_9_and_a_new_agent_takes_over_without_a
     let first = start();
     let copies = Capture::open(&lab.mon, "eth0");
     let delivered = Capture::open(&lab.sink, "eth0");
-    let traffic = TrafficLoop::start(
-        mirror_tests::FrameSender::open(&lab.src, "eth0"),
-        40_000,
-        |seq| numbered(5001, seq),
-    );
+    let traffic = numbered_traffic(&lab, 5001);
     let mut frames = Vec::new();
     let copies_past = |n: usize, frames: &mut Vec<Vec<u8>>| {
         let target = frames.len() + n;
@@ -414,11 +419,7 @@ fn kill_9_in_the_default_mode_detaches_everything_and_never_disturbs_the_primary
     ));
     let copies = Capture::open(&lab.mon, "eth0");
     let delivered = Capture::open(&lab.sink, "eth0");
-    let traffic = TrafficLoop::start(
-        mirror_tests::FrameSender::open(&lab.src, "eth0"),
-        40_000,
-        |seq| numbered(5001, seq),
-    );
+    let traffic = numbered_traffic(&lab, 5001);
     let mut frames = Vec::new();
     wait_for("copies before the kill", || {
         frames.extend(copies.drain().into_iter().map(|f| f.bytes));

@@ -91,12 +91,7 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
     }
     sender.send_sentinel(NODE_SINK_MAC, SINK_MAC);
     // Received frames only: the sink's own answers (ICMP errors) are outgoing.
-    let delivered: Vec<_> = delivered
-        .until_sentinel()
-        .into_iter()
-        .filter(|f| !f.outgoing)
-        .map(|f| f.bytes)
-        .collect();
+    let delivered = delivered.received_until_sentinel();
     let copies: Vec<_> = copies.bytes_until_sentinel();
     for (i, case) in cases.iter().enumerate() {
         assert_eq!(

@@ -34,12 +34,7 @@ fn the_frame_table_through_xdp_is_copied_by_the_agent_and_passed_unchanged() {
         sender.send(&case.frame);
     }
     sender.send_sentinel(SINK_MAC, NODE_SINK_MAC);
-    let passed: Vec<Vec<u8>> = passed
-        .until_sentinel()
-        .into_iter()
-        .filter(|f| !f.outgoing)
-        .map(|f| f.bytes)
-        .collect();
+    let passed = passed.received_until_sentinel();
     let copies = copies.bytes_until_sentinel();
     for (i, case) in cases.iter().enumerate() {
         assert_eq!(
@@ -269,12 +264,7 @@ fn a_full_ring_drops_copies_and_counts_them_never_the_originals() {
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
-    let passed: Vec<Vec<u8>> = passed
-        .until_sentinel()
-        .into_iter()
-        .filter(|f| !f.outgoing)
-        .map(|f| f.bytes)
-        .collect();
+    let passed = passed.received_until_sentinel();
     assert_eq!(passed, frames, "every original passed, in order");
     let report = agent.stop();
     let counts = report.rule("t", "10");
