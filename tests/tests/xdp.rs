@@ -287,3 +287,63 @@ fn a_full_ring_drops_copies_and_counts_them_never_the_originals() {
     assert_eq!(written[..kept], frames[..kept], "the first ones, in order");
     assert!(is_sentinel(&written[kept]));
 }
+
+#[test]
+fn a_reload_switches_the_xdp_link_to_the_new_rules() {
+    let lab = Lab::new("xdp-reload");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("config.toml");
+    let write = |port: u16| {
+        let rule = format!(
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {port}\n"
+        );
+        std::fs::write(
+            &config,
+            format!(
+                "api_socket = \"{}\"\n{}",
+                socket.display(),
+                xdp_session("[\"src0\"]", "{ interface = \"mir0\" }", &rule)
+            ),
+        )
+        .expect("write config");
+    };
+    write(5001);
+    let agent =
+        mirror_tests::Agent::start_file(&lab.node, &mirror_tests::agent_binary(), &config, &[]);
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let frame = |port: u16| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, b"xdp reload");
+    let send_both = || {
+        sender.send(&frame(5001));
+        sender.send(&frame(5002));
+        sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    };
+    send_both();
+    assert_eq!(copies.bytes_until_sentinel(), [frame(5001)]);
+    // The id of the XDP program on src0, if any.
+    let xdp_program = || {
+        let shown = lab.node.ip(&["-j", "-d", "link", "show", "dev", "src0"]);
+        let link: serde_json::Value = serde_json::from_str(&shown).expect("ip -j");
+        link[0]["xdp"]["prog"]["id"].as_u64()
+    };
+    let before = xdp_program().expect("an XDP program on src0");
+    write(5002);
+    let (code, stdout, stderr) = agent_command(
+        &lab.node,
+        &["reload", "--api-socket", socket.to_str().expect("utf-8")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("generation 2"), "{stdout}");
+    send_both();
+    assert_eq!(
+        copies.bytes_until_sentinel(),
+        [frame(5002)],
+        "the new rules"
+    );
+    // The link was switched to the new generation's program, not attached a second time.
+    let after = xdp_program().expect("an XDP program on src0");
+    assert_ne!(before, after);
+    agent.stop();
+    assert_eq!(xdp_program(), None, "detached on exit");
+}
