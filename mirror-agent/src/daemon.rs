@@ -248,11 +248,21 @@ async fn prepare(
     plan.tables = rules::Tables::default();
     release_freed_memory();
     for (session, meta) in plan.sessions.iter().zip(&targets.sessions) {
+        // A ring record holds at most MAX_RING_COPY bytes; a file takes any length.
+        let largest = match (session.through_ring, meta.max_copy_len) {
+            (true, 0) => mirror_common::MAX_RING_COPY,
+            (true, len) => len.min(mirror_common::MAX_RING_COPY),
+            (false, len) => len,
+        };
         tracing::info!(
-            "session `{}` -> {} (copies up to {} bytes)",
+            "session `{}` -> {}{} (copies up to {largest} bytes)",
             session.name,
             session.target,
-            meta.max_copy_len
+            if session.through_ring {
+                " through the ring"
+            } else {
+                ""
+            },
         );
     }
     let follow = Follow::new(

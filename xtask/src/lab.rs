@@ -1,7 +1,7 @@
 //! `cargo xtask lab`: the demo. Builds the test topology (see the mirror-tests crate) with a
 //! collector namespace, runs the agent on examples/lab.toml, sends real traffic, and shows what
-//! arrived on the mirror interface (tcpdump) and at the VXLAN collector (`mirror-agent collect`,
-//! its file decoded by tshark).
+//! arrived on the mirror interface (tcpdump), at the VXLAN collector (`mirror-agent collect`, its
+//! file decoded by tshark) and in the XDP session's pcapng file (tshark).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -114,6 +114,17 @@ pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
         println!("  {line}");
     }
     println!("\nagent stopped; its final counters:\n{}", agent.stop().0);
+    // The XDP session's file, complete once the agent has stopped.
+    let xdp_file = "/tmp/mirror-lab-xdp.pcapng";
+    println!("the XDP session's file ({xdp_file}, what sink0 received), decoded by tshark:");
+    let decoded = Command::new("tshark")
+        .args(["-r", xdp_file])
+        .output()
+        .context("running tshark")?;
+    for line in String::from_utf8_lossy(&decoded.stdout).lines() {
+        println!("  {line}");
+    }
+    let _ = std::fs::remove_file(xdp_file);
     println!("namespaces removed. Run `mirror-agent run --help` for the quick CLI form.");
     Ok(())
 }
