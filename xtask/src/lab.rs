@@ -105,27 +105,27 @@ pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
     let summary = collector.stop();
     println!("\nthe VXLAN collector's summary:\n{}", summary.text);
     println!("its file, decoded by tshark:");
+    print_decoded(&summary.file)?;
+    println!("\nagent stopped; its final counters:\n{}", agent.stop().0);
+    // The XDP session's file, complete once the agent has stopped.
+    let xdp_file = "/tmp/mirror-lab-xdp.pcapng";
+    println!("the XDP session's file ({xdp_file}, what sink0 received), decoded by tshark:");
+    print_decoded(Path::new(xdp_file))?;
+    let _ = std::fs::remove_file(xdp_file);
+    println!("namespaces removed. Run `mirror-agent run --help` for the quick CLI form.");
+    Ok(())
+}
+
+/// Prints a capture file as tshark decodes it, one packet a line.
+fn print_decoded(file: &Path) -> anyhow::Result<()> {
     let decoded = Command::new("tshark")
         .arg("-r")
-        .arg(&summary.file)
+        .arg(file)
         .output()
         .context("running tshark (cargo xtask setup installs it)")?;
     for line in String::from_utf8_lossy(&decoded.stdout).lines() {
         println!("  {line}");
     }
-    println!("\nagent stopped; its final counters:\n{}", agent.stop().0);
-    // The XDP session's file, complete once the agent has stopped.
-    let xdp_file = "/tmp/mirror-lab-xdp.pcapng";
-    println!("the XDP session's file ({xdp_file}, what sink0 received), decoded by tshark:");
-    let decoded = Command::new("tshark")
-        .args(["-r", xdp_file])
-        .output()
-        .context("running tshark")?;
-    for line in String::from_utf8_lossy(&decoded.stdout).lines() {
-        println!("  {line}");
-    }
-    let _ = std::fs::remove_file(xdp_file);
-    println!("namespaces removed. Run `mirror-agent run --help` for the quick CLI form.");
     Ok(())
 }
 
