@@ -347,3 +347,61 @@ fn a_reload_switches_the_xdp_link_to_the_new_rules() {
     agent.stop();
     assert_eq!(xdp_program(), None, "detached on exit");
 }
+
+#[test]
+fn a_pinned_xdp_link_is_taken_over_by_the_next_agent() {
+    let lab = Lab::new("xdp-pinned");
+    let bpffs = mirror_tests::BpfFs::mount();
+    let pins = bpffs.path().join("mirror");
+    let pins_arg = pins.to_str().expect("utf-8");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        xdp_session(
+            "[\"src0\"]",
+            "{ interface = \"mir0\" }",
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5001\n",
+        ),
+    )
+    .expect("write config");
+    let start = || {
+        mirror_tests::Agent::start_file(
+            &lab.node,
+            &mirror_tests::agent_binary(),
+            &config,
+            &["--pin-dir", pins_arg],
+        )
+    };
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let frame = |n: u8| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5001, &[n; 20]);
+    let first = start();
+    sender.send(&frame(1));
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    assert_eq!(copies.bytes_until_sentinel(), [frame(1)]);
+    // A stop in pinned mode leaves the XDP program attached; the next agent takes it over.
+    let report = first.stop();
+    assert!(report.0.contains("pinned mode"), "{}", report.0);
+    assert!(pins.join("xdp-src0").exists());
+    let second = start();
+    sender.send(&frame(2));
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    assert_eq!(
+        copies.bytes_until_sentinel(),
+        [frame(2)],
+        "sent on by the second agent's drain"
+    );
+    assert_eq!(second.stop().rule("t", "10"), Counts::copied(1, 1));
+    std::fs::remove_dir_all(&pins).expect("remove the pins");
+    wait_for_no_xdp(&lab);
+}
+
+/// Waits until src0 of the node has no XDP program.
+fn wait_for_no_xdp(lab: &Lab) {
+    mirror_tests::wait_for("the XDP program to be detached", || {
+        let shown = lab.node.ip(&["-j", "-d", "link", "show", "dev", "src0"]);
+        let link: serde_json::Value = serde_json::from_str(&shown).expect("ip -j");
+        link[0]["xdp"].is_null()
+    });
+}
