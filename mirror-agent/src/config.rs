@@ -67,7 +67,10 @@ fn default_stats_interval() -> u64 {
 pub struct SessionConfig {
     pub name: Spanned<String>,
     /// Interface names or globs (`veth*`) whose packets are examined.
-    pub interfaces: Spanned<Vec<Spanned<String>>>,
+    pub interfaces: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Instead of `interfaces`: the pods of this node that match, watched through their
+    /// host-side interfaces, followed as pods come, change labels and go (Kubernetes).
+    pub pods: Option<Spanned<PodSelector>>,
     /// Default: both for TC, ingress (the only side XDP sees) for XDP.
     pub direction: Option<Spanned<DirectionConfig>>,
     /// Where packets are examined: `tc` (default; copies are clones) or `xdp` (before the
@@ -85,6 +88,63 @@ pub struct SessionConfig {
     pub rate_limit: Option<Spanned<RateLimitConfig>>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RuleConfig>>,
+}
+
+impl SessionConfig {
+    /// Where the session says what it watches, for errors about it.
+    pub fn watch_span(&self) -> std::ops::Range<usize> {
+        match (&self.interfaces, &self.pods) {
+            (Some(interfaces), _) => interfaces.span(),
+            (None, Some(pods)) => pods.span(),
+            (None, None) => self.name.span(),
+        }
+    }
+}
+
+/// `pods = { namespace = "shop", labels = { app = "web" } }`: pods of this node by namespace and
+/// labels (all must match).
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct PodSelector {
+    /// Only pods of this namespace (default: every namespace).
+    pub namespace: Option<String>,
+    /// Pods carrying every one of these labels with these values (default: any labels).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl PodSelector {
+    pub fn matches(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == namespace)
+            && self
+                .labels
+                .iter()
+                .all(|(key, value)| labels.get(key) == Some(value))
+    }
+}
+
+impl fmt::Display for PodSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        write!(
+            f,
+            "pods in {} labelled {}",
+            self.namespace.as_deref().unwrap_or("any namespace"),
+            if labels.is_empty() {
+                "anything".to_owned()
+            } else {
+                labels.join(",")
+            }
+        )
+    }
 }
 
 /// `sample = { every = 100, by = "flow" }`.

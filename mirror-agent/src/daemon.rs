@@ -2,6 +2,7 @@
 //! configuration on SIGHUP, `POST /reload` or a change of the file, and on SIGINT/SIGTERM detaches
 //! everything (or, in pinned mode, leaves it running for the next agent) and prints the counters.
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -16,6 +17,7 @@ use crate::{
     datapath::Datapath,
     emit::{Drain, Files},
     follow::{self, Follow},
+    pods::{self, Placement, PodWatch},
     rules::{self, Plan, Target},
     tunnel::{self, ResolvedTargets},
 };
@@ -33,15 +35,22 @@ pub struct Options {
     /// Pinned mode: programs and links stay in this bpffs directory after the agent exits, and a
     /// new agent takes them over.
     pub pin_dir: Option<PathBuf>,
+    /// The node the agent runs on: pod-selector sessions watch its pods.
+    pub node_name: Option<String>,
+    /// How to reach the Kubernetes API (default: in-cluster, or `KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// How often the configuration file is checked for a change.
 const FILE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// How often pods that are selected but have no interface yet are placed again.
+const POD_RETRY_PERIOD: Duration = Duration::from_secs(2);
 
-pub async fn run(plan: Plan, options: Options) -> anyhow::Result<()> {
+/// Runs `loaded`, whose `plan` was made before (without pods).
+pub async fn run(loaded: &LoadedConfig, plan: Plan, options: Options) -> anyhow::Result<()> {
     // Bound before anything is attached: a busy socket or port fails the start cleanly.
     let socket = api::bind_socket(&options.socket)?;
-    let result = serve(plan, &options, socket).await;
+    let result = serve(loaded, plan, &options, socket).await;
     // Removed by the server when it ran; here when the start failed before it did.
     let _ = std::fs::remove_file(&options.socket);
     result
@@ -57,6 +66,10 @@ struct Daemon<'a> {
     target_devices: Vec<(String, u32)>,
     /// The capture files of file targets, across reloads.
     files: Arc<Files>,
+    /// The node's pods, once a configuration has a pod-selector session.
+    pods: Option<PodWatch>,
+    /// Where each pod a session selects was found last (reported when it changes).
+    placements: BTreeMap<String, Placement>,
 }
 
 /// A plan made ready: its targets resolved and its datapath loaded and attached.
@@ -70,6 +83,7 @@ struct Prepared {
 }
 
 async fn serve(
+    loaded: &LoadedConfig,
     plan: Plan,
     options: &Options,
     socket: tokio::net::UnixListener,
@@ -82,6 +96,12 @@ async fn serve(
         None => None,
     };
     let files = Arc::new(Files::default());
+    let mut pods = None;
+    let plan = if selects_pods(loaded) {
+        plan_with_pods(loaded, &mut pods, options).await?
+    } else {
+        plan
+    };
     let prepared = start(plan, options, &files).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
@@ -102,6 +122,8 @@ async fn serve(
         targets: prepared.targets,
         target_devices: prepared.target_devices,
         files,
+        pods,
+        placements: BTreeMap::new(),
     };
     let mut servers = vec![
         tokio::spawn(api::serve_socket(
@@ -128,6 +150,8 @@ async fn serve(
     let mut ticker = (options.stats_interval_secs > 0)
         .then(|| tokio::time::interval(Duration::from_secs(options.stats_interval_secs)));
     let mut file_check = tokio::time::interval(FILE_CHECK_PERIOD);
+    let mut pod_retry = tokio::time::interval(POD_RETRY_PERIOD);
+    daemon.apply_pods().await;
     let mut file_seen = options.config.as_deref().and_then(file_identity);
     loop {
         tokio::select! {
@@ -148,6 +172,8 @@ async fn serve(
                 }
             }
             () = tick(ticker.as_mut()) => daemon.log_counters(),
+            () = pods_changed(daemon.pods.as_mut()) => daemon.apply_pods().await,
+            _ = pod_retry.tick(), if daemon.waits_for_pods() => daemon.apply_pods().await,
         }
     }
     let _ = stop.send(true);
@@ -312,7 +338,7 @@ impl Daemon<'_> {
         {
             tracing::warn!("api_socket and metrics_address take effect at the next start");
         }
-        let plan = crate::plan(&loaded)?;
+        let plan = plan_with_pods(&loaded, &mut self.pods, self.options).await?;
         let generation = self.shared.applied().datapath.generation() + 1;
         let shared = self.shared.clone();
         let prepared = prepare(
@@ -362,6 +388,63 @@ impl Daemon<'_> {
         Ok(generation)
     }
 
+    /// Watches the interfaces of the pods the sessions select now, and no others.
+    async fn apply_pods(&mut self) {
+        let Some(watch) = &self.pods else { return };
+        let pods = watch.pods();
+        let placed = match pods::place(&pods).await {
+            Ok(placed) => placed,
+            Err(e) => {
+                tracing::warn!("placing the node's pods: {e:#}");
+                return;
+            }
+        };
+        let selectors: Vec<_> = self
+            .plan
+            .sessions
+            .iter()
+            .filter_map(|s| s.pods.as_ref())
+            .collect();
+        let wanted: BTreeMap<String, Placement> = placed
+            .iter()
+            .filter(|(key, _)| {
+                let pod = &pods[*key];
+                selectors
+                    .iter()
+                    .any(|s| s.matches(&pod.namespace, &pod.labels))
+            })
+            .map(|(key, placement)| (key.clone(), placement.clone()))
+            .collect();
+        for (key, placement) in &wanted {
+            if self.placements.get(key) != Some(placement) {
+                match placement {
+                    Ok(interface) => {
+                        tracing::info!(
+                            "pod {key} is selected: its interface is {}",
+                            interface.name
+                        );
+                    }
+                    Err(why) => tracing::warn!("pod {key} is selected but not watched: {why}"),
+                }
+            }
+        }
+        self.placements = wanted;
+        let mut applied = self.shared.applied();
+        let Applied {
+            datapath, follow, ..
+        } = &mut *applied;
+        if let Some(follow) = follow {
+            follow.apply_pods(datapath, |selector| {
+                pods::selected(&pods, &placed, selector)
+            });
+        }
+    }
+
+    /// Whether a selected pod has no interface yet (its route may come a moment after its IP).
+    fn waits_for_pods(&self) -> bool {
+        self.placements.values().any(Result::is_err)
+    }
+
     fn log_counters(&self) {
         match self.shared.stats() {
             Ok(stats) => {
@@ -394,7 +477,11 @@ impl Daemon<'_> {
             mut targets,
             target_devices,
             files,
+            pods,
+            placements: _,
         } = self;
+        // No pod changes are followed any more.
+        drop(pods);
         let mut applied = shared.into_applied()?;
         // Detached first (or left pinned), then the drain sends what the ring still holds: the
         // counters in the report are final.
@@ -417,6 +504,51 @@ impl Daemon<'_> {
         }
         print!("{}", report?);
         Ok(())
+    }
+}
+
+fn selects_pods(loaded: &LoadedConfig) -> bool {
+    loaded
+        .config
+        .sessions
+        .iter()
+        .any(|s| s.get_ref().pods.is_some())
+}
+
+/// Plans `loaded` with the interfaces of the pods its pod-selector sessions select now. The
+/// first configuration with such a session starts watching the node's pods (and waits for their
+/// first list); without one, the agent never talks to the Kubernetes API.
+async fn plan_with_pods(
+    loaded: &LoadedConfig,
+    pods: &mut Option<PodWatch>,
+    options: &Options,
+) -> anyhow::Result<Plan> {
+    if !selects_pods(loaded) {
+        return crate::plan(loaded);
+    }
+    let watch = if let Some(watch) = pods {
+        watch
+    } else {
+        let node = options.node_name.as_deref().context(
+                "a session selects pods: the agent needs its node's name (--node-name, or NODE_NAME from the downward API)",
+            )?;
+        let watch = PodWatch::start(node, options.kubeconfig.as_deref()).await?;
+        tracing::info!(
+            "watching the pods of node `{node}`: {} now",
+            watch.pods().len()
+        );
+        pods.insert(watch)
+    };
+    let now = watch.pods();
+    let placed = pods::place(&now).await?;
+    crate::plan_selecting(loaded, &|selector| pods::selected(&now, &placed, selector))
+}
+
+/// Waits for a change of the node's pods; forever without a pod watch.
+async fn pods_changed(pods: Option<&mut PodWatch>) {
+    match pods {
+        Some(pods) => pods.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -616,9 +616,10 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })
     }
 
-    /// Watches an interface that appeared after the start: classifies its packets in `direction`
-    /// against `bitmap`, the rules of `sessions`, and attaches the mirror program. The bitmap and
-    /// the attachment entry are written before the program is attached.
+    /// Watches an interface that appeared (or was selected) after the start: classifies its
+    /// packets in `direction` against `bitmap`, the rules of `sessions`, and attaches the mirror
+    /// program unless it is attached. The bitmap and the attachment entry are written before the
+    /// program is attached.
     pub fn watch_later(
         &mut self,
         interface: &str,
@@ -648,29 +649,45 @@ impl Datapath {
             direction: direction as u32,
         };
         fill_hash(&mut self.ebpf, ATTACHMENT_BITMAP_MAP, &[(key, index)])?;
+        // Attached already (by the plan or earlier): the new entry is all that changes.
+        if self
+            .links
+            .iter()
+            .any(|a| a.hook == Hook::Mirror(direction) && a.interface == interface)
+        {
+            return Ok(());
+        }
         self.attach_new(Hook::Mirror(direction), interface)
+    }
+
+    /// Stops watching `interface` in `direction`: its attachment entry goes first (the program
+    /// passes its packets untouched from then on), then its link. Returns whether it was watched.
+    pub fn unwatch(&mut self, interface: &str, ifindex: u32, direction: Direction) -> bool {
+        if let Some(Ok(mut attachments)) = map(&mut self.ebpf, ATTACHMENT_BITMAP_MAP)
+            .ok()
+            .map(HashMap::<_, AttachmentKey, u32>::try_from)
+        {
+            let _ = attachments.remove(&AttachmentKey {
+                ifindex,
+                direction: direction as u32,
+            });
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|a| a.hook == Hook::Mirror(direction) && a.interface == interface);
+        self.links = kept;
+        let watched = !gone.is_empty();
+        release(gone);
+        watched
     }
 
     /// Forgets an interface that is gone: its attachment entries (its index may be reused) and
     /// its links (the kernel detached them with the device). Returns whether it was watched.
     pub fn forget(&mut self, interface: &str, ifindex: u32) -> bool {
-        if let Some(Ok(mut attachments)) = map(&mut self.ebpf, ATTACHMENT_BITMAP_MAP)
-            .ok()
-            .map(HashMap::<_, AttachmentKey, u32>::try_from)
-        {
-            for direction in [Direction::Ingress, Direction::Egress, Direction::XdpIngress] {
-                let _ = attachments.remove(&AttachmentKey {
-                    ifindex,
-                    direction: direction as u32,
-                });
-            }
+        let mut watched = false;
+        for direction in [Direction::Ingress, Direction::Egress, Direction::XdpIngress] {
+            watched |= self.unwatch(interface, ifindex, direction);
         }
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
-            .into_iter()
-            .partition(|a| matches!(a.hook, Hook::Mirror(_)) && a.interface == interface);
-        self.links = kept;
-        let watched = !gone.is_empty();
-        release(gone);
         watched
     }
 

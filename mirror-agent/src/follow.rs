@@ -1,7 +1,7 @@
 //! Interfaces that appear or go after the start: the agent follows the kernel's link events and
 //! attaches to a new interface that a session's glob matches (`veth*`, `lxc*`, `cali*`), or
 //! forgets one that is gone, without touching the others.
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures_util::StreamExt as _;
 use mirror_common::Direction;
@@ -17,7 +17,9 @@ use tokio::sync::watch;
 
 use crate::{
     api::{Applied, Shared},
-    rules::{self, Rule, Session},
+    config::PodSelector,
+    datapath::Datapath,
+    rules::{self, Interface, Rule, Session},
     tunnel::DEVICE_PREFIX,
 };
 
@@ -26,25 +28,156 @@ use crate::{
 pub struct Follow {
     /// Per session: its globs and directions.
     sessions: Vec<(Vec<glob::Pattern>, Vec<Direction>)>,
+    /// Per session: the pods it selects instead of interfaces.
+    selectors: Vec<Option<PodSelector>>,
+    /// The hooks of the plan's sessions that watch interfaces: (ifindex, direction, session).
+    planned: Vec<(u32, Direction, usize)>,
+    /// The hooks pod-selector sessions watch now, and those sessions.
+    pod_hooks: BTreeMap<(Interface, Direction), Vec<usize>>,
     rules: Vec<Rule>,
     /// Interfaces never to watch: every target (copies would be mirrored again).
     targets: Vec<u32>,
 }
 
 impl Follow {
-    /// `None` when no session has a glob: there is nothing to follow.
+    /// `None` when no session has a glob or a pod selector: there is nothing to follow.
     pub fn new(sessions: &[Session], rules: &[Rule], targets: Vec<u32>) -> Option<Self> {
+        let mut planned = Vec::new();
+        let mut pod_hooks = BTreeMap::<_, Vec<usize>>::new();
+        for (index, session) in sessions.iter().enumerate() {
+            for (interface, direction) in &session.attachments {
+                if session.pods.is_some() {
+                    pod_hooks
+                        .entry((interface.clone(), *direction))
+                        .or_default()
+                        .push(index);
+                } else {
+                    planned.push((interface.ifindex, *direction, index));
+                }
+            }
+        }
         sessions
             .iter()
-            .any(|s| !s.globs.is_empty())
+            .any(|s| !s.globs.is_empty() || s.pods.is_some())
             .then(|| Follow {
                 sessions: sessions
                     .iter()
                     .map(|s| (s.globs.clone(), s.directions.clone()))
                     .collect(),
+                selectors: sessions.iter().map(|s| s.pods.clone()).collect(),
+                planned,
+                pod_hooks,
                 rules: rules.to_vec(),
                 targets,
             })
+    }
+
+    /// Sessions that watch `interface` in `direction` by name or glob.
+    fn interface_sessions(&self, interface: &Interface, direction: Direction) -> Vec<usize> {
+        let mut sessions: Vec<usize> = self
+            .planned
+            .iter()
+            .filter(|(ifindex, d, _)| *ifindex == interface.ifindex && *d == direction)
+            .map(|(_, _, session)| *session)
+            .chain(
+                self.sessions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (globs, directions))| {
+                        directions.contains(&direction)
+                            && globs.iter().any(|g| g.matches(&interface.name))
+                    })
+                    .map(|(index, _)| index),
+            )
+            .collect();
+        sessions.sort_unstable();
+        sessions.dedup();
+        sessions
+    }
+
+    /// Watches the interfaces of the pods the pod-selector sessions select now (`selected`
+    /// gives them per selector), and stops watching those of pods no session selects any more.
+    /// An interface some session watches by name or glob stays watched for that session.
+    pub fn apply_pods(
+        &mut self,
+        datapath: &mut Datapath,
+        selected: impl Fn(&PodSelector) -> Vec<Interface>,
+    ) {
+        let mut wanted = BTreeMap::<(Interface, Direction), Vec<usize>>::new();
+        for (index, selector) in self.selectors.iter().enumerate() {
+            let Some(selector) = selector else { continue };
+            for interface in selected(selector) {
+                if self.targets.contains(&interface.ifindex) {
+                    continue;
+                }
+                for direction in &self.sessions[index].1 {
+                    wanted
+                        .entry((interface.clone(), *direction))
+                        .or_default()
+                        .push(index);
+                }
+            }
+        }
+        // Hooks let go first: a recreated interface of the same name is watched afresh after.
+        let gone: Vec<_> = self
+            .pod_hooks
+            .keys()
+            .filter(|hook| !wanted.contains_key(*hook))
+            .cloned()
+            .collect();
+        for (interface, direction) in gone {
+            let sessions = self.interface_sessions(&interface, direction);
+            let name = &interface.name;
+            if sessions.is_empty() {
+                let _ = datapath.unwatch(name, interface.ifindex, direction);
+                tracing::info!("{name} ({direction:?}): no selected pod's any more: let go");
+            } else if let Err(e) = self.watch(datapath, &interface, direction, &sessions) {
+                tracing::warn!(
+                    "{name} ({direction:?}): no selected pod's any more, but its other sessions could not be kept: {e}"
+                );
+            }
+            self.pod_hooks.remove(&(interface, direction));
+        }
+        for ((interface, direction), pod_sessions) in wanted {
+            if self.pod_hooks.get(&(interface.clone(), direction)) == Some(&pod_sessions) {
+                continue;
+            }
+            let mut sessions = self.interface_sessions(&interface, direction);
+            sessions.extend(&pod_sessions);
+            sessions.sort_unstable();
+            sessions.dedup();
+            let name = &interface.name;
+            match self.watch(datapath, &interface, direction, &sessions) {
+                Ok(()) => tracing::info!("{name} ({direction:?}): a selected pod's: watching it"),
+                Err(e) => tracing::warn!(
+                    "{name} ({direction:?}): a selected pod's, but it could not be watched: {e}"
+                ),
+            }
+            self.pod_hooks.insert((interface, direction), pod_sessions);
+        }
+    }
+
+    fn watch(
+        &self,
+        datapath: &mut Datapath,
+        interface: &Interface,
+        direction: Direction,
+        sessions: &[usize],
+    ) -> Result<(), crate::datapath::DatapathError> {
+        let bitmap = || rules::sessions_bitmap(&self.rules, sessions);
+        datapath.watch_later(
+            &interface.name,
+            interface.ifindex,
+            direction,
+            sessions.to_vec(),
+            bitmap,
+        )
+    }
+
+    /// Forgets the pod hooks of an interface that is gone.
+    fn forget(&mut self, ifindex: u32) {
+        self.pod_hooks
+            .retain(|(interface, _), _| interface.ifindex != ifindex);
     }
 }
 
@@ -69,9 +202,12 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
                 appeared(&shared, &link);
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
-                if let Some(name) = name_of(&link)
-                    && shared.applied().datapath.forget(&name, link.header.index)
-                {
+                let Some(name) = name_of(&link) else { continue };
+                let mut applied = shared.applied();
+                if let Some(follow) = &mut applied.follow {
+                    follow.forget(link.header.index);
+                }
+                if applied.datapath.forget(&name, link.header.index) {
                     tracing::info!("{name} is gone: forgotten");
                 }
             }
@@ -98,26 +234,20 @@ fn appeared(shared: &Shared, link: &LinkMessage) {
         return;
     }
     let attached = datapath.attached();
+    let interface = Interface { name, ifindex };
     for direction in [Direction::Ingress, Direction::Egress, Direction::XdpIngress] {
-        if attached.iter().any(|(n, d)| *n == name && *d == direction) {
+        if attached
+            .iter()
+            .any(|(n, d)| *n == interface.name && *d == direction)
+        {
             continue;
         }
-        let sessions: Vec<usize> = follow
-            .sessions
-            .iter()
-            .enumerate()
-            .filter(|(_, (globs, directions))| {
-                directions.contains(&direction) && globs.iter().any(|g| g.matches(&name))
-            })
-            .map(|(index, _)| index)
-            .collect();
+        let sessions = follow.interface_sessions(&interface, direction);
         if sessions.is_empty() {
             continue;
         }
-        let result = datapath.watch_later(&name, ifindex, direction, sessions.clone(), || {
-            rules::sessions_bitmap(&follow.rules, &sessions)
-        });
-        match result {
+        let name = &interface.name;
+        match follow.watch(datapath, &interface, direction, &sessions) {
             Ok(()) => tracing::info!("{name} appeared: watching it ({direction:?})"),
             Err(e) => tracing::warn!("{name} appeared but could not be watched: {e}"),
         }

@@ -9,6 +9,7 @@ mod daemon;
 mod datapath;
 mod emit;
 mod follow;
+mod pods;
 mod rules;
 mod tunnel;
 mod vxlan_out;
@@ -42,13 +43,16 @@ struct Cli {
 enum Command {
     /// Attach and mirror until SIGINT or SIGTERM, then detach everything and print the counters.
     ///
+    /// Sessions with `pods = { namespace, labels }` watch the pods of this node (`--node-name`)
+    /// through their host-side interfaces, followed as pods come, are relabelled and go.
+    ///
     /// With `--config FILE`, the agent applies the file again on SIGHUP, on `mirror-agent reload`
     /// and when the file changes (checked every second, symlink swaps included): an invalid file
     /// is rejected with the reason and the running configuration stays; a valid one replaces it
     /// atomically per hook. Or the quick form for one session:
     /// `mirror-agent run --iface eth0 --to mirror0 --proto tcp --dst-port 443`, or
     /// `mirror-agent run --iface eth0 --to-vxlan 192.0.2.10 --vni 7`.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a configuration against this host's interfaces and routes; exit 1 with
     /// <file:line> on errors.
     Check {
@@ -120,6 +124,15 @@ struct RunArgs {
     /// detached on exit.
     #[arg(long)]
     pin_dir: Option<PathBuf>,
+    /// The node this agent runs on (Kubernetes): sessions with `pods = {…}` watch the pods
+    /// scheduled here. The `DaemonSet` sets `NODE_NAME` from the downward API. The agent talks to
+    /// the API (in-cluster, or the KUBECONFIG file) only when a session selects pods.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The kubeconfig file to reach the Kubernetes API with (default: the pod's service account
+    /// in a cluster, else KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 /// The quick form: one session with one mirror rule built from these flags (default: skip).
@@ -207,7 +220,8 @@ impl QuickSession {
         };
         let session = SessionConfig {
             name: spanned("cli".to_owned()),
-            interfaces: spanned(self.iface.into_iter().map(spanned).collect()),
+            interfaces: Some(spanned(self.iface.into_iter().map(spanned).collect())),
+            pods: None,
             direction: self.direction.map(spanned),
             hook: self.hook.map(spanned),
             target: spanned(TargetConfig {
@@ -309,9 +323,11 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or_else(|| api::DEFAULT_SOCKET.into()),
                 metrics: args.metrics_address.or(loaded.config.metrics_address),
                 pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),
+                node_name: args.node_name,
+                kubeconfig: args.kubeconfig,
             };
             let plan = plan(&loaded)?;
-            runtime()?.block_on(daemon::run(plan, options))
+            runtime()?.block_on(daemon::run(&loaded, plan, options))
         }
         Command::Collect(args) => runtime()?.block_on(collect::run(args)),
         Command::Reload { api_socket } => runtime()?.block_on(async {
@@ -350,8 +366,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
+    plan_selecting(loaded, &|_| Vec::new())
+}
+
+/// [`plan`], where pod-selector sessions watch the interfaces `pods` gives for their selector.
+fn plan_selecting(
+    loaded: &LoadedConfig,
+    pods: &dyn Fn(&config::PodSelector) -> Vec<rules::Interface>,
+) -> anyhow::Result<Plan> {
     let interfaces = datapath::interfaces()?;
-    let plan = rules::plan(loaded, &interfaces)?;
+    let plan = rules::plan(loaded, &interfaces, pods)?;
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }

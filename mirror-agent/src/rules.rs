@@ -16,11 +16,11 @@ use mirror_common::{
 
 use crate::config::{
     ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
-    RateLimitConfig, SampleBy, SessionConfig, VxlanConfig,
+    PodSelector, RateLimitConfig, SampleBy, SessionConfig, VxlanConfig,
 };
 
 /// A network interface present on the node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Interface {
     pub name: String,
     pub ifindex: u32,
@@ -124,6 +124,9 @@ pub struct Session {
     pub attachments: Vec<(Interface, Direction)>,
     /// The session's interface globs, which interfaces created later may match.
     pub globs: Vec<glob::Pattern>,
+    /// The pods the session watches instead of named interfaces; its attachments are their
+    /// host-side interfaces when the plan was made.
+    pub pods: Option<PodSelector>,
     /// The directions watched ([`Direction::XdpIngress`] alone for an XDP session).
     pub directions: Vec<Direction>,
     /// Copies go through the ring buffer and the agent sends them on: an XDP session, or a file
@@ -163,7 +166,12 @@ pub struct Tables {
 }
 
 /// Validates `loaded` against the interfaces present and compiles it.
-pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, ConfigError> {
+/// A pod-selector session watches the interfaces `pods` gives for its selector.
+pub fn plan(
+    loaded: &LoadedConfig,
+    interfaces: &[Interface],
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
+) -> Result<Plan, ConfigError> {
     let config = &loaded.config;
     if config.sessions.is_empty() {
         return Err(loaded.file_error("no [[session]] is configured"));
@@ -187,7 +195,13 @@ pub fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, Con
                 format!("session name `{name}` is already used at {at}"),
             ));
         }
-        sessions.push(resolve_session(loaded, session, interfaces, &mut warnings)?);
+        sessions.push(resolve_session(
+            loaded,
+            session,
+            interfaces,
+            pods,
+            &mut warnings,
+        )?);
     }
     let guards = tunnel_guards(&sessions);
     let mut rules = Vec::new();
@@ -364,6 +378,7 @@ fn resolve_session(
     loaded: &LoadedConfig,
     session: &SessionConfig,
     interfaces: &[Interface],
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
     warnings: &mut Vec<String>,
 ) -> Result<Session, ConfigError> {
     let target = resolve_target(loaded, session, interfaces)?;
@@ -371,11 +386,36 @@ fn resolve_session(
         Target::Interface(i) => Some(i.ifindex),
         Target::Vxlan(_) | Target::File(_) => None,
     };
-    if session.interfaces.get_ref().is_empty() {
-        return Err(loaded.error(session.interfaces.span(), "no interfaces to watch"));
-    }
+    let patterns = match (&session.interfaces, &session.pods) {
+        (Some(_), Some(pods)) => {
+            return Err(loaded.error(
+                pods.span(),
+                "a session watches either `interfaces` or `pods`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(loaded.error(
+                session.name.span(),
+                "the session watches nothing: give `interfaces` or `pods`",
+            ));
+        }
+        (None, Some(_)) => &[][..],
+        (Some(interfaces), None) if interfaces.get_ref().is_empty() => {
+            return Err(loaded.error(interfaces.span(), "no interfaces to watch"));
+        }
+        (Some(interfaces), None) => interfaces.get_ref().as_slice(),
+    };
+    let selector = session.pods.as_ref().map(|p| p.get_ref().clone());
     let mut watched = BTreeSet::new();
-    for pattern in session.interfaces.get_ref() {
+    if let Some(selector) = &selector {
+        watched.extend(
+            pods(selector)
+                .into_iter()
+                .filter(|i| Some(i.ifindex) != target_ifindex)
+                .map(|i| (i.ifindex, i.name)),
+        );
+    }
+    for pattern in patterns {
         let matched = resolve(pattern.get_ref(), interfaces)
             .map_err(|message| loaded.error(pattern.span(), message))?;
         if matched.is_empty() {
@@ -418,13 +458,12 @@ fn resolve_session(
         target,
         controls: controls(loaded, session)?,
         attachments,
-        globs: session
-            .interfaces
-            .get_ref()
+        globs: patterns
             .iter()
             .filter(|p| is_glob(p.get_ref()))
             .filter_map(|p| glob::Pattern::new(p.get_ref()).ok())
             .collect(),
+        pods: selector,
         directions: directions.to_vec(),
         through_ring,
     })
@@ -576,7 +615,7 @@ fn refuse_watched_targets(loaded: &LoadedConfig, sessions: &[Session]) -> Result
                 .any(|(i, _)| i.ifindex == target.ifindex)
             {
                 return Err(loaded.error(
-                    loaded.config.sessions[index].get_ref().interfaces.span(),
+                    loaded.config.sessions[index].get_ref().watch_span(),
                     format!(
                         "session `{}` watches `{}`, the target of session `{}`: copies would be mirrored again (a loop)",
                         other.name, target.name, session.name
@@ -739,11 +778,11 @@ pub fn fingerprints(plan: &Plan) -> Vec<String> {
                 })
                 .collect();
             let globs: Vec<&str> = s.globs.iter().map(glob::Pattern::as_str).collect();
-            // Interfaces named, not those a glob found: they come and go.
+            // Interfaces named, not those a glob or a pod selector found: they come and go.
             let named: Vec<&(Interface, Direction)> = s
                 .attachments
                 .iter()
-                .filter(|(i, _)| !s.globs.iter().any(|g| g.matches(&i.name)))
+                .filter(|(i, _)| s.pods.is_none() && !s.globs.iter().any(|g| g.matches(&i.name)))
                 .collect();
             format!(
                 "{:?}",
@@ -753,6 +792,7 @@ pub fn fingerprints(plan: &Plan) -> Vec<String> {
                     &s.controls,
                     named,
                     globs,
+                    &s.pods,
                     &s.directions,
                     rules
                 )
@@ -1072,6 +1112,11 @@ mod tests {
 
     use super::*;
 
+    /// A plan with no pods selected.
+    fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, ConfigError> {
+        super::plan(loaded, interfaces, &|_| Vec::new())
+    }
+
     fn iface(name: &str, ifindex: u32) -> Interface {
         Interface {
             name: name.into(),
@@ -1319,6 +1364,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_pod_session_watches_the_interfaces_its_selector_is_given() {
+        let text = format!(
+            "{HEAD}pods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\ntarget = {{ interface = \"mir0\" }}\n"
+        );
+        let none = plan(&load(&text), &interfaces()).expect("valid without pods");
+        assert!(none.sessions[0].attachments.is_empty());
+        let pods = |selector: &PodSelector| {
+            assert_eq!(selector.namespace.as_deref(), Some("shop"));
+            // The target is never watched, even when a pod's route names it.
+            vec![iface("veth1", 4), iface("mir0", 9)]
+        };
+        let plan = super::plan(&load(&text), &interfaces(), &pods).expect("valid");
+        let hooks: Vec<(&str, Direction)> = plan.sessions[0]
+            .attachments
+            .iter()
+            .map(|(i, d)| (i.name.as_str(), *d))
+            .collect();
+        assert_eq!(
+            hooks,
+            [("veth1", Direction::Ingress), ("veth1", Direction::Egress)]
+        );
+        // The pods found are not part of what the session is: its counters go on across them.
+        assert_eq!(fingerprints(&none), fingerprints(&plan));
+    }
+
     fn plan_error(text: &str) -> String {
         plan(&load(text), &interfaces())
             .expect_err("invalid")
@@ -1353,6 +1424,18 @@ mod tests {
                 format!("{HEAD}interfaces = [\"nope0\"]\ntarget = {{ interface = \"mir0\" }}\n"),
                 "t.toml:3:",
                 "interface `nope0` does not exist",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\npods = {{ labels = {{ app = \"web\" }} }}\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:4:",
+                "either `interfaces` or `pods`, not both",
+            ),
+            (
+                format!("{HEAD}target = {{ interface = \"mir0\" }}\n"),
+                "t.toml:2:",
+                "the session watches nothing",
             ),
             (
                 format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"nope1\" }}\n"),

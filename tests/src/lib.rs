@@ -1088,6 +1088,14 @@ pub fn tcx_programs(ns: &Netns, interface: &str) -> [Vec<String>; 2] {
     })
 }
 
+/// The (interface, direction) pairs `status --json` of the agent at `socket` lists as attached.
+pub fn attached(ns: &Netns, socket: &str) -> Vec<(String, String)> {
+    let (code, stdout, stderr) = agent_command(ns, &["status", "--json", "--api-socket", socket]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    serde_json::from_value(status["attached"].clone()).expect("attached pairs")
+}
+
 /// Runs the agent with `args` in a namespace and returns (exit code, stdout, stderr). A `run`
 /// gets an API socket of its own, so that tests running at once do not meet on the default one.
 pub fn agent_command(ns: &Netns, args: &[&str]) -> (i32, String, String) {

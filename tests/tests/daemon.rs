@@ -3,17 +3,8 @@ use std::time::Instant;
 
 use mirror_tests::{
     Agent, BpfFs, Capture, Counts, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, TrafficLoop,
-    agent_binary, agent_command, session_config, tcx_programs, udp_v4_frame, wait_for,
+    agent_binary, agent_command, attached, session_config, tcx_programs, udp_v4_frame, wait_for,
 };
-
-/// The (interface, direction) pairs `status --json` lists as attached.
-fn attached(lab: &Lab, socket: &str) -> Vec<(String, String)> {
-    let (code, stdout, stderr) =
-        agent_command(&lab.node, &["status", "--json", "--api-socket", socket]);
-    assert_eq!(code, 0, "{stderr}");
-    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
-    serde_json::from_value(status["attached"].clone()).expect("attached pairs")
-}
 
 #[test]
 fn an_interface_matching_a_glob_is_followed_as_it_comes_and_goes() {
@@ -49,7 +40,7 @@ fn an_interface_matching_a_glob_is_followed_as_it_comes_and_goes() {
             created.elapsed().as_millis()
         );
         assert!(
-            attached(&lab, socket).contains(&("dyn0".to_owned(), "ingress".to_owned())),
+            attached(&lab.node, socket).contains(&("dyn0".to_owned(), "ingress".to_owned())),
             "status lists dyn0"
         );
 
@@ -68,10 +59,10 @@ fn an_interface_matching_a_glob_is_followed_as_it_comes_and_goes() {
 
         lab.node.ip(&["link", "del", "dyn0"]);
         wait_for("dyn0 forgotten", || {
-            !attached(&lab, socket).iter().any(|(i, _)| i == "dyn0")
+            !attached(&lab.node, socket).iter().any(|(i, _)| i == "dyn0")
         });
         assert_eq!(
-            attached(&lab, socket),
+            attached(&lab.node, socket),
             [("src0".to_owned(), "ingress".to_owned())]
         );
     }

@@ -1,0 +1,368 @@
+//! Pod-selector sessions: the agent watches the Pods scheduled on its node
+//! (`spec.nodeName=$NODE_NAME`) on the Kubernetes API, and finds each pod's host-side interface
+//! by asking the kernel for the route to the pod's IP.
+//!
+//! Assumed of the CNI: each pod has a host-side interface (a veth) and the node routes the pod's
+//! IP straight to it — Calico (`cali*`), Cilium (`lxc*`), the AWS VPC CNI (`eni*`), kindnet and
+//! GKE do. A pod whose IP is reached through a bridge (flannel's `cni0`, the `bridge` plugin) or
+//! a gateway is reported and left out: watching the bridge would mirror every pod behind it.
+//! Pods on the host network have no interface of their own and are left out too.
+use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteType};
+use tokio::sync::watch;
+
+use crate::{config::PodSelector, rules::Interface};
+
+/// How long the start waits for the first complete list of the node's pods.
+const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the agent needs of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+}
+
+impl PodView {
+    /// `None` for a pod that has finished (its interface is gone or going).
+    fn of(pod: &Pod) -> Option<Self> {
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
+            return None;
+        }
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|ip| ip.ip.as_str())
+            .chain(status.and_then(|s| s.pod_ip.as_deref()))
+            .filter_map(|ip| ip.parse().ok())
+            .fold(Vec::new(), |mut ips, ip| {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+                ips
+            });
+        Some(PodView {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ips,
+            host_network: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
+        })
+    }
+
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The node's pods by `namespace/name`, as last listed and watched.
+pub type Pods = Arc<BTreeMap<String, PodView>>;
+
+/// The node's pods, kept up to date by a task that watches the API.
+#[derive(Debug)]
+pub struct PodWatch {
+    pods: watch::Receiver<Pods>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PodWatch {
+    /// Connects to the API (with `kubeconfig`; else in a pod its service account, elsewhere
+    /// `KUBECONFIG` or ~/.kube/config) and waits for the first complete list of the pods on
+    /// `node`.
+    pub async fn start(node: &str, kubeconfig: Option<&Path>) -> anyhow::Result<Self> {
+        let client = match kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let config = kube::Config::from_custom_kubeconfig(
+                    file,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .with_context(|| format!("the kubeconfig {}", path.display()))?;
+                kube::Client::try_from(config)
+            }
+            None => kube::Client::try_default().await,
+        }
+        .context("connecting to the Kubernetes API")?;
+        let api = kube::Api::<Pod>::all(client);
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let (publish, mut pods) = watch::channel(Pods::default());
+        let (first, mut first_done) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+            let mut current = BTreeMap::new();
+            let mut listing = BTreeMap::new();
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        // The watcher retries with a backoff; the pods known stay as they are.
+                        tracing::warn!("watching the node's pods: {e}");
+                        continue;
+                    }
+                };
+                let complete = match event {
+                    watcher::Event::Init => {
+                        listing.clear();
+                        false
+                    }
+                    watcher::Event::InitApply(pod) => {
+                        if let Some(view) = PodView::of(&pod) {
+                            listing.insert(view.key(), view);
+                        }
+                        false
+                    }
+                    watcher::Event::InitDone => {
+                        current = std::mem::take(&mut listing);
+                        let _ = first.send(true);
+                        true
+                    }
+                    watcher::Event::Apply(pod) => {
+                        match PodView::of(&pod) {
+                            Some(view) => current.insert(view.key(), view),
+                            None => current.remove(&key_of(&pod)),
+                        };
+                        true
+                    }
+                    watcher::Event::Delete(pod) => {
+                        current.remove(&key_of(&pod));
+                        true
+                    }
+                };
+                // A relisting is applied whole, once complete.
+                if complete {
+                    publish.send_if_modified(|pods| {
+                        let changed = **pods != current;
+                        if changed {
+                            *pods = Arc::new(current.clone());
+                        }
+                        changed
+                    });
+                }
+            }
+        });
+        let watch = PodWatch {
+            pods: pods.clone(),
+            task,
+        };
+        tokio::time::timeout(FIRST_LIST_TIMEOUT, first_done.wait_for(|done| *done))
+            .await
+            .with_context(|| {
+                format!(
+                    "the Kubernetes API did not list the pods of node `{node}` within {} s",
+                    FIRST_LIST_TIMEOUT.as_secs()
+                )
+            })?
+            .context("the pod watcher stopped")?;
+        pods.mark_unchanged();
+        Ok(watch)
+    }
+
+    /// The pods now.
+    pub fn pods(&self) -> Pods {
+        self.pods.borrow().clone()
+    }
+
+    /// Waits until the pods change.
+    pub async fn changed(&mut self) {
+        if self.pods.changed().await.is_err() {
+            // The task ended (it does not, but then nothing changes any more).
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn key_of(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Where a pod is on this node: its host-side interface, or why it has none the agent can watch.
+pub type Placement = Result<Interface, String>;
+
+/// The host-side interface of each pod, by the kernel's route to the pod's IP.
+pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    let connection = tokio::spawn(connection);
+    let interfaces = crate::datapath::interfaces()?;
+    let mut placed = BTreeMap::new();
+    for (key, pod) in pods.iter() {
+        let placement = if pod.host_network {
+            Err("on the host network: no interface of its own".to_owned())
+        } else if pod.ips.is_empty() {
+            Err("no IP yet".to_owned())
+        } else {
+            route_to(&handle, pod.ips[0], &interfaces).await
+        };
+        placed.insert(key.clone(), placement);
+    }
+    connection.abort();
+    Ok(placed)
+}
+
+/// The interface the kernel sends `ip` out of, when that is a pod's own interface.
+async fn route_to(handle: &rtnetlink::Handle, ip: IpAddr, interfaces: &[Interface]) -> Placement {
+    let request = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
+        .map_err(|e| e.to_string())?
+        .build();
+    let route = handle
+        .route()
+        .get(request)
+        .execute()
+        .next()
+        .await
+        .ok_or_else(|| format!("no route to {ip}"))?
+        .map_err(|e| format!("no route to {ip}: {e}"))?;
+    // A node's own address is `Local`, an unreachable one `Unreachable`, …
+    if route.header.kind != RouteType::Unicast {
+        return Err(format!(
+            "{ip} is not routed to an interface ({:?})",
+            route.header.kind
+        ));
+    }
+    let mut ifindex = None;
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => {
+                return Err(format!(
+                    "{ip} is reached through a gateway: not a pod interface"
+                ));
+            }
+            RouteAttribute::Oif(index) => ifindex = Some(*index),
+            _ => {}
+        }
+    }
+    let interface = ifindex
+        .and_then(|index| interfaces.iter().find(|i| i.ifindex == index))
+        .ok_or_else(|| format!("the route to {ip} names no interface"))?;
+    if std::path::Path::new("/sys/class/net")
+        .join(&interface.name)
+        .join("bridge")
+        .exists()
+    {
+        return Err(format!(
+            "{ip} is behind the bridge `{}` (bridge CNIs are not supported: watching the bridge would mirror every pod)",
+            interface.name
+        ));
+    }
+    Ok(interface.clone())
+}
+
+/// The interfaces of the pods `selector` selects, each once.
+pub fn selected(
+    pods: &Pods,
+    placed: &BTreeMap<String, Placement>,
+    selector: &PodSelector,
+) -> Vec<Interface> {
+    let mut interfaces: Vec<Interface> = pods
+        .iter()
+        .filter(|(_, pod)| selector.matches(&pod.namespace, &pod.labels))
+        .filter_map(|(key, _)| placed.get(key)?.as_ref().ok().cloned())
+        .collect();
+    interfaces.sort();
+    interfaces.dedup();
+    interfaces
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
+
+    use super::*;
+
+    fn pod(phase: &str, ips: &[&str]) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("shop".into());
+        pod.metadata.name = Some("web-1".into());
+        pod.metadata.labels = Some(BTreeMap::from([
+            ("app".into(), "web".into()),
+            ("tier".into(), "front".into()),
+        ]));
+        pod.spec = Some(PodSpec::default());
+        pod.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            pod_ip: ips.first().map(|ip| (*ip).to_owned()),
+            pod_ips: Some(
+                ips.iter()
+                    .map(|ip| PodIP {
+                        ip: (*ip).to_owned(),
+                    })
+                    .collect(),
+            ),
+            ..PodStatus::default()
+        });
+        pod
+    }
+
+    #[test]
+    fn a_pod_is_seen_with_each_of_its_ips_once_until_it_finishes() {
+        let view = PodView::of(&pod("Running", &["10.244.0.7", "fd00::7"])).expect("running");
+        assert_eq!(view.key(), "shop/web-1");
+        assert_eq!(
+            view.ips,
+            [
+                "10.244.0.7".parse::<IpAddr>().expect("ip"),
+                "fd00::7".parse().expect("ip")
+            ]
+        );
+        assert!(!view.host_network);
+        assert!(PodView::of(&pod("Pending", &[])).is_some_and(|v| v.ips.is_empty()));
+        assert_eq!(PodView::of(&pod("Succeeded", &["10.244.0.7"])), None);
+        assert_eq!(PodView::of(&pod("Failed", &["10.244.0.7"])), None);
+    }
+
+    #[test]
+    fn a_selector_needs_its_namespace_and_every_label() {
+        let labels = PodView::of(&pod("Running", &[])).expect("view").labels;
+        let selector = |namespace: Option<&str>, pairs: &[(&str, &str)]| PodSelector {
+            namespace: namespace.map(str::to_owned),
+            labels: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        for (namespace, pairs, selected) in [
+            (None, &[][..], true),
+            (Some("shop"), &[("app", "web")][..], true),
+            (Some("shop"), &[("app", "web"), ("tier", "front")][..], true),
+            (Some("shop"), &[("app", "web"), ("tier", "back")][..], false),
+            (Some("lab"), &[("app", "web")][..], false),
+            (None, &[("app", "db")][..], false),
+        ] {
+            assert_eq!(
+                selector(namespace, pairs).matches("shop", &labels),
+                selected,
+                "{namespace:?} {pairs:?}"
+            );
+        }
+    }
+}

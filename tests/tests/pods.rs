@@ -1,0 +1,388 @@
+//! Pod-selector sessions against a stand-in for the Kubernetes API.
+//!
+//! No Kubernetes API server can run on these machines, so the test serves the two requests the
+//! agent's pod watcher makes — `GET /api/v1/pods` (a `PodList`) and the same with `watch=true`
+//! (a chunked stream of `WatchEvent`s) — from real `Pod` objects of the API's own types
+//! (k8s-openapi), with resource versions, like an API server does. It honours the
+//! `spec.nodeName` field selector and records it. The pods are real: a namespace each, with a
+//! veth whose host side is in the lab's node and a /32 route to the pod's IP, as Calico or
+//! Cilium set them up. What the test does not cover: authentication, TLS, relisting after a
+//! `410 Gone`, paging.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    sync::{Arc, Mutex, mpsc},
+};
+
+use k8s_openapi::{
+    api::core::v1::{Container, Pod, PodIP, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use mirror_tests::{
+    Agent, Capture, FrameSender, Lab, Netns, SENTINEL_RULE, agent_binary, agent_command, attached,
+    tcx_programs, udp_v4_frame, wait_for,
+};
+
+const NODE: &str = "node-a";
+const PORT: u16 = 7000;
+
+/// The stand-in API server: the pods it knows and the watches open on it.
+#[derive(Default)]
+struct ApiState {
+    pods: BTreeMap<String, Pod>,
+    resource_version: u64,
+    watchers: Vec<mpsc::Sender<String>>,
+    /// The query of every request, in order.
+    queries: Vec<String>,
+}
+
+struct FakeApi {
+    state: Arc<Mutex<ApiState>>,
+    port: u16,
+}
+
+impl FakeApi {
+    /// Listens on the loopback of `ns`, where the agent runs.
+    fn start(ns: &Netns) -> Self {
+        let listener = ns.enter(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let port = listener.local_addr().expect("address").port();
+        let state = Arc::new(Mutex::new(ApiState::default()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let state = shared.clone();
+                std::thread::spawn(move || serve(&state, stream));
+            }
+        });
+        FakeApi { state, port }
+    }
+
+    /// Adds or replaces a pod (`ADDED` or `MODIFIED` to the open watches).
+    fn apply(&self, mut pod: Pod) {
+        let mut state = self.state.lock().expect("state");
+        state.resource_version += 1;
+        pod.metadata.resource_version = Some(state.resource_version.to_string());
+        let key = pod.metadata.name.clone().expect("name");
+        let kind = if state.pods.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        state.pods.insert(key, pod.clone());
+        notify(&mut state, kind, &pod);
+    }
+
+    fn delete(&self, name: &str) {
+        let mut state = self.state.lock().expect("state");
+        state.resource_version += 1;
+        let mut pod = state.pods.remove(name).expect("a pod of that name");
+        pod.metadata.resource_version = Some(state.resource_version.to_string());
+        notify(&mut state, "DELETED", &pod);
+    }
+
+    fn relabel(&self, name: &str, app: &str) {
+        let mut pod = self.state.lock().expect("state").pods[name].clone();
+        pod.metadata.labels = Some(BTreeMap::from([("app".to_owned(), app.to_owned())]));
+        self.apply(pod);
+    }
+
+    fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://127.0.0.1:{}\n\
+             users:\n- name: agent\n  user: {{}}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: agent\n\
+             current-context: lab\n",
+            self.port
+        )
+    }
+}
+
+/// Sends a watch event to every open watch of a pod on [`NODE`].
+fn notify(state: &mut ApiState, kind: &str, pod: &Pod) {
+    if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(NODE) {
+        return;
+    }
+    let event = serde_json::json!({ "type": kind, "object": pod }).to_string();
+    state.watchers.retain(|w| w.send(event.clone()).is_ok());
+}
+
+/// Answers one connection's requests: lists, and watches that stay open.
+fn serve(state: &Mutex<ApiState>, stream: TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut stream = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        // Headers, up to the empty line; no request body comes with a GET.
+        let mut header = String::new();
+        while reader.read_line(&mut header).unwrap_or(0) > 2 {
+            header.clear();
+        }
+        let target = request_line
+            .split(' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let query = query.replace("%3D", "=");
+        state.lock().expect("state").queries.push(query.clone());
+        if path != "/api/v1/pods" {
+            let _ = write!(
+                stream,
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+            );
+            continue;
+        }
+        let on_node = |pod: &&Pod| {
+            !query.contains("fieldSelector=spec.nodeName=")
+                || query.contains(&format!(
+                    "fieldSelector=spec.nodeName={}",
+                    pod.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_deref())
+                        .unwrap_or_default()
+                ))
+        };
+        if query.split('&').any(|p| p == "watch=true") {
+            let (sender, events) = mpsc::channel();
+            state.lock().expect("state").watchers.push(sender);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            );
+            let _ = stream.flush();
+            // Events until the test ends (the agent is stopped first).
+            for event in events {
+                let line = format!("{event}\n");
+                if write!(stream, "{:x}\r\n{line}\r\n", line.len()).is_err() {
+                    return;
+                }
+                let _ = stream.flush();
+            }
+            return;
+        }
+        let body = {
+            let state = state.lock().expect("state");
+            serde_json::json!({
+                "kind": "PodList",
+                "apiVersion": "v1",
+                "metadata": { "resourceVersion": state.resource_version.to_string() },
+                "items": state.pods.values().filter(on_node).collect::<Vec<_>>(),
+            })
+            .to_string()
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.flush();
+    }
+}
+
+/// A pod of the API's own type, running on `node` with `ip`.
+fn pod(namespace: &str, name: &str, app: &str, node: &str, ip: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            uid: Some(format!("uid-{namespace}-{name}")),
+            labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            containers: vec![Container {
+                name: "app".to_owned(),
+                image: Some("registry.k8s.io/pause:3.10".to_owned()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".to_owned()),
+            pod_ip: Some(ip.to_owned()),
+            pod_ips: Some(vec![PodIP { ip: ip.to_owned() }]),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+/// A pod's network namespace, its veth (host side `host_name` in the node) and the node's route
+/// to its IP.
+struct PodNet {
+    ns: Netns,
+}
+
+impl PodNet {
+    fn new(lab: &Lab, host_name: &str, ip: &str) -> Self {
+        let ns = Netns::new(format!("{}-{host_name}", lab.node.name));
+        lab.node.ip(&[
+            "link", "add", host_name, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        lab.node.ip(&["link", "set", host_name, "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        lab.node
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", host_name]);
+        PodNet { ns }
+    }
+
+    /// A UDP frame out of the pod to [`PORT`], told apart by `payload`.
+    fn send(&self, payload: &[u8]) -> Vec<u8> {
+        let frame = udp_v4_frame(POD_MAC, HOST_MAC, PORT, payload);
+        FrameSender::open(&self.ns, "eth0").send(&frame);
+        frame
+    }
+
+    fn send_sentinel(&self) {
+        FrameSender::open(&self.ns, "eth0").send_sentinel(POD_MAC, HOST_MAC);
+    }
+}
+
+const POD_MAC: &str = "02:00:00:00:0a:02";
+const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
+/// Runs the agent in the lab's node with a session selecting the pods of namespace `shop`
+/// labelled `app=web`, against `api`.
+fn start_agent(lab: &Lab, api: &FakeApi, dir: &std::path::Path, socket: &str) -> Agent {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "api_socket = \"{socket}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\n\
+             target = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {PORT}\n{SENTINEL_RULE}"
+        ),
+    )
+    .expect("config");
+    Agent::start_file(
+        &lab.node,
+        &agent_binary(),
+        &config,
+        &[
+            "--node-name",
+            NODE,
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+        ],
+    )
+}
+
+#[test]
+fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go() {
+    let lab = Lab::new("pods");
+    let api = FakeApi::start(&lab.node);
+    let web1 = PodNet::new(&lab, "vethweb1", "10.244.0.10");
+    let db1 = PodNet::new(&lab, "vethdb1", "10.244.0.11");
+    let other = PodNet::new(&lab, "vethother", "10.244.0.12");
+    api.apply(pod("shop", "web-1", "web", NODE, "10.244.0.10"));
+    api.apply(pod("shop", "db-1", "db", NODE, "10.244.0.11"));
+    // Same labels, another namespace: not selected.
+    api.apply(pod("lab", "web-x", "web", NODE, "10.244.0.12"));
+    // Selected, but on another node: the agent never hears of it.
+    api.apply(pod("shop", "web-far", "web", "node-b", "10.244.9.9"));
+    // Selected, but on the host network: no interface of its own.
+    let mut host = pod("shop", "web-host", "web", NODE, "10.10.1.1");
+    host.spec.as_mut().expect("spec").host_network = Some(true);
+    api.apply(host);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let agent = start_agent(&lab, &api, dir.path(), socket);
+    let hooks = |interface: &str| -> Vec<String> {
+        let mut hooks: Vec<String> = attached(&lab.node, socket)
+            .into_iter()
+            .filter(|(i, _)| i == interface)
+            .map(|(_, d)| d)
+            .collect();
+        hooks.sort();
+        hooks
+    };
+    let both = vec!["egress".to_owned(), "ingress".to_owned()];
+    // Only web-1's interface, in both directions, from the first list.
+    let mut all = attached(&lab.node, socket);
+    all.sort();
+    assert_eq!(
+        all,
+        vec![
+            ("vethweb1".to_owned(), "egress".to_owned()),
+            ("vethweb1".to_owned(), "ingress".to_owned())
+        ]
+    );
+    let copies = Capture::open(&lab.mon, "eth0");
+    let expect_copies = |sent: Vec<Vec<u8>>, sentinel_from: &PodNet, what: &str| {
+        sentinel_from.send_sentinel();
+        let got: Vec<Vec<u8>> = copies
+            .until_sentinel()
+            .into_iter()
+            .map(|f| f.bytes)
+            .collect();
+        assert_eq!(got, sent, "{what}");
+    };
+    let kept = web1.send(b"web-1 selected");
+    db1.send(b"db-1 not selected");
+    other.send(b"web-x in another namespace");
+    expect_copies(vec![kept], &web1, "the first list");
+
+    // db-1 relabelled app=web: selected from now on.
+    api.relabel("db-1", "web");
+    wait_for("db-1's interface watched", || hooks("vethdb1") == both);
+    let kept = db1.send(b"db-1 relabelled web");
+    expect_copies(vec![kept], &db1, "after db-1 is relabelled");
+
+    // web-1 relabelled away: its interface is let go, programs detached.
+    api.relabel("web-1", "web-old");
+    wait_for("web-1's interface let go", || hooks("vethweb1").is_empty());
+    assert_eq!(
+        tcx_programs(&lab.node, "vethweb1"),
+        [Vec::<String>::new(), Vec::new()]
+    );
+    web1.send(b"web-1 not selected any more");
+    let kept = db1.send(b"db-1 still selected");
+    expect_copies(vec![kept], &db1, "after web-1 is relabelled away");
+
+    // A new pod: its veth and route first (the CNI), then the API reports it with its IP.
+    let web2 = PodNet::new(&lab, "vethweb2", "10.244.0.13");
+    api.apply(pod("shop", "web-2", "web", NODE, "10.244.0.13"));
+    wait_for("web-2's interface watched", || hooks("vethweb2") == both);
+    let kept = web2.send(b"web-2 new");
+    expect_copies(vec![kept], &web2, "after web-2 came");
+
+    // A reload plans the pods selected now into the new generation: nothing is let go.
+    let (code, stdout, stderr) = agent_command(&lab.node, &["reload", "--api-socket", socket]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(
+        (hooks("vethweb2"), hooks("vethdb1")),
+        (both.clone(), both.clone())
+    );
+    let kept = web2.send(b"web-2 after the reload");
+    expect_copies(vec![kept], &web2, "after a reload");
+
+    // db-1 deleted: the new generation lets its interface go.
+    api.delete("db-1");
+    wait_for("db-1's interface let go", || hooks("vethdb1").is_empty());
+    db1.send(b"db-1 deleted");
+    let kept = web2.send(b"web-2 still there");
+    expect_copies(vec![kept], &web2, "after db-1 went");
+
+    let report = agent.stop();
+    // 6 copies and 6 sentinels, all by the one session (counted on across the reload).
+    assert_eq!(report.session("web").mirrored, 12, "{}", report.0);
+    let queries = api.state.lock().expect("state").queries.clone();
+    assert!(
+        queries
+            .iter()
+            .all(|q| q.contains(&format!("fieldSelector=spec.nodeName={NODE}"))),
+        "every request asks for this node's pods only: {queries:?}"
+    );
+    assert!(
+        queries.iter().any(|q| q.contains("watch=true")),
+        "{queries:?}"
+    );
+}
