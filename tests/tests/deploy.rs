@@ -1,13 +1,16 @@
-//! The Kubernetes manifests in deploy/: they parse into the API's own types, agree with the agent
-//! (configuration, ports, probe paths, mount paths), and the capability set the DaemonSet grants
-//! is enough for the agent to load, attach and mirror (run here with exactly those capabilities).
-//! No Kubernetes API server runs on these machines: what the cluster would do with the objects
+//! The Kubernetes deployment in deploy/: the Helm chart, rendered by Helm's own engine
+//! (deploy/helm/render.py), and the plain manifests generated from it. The objects parse into the
+//! API's own types (k8s-openapi), agree with the agent (configuration, ports, probe paths, mount
+//! paths, RBAC) for default and changed values, and the capability set the `DaemonSet` grants is
+//! enough for the agent to load, attach and mirror (run here with exactly those capabilities).
+//! No Kubernetes API server runs on these machines: what a cluster would do with the objects
 //! (scheduling, mounting, probing) is not exercised.
-use std::{net::SocketAddr, path::Path};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
+    core::v1::{ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use mirror_tests::{
     Capture, FrameSender, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, agent_binary, agent_command,
@@ -15,47 +18,62 @@ use mirror_tests::{
 };
 use serde::Deserialize as _;
 
-const MANIFESTS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../deploy/manifests/mirror.yaml"
-);
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
-/// The objects of deploy/manifests/mirror.yaml, each parsed by its kind.
+/// The chart rendered by `deploy/helm/render.py` with `args`.
+fn render(args: &[&str]) -> String {
+    let output = Command::new("python3")
+        .arg(format!("{DEPLOY}/helm/render.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "rendering the chart (helm-python-sdk comes with `cargo xtask setup`): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
+
+/// The objects of a YAML stream, each parsed by its kind.
 #[derive(Default)]
 struct Objects {
     namespaces: Vec<Namespace>,
     service_accounts: Vec<ServiceAccount>,
     config_maps: Vec<ConfigMap>,
     daemon_sets: Vec<DaemonSet>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    services: Vec<Service>,
+    /// Prometheus Operator objects (no k8s-openapi type).
+    service_monitors: Vec<serde_norway::Value>,
 }
 
-fn objects() -> Objects {
-    let text = std::fs::read_to_string(MANIFESTS).expect("the manifests");
+fn parse<T: serde::de::DeserializeOwned>(value: &serde_norway::Value, kind: &str) -> T {
+    serde_norway::from_value(value.clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
+}
+
+fn objects(text: &str) -> Objects {
     let mut objects = Objects::default();
-    for document in serde_norway::Deserializer::from_str(&text) {
+    for document in serde_norway::Deserializer::from_str(text) {
         let value = serde_norway::Value::deserialize(document).expect("YAML");
         let kind = value["kind"].as_str().expect("a kind").to_owned();
-        let parse = || value.clone();
         match kind.as_str() {
-            "Namespace" => objects
-                .namespaces
-                .push(serde_norway::from_value(parse()).expect(&kind)),
-            "ServiceAccount" => objects
-                .service_accounts
-                .push(serde_norway::from_value(parse()).expect(&kind)),
-            "ConfigMap" => objects
-                .config_maps
-                .push(serde_norway::from_value(parse()).expect(&kind)),
-            "DaemonSet" => objects
-                .daemon_sets
-                .push(serde_norway::from_value(parse()).expect(&kind)),
+            "Namespace" => objects.namespaces.push(parse(&value, &kind)),
+            "ServiceAccount" => objects.service_accounts.push(parse(&value, &kind)),
+            "ConfigMap" => objects.config_maps.push(parse(&value, &kind)),
+            "DaemonSet" => objects.daemon_sets.push(parse(&value, &kind)),
+            "ClusterRole" => objects.cluster_roles.push(parse(&value, &kind)),
+            "ClusterRoleBinding" => objects.cluster_role_bindings.push(parse(&value, &kind)),
+            "Service" => objects.services.push(parse(&value, &kind)),
+            "ServiceMonitor" => objects.service_monitors.push(value),
             other => panic!("unexpected kind {other}"),
         }
     }
     objects
 }
 
-/// The agent's container and the configuration file its ConfigMap carries.
+/// The agent's container and the configuration file its `ConfigMap` carries.
 fn agent_and_config(objects: &Objects) -> (&Container, &str) {
     let daemon_set = &objects.daemon_sets[0];
     let pod = daemon_set
@@ -71,28 +89,26 @@ fn agent_and_config(objects: &Objects) -> (&Container, &str) {
     (&pod.containers[0], config)
 }
 
-/// A `key = "value"` line of a TOML text.
-fn toml_string<'a>(config: &'a str, key: &str) -> &'a str {
+/// The value of a `key = "value"` line of a TOML text.
+fn toml_string<'a>(config: &'a str, key: &str) -> Option<&'a str> {
     config
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
         .and_then(|rest| rest.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("{key} in the configuration"))
 }
 
-#[test]
-fn the_manifests_parse_and_agree_with_the_agent() {
-    let objects = objects();
-    assert_eq!(objects.namespaces.len(), 1);
+/// Every check of the objects against each other and the agent.
+fn check_agreement(objects: &Objects, namespace: &str) {
     assert_eq!(objects.service_accounts.len(), 1);
+    assert_eq!(objects.daemon_sets.len(), 1);
+    assert_eq!(objects.config_maps.len(), 1);
     let daemon_set = &objects.daemon_sets[0];
-    let namespace = objects.namespaces[0].metadata.name.as_deref();
     for object_namespace in [
         objects.service_accounts[0].metadata.namespace.as_deref(),
         objects.config_maps[0].metadata.namespace.as_deref(),
         daemon_set.metadata.namespace.as_deref(),
     ] {
-        assert_eq!(object_namespace, namespace);
+        assert_eq!(object_namespace, Some(namespace));
     }
     let spec = daemon_set.spec.as_ref().expect("spec");
     let pod = spec.template.spec.as_ref().expect("pod spec");
@@ -108,9 +124,49 @@ fn the_manifests_parse_and_agree_with_the_agent() {
             .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
         "every node"
     );
-    let (agent, config) = agent_and_config(&objects);
+    check_rbac(objects, namespace);
+    check_mounts(objects, pod);
+    check_metrics(objects);
+    let (agent, _) = agent_and_config(objects);
+    let node_name = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(node_name, Some("spec.nodeName"), "pod-selector sessions");
+}
 
-    // The agent reads the ConfigMap where the container mounts it.
+/// Pod-selector sessions list and watch pods, with the agent's service account.
+fn check_rbac(objects: &Objects, namespace: &str) {
+    let role = &objects.cluster_roles[0];
+    let rules = role.rules.clone().unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods".to_owned()][..])
+    );
+    let mut verbs = rules[0].verbs.clone();
+    verbs.sort();
+    assert_eq!(verbs, ["get", "list", "watch"]);
+    let binding = &objects.cluster_role_bindings[0];
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!(
+        (Some(&subject.name), subject.namespace.as_deref()),
+        (
+            objects.service_accounts[0].metadata.name.as_ref(),
+            Some(namespace)
+        )
+    );
+}
+
+/// The agent reads the `ConfigMap` where the container mounts it; pinned mode keeps links on the
+/// host's bpffs; the API socket is on a host directory.
+fn check_mounts(objects: &Objects, pod: &PodSpec) {
+    let (agent, config) = agent_and_config(objects);
     let args = agent.args.clone().unwrap_or_default();
     let config_path = args
         .iter()
@@ -139,16 +195,20 @@ fn the_manifests_parse_and_agree_with_the_agent() {
         Path::new(config_path),
         Path::new(&config_dir).join("config.toml")
     );
-
-    // Pinned mode keeps links on the host's bpffs; the API socket is on a host directory.
     let bpffs =
         mounted_at(&|v| v.host_path.as_ref().map(|h| h.path.as_str()) == Some("/sys/fs/bpf"));
-    assert!(Path::new(toml_string(config, "pin_dir")).starts_with(&bpffs));
+    if let Some(pin_dir) = toml_string(config, "pin_dir") {
+        assert!(Path::new(pin_dir).starts_with(&bpffs));
+    }
     let run = mounted_at(&|v| v.host_path.as_ref().map(|h| h.path.as_str()) == Some("/run/mirror"));
-    assert!(Path::new(toml_string(config, "api_socket")).starts_with(&run));
+    assert!(Path::new(toml_string(config, "api_socket").expect("api_socket")).starts_with(&run));
+}
 
-    // Metrics and probes on the port the agent serves them on.
+/// Metrics, probes, scrape annotations and the `ServiceMonitor` on the port the agent serves.
+fn check_metrics(objects: &Objects) {
+    let (agent, config) = agent_and_config(objects);
     let metrics: SocketAddr = toml_string(config, "metrics_address")
+        .expect("metrics_address")
         .parse()
         .expect("address");
     let port = agent
@@ -171,8 +231,8 @@ fn the_manifests_parse_and_agree_with_the_agent() {
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
         );
     }
-    let annotations = spec
-        .template
+    let template = &objects.daemon_sets[0].spec.as_ref().expect("spec").template;
+    let annotations = template
         .metadata
         .as_ref()
         .and_then(|m| m.annotations.clone())
@@ -185,18 +245,86 @@ fn the_manifests_parse_and_agree_with_the_agent() {
         annotations.get("prometheus.io/path").map(String::as_str),
         Some("/metrics")
     );
-    let node_name = agent
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "NODE_NAME")
-        .and_then(|e| e.value_from.as_ref())
-        .and_then(|v| v.field_ref.as_ref())
-        .map(|f| f.field_path.as_str());
-    assert_eq!(node_name, Some("spec.nodeName"));
+    let pod_labels = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .expect("labels");
+    for monitor in &objects.service_monitors {
+        let endpoint = &monitor["spec"]["endpoints"][0];
+        assert_eq!(endpoint["port"].as_str(), Some("metrics"));
+        assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+        let service = &objects.services[0];
+        let service_spec = service.spec.as_ref().expect("service spec");
+        assert_eq!(service_spec.selector.as_ref(), Some(&pod_labels));
+        let service_port = &service_spec.ports.as_ref().expect("ports")[0];
+        assert_eq!(service_port.name.as_deref(), Some("metrics"));
+        assert_eq!(service_port.port, i32::from(metrics.port()));
+        let selected: std::collections::BTreeMap<String, String> =
+            serde_norway::from_value(monitor["spec"]["selector"]["matchLabels"].clone())
+                .expect("matchLabels");
+        let service_labels = service.metadata.labels.clone().expect("service labels");
+        assert!(
+            selected
+                .iter()
+                .all(|(k, v)| service_labels.get(k) == Some(v))
+        );
+    }
+}
 
-    // The configuration is valid for the agent: `check` on a node whose underlay reaches the
-    // collector's subnet (the lab's 192.0.2.0/24).
+#[test]
+fn the_plain_manifests_are_the_chart_rendered_with_its_defaults() {
+    let committed =
+        std::fs::read_to_string(format!("{DEPLOY}/manifests/mirror.yaml")).expect("manifests");
+    assert!(
+        committed == render(&["--manifests"]),
+        "deploy/manifests/mirror.yaml is stale: run deploy/helm/render.py --manifests > deploy/manifests/mirror.yaml"
+    );
+    let objects = objects(&committed);
+    assert_eq!(
+        objects.namespaces[0].metadata.name.as_deref(),
+        Some("mirror")
+    );
+    check_agreement(&objects, "mirror");
+    assert!(objects.service_monitors.is_empty(), "off by default");
+}
+
+#[test]
+fn the_chart_agrees_with_the_agent_for_other_values() {
+    let objects = objects(&render(&[
+        "--namespace",
+        "observability",
+        "--release",
+        "tap",
+        "--set-json",
+        r#"metrics={"port":9500,"annotations":true}"#,
+        "--set-json",
+        r#"serviceMonitor={"enabled":true,"interval":"15s","labels":{"release":"prom"}}"#,
+        "--set-json",
+        "pinned=false",
+        "--set-json",
+        "privileged=true",
+    ]));
+    check_agreement(&objects, "observability");
+    assert_eq!(objects.service_monitors.len(), 1);
+    assert_eq!(
+        objects.service_monitors[0]["metadata"]["labels"]["release"].as_str(),
+        Some("prom")
+    );
+    let (agent, config) = agent_and_config(&objects);
+    assert_eq!(toml_string(config, "pin_dir"), None);
+    let security = agent.security_context.as_ref().expect("security context");
+    assert_eq!(
+        (security.privileged, security.capabilities.as_ref()),
+        (Some(true), None)
+    );
+}
+
+#[test]
+fn the_default_configuration_is_valid_for_the_agent() {
+    let objects = objects(&render(&[]));
+    let (_, config) = agent_and_config(&objects);
+    // `check` on a node whose underlay reaches the collector's subnet (the lab's 192.0.2.0/24).
     let lab = Lab::with_collector("deploy", 1500);
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("config.toml");
@@ -209,7 +337,7 @@ fn the_manifests_parse_and_agree_with_the_agent() {
     assert!(stdout.contains("ok: 1 session(s)"), "{stdout}");
 }
 
-/// The capabilities the DaemonSet adds, as `setpriv` spells them.
+/// The capabilities the `DaemonSet` adds, as `setpriv` spells them.
 fn granted_capabilities(agent: &Container) -> Vec<String> {
     let capabilities = agent
         .security_context
@@ -227,7 +355,7 @@ fn granted_capabilities(agent: &Container) -> Vec<String> {
 
 #[test]
 fn the_daemonset_capabilities_are_enough_for_tc_xdp_and_vxlan() {
-    let objects = objects();
+    let objects = objects(&render(&[]));
     let (agent, _) = agent_and_config(&objects);
     let granted = granted_capabilities(agent);
     let lab = Lab::with_collector("caps", 1500);

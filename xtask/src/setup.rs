@@ -9,11 +9,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// python3-dpkt for the real captures it ships, which the tests replay, and tshark, the
 /// independent decoder the VXLAN tests check our output with.
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "python3-dpkt", "tshark"];
+/// Helm's own Go engine in a Python wheel (no helm binary is packaged for these machines): the
+/// deploy tests render the chart with it (deploy/helm/render.py). Pinned: an alpha project.
+const HELM_PYTHON: &str = "helm-python-sdk==0.2.2";
 
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages(DEBIAN_PACKAGES)?;
+    helm_engine()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -99,6 +103,32 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .args(["--features", "llvm-22"])
             .env("LLVM_PREFIX", &sysroot),
+    )
+}
+
+fn helm_engine() -> anyhow::Result<()> {
+    let version = HELM_PYTHON.split("==").nth(1).unwrap_or_default();
+    let installed = output(
+        "python3",
+        &[
+            "-c",
+            "import importlib.metadata as m; print(m.version('helm-python-sdk'))",
+        ],
+    );
+    if installed.as_deref() == Some(version) {
+        eprintln!("xtask setup: {HELM_PYTHON} present");
+        return Ok(());
+    }
+    step(
+        "installing Helm's engine for Python (the chart tests)",
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            HELM_PYTHON,
+        ]),
     )
 }
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Renders the chart offline with Helm's own engine, as `helm template` does, and prints the
+manifests (one YAML stream). No helm binary is needed: helm-python-sdk (pip) carries Helm's Go
+library; `cargo xtask setup` installs it.
+
+    deploy/helm/render.py [--namespace NS] [--release NAME] [--set-json KEY=JSON ...]
+    deploy/helm/render.py --manifests > deploy/manifests/mirror.yaml
+
+`--manifests` prints the plain manifests: a Namespace, then the chart with its default values
+(tests/tests/deploy.rs checks that the committed file is exactly that).
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+import helm_python
+
+CHART = pathlib.Path(__file__).resolve().parent / "mirror"
+
+MANIFESTS_HEADER = """\
+# mirror: the agent as a DaemonSet on every node, the plain manifests. Generated from the Helm
+# chart (deploy/helm/mirror) with its default values by `deploy/helm/render.py --manifests`:
+# edit the chart, not this file.
+#   kubectl apply -f deploy/manifests/mirror.yaml
+# Then edit the ConfigMap's config.toml: the agent applies a changed file within seconds (the
+# kubelet swaps the mounted file, the agent notices), or rejects it with the line and the reason
+# in its log and keeps the running configuration.
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: {namespace}
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--namespace", default="mirror")
+    parser.add_argument("--release", default="mirror")
+    parser.add_argument("--set-json", action="append", default=[], metavar="KEY=JSON",
+                        help="a value, e.g. metrics={\"port\":9500} (repeatable)")
+    parser.add_argument("--manifests", action="store_true",
+                        help="the plain manifests: a Namespace, then the chart with defaults")
+    args = parser.parse_args()
+    if args.manifests:
+        print(MANIFESTS_HEADER.format(namespace=args.namespace), end="")
+    values = {}
+    for item in args.set_json:
+        key, _, text = item.partition("=")
+        values[key] = json.loads(text)
+    chart = helm_python.Chart.load(str(CHART))
+    rendered = chart.render(values, name=args.release, namespace=args.namespace, is_install=True)
+    for path in sorted(rendered):
+        text = rendered[path].strip()
+        if path.endswith(".yaml") and text:
+            print(f"---\n# Source: {path}\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
