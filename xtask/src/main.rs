@@ -26,8 +26,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker built against
-    /// nightly's LLVM, and the Debian tools the tests and the lab use.
-    Setup,
+    /// nightly's LLVM, and the Debian tools and Helm engine the tests and the lab use.
+    Setup {
+        /// Only what building the agent needs (nightly rust-src, bpf-linker): what
+        /// deploy/Dockerfile runs.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the agent (release), which builds and embeds the eBPF object.
     Build,
     /// rustfmt check, and clippy with warnings as errors on the host crates and the eBPF crate.
@@ -68,7 +73,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
+        Task::Setup { build_only } => setup::run(build_only),
         Task::Build => build(true).map(drop),
         Task::Lint => lint(),
         Task::Test {
@@ -83,7 +88,7 @@ fn main() -> anyhow::Result<()> {
             only,
         } => {
             require_root("the benchmarks")?;
-            setup::run()?;
+            setup::run(false)?;
             setup::bench_tools()?;
             let options = if quick {
                 bench::Options {
@@ -110,7 +115,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Lab => {
             require_root("the lab")?;
-            setup::run()?;
+            setup::run(false)?;
             lab::run(&build(true)?)
         }
     }
@@ -182,7 +187,7 @@ fn lint() -> anyhow::Result<()> {
 
 fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
     require_root("the integration tests")?;
-    setup::run()?;
+    setup::run(false)?;
     if !no_lint {
         lint()?;
     }

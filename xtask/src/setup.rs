@@ -13,11 +13,13 @@ const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "python3-dpkt", "tshar
 /// deploy tests render the chart with it (deploy/helm/render.py). Pinned: an alpha project.
 const HELM_PYTHON: &str = "helm-python-sdk==0.2.2";
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(build_only: bool) -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    debian_packages(DEBIAN_PACKAGES)?;
-    helm_engine()?;
+    if !build_only {
+        debian_packages(DEBIAN_PACKAGES)?;
+        helm_engine()?;
+    }
     eprintln!("xtask: setup complete");
     Ok(())
 }
