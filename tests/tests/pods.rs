@@ -386,3 +386,28 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
         "{queries:?}"
     );
 }
+
+#[test]
+fn a_pod_session_without_the_node_name_is_refused_before_anything_is_attached() {
+    let lab = Lab::new("podsnode");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[[session]]\nname = \"web\"\npods = { labels = { app = \"web\" } }\ntarget = { interface = \"mir0\" }\n",
+    )
+    .expect("config");
+    let (code, stdout, stderr) = agent_command(
+        &lab.node,
+        &["run", "--config", config.to_str().expect("utf-8")],
+    );
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("a session selects pods: the agent needs its node's name"),
+        "{stderr}"
+    );
+    assert_eq!(
+        tcx_programs(&lab.node, "mir0"),
+        [Vec::<String>::new(), Vec::new()]
+    );
+}
