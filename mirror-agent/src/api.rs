@@ -66,6 +66,21 @@ pub struct Applied {
     carried: Carried,
     /// What the follower needs to watch interfaces that appear later.
     pub follow: Option<Follow>,
+    /// The pods pod-selector sessions select now, and where they were found.
+    pub pods: Vec<SelectedPod>,
+}
+
+/// A pod that pod-selector sessions select, and the interface watched for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    pub ips: Vec<std::net::IpAddr>,
+    /// Its host-side interface, watched for these sessions.
+    pub interface: Option<String>,
+    /// Why no interface is watched for it.
+    pub problem: Option<String>,
+    pub sessions: Vec<String>,
 }
 
 /// Counters carried over from earlier generations, added to the live ones.
@@ -143,6 +158,7 @@ impl Applied {
             view: PlanView::of(plan),
             carried: Carried::default(),
             follow,
+            pods: Vec::new(),
         }
     }
 
@@ -189,6 +205,7 @@ impl Applied {
             view,
             carried,
             follow,
+            pods: self.pods.clone(),
         }
     }
 
@@ -287,6 +304,7 @@ impl Shared {
                 .map(|(i, d)| (i, direction_name(d)))
                 .collect(),
             sessions: applied.view.sessions.clone(),
+            pods: applied.pods.clone(),
         }
     }
 
@@ -505,6 +523,9 @@ pub struct Status {
     /// (name, kernel program id) of the programs of this generation.
     pub programs: Vec<(String, u32)>,
     pub sessions: Vec<SessionView>,
+    /// The pods pod-selector sessions select.
+    #[serde(default)]
+    pub pods: Vec<SelectedPod>,
 }
 
 fn internal(error: &anyhow::Error) -> (StatusCode, String) {

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    api::{self, Applied, Shared},
+    api::{self, Applied, SelectedPod, Shared},
     config::LoadedConfig,
     datapath::Datapath,
     emit::{Drain, Files},
@@ -385,6 +385,8 @@ impl Daemon<'_> {
         self.plan = prepared.plan;
         self.targets = prepared.targets;
         self.target_devices = prepared.target_devices;
+        // The sessions may select other pods now; and pods may have changed meanwhile.
+        self.apply_pods().await;
         Ok(generation)
     }
 
@@ -399,50 +401,70 @@ impl Daemon<'_> {
                 return;
             }
         };
-        let selectors: Vec<_> = self
-            .plan
-            .sessions
+        let selected: Vec<SelectedPod> = pods
             .iter()
-            .filter_map(|s| s.pods.as_ref())
-            .collect();
-        let wanted: BTreeMap<String, Placement> = placed
-            .iter()
-            .filter(|(key, _)| {
-                let pod = &pods[*key];
-                selectors
+            .filter_map(|(key, pod)| {
+                let sessions: Vec<String> = self
+                    .plan
+                    .sessions
                     .iter()
-                    .any(|s| s.matches(&pod.namespace, &pod.labels))
+                    .filter(|s| {
+                        s.pods
+                            .as_ref()
+                            .is_some_and(|p| p.matches(&pod.namespace, &pod.labels))
+                    })
+                    .map(|s| s.name.clone())
+                    .collect();
+                let placement = placed.get(key)?;
+                (!sessions.is_empty()).then(|| SelectedPod {
+                    pod: key.clone(),
+                    ips: pod.ips.clone(),
+                    interface: placement.as_ref().ok().map(|i| i.name.clone()),
+                    problem: placement.as_ref().err().map(|u| u.why.clone()),
+                    sessions,
+                })
             })
-            .map(|(key, placement)| (key.clone(), placement.clone()))
             .collect();
-        for (key, placement) in &wanted {
-            if self.placements.get(key) != Some(placement) {
-                match placement {
-                    Ok(interface) => {
-                        tracing::info!(
-                            "pod {key} is selected: its interface is {}",
-                            interface.name
-                        );
-                    }
-                    Err(why) => tracing::warn!("pod {key} is selected but not watched: {why}"),
+        for pod in &selected {
+            let before = self.placements.get(&pod.pod);
+            if before == placed.get(&pod.pod) {
+                continue;
+            }
+            match (&pod.interface, &pod.problem) {
+                (Some(interface), _) => {
+                    tracing::info!("pod {} is selected: its interface is {interface}", pod.pod);
                 }
+                (None, Some(why)) => {
+                    tracing::warn!("pod {} is selected but not watched: {why}", pod.pod);
+                }
+                (None, None) => {}
             }
         }
-        self.placements = wanted;
+        self.placements = selected
+            .iter()
+            .filter_map(|p| Some((p.pod.clone(), placed.get(&p.pod)?.clone())))
+            .collect();
         let mut applied = self.shared.applied();
         let Applied {
-            datapath, follow, ..
+            datapath,
+            follow,
+            pods: shown,
+            ..
         } = &mut *applied;
         if let Some(follow) = follow {
             follow.apply_pods(datapath, |selector| {
                 pods::selected(&pods, &placed, selector)
             });
         }
+        *shown = selected;
     }
 
-    /// Whether a selected pod has no interface yet (its route may come a moment after its IP).
+    /// Whether a selected pod has no interface yet but may get one (its route may come a moment
+    /// after its IP).
     fn waits_for_pods(&self) -> bool {
-        self.placements.values().any(Result::is_err)
+        self.placements
+            .values()
+            .any(|p| p.as_ref().is_err_and(|u| u.may_change))
     }
 
     fn log_counters(&self) {

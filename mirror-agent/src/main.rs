@@ -419,6 +419,19 @@ async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()>
             hooks.join(" ")
         );
     }
+    for pod in &status.pods {
+        let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
+        let place = match (&pod.interface, &pod.problem) {
+            (Some(interface), _) => format!("-> {interface}"),
+            (None, problem) => format!("not watched: {}", problem.as_deref().unwrap_or("?")),
+        };
+        println!(
+            "pod {:<32} {:<24} {place} (sessions {})",
+            pod.pod,
+            ips.join(","),
+            pod.sessions.join(",")
+        );
+    }
     Ok(())
 }
 

@@ -205,7 +205,32 @@ fn key_of(pod: &Pod) -> String {
 }
 
 /// Where a pod is on this node: its host-side interface, or why it has none the agent can watch.
-pub type Placement = Result<Interface, String>;
+pub type Placement = Result<Interface, Unplaced>;
+
+/// Why a pod has no interface the agent can watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    pub why: String,
+    /// Placing it again may succeed (no IP or no route yet); not so for a pod on the host network
+    /// or behind a bridge.
+    pub may_change: bool,
+}
+
+impl Unplaced {
+    fn for_now(why: String) -> Self {
+        Unplaced {
+            why,
+            may_change: true,
+        }
+    }
+
+    fn lasting(why: String) -> Self {
+        Unplaced {
+            why,
+            may_change: false,
+        }
+    }
+}
 
 /// The host-side interface of each pod, by the kernel's route to the pod's IP.
 pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
@@ -216,9 +241,11 @@ pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
     let mut placed = BTreeMap::new();
     for (key, pod) in pods.iter() {
         let placement = if pod.host_network {
-            Err("on the host network: no interface of its own".to_owned())
+            Err(Unplaced::lasting(
+                "on the host network: no interface of its own".to_owned(),
+            ))
         } else if pod.ips.is_empty() {
-            Err("no IP yet".to_owned())
+            Err(Unplaced::for_now("no IP yet".to_owned()))
         } else {
             route_to(&handle, pod.ips[0], &interfaces).await
         };
@@ -230,6 +257,28 @@ pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
 
 /// The interface the kernel sends `ip` out of, when that is a pod's own interface.
 async fn route_to(handle: &rtnetlink::Handle, ip: IpAddr, interfaces: &[Interface]) -> Placement {
+    let interface = routed_interface(handle, ip, interfaces)
+        .await
+        .map_err(Unplaced::for_now)?;
+    if std::path::Path::new("/sys/class/net")
+        .join(&interface.name)
+        .join("bridge")
+        .exists()
+    {
+        return Err(Unplaced::lasting(format!(
+            "{ip} is behind the bridge `{}` (bridge CNIs are not supported: watching the bridge would mirror every pod)",
+            interface.name
+        )));
+    }
+    Ok(interface)
+}
+
+/// The interface of the kernel's unicast route to `ip` without a gateway.
+async fn routed_interface(
+    handle: &rtnetlink::Handle,
+    ip: IpAddr,
+    interfaces: &[Interface],
+) -> Result<Interface, String> {
     let request = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
         .map_err(|e| e.to_string())?
@@ -261,20 +310,10 @@ async fn route_to(handle: &rtnetlink::Handle, ip: IpAddr, interfaces: &[Interfac
             _ => {}
         }
     }
-    let interface = ifindex
+    ifindex
         .and_then(|index| interfaces.iter().find(|i| i.ifindex == index))
-        .ok_or_else(|| format!("the route to {ip} names no interface"))?;
-    if std::path::Path::new("/sys/class/net")
-        .join(&interface.name)
-        .join("bridge")
-        .exists()
-    {
-        return Err(format!(
-            "{ip} is behind the bridge `{}` (bridge CNIs are not supported: watching the bridge would mirror every pod)",
-            interface.name
-        ));
-    }
-    Ok(interface.clone())
+        .cloned()
+        .ok_or_else(|| format!("the route to {ip} names no interface"))
 }
 
 /// The interfaces of the pods `selector` selects, each once.

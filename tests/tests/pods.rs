@@ -273,13 +273,37 @@ fn start_agent(lab: &Lab, api: &FakeApi, dir: &std::path::Path, socket: &str) ->
     )
 }
 
-#[test]
-fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go() {
-    let lab = Lab::new("pods");
-    let api = FakeApi::start(&lab.node);
-    let web1 = PodNet::new(&lab, "vethweb1", "10.244.0.10");
-    let db1 = PodNet::new(&lab, "vethdb1", "10.244.0.11");
-    let other = PodNet::new(&lab, "vethother", "10.244.0.12");
+/// The pods `status --json` lists: (pod, interface or why none, sessions as JSON).
+fn selected_pods(lab: &Lab, socket: &str) -> Vec<(String, String, String)> {
+    let (code, stdout, stderr) =
+        agent_command(&lab.node, &["status", "--json", "--api-socket", socket]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| {
+            (
+                p["pod"].as_str().unwrap_or_default().to_owned(),
+                p["interface"]
+                    .as_str()
+                    .or(p["problem"].as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                p["sessions"].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The pods known before the agent starts: web-1 (selected), db-1 and web-x (not selected), with
+/// their networks; and two selected pods that get no interface: one on another node, one on the
+/// host network.
+fn first_pods(lab: &Lab, api: &FakeApi) -> [PodNet; 3] {
+    let web1 = PodNet::new(lab, "vethweb1", "10.244.0.10");
+    let db1 = PodNet::new(lab, "vethdb1", "10.244.0.11");
+    let other = PodNet::new(lab, "vethother", "10.244.0.12");
     api.apply(pod("shop", "web-1", "web", NODE, "10.244.0.10"));
     api.apply(pod("shop", "db-1", "db", NODE, "10.244.0.11"));
     // Same labels, another namespace: not selected.
@@ -290,6 +314,14 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     let mut host = pod("shop", "web-host", "web", NODE, "10.10.1.1");
     host.spec.as_mut().expect("spec").host_network = Some(true);
     api.apply(host);
+    [web1, db1, other]
+}
+
+#[test]
+fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go() {
+    let lab = Lab::new("pods");
+    let api = FakeApi::start(&lab.node);
+    let [web1, db1, other] = first_pods(&lab, &api);
 
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("agent.sock");
@@ -313,6 +345,23 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
         vec![
             ("vethweb1".to_owned(), "egress".to_owned()),
             ("vethweb1".to_owned(), "ingress".to_owned())
+        ]
+    );
+    // What `status` says of the selected pods: where each is watched, or why not.
+    let shown = selected_pods(&lab, socket);
+    assert_eq!(
+        shown,
+        [
+            (
+                "shop/web-1".to_owned(),
+                "vethweb1".to_owned(),
+                r#"["web"]"#.to_owned()
+            ),
+            (
+                "shop/web-host".to_owned(),
+                "on the host network: no interface of its own".to_owned(),
+                r#"["web"]"#.to_owned()
+            ),
         ]
     );
     let copies = Capture::open(&lab.mon, "eth0");
