@@ -5,6 +5,9 @@ library; `cargo xtask setup` installs it.
 
     deploy/helm/render.py [--namespace NS] [--release NAME] [--set-json KEY=JSON ...]
     deploy/helm/render.py --manifests > deploy/manifests/mirror.yaml
+    deploy/helm/render.py --lint
+
+`--lint` runs `helm lint --strict` instead and exits 1 on any warning or error.
 
 `--manifests` prints the plain manifests: a Namespace, then the chart with its default values
 (tests/tests/deploy.rs checks that the committed file is exactly that).
@@ -41,7 +44,15 @@ def main() -> int:
                         help="a value, e.g. metrics={\"port\":9500} (repeatable)")
     parser.add_argument("--manifests", action="store_true",
                         help="the plain manifests: a Namespace, then the chart with defaults")
+    parser.add_argument("--lint", action="store_true",
+                        help="helm lint --strict: exit 1 on any warning or error")
     args = parser.parse_args()
+    if args.lint:
+        report = helm_python.lint(str(CHART), strict=True, namespace=args.namespace)
+        findings = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        for message in report["messages"]:
+            print(f"{message['path']}: {message['error']} (severity {message['severity']})")
+        return 1 if findings else 0
     if args.manifests:
         print(MANIFESTS_HEADER.format(namespace=args.namespace), end="")
     values = {}

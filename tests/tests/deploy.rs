@@ -290,6 +290,13 @@ fn the_plain_manifests_are_the_chart_rendered_with_its_defaults() {
 }
 
 #[test]
+fn the_chart_passes_helm_lint_strict() {
+    // `render` fails on a non-zero exit: a warning or an error.
+    let report = render(&["--lint"]);
+    assert!(!report.contains("severity 3"), "{report}");
+}
+
+#[test]
 fn the_chart_agrees_with_the_agent_for_other_values() {
     let objects = objects(&render(&[
         "--namespace",
