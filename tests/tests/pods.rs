@@ -33,6 +33,9 @@ struct ApiState {
     pods: BTreeMap<String, Pod>,
     resource_version: u64,
     watchers: Vec<mpsc::Sender<String>>,
+    /// The next watch is answered `410 Gone` (its resource version is too old), as an API
+    /// server does after compacting its history: the client must list again.
+    expired: bool,
     /// The query of every request, in order.
     queries: Vec<String>,
 }
@@ -60,17 +63,9 @@ impl FakeApi {
     }
 
     /// Adds or replaces a pod (`ADDED` or `MODIFIED` to the open watches).
-    fn apply(&self, mut pod: Pod) {
+    fn apply(&self, pod: Pod) {
         let mut state = self.state.lock().expect("state");
-        state.resource_version += 1;
-        pod.metadata.resource_version = Some(state.resource_version.to_string());
-        let key = pod.metadata.name.clone().expect("name");
-        let kind = if state.pods.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        state.pods.insert(key, pod.clone());
+        let (kind, pod) = state.put(pod);
         notify(&mut state, kind, &pod);
     }
 
@@ -83,9 +78,27 @@ impl FakeApi {
     }
 
     fn relabel(&self, name: &str, app: &str) {
-        let mut pod = self.state.lock().expect("state").pods[name].clone();
-        pod.metadata.labels = Some(BTreeMap::from([("app".to_owned(), app.to_owned())]));
+        let pod = self.state.lock().expect("state").relabelled(name, app);
         self.apply(pod);
+    }
+
+    /// Ends every watch and has the next one expire, and makes `change` at once, unseen by any
+    /// watch: only a new list tells it.
+    fn expire_watches_with(&self, change: impl FnOnce(&mut ApiState)) {
+        let mut state = self.state.lock().expect("state");
+        state.watchers.clear();
+        state.expired = true;
+        change(&mut state);
+    }
+
+    /// How many lists (requests without `watch=true`) were served.
+    fn lists(&self) -> usize {
+        let state = self.state.lock().expect("state");
+        state
+            .queries
+            .iter()
+            .filter(|q| !q.split('&').any(|p| p == "watch=true"))
+            .count()
     }
 
     fn kubeconfig(&self) -> String {
@@ -95,6 +108,28 @@ impl FakeApi {
              current-context: lab\n",
             self.port
         )
+    }
+}
+
+impl ApiState {
+    /// Stores `pod` with the next resource version: whether it is new, and the pod as stored.
+    fn put(&mut self, mut pod: Pod) -> (&'static str, Pod) {
+        self.resource_version += 1;
+        pod.metadata.resource_version = Some(self.resource_version.to_string());
+        let key = pod.metadata.name.clone().expect("name");
+        let kind = if self.pods.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.pods.insert(key, pod.clone());
+        (kind, pod)
+    }
+
+    fn relabelled(&self, name: &str, app: &str) -> Pod {
+        let mut pod = self.pods[name].clone();
+        pod.metadata.labels = Some(BTreeMap::from([("app".to_owned(), app.to_owned())]));
+        pod
     }
 }
 
@@ -148,13 +183,29 @@ fn serve(state: &Mutex<ApiState>, stream: TcpStream) {
         };
         if query.split('&').any(|p| p == "watch=true") {
             let (sender, events) = mpsc::channel();
-            state.lock().expect("state").watchers.push(sender);
+            {
+                let mut state = state.lock().expect("state");
+                if std::mem::take(&mut state.expired) {
+                    let gone = serde_json::json!({
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Failure", "reason": "Expired", "code": 410,
+                            "message": "too old resource version",
+                        },
+                    });
+                    sender.send(gone.to_string()).expect("own channel");
+                    drop(sender);
+                } else {
+                    state.watchers.push(sender);
+                }
+            }
             let _ = write!(
                 stream,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
             );
             let _ = stream.flush();
-            // Events until the test ends (the agent is stopped first).
+            // Events until the watch is ended (or the test ends: the agent is stopped first).
             for event in events {
                 let line = format!("{event}\n");
                 if write!(stream, "{:x}\r\n{line}\r\n", line.len()).is_err() {
@@ -162,7 +213,9 @@ fn serve(state: &Mutex<ApiState>, stream: TcpStream) {
                 }
                 let _ = stream.flush();
             }
-            return;
+            let _ = write!(stream, "0\r\n\r\n");
+            let _ = stream.flush();
+            continue;
         }
         let body = {
             let state = state.lock().expect("state");
@@ -459,4 +512,46 @@ fn a_pod_session_without_the_node_name_is_refused_before_anything_is_attached() 
         tcx_programs(&lab.node, "mir0"),
         [Vec::<String>::new(), Vec::new()]
     );
+}
+
+#[test]
+fn changes_missed_while_the_watch_had_expired_are_applied_from_the_new_list() {
+    let lab = Lab::new("podsrelist");
+    let api = FakeApi::start(&lab.node);
+    let [web1, db1, _other] = first_pods(&lab, &api);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let agent = start_agent(&lab, &api, dir.path(), socket);
+    let watched = || {
+        let mut interfaces: Vec<String> = attached(&lab.node, socket)
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        interfaces.dedup();
+        interfaces
+    };
+    assert_eq!(watched(), ["vethweb1"]);
+    // The watches end and the next one is told its resource version is too old (410), while
+    // web-1 is relabelled away and db-1 into the selector: no event carries either change.
+    let lists_before = api.lists();
+    api.expire_watches_with(|state| {
+        let web1 = state.relabelled("web-1", "web-old");
+        state.put(web1);
+        let db1 = state.relabelled("db-1", "web");
+        state.put(db1);
+    });
+    wait_for("the relisted pods applied", || watched() == ["vethdb1"]);
+    assert!(api.lists() > lists_before, "the agent listed again");
+    let copies = Capture::open(&lab.mon, "eth0");
+    web1.send(b"web-1 relabelled away unseen");
+    let kept = db1.send(b"db-1 relabelled in unseen");
+    db1.send_sentinel();
+    let got: Vec<Vec<u8>> = copies
+        .until_sentinel()
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    assert_eq!(got, [kept]);
+    agent.stop();
 }
