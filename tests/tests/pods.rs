@@ -20,8 +20,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use mirror_tests::{
-    Agent, Capture, FrameSender, Lab, Netns, SENTINEL_RULE, agent_binary, agent_command, attached,
-    tcx_programs, udp_v4_frame, wait_for,
+    Agent, BpfFs, Capture, FrameSender, Lab, Netns, SENTINEL_RULE, TrafficLoop, agent_binary,
+    agent_command, attached, tcx_programs, udp_v4_frame, wait_for,
 };
 
 const NODE: &str = "node-a";
@@ -286,7 +286,7 @@ impl PodNet {
 
     /// A UDP frame out of the pod to [`PORT`], told apart by `payload`.
     fn send(&self, payload: &[u8]) -> Vec<u8> {
-        let frame = udp_v4_frame(POD_MAC, HOST_MAC, PORT, payload);
+        let frame = pod_frame(payload);
         FrameSender::open(&self.ns, "eth0").send(&frame);
         frame
     }
@@ -296,12 +296,23 @@ impl PodNet {
     }
 }
 
+/// A UDP frame out of a pod to [`PORT`], told apart by `payload`.
+fn pod_frame(payload: &[u8]) -> Vec<u8> {
+    udp_v4_frame(POD_MAC, HOST_MAC, PORT, payload)
+}
+
 const POD_MAC: &str = "02:00:00:00:0a:02";
 const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 
 /// Runs the agent in the lab's node with a session selecting the pods of namespace `shop`
 /// labelled `app=web`, against `api`.
-fn start_agent(lab: &Lab, api: &FakeApi, dir: &std::path::Path, socket: &str) -> Agent {
+fn start_agent(
+    lab: &Lab,
+    api: &FakeApi,
+    dir: &std::path::Path,
+    socket: &str,
+    extra: &[&str],
+) -> Agent {
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
     let config = dir.join("config.toml");
@@ -318,11 +329,15 @@ fn start_agent(lab: &Lab, api: &FakeApi, dir: &std::path::Path, socket: &str) ->
         &agent_binary(),
         &config,
         &[
-            "--node-name",
-            NODE,
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8"),
-        ],
+            &[
+                "--node-name",
+                NODE,
+                "--kubeconfig",
+                kubeconfig.to_str().expect("utf-8"),
+            ],
+            extra,
+        ]
+        .concat(),
     )
 }
 
@@ -379,7 +394,7 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("agent.sock");
     let socket = socket.to_str().expect("utf-8");
-    let agent = start_agent(&lab, &api, dir.path(), socket);
+    let agent = start_agent(&lab, &api, dir.path(), socket, &[]);
     let hooks = |interface: &str| -> Vec<String> {
         let mut hooks: Vec<String> = attached(&lab.node, socket)
             .into_iter()
@@ -522,7 +537,7 @@ fn changes_missed_while_the_watch_had_expired_are_applied_from_the_new_list() {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("agent.sock");
     let socket = socket.to_str().expect("utf-8");
-    let agent = start_agent(&lab, &api, dir.path(), socket);
+    let agent = start_agent(&lab, &api, dir.path(), socket, &[]);
     let watched = || {
         let mut interfaces: Vec<String> = attached(&lab.node, socket)
             .into_iter()
@@ -554,4 +569,52 @@ fn changes_missed_while_the_watch_had_expired_are_applied_from_the_new_list() {
         .collect();
     assert_eq!(got, [kept]);
     agent.stop();
+}
+
+#[test]
+fn in_pinned_mode_the_next_agent_takes_over_the_pods_interfaces_without_a_gap() {
+    let lab = Lab::new("podspinned");
+    let bpffs = BpfFs::mount();
+    let pins = bpffs.path().join("mirror");
+    let pins_arg = pins.to_str().expect("utf-8");
+    let api = FakeApi::start(&lab.node);
+    let [web1, _db1, _other] = first_pods(&lab, &api);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let start = || start_agent(&lab, &api, dir.path(), socket, &["--pin-dir", pins_arg]);
+    let first = start();
+    let copies = Capture::open(&lab.mon, "eth0");
+    let numbered = |seq: u32| pod_frame(&seq.to_be_bytes());
+    let traffic = TrafficLoop::start(FrameSender::open(&web1.ns, "eth0"), 40_000, numbered);
+    let mut frames = Vec::new();
+    let mut copies_past = |n: usize| {
+        let target = frames.len() + n;
+        wait_for(&format!("{target} copies"), || {
+            frames.extend(copies.drain().into_iter().map(|f| f.bytes));
+            frames.len() >= target
+        });
+    };
+    copies_past(200);
+    first.kill();
+    // Nobody runs the agent: the pinned programs on the pod's veth go on.
+    copies_past(200);
+    // The second agent's first generation already has the pod's veth (it waited for the list):
+    // the pinned link is switched in place, never let go.
+    let second = start();
+    copies_past(200);
+    let sent = traffic.finish();
+    web1.send_sentinel();
+    frames.extend(copies.bytes_until_sentinel());
+    println!("{sent} packets sent, {} copies", frames.len());
+    assert!(
+        frames == (0..sent).map(numbered).collect::<Vec<_>>(),
+        "every packet copied once, in order, byte for byte ({sent} sent, {} copies)",
+        frames.len()
+    );
+    second.stop();
+    std::fs::remove_dir_all(&pins).expect("remove the pins");
+    wait_for("the pod's veth let go", || {
+        tcx_programs(&lab.node, "vethweb1") == [Vec::<String>::new(), Vec::new()]
+    });
 }
