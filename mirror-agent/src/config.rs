@@ -102,15 +102,70 @@ impl SessionConfig {
 }
 
 /// `pods = { namespace = "shop", labels = { app = "web" } }`: pods of this node by namespace and
-/// labels (all must match).
+/// labels, as a Kubernetes label selector: every label and every expression must hold.
 #[derive(Debug, Deserialize, Clone, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct PodSelector {
     /// Only pods of this namespace (default: every namespace).
     pub namespace: Option<String>,
-    /// Pods carrying every one of these labels with these values (default: any labels).
+    /// Pods carrying every one of these labels with these values (`matchLabels`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Set-based requirements (`matchExpressions`):
+    /// `[{ key = "tier", operator = "In", values = ["front", "edge"] }]`.
+    #[serde(default)]
+    pub expressions: Vec<LabelExpression>,
+}
+
+/// One requirement on a label.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct LabelExpression {
+    pub key: String,
+    pub operator: LabelOperator,
+    /// For `In` and `NotIn` (at least one); none for `Exists` and `DoesNotExist`.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// The operators of Kubernetes label selectors.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LabelOperator {
+    /// The label is there, with one of the values.
+    In,
+    /// The label is missing, or has none of the values.
+    NotIn,
+    /// The label is there, with any value.
+    Exists,
+    /// The label is missing.
+    DoesNotExist,
+}
+
+impl LabelExpression {
+    fn holds(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            LabelOperator::In => value.is_some_and(|v| self.values.contains(v)),
+            LabelOperator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            LabelOperator::Exists => value.is_some(),
+            LabelOperator::DoesNotExist => value.is_none(),
+        }
+    }
+
+    /// What is wrong with the expression's values for its operator, if anything.
+    pub fn problem(&self) -> Option<String> {
+        match (self.operator, self.values.is_empty()) {
+            (LabelOperator::In | LabelOperator::NotIn, true) => Some(format!(
+                "`{:?}` on label `{}` needs at least one value",
+                self.operator, self.key
+            )),
+            (LabelOperator::Exists | LabelOperator::DoesNotExist, false) => Some(format!(
+                "`{:?}` on label `{}` takes no values",
+                self.operator, self.key
+            )),
+            _ => None,
+        }
+    }
 }
 
 impl PodSelector {
@@ -124,24 +179,31 @@ impl PodSelector {
                 .labels
                 .iter()
                 .all(|(key, value)| labels.get(key) == Some(value))
+            && self.expressions.iter().all(|e| e.holds(labels))
     }
 }
 
 impl fmt::Display for PodSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let labels: Vec<String> = self
+        let mut requirements: Vec<String> = self
             .labels
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        requirements.extend(self.expressions.iter().map(|e| match e.operator {
+            LabelOperator::In => format!("{} in ({})", e.key, e.values.join(",")),
+            LabelOperator::NotIn => format!("{} notin ({})", e.key, e.values.join(",")),
+            LabelOperator::Exists => e.key.clone(),
+            LabelOperator::DoesNotExist => format!("!{}", e.key),
+        }));
         write!(
             f,
-            "pods in {} labelled {}",
+            "pods in {} selected by {}",
             self.namespace.as_deref().unwrap_or("any namespace"),
-            if labels.is_empty() {
-                "anything".to_owned()
+            if requirements.is_empty() {
+                "nothing (all)".to_owned()
             } else {
-                labels.join(",")
+                requirements.join(",")
             }
         )
     }

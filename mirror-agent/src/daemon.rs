@@ -290,6 +290,9 @@ async fn prepare(
                 ""
             },
         );
+        if let Some(selector) = &session.pods {
+            tracing::info!("session `{}` watches the {selector}", session.name);
+        }
     }
     let follow = Follow::new(
         &plan.sessions,

@@ -380,6 +380,40 @@ mod tests {
     }
 
     #[test]
+    fn label_expressions_hold_as_in_kubernetes() {
+        use crate::config::{LabelExpression, LabelOperator};
+        let labels = PodView::of(&pod("Running", &[])).expect("view").labels;
+        let expression = |key: &str, operator, values: &[&str]| LabelExpression {
+            key: key.to_owned(),
+            operator,
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+        };
+        for (expression, holds) in [
+            (
+                expression("tier", LabelOperator::In, &["front", "edge"]),
+                true,
+            ),
+            (expression("tier", LabelOperator::In, &["back"]), false),
+            (expression("zone", LabelOperator::In, &["a"]), false),
+            (expression("tier", LabelOperator::NotIn, &["back"]), true),
+            (expression("tier", LabelOperator::NotIn, &["front"]), false),
+            // A missing label is in no set.
+            (expression("zone", LabelOperator::NotIn, &["a"]), true),
+            (expression("app", LabelOperator::Exists, &[]), true),
+            (expression("zone", LabelOperator::Exists, &[]), false),
+            (expression("zone", LabelOperator::DoesNotExist, &[]), true),
+            (expression("app", LabelOperator::DoesNotExist, &[]), false),
+        ] {
+            let selector = PodSelector {
+                namespace: None,
+                labels: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
+                expressions: vec![expression.clone()],
+            };
+            assert_eq!(selector.matches("shop", &labels), holds, "{expression:?}");
+        }
+    }
+
+    #[test]
     fn a_selector_needs_its_namespace_and_every_label() {
         let labels = PodView::of(&pod("Running", &[])).expect("view").labels;
         let selector = |namespace: Option<&str>, pairs: &[(&str, &str)]| PodSelector {
@@ -388,6 +422,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            expressions: Vec::new(),
         };
         for (namespace, pairs, selected) in [
             (None, &[][..], true),

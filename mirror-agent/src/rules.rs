@@ -406,6 +406,17 @@ fn resolve_session(
         (Some(interfaces), None) => interfaces.get_ref().as_slice(),
     };
     let selector = session.pods.as_ref().map(|p| p.get_ref().clone());
+    if let Some(problem) = selector
+        .iter()
+        .flat_map(|s| &s.expressions)
+        .find_map(crate::config::LabelExpression::problem)
+    {
+        let span = session
+            .pods
+            .as_ref()
+            .map_or(session.name.span(), toml::Spanned::span);
+        return Err(loaded.error(span, problem));
+    }
     let mut watched = BTreeSet::new();
     if let Some(selector) = &selector {
         watched.extend(
@@ -1436,6 +1447,20 @@ mod tests {
                 format!("{HEAD}target = {{ interface = \"mir0\" }}\n"),
                 "t.toml:2:",
                 "the session watches nothing",
+            ),
+            (
+                format!(
+                    "{HEAD}pods = {{ expressions = [{{ key = \"tier\", operator = \"In\" }}] }}\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:3:",
+                "`In` on label `tier` needs at least one value",
+            ),
+            (
+                format!(
+                    "{HEAD}pods = {{ expressions = [{{ key = \"tier\", operator = \"Exists\", values = [\"x\"] }}] }}\ntarget = {{ interface = \"mir0\" }}\n"
+                ),
+                "t.toml:3:",
+                "`Exists` on label `tier` takes no values",
             ),
             (
                 format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"nope1\" }}\n"),
