@@ -284,6 +284,12 @@ fn main() -> anyhow::Result<()> {
         Command::Check { config } => {
             let plan = plan(&LoadedConfig::read(&config)?)?;
             for session in &plan.sessions {
+                if let Some(selector) = &session.pods {
+                    println!(
+                        "session `{}`: watches the {selector}: their interfaces are found when the agent runs",
+                        session.name
+                    );
+                }
                 if let Target::Vxlan(vxlan) = &session.target {
                     let len = tunnel::max_tunnel_copy_len(vxlan)
                         .with_context(|| format!("session `{}`", session.name))?;

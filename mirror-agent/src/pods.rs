@@ -111,7 +111,8 @@ impl PodWatch {
         let api = kube::Api::<Pod>::all(client);
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let (publish, mut pods) = watch::channel(Pods::default());
-        let (first, mut first_done) = watch::channel(false);
+        // Whether the first list is complete; until it is, the last error (said at a timeout).
+        let (first, mut first_done) = watch::channel(Err::<(), _>(None::<String>));
         let task = tokio::spawn(async move {
             let mut events = std::pin::pin!(watcher(api, config).default_backoff());
             let mut current = BTreeMap::new();
@@ -122,6 +123,12 @@ impl PodWatch {
                     Err(e) => {
                         // The watcher retries with a backoff; the pods known stay as they are.
                         tracing::warn!("watching the node's pods: {e}");
+                        first.send_if_modified(|first| {
+                            first
+                                .is_err()
+                                .then(|| *first = Err(Some(e.to_string())))
+                                .is_some()
+                        });
                         continue;
                     }
                 };
@@ -138,7 +145,7 @@ impl PodWatch {
                     }
                     watcher::Event::InitDone => {
                         current = std::mem::take(&mut listing);
-                        let _ = first.send(true);
+                        let _ = first.send(Ok(()));
                         true
                     }
                     watcher::Event::Apply(pod) => {
@@ -169,15 +176,22 @@ impl PodWatch {
             pods: pods.clone(),
             task,
         };
-        tokio::time::timeout(FIRST_LIST_TIMEOUT, first_done.wait_for(|done| *done))
+        let listed = tokio::time::timeout(FIRST_LIST_TIMEOUT, first_done.wait_for(Result::is_ok))
             .await
-            .with_context(|| {
-                format!(
-                    "the Kubernetes API did not list the pods of node `{node}` within {} s",
-                    FIRST_LIST_TIMEOUT.as_secs()
-                )
-            })?
-            .context("the pod watcher stopped")?;
+            .map(|done| done.map(drop));
+        match listed {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => anyhow::bail!("the pod watcher stopped before the first list"),
+            Err(_) => {
+                let last = first_done.borrow().clone().err().flatten();
+                anyhow::bail!(
+                    "the Kubernetes API did not list the pods of node `{node}` within {} s{}",
+                    FIRST_LIST_TIMEOUT.as_secs(),
+                    last.map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
         pods.mark_unchanged();
         Ok(watch)
     }
