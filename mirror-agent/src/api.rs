@@ -209,6 +209,23 @@ impl Applied {
         }
     }
 
+    /// Per session, the (interface, direction) hooks it watches now: those of the plan, and those
+    /// of interfaces that appeared or pods selected since.
+    fn session_hooks(&self) -> Vec<Vec<(String, String)>> {
+        let Some(follow) = &self.follow else {
+            return self.view.sessions.iter().map(|s| s.hooks.clone()).collect();
+        };
+        let mut hooks = vec![Vec::new(); self.view.sessions.len()];
+        for (interface, direction) in self.datapath.attached() {
+            for session in follow.sessions_watching(&interface, direction) {
+                if let Some(list) = hooks.get_mut(session) {
+                    list.push((interface.clone(), direction_name(direction)));
+                }
+            }
+        }
+        hooks
+    }
+
     /// Every counter, summed over CPUs, plus what earlier generations carried over.
     pub fn stats(&self) -> anyhow::Result<Stats> {
         let sessions = self.datapath.session_counters(self.view.sessions.len())?;
@@ -303,7 +320,16 @@ impl Shared {
                 .into_iter()
                 .map(|(i, d)| (i, direction_name(d)))
                 .collect(),
-            sessions: applied.view.sessions.clone(),
+            sessions: applied
+                .view
+                .sessions
+                .iter()
+                .zip(applied.session_hooks())
+                .map(|(session, hooks)| SessionView {
+                    hooks,
+                    ..session.clone()
+                })
+                .collect(),
             pods: applied.pods.clone(),
         }
     }
@@ -383,13 +409,14 @@ impl Shared {
             "Watched (interface, direction) hooks, by session",
             attached.clone(),
         );
-        for session in &self.applied().view.sessions {
-            for (interface, direction) in &session.hooks {
+        let applied = self.applied();
+        for (session, hooks) in applied.view.sessions.iter().zip(applied.session_hooks()) {
+            for (interface, direction) in hooks {
                 attached
                     .get_or_create(&vec![
                         ("session", session.name.clone()),
-                        ("interface", interface.clone()),
-                        ("direction", direction.clone()),
+                        ("interface", interface),
+                        ("direction", direction),
                     ])
                     .set(1);
             }

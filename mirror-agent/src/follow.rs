@@ -31,7 +31,7 @@ pub struct Follow {
     /// Per session: the pods it selects instead of interfaces.
     selectors: Vec<Option<PodSelector>>,
     /// The hooks of the plan's sessions that watch interfaces: (ifindex, direction, session).
-    planned: Vec<(u32, Direction, usize)>,
+    planned: Vec<(Interface, Direction, usize)>,
     /// The hooks pod-selector sessions watch now, and those sessions.
     pod_hooks: BTreeMap<(Interface, Direction), Vec<usize>>,
     rules: Vec<Rule>,
@@ -52,7 +52,7 @@ impl Follow {
                         .or_default()
                         .push(index);
                 } else {
-                    planned.push((interface.ifindex, *direction, index));
+                    planned.push((interface.clone(), *direction, index));
                 }
             }
         }
@@ -72,12 +72,42 @@ impl Follow {
             })
     }
 
+    /// Every session that watches the attached hook `(interface, direction)` now: by name, glob
+    /// or pod.
+    pub fn sessions_watching(&self, interface: &str, direction: Direction) -> Vec<usize> {
+        let mut sessions: Vec<usize> = self
+            .planned
+            .iter()
+            .filter(|(i, d, _)| i.name == interface && *d == direction)
+            .map(|(_, _, session)| *session)
+            .chain(
+                self.pod_hooks
+                    .iter()
+                    .filter(|((i, d), _)| i.name == interface && *d == direction)
+                    .flat_map(|(_, sessions)| sessions.iter().copied()),
+            )
+            .chain(
+                self.sessions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (globs, directions))| {
+                        directions.contains(&direction)
+                            && globs.iter().any(|g| g.matches(interface))
+                    })
+                    .map(|(index, _)| index),
+            )
+            .collect();
+        sessions.sort_unstable();
+        sessions.dedup();
+        sessions
+    }
+
     /// Sessions that watch `interface` in `direction` by name or glob.
     fn interface_sessions(&self, interface: &Interface, direction: Direction) -> Vec<usize> {
         let mut sessions: Vec<usize> = self
             .planned
             .iter()
-            .filter(|(ifindex, d, _)| *ifindex == interface.ifindex && *d == direction)
+            .filter(|(i, d, _)| i.ifindex == interface.ifindex && *d == direction)
             .map(|(_, _, session)| *session)
             .chain(
                 self.sessions

@@ -1096,6 +1096,18 @@ pub fn attached(ns: &Netns, socket: &str) -> Vec<(String, String)> {
     serde_json::from_value(status["attached"].clone()).expect("attached pairs")
 }
 
+/// The hooks `status --json` lists for the session at `index`, as `interface/direction`, sorted.
+pub fn session_hooks(ns: &Netns, socket: &str, index: usize) -> Vec<String> {
+    let (code, stdout, stderr) = agent_command(ns, &["status", "--json", "--api-socket", socket]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    let hooks: Vec<(String, String)> =
+        serde_json::from_value(status["sessions"][index]["hooks"].clone()).expect("hooks");
+    let mut hooks: Vec<String> = hooks.into_iter().map(|(i, d)| format!("{i}/{d}")).collect();
+    hooks.sort();
+    hooks
+}
+
 /// Runs the agent with `args` in a namespace and returns (exit code, stdout, stderr). A `run`
 /// gets an API socket of its own, so that tests running at once do not meet on the default one.
 pub fn agent_command(ns: &Netns, args: &[&str]) -> (i32, String, String) {

@@ -3,7 +3,8 @@ use std::time::Instant;
 
 use mirror_tests::{
     Agent, BpfFs, Capture, Counts, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, TrafficLoop,
-    agent_binary, agent_command, attached, session_config, tcx_programs, udp_v4_frame, wait_for,
+    agent_binary, agent_command, attached, session_config, session_hooks, tcx_programs,
+    udp_v4_frame, wait_for,
 };
 
 #[test]
@@ -42,6 +43,11 @@ fn an_interface_matching_a_glob_is_followed_as_it_comes_and_goes() {
         assert!(
             attached(&lab.node, socket).contains(&("dyn0".to_owned(), "ingress".to_owned())),
             "status lists dyn0"
+        );
+        assert_eq!(
+            session_hooks(&lab.node, socket, 0),
+            ["dyn0/ingress", "src0/ingress"],
+            "and as the session's"
         );
 
         let sender = mirror_tests::FrameSender::open(&lab.src, "dyn1");

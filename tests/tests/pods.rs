@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use mirror_tests::{
     Agent, BpfFs, Capture, FrameSender, Lab, Netns, SENTINEL_RULE, TrafficLoop, agent_binary,
-    agent_command, attached, tcx_programs, udp_v4_frame, wait_for,
+    agent_command, attached, session_hooks, tcx_programs, udp_v4_frame, wait_for,
 };
 
 const NODE: &str = "node-a";
@@ -89,6 +89,21 @@ impl FakeApi {
         state.watchers.clear();
         state.expired = true;
         change(&mut state);
+    }
+
+    /// Every request the agent made listed or watched the pods of [`NODE`] only, and it watched.
+    fn assert_asked_for_this_node_only(&self) {
+        let queries = self.state.lock().expect("state").queries.clone();
+        assert!(
+            queries
+                .iter()
+                .all(|q| q.contains(&format!("fieldSelector=spec.nodeName={NODE}"))),
+            "every request asks for this node's pods only: {queries:?}"
+        );
+        assert!(
+            queries.iter().any(|q| q.contains("watch=true")),
+            "{queries:?}"
+        );
     }
 
     /// How many lists (requests without `watch=true`) were served.
@@ -341,6 +356,17 @@ fn start_agent(
     )
 }
 
+/// The directions in which `interface` is attached, sorted.
+fn hooks_of(lab: &Lab, socket: &str, interface: &str) -> Vec<String> {
+    let mut hooks: Vec<String> = attached(&lab.node, socket)
+        .into_iter()
+        .filter(|(i, _)| i == interface)
+        .map(|(_, d)| d)
+        .collect();
+    hooks.sort();
+    hooks
+}
+
 /// The pods `status --json` lists: (pod, interface or why none, sessions as JSON).
 fn selected_pods(lab: &Lab, socket: &str) -> Vec<(String, String, String)> {
     let (code, stdout, stderr) =
@@ -395,25 +421,17 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     let socket = dir.path().join("agent.sock");
     let socket = socket.to_str().expect("utf-8");
     let agent = start_agent(&lab, &api, dir.path(), socket, &[]);
-    let hooks = |interface: &str| -> Vec<String> {
-        let mut hooks: Vec<String> = attached(&lab.node, socket)
-            .into_iter()
-            .filter(|(i, _)| i == interface)
-            .map(|(_, d)| d)
-            .collect();
-        hooks.sort();
-        hooks
-    };
+    let hooks = |interface: &str| hooks_of(&lab, socket, interface);
     let both = vec!["egress".to_owned(), "ingress".to_owned()];
     // Only web-1's interface, in both directions, from the first list.
-    let mut all = attached(&lab.node, socket);
-    all.sort();
     assert_eq!(
-        all,
-        vec![
-            ("vethweb1".to_owned(), "egress".to_owned()),
-            ("vethweb1".to_owned(), "ingress".to_owned())
-        ]
+        session_hooks(&lab.node, socket, 0),
+        ["vethweb1/egress", "vethweb1/ingress"]
+    );
+    assert_eq!(
+        attached(&lab.node, socket).len(),
+        2,
+        "nothing else attached"
     );
     // What `status` says of the selected pods: where each is watched, or why not.
     let shown = selected_pods(&lab, socket);
@@ -450,6 +468,16 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     // db-1 relabelled app=web: selected from now on.
     api.relabel("db-1", "web");
     wait_for("db-1's interface watched", || hooks("vethdb1") == both);
+    assert_eq!(
+        session_hooks(&lab.node, socket, 0),
+        [
+            "vethdb1/egress",
+            "vethdb1/ingress",
+            "vethweb1/egress",
+            "vethweb1/ingress"
+        ],
+        "the session's hooks in status follow the pods"
+    );
     let kept = db1.send(b"db-1 relabelled web");
     expect_copies(vec![kept], &db1, "after db-1 is relabelled");
 
@@ -491,17 +519,7 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     let report = agent.stop();
     // 6 copies and 6 sentinels, all by the one session (counted on across the reload).
     assert_eq!(report.session("web").mirrored, 12, "{}", report.0);
-    let queries = api.state.lock().expect("state").queries.clone();
-    assert!(
-        queries
-            .iter()
-            .all(|q| q.contains(&format!("fieldSelector=spec.nodeName={NODE}"))),
-        "every request asks for this node's pods only: {queries:?}"
-    );
-    assert!(
-        queries.iter().any(|q| q.contains("watch=true")),
-        "{queries:?}"
-    );
+    api.assert_asked_for_this_node_only();
 }
 
 #[test]
