@@ -2,18 +2,29 @@
 //! (`spec.nodeName=$NODE_NAME`) on the Kubernetes API, and finds each pod's host-side interface
 //! by asking the kernel for the route to the pod's IP.
 //!
-//! Assumed of the CNI: each pod has a host-side interface (a veth) and the node routes the pod's
-//! IP straight to it — Calico (`cali*`), Cilium (`lxc*`), the AWS VPC CNI (`eni*`), kindnet and
-//! GKE do. A pod whose IP is reached through a bridge (flannel's `cni0`, the `bridge` plugin) or
-//! a gateway is reported and left out: watching the bridge would mirror every pod behind it.
-//! Pods on the host network have no interface of their own and are left out too.
+//! Assumed of the CNI: each pod has a host-side interface (a veth), and the node routes the pod's
+//! IP either straight to it — Calico (`cali*`), Cilium (`lxc*`), the AWS VPC CNI (`eni*`),
+//! kindnet, GKE — or to a bridge the veth is a port of — flannel's `cni0`, the `bridge` plugin.
+//! Behind a bridge, the pod's port is the one whose peer, in the pod's network namespace, has the
+//! pod's IP: the kernel reports each port's peer namespace (`IFLA_LINK_NETNSID`) and lists that
+//! namespace's addresses on request (`IFA_TARGET_NETNSID`), so the agent needs no `setns`. A pod
+//! reached through a gateway, and pods on the host network, have no interface of their own on
+//! this node and are left out.
 use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
+use futures_util::TryStreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt as _, watcher};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteType};
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::LinkAttribute,
+        route::{RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType},
+    },
+    sys::AsyncSocket as _,
+};
 use tokio::sync::watch;
 
 use crate::{config::PodSelector, rules::Interface};
@@ -248,8 +259,14 @@ impl Unplaced {
 
 /// The host-side interface of each pod, by the kernel's route to the pod's IP.
 pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
-    let (connection, handle, _) =
+    let (mut connection, handle, _) =
         rtnetlink::new_connection().context("opening a netlink socket")?;
+    // Address lists of another namespace (`IFA_TARGET_NETNSID`) need strict checking.
+    connection
+        .socket_mut()
+        .socket_ref()
+        .set_netlink_get_strict_chk(true)
+        .context("asking netlink for strict checking")?;
     let connection = tokio::spawn(connection);
     let interfaces = crate::datapath::interfaces()?;
     let mut placed = BTreeMap::new();
@@ -269,22 +286,81 @@ pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
     Ok(placed)
 }
 
-/// The interface the kernel sends `ip` out of, when that is a pod's own interface.
+/// The interface the kernel sends `ip` out of, when that is a pod's own interface, or the port of
+/// the bridge it sends `ip` out of that leads to the pod.
 async fn route_to(handle: &rtnetlink::Handle, ip: IpAddr, interfaces: &[Interface]) -> Placement {
     let interface = routed_interface(handle, ip, interfaces)
         .await
         .map_err(Unplaced::for_now)?;
-    if std::path::Path::new("/sys/class/net")
+    if !std::path::Path::new("/sys/class/net")
         .join(&interface.name)
         .join("bridge")
         .exists()
     {
-        return Err(Unplaced::lasting(format!(
-            "{ip} is behind the bridge `{}` (bridge CNIs are not supported: watching the bridge would mirror every pod)",
-            interface.name
-        )));
+        return Ok(interface);
     }
-    Ok(interface)
+    bridge_port_to(handle, &interface, ip, interfaces)
+        .await
+        .map_err(Unplaced::for_now)
+}
+
+/// The port of `bridge` whose peer, in another network namespace, has the address `ip`.
+async fn bridge_port_to(
+    handle: &rtnetlink::Handle,
+    bridge: &Interface,
+    ip: IpAddr,
+    interfaces: &[Interface],
+) -> Result<Interface, String> {
+    let failed = |e: rtnetlink::Error| format!("listing the ports of `{}`: {e}", bridge.name);
+    // (port, the namespace id of its peer, the peer's index there).
+    let mut ports = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(link) = links.try_next().await.map_err(failed)? {
+        let (mut controller, mut namespace, mut peer) = (None, None, None);
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::Controller(index) => controller = Some(*index),
+                LinkAttribute::LinkNetNsId(id) => namespace = Some(*id),
+                LinkAttribute::Link(index) => peer = Some(*index),
+                _ => {}
+            }
+        }
+        if let (Some(index), Some(namespace), Some(peer)) = (controller, namespace, peer)
+            && index == bridge.ifindex
+        {
+            ports.push((link.header.index, namespace, peer));
+        }
+    }
+    let mut namespaces: Vec<i32> = ports.iter().map(|(_, namespace, _)| *namespace).collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    for namespace in namespaces {
+        let mut request = handle.address().get();
+        request
+            .message_mut()
+            .attributes
+            .push(AddressAttribute::TargetNetNsId(namespace));
+        let mut addresses = request.execute();
+        while let Some(address) = addresses.try_next().await.map_err(failed)? {
+            let has_ip = address.attributes.iter().any(|a| {
+                matches!(a, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == ip)
+            });
+            let port = ports
+                .iter()
+                .find(|(_, n, peer)| *n == namespace && *peer == address.header.index);
+            if let (true, Some((port, _, _))) = (has_ip, port) {
+                return interfaces
+                    .iter()
+                    .find(|i| i.ifindex == *port)
+                    .cloned()
+                    .ok_or_else(|| format!("the port {port} of `{}` is gone", bridge.name));
+            }
+        }
+    }
+    Err(format!(
+        "{ip} is behind the bridge `{}`, but no port of it leads to a namespace with that address",
+        bridge.name
+    ))
 }
 
 /// The interface of the kernel's unicast route to `ip` without a gateway.
@@ -293,10 +369,15 @@ async fn routed_interface(
     ip: IpAddr,
     interfaces: &[Interface],
 ) -> Result<Interface, String> {
-    let request = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
+    let mut request = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
         .map_err(|e| e.to_string())?
         .build();
+    // A lookup, not a new route: strict checking wants these unset.
+    request.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    request.header.protocol = RouteProtocol::Unspec;
+    request.header.scope = RouteScope::Universe;
+    request.header.kind = RouteType::Unspec;
     let route = handle
         .route()
         .get(request)

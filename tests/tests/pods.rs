@@ -286,16 +286,30 @@ struct PodNet {
 }
 
 impl PodNet {
+    /// As Calico or Cilium set a pod up: the node routes the pod's /32 to its veth.
     fn new(lab: &Lab, host_name: &str, ip: &str) -> Self {
+        let pod = Self::veth(lab, host_name, &format!("{ip}/32"));
+        lab.node
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", host_name]);
+        pod
+    }
+
+    /// As flannel or the `bridge` plugin set a pod up: its veth is a port of `bridge`, whose
+    /// subnet the pod's address `ip_prefix` is in.
+    fn on_bridge(lab: &Lab, host_name: &str, ip_prefix: &str, bridge: &str) -> Self {
+        let pod = Self::veth(lab, host_name, ip_prefix);
+        lab.node.ip(&["link", "set", host_name, "master", bridge]);
+        pod
+    }
+
+    fn veth(lab: &Lab, host_name: &str, ip_prefix: &str) -> Self {
         let ns = Netns::new(format!("{}-{host_name}", lab.node.name));
         lab.node.ip(&[
             "link", "add", host_name, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ]);
         lab.node.ip(&["link", "set", host_name, "up"]);
-        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.ip(&["addr", "add", ip_prefix, "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        lab.node
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", host_name]);
         PodNet { ns }
     }
 
@@ -635,4 +649,52 @@ fn in_pinned_mode_the_next_agent_takes_over_the_pods_interfaces_without_a_gap() 
     wait_for("the pod's veth let go", || {
         tcx_programs(&lab.node, "vethweb1") == [Vec::<String>::new(), Vec::new()]
     });
+}
+
+#[test]
+fn behind_a_bridge_cni_the_selected_pods_port_is_watched_not_the_bridge() {
+    let lab = Lab::new("podsbridge");
+    let api = FakeApi::start(&lab.node);
+    lab.node.ip(&[
+        "link",
+        "add",
+        "cni0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ]);
+    // The pods' frames go to the bridge itself (the pods' gateway), so it floods none of them
+    // out of the other pods' ports.
+    lab.node.ip(&["link", "set", "cni0", "address", HOST_MAC]);
+    lab.node
+        .ip(&["addr", "add", "10.244.1.1/24", "dev", "cni0"]);
+    lab.node.ip(&["link", "set", "cni0", "up"]);
+    let web = PodNet::on_bridge(&lab, "vethbra", "10.244.1.10/24", "cni0");
+    let db = PodNet::on_bridge(&lab, "vethbrb", "10.244.1.11/24", "cni0");
+    api.apply(pod("shop", "web-1", "web", NODE, "10.244.1.10"));
+    api.apply(pod("shop", "db-1", "db", NODE, "10.244.1.11"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let agent = start_agent(&lab, &api, dir.path(), socket, &[]);
+    assert_eq!(
+        session_hooks(&lab.node, socket, 0),
+        ["vethbra/egress", "vethbra/ingress"],
+        "web-1's port of the bridge, not the bridge, not db-1's port"
+    );
+    let copies = Capture::open(&lab.mon, "eth0");
+    let kept = web.send(b"web-1 behind the bridge");
+    db.send(b"db-1 behind the bridge");
+    web.send_sentinel();
+    assert_eq!(copies.bytes_until_sentinel(), [kept]);
+    // Relabelled: db-1's port, found the same way.
+    api.relabel("db-1", "web");
+    wait_for("db-1's port watched", || {
+        hooks_of(&lab, socket, "vethbrb") == ["egress", "ingress"]
+    });
+    let kept = db.send(b"db-1 relabelled");
+    db.send_sentinel();
+    assert_eq!(copies.bytes_until_sentinel(), [kept]);
+    agent.stop();
 }
