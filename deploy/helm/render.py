@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 import helm_python
+import helm_python.errors
 
 CHART = pathlib.Path(__file__).resolve().parent / "mirror"
 
@@ -60,7 +61,12 @@ def main() -> int:
         key, _, text = item.partition("=")
         values[key] = json.loads(text)
     chart = helm_python.Chart.load(str(CHART))
-    rendered = chart.render(values, name=args.release, namespace=args.namespace, is_install=True)
+    try:
+        rendered = chart.render(values, name=args.release, namespace=args.namespace,
+                                is_install=True)
+    except helm_python.errors.HelmError as error:
+        print(f"render.py: {error}", file=sys.stderr)
+        return 1
     for path in sorted(rendered):
         text = rendered[path].strip()
         if path.endswith(".yaml") and text:

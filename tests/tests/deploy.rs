@@ -22,17 +22,26 @@ const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
 /// The chart rendered by `deploy/helm/render.py` with `args`.
 fn render(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = try_render(args);
+    assert!(
+        ok,
+        "rendering the chart (helm-python-sdk comes with `cargo xtask setup`): {stderr}"
+    );
+    stdout
+}
+
+/// `deploy/helm/render.py` with `args`: (success, stdout, stderr).
+fn try_render(args: &[&str]) -> (bool, String, String) {
     let output = Command::new("python3")
         .arg(format!("{DEPLOY}/helm/render.py"))
         .args(args)
         .output()
         .expect("python3");
-    assert!(
+    (
         output.status.success(),
-        "rendering the chart (helm-python-sdk comes with `cargo xtask setup`): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8")
+        String::from_utf8(output.stdout).expect("UTF-8"),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// The objects of a YAML stream, each parsed by its kind.
@@ -294,6 +303,25 @@ fn the_chart_passes_helm_lint_strict() {
     // `render` fails on a non-zero exit: a warning or an error.
     let report = render(&["--lint"]);
     assert!(!report.contains("severity 3"), "{report}");
+}
+
+#[test]
+fn the_chart_refuses_values_its_schema_does_not_allow() {
+    for (value, says) in [
+        (
+            r#"metrics={"prot":9464}"#,
+            "additional properties 'prot' not allowed",
+        ),
+        (r#"metrics={"port":"9464"}"#, "got string, want integer"),
+        (r#"metrics={"port":70000}"#, "maximum"),
+        (r#"image={"pullPolicy":"Sometimes"}"#, "pullPolicy"),
+        ("sessions=\"\"", "sessions"),
+        ("pined=true", "additional properties 'pined' not allowed"),
+    ] {
+        let (ok, _, stderr) = try_render(&["--set-json", value]);
+        assert!(!ok, "{value} was accepted");
+        assert!(stderr.contains(says), "{value}: {stderr}");
+    }
 }
 
 #[test]
