@@ -508,8 +508,13 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
 
     // A new pod: its veth and route first (the CNI), then the API reports it with its IP.
     let web2 = PodNet::new(&lab, "vethweb2", "10.244.0.13");
+    let reported = std::time::Instant::now();
     api.apply(pod("shop", "web-2", "web", NODE, "10.244.0.13"));
     wait_for("web-2's interface watched", || hooks("vethweb2") == both);
+    println!(
+        "web-2 watched {} ms after the API reported it",
+        reported.elapsed().as_millis()
+    );
     let kept = web2.send(b"web-2 new");
     expect_copies(vec![kept], &web2, "after web-2 came");
 
