@@ -75,28 +75,13 @@ impl Follow {
     /// Every session that watches the attached hook `(interface, direction)` now: by name, glob
     /// or pod.
     pub fn sessions_watching(&self, interface: &str, direction: Direction) -> Vec<usize> {
-        let mut sessions: Vec<usize> = self
-            .planned
-            .iter()
-            .filter(|(i, d, _)| i.name == interface && *d == direction)
-            .map(|(_, _, session)| *session)
-            .chain(
-                self.pod_hooks
-                    .iter()
-                    .filter(|((i, d), _)| i.name == interface && *d == direction)
-                    .flat_map(|(_, sessions)| sessions.iter().copied()),
-            )
-            .chain(
-                self.sessions
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (globs, directions))| {
-                        directions.contains(&direction)
-                            && globs.iter().any(|g| g.matches(interface))
-                    })
-                    .map(|(index, _)| index),
-            )
-            .collect();
+        let mut sessions = self.named_or_glob(|i| i.name == interface, interface, direction);
+        sessions.extend(
+            self.pod_hooks
+                .iter()
+                .filter(|((i, d), _)| i.name == interface && *d == direction)
+                .flat_map(|(_, sessions)| sessions.iter().copied()),
+        );
         sessions.sort_unstable();
         sessions.dedup();
         sessions
@@ -104,25 +89,38 @@ impl Follow {
 
     /// Sessions that watch `interface` in `direction` by name or glob.
     fn interface_sessions(&self, interface: &Interface, direction: Direction) -> Vec<usize> {
-        let mut sessions: Vec<usize> = self
-            .planned
+        let mut sessions = self.named_or_glob(
+            |i| i.ifindex == interface.ifindex,
+            &interface.name,
+            direction,
+        );
+        sessions.sort_unstable();
+        sessions.dedup();
+        sessions
+    }
+
+    /// Sessions whose planned interface `is_it` accepts, or whose glob matches `name`, in
+    /// `direction` (unsorted, maybe repeated).
+    fn named_or_glob(
+        &self,
+        is_it: impl Fn(&Interface) -> bool,
+        name: &str,
+        direction: Direction,
+    ) -> Vec<usize> {
+        self.planned
             .iter()
-            .filter(|(i, d, _)| i.ifindex == interface.ifindex && *d == direction)
+            .filter(|(i, d, _)| is_it(i) && *d == direction)
             .map(|(_, _, session)| *session)
             .chain(
                 self.sessions
                     .iter()
                     .enumerate()
                     .filter(|(_, (globs, directions))| {
-                        directions.contains(&direction)
-                            && globs.iter().any(|g| g.matches(&interface.name))
+                        directions.contains(&direction) && globs.iter().any(|g| g.matches(name))
                     })
                     .map(|(index, _)| index),
             )
-            .collect();
-        sessions.sort_unstable();
-        sessions.dedup();
-        sessions
+            .collect()
     }
 
     /// Watches the interfaces of the pods the pod-selector sessions select now (`selected`

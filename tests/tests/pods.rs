@@ -333,41 +333,51 @@ fn pod_frame(payload: &[u8]) -> Vec<u8> {
 const POD_MAC: &str = "02:00:00:00:0a:02";
 const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 
-/// Runs the agent in the lab's node with a session selecting the pods of namespace `shop`
-/// labelled `app=web`, against `api`.
-fn start_agent(
-    lab: &Lab,
-    api: &FakeApi,
-    dir: &std::path::Path,
-    socket: &str,
-    extra: &[&str],
-) -> Agent {
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "api_socket = \"{socket}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\n\
-             target = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {PORT}\n{SENTINEL_RULE}"
-        ),
-    )
-    .expect("config");
-    Agent::start_file(
-        &lab.node,
-        &agent_binary(),
-        &config,
-        &[
+/// Where an agent of these tests keeps its configuration, kubeconfig and API socket.
+struct AgentFiles {
+    dir: tempfile::TempDir,
+    socket: String,
+}
+
+impl AgentFiles {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("agent.sock");
+        let socket = socket.to_str().expect("utf-8").to_owned();
+        AgentFiles { dir, socket }
+    }
+
+    /// Runs the agent in the lab's node with a session selecting the pods of namespace `shop`
+    /// labelled `app=web`, against `api`.
+    fn start(&self, lab: &Lab, api: &FakeApi, extra: &[&str]) -> Agent {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+        let config = self.dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "api_socket = \"{}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\n\
+                 target = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {PORT}\n{SENTINEL_RULE}",
+                self.socket
+            ),
+        )
+        .expect("config");
+        Agent::start_file(
+            &lab.node,
+            &agent_binary(),
+            &config,
             &[
-                "--node-name",
-                NODE,
-                "--kubeconfig",
-                kubeconfig.to_str().expect("utf-8"),
-            ],
-            extra,
-        ]
-        .concat(),
-    )
+                &[
+                    "--node-name",
+                    NODE,
+                    "--kubeconfig",
+                    kubeconfig.to_str().expect("utf-8"),
+                ],
+                extra,
+            ]
+            .concat(),
+        )
+    }
 }
 
 /// The directions in which `interface` is attached, sorted.
@@ -431,10 +441,9 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     let api = FakeApi::start(&lab.node);
     let [web1, db1, other] = first_pods(&lab, &api);
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let socket = socket.to_str().expect("utf-8");
-    let agent = start_agent(&lab, &api, dir.path(), socket, &[]);
+    let files = AgentFiles::new();
+    let socket = files.socket.as_str();
+    let agent = files.start(&lab, &api, &[]);
     let hooks = |interface: &str| hooks_of(&lab, socket, interface);
     let both = vec!["egress".to_owned(), "ingress".to_owned()];
     // Only web-1's interface, in both directions, from the first list.
@@ -571,10 +580,9 @@ fn changes_missed_while_the_watch_had_expired_are_applied_from_the_new_list() {
     let lab = Lab::new("podsrelist");
     let api = FakeApi::start(&lab.node);
     let [web1, db1, _other] = first_pods(&lab, &api);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let socket = socket.to_str().expect("utf-8");
-    let agent = start_agent(&lab, &api, dir.path(), socket, &[]);
+    let files = AgentFiles::new();
+    let socket = files.socket.as_str();
+    let agent = files.start(&lab, &api, &[]);
     let watched = || {
         let mut interfaces: Vec<String> = attached(&lab.node, socket)
             .into_iter()
@@ -616,10 +624,8 @@ fn in_pinned_mode_the_next_agent_takes_over_the_pods_interfaces_without_a_gap() 
     let pins_arg = pins.to_str().expect("utf-8");
     let api = FakeApi::start(&lab.node);
     let [web1, _db1, _other] = first_pods(&lab, &api);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let socket = socket.to_str().expect("utf-8");
-    let start = || start_agent(&lab, &api, dir.path(), socket, &["--pin-dir", pins_arg]);
+    let files = AgentFiles::new();
+    let start = || files.start(&lab, &api, &["--pin-dir", pins_arg]);
     let first = start();
     let copies = Capture::open(&lab.mon, "eth0");
     let numbered = |seq: u32| pod_frame(&seq.to_be_bytes());
@@ -679,10 +685,9 @@ fn behind_a_bridge_cni_the_selected_pods_port_is_watched_not_the_bridge() {
     let db = PodNet::on_bridge(&lab, "vethbrb", "10.244.1.11/24", "cni0");
     api.apply(pod("shop", "web-1", "web", NODE, "10.244.1.10"));
     api.apply(pod("shop", "db-1", "db", NODE, "10.244.1.11"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let socket = socket.to_str().expect("utf-8");
-    let agent = start_agent(&lab, &api, dir.path(), socket, &[]);
+    let files = AgentFiles::new();
+    let socket = files.socket.as_str();
+    let agent = files.start(&lab, &api, &[]);
     assert_eq!(
         session_hooks(&lab.node, socket, 0),
         ["vethbra/egress", "vethbra/ingress"],
