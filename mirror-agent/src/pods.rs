@@ -275,15 +275,29 @@ pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
             Err(Unplaced::lasting(
                 "on the host network: no interface of its own".to_owned(),
             ))
-        } else if pod.ips.is_empty() {
-            Err(Unplaced::for_now("no IP yet".to_owned()))
         } else {
-            route_to(&handle, pod.ips[0], &interfaces).await
+            place_by_ips(&handle, &pod.ips, &interfaces).await
         };
         placed.insert(key.clone(), placement);
     }
     connection.abort();
     Ok(placed)
+}
+
+/// The interface of the first of a pod's addresses (dual-stack: IPv4 and IPv6) that leads to one.
+async fn place_by_ips(
+    handle: &rtnetlink::Handle,
+    ips: &[IpAddr],
+    interfaces: &[Interface],
+) -> Placement {
+    let mut placement = Err(Unplaced::for_now("no IP yet".to_owned()));
+    for ip in ips {
+        placement = route_to(handle, *ip, interfaces).await;
+        if placement.is_ok() {
+            break;
+        }
+    }
+    placement
 }
 
 /// The interface the kernel sends `ip` out of, when that is a pod's own interface, or the port of

@@ -288,9 +288,10 @@ struct PodNet {
 impl PodNet {
     /// As Calico or Cilium set a pod up: the node routes the pod's /32 to its veth.
     fn new(lab: &Lab, host_name: &str, ip: &str) -> Self {
-        let pod = Self::veth(lab, host_name, &format!("{ip}/32"));
+        let host_route = format!("{ip}/{}", if ip.contains(':') { 128 } else { 32 });
+        let pod = Self::veth(lab, host_name, &host_route);
         lab.node
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", host_name]);
+            .ip(&["route", "add", &host_route, "dev", host_name]);
         pod
     }
 
@@ -515,10 +516,20 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     let kept = db1.send(b"db-1 still selected");
     expect_copies(vec![kept], &db1, "after web-1 is relabelled away");
 
-    // A new pod: its veth and route first (the CNI), then the API reports it with its IP.
-    let web2 = PodNet::new(&lab, "vethweb2", "10.244.0.13");
+    // A new pod: its veth and route first (the CNI), then the API reports it with its IPs. It is
+    // dual-stack, and only its IPv6 address is routed here: that one places it.
+    let web2 = PodNet::new(&lab, "vethweb2", "fd00:244::13");
     let reported = std::time::Instant::now();
-    api.apply(pod("shop", "web-2", "web", NODE, "10.244.0.13"));
+    let mut web2_pod = pod("shop", "web-2", "web", NODE, "10.244.99.13");
+    web2_pod.status.as_mut().expect("status").pod_ips = Some(vec![
+        PodIP {
+            ip: "10.244.99.13".to_owned(),
+        },
+        PodIP {
+            ip: "fd00:244::13".to_owned(),
+        },
+    ]);
+    api.apply(web2_pod);
     wait_for("web-2's interface watched", || hooks("vethweb2") == both);
     println!(
         "web-2 watched {} ms after the API reported it",
