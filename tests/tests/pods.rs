@@ -251,8 +251,8 @@ fn serve(state: &Mutex<ApiState>, stream: TcpStream) {
     }
 }
 
-/// A pod of the API's own type, running on `node` with `ip`.
-fn pod(namespace: &str, name: &str, app: &str, node: &str, ip: &str) -> Pod {
+/// A pod of the API's own type, running on `node` with `ips` (the first is `podIP`).
+fn pod(namespace: &str, name: &str, app: &str, node: &str, ips: &[&str]) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -272,8 +272,14 @@ fn pod(namespace: &str, name: &str, app: &str, node: &str, ip: &str) -> Pod {
         }),
         status: Some(PodStatus {
             phase: Some("Running".to_owned()),
-            pod_ip: Some(ip.to_owned()),
-            pod_ips: Some(vec![PodIP { ip: ip.to_owned() }]),
+            pod_ip: ips.first().map(|ip| (*ip).to_owned()),
+            pod_ips: Some(
+                ips.iter()
+                    .map(|ip| PodIP {
+                        ip: (*ip).to_owned(),
+                    })
+                    .collect(),
+            ),
             ..PodStatus::default()
         }),
     }
@@ -423,30 +429,22 @@ fn first_pods(lab: &Lab, api: &FakeApi) -> [PodNet; 3] {
     let web1 = PodNet::new(lab, "vethweb1", "10.244.0.10");
     let db1 = PodNet::new(lab, "vethdb1", "10.244.0.11");
     let other = PodNet::new(lab, "vethother", "10.244.0.12");
-    api.apply(pod("shop", "web-1", "web", NODE, "10.244.0.10"));
-    api.apply(pod("shop", "db-1", "db", NODE, "10.244.0.11"));
+    api.apply(pod("shop", "web-1", "web", NODE, &["10.244.0.10"]));
+    api.apply(pod("shop", "db-1", "db", NODE, &["10.244.0.11"]));
     // Same labels, another namespace: not selected.
-    api.apply(pod("lab", "web-x", "web", NODE, "10.244.0.12"));
+    api.apply(pod("lab", "web-x", "web", NODE, &["10.244.0.12"]));
     // Selected, but on another node: the agent never hears of it.
-    api.apply(pod("shop", "web-far", "web", "node-b", "10.244.9.9"));
+    api.apply(pod("shop", "web-far", "web", "node-b", &["10.244.9.9"]));
     // Selected, but on the host network: no interface of its own.
-    let mut host = pod("shop", "web-host", "web", NODE, "10.10.1.1");
+    let mut host = pod("shop", "web-host", "web", NODE, &["10.10.1.1"]);
     host.spec.as_mut().expect("spec").host_network = Some(true);
     api.apply(host);
     [web1, db1, other]
 }
 
-#[test]
-fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go() {
-    let lab = Lab::new("pods");
-    let api = FakeApi::start(&lab.node);
-    let [web1, db1, other] = first_pods(&lab, &api);
-
-    let files = AgentFiles::new();
-    let socket = files.socket.as_str();
-    let agent = files.start(&lab, &api, &[]);
-    let hooks = |interface: &str| hooks_of(&lab, socket, interface);
-    let both = vec!["egress".to_owned(), "ingress".to_owned()];
+/// After the first list of [`first_pods`]: only web-1's interface is watched, in both directions,
+/// and `status` says where each selected pod is watched, or why not.
+fn assert_only_web1_watched(lab: &Lab, socket: &str) {
     // Only web-1's interface, in both directions, from the first list.
     assert_eq!(
         session_hooks(&lab.node, socket, 0),
@@ -458,7 +456,7 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
         "nothing else attached"
     );
     // What `status` says of the selected pods: where each is watched, or why not.
-    let shown = selected_pods(&lab, socket);
+    let shown = selected_pods(lab, socket);
     assert_eq!(
         shown,
         [
@@ -474,6 +472,20 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
             ),
         ]
     );
+}
+
+#[test]
+fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go() {
+    let lab = Lab::new("pods");
+    let api = FakeApi::start(&lab.node);
+    let [web1, db1, other] = first_pods(&lab, &api);
+
+    let files = AgentFiles::new();
+    let socket = files.socket.as_str();
+    let agent = files.start(&lab, &api, &[]);
+    let hooks = |interface: &str| hooks_of(&lab, socket, interface);
+    let both = vec!["egress".to_owned(), "ingress".to_owned()];
+    assert_only_web1_watched(&lab, socket);
     let copies = Capture::open(&lab.mon, "eth0");
     let expect_copies = |sent: Vec<Vec<u8>>, sentinel_from: &PodNet, what: &str| {
         sentinel_from.send_sentinel();
@@ -520,16 +532,13 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     // dual-stack, and only its IPv6 address is routed here: that one places it.
     let web2 = PodNet::new(&lab, "vethweb2", "fd00:244::13");
     let reported = std::time::Instant::now();
-    let mut web2_pod = pod("shop", "web-2", "web", NODE, "10.244.99.13");
-    web2_pod.status.as_mut().expect("status").pod_ips = Some(vec![
-        PodIP {
-            ip: "10.244.99.13".to_owned(),
-        },
-        PodIP {
-            ip: "fd00:244::13".to_owned(),
-        },
-    ]);
-    api.apply(web2_pod);
+    api.apply(pod(
+        "shop",
+        "web-2",
+        "web",
+        NODE,
+        &["10.244.99.13", "fd00:244::13"],
+    ));
     wait_for("web-2's interface watched", || hooks("vethweb2") == both);
     println!(
         "web-2 watched {} ms after the API reported it",
@@ -694,8 +703,8 @@ fn behind_a_bridge_cni_the_selected_pods_port_is_watched_not_the_bridge() {
     lab.node.ip(&["link", "set", "cni0", "up"]);
     let web = PodNet::on_bridge(&lab, "vethbra", "10.244.1.10/24", "cni0");
     let db = PodNet::on_bridge(&lab, "vethbrb", "10.244.1.11/24", "cni0");
-    api.apply(pod("shop", "web-1", "web", NODE, "10.244.1.10"));
-    api.apply(pod("shop", "db-1", "db", NODE, "10.244.1.11"));
+    api.apply(pod("shop", "web-1", "web", NODE, &["10.244.1.10"]));
+    api.apply(pod("shop", "db-1", "db", NODE, &["10.244.1.11"]));
     let files = AgentFiles::new();
     let socket = files.socket.as_str();
     let agent = files.start(&lab, &api, &[]);
