@@ -105,6 +105,9 @@ struct PlanView {
 pub struct SessionView {
     pub name: String,
     pub target: String,
+    /// The session watches pods (`pods = {…}`), not named interfaces.
+    #[serde(default)]
+    pub selects_pods: bool,
     /// (interface, direction) pairs watched.
     pub hooks: Vec<(String, String)>,
 }
@@ -118,6 +121,7 @@ impl PlanView {
                 .map(|s| SessionView {
                     name: s.name.clone(),
                     target: s.target.to_string(),
+                    selects_pods: s.pods.is_some(),
                     hooks: s
                         .attachments
                         .iter()
@@ -419,6 +423,27 @@ impl Shared {
                         ("direction", direction),
                     ])
                     .set(1);
+            }
+        }
+        let pods = Family::<Labels, Gauge>::default();
+        registry.register(
+            "selected_pods",
+            "Pods a pod-selector session selects, by whether their interface is watched",
+            pods.clone(),
+        );
+        for session in applied.view.sessions.iter().filter(|s| s.selects_pods) {
+            for watched in ["true", "false"] {
+                let count = applied
+                    .pods
+                    .iter()
+                    .filter(|p| p.sessions.contains(&session.name))
+                    .filter(|p| p.interface.is_some() == (watched == "true"))
+                    .count();
+                pods.get_or_create(&vec![
+                    ("session", session.name.clone()),
+                    ("watched", watched.to_owned()),
+                ])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
         let mut out = String::new();

@@ -142,6 +142,8 @@ async fn serve(
         )));
     }
     drop(shared);
+    // The selected pods (attached with the plan) are reported before the start is.
+    daemon.apply_pods().await;
     println!(
         "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
         daemon.shared.applied().datapath.hook_count(),
@@ -151,7 +153,6 @@ async fn serve(
         .then(|| tokio::time::interval(Duration::from_secs(options.stats_interval_secs)));
     let mut file_check = tokio::time::interval(FILE_CHECK_PERIOD);
     let mut pod_retry = tokio::time::interval(POD_RETRY_PERIOD);
-    daemon.apply_pods().await;
     let mut file_seen = options.config.as_deref().and_then(file_identity);
     loop {
         tokio::select! {

@@ -398,6 +398,20 @@ fn hooks_of(lab: &Lab, socket: &str, interface: &str) -> Vec<String> {
     hooks
 }
 
+/// `/metrics` from the agent's socket.
+fn metrics(socket: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("the API socket");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
 /// The pods `status --json` lists: (pod, interface or why none, sessions as JSON).
 fn selected_pods(lab: &Lab, socket: &str) -> Vec<(String, String, String)> {
     let (code, stdout, stderr) =
@@ -445,6 +459,14 @@ fn first_pods(lab: &Lab, api: &FakeApi) -> [PodNet; 3] {
 /// After the first list of [`first_pods`]: only web-1's interface is watched, in both directions,
 /// and `status` says where each selected pod is watched, or why not.
 fn assert_only_web1_watched(lab: &Lab, socket: &str) {
+    // And the metrics count them: one watched, one (on the host network) not.
+    let metrics = metrics(socket);
+    for line in [
+        r#"mirror_selected_pods{session="web",watched="true"} 1"#,
+        r#"mirror_selected_pods{session="web",watched="false"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     // Only web-1's interface, in both directions, from the first list.
     assert_eq!(
         session_hooks(&lab.node, socket, 0),
