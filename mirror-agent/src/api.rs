@@ -230,6 +230,48 @@ impl Applied {
         hooks
     }
 
+    /// The gauges of what is watched now: hooks by session, and the pods sessions select.
+    fn register_watching(&self, registry: &mut Registry) {
+        let attached = Family::<Labels, Gauge>::default();
+        registry.register(
+            "attached_hooks",
+            "Watched (interface, direction) hooks, by session",
+            attached.clone(),
+        );
+        for (session, hooks) in self.view.sessions.iter().zip(self.session_hooks()) {
+            for (interface, direction) in hooks {
+                attached
+                    .get_or_create(&vec![
+                        ("session", session.name.clone()),
+                        ("interface", interface),
+                        ("direction", direction),
+                    ])
+                    .set(1);
+            }
+        }
+        let pods = Family::<Labels, Gauge>::default();
+        registry.register(
+            "selected_pods",
+            "Pods a pod-selector session selects, by whether their interface is watched",
+            pods.clone(),
+        );
+        for session in self.view.sessions.iter().filter(|s| s.selects_pods) {
+            for watched in ["true", "false"] {
+                let count = self
+                    .pods
+                    .iter()
+                    .filter(|p| p.sessions.contains(&session.name))
+                    .filter(|p| p.interface.is_some() == (watched == "true"))
+                    .count();
+                pods.get_or_create(&vec![
+                    ("session", session.name.clone()),
+                    ("watched", watched.to_owned()),
+                ])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     /// Every counter, summed over CPUs, plus what earlier generations carried over.
     pub fn stats(&self) -> anyhow::Result<Stats> {
         let sessions = self.datapath.session_counters(self.view.sessions.len())?;
@@ -407,45 +449,7 @@ impl Shared {
             hook_packets.get_or_create(&labels).inc_by(hook.packets);
             hook_malformed.get_or_create(&labels).inc_by(hook.malformed);
         }
-        let attached = Family::<Labels, Gauge>::default();
-        registry.register(
-            "attached_hooks",
-            "Watched (interface, direction) hooks, by session",
-            attached.clone(),
-        );
-        let applied = self.applied();
-        for (session, hooks) in applied.view.sessions.iter().zip(applied.session_hooks()) {
-            for (interface, direction) in hooks {
-                attached
-                    .get_or_create(&vec![
-                        ("session", session.name.clone()),
-                        ("interface", interface),
-                        ("direction", direction),
-                    ])
-                    .set(1);
-            }
-        }
-        let pods = Family::<Labels, Gauge>::default();
-        registry.register(
-            "selected_pods",
-            "Pods a pod-selector session selects, by whether their interface is watched",
-            pods.clone(),
-        );
-        for session in applied.view.sessions.iter().filter(|s| s.selects_pods) {
-            for watched in ["true", "false"] {
-                let count = applied
-                    .pods
-                    .iter()
-                    .filter(|p| p.sessions.contains(&session.name))
-                    .filter(|p| p.interface.is_some() == (watched == "true"))
-                    .count();
-                pods.get_or_create(&vec![
-                    ("session", session.name.clone()),
-                    ("watched", watched.to_owned()),
-                ])
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-            }
-        }
+        self.applied().register_watching(&mut registry);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)
