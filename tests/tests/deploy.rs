@@ -456,3 +456,75 @@ fn the_daemonset_capabilities_are_enough_for_tc_xdp_and_vxlan() {
     assert!(child.wait().expect("agent").success(), "{report}");
     assert!(!agent_command(&lab.node, &["status"]).1.contains("attached"));
 }
+
+/// The instructions of deploy/Dockerfile: (keyword, arguments), continuation lines joined.
+fn dockerfile() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(format!("{DEPLOY}/Dockerfile")).expect("Dockerfile");
+    let joined = text.replace("\\\n", " ");
+    joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (keyword, arguments) = l.split_once(' ').unwrap_or((l, ""));
+            (keyword.to_uppercase(), arguments.trim().to_owned())
+        })
+        .collect()
+}
+
+/// No Docker engine runs on these machines, so the image is not built here; what can be checked
+/// without one is that the Dockerfile builds what the project's own commands build, and runs it
+/// the way the `DaemonSet` expects.
+#[test]
+fn the_dockerfile_builds_with_the_project_commands_and_runs_as_the_daemonset_expects() {
+    let instructions = dockerfile();
+    let stages: Vec<&String> = instructions
+        .iter()
+        .filter(|(k, _)| k == "FROM")
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(
+        stages.len(),
+        2,
+        "a build stage and a runtime stage: {stages:?}"
+    );
+    let build_stage = stages[0].split(" AS ").nth(1).expect("a named build stage");
+    let runs: Vec<&String> = instructions
+        .iter()
+        .filter(|(k, _)| k == "RUN")
+        .map(|(_, a)| a)
+        .collect();
+    assert!(
+        runs.iter().any(
+            |r| r.contains("cargo xtask setup --build-only") && r.contains("cargo xtask build")
+        ),
+        "{runs:?}"
+    );
+    // The binary `cargo xtask build` makes is the one copied, and the one the entry point runs.
+    let copy = instructions
+        .iter()
+        .find(|(k, a)| k == "COPY" && a.starts_with(&format!("--from={build_stage} ")))
+        .map(|(_, a)| a.split_whitespace().collect::<Vec<_>>())
+        .expect("a COPY from the build stage");
+    assert_eq!(copy[1], "/src/target/release/mirror-agent");
+    let entrypoint: Vec<String> = instructions
+        .iter()
+        .find(|(k, _)| k == "ENTRYPOINT")
+        .map(|(_, a)| serde_json::from_str(a).expect("exec form"))
+        .expect("an entry point");
+    assert_eq!(entrypoint, [copy[2]]);
+    // The DaemonSet gives only arguments, to that entry point.
+    let objects = objects(&render(&[]));
+    let (agent, _) = agent_and_config(&objects);
+    assert_eq!(agent.command, None, "the image's entry point runs");
+    let cmd: Vec<String> = instructions
+        .iter()
+        .find(|(k, _)| k == "CMD")
+        .map(|(_, a)| serde_json::from_str(a).expect("exec form"))
+        .expect("a default command");
+    assert_eq!(
+        agent.args.as_ref(),
+        Some(&cmd),
+        "the image's default is the DaemonSet's"
+    );
+}
