@@ -104,85 +104,19 @@ impl PodWatch {
     /// `KUBECONFIG` or ~/.kube/config) and waits for the first complete list of the pods on
     /// `node`.
     pub async fn start(node: &str, kubeconfig: Option<&Path>) -> anyhow::Result<Self> {
-        let client = match kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                let config = kube::Config::from_custom_kubeconfig(
-                    file,
-                    &kube::config::KubeConfigOptions::default(),
-                )
-                .await
-                .with_context(|| format!("the kubeconfig {}", path.display()))?;
-                kube::Client::try_from(config)
-            }
-            None => kube::Client::try_default().await,
-        }
-        .context("connecting to the Kubernetes API")?;
+        let client = client(kubeconfig)
+            .await
+            .context("connecting to the Kubernetes API")?;
+        tracing::info!(
+            "listing the pods of node `{node}` on the Kubernetes API (waiting up to {} s)",
+            FIRST_LIST_TIMEOUT.as_secs()
+        );
         let api = kube::Api::<Pod>::all(client);
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let (publish, mut pods) = watch::channel(Pods::default());
         // Whether the first list is complete; until it is, the last error (said at a timeout).
-        let (first, mut first_done) = watch::channel(Err::<(), _>(None::<String>));
-        let task = tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(api, config).default_backoff());
-            let mut current = BTreeMap::new();
-            let mut listing = BTreeMap::new();
-            while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        // The watcher retries with a backoff; the pods known stay as they are.
-                        tracing::warn!("watching the node's pods: {e}");
-                        first.send_if_modified(|first| {
-                            first
-                                .is_err()
-                                .then(|| *first = Err(Some(e.to_string())))
-                                .is_some()
-                        });
-                        continue;
-                    }
-                };
-                let complete = match event {
-                    watcher::Event::Init => {
-                        listing.clear();
-                        false
-                    }
-                    watcher::Event::InitApply(pod) => {
-                        if let Some(view) = PodView::of(&pod) {
-                            listing.insert(view.key(), view);
-                        }
-                        false
-                    }
-                    watcher::Event::InitDone => {
-                        current = std::mem::take(&mut listing);
-                        let _ = first.send(Ok(()));
-                        true
-                    }
-                    watcher::Event::Apply(pod) => {
-                        match PodView::of(&pod) {
-                            Some(view) => current.insert(view.key(), view),
-                            None => current.remove(&key_of(&pod)),
-                        };
-                        true
-                    }
-                    watcher::Event::Delete(pod) => {
-                        current.remove(&key_of(&pod));
-                        true
-                    }
-                };
-                // A relisting is applied whole, once complete.
-                if complete {
-                    publish.send_if_modified(|pods| {
-                        let changed = **pods != current;
-                        if changed {
-                            *pods = Arc::new(current.clone());
-                        }
-                        changed
-                    });
-                }
-            }
-        });
+        let (first, mut first_done) = watch::channel(Err(None));
+        let task = tokio::spawn(follow(api, config, publish, first));
         let watch = PodWatch {
             pods: pods.clone(),
             task,
@@ -217,6 +151,90 @@ impl PodWatch {
         if self.pods.changed().await.is_err() {
             // The task ended (it does not, but then nothing changes any more).
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A client for `kubeconfig`, or the default one (in-cluster, `KUBECONFIG`, ~/.kube/config).
+async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let Some(path) = kubeconfig else {
+        return Ok(kube::Client::try_default().await?);
+    };
+    let file = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("the kubeconfig {}", path.display()))?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The first list's outcome: done, or the last error so far.
+type FirstList = Result<(), Option<String>>;
+
+/// Follows the watch of the node's pods: publishes the pods after each complete list and each
+/// change, and says when the first list is complete (or the last error until then).
+async fn follow(
+    api: kube::Api<Pod>,
+    config: watcher::Config,
+    publish: watch::Sender<Pods>,
+    first: watch::Sender<FirstList>,
+) {
+    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    let mut current = BTreeMap::new();
+    let mut listing = BTreeMap::new();
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                // The watcher retries with a backoff; the pods known stay as they are.
+                tracing::warn!("watching the node's pods: {e}");
+                first.send_if_modified(|first| {
+                    first
+                        .is_err()
+                        .then(|| *first = Err(Some(e.to_string())))
+                        .is_some()
+                });
+                continue;
+            }
+        };
+        let complete = match event {
+            watcher::Event::Init => {
+                listing.clear();
+                false
+            }
+            watcher::Event::InitApply(pod) => {
+                if let Some(view) = PodView::of(&pod) {
+                    listing.insert(view.key(), view);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                current = std::mem::take(&mut listing);
+                let _ = first.send(Ok(()));
+                true
+            }
+            watcher::Event::Apply(pod) => {
+                match PodView::of(&pod) {
+                    Some(view) => current.insert(view.key(), view),
+                    None => current.remove(&key_of(&pod)),
+                };
+                true
+            }
+            watcher::Event::Delete(pod) => {
+                current.remove(&key_of(&pod));
+                true
+            }
+        };
+        // A relisting is applied whole, once complete.
+        if complete {
+            publish.send_if_modified(|pods| {
+                let changed = **pods != current;
+                if changed {
+                    *pods = Arc::new(current.clone());
+                }
+                changed
+            });
         }
     }
 }
