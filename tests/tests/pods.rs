@@ -357,13 +357,18 @@ impl AgentFiles {
     /// Runs the agent in the lab's node with a session selecting the pods of namespace `shop`
     /// labelled `app=web`, against `api`.
     fn start(&self, lab: &Lab, api: &FakeApi, extra: &[&str]) -> Agent {
+        self.start_with(lab, api, "", extra)
+    }
+
+    /// [`AgentFiles::start`] with `session_keys` added to the session.
+    fn start_with(&self, lab: &Lab, api: &FakeApi, session_keys: &str, extra: &[&str]) -> Agent {
         let kubeconfig = self.dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
         let config = self.dir.path().join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "api_socket = \"{}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\n\
+                "api_socket = \"{}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\n{session_keys}\
                  target = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {PORT}\n{SENTINEL_RULE}",
                 self.socket
             ),
@@ -749,4 +754,27 @@ fn behind_a_bridge_cni_the_selected_pods_port_is_watched_not_the_bridge() {
     db.send_sentinel();
     assert_eq!(copies.bytes_until_sentinel(), [kept]);
     agent.stop();
+}
+
+#[test]
+fn a_pod_session_at_the_xdp_hook_copies_what_the_pod_sends() {
+    let lab = Lab::new("podsxdp");
+    let api = FakeApi::start(&lab.node);
+    let [web1, db1, _other] = first_pods(&lab, &api);
+    let files = AgentFiles::new();
+    let agent = files.start_with(&lab, &api, "hook = \"xdp\"\n", &[]);
+    assert_eq!(session_hooks(&lab.node, &files.socket, 0), ["vethweb1/xdp"]);
+    let has_xdp = || {
+        lab.node
+            .ip(&["-d", "link", "show", "dev", "vethweb1"])
+            .contains("prog/xdp")
+    };
+    assert!(has_xdp(), "an XDP program on web-1's veth");
+    let copies = Capture::open(&lab.mon, "eth0");
+    let kept = web1.send(b"web-1 through XDP");
+    db1.send(b"db-1 not selected");
+    web1.send_sentinel();
+    assert_eq!(copies.bytes_until_sentinel(), [kept]);
+    agent.stop();
+    assert!(!has_xdp(), "detached on exit");
 }
