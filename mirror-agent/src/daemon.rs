@@ -14,10 +14,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     api::{self, Applied, SelectedPod, Shared},
     config::LoadedConfig,
+    config::PodSelector,
     datapath::Datapath,
     emit::{Drain, Files},
     follow::{self, Follow},
-    pods::{self, Placement, PodWatch},
+    pods::{self, Placement, PodView, PodWatch},
     rules::{self, Plan, Target},
     tunnel::{self, ResolvedTargets},
 };
@@ -398,7 +399,18 @@ impl Daemon<'_> {
     async fn apply_pods(&mut self) {
         let Some(watch) = &self.pods else { return };
         let pods = watch.pods();
-        let placed = match pods::place(&pods).await {
+        let selectors: Vec<&PodSelector> = self
+            .plan
+            .sessions
+            .iter()
+            .filter_map(|s| s.pods.as_ref())
+            .collect();
+        let selected_by_some = |pod: &PodView| {
+            selectors
+                .iter()
+                .any(|s| s.matches(&pod.namespace, &pod.labels))
+        };
+        let placed = match pods::place(&pods, selected_by_some).await {
             Ok(placed) => placed,
             Err(e) => {
                 tracing::warn!("placing the node's pods: {e:#}");
@@ -566,7 +578,19 @@ async fn plan_with_pods(
         pods.insert(watch)
     };
     let now = watch.pods();
-    let placed = pods::place(&now).await?;
+    // Only the pods some session selects are looked up.
+    let selectors: Vec<&PodSelector> = loaded
+        .config
+        .sessions
+        .iter()
+        .filter_map(|s| s.get_ref().pods.as_ref().map(toml::Spanned::get_ref))
+        .collect();
+    let placed = pods::place(&now, |pod| {
+        selectors
+            .iter()
+            .any(|s| s.matches(&pod.namespace, &pod.labels))
+    })
+    .await?;
     crate::plan_selecting(loaded, &|selector| pods::selected(&now, &placed, selector))
 }
 

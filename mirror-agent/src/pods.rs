@@ -10,7 +10,13 @@
 //! namespace's addresses on request (`IFA_TARGET_NETNSID`), so the agent needs no `setns`. A pod
 //! reached through a gateway, and pods on the host network, have no interface of their own on
 //! this node and are left out.
-use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
@@ -275,8 +281,12 @@ impl Unplaced {
     }
 }
 
-/// The host-side interface of each pod, by the kernel's route to the pod's IP.
-pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
+/// The host-side interface of each pod that `wanted` accepts, by the kernel's route to the pod's
+/// IPs.
+pub async fn place(
+    pods: &Pods,
+    wanted: impl Fn(&PodView) -> bool,
+) -> anyhow::Result<BTreeMap<String, Placement>> {
     let (mut connection, handle, _) =
         rtnetlink::new_connection().context("opening a netlink socket")?;
     // Address lists of another namespace (`IFA_TARGET_NETNSID`) need strict checking.
@@ -286,15 +296,19 @@ pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
         .set_netlink_get_strict_chk(true)
         .context("asking netlink for strict checking")?;
     let connection = tokio::spawn(connection);
-    let interfaces = crate::datapath::interfaces()?;
+    let mut lookups = Placer {
+        handle,
+        interfaces: crate::datapath::interfaces()?,
+        bridges: HashMap::new(),
+    };
     let mut placed = BTreeMap::new();
-    for (key, pod) in pods.iter() {
+    for (key, pod) in pods.iter().filter(|(_, pod)| wanted(pod)) {
         let placement = if pod.host_network {
             Err(Unplaced::lasting(
                 "on the host network: no interface of its own".to_owned(),
             ))
         } else {
-            place_by_ips(&handle, &pod.ips, &interfaces).await
+            lookups.place_by_ips(&pod.ips).await
         };
         placed.insert(key.clone(), placement);
     }
@@ -302,47 +316,68 @@ pub async fn place(pods: &Pods) -> anyhow::Result<BTreeMap<String, Placement>> {
     Ok(placed)
 }
 
-/// The interface of the first of a pod's addresses (dual-stack: IPv4 and IPv6) that leads to one.
-async fn place_by_ips(
-    handle: &rtnetlink::Handle,
-    ips: &[IpAddr],
-    interfaces: &[Interface],
-) -> Placement {
-    let mut placement = Err(Unplaced::for_now("no IP yet".to_owned()));
-    for ip in ips {
-        placement = route_to(handle, *ip, interfaces).await;
-        if placement.is_ok() {
-            break;
+/// What one placing of pods asks the kernel, each bridge's ports listed once.
+struct Placer {
+    handle: rtnetlink::Handle,
+    interfaces: Vec<Interface>,
+    /// Per bridge (by index): the addresses found behind each of its ports, and that port.
+    bridges: HashMap<u32, Result<HashMap<IpAddr, u32>, String>>,
+}
+
+impl Placer {
+    /// The interface of the first of a pod's addresses (dual-stack: IPv4 and IPv6) that leads
+    /// to one.
+    async fn place_by_ips(&mut self, ips: &[IpAddr]) -> Placement {
+        let mut placement = Err(Unplaced::for_now("no IP yet".to_owned()));
+        for ip in ips {
+            placement = self.route_to(*ip).await;
+            if placement.is_ok() {
+                break;
+            }
         }
+        placement
     }
-    placement
+
+    /// The interface the kernel sends `ip` out of, when that is a pod's own interface, or the
+    /// port of the bridge it sends `ip` out of that leads to the pod.
+    async fn route_to(&mut self, ip: IpAddr) -> Placement {
+        let interface = routed_interface(&self.handle, ip, &self.interfaces)
+            .await
+            .map_err(Unplaced::for_now)?;
+        if !std::path::Path::new("/sys/class/net")
+            .join(&interface.name)
+            .join("bridge")
+            .exists()
+        {
+            return Ok(interface);
+        }
+        if !self.bridges.contains_key(&interface.ifindex) {
+            let behind = bridge_addresses(&self.handle, &interface).await;
+            self.bridges.insert(interface.ifindex, behind);
+        }
+        let behind = self.bridges[&interface.ifindex]
+            .as_ref()
+            .map_err(|e| Unplaced::for_now(e.clone()))?;
+        behind
+            .get(&ip)
+            .and_then(|port| self.interfaces.iter().find(|i| i.ifindex == *port))
+            .cloned()
+            .ok_or_else(|| {
+                Unplaced::for_now(format!(
+                    "{ip} is behind the bridge `{}`, but no port of it leads to a namespace with that address",
+                    interface.name
+                ))
+            })
+    }
 }
 
-/// The interface the kernel sends `ip` out of, when that is a pod's own interface, or the port of
-/// the bridge it sends `ip` out of that leads to the pod.
-async fn route_to(handle: &rtnetlink::Handle, ip: IpAddr, interfaces: &[Interface]) -> Placement {
-    let interface = routed_interface(handle, ip, interfaces)
-        .await
-        .map_err(Unplaced::for_now)?;
-    if !std::path::Path::new("/sys/class/net")
-        .join(&interface.name)
-        .join("bridge")
-        .exists()
-    {
-        return Ok(interface);
-    }
-    bridge_port_to(handle, &interface, ip, interfaces)
-        .await
-        .map_err(Unplaced::for_now)
-}
-
-/// The port of `bridge` whose peer, in another network namespace, has the address `ip`.
-async fn bridge_port_to(
+/// The addresses of the network namespaces behind the ports of `bridge`, each with the port
+/// whose peer has it: the kernel names each port's peer namespace (`IFLA_LINK_NETNSID`) and the
+/// peer's index there, and lists a namespace's addresses on request (`IFA_TARGET_NETNSID`).
+async fn bridge_addresses(
     handle: &rtnetlink::Handle,
     bridge: &Interface,
-    ip: IpAddr,
-    interfaces: &[Interface],
-) -> Result<Interface, String> {
+) -> Result<HashMap<IpAddr, u32>, String> {
     let failed = |e: rtnetlink::Error| format!("listing the ports of `{}`: {e}", bridge.name);
     // (port, the namespace id of its peer, the peer's index there).
     let mut ports = Vec::new();
@@ -366,6 +401,7 @@ async fn bridge_port_to(
     let mut namespaces: Vec<i32> = ports.iter().map(|(_, namespace, _)| *namespace).collect();
     namespaces.sort_unstable();
     namespaces.dedup();
+    let mut behind = HashMap::new();
     for namespace in namespaces {
         let mut request = handle.address().get();
         request
@@ -374,25 +410,20 @@ async fn bridge_port_to(
             .push(AddressAttribute::TargetNetNsId(namespace));
         let mut addresses = request.execute();
         while let Some(address) = addresses.try_next().await.map_err(failed)? {
-            let has_ip = address.attributes.iter().any(|a| {
-                matches!(a, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == ip)
-            });
-            let port = ports
+            let Some((port, _, _)) = ports
                 .iter()
-                .find(|(_, n, peer)| *n == namespace && *peer == address.header.index);
-            if let (true, Some((port, _, _))) = (has_ip, port) {
-                return interfaces
-                    .iter()
-                    .find(|i| i.ifindex == *port)
-                    .cloned()
-                    .ok_or_else(|| format!("the port {port} of `{}` is gone", bridge.name));
+                .find(|(_, n, peer)| *n == namespace && *peer == address.header.index)
+            else {
+                continue;
+            };
+            for attribute in &address.attributes {
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attribute {
+                    behind.insert(*ip, *port);
+                }
             }
         }
     }
-    Err(format!(
-        "{ip} is behind the bridge `{}`, but no port of it leads to a namespace with that address",
-        bridge.name
-    ))
+    Ok(behind)
 }
 
 /// The interface of the kernel's unicast route to `ip` without a gateway.
