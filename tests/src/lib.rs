@@ -30,6 +30,7 @@ use std::{
 use etherparse::{LaxSlicedPacket, TransportSlice};
 
 pub mod cases;
+pub mod kube_api;
 
 pub const SRC_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const SINK_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);
