@@ -19,7 +19,7 @@
 //! senders on one CPU, so a sentinel sent last arrives after every copy made before it.
 use std::{
     ffi::CString,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::{Child, ChildStdout, Command, Stdio},
@@ -1095,6 +1095,21 @@ pub fn attached(ns: &Netns, socket: &str) -> Vec<(String, String)> {
     assert_eq!(code, 0, "{stderr}");
     let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
     serde_json::from_value(status["attached"].clone()).expect("attached pairs")
+}
+
+/// The body of `GET path` from the agent's API socket (a file: reachable from any namespace).
+pub fn api_get(socket: &str, path: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("the API socket");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").expect("headers end");
+    body.to_owned()
 }
 
 /// The hooks `status --json` lists for the session at `index`, as `interface/direction`, sorted.

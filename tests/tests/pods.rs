@@ -3,11 +3,9 @@
 //! whose host side is in the lab's node and either a /32 route to the pod's IP, as Calico or
 //! Cilium set them up, or a port on a bridge, as flannel does. Not covered: authentication, TLS,
 //! paging (kube-rs's, against a real server).
-use std::io::Write as _;
-
 use mirror_tests::{
     Agent, BpfFs, Capture, FrameSender, Lab, Netns, SENTINEL_RULE, TrafficLoop, agent_binary,
-    agent_command, attached,
+    agent_command, api_get, attached,
     kube_api::{FakeApi, NODE, pod},
     session_hooks, tcx_programs, udp_v4_frame, wait_for,
 };
@@ -132,20 +130,6 @@ fn hooks_of(lab: &Lab, socket: &str, interface: &str) -> Vec<String> {
     hooks
 }
 
-/// `/metrics` from the agent's socket.
-fn metrics(socket: &str) -> String {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("the API socket");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut answer).expect("answer");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    answer
-}
-
 /// The pods `status --json` lists: (pod, interface or why none, sessions as JSON).
 fn selected_pods(lab: &Lab, socket: &str) -> Vec<(String, String, String)> {
     let (code, stdout, stderr) =
@@ -194,7 +178,7 @@ fn first_pods(lab: &Lab, api: &FakeApi) -> [PodNet; 3] {
 /// and `status` says where each selected pod is watched, or why not.
 fn assert_only_web1_watched(lab: &Lab, socket: &str) {
     // And the metrics count them: one watched, one (on the host network) not.
-    let metrics = metrics(socket);
+    let metrics = api_get(socket, "/metrics");
     for line in [
         r#"mirror_selected_pods{session="web",watched="true"} 1"#,
         r#"mirror_selected_pods{session="web",watched="false"} 1"#,

@@ -65,7 +65,7 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Only the scenarios whose name contains one of these comma-separated texts (e.g.
-        /// `baseline,match,vxlan`); `attach` for attach scaling.
+        /// `baseline,match,vxlan`); `attach` for attach scaling, `pods` for pod-selector sessions.
         #[arg(long)]
         only: Option<String>,
     },
@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
                     fixed_rate,
                     rule_counts: vec![1, 1000],
                     attach_counts: vec![1, 50],
+                    pod_counts: vec![10],
                     frame_sizes: vec![60],
                     only,
                 }
@@ -107,6 +108,7 @@ fn main() -> anyhow::Result<()> {
                     fixed_rate,
                     rule_counts: vec![1, 100, 1000, 10_000],
                     attach_counts: vec![1, 100, 500],
+                    pod_counts: vec![10, 100, 250],
                     frame_sizes: vec![60, 1400],
                     only,
                 }

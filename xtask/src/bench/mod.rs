@@ -39,9 +39,12 @@ pub struct Options {
     pub rule_counts: Vec<usize>,
     /// Interface counts for the attach-scaling runs.
     pub attach_counts: Vec<usize>,
+    /// Pod counts for the pod-selector runs.
+    pub pod_counts: Vec<usize>,
     pub frame_sizes: Vec<usize>,
     /// Run only the scenarios whose name contains one of these comma-separated parts (attach
-    /// scaling only with the part "attach"); ratios need their reference scenarios in the run.
+    /// scaling only with the part "attach", pod scaling with "pods"); ratios need their
+    /// reference scenarios in the run.
     pub only: Option<String>,
 }
 
@@ -185,6 +188,18 @@ pub struct AttachRow {
     pub agent_rss_kib: u64,
 }
 
+/// One pod-selector run: `pods` selected pods on the node.
+#[derive(Debug, Serialize)]
+pub struct PodRow {
+    pub pods: usize,
+    /// From the agent's start to every selected pod's veth attached: the first list, the
+    /// placing (a route lookup per pod) and the attaching.
+    pub start_seconds: f64,
+    /// From the API reporting one more pod to its veth attached, with `pods` pods placed.
+    pub new_pod_seconds: f64,
+    pub agent_rss_kib: u64,
+}
+
 pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let lab = Lab::new("bench");
@@ -238,12 +253,24 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             rows.push(measure(&lab, agent, scenario, &frame, options)?);
         }
     }
-    let attach = match &options.only {
-        Some(only) if !only.split(',').any(|part| part == "attach") => Vec::new(),
-        _ => attach_scaling(agent, &options.attach_counts)?,
+    let only_has = |part: &str| {
+        options
+            .only
+            .as_ref()
+            .is_none_or(|only| only.split(',').any(|p| p == part))
+    };
+    let attach = if only_has("attach") {
+        attach_scaling(agent, &options.attach_counts)?
+    } else {
+        Vec::new()
+    };
+    let pods = if only_has("pods") {
+        pod_scaling(agent, &options.pod_counts)?
+    } else {
+        Vec::new()
     };
     drop(lab);
-    report::write(&rows, &attach, options, started.elapsed())
+    report::write(&rows, &attach, &pods, options, started.elapsed())
 }
 
 /// Routes and devices every scenario may use.
@@ -669,6 +696,89 @@ fn attach_scaling(agent: &Path, counts: &[usize]) -> anyhow::Result<Vec<AttachRo
         rows.push(AttachRow {
             interfaces: count,
             seconds,
+            agent_rss_kib,
+        });
+    }
+    Ok(rows)
+}
+
+/// Time for the agent to watch `count` pods selected by a session (each a veth and a /32 route in
+/// one namespace, reported by the stand-in API server), and to follow one more.
+fn pod_scaling(agent: &Path, counts: &[usize]) -> anyhow::Result<Vec<PodRow>> {
+    use mirror_tests::kube_api::{FakeApi, NODE, pod};
+    let mut rows = Vec::new();
+    for &count in counts {
+        eprintln!("bench: {count} selected pods");
+        let ns = mirror_tests::Netns::new(format!("m{}-pods-{count}", std::process::id()));
+        let api = FakeApi::start(&ns);
+        let address = |i: usize| format!("10.244.{}.{}", i / 250, i % 250 + 1);
+        let mut batch = String::from("link add tgt0 type veth peer name tgt1\nlink set tgt0 up\n");
+        for i in 0..=count {
+            writeln!(
+                batch,
+                "link add pod{i} type veth peer name ctr{i}\nlink set pod{i} up\nlink set ctr{i} up\nroute add {}/32 dev pod{i}",
+                address(i)
+            )
+            .expect("writing to a String");
+        }
+        let file =
+            std::env::temp_dir().join(format!("mirror-bench-pods-{}.ip", std::process::id()));
+        std::fs::write(&file, batch)?;
+        ns.ip(&["-batch", file.to_str().context("temp path")?]);
+        let _ = std::fs::remove_file(&file);
+        for i in 0..count {
+            api.apply(pod(
+                "shop",
+                &format!("web-{i}"),
+                "web",
+                NODE,
+                &[&address(i)],
+            ));
+        }
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig())?;
+        let socket = dir.path().join("agent.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "stats_interval_secs = 0\napi_socket = \"{}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\ntarget = {{ interface = \"tgt0\" }}\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\n",
+                socket.display()
+            ),
+        )?;
+        let kubeconfig = kubeconfig.to_str().context("temp path")?;
+        let start = Instant::now();
+        let running = Agent::start_file(
+            &ns,
+            agent,
+            &config,
+            &["--node-name", NODE, "--kubeconfig", kubeconfig],
+        );
+        let start_seconds = start.elapsed().as_secs_f64();
+        let socket = socket.to_str().context("temp path")?;
+        let attached = || {
+            let status: serde_json::Value =
+                serde_json::from_str(&mirror_tests::api_get(socket, "/status")).unwrap_or_default();
+            serde_json::from_value::<Vec<(String, String)>>(status["attached"].clone())
+                .unwrap_or_default()
+        };
+        anyhow::ensure!(
+            attached().len() == count * 2,
+            "{count} pods: {} hooks attached",
+            attached().len()
+        );
+        let reported = Instant::now();
+        api.apply(pod("shop", "web-new", "web", NODE, &[&address(count)]));
+        let new_veth = (format!("pod{count}"), "ingress".to_owned());
+        wait_for("the new pod's veth", || attached().contains(&new_veth));
+        let new_pod_seconds = reported.elapsed().as_secs_f64();
+        let agent_rss_kib = rss_kib(running.pid())?;
+        running.stop();
+        rows.push(PodRow {
+            pods: count,
+            start_seconds,
+            new_pod_seconds,
             agent_rss_kib,
         });
     }

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::{AttachRow, Options, Row};
+use super::{AttachRow, Options, PodRow, Row};
 
 /// The font the chart's text is drawn with (Debian's fonts-dejavu-core).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -28,6 +28,7 @@ struct Results<'a> {
     fixed_rate_pps: u64,
     rows: &'a [Row],
     attach: &'a [AttachRow],
+    pods: &'a [PodRow],
 }
 
 fn command(program: &str, args: &[&str]) -> String {
@@ -79,9 +80,50 @@ fn opt(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
     value.map_or("-".into(), format)
 }
 
+/// The attach-scaling and pod-selector tables.
+fn scaling_tables(md: &mut String, attach: &[AttachRow], pods: &[PodRow]) -> std::fmt::Result {
+    if !attach.is_empty() {
+        writeln!(
+            md,
+            "## Attach scaling\n\n| interfaces | hooks | time to attach | agent RSS |\n|---:|---:|---:|---:|"
+        )?;
+        for row in attach {
+            writeln!(
+                md,
+                "| {} | {} | {:.2} s | {:.1} MB |",
+                row.interfaces,
+                row.interfaces * 2,
+                row.seconds,
+                row.agent_rss_kib as f64 / 1024.0
+            )?;
+        }
+        writeln!(md)?;
+    }
+    if pods.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "## Pod-selector sessions\n\nPods selected by labels, each a veth with a /32 route, listed by the stand-in API server: time from the agent's start until every pod's veth is attached (list, placing, attaching), and from the API reporting one more pod until its veth is attached.\n\n| pods | hooks | start | one more pod | agent RSS |\n|---:|---:|---:|---:|---:|"
+    )?;
+    for row in pods {
+        writeln!(
+            md,
+            "| {} | {} | {:.2} s | {:.0} ms | {:.1} MB |",
+            row.pods,
+            row.pods * 2,
+            row.start_seconds,
+            row.new_pod_seconds * 1000.0,
+            row.agent_rss_kib as f64 / 1024.0
+        )?;
+    }
+    Ok(())
+}
+
 pub fn write(
     rows: &[Row],
     attach: &[AttachRow],
+    pods: &[PodRow],
     options: &Options,
     took: Duration,
 ) -> anyhow::Result<()> {
@@ -105,7 +147,12 @@ pub fn write(
         options.fixed_rate,
         took.as_secs_f64()
     )?;
-    for &size in &options.frame_sizes {
+    // A partial run (`--only`) shows only what it measured.
+    for &size in options
+        .frame_sizes
+        .iter()
+        .filter(|&&size| rows.iter().any(|r| r.frame_bytes == size))
+    {
         let baseline = find(rows, size, "baseline (no mirroring)");
         let mirred = find(rows, size, "tc u32 match-all + mirred");
         writeln!(md, "## {size}-byte frames\n")?;
@@ -138,30 +185,23 @@ pub fn write(
         }
         writeln!(md)?;
     }
+    scaling_tables(&mut md, attach, pods)?;
     writeln!(
         md,
-        "## Attach scaling\n\n| interfaces | hooks | time to attach | agent RSS |\n|---:|---:|---:|---:|"
+        "\n## Targets\n\n{}",
+        targets(rows, attach, pods, options)
     )?;
-    for row in attach {
+    if !rows.is_empty() {
         writeln!(
             md,
-            "| {} | {} | {:.2} s | {:.1} MB |",
-            row.interfaces,
-            row.interfaces * 2,
-            row.seconds,
-            row.agent_rss_kib as f64 / 1024.0
+            "\n## The XDP path against the TC path\n\n{}",
+            xdp_against_tc(rows, options)
+        )?;
+        writeln!(
+            md,
+            "![throughput per scenario and rule scaling]({stem}.png)"
         )?;
     }
-    writeln!(md, "\n## Targets\n\n{}", targets(rows, attach, options))?;
-    writeln!(
-        md,
-        "\n## The XDP path against the TC path\n\n{}",
-        xdp_against_tc(rows, options)
-    )?;
-    writeln!(
-        md,
-        "![throughput per scenario and rule scaling]({stem}.png)"
-    )?;
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
     let results = Results {
         machine,
@@ -170,11 +210,17 @@ pub fn write(
         fixed_rate_pps: options.fixed_rate,
         rows,
         attach,
+        pods,
     };
     std::fs::write(
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&results)?,
     )?;
+    if rows.is_empty() {
+        println!("{md}");
+        println!("written: bench/results/{stem}.{{md,json}}");
+        return Ok(());
+    }
     chart(rows, options, &dir.join(format!("{stem}.png")))?;
     println!("{md}");
     println!("written: bench/results/{stem}.{{md,json,png}}");
@@ -208,7 +254,7 @@ fn xdp_against_tc(rows: &[Row], options: &Options) -> String {
     out
 }
 
-fn targets(rows: &[Row], attach: &[AttachRow], options: &Options) -> String {
+fn targets(rows: &[Row], attach: &[AttachRow], pods: &[PodRow], options: &Options) -> String {
     let mut out = String::new();
     let mut line = |what: &str, value: String, met: bool| {
         let _ = writeln!(
@@ -291,13 +337,15 @@ fn targets(rows: &[Row], attach: &[AttachRow], options: &Options) -> String {
         .iter()
         .filter_map(|r| r.agent_rss_kib)
         .chain(attach.iter().map(|r| r.agent_rss_kib))
-        .max()
-        .unwrap_or(0);
-    line(
-        "agent RSS < 50 MB (largest seen)",
-        format!("{:.1} MB", rss as f64 / 1024.0),
-        rss < 50 * 1024,
-    );
+        .chain(pods.iter().map(|r| r.agent_rss_kib))
+        .max();
+    if let Some(rss) = rss {
+        line(
+            "agent RSS < 50 MB (largest seen)",
+            format!("{:.1} MB", rss as f64 / 1024.0),
+            rss < 50 * 1024,
+        );
+    }
     out
 }
 
