@@ -66,6 +66,9 @@ pub struct Applied {
     carried: Carried,
     /// What the follower needs to watch interfaces that appear later.
     pub follow: Option<Follow>,
+    /// The tunnel sessions and the hops their copies take now (kept current by
+    /// `tunnel::path::run`).
+    pub tunnels: crate::tunnel::Tunnels,
     /// The pods pod-selector sessions select now, and where they were found.
     pub pods: Vec<SelectedPod>,
 }
@@ -155,6 +158,7 @@ impl Applied {
         drain: Option<crate::emit::Drain>,
         plan: &Plan,
         follow: Option<Follow>,
+        tunnels: crate::tunnel::Tunnels,
     ) -> Self {
         Applied {
             datapath,
@@ -162,6 +166,7 @@ impl Applied {
             view: PlanView::of(plan),
             carried: Carried::default(),
             follow,
+            tunnels,
             pods: Vec::new(),
         }
     }
@@ -175,6 +180,7 @@ impl Applied {
         drain: Option<crate::emit::Drain>,
         plan: &Plan,
         follow: Option<Follow>,
+        tunnels: crate::tunnel::Tunnels,
     ) -> Self {
         let before = self.stats().unwrap_or_else(|e| {
             tracing::warn!("reading the replaced configuration's counters: {e:#}");
@@ -209,6 +215,7 @@ impl Applied {
             view,
             carried,
             follow,
+            tunnels,
             pods: self.pods.clone(),
         }
     }
@@ -422,6 +429,7 @@ impl Shared {
                     ("sampled_out", c.sampled_out),
                     ("rate_limited", c.rate_limited),
                     ("ring_full", c.ring_full),
+                    ("no_route", c.no_route),
                 ] {
                     let mut labels = labels.clone();
                     labels.push(("reason", reason.to_owned()));
@@ -469,6 +477,9 @@ pub struct CounterStats {
     pub truncated: u64,
     /// Ring copies dropped because the ring buffer was full.
     pub ring_full: u64,
+    /// Tunnel copies not made while the collector had no route or next hop.
+    #[serde(default)]
+    pub no_route: u64,
 }
 
 impl From<&Counters> for CounterStats {
@@ -483,6 +494,7 @@ impl From<&Counters> for CounterStats {
             rate_limited: c.rate_limited,
             truncated: c.truncated,
             ring_full: c.ring_full,
+            no_route: c.no_route,
         }
     }
 }
@@ -501,6 +513,7 @@ impl std::ops::Add for CounterStats {
             rate_limited: self.rate_limited + other.rate_limited,
             truncated: self.truncated + other.truncated,
             ring_full: self.ring_full + other.ring_full,
+            no_route: self.no_route + other.no_route,
         }
     }
 }
@@ -514,6 +527,7 @@ impl CounterStats {
             + self.sampled_out
             + self.rate_limited
             + self.ring_full
+            + self.no_route
     }
 }
 

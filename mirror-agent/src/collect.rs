@@ -252,6 +252,11 @@ fn listen(address: SocketAddr) -> anyhow::Result<UdpSocket> {
     }
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1).context("SO_TIMESTAMPNS")?;
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1).context("SO_RXQ_OVFL")?;
+    if address.is_ipv6() {
+        // Tunnels over IPv6 may send a zero UDP checksum (RFC 6935, RFC 6936): the inner frame
+        // carries its own checks. Linux drops such datagrams unless told otherwise.
+        setsockopt(fd, libc::SOL_UDP, libc::UDP_NO_CHECK6_RX, 1).context("UDP_NO_CHECK6_RX")?;
+    }
     socket
         .set_read_timeout(Some(POLL_INTERVAL))
         .context("setting the receive timeout")?;

@@ -265,7 +265,7 @@ pub enum HookConfig {
     Xdp,
 }
 
-/// Where copies go: exactly one of `interface`, `vxlan` or `file`.
+/// Where copies go: exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
@@ -273,6 +273,12 @@ pub struct TargetConfig {
     pub interface: Option<String>,
     /// Copies are encapsulated in VXLAN and sent to a remote collector.
     pub vxlan: Option<VxlanConfig>,
+    /// Copies are encapsulated in GENEVE and sent to a remote collector.
+    pub geneve: Option<GeneveConfig>,
+    /// Copies are encapsulated in GRE (Ethernet inside) and sent to a remote collector.
+    pub gre: Option<GreConfig>,
+    /// Copies are encapsulated in ERSPAN type II or III and sent to a remote collector.
+    pub erspan: Option<ErspanConfig>,
     /// Copies are written to this pcap (`.pcap`) or pcapng (`.pcapng`) file.
     pub file: Option<std::path::PathBuf>,
     /// With `file`: start a new file (`NAME-000002.pcapng`, …) when this many bytes are written.
@@ -302,6 +308,59 @@ pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 
 fn default_vxlan_port() -> u16 {
     DEFAULT_VXLAN_PORT
+}
+
+/// A GENEVE tunnel (RFC 8926) to a collector.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GeneveConfig {
+    /// The collector's IPv4 or IPv6 address.
+    pub remote: IpAddr,
+    /// Virtual network identifier, 0..=16777215.
+    pub vni: Vni,
+    /// Destination UDP port.
+    #[serde(default = "default_geneve_port")]
+    pub port: u16,
+    /// Source address of the outer packets (same family as `remote`); by default the route's.
+    pub local: Option<IpAddr>,
+}
+
+/// The IANA GENEVE port.
+pub const DEFAULT_GENEVE_PORT: u16 = 6081;
+
+fn default_geneve_port() -> u16 {
+    DEFAULT_GENEVE_PORT
+}
+
+/// A GRE tunnel carrying Ethernet frames (protocol 0x6558) to a collector.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GreConfig {
+    /// The collector's IPv4 or IPv6 address.
+    pub remote: IpAddr,
+    /// The GRE key (32 bits), sent when given: tells the collector which session a copy is from.
+    pub key: Option<u32>,
+    /// Source address of the outer packets (same family as `remote`); by default the route's.
+    pub local: Option<IpAddr>,
+}
+
+/// An ERSPAN session to a collector (a switch's ERSPAN destination, a packet broker, Wireshark).
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErspanConfig {
+    /// The collector's IPv4 or IPv6 address.
+    pub remote: IpAddr,
+    /// The ERSPAN session id, 0..=1023.
+    pub session_id: ErspanSessionId,
+    /// ERSPAN type: 2 (type II) or 3 (type III, with a timestamp and the direction).
+    #[serde(default = "default_erspan_version")]
+    pub version: u8,
+    /// Source address of the outer packets (same family as `remote`); by default the route's.
+    pub local: Option<IpAddr>,
+}
+
+fn default_erspan_version() -> u8 {
+    2
 }
 
 /// What a rule does.
@@ -364,6 +423,22 @@ impl FromStr for Vni {
             .filter(|v| *v <= 0x00ff_ffff)
             .map(Vni)
             .ok_or_else(|| format!("`{s}` is not a VNI (0..16777215)"))
+    }
+}
+
+/// An ERSPAN session id (10 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ErspanSessionId(pub u16);
+parsed_from_str_or_int!(ErspanSessionId, "an ERSPAN session id");
+
+impl FromStr for ErspanSessionId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_u64(s)
+            .and_then(|v| u16::try_from(v).ok())
+            .filter(|v| *v <= 1023)
+            .map(ErspanSessionId)
+            .ok_or_else(|| format!("`{s}` is not an ERSPAN session id (0..1023)"))
     }
 }
 
@@ -703,5 +778,7 @@ dst_port = 443
         assert!("".parse::<PortRange>().is_err());
         assert_eq!("0xffffff".parse::<Vni>(), Ok(Vni(0x00ff_ffff)));
         assert!("16777216".parse::<Vni>().is_err());
+        assert_eq!("1023".parse::<ErspanSessionId>(), Ok(ErspanSessionId(1023)));
+        assert!("1024".parse::<ErspanSessionId>().is_err());
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     follow::{self, Follow},
     pods::{self, Placement, PodView, PodWatch},
     rules::{self, Plan, Target},
-    tunnel::{self, ResolvedTargets},
+    tunnel::{self, Tunnels},
 };
 
 /// How the agent runs, from the command line and the configuration file.
@@ -63,8 +63,6 @@ struct Daemon<'a> {
     shared: Arc<Shared>,
     /// The applied plan (without its compiled tables).
     plan: Plan,
-    targets: ResolvedTargets,
-    target_devices: Vec<(String, u32)>,
     /// The capture files of file targets, across reloads.
     files: Arc<Files>,
     /// The node's pods, once a configuration has a pod-selector session.
@@ -76,8 +74,7 @@ struct Daemon<'a> {
 /// A plan made ready: its targets resolved and its datapath loaded and attached.
 struct Prepared {
     plan: Plan,
-    targets: ResolvedTargets,
-    target_devices: Vec<(String, u32)>,
+    tunnels: Tunnels,
     datapath: Datapath,
     drain: Option<Drain>,
     follow: Option<Follow>,
@@ -112,6 +109,7 @@ async fn serve(
             prepared.drain,
             &prepared.plan,
             prepared.follow,
+            prepared.tunnels,
         ),
         stopped.clone(),
         reload_requests,
@@ -120,8 +118,6 @@ async fn serve(
         options,
         shared: shared.clone(),
         plan: prepared.plan,
-        targets: prepared.targets,
-        target_devices: prepared.target_devices,
         files,
         pods,
         placements: BTreeMap::new(),
@@ -134,6 +130,7 @@ async fn serve(
             stopped.clone(),
         )),
         tokio::spawn(follow::run(shared.clone(), stopped.clone())),
+        tokio::spawn(tunnel::path::run(shared.clone(), stopped.clone())),
     ];
     if let Some(listener) = metrics {
         servers.push(tokio::spawn(api::serve_metrics(
@@ -223,7 +220,7 @@ async fn start(plan: Plan, options: &Options, files: &Files) -> anyhow::Result<P
 }
 
 /// Resolves `plan`'s targets and loads its datapath for `generation`, then lets `attach` attach
-/// it. On failure the VXLAN devices this created are removed again.
+/// it.
 async fn prepare(
     mut plan: Plan,
     generation: u64,
@@ -235,43 +232,33 @@ async fn prepare(
         &[(String, u32)],
     ) -> Result<(), crate::datapath::DatapathError>,
 ) -> anyhow::Result<Prepared> {
-    let mut targets = tunnel::resolve(&plan.sessions)
+    let targets = tunnel::resolve(&plan.sessions)
         .await
         .context("preparing the targets")?;
-    let target_devices = target_devices(&plan, &targets);
-    // The copy program goes where copies need finishing (a tunnel key or a cut).
-    let finishing: Vec<(String, u32)> = target_devices
-        .iter()
+    // The copy program goes where copies need finishing (outer headers or a cut): the target
+    // interfaces of such sessions and the tunnels' underlays.
+    let finishing: Vec<(String, u32)> = target_interfaces(&plan)
+        .into_iter()
         .filter(|(_, ifindex)| {
             targets
                 .sessions
                 .iter()
                 .any(|m| m.target_ifindex == *ifindex && m.finish != 0)
         })
-        .cloned()
+        .chain(targets.tunnels.interfaces())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect();
-    let datapath = Datapath::load(
+    let mut datapath = Datapath::load(
         &plan,
         &targets.sessions,
+        &targets.tunnels.entries(),
         generation,
         options.pin_dir.as_deref(),
-    )
-    .map_err(anyhow::Error::from)
-    .and_then(|mut datapath| {
-        // The drain runs before anything is attached: no copy waits in a full ring.
-        let drain = Drain::start(datapath.take_ring()?, &plan, files)?;
-        attach(&mut datapath, &plan, &finishing)?;
-        Ok((datapath, drain))
-    });
-    let (datapath, drain) = match datapath {
-        Ok(prepared) => prepared,
-        Err(e) => {
-            if let Err(cleanup) = targets.devices.remove_created().await {
-                tracing::warn!("removing VXLAN devices: {cleanup}");
-            }
-            return Err(e);
-        }
-    };
+    )?;
+    // The drain runs before anything is attached: no copy waits in a full ring.
+    let drain = Drain::start(datapath.take_ring()?, &plan, files)?;
+    attach(&mut datapath, &plan, &finishing)?;
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
     release_freed_memory();
@@ -299,12 +286,14 @@ async fn prepare(
     let follow = Follow::new(
         &plan.sessions,
         &plan.rules,
-        target_devices.iter().map(|(_, ifindex)| *ifindex).collect(),
+        target_interfaces(&plan)
+            .iter()
+            .map(|(_, ifindex)| *ifindex)
+            .collect(),
     );
     Ok(Prepared {
         plan,
-        targets,
-        target_devices,
+        tunnels: targets.tunnels,
         datapath,
         drain,
         follow,
@@ -370,6 +359,7 @@ impl Daemon<'_> {
                 prepared.drain,
                 &prepared.plan,
                 prepared.follow,
+                prepared.tunnels,
             );
             std::mem::replace(&mut *applied, next)
         };
@@ -379,17 +369,7 @@ impl Daemon<'_> {
         if let Err(e) = self.files.close_unused(Some(&prepared.plan)) {
             tracing::warn!("closing capture files no longer written: {e:#}");
         }
-        if let Err(e) = self
-            .targets
-            .devices
-            .remove_unused(&prepared.targets.devices)
-            .await
-        {
-            tracing::warn!("removing VXLAN devices no longer used: {e}");
-        }
         self.plan = prepared.plan;
-        self.targets = prepared.targets;
-        self.target_devices = prepared.target_devices;
         // The sessions may select other pods now; and pods may have changed meanwhile.
         self.apply_pods().await;
         Ok(generation)
@@ -498,6 +478,8 @@ impl Daemon<'_> {
                         sampled_out = c.sampled_out,
                         rate_limited = c.rate_limited,
                         truncated = c.truncated,
+                        ring_full = c.ring_full,
+                        no_route = c.no_route,
                         "counters"
                     );
                 }
@@ -511,9 +493,7 @@ impl Daemon<'_> {
         let Daemon {
             options,
             shared,
-            plan: _,
-            mut targets,
-            target_devices,
+            plan,
             files,
             pods,
             placements: _,
@@ -526,19 +506,13 @@ impl Daemon<'_> {
         applied.datapath.stop();
         let emitted = applied.drain.take().map(Drain::finish);
         let closed = files.close_unused(None).context("closing capture files");
-        let report = report(&applied, emitted.as_deref(), &targets, &target_devices).await;
+        let report = report(&applied, emitted.as_deref(), &plan).await;
         closed?;
         if let Some(dir) = &options.pin_dir {
             println!(
                 "mirror-agent: pinned mode: the programs keep mirroring from {} until a new agent takes them over (remove the directory to detach them)",
                 dir.display()
             );
-        } else {
-            targets
-                .devices
-                .remove()
-                .await
-                .context("removing VXLAN devices")?;
         }
         print!("{}", report?);
         Ok(())
@@ -629,29 +603,28 @@ async fn tick(ticker: Option<&mut tokio::time::Interval>) {
     }
 }
 
-/// Every interface copies leave through: interface targets and the agent's VXLAN devices.
-fn target_devices(plan: &Plan, targets: &ResolvedTargets) -> Vec<(String, u32)> {
-    let mut devices: Vec<(String, u32)> = plan
+/// The interface targets of `plan`'s sessions.
+fn target_interfaces(plan: &Plan) -> Vec<(String, u32)> {
+    let mut interfaces: Vec<(String, u32)> = plan
         .sessions
         .iter()
         .filter_map(|s| match &s.target {
             Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
-            Target::Vxlan(_) | Target::File(_) => None,
+            Target::Tunnel(_) | Target::File(_) => None,
         })
-        .chain(targets.devices.devices.iter().cloned())
         .collect();
-    devices.sort();
-    devices.dedup();
-    devices
+    interfaces.sort();
+    interfaces.dedup();
+    interfaces
 }
 
-/// The final counters as a table: one line per rule, then one per session, per hook and per
-/// target interface (copies the kernel lost after they left the programs).
+/// The final counters as a table: one line per rule, then one per session, per hook, per tunnel
+/// (the hop its copies took last) and per target interface and underlay (copies the kernel lost
+/// after they left the programs).
 async fn report(
     applied: &Applied,
     emitted: Option<&[(u64, u64)]>,
-    targets: &ResolvedTargets,
-    target_devices: &[(String, u32)],
+    plan: &Plan,
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let stats = applied.stats()?;
@@ -659,7 +632,7 @@ async fn report(
     let row = |out: &mut String, kind: &str, name: &str, rule: &str, c: &api::CounterStats| {
         let _ = writeln!(
             out,
-            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9}",
+            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9}",
             c.matched,
             c.mirrored,
             c.clone_errors,
@@ -668,12 +641,13 @@ async fn report(
             c.sampled_out,
             c.rate_limited,
             c.truncated,
-            c.ring_full
+            c.ring_full,
+            c.no_route
         );
     };
     let _ = writeln!(
         out,
-        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9}",
+        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9}",
         "counter",
         "session",
         "rule",
@@ -685,7 +659,8 @@ async fn report(
         "sampled_out",
         "rate_limited",
         "truncated",
-        "ring_full"
+        "ring_full",
+        "no_route"
     );
     for session in &stats.sessions {
         for rule in &session.rules {
@@ -718,8 +693,23 @@ async fn report(
             session.name
         );
     }
-    for (name, ifindex) in target_devices {
-        let (dropped, errors) = targets.devices.tx_losses(*ifindex).await?;
+    for (session, target, hop) in applied.tunnels.report() {
+        let _ = match hop {
+            Ok(hop) => writeln!(
+                out,
+                "tunnel   {session:<16} {target} via {} to {}",
+                hop.interface,
+                tunnel::mac_text(hop.next_hop_mac)
+            ),
+            Err(why) => writeln!(out, "tunnel   {session:<16} {target}: {why}"),
+        };
+    }
+    let mut interfaces = target_interfaces(plan);
+    interfaces.extend(applied.tunnels.interfaces());
+    interfaces.sort();
+    interfaces.dedup();
+    for (name, ifindex) in &interfaces {
+        let (dropped, errors) = tunnel::tx_losses(*ifindex).await?;
         let _ = writeln!(
             out,
             "target   {name:<16} tx_dropped={dropped} tx_errors={errors}"

@@ -24,8 +24,8 @@ use mirror_common::{
     FIELD_WILDCARD_MAP, Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters,
     IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP,
     SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP,
-    SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, VLAN_BITMAP_MAP,
-    XDP_PROGRAM,
+    SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel,
+    VLAN_BITMAP_MAP, XDP_PROGRAM,
 };
 
 use crate::rules::{Interface, Plan};
@@ -35,7 +35,7 @@ use crate::rules::{Interface, Plan};
 pub enum Hook {
     /// The mirror program on a watched interface.
     Mirror(Direction),
-    /// The copy program at the egress of a target (interface or VXLAN device).
+    /// The copy program at the egress of a target interface or of a tunnel's underlay.
     Copy,
 }
 
@@ -248,10 +248,11 @@ fn fill_prefixes(
 
 impl Datapath {
     /// Loads the programs for configuration `generation` and fills the maps from `plan` and the
-    /// sessions' resolved targets. Nothing is attached yet (see [`Datapath::attach`]).
+    /// sessions' resolved targets and tunnels. Nothing is attached yet (see [`Datapath::attach`]).
     pub fn load(
         plan: &Plan,
         sessions: &[SessionMeta],
+        tunnels: &[(u32, Tunnel)],
         generation: u64,
         pin_dir: Option<&Path>,
     ) -> Result<Self, DatapathError> {
@@ -282,6 +283,7 @@ impl Datapath {
         }
         fill_array(&mut ebpf, RULES_MAP, &tables.rules)?;
         fill_array(&mut ebpf, SESSIONS_MAP, sessions)?;
+        fill_hash(&mut ebpf, TUNNELS_MAP, tunnels)?;
         fill_array(&mut ebpf, NODE_RATE_LIMIT_MAP, &[plan.node_rate])?;
         fill_prefixes(
             &mut ebpf,
@@ -702,6 +704,41 @@ impl Datapath {
             .collect()
     }
 
+    /// Makes sure the copy program finishes copies at `interface` (a tunnel's underlay that a
+    /// route change brought): attached if it is not.
+    pub fn finish_copies_at(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if self
+            .links
+            .iter()
+            .any(|a| a.hook == Hook::Copy && a.interface == interface)
+        {
+            return Ok(());
+        }
+        self.attach_new(Hook::Copy, interface)
+    }
+
+    /// Rewrites a session's `SESSIONS` entry (a tunnel's size limit follows its path).
+    pub fn set_session(&mut self, session: u32, meta: &SessionMeta) -> Result<(), DatapathError> {
+        let mut array = Array::<_, SessionMeta>::try_from(map(&mut self.ebpf, SESSIONS_MAP)?)
+            .map_err(map_err(SESSIONS_MAP))?;
+        array.set(session, meta, 0).map_err(map_err(SESSIONS_MAP))
+    }
+
+    /// Writes a tunnel session's hop and outer header (replacing the entry whole).
+    pub fn set_tunnel(&mut self, session: u32, tunnel: &Tunnel) -> Result<(), DatapathError> {
+        fill_hash(&mut self.ebpf, TUNNELS_MAP, &[(session, *tunnel)])
+    }
+
+    /// Removes a tunnel session's hop: its copies are counted as `no_route` until it is back.
+    pub fn clear_tunnel(&mut self, session: u32) -> Result<(), DatapathError> {
+        let mut hash = HashMap::<_, u32, Tunnel>::try_from(map(&mut self.ebpf, TUNNELS_MAP)?)
+            .map_err(map_err(TUNNELS_MAP))?;
+        match hash.remove(&session) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(TUNNELS_MAP)(e)),
+        }
+    }
+
     /// Number of watched (interface, direction) hooks attached.
     pub fn hook_count(&self) -> usize {
         self.links
@@ -879,4 +916,5 @@ fn add_counters(total: &mut Counters, value: &Counters) {
     total.rate_limited += value.rate_limited;
     total.truncated += value.truncated;
     total.ring_full += value.ring_full;
+    total.no_route += value.no_route;
 }

@@ -1,6 +1,6 @@
 //! The agent's half of the ring-buffer path (XDP sessions and file targets): a thread of its own
 //! drains `COPY_RING` and hands each copy to its session's target, a packet socket on the target
-//! interface, a VXLAN socket, or a pcap/pcapng file. It wakes up every [`IDLE_WAIT`] (or at once
+//! interface, a tunnel's raw socket, or a pcap/pcapng file. It wakes up every [`IDLE_WAIT`] (or at once
 //! when the ring is half full), drains everything queued, and sends datagrams in batches (one
 //! `sendmmsg` for up to 64).
 use std::{
@@ -22,7 +22,7 @@ use mirror_common::{Direction, RingCopyHeader};
 use crate::{
     capture::{Sink, open_tap, send_many},
     rules::{Plan, Target},
-    vxlan_out::VxlanSender,
+    tunnel::send::TunnelSender,
 };
 
 /// How long the drain thread sleeps when the ring is empty: records wake it only once the ring
@@ -90,7 +90,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Where one session's ring copies go.
 enum Emit {
     Interface(OwnedFd),
-    Vxlan(VxlanSender),
+    Tunnel(TunnelSender),
     File(Arc<Mutex<Sink>>),
 }
 
@@ -129,7 +129,7 @@ impl Drain {
                 }
                 let emit = match &s.target {
                     Target::Interface(i) => Emit::Interface(open_tap(&i.name)?),
-                    Target::Vxlan(v) => Emit::Vxlan(VxlanSender::new(v)?),
+                    Target::Tunnel(t) => Emit::Tunnel(TunnelSender::new(t)?),
                     Target::File(f) => Emit::File(files.open(f)?),
                 };
                 Ok(Some(emit))
@@ -153,7 +153,7 @@ impl Drain {
             .name("ring-drain".into())
             .spawn({
                 let (stop, counts) = (stop.clone(), counts.clone());
-                move || drain(ring, &emits, &names, &counts, &stop)
+                move || drain(ring, emits, &names, &counts, &stop)
             })
             .context("starting the ring drain thread")?;
         Ok(Some(Drain {
@@ -224,7 +224,7 @@ impl Outbox {
         let queued = &self.datagrams[..self.queued];
         let (sent, errors) = match emit {
             Emit::Interface(fd) => send_many(fd.as_raw_fd(), queued, None),
-            Emit::Vxlan(sender) => {
+            Emit::Tunnel(sender) => {
                 let (socket, destination) = sender.socket();
                 send_many(socket.as_raw_fd(), queued, Some(&destination))
             }
@@ -247,7 +247,7 @@ fn failed(count: &EmitCounts, n: u64, error: &dyn std::fmt::Display) {
 
 fn drain(
     mut ring: RingBuf<MapData>,
-    emits: &[Option<Emit>],
+    mut emits: Vec<Option<Emit>>,
     names: &HashMap<u32, String>,
     counts: &[EmitCounts],
     stop: &AtomicBool,
@@ -263,7 +263,7 @@ fn drain(
             };
             let session = header.session as usize;
             let (Some(Some(emit)), Some(outbox), Some(count)) = (
-                emits.get(session),
+                emits.get_mut(session),
                 outboxes.get_mut(session),
                 counts.get(session),
             ) else {
@@ -271,7 +271,9 @@ fn drain(
             };
             match emit {
                 Emit::Interface(_) => outbox.next().extend_from_slice(frame),
-                Emit::Vxlan(sender) => sender.encapsulate(frame, header.flow_hash, outbox.next()),
+                Emit::Tunnel(sender) => {
+                    sender.encapsulate(frame, header.flow_hash, header.orig_len, outbox.next())
+                }
                 Emit::File(sink) => {
                     let written = lock(sink).write(
                         header.ifindex,

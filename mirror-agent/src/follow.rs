@@ -20,7 +20,6 @@ use crate::{
     config::PodSelector,
     datapath::Datapath,
     rules::{self, Interface, Rule, Session},
-    tunnel::DEVICE_PREFIX,
 };
 
 /// What the follower needs of the applied plan.
@@ -258,7 +257,7 @@ fn appeared(shared: &Shared, link: &LinkMessage) {
     let Some(follow) = follow else {
         return;
     };
-    if follow.targets.contains(&ifindex) || name.starts_with(DEVICE_PREFIX) {
+    if follow.targets.contains(&ifindex) {
         return;
     }
     let attached = datapath.attached();
@@ -282,7 +281,8 @@ fn appeared(shared: &Shared, link: &LinkMessage) {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A task ended when this is dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -1,6 +1,7 @@
-//! mirror-agent: mirrors the packets that match a session's rules to a target interface or a VXLAN
-//! collector, using TC eBPF programs. `run` applies a configuration until SIGINT/SIGTERM; `check`
-//! only validates one; `collect` receives VXLAN copies into a pcap file or an interface.
+//! mirror-agent: mirrors the packets that match a session's rules to a target interface, a tunnel
+//! to a collector (VXLAN, GENEVE, GRE, ERSPAN) or a capture file, using TC and XDP eBPF programs.
+//! `run` applies a configuration until SIGINT/SIGTERM; `check` only validates one; `collect`
+//! receives tunnelled copies into a pcap file or an interface.
 mod api;
 mod capture;
 mod collect;
@@ -12,7 +13,6 @@ mod follow;
 mod pods;
 mod rules;
 mod tunnel;
-mod vxlan_out;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -22,16 +22,17 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{
-        ActionConfig, Cidr, Config, DEFAULT_VXLAN_PORT, DirectionConfig, Ethertype, HookConfig,
-        IpProto, LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
+        ActionConfig, Cidr, Config, DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, DirectionConfig,
+        ErspanConfig, ErspanSessionId, Ethertype, GeneveConfig, GreConfig, HookConfig, IpProto,
+        LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
         SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
     },
     rules::{Plan, Target},
 };
 
 /// Port mirroring for Linux nodes with eBPF: copies the packets that match a session's rules from
-/// the watched interfaces to a target interface or a VXLAN collector, without touching the
-/// original packets.
+/// the watched interfaces to a target interface, a collector (VXLAN, GENEVE, GRE or ERSPAN) or a
+/// capture file, without touching the original packets.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -51,7 +52,8 @@ enum Command {
     /// is rejected with the reason and the running configuration stays; a valid one replaces it
     /// atomically per hook. Or the quick form for one session:
     /// `mirror-agent run --iface eth0 --to mirror0 --proto tcp --dst-port 443`, or
-    /// `mirror-agent run --iface eth0 --to-vxlan 192.0.2.10 --vni 7`.
+    /// `mirror-agent run --iface eth0 --to-vxlan 192.0.2.10 --vni 7` (also `--to-geneve`,
+    /// `--to-gre`, `--to-erspan`).
     Run(Box<RunArgs>),
     /// Validate a configuration against this host's interfaces and routes; exit 1 with
     /// <file:line> on errors.
@@ -145,18 +147,38 @@ struct QuickSession {
     /// (`.pcap`) or pcapng (`.pcapng`) file.
     #[arg(long, group = "target", requires = "iface")]
     to: Option<String>,
-    /// Target collector: copies are sent in VXLAN to this IPv4 or IPv6 address.
+    /// Target collector: copies are sent in VXLAN (RFC 7348) to this IPv4 or IPv6 address.
     #[arg(long, group = "target", requires = "iface")]
     to_vxlan: Option<std::net::IpAddr>,
-    /// VNI of the VXLAN copies (0..16777215).
-    #[arg(long, requires = "to_vxlan", default_value = "0")]
+    /// Target collector: copies are sent in GENEVE (RFC 8926) to this address.
+    #[arg(long, group = "target", requires = "iface")]
+    to_geneve: Option<std::net::IpAddr>,
+    /// Target collector: copies are sent in GRE (Ethernet inside, protocol 0x6558) to this
+    /// address.
+    #[arg(long, group = "target", requires = "iface")]
+    to_gre: Option<std::net::IpAddr>,
+    /// Target collector: copies are sent in ERSPAN (type II by default) to this address.
+    #[arg(long, group = "target", requires = "iface")]
+    to_erspan: Option<std::net::IpAddr>,
+    /// VNI of the VXLAN or GENEVE copies (0..16777215).
+    #[arg(long, default_value = "0")]
     vni: Vni,
-    /// Destination UDP port of the VXLAN copies.
-    #[arg(long, requires = "to_vxlan", default_value_t = DEFAULT_VXLAN_PORT)]
-    vxlan_port: u16,
-    /// Source address of the VXLAN copies (default: the route's).
-    #[arg(long, requires = "to_vxlan")]
-    vxlan_local: Option<std::net::IpAddr>,
+    /// Destination UDP port of the VXLAN or GENEVE copies (default: 4789 for VXLAN, 6081 for
+    /// GENEVE).
+    #[arg(long, alias = "vxlan-port")]
+    tunnel_port: Option<u16>,
+    /// Source address of the tunnel's outer packets (default: the route's).
+    #[arg(long, alias = "vxlan-local")]
+    tunnel_local: Option<std::net::IpAddr>,
+    /// GRE key of the GRE copies (none by default).
+    #[arg(long, requires = "to_gre")]
+    gre_key: Option<u32>,
+    /// ERSPAN session id of the ERSPAN copies (0..1023).
+    #[arg(long, requires = "to_erspan", default_value = "0")]
+    erspan_session: ErspanSessionId,
+    /// ERSPAN type: 2 (type II) or 3 (type III: with a timestamp and the direction).
+    #[arg(long, requires = "to_erspan", default_value_t = 2)]
+    erspan_version: u8,
     /// Which side of the interfaces to watch (default: both for TC, ingress for XDP).
     #[arg(long, value_enum)]
     direction: Option<DirectionConfig>,
@@ -234,8 +256,25 @@ impl QuickSession {
                 vxlan: self.to_vxlan.map(|remote| VxlanConfig {
                     remote,
                     vni: self.vni,
-                    port: self.vxlan_port,
-                    local: self.vxlan_local,
+                    port: self.tunnel_port.unwrap_or(DEFAULT_VXLAN_PORT),
+                    local: self.tunnel_local,
+                }),
+                geneve: self.to_geneve.map(|remote| GeneveConfig {
+                    remote,
+                    vni: self.vni,
+                    port: self.tunnel_port.unwrap_or(DEFAULT_GENEVE_PORT),
+                    local: self.tunnel_local,
+                }),
+                gre: self.to_gre.map(|remote| GreConfig {
+                    remote,
+                    key: self.gre_key,
+                    local: self.tunnel_local,
+                }),
+                erspan: self.to_erspan.map(|remote| ErspanConfig {
+                    remote,
+                    session_id: self.erspan_session,
+                    version: self.erspan_version,
+                    local: self.tunnel_local,
                 }),
                 ..TargetConfig::default()
             }),
@@ -290,13 +329,28 @@ fn main() -> anyhow::Result<()> {
                         session.name
                     );
                 }
-                if let Target::Vxlan(vxlan) = &session.target {
-                    let len = tunnel::max_tunnel_copy_len(vxlan)
-                        .with_context(|| format!("session `{}`", session.name))?;
-                    println!(
-                        "session `{}`: {}: copies up to {len} bytes fit the path",
-                        session.name, session.target
-                    );
+                if let Target::Tunnel(target) = &session.target {
+                    match tunnel::max_tunnel_copy_len(target) {
+                        Ok(len) => println!(
+                            "session `{}`: {}: copies up to {len} bytes fit the path",
+                            session.name, session.target
+                        ),
+                        Err(tunnel::TunnelError::Path { remote, source })
+                            if matches!(
+                                source.kind(),
+                                std::io::ErrorKind::NetworkUnreachable
+                                    | std::io::ErrorKind::HostUnreachable
+                            ) =>
+                        {
+                            println!(
+                                "session `{}`: {}: no route to {remote} now: a run counts its copies as no_route until there is one",
+                                session.name, session.target
+                            );
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("session `{}`", session.name));
+                        }
+                    }
                 }
             }
             println!(

@@ -3,7 +3,7 @@
 //! complete plan or an error, so nothing is applied from a configuration that fails here.
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     ops::RangeInclusive,
 };
 
@@ -16,8 +16,9 @@ use mirror_common::{
 
 use crate::config::{
     ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
-    PodSelector, RateLimitConfig, SampleBy, SessionConfig, VxlanConfig,
+    PodSelector, RateLimitConfig, SampleBy, SessionConfig, TargetConfig,
 };
+use crate::tunnel::header::{TunnelFormat, TunnelTarget};
 
 /// A network interface present on the node.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,8 +47,8 @@ pub struct Rule {
 pub enum RuleKind {
     /// A configured rule with its number.
     Numbered(u32),
-    /// Put first in every session when any session has a VXLAN target: skips the outer packets of
-    /// the agent's own tunnels, so copies are never mirrored again.
+    /// Put first in every session when any session has a tunnel target: skips the outer packets
+    /// of the agent's own tunnels, so copies are never mirrored again.
     TunnelGuard,
     /// The session's implicit last rule, with its default action.
     #[default]
@@ -75,7 +76,7 @@ fn action_abi(action: ActionConfig) -> Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Interface(Interface),
-    Vxlan(VxlanConfig),
+    Tunnel(TunnelTarget),
     File(FileTarget),
 }
 
@@ -91,12 +92,7 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Interface(i) => write!(f, "interface {}", i.name),
-            Target::Vxlan(v) => write!(
-                f,
-                "vxlan {} vni {}",
-                SocketAddr::new(v.remote, v.port),
-                v.vni.0
-            ),
+            Target::Tunnel(t) => t.fmt(f),
             Target::File(file) => write!(f, "file {}", file.path.display()),
         }
     }
@@ -249,27 +245,93 @@ pub fn plan(
     })
 }
 
-/// The rules that keep the outer packets of every VXLAN target (UDP to the collector's address and
-/// port, from this node or any other) out of every session.
+/// The rules that keep the outer packets of every tunnel target (UDP to the collector's address
+/// and port, or GRE to its address; from this node or any other) out of every session.
 fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
-    let endpoints: BTreeSet<(IpAddr, u16)> = sessions
+    let endpoints: BTreeSet<(IpAddr, u8, Option<u16>)> = sessions
         .iter()
         .filter_map(|s| match &s.target {
-            Target::Vxlan(v) => Some((v.remote, v.port)),
+            Target::Tunnel(t) => Some((t.remote, t.format.ip_protocol(), t.format.udp_port())),
             Target::Interface(_) | Target::File(_) => None,
         })
         .collect();
     endpoints
         .into_iter()
-        .map(|(remote, port)| Rule {
+        .map(|(remote, proto, port)| Rule {
             kind: RuleKind::TunnelGuard,
             action: ActionConfig::Skip,
-            proto: Some(17),
+            proto: Some(proto),
             dst: Some(IpNet::from(remote)),
-            dst_port: Some(port..=port),
+            dst_port: port.map(|port| port..=port),
             ..Rule::default()
         })
         .collect()
+}
+
+/// A tunnel target's format and addresses, checked.
+fn tunnel_target(target: &TargetConfig) -> Option<Result<TunnelTarget, String>> {
+    let (remote, local, format) = match target {
+        TargetConfig { vxlan: Some(v), .. } => (
+            v.remote,
+            v.local,
+            TunnelFormat::Vxlan {
+                vni: v.vni.0,
+                port: v.port,
+            },
+        ),
+        TargetConfig {
+            geneve: Some(g), ..
+        } => (
+            g.remote,
+            g.local,
+            TunnelFormat::Geneve {
+                vni: g.vni.0,
+                port: g.port,
+            },
+        ),
+        TargetConfig { gre: Some(g), .. } => (g.remote, g.local, TunnelFormat::Gre { key: g.key }),
+        TargetConfig {
+            erspan: Some(e), ..
+        } => (
+            e.remote,
+            e.local,
+            TunnelFormat::Erspan {
+                session_id: e.session_id.0,
+                version: e.version,
+            },
+        ),
+        _ => return None,
+    };
+    let name = match format {
+        TunnelFormat::Vxlan { .. } => "vxlan",
+        TunnelFormat::Geneve { .. } => "geneve",
+        TunnelFormat::Gre { .. } => "gre",
+        TunnelFormat::Erspan { .. } => "erspan",
+    };
+    let problem = if remote.is_unspecified() || remote.is_multicast() || remote.is_loopback() {
+        Some(format!(
+            "{name} remote `{remote}` must be a unicast address of another host"
+        ))
+    } else if format.udp_port() == Some(0) {
+        Some(format!("{name} port must not be 0"))
+    } else if local.is_some_and(|l| l.is_ipv4() != remote.is_ipv4()) {
+        Some(format!(
+            "{name} `local` and `remote` are of different IP versions"
+        ))
+    } else if matches!(format, TunnelFormat::Erspan { version, .. } if version != 2 && version != 3)
+    {
+        Some("erspan `version` must be 2 (type II) or 3 (type III)".to_owned())
+    } else {
+        None
+    };
+    Some(match problem {
+        Some(message) => Err(message),
+        None => Ok(TunnelTarget {
+            remote,
+            local,
+            format,
+        }),
+    })
 }
 
 /// A session's target, checked.
@@ -289,44 +351,39 @@ fn resolve_target(
     if target.rotate_count.is_some() && target.rotate_bytes.is_none() {
         return Err(loaded.error(span, "`rotate_count` needs `rotate_bytes`"));
     }
+    let tunnels = [
+        target.vxlan.is_some(),
+        target.geneve.is_some(),
+        target.gre.is_some(),
+        target.erspan.is_some(),
+    ];
+    if target.interface.is_none()
+        && target.file.is_none()
+        && tunnels.into_iter().filter(|given| *given).count() == 1
+        && let Some(tunnel) = tunnel_target(target)
+    {
+        return tunnel
+            .map(Target::Tunnel)
+            .map_err(|message| loaded.error(span, message));
+    }
     match target {
-        crate::config::TargetConfig {
+        TargetConfig {
             interface: Some(name),
             vxlan: None,
+            geneve: None,
+            gre: None,
+            erspan: None,
             file: None,
             ..
         } => find(interfaces, name)
             .map(Target::Interface)
             .ok_or_else(|| loaded.error(span, format!("target interface `{name}` does not exist"))),
-        crate::config::TargetConfig {
-            interface: None,
-            vxlan: Some(vxlan),
-            file: None,
-            ..
-        } => {
-            let problem = if vxlan.remote.is_unspecified() || vxlan.remote.is_multicast() {
-                Some(format!(
-                    "vxlan remote `{}` must be a unicast address",
-                    vxlan.remote
-                ))
-            } else if vxlan.port == 0 {
-                Some("vxlan port must not be 0".to_owned())
-            } else if vxlan
-                .local
-                .is_some_and(|l| l.is_ipv4() != vxlan.remote.is_ipv4())
-            {
-                Some("vxlan `local` and `remote` are of different IP versions".to_owned())
-            } else {
-                None
-            };
-            match problem {
-                Some(message) => Err(loaded.error(span, message)),
-                None => Ok(Target::Vxlan(vxlan.clone())),
-            }
-        }
-        crate::config::TargetConfig {
+        TargetConfig {
             interface: None,
             vxlan: None,
+            geneve: None,
+            gre: None,
+            erspan: None,
             file: Some(path),
             rotate_bytes,
             rotate_count,
@@ -346,7 +403,7 @@ fn resolve_target(
         }
         _ => Err(loaded.error(
             span,
-            "a target needs exactly one of `interface`, `vxlan` or `file`",
+            "a target needs exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`",
         )),
     }
 }
@@ -384,7 +441,7 @@ fn resolve_session(
     let target = resolve_target(loaded, session, interfaces)?;
     let target_ifindex = match &target {
         Target::Interface(i) => Some(i.ifindex),
-        Target::Vxlan(_) | Target::File(_) => None,
+        Target::Tunnel(_) | Target::File(_) => None,
     };
     let patterns = match (&session.interfaces, &session.pods) {
         (Some(_), Some(pods)) => {
@@ -1564,12 +1621,12 @@ mod tests {
                     "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\", vxlan = {{ remote = \"192.0.2.9\", vni = 1 }} }}\n"
                 ),
                 "t.toml:4:",
-                "exactly one of `interface`, `vxlan` or `file`",
+                "exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`",
             ),
             (
                 format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{}}\n"),
                 "t.toml:4:",
-                "exactly one of `interface`, `vxlan` or `file`",
+                "exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`",
             ),
             (
                 format!(
@@ -1591,6 +1648,41 @@ mod tests {
                 ),
                 "t.toml:4:",
                 "port must not be 0",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ gre = {{ remote = \"192.0.2.9\" }}, erspan = {{ remote = \"192.0.2.9\", session_id = 1 }} }}\n"
+                ),
+                "t.toml:4:",
+                "exactly one of",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ erspan = {{ remote = \"192.0.2.9\", session_id = 1, version = 1 }} }}\n"
+                ),
+                "t.toml:4:",
+                "must be 2 (type II) or 3 (type III)",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ erspan = {{ remote = \"192.0.2.9\", session_id = 1024 }} }}\n"
+                ),
+                "t.toml:4:",
+                "not an ERSPAN session id (0..1023)",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ geneve = {{ remote = \"127.0.0.1\", vni = 1 }} }}\n"
+                ),
+                "t.toml:4:",
+                "geneve remote `127.0.0.1` must be a unicast address of another host",
+            ),
+            (
+                format!(
+                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ gre = {{ remote = \"192.0.2.9\", key = -1 }} }}\n"
+                ),
+                "t.toml:4:",
+                "expected u32",
             ),
         ];
         assert_refused(&cases);
@@ -1732,6 +1824,26 @@ mod tests {
             ..outer
         };
         assert_eq!(decide(&plan, &other), [(0, 1)]);
+    }
+
+    #[test]
+    fn gre_family_targets_guard_every_gre_packet_to_the_collector() {
+        let plan = plan(
+            &load(&format!(
+                "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ erspan = {{ remote = \"192.0.2.9\", session_id = 3, version = 3 }} }}\ndefault = \"mirror\"\n"
+            )),
+            &interfaces(),
+        )
+        .expect("valid");
+        let guard = &plan.rules[0];
+        assert_eq!(guard.kind, RuleKind::TunnelGuard);
+        assert_eq!(guard.proto, Some(47));
+        assert_eq!(guard.dst, Some("192.0.2.9/32".parse().expect("net")));
+        assert_eq!(guard.dst_port, None);
+        assert_eq!(
+            plan.sessions[0].target.to_string(),
+            "erspan 192.0.2.9 type 3 session 3"
+        );
     }
 
     #[test]

@@ -124,16 +124,16 @@ pub const TC_INGRESS_PROGRAM: &str = "mirror_tc_ingress";
 pub const XDP_PROGRAM: &str = "mirror_xdp";
 /// See [`TC_INGRESS_PROGRAM`].
 pub const TC_EGRESS_PROGRAM: &str = "mirror_tc_egress";
-/// The program at the egress of every target (interfaces and the agent's VXLAN devices): cuts a
-/// copy to its session's snaplen, gives a tunnel copy its session's tunnel key (remote, VNI), and
-/// clears the copy's mark. Packets that are not copies pass unchanged.
+/// The program at the egress of every target interface and of every underlay interface a tunnel's
+/// copies leave through: cuts a copy to its session's snaplen, puts a tunnel copy's outer headers
+/// on it (see [`TUNNELS_MAP`]), and clears the copy's mark. Packets that are not copies pass
+/// unchanged.
 pub const TC_COPY_PROGRAM: &str = "mirror_tc_copy";
 
 /// How a copy tells the copy program at its target which rule made it: `bpf_clone_redirect` cannot
 /// attach data to the clone alone, so the mirror program sets the packet's mark to
 /// `COPY_MARK | generation bit | rule` just for the clone and restores the original mark right
-/// after. The copy program clears the mark again before the copy leaves (or, in a tunnel, is
-/// routed).
+/// after. The copy program clears the mark again before the copy leaves.
 pub const COPY_MARK: u32 = 0x6d69_0000;
 /// The bits of a mark that hold [`COPY_MARK`].
 pub const COPY_MARK_MASK: u32 = 0xffff_0000;
@@ -142,11 +142,15 @@ pub const COPY_MARK_MASK: u32 = 0xffff_0000;
 /// both attached to a target; each finishes only the copies of its own generation (rule indices
 /// differ between them) and passes the others on.
 pub const COPY_GENERATION_BIT: u32 = 0x8000;
+/// Set in a copy's mark when the packet was seen leaving its interface (egress): the ERSPAN type
+/// III header carries the direction.
+pub const COPY_EGRESS_BIT: u32 = 0x4000;
 /// The bits of a copy's mark that hold the global rule index.
 pub const COPY_RULE_MASK: u32 = MAX_RULES - 1;
 const _: () = assert!(
     MAX_RULES.is_power_of_two()
-        && COPY_RULE_MASK & (COPY_MARK_MASK | COPY_GENERATION_BIT) == 0
+        && COPY_RULE_MASK & (COPY_MARK_MASK | COPY_GENERATION_BIT | COPY_EGRESS_BIT) == 0
+        && COPY_EGRESS_BIT & (COPY_MARK_MASK | COPY_GENERATION_BIT) == 0
         && COPY_MARK & !COPY_MARK_MASK == 0
 );
 /// Name of the programs' read-only global `u32`: [`COPY_GENERATION_BIT`] in the objects loaded
@@ -213,10 +217,9 @@ pub struct RuleMeta {
 
 /// [`SessionMeta::target_kind`]: copies leave through an interface as they are.
 pub const TARGET_INTERFACE: u32 = 0;
-/// [`SessionMeta::target_kind`]: copies are encapsulated in VXLAN over IPv4.
-pub const TARGET_VXLAN_V4: u32 = 4;
-/// [`SessionMeta::target_kind`]: copies are encapsulated in VXLAN over IPv6.
-pub const TARGET_VXLAN_V6: u32 = 6;
+/// [`SessionMeta::target_kind`]: copies are cloned to the underlay interface toward a collector,
+/// where the copy program puts the session's outer headers on them (see [`TUNNELS_MAP`]).
+pub const TARGET_TUNNEL: u32 = 4;
 
 /// [`SessionMeta::target_kind`]: copies go into [`COPY_RING_MAP`] and the agent sends them on (a
 /// pcap file, or any target of an XDP session: XDP cannot clone a packet).
@@ -298,9 +301,10 @@ pub const NODE_RATE_INDEX: u32 = MAX_SESSIONS;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionMeta {
-    /// Interface index the copies are sent out of (the VXLAN device for a tunnel target).
+    /// Interface index the copies are sent out of (interface targets; a tunnel's is in
+    /// [`TUNNELS_MAP`], where it follows the route).
     pub target_ifindex: u32,
-    /// [`TARGET_INTERFACE`], [`TARGET_VXLAN_V4`], [`TARGET_VXLAN_V6`] or [`TARGET_RING`].
+    /// [`TARGET_INTERFACE`], [`TARGET_TUNNEL`] or [`TARGET_RING`].
     pub target_kind: u32,
     /// Largest copy the target carries whole, as an Ethernet frame from its first byte (a VLAN tag
     /// held in skb metadata counts; a GSO packet counts by its largest segment). A larger copy is
@@ -308,7 +312,7 @@ pub struct SessionMeta {
     pub max_copy_len: u32,
     /// Copies are cut to this many bytes (already no more than `max_copy_len`); 0: whole.
     pub snaplen: u32,
-    /// 1 when copies need the copy program at the target (a tunnel key or a cut), and so carry
+    /// 1 when copies need the copy program at the target (outer headers or a cut), and so carry
     /// their rule in the mark; 0 sends them as plain clones.
     pub finish: u32,
     /// [`SAMPLE_ALL`], [`SAMPLE_PACKETS`] or [`SAMPLE_FLOWS`].
@@ -317,15 +321,63 @@ pub struct SessionMeta {
     pub sample_every: u32,
     /// Mixed into the flow hash, so that nodes can sample different flows or the same ones.
     pub sample_seed: u32,
-    /// VXLAN network identifier (24 bits).
-    pub vni: u32,
-    /// Tunnel remote in `bpf_tunnel_key` layout: an IPv4 address as a host-order `u32` in the first
-    /// word, or an IPv6 address's 16 bytes in network order.
-    pub remote: [u32; 4],
-    /// Tunnel source address, same layout; zero lets the kernel choose by route.
-    pub local: [u32; 4],
     /// This session's own limit.
     pub rate: RateLimit,
+}
+
+/// `TUNNELS`: `HashMap<u32, Tunnel>` of [`MAX_SESSIONS`], by session index: where a tunnel
+/// session's copies leave and the outer headers they get. The agent writes each entry whole (a
+/// hash map replaces it atomically: no copy sees half of an old and half of a new next hop) and
+/// again whenever the route or the next hop's MAC address changes.
+pub const TUNNELS_MAP: &str = "TUNNELS";
+/// `TUNNEL_SEQUENCE`: `Array<u64>` of [`MAX_SESSIONS`], by session index: the next ERSPAN sequence
+/// number of each session.
+pub const TUNNEL_SEQUENCE_MAP: &str = "TUNNEL_SEQUENCE";
+/// Largest outer header: Ethernet, IPv6, GRE with a sequence number and ERSPAN type III (74 bytes),
+/// rounded up.
+pub const MAX_TUNNEL_HEADER: usize = 80;
+
+/// [`Tunnel::format`]: VXLAN (RFC 7348) over UDP.
+pub const TUNNEL_VXLAN: u32 = 1;
+/// [`Tunnel::format`]: GENEVE (RFC 8926) over UDP, protocol 0x6558 (Ethernet).
+pub const TUNNEL_GENEVE: u32 = 2;
+/// [`Tunnel::format`]: GRE with protocol 0x6558 (transparent Ethernet bridging), with or without a
+/// key.
+pub const TUNNEL_GRE: u32 = 3;
+/// [`Tunnel::format`]: ERSPAN type II (GRE protocol 0x88BE, sequence numbered).
+pub const TUNNEL_ERSPAN2: u32 = 4;
+/// [`Tunnel::format`]: ERSPAN type III (GRE protocol 0x22EB, sequence numbered, with a timestamp
+/// and the direction).
+pub const TUNNEL_ERSPAN3: u32 = 5;
+
+/// Value of `TUNNELS`: a tunnel session's underlay interface and outer header template. The copy
+/// program writes `header[..header_len]` in front of each copy (its inner frame), then fills in
+/// what differs per copy: IP length and checksum, UDP length and source port, the ERSPAN sequence
+/// number, truncation bit, timestamp and direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The interface the route to the collector leaves through; 0 while there is no route or the
+    /// next hop's MAC address is unknown: copies are then not made, and counted as `no_route`.
+    pub ifindex: u32,
+    /// Bytes of `header` in use: outer Ethernet, IP, UDP or GRE, and the tunnel's own header.
+    pub header_len: u32,
+    /// [`TUNNEL_VXLAN`], [`TUNNEL_GENEVE`], [`TUNNEL_GRE`], [`TUNNEL_ERSPAN2`] or
+    /// [`TUNNEL_ERSPAN3`].
+    pub format: u32,
+    /// 1 when the outer header is IPv6, 0 for IPv4.
+    pub ipv6: u32,
+    /// IPv4 only: the one's complement sum of the template's IP header words (length and checksum
+    /// zero), so that a copy's checksum costs one addition.
+    pub ipv4_sum: u32,
+    /// UDP formats: source ports are `source_port_low + (hash * source_port_span >> 32)`, so a
+    /// flow's copies share one (ECMP and receive-side scaling keep them together).
+    pub source_port_low: u32,
+    pub source_port_span: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The outer header, with the fields filled per copy left zero.
+    pub header: [u8; MAX_TUNNEL_HEADER],
 }
 
 /// Per-CPU counters of a rule or a session.
@@ -350,6 +402,9 @@ pub struct Counters {
     pub truncated: u64,
     /// Copies not made because [`COPY_RING_MAP`] was full (the agent did not drain it in time).
     pub ring_full: u64,
+    /// Tunnel copies not made because the collector has no route or its next hop no known MAC
+    /// address (see [`Tunnel::ifindex`]).
+    pub no_route: u64,
 }
 
 /// Per-CPU counters of a hook (ingress, egress or the tunnel program), across interfaces.
@@ -365,10 +420,10 @@ pub struct HookCounters {
     pub step_limit: u64,
     /// Packets dropped by a rule-table inconsistency (never expected; the packet still passes).
     pub table_errors: u64,
-    /// Copy program only: packets at a target that were not copies (passed on unchanged; a VXLAN
-    /// device of ours then drops them).
+    /// Copy program only: packets at a target or an underlay interface that were not copies
+    /// (passed on unchanged).
     pub foreign: u64,
-    /// Copy program only: copies that could not be cut or given their tunnel key (dropped).
+    /// Copy program only: copies that could not be cut or given their outer headers (dropped).
     pub copy_errors: u64,
 }
 
@@ -384,4 +439,5 @@ mod pod {
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::HookCounters {}
+    unsafe impl aya::Pod for super::Tunnel {}
 }

@@ -9,12 +9,15 @@ use aya_ebpf::{
     helpers::generated::bpf_loop,
     programs::{TcContext, XdpContext},
 };
-use mirror_common::{COPY_MARK, MAX_COPIES_PER_PACKET, MAX_RING_COPY, SessionMeta, TARGET_RING};
+use mirror_common::{
+    COPY_EGRESS_BIT, COPY_MARK, Direction, MAX_COPIES_PER_PACKET, MAX_RING_COPY, SessionMeta,
+    TARGET_RING, TARGET_TUNNEL,
+};
 
 use crate::{
     classify::{Copy, TableError, Verdict},
     count, limit,
-    maps::{BATCHES, NESTING, SESSIONS, copy_generation},
+    maps::{BATCHES, NESTING, SESSIONS, TUNNELS, copy_generation},
     packet::Packet,
     ring,
 };
@@ -25,6 +28,8 @@ pub enum NotSent {
     Clone,
     /// The ring buffer was full.
     RingFull,
+    /// The tunnel's collector has no route or next hop now.
+    NoRoute,
 }
 
 /// How a hook hands a copy of `len` bytes (at most) to its session's target.
@@ -54,7 +59,19 @@ impl Sender for TcContext {
                 .map(|_| ())
                 .map_err(|ring::NotQueued| NotSent::RingFull);
         }
-        let sent = if session.finish == 0 {
+        let sent = if session.target_kind == TARGET_TUNNEL {
+            // SAFETY: a read of the entry; the agent replaces entries whole, never in place.
+            let tunnel = unsafe { TUNNELS.get(copy.session) };
+            let Some(ifindex) = tunnel.map(|t| t.ifindex).filter(|i| *i != 0) else {
+                return Err(NotSent::NoRoute);
+            };
+            let egress = if direction == Direction::Egress as u32 {
+                COPY_EGRESS_BIT
+            } else {
+                0
+            };
+            send_marked_copy(self, ifindex, copy.rule | egress)
+        } else if session.finish == 0 {
             self.clone_redirect(session.target_ifindex, 0)
         } else {
             send_marked_copy(self, session.target_ifindex, copy.rule)
@@ -81,8 +98,8 @@ impl Sender for XdpContext {
 }
 
 /// A packet's copies while they are sent, in per-CPU map memory (the programs' stack is nearly
-/// full). The copies are read out of the walk scratch first: a copy to a VXLAN device is sent
-/// synchronously down to the underlay interface, whose own hook may run the mirror program again
+/// full). The copies are read out of the walk scratch first: a copy is sent synchronously to its
+/// target or underlay interface, whose own egress hook may run the mirror program again
 /// and reuse the scratch. That nested run takes the next batch (see [`BATCHES`]).
 #[repr(C)]
 pub struct Batch {
@@ -200,13 +217,14 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
         }
         Err(NotSent::Clone) => count::clone_error(copy.rule, copy.session),
         Err(NotSent::RingFull) => count::bump(copy.rule, copy.session, |c| &mut c.ring_full),
+        Err(NotSent::NoRoute) => count::bump(copy.rule, copy.session, |c| &mut c.no_route),
     }
     0
 }
 
-/// Clones the packet to the target. The copy carries its rule in its mark for the copy program
-/// at the target (see `mirror_common::COPY_MARK`); the original's mark is back before this
-/// returns.
+/// Clones the packet to the target. The copy carries its rule (and for tunnels its direction) in
+/// its mark for the copy program at the target (see `mirror_common::COPY_MARK`); the original's
+/// mark is back before this returns.
 #[inline(always)]
 fn send_marked_copy(ctx: &TcContext, target_ifindex: u32, rule: u32) -> Result<(), i64> {
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.

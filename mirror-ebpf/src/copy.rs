@@ -1,24 +1,30 @@
-//! The copy program's work, at the egress of every target: a copy (recognised by its mark, which
-//! names the rule that made it) is cut to its session's snaplen, a copy bound for one of the agent's
-//! VXLAN devices (external mode) gets its session's tunnel key, and the mark is cleared. Packets
-//! that are not copies pass unchanged. The VXLAN device picks the outer UDP source port from the
-//! copy's flow hash, so a flow's copies share one.
+//! The copy program's work, at the egress of every target interface and every tunnel underlay: a
+//! copy (recognised by its mark, which names the rule that made it) is cut to its session's
+//! snaplen, a tunnel copy gets its session's outer headers (see [`encapsulate`]), and the mark is
+//! cleared. Packets that are not copies pass unchanged.
+
 use aya_ebpf::{
     bindings::{
-        BPF_F_DONT_FRAGMENT, BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, bpf_tunnel_key,
-        bpf_tunnel_key__bindgen_ty_1, bpf_tunnel_key__bindgen_ty_2, bpf_tunnel_key__bindgen_ty_3,
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_GRE, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::generated::{bpf_skb_change_tail, bpf_skb_set_tunnel_key},
+    helpers::generated::{
+        bpf_get_hash_recalc, bpf_ktime_get_tai_ns, bpf_skb_adjust_room, bpf_skb_change_head,
+        bpf_skb_change_tail, bpf_skb_store_bytes, bpf_skb_vlan_pop,
+    },
     programs::TcContext,
 };
 use mirror_common::{
-    COPY_GENERATION_BIT, COPY_HOOK, COPY_MARK, COPY_MARK_MASK, COPY_RULE_MASK, SessionMeta,
-    TARGET_INTERFACE, TARGET_VXLAN_V6,
+    COPY_EGRESS_BIT, COPY_GENERATION_BIT, COPY_HOOK, COPY_MARK, COPY_MARK_MASK, COPY_RULE_MASK,
+    MAX_TUNNEL_HEADER, SessionMeta, TARGET_TUNNEL, TUNNEL_ERSPAN2, TUNNEL_ERSPAN3, TUNNEL_GENEVE,
+    TUNNEL_VXLAN, Tunnel,
 };
 
 use crate::{
     count,
-    maps::{RULES, SESSIONS, copy_generation},
+    maps::{HEADER_SCRATCH, RULES, SESSIONS, TUNNEL_SEQUENCE, TUNNELS, copy_generation},
+    packet::{Packet, VLAN_TAG_LEN},
 };
 
 /// What becomes of a packet at a target.
@@ -27,23 +33,33 @@ pub enum Outcome {
     Foreign,
     /// A copy, finished.
     Finished,
-    /// A copy that could not be cut or given its tunnel key: dropped and counted.
+    /// A copy that could not be cut or given its outer headers: dropped and counted.
     Failed,
 }
 
-/// Outer IP TTL / hop limit of tunnel copies.
-const OUTER_TTL: u8 = 64;
-const VLAN_TAG_LEN: u32 = 4;
+const ETHERNET_HEADER_LEN: u32 = 14;
+/// The outer header is built here.
+pub const SCRATCH_LEN: usize = MAX_TUNNEL_HEADER;
+/// Covers every valid header length (see `encapsulate`).
+const HEADER_LEN_MASK: u32 = 0x7f;
+const _: () = assert!(MAX_TUNNEL_HEADER as u32 <= HEADER_LEN_MASK);
+/// Ethertypes, as `__sk_buff::protocol` holds them (network order in the low 16 bits).
+const ETH_P_IP: u32 = 0x0800_u16.to_be() as u32;
+const ETH_P_IPV6: u32 = 0x86dd_u16.to_be() as u32;
 
 #[inline(always)]
 pub fn finish(ctx: &TcContext) -> Outcome {
-    count::hook_at(COPY_HOOK, |c| &mut c.packets);
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
-    let skb = unsafe { &*ctx.skb.skb };
-    let rule = skb.mark & COPY_RULE_MASK;
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    // Most packets at an underlay are the node's own traffic: leave them before any map access.
+    if mark & COPY_MARK_MASK != COPY_MARK {
+        return Outcome::Foreign;
+    }
+    count::hook_at(COPY_HOOK, |c| &mut c.packets);
+    let rule = mark & COPY_RULE_MASK;
     // A copy of another generation's programs is theirs to finish (their copy program is
     // attached next to this one while a reload swaps them).
-    let ours = skb.mark & (COPY_MARK_MASK | COPY_GENERATION_BIT) == COPY_MARK | copy_generation();
+    let ours = mark & COPY_GENERATION_BIT == copy_generation();
     let found = ours
         .then(|| RULES.get(rule))
         .flatten()
@@ -52,79 +68,286 @@ pub fn finish(ctx: &TcContext) -> Outcome {
         count::hook_at(COPY_HOOK, |c| &mut c.foreign);
         return Outcome::Foreign;
     };
-    if cut(ctx, session).is_err() || tunnel_key(ctx, session).is_err() {
+    let finished = cut(ctx, session).and_then(|truncated| {
+        if session.target_kind == TARGET_TUNNEL {
+            encapsulate(ctx, session_index, mark & COPY_EGRESS_BIT != 0, truncated)
+        } else {
+            Ok(())
+        }
+    });
+    if finished.is_err() {
         count::hook_at(COPY_HOOK, |c| &mut c.copy_errors);
         count::clone_error(rule, session_index);
         return Outcome::Failed;
     }
-    // The mark only named the rule: what follows (routing of a tunnel copy, the collector) must
-    // not see it.
+    // The mark only named the rule: the underlay and the collector must not see it.
     ctx.set_mark(0);
     Outcome::Finished
 }
 
 /// Cuts the copy to the session's snaplen (a VLAN tag held in metadata counts: it is put back
-/// into the frame on transmit).
+/// into the frame on transmit). Returns whether it cut.
 #[inline(always)]
-fn cut(ctx: &TcContext, session: &SessionMeta) -> Result<(), i64> {
+fn cut(ctx: &TcContext, session: &SessionMeta) -> Result<bool, i64> {
     if session.snaplen == 0 {
-        return Ok(());
+        return Ok(false);
     }
-    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
-    let skb = unsafe { &*ctx.skb.skb };
-    let tag = if skb.vlan_present != 0 {
+    let tag = if ctx.tag_in_metadata().is_some() {
         VLAN_TAG_LEN
     } else {
         0
     };
     let keep = session.snaplen.saturating_sub(tag);
-    if skb.len <= keep {
-        return Ok(());
+    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+    if unsafe { (*ctx.skb.skb).len } <= keep {
+        return Ok(false);
     }
     // SAFETY: the helper trims the packet this program owns (a copy nobody else holds).
     match unsafe { bpf_skb_change_tail(ctx.skb.skb, keep, 0) } {
+        0 => Ok(true),
+        error => Err(error),
+    }
+}
+
+/// Puts the session's outer headers in front of the copy, which becomes the inner frame whole (a
+/// VLAN tag held in metadata goes back into it, or the device would put it on the outer frame).
+///
+/// IP packets grow with `bpf_skb_adjust_room` and its encapsulation flags, so that the kernel
+/// segments a GSO copy into outer packets of their own (lengths, IP ids and checksums per
+/// segment), each carrying one of the original's segments unchanged (fixed GSO size). Other
+/// packets (ARP, LLDP, ...), which that helper refuses and which are never GSO, grow at the head.
+#[inline(always)]
+fn encapsulate(ctx: &TcContext, session: u32, egress: bool, truncated: bool) -> Result<(), i64> {
+    // SAFETY: a read of the entry; the agent replaces entries whole, never in place.
+    let tunnel = unsafe { TUNNELS.get(session) }.ok_or(-1)?;
+    // Masked where it is read, so that every copy of the value the verifier sees is bounded.
+    let header_len = tunnel.header_len & HEADER_LEN_MASK;
+    if header_len as usize > MAX_TUNNEL_HEADER || header_len < ETHERNET_HEADER_LEN {
+        return Err(-1);
+    }
+    let mut original = [0u8; ETHERNET_HEADER_LEN as usize];
+    Packet::load_bytes(ctx, 0, original.as_mut_ptr(), ETHERNET_HEADER_LEN).map_err(|()| -1)?;
+    let skb = ctx.skb.skb;
+    let tag = ctx.tag_in_metadata();
+    // The inner Ethernet header: addresses, the tag if the kernel held one, the ethertype.
+    let mut inner = [0u8; (ETHERNET_HEADER_LEN + VLAN_TAG_LEN) as usize];
+    inner[..12].copy_from_slice(&original[..12]);
+    let tag_len = if let Some(tag) = tag {
+        inner[12..16].copy_from_slice(&tag);
+        inner[16..].copy_from_slice(&original[12..]);
+        // SAFETY: takes the tag out of the copy's metadata; it is in `inner` now.
+        match unsafe { bpf_skb_vlan_pop(skb) } {
+            0 => VLAN_TAG_LEN,
+            error => return Err(error),
+        }
+    } else {
+        inner[12..14].copy_from_slice(&original[12..]);
+        0
+    };
+    let room = header_len + tag_len;
+    // The flow's hash (computed now if the stack had none: later it would hash the new outer
+    // headers), for the UDP source port, as Linux's own UDP tunnels pick it.
+    // SAFETY: reads or computes the hash of the packet this program owns.
+    let hash = unsafe { bpf_get_hash_recalc(skb) };
+    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+    let protocol = unsafe { (*skb).protocol };
+    let grown = if protocol == ETH_P_IP || protocol == ETH_P_IPV6 {
+        let flags = adjust_room_flags(tunnel)
+            | u64::from(ETHERNET_HEADER_LEN + tag_len) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT;
+        // SAFETY: grows the packet this program owns.
+        unsafe { bpf_skb_adjust_room(skb, room.cast_signed(), BPF_ADJ_ROOM_MAC, flags) }
+    } else {
+        // SAFETY: as above.
+        unsafe { bpf_skb_change_head(skb, room, 0) }
+    };
+    if grown != 0 {
+        return Err(grown);
+    }
+    let scratch = HEADER_SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+    // SAFETY: this CPU's scratch, used by nobody else until the program ends.
+    let scratch = unsafe { &mut *scratch };
+    *scratch = tunnel.header;
+    // SAFETY: as above.
+    let len = unsafe { (*skb).len };
+    fill_in(scratch, tunnel, hash, session, len, egress, truncated, tag);
+    store(ctx, 0, scratch.as_ptr(), header_len)?;
+    store(
+        ctx,
+        header_len,
+        inner.as_ptr(),
+        ETHERNET_HEADER_LEN + tag_len,
+    )
+}
+
+/// Writes `len` bytes from `from` into the packet at `offset`.
+#[inline(always)]
+fn store(ctx: &TcContext, offset: u32, from: *const u8, len: u32) -> Result<(), i64> {
+    // SAFETY: the helper reads `len` bytes of `from` (the caller's buffer holds them) and checks
+    // the packet's bounds itself.
+    match unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), offset, from.cast(), len, 0) } {
         0 => Ok(()),
         error => Err(error),
     }
 }
 
 #[inline(always)]
-fn tunnel_key(ctx: &TcContext, session: &SessionMeta) -> Result<(), i64> {
-    if session.target_kind == TARGET_INTERFACE {
-        return Ok(());
-    }
-    let mut key = bpf_tunnel_key {
-        tunnel_id: session.vni,
-        __bindgen_anon_1: bpf_tunnel_key__bindgen_ty_1 {
-            remote_ipv6: session.remote,
-        },
-        tunnel_tos: 0,
-        tunnel_ttl: OUTER_TTL,
-        __bindgen_anon_2: bpf_tunnel_key__bindgen_ty_2 { tunnel_ext: 0 },
-        tunnel_label: 0,
-        __bindgen_anon_3: bpf_tunnel_key__bindgen_ty_3 {
-            local_ipv6: session.local,
-        },
+fn adjust_room_flags(tunnel: &Tunnel) -> u64 {
+    let l3 = if tunnel.ipv6 != 0 {
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
+    } else {
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
     };
-    // Never fragmented: the mirror program already held back copies larger than the path allows.
-    // The outer UDP checksum is zero over IPv4, as RFC 7348 recommends and Linux VXLAN devices do
-    // by default; IPv6 requires one.
-    let flags = u64::from(BPF_F_DONT_FRAGMENT)
-        | if session.target_kind == TARGET_VXLAN_V6 {
-            u64::from(BPF_F_TUNINFO_IPV6)
-        } else {
-            u64::from(BPF_F_ZERO_CSUM_TX)
-        };
-    // SAFETY: the helper reads `size_of::<bpf_tunnel_key>()` bytes of `key`, a stack value.
-    match unsafe {
-        bpf_skb_set_tunnel_key(
-            ctx.skb.skb,
-            &raw mut key,
-            size_of::<bpf_tunnel_key>() as u32,
-            flags,
-        )
-    } {
-        0 => Ok(()),
-        error => Err(error),
+    let l4 = if tunnel.format == TUNNEL_VXLAN || tunnel.format == TUNNEL_GENEVE {
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+    } else {
+        BPF_F_ADJ_ROOM_ENCAP_L4_GRE
+    };
+    u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L2_ETH | l3 | l4)
+}
+
+/// Byte offsets in the outer header.
+const IPV4_TOTAL_LEN: usize = 14 + 2;
+const IPV4_CHECKSUM: usize = 14 + 10;
+const IPV6_PAYLOAD_LEN: usize = 14 + 4;
+const UDP_LEN: usize = 4;
+/// After the GRE base header: the sequence number, then the ERSPAN header.
+const GRE_SEQUENCE: usize = 4;
+const ERSPAN: usize = 8;
+/// ERSPAN header bits (in its first 16-bit words): the VLAN id, "the tag was kept in the frame"
+/// (type II `En` = 3), truncated (`T`), and type III's timestamp and direction (`D`, egress).
+const ERSPAN_VLAN_MASK: u16 = 0x0fff;
+const ERSPAN2_TAG_KEPT: u8 = 0x18;
+const ERSPAN_TRUNCATED: u8 = 0x04;
+const ERSPAN3_TIMESTAMP: usize = 4;
+const ERSPAN3_FLAGS_LOW: usize = 11;
+const ERSPAN3_EGRESS: u8 = 0x08;
+/// ERSPAN type III timestamps count 100 ns (granularity 01 in the template).
+const ERSPAN3_TICK_NS: u64 = 100;
+
+/// Fills in what differs per copy, for a packet of `len` bytes after the growth.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; each is a plain value"
+)]
+#[inline(always)]
+fn fill_in(
+    scratch: &mut [u8; SCRATCH_LEN],
+    tunnel: &Tunnel,
+    hash: u32,
+    session: u32,
+    len: u32,
+    egress: bool,
+    truncated: bool,
+    tag: Option<[u8; 4]>,
+) {
+    let l4 = if tunnel.ipv6 != 0 {
+        put_u16(
+            scratch,
+            IPV6_PAYLOAD_LEN,
+            (len - ETHERNET_HEADER_LEN - 40) as u16,
+        );
+        ETHERNET_HEADER_LEN as usize + 40
+    } else {
+        let total = (len - ETHERNET_HEADER_LEN) as u16;
+        put_u16(scratch, IPV4_TOTAL_LEN, total);
+        put_u16(
+            scratch,
+            IPV4_CHECKSUM,
+            !fold(tunnel.ipv4_sum + u32::from(total)),
+        );
+        ETHERNET_HEADER_LEN as usize + 20
+    };
+    match tunnel.format {
+        TUNNEL_VXLAN | TUNNEL_GENEVE => {
+            let port = tunnel.source_port_low
+                + ((u64::from(hash) * u64::from(tunnel.source_port_span)) >> 32) as u32;
+            put_u16(scratch, l4, port as u16);
+            put_u16(scratch, l4 + UDP_LEN, (len - l4 as u32) as u16);
+        }
+        TUNNEL_ERSPAN2 | TUNNEL_ERSPAN3 => {
+            let sequence = TUNNEL_SEQUENCE
+                .get_ptr_mut(session)
+                .map_or(0, |slot| next_sequence(slot));
+            put_u32(scratch, l4 + GRE_SEQUENCE, sequence as u32);
+            let erspan = l4 + ERSPAN;
+            if let Some([_, _, high, low]) = tag {
+                let vlan = u16::from_be_bytes([high, low]) & ERSPAN_VLAN_MASK;
+                or_u16(scratch, erspan, vlan);
+                if tunnel.format == TUNNEL_ERSPAN2 {
+                    or_u8(scratch, erspan + 2, ERSPAN2_TAG_KEPT);
+                }
+            }
+            if truncated {
+                or_u8(scratch, erspan + 2, ERSPAN_TRUNCATED);
+            }
+            if tunnel.format == TUNNEL_ERSPAN3 {
+                // SAFETY: reads the clock.
+                let now = unsafe { bpf_ktime_get_tai_ns() } / ERSPAN3_TICK_NS;
+                put_u32(scratch, erspan + ERSPAN3_TIMESTAMP, now as u32);
+                if egress {
+                    or_u8(scratch, erspan + ERSPAN3_FLAGS_LOW, ERSPAN3_EGRESS);
+                }
+            }
+        }
+        _ => {}
     }
+}
+
+/// Takes the next number from `slot`, a map value all CPUs share: one atomic fetch-and-add.
+///
+/// Written as the instruction itself: the Rust target has no `fetch_add` for BPF (its spec leaves
+/// out compare-and-swap), and LLVM refuses the fetching form below CPU v3, which bpf-linker is
+/// not given. The kernel's verifier accepts it on every kernel with BPF atomics (5.12+).
+#[inline(always)]
+fn next_sequence(slot: *mut u64) -> u64 {
+    let mut value: u64 = 1;
+    // SAFETY: `slot` points into a map value that lives as long as the program; the instruction
+    // adds `value` to it atomically and returns the old contents in `value`.
+    unsafe {
+        core::arch::asm!(
+            "{value} = atomic_fetch_add((u64 *)({slot} + 0), {value})",
+            slot = in(reg) slot,
+            value = inout(reg) value,
+            options(nostack),
+        );
+    }
+    value
+}
+
+/// Folds a one's complement sum to 16 bits.
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ((sum & 0xffff) + (sum >> 16)) as u16
+}
+
+#[inline(always)]
+fn put(scratch: &mut [u8; SCRATCH_LEN], at: usize, bytes: &[u8]) {
+    if let Some(to) = scratch.get_mut(at..at + bytes.len()) {
+        to.copy_from_slice(bytes);
+    }
+}
+
+#[inline(always)]
+fn put_u16(scratch: &mut [u8; SCRATCH_LEN], at: usize, value: u16) {
+    put(scratch, at, &value.to_be_bytes());
+}
+
+#[inline(always)]
+fn put_u32(scratch: &mut [u8; SCRATCH_LEN], at: usize, value: u32) {
+    put(scratch, at, &value.to_be_bytes());
+}
+
+#[inline(always)]
+fn or_u8(scratch: &mut [u8; SCRATCH_LEN], at: usize, bits: u8) {
+    if let Some(byte) = scratch.get_mut(at) {
+        *byte |= bits;
+    }
+}
+
+#[inline(always)]
+fn or_u16(scratch: &mut [u8; SCRATCH_LEN], at: usize, bits: u16) {
+    let [high, low] = bits.to_be_bytes();
+    or_u8(scratch, at, high);
+    or_u8(scratch, at + 1, low);
 }

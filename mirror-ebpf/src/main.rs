@@ -5,6 +5,8 @@
 //! whatever happens here: parse errors, map misses and clone failures are only counted.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The atomic fetch-and-add of ERSPAN sequence numbers (see `copy::next_sequence`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(
@@ -40,7 +42,7 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use mirror_common::{AttachmentKey, Direction};
+    use mirror_common::{AttachmentKey, COPY_MARK, COPY_MARK_MASK, Direction};
 
     use crate::{act, classify, copy, count, limit, parse};
 
@@ -54,7 +56,12 @@ mod programs {
     #[classifier]
     #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
     pub fn mirror_tc_egress(ctx: TcContext) -> i32 {
-        mirror(&ctx, Direction::Egress);
+        // A tunnel copy on its way out of a watched underlay, before the copy program has put
+        // its outer headers on: never a packet of its own.
+        // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+        if unsafe { (*ctx.skb.skb).mark } & COPY_MARK_MASK != COPY_MARK {
+            mirror(&ctx, Direction::Egress);
+        }
         TC_ACT_UNSPEC
     }
 

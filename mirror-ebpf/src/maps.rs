@@ -8,7 +8,7 @@ use aya_ebpf::{
 use mirror_common::{
     AttachmentKey, Counters, FIELD_COUNT, HOOK_COUNT, HookCounters, MAX_ATTACHMENTS,
     MAX_FIELD_VALUES, MAX_NESTING, MAX_RULES, MAX_SESSIONS, RateLimit, RateState, RuleBitmap,
-    RuleMeta, SessionMeta,
+    RuleMeta, SessionMeta, Tunnel,
 };
 
 /// Every distinct rule bitmap; the lookup maps below hold indices into it. Sized by the agent.
@@ -68,6 +68,20 @@ pub static RULES: Array<RuleMeta> = Array::with_max_entries(MAX_RULES, 0);
 #[map]
 pub static SESSIONS: Array<SessionMeta> = Array::with_max_entries(MAX_SESSIONS, 0);
 
+/// Session index → where its tunnel copies leave and their outer header (see
+/// `mirror_common::TUNNELS_MAP`); the agent rewrites an entry when the route or next hop changes.
+#[map]
+pub static TUNNELS: HashMap<u32, Tunnel> = HashMap::with_max_entries(MAX_SESSIONS, 0);
+
+/// Session index → its next ERSPAN sequence number, shared by all CPUs.
+#[map]
+pub static TUNNEL_SEQUENCE: Array<u64> = Array::with_max_entries(MAX_SESSIONS, 0);
+
+/// Per CPU, the outer header being built for a tunnel copy (see `copy::encapsulate`).
+#[map]
+pub static HEADER_SCRATCH: PerCpuArray<[u8; crate::copy::SCRATCH_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU counters by global rule index.
 #[map]
 pub static RULE_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -92,8 +106,8 @@ pub static RATE_STATE: Array<RateState> = Array::with_max_entries(MAX_SESSIONS +
 #[map]
 pub static NODE_RATE_LIMIT: Array<RateLimit> = Array::with_max_entries(1, 0);
 
-/// How deeply mirror programs are nested on this CPU right now (a copy sent into a VXLAN device
-/// runs the underlay's hooks before `bpf_clone_redirect` returns).
+/// How deeply mirror programs are nested on this CPU right now (a copy cloned to an interface
+/// runs that interface's egress hooks before `bpf_clone_redirect` returns).
 #[map]
 pub static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 

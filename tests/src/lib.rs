@@ -585,6 +585,7 @@ pub struct Counts {
     pub rate_limited: u64,
     pub truncated: u64,
     pub ring_full: u64,
+    pub no_route: u64,
 }
 
 impl Counts {
@@ -650,7 +651,8 @@ impl Report {
             rate_limited,
             truncated,
             ring_full,
-        ] = numbers.try_into().expect("nine counters");
+            no_route,
+        ] = numbers.try_into().expect("ten counters");
         Counts {
             matched,
             mirrored,
@@ -661,6 +663,7 @@ impl Report {
             rate_limited,
             truncated,
             ring_full,
+            no_route,
         }
     }
 

@@ -133,7 +133,7 @@ fn run_refuses_loops_and_unknown_interfaces_and_attaches_nothing() {
 }
 
 #[test]
-fn vxlan_targets_are_checked_and_leave_nothing_behind_on_refusal() {
+fn vxlan_targets_are_checked_and_an_unreachable_collector_is_counted() {
     let lab = Lab::with_collector("vxrefuse", 1500);
     // A bad control on the command line: refused before anything is made.
     let (code, _, stderr) = agent_command(
@@ -165,43 +165,34 @@ fn vxlan_targets_are_checked_and_leave_nothing_behind_on_refusal() {
         stdout.contains("copies up to 1464 bytes fit the path"),
         "{stdout}"
     );
-    // Unreachable: refused at start, no device left, nothing attached.
-    let (code, _, stderr) = agent_command(
-        &lab.node,
-        &[
-            "run",
-            "--iface",
-            "src0",
-            "--to-vxlan",
-            "203.0.113.9",
-            "--vni",
-            "1",
-        ],
+    // Unreachable now: check says so, and a run starts all the same (the path follower finds the
+    // route when it comes), counting its copies as no_route; it made no device.
+    let (code, stdout, stderr) =
+        agent_command(&lab.node, &["check", "--config", &unreachable_config(&dir)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("no route to 203.0.113.9"), "{stdout}");
+    let agent = lab.start_agent(
+        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ntarget = { vxlan = { remote = \"203.0.113.9\", vni = 1 } }\ndefault = \"mirror\"\n",
     );
-    assert_ne!(code, 0);
-    assert!(stderr.contains("Network is unreachable"), "{stderr}");
-    assert!(!lab.node.ip(&["link", "show"]).contains("mirror-vx"));
-    // A device of ours' name that is not ours: refused, and left as it was.
-    lab.node.ip(&[
-        "link",
-        "add",
-        "mirror-vx4789",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "other0",
-    ]);
-    let (code, _, stderr) = agent_command(&lab.node, &["run", "--config", config]);
-    assert_ne!(code, 0);
-    assert!(
-        stderr.contains("`mirror-vx4789` exists but is not a VXLAN device"),
-        "{stderr}"
-    );
-    let links = lab.node.ip(&["-br", "link", "show"]);
-    assert!(links.contains("mirror-vx4789@other0"), "{links}");
+    lab.send_sentinel();
+    let report = agent.stop();
+    assert!(report.session("t").no_route >= 1, "{}", report.0);
+    assert_eq!(report.session("t").mirrored, 0, "{}", report.0);
+    assert!(report.0.contains("no route to 203.0.113.9"), "{}", report.0);
+    assert!(!lab.node.ip(&["-d", "link", "show"]).contains("vxlan"));
     assert_eq!(
         tcx_programs(&lab.node, "src0"),
         [Vec::<String>::new(), Vec::new()]
     );
+}
+
+/// A configuration whose collector has no route from the lab's node.
+fn unreachable_config(dir: &tempfile::TempDir) -> String {
+    let path = dir.path().join("unreachable.toml");
+    std::fs::write(
+        &path,
+        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ntarget = { vxlan = { remote = \"203.0.113.9\", vni = 1 } }\n",
+    )
+    .expect("write config");
+    path.to_str().expect("utf-8").to_owned()
 }
