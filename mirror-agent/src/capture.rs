@@ -141,10 +141,10 @@ impl std::fmt::Debug for Sink {
 enum Writer {
     Pcap(PcapWriter<BufWriter<File>>),
     /// With the keys of the interfaces that have a description block in this file, by id.
-    PcapNg(PcapNgWriter<BufWriter<File>>, Vec<u32>),
+    PcapNg(PcapNgWriter<BufWriter<File>>, Vec<u64>),
 }
 
-/// Frames are stored whole (VXLAN carries at most 64 KiB).
+/// Frames are stored whole (a tunnel datagram carries at most 64 KiB).
 const SNAPLEN: u32 = 65_535;
 
 impl Sink {
@@ -169,7 +169,7 @@ impl Sink {
     /// first `frame.len()` of `orig_len` bytes were kept.
     pub fn write(
         &mut self,
-        interface: u32,
+        interface: u64,
         name: impl FnOnce() -> String,
         timestamp: Duration,
         frame: &[u8],
@@ -239,7 +239,7 @@ impl Writer {
     /// Writes one frame; returns the bytes it took in the file.
     fn write(
         &mut self,
-        interface: u32,
+        interface: u64,
         name: impl FnOnce() -> String,
         timestamp: Duration,
         frame: &[u8],

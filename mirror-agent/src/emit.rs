@@ -276,7 +276,7 @@ fn drain(
                 }
                 Emit::File(sink) => {
                     let written = lock(sink).write(
-                        header.ifindex,
+                        u64::from(header.ifindex),
                         || describe(names, header.ifindex, header.direction),
                         clock.wall(header.timestamp_ns),
                         frame,

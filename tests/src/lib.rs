@@ -1304,13 +1304,28 @@ impl CollectorSummary {
         capture_file_frames(&self.file)
     }
 
-    /// Frames received with this VNI.
+    /// Frames received with this VXLAN VNI.
     pub fn vni_frames(&self, vni: u32) -> u64 {
+        self.stream(&format!("vxlan:{vni}"), 1)
+    }
+
+    /// Frames received in a stream (`vxlan:7`, `geneve:7`, `gre`, `gre:5`, `erspan:3`).
+    pub fn stream_frames(&self, stream: &str) -> u64 {
+        self.stream(stream, 1)
+    }
+
+    /// Copies an ERSPAN stream lost, by its sequence numbers.
+    pub fn stream_lost(&self, stream: &str) -> u64 {
+        self.stream(stream, 3)
+    }
+
+    /// Column `column` of a stream's summary line (0 if the stream never came).
+    fn stream(&self, stream: &str, column: usize) -> u64 {
         self.text
             .lines()
             .find_map(|l| {
-                let mut words = l.split_whitespace();
-                (words.next()? == vni.to_string()).then(|| words.next()?.parse().ok())?
+                let words: Vec<&str> = l.split_whitespace().collect();
+                (words.first() == Some(&stream)).then(|| words.get(column)?.parse().ok())?
             })
             .unwrap_or(0)
     }

@@ -145,7 +145,7 @@ fn vxlan_copies_carry_the_original_frames() {
     for field in [
         "short",
         "bad_flags",
-        "other_vni",
+        "filtered",
         "socket_drops",
         "tap_errors",
     ] {
@@ -512,7 +512,7 @@ fn the_collector_counts_bad_datagrams_filters_vnis_and_rotates_files() {
     );
     assert_eq!(summary.vni_frames(5), 13, "{}", summary.text);
     assert_eq!(summary.vni_frames(6), 0);
-    for field in ["short", "bad_flags", "other_vni"] {
+    for field in ["short", "bad_flags", "filtered"] {
         assert_eq!(summary.dropped(field), 1, "{field}: {}", summary.text);
     }
     // 1,000-byte frames (1,016 bytes with their pcap record header): a file takes a fifth frame

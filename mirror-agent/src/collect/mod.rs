@@ -1,0 +1,522 @@
+//! `mirror-agent collect`: a receiver for tunnelled copies: VXLAN and GENEVE on UDP ports, GRE
+//! and ERSPAN (types II and III) on a raw IP protocol 47 socket. Each datagram is checked
+//! ([`decode`]) and filtered by VNI, GRE key or ERSPAN session id, and its inner Ethernet frame
+//! is written with the kernel's receive timestamp to a pcap or pcapng file (one interface per
+//! stream; rotated by size when asked) and/or sent out of an interface for an IDS. Bad datagrams
+//! are counted, never fatal; ERSPAN sequence gaps are counted as lost copies. Counts per stream
+//! are logged as it runs and printed on exit, together with the datagrams the sockets dropped.
+mod decode;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    mem::MaybeUninit,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::signal::unix::{SignalKind, signal};
+
+use self::decode::{Decoded, Gaps, Refused, Stream};
+use crate::{
+    capture::{Sink, open_tap, send_frame},
+    config::{ErspanSessionId, Vni},
+};
+
+/// Receive tunnelled copies (VXLAN, GENEVE, GRE, ERSPAN) and write or forward their inner
+/// frames. Without `--listen`, `--geneve` or `--gre` it receives VXLAN on 0.0.0.0:4789.
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    /// Receive VXLAN on this address and UDP port: `0.0.0.0:4789`, `[::]:4789` (IPv6 and
+    /// IPv4). Repeatable.
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
+    /// Receive GENEVE on this address and UDP port (`0.0.0.0:6081`). Repeatable.
+    #[arg(long)]
+    geneve: Vec<SocketAddr>,
+    /// Receive GRE (Ethernet inside) and ERSPAN type II and III sent to this address (`0.0.0.0`
+    /// or `::` for any of one family; a raw IP protocol 47 socket). Repeatable.
+    #[arg(long)]
+    gre: Vec<IpAddr>,
+    /// Keep only this VNI of VXLAN and GENEVE (repeatable); others are counted and dropped.
+    #[arg(long)]
+    vni: Vec<Vni>,
+    /// Keep only this GRE key (repeatable); others, and GRE without a key, are counted and
+    /// dropped.
+    #[arg(long)]
+    key: Vec<u32>,
+    /// Keep only this ERSPAN session id (repeatable); others are counted and dropped.
+    #[arg(long)]
+    session_id: Vec<ErspanSessionId>,
+    /// Write the inner frames here: `.pcapng` (one interface per stream: `vni N`, `geneve vni N`,
+    /// `gre key N`, `erspan session N`) or anything else as pcap; nanosecond kernel receive
+    /// timestamps either way.
+    #[arg(long)]
+    write: Option<PathBuf>,
+    /// Also send each inner frame out of this interface (a tap or veth feeding an IDS).
+    #[arg(long)]
+    tap: Option<String>,
+    /// Start a new file once the current one holds this many bytes; files are then named
+    /// `NAME-000001.EXT`, `NAME-000002.EXT`, ...
+    #[arg(long, requires = "write", value_parser = clap::value_parser!(u64).range(1024..))]
+    rotate_bytes: Option<u64>,
+    /// With --rotate-bytes: keep only the newest N files, removing older ones.
+    #[arg(long, requires = "rotate_bytes", value_parser = clap::value_parser!(u64).range(1..))]
+    rotate_count: Option<u64>,
+    /// Seconds between per-stream count lines on stderr; 0: none.
+    #[arg(long, default_value_t = 10)]
+    stats_interval: u64,
+    /// Exit after this many frames were accepted (like tcpdump -c).
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+/// How long the receive loop waits for a datagram before it looks at the stop flag again.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Streams tracked at once: datagrams of further streams are counted, not tracked, so that a
+/// flood of made-up identifiers cannot grow the collector without bound.
+const MAX_STREAMS: usize = 4096;
+
+/// Where a socket's datagrams come from, and so how they are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Vxlan,
+    Geneve,
+    /// A raw GRE socket: IPv4 ones deliver the IP header too.
+    Gre {
+        ipv4: bool,
+    },
+}
+
+/// What was received, per stream: (frames, bytes of inner frames, ERSPAN gaps).
+#[derive(Debug, Default)]
+struct Counts {
+    streams: BTreeMap<Stream, (u64, u64, Gaps)>,
+    short: u64,
+    bad_flags: u64,
+    filtered: u64,
+    too_many_streams: u64,
+    socket_drops: u64,
+    tap_errors: u64,
+    accepted: u64,
+}
+
+impl Counts {
+    fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = format!(
+            "{:<16} {:>12} {:>14} {:>10}\n",
+            "stream", "frames", "bytes", "lost"
+        );
+        for (stream, (frames, bytes, gaps)) in &self.streams {
+            let _ = writeln!(
+                out,
+                "{:<16} {frames:>12} {bytes:>14} {:>10}",
+                stream.label(),
+                gaps.lost
+            );
+        }
+        let _ = writeln!(
+            out,
+            "dropped          short={} bad_flags={} filtered={} too_many_streams={} socket_drops={} tap_errors={}",
+            self.short,
+            self.bad_flags,
+            self.filtered,
+            self.too_many_streams,
+            self.socket_drops,
+            self.tap_errors
+        );
+        out
+    }
+}
+
+/// The ids each format keeps (empty: all).
+#[derive(Debug, Default)]
+struct Filters {
+    vni: BTreeSet<u32>,
+    key: BTreeSet<u32>,
+    session: BTreeSet<u32>,
+}
+
+impl Filters {
+    fn keeps(&self, stream: Stream) -> bool {
+        let wanted = match stream {
+            Stream::Vxlan(_) | Stream::Geneve(_) => &self.vni,
+            Stream::Gre(_) => &self.key,
+            Stream::Erspan(_) => &self.session,
+        };
+        wanted.is_empty() || stream.id().is_some_and(|id| wanted.contains(&id))
+    }
+}
+
+pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
+    let mut sockets = Vec::new();
+    let vxlan = if args.listen.is_empty() && args.geneve.is_empty() && args.gre.is_empty() {
+        vec![SocketAddr::from((
+            [0, 0, 0, 0],
+            crate::config::DEFAULT_VXLAN_PORT,
+        ))]
+    } else {
+        args.listen.clone()
+    };
+    let mut described = Vec::new();
+    for address in &vxlan {
+        sockets.push((listen_udp(*address)?, Kind::Vxlan));
+        described.push(format!("VXLAN {address}"));
+    }
+    for address in &args.geneve {
+        sockets.push((listen_udp(*address)?, Kind::Geneve));
+        described.push(format!("GENEVE {address}"));
+    }
+    for address in &args.gre {
+        sockets.push((
+            listen_gre(*address)?,
+            Kind::Gre {
+                ipv4: address.is_ipv4(),
+            },
+        ));
+        described.push(format!("GRE/ERSPAN {address}"));
+    }
+    let tap = args.tap.as_deref().map(open_tap).transpose()?;
+    let sink = args
+        .write
+        .as_deref()
+        .map(|path| Sink::open(path, args.rotate_bytes, args.rotate_count))
+        .transpose()?;
+    eprintln!(
+        "mirror-agent collect: listening on {}{}",
+        described.join(", "),
+        args.write
+            .as_ref()
+            .map(|p| format!(", writing {}", p.display()))
+            .unwrap_or_default()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let stop = stop.clone();
+        let options = LoopOptions {
+            filters: Filters {
+                vni: args.vni.iter().map(|v| v.0).collect(),
+                key: args.key.iter().copied().collect(),
+                session: args.session_id.iter().map(|s| u32::from(s.0)).collect(),
+            },
+            stats_interval: Duration::from_secs(args.stats_interval),
+            count: args.count,
+        };
+        tokio::task::spawn_blocking(move || receive(&sockets, sink, tap.as_ref(), &options, &stop))
+    };
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let waiter = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = sigint.recv() => {},
+                _ = sigterm.recv() => {},
+            }
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let counts = receiver.await.context("the receive loop")??;
+    waiter.abort();
+    print!("{}", counts.summary());
+    Ok(())
+}
+
+struct LoopOptions {
+    filters: Filters,
+    stats_interval: Duration,
+    count: Option<u64>,
+}
+
+/// Receives until `stop` is set (then drains what the sockets already hold) or `count` frames.
+fn receive(
+    sockets: &[(OwnedFd, Kind)],
+    mut sink: Option<Sink>,
+    tap: Option<&OwnedFd>,
+    options: &LoopOptions,
+    stop: &AtomicBool,
+) -> anyhow::Result<Counts> {
+    let mut counts = Counts::default();
+    let mut drops: Vec<u32> = vec![0; sockets.len()];
+    let mut buffer = vec![0u8; 65_536];
+    let mut last_stats = Instant::now();
+    while options.count.is_none_or(|n| counts.accepted < n) {
+        let draining = stop.load(Ordering::Relaxed);
+        let ready = wait_readable(
+            sockets,
+            if draining {
+                Duration::ZERO
+            } else {
+                POLL_INTERVAL
+            },
+        )?;
+        if ready.is_empty() && draining {
+            break;
+        }
+        for index in ready {
+            let (socket, kind) = &sockets[index];
+            let datagram = match receive_one(socket.as_raw_fd(), &mut buffer) {
+                Ok(d) => d,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e).context("receiving"),
+            };
+            if let Some(dropped) = datagram.socket_drops {
+                drops[index] = dropped;
+                counts.socket_drops = drops.iter().map(|d| u64::from(*d)).sum();
+            }
+            let packet = &buffer[..datagram.len];
+            let decoded = match kind {
+                Kind::Vxlan => decode::vxlan(packet),
+                Kind::Geneve => decode::geneve(packet),
+                Kind::Gre { ipv4: true } => decode::gre_in_ipv4(packet),
+                Kind::Gre { ipv4: false } => decode::gre(packet),
+            };
+            let Some((stream, frame)) = take(&mut counts, decoded, options) else {
+                continue;
+            };
+            if let Some(sink) = &mut sink {
+                sink.write(
+                    stream.key(),
+                    || stream.interface_name(),
+                    datagram.timestamp,
+                    frame,
+                    frame.len() as u32,
+                )?;
+            }
+            if let Some(tap) = tap
+                && send_frame(tap.as_raw_fd(), frame).is_err()
+            {
+                counts.tap_errors += 1;
+            }
+        }
+        if !options.stats_interval.is_zero() && last_stats.elapsed() >= options.stats_interval {
+            last_stats = Instant::now();
+            for (stream, (frames, bytes, gaps)) in &counts.streams {
+                tracing::info!(
+                    stream = stream.label(),
+                    frames,
+                    bytes,
+                    lost = gaps.lost,
+                    "received"
+                );
+            }
+        }
+    }
+    if let Some(sink) = sink {
+        sink.finish()?;
+    }
+    Ok(counts)
+}
+
+/// Counts a decoded datagram; its stream and frame when the frame is to be written and
+/// forwarded.
+fn take<'a>(
+    counts: &mut Counts,
+    decoded: Result<Decoded<'a>, Refused>,
+    options: &LoopOptions,
+) -> Option<(Stream, &'a [u8])> {
+    let decoded = match decoded {
+        Ok(decoded) => decoded,
+        Err(Refused::Short) => {
+            counts.short += 1;
+            return None;
+        }
+        Err(Refused::BadFlags) => {
+            counts.bad_flags += 1;
+            return None;
+        }
+    };
+    if !options.filters.keeps(decoded.stream) {
+        counts.filtered += 1;
+        return None;
+    }
+    if !counts.streams.contains_key(&decoded.stream) && counts.streams.len() >= MAX_STREAMS {
+        counts.too_many_streams += 1;
+        return None;
+    }
+    let entry = counts.streams.entry(decoded.stream).or_default();
+    entry.0 += 1;
+    entry.1 += decoded.frame.len() as u64;
+    if let Some(sequence) = decoded.sequence
+        && matches!(decoded.stream, Stream::Erspan(_))
+    {
+        entry.2.saw(sequence);
+    }
+    counts.accepted += 1;
+    Some((decoded.stream, decoded.frame))
+}
+
+/// Indices of the sockets with a datagram waiting, after at most `timeout`.
+fn wait_readable(sockets: &[(OwnedFd, Kind)], timeout: Duration) -> io::Result<Vec<usize>> {
+    let mut fds: Vec<libc::pollfd> = sockets
+        .iter()
+        .map(|(socket, _)| libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let timeout = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: poll reads and writes `fds.len()` pollfd entries.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+    if rc < 0 {
+        let error = io::Error::last_os_error();
+        return if error.kind() == io::ErrorKind::Interrupted {
+            Ok(Vec::new())
+        } else {
+            Err(error)
+        };
+    }
+    Ok(fds
+        .iter()
+        .enumerate()
+        .filter(|(_, fd)| fd.revents & libc::POLLIN != 0)
+        .map(|(index, _)| index)
+        .collect())
+}
+
+/// A UDP socket with a large buffer, kernel receive timestamps and a drop counter.
+fn listen_udp(address: SocketAddr) -> anyhow::Result<OwnedFd> {
+    let socket = UdpSocket::bind(address).with_context(|| format!("listening on UDP {address}"))?;
+    socket
+        .set_nonblocking(true)
+        .context("a non-blocking socket")?;
+    let fd = OwnedFd::from(socket);
+    if address.is_ipv6() {
+        // Tunnels over IPv6 may send a zero UDP checksum (RFC 6935, RFC 6936): the inner frame
+        // carries its own checks. Linux drops such datagrams unless told otherwise.
+        setsockopt(fd.as_raw_fd(), libc::SOL_UDP, libc::UDP_NO_CHECK6_RX, 1)
+            .context("UDP_NO_CHECK6_RX")?;
+    }
+    receive_options(&fd)?;
+    Ok(fd)
+}
+
+/// A raw socket for IP protocol 47 (GRE) bound to `address`.
+fn listen_gre(address: IpAddr) -> anyhow::Result<OwnedFd> {
+    let family = if address.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::IPPROTO_GRE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("opening a raw GRE socket");
+    }
+    // SAFETY: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (storage, len) = crate::tunnel::send::sockaddr(SocketAddr::new(address, 0));
+    // SAFETY: bind reads `len` bytes of `storage`.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("listening for GRE on {address}"));
+    }
+    receive_options(&fd)?;
+    Ok(fd)
+}
+
+/// A large buffer (as root, beyond net.core.rmem_max), kernel timestamps, drop counts.
+fn receive_options(fd: &OwnedFd) -> anyhow::Result<()> {
+    let fd = fd.as_raw_fd();
+    let buffer: libc::c_int = 16 << 20;
+    if setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, buffer).is_err() {
+        let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, buffer);
+    }
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1).context("SO_TIMESTAMPNS")?;
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1).context("SO_RXQ_OVFL")?;
+    Ok(())
+}
+
+fn setsockopt(fd: RawFd, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option value is a c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+struct Datagram {
+    len: usize,
+    timestamp: Duration,
+    /// The socket's cumulative drop count, when the kernel reported it with this datagram.
+    socket_drops: Option<u32>,
+}
+
+fn receive_one(socket: RawFd, buffer: &mut [u8]) -> io::Result<Datagram> {
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut message: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    message.msg_iov = &raw mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = size_of_val(&control);
+    // SAFETY: recvmsg writes within the buffers described by `message`.
+    let len = unsafe { libc::recvmsg(socket, &raw mut message, 0) };
+    let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
+    let mut datagram = Datagram {
+        len,
+        timestamp: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+        socket_drops: None,
+    };
+    // SAFETY: walking the control messages recvmsg filled in, with the libc macros.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&raw const message);
+        while !header.is_null() {
+            let data = libc::CMSG_DATA(header);
+            match ((*header).cmsg_level, (*header).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => {
+                    let ts = data.cast::<libc::timespec>().read_unaligned();
+                    datagram.timestamp = Duration::new(
+                        u64::try_from(ts.tv_sec).unwrap_or_default(),
+                        u32::try_from(ts.tv_nsec).unwrap_or_default(),
+                    );
+                }
+                (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
+                    datagram.socket_drops = Some(data.cast::<u32>().read_unaligned());
+                }
+                _ => {}
+            }
+            header = libc::CMSG_NXTHDR(&raw const message, header);
+        }
+    }
+    Ok(datagram)
+}
