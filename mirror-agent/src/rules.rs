@@ -1665,27 +1665,33 @@ mod tests {
             ),
             (
                 format!(
-                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ erspan = {{ remote = \"192.0.2.9\", session_id = 1024 }} }}\n"
-                ),
-                "t.toml:4:",
-                "not an ERSPAN session id (0..1023)",
-            ),
-            (
-                format!(
                     "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ geneve = {{ remote = \"127.0.0.1\", vni = 1 }} }}\n"
                 ),
                 "t.toml:4:",
                 "geneve remote `127.0.0.1` must be a unicast address of another host",
             ),
-            (
-                format!(
-                    "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ gre = {{ remote = \"192.0.2.9\", key = -1 }} }}\n"
-                ),
-                "t.toml:4:",
-                "expected u32",
-            ),
         ];
         assert_refused(&cases);
+    }
+
+    #[test]
+    fn refuses_out_of_range_tunnel_ids_where_they_are_written() {
+        for (target, message) in [
+            (
+                "erspan = { remote = \"192.0.2.9\", session_id = 1024 }",
+                "`1024` is not an ERSPAN session id (0..1023)",
+            ),
+            ("gre = { remote = \"192.0.2.9\", key = -1 }", "u32"),
+        ] {
+            let text = format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ {target} }}\n");
+            let error = LoadedConfig::parse("t.toml".into(), text)
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                error.starts_with("t.toml:4:") && error.contains(message),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -273,8 +273,8 @@ mod tests {
             geneve(&optioned).map(|d| (d.stream, d.frame)),
             Ok((Stream::Geneve(256), &FRAME[..]))
         );
-        let cases: [(&[u8], Refused); 4] = [
-            (&[0, 0, 0x65], Refused::Short),
+        assert_eq!(geneve(&[0, 0, 0x65]), Err(Refused::Short));
+        let cases: [(&[u8], Refused); 3] = [
             (&[0x40, 0, 0x65, 0x58, 0, 0, 7, 0], Refused::BadFlags),
             (&[0, 0, 0x08, 0x00, 0, 0, 7, 0], Refused::BadFlags),
             (&[0x3f, 0, 0x65, 0x58, 0, 0, 7, 0], Refused::Short),
