@@ -8,15 +8,14 @@
 //! so once the sentinel's copy arrives at `tap1`, every copy made before it has been handled.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write as _,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
 };
 
 use mirror_tests::{
     COL_V4, COL_V6, Capture, Collector, Counts, Flow, Frame, Lab, NODE_UL_V4, SENTINEL_PORT,
     SENTINEL_RULE, SINK_MAC, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, agent_binary,
     assert_same_frames, is_mld_report, is_sentinel, pcap_frames, pin_to_first_cpu, select,
-    tshark_fields, udp_socket, udp_v4_frame, vxlan_of, write_pcap,
+    send_tcp_stream, tcp_stream, tshark_fields, udp_socket, udp_v4_frame, vxlan_of, write_pcap,
 };
 
 /// One session sending to a VXLAN collector; its first rule mirrors the sentinel.
@@ -54,29 +53,6 @@ fn send_udp(lab: &Lab, port: u16, sizes: &[usize]) {
         senders[0].send_to(&payload, (SINK_V4, port)).expect("send");
         senders[1].send_to(&payload, (SINK_V6, port)).expect("send");
     }
-}
-
-/// Sends `data` over a TCP connection from src to sink port 7000 and checks it arrived whole.
-fn send_tcp_stream(lab: &Lab, data: &[u8]) {
-    let listener = lab
-        .sink
-        .enter(|| TcpListener::bind((SINK_V4, 7000)).expect("listen"));
-    let server = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept");
-        let mut received = Vec::new();
-        std::io::Read::read_to_end(&mut stream, &mut received).expect("read");
-        received
-    });
-    let to_send = data.to_vec();
-    lab.src.enter(move || {
-        pin_to_first_cpu();
-        let mut stream = TcpStream::connect((SINK_V4, 7000)).expect("connect");
-        stream.write_all(&to_send).expect("write");
-    });
-    assert!(
-        server.join().expect("server") == data,
-        "the primary path carried the stream"
-    );
 }
 
 #[test]
@@ -244,27 +220,7 @@ fn two_sessions_two_vnis_over_an_ipv6_underlay_with_a_tcp_connection() {
     }));
     // The TCP copies reassemble to the bytes the client sent.
     let tcp = by_vni("vni 10");
-    let mut segments = BTreeMap::new();
-    let mut first_seq = None;
-    for frame in tcp.iter().filter(|f| !is_sentinel(f)) {
-        let packet = etherparse::SlicedPacket::from_ethernet(frame).expect("tcp copy");
-        let Some(etherparse::TransportSlice::Tcp(tcp)) = packet.transport else {
-            panic!("not TCP: {:?}", Flow::of(frame));
-        };
-        assert_eq!(tcp.destination_port(), 7000);
-        if tcp.syn() {
-            first_seq = Some(tcp.sequence_number().wrapping_add(1));
-        }
-        if !tcp.payload().is_empty() {
-            segments.insert(tcp.sequence_number(), tcp.payload().to_vec());
-        }
-    }
-    let mut next = first_seq.expect("the SYN was copied");
-    let mut stream = Vec::new();
-    while let Some(payload) = segments.get(&next) {
-        stream.extend_from_slice(payload);
-        next = next.wrapping_add(payload.len() as u32);
-    }
+    let stream = tcp_stream(tcp.iter().filter(|f| !is_sentinel(f)), 7000);
     assert_eq!(stream.len(), data.len(), "copied TCP stream length");
     assert!(stream == data, "copied TCP stream bytes");
 
