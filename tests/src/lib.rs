@@ -1226,7 +1226,9 @@ pub fn tunnelled(frame: &[u8]) -> Option<Tunnelled> {
         _ => return None,
     };
     let word = |at: usize| -> Option<u32> {
-        Some(u32::from_be_bytes(payload.get(at..at + 4)?.try_into().ok()?))
+        Some(u32::from_be_bytes(
+            payload.get(at..at + 4)?.try_into().ok()?,
+        ))
     };
     let mut found = Tunnelled {
         format: "",
@@ -1237,7 +1239,10 @@ pub fn tunnelled(frame: &[u8]) -> Option<Tunnelled> {
         whole,
         inner: Vec::new(),
     };
-    let inner_at = match (protocol, u16::from_be_bytes(payload.get(2..4)?.try_into().ok()?)) {
+    let inner_at = match (
+        protocol,
+        u16::from_be_bytes(payload.get(2..4)?.try_into().ok()?),
+    ) {
         (17, VXLAN_PORT) => {
             found.format = "vxlan";
             found.id = Some(word(12)? >> 8);

@@ -12,11 +12,11 @@ use std::{
 };
 
 use mirror_tests::{
-    COL_MAC, COL_V4, COL_V6, Capture, Collector, Flow, FrameSender, Lab, NODE_UL_V4, SENTINEL_RULE,
-    SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, TrafficLoop, agent_binary, assert_same_frames,
-    is_mld_report, is_sentinel, mac, pin_to_first_cpu, select, send_tcp_stream, tcp_stream,
-    tshark_fields, tunnelled, udp_datagrams_delivered, udp_socket, udp_v4_frame, write_pcap,
-    NODE_SRC_MAC,
+    COL_MAC, COL_V4, COL_V6, Capture, Collector, Flow, FrameSender, Lab, NODE_SRC_MAC, NODE_UL_V4,
+    SENTINEL_RULE, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, TrafficLoop, agent_binary,
+    assert_same_frames, is_mld_report, is_sentinel, mac, pin_to_first_cpu, select, send_tcp_stream,
+    tcp_stream, tshark_fields, tunnelled, udp_datagrams_delivered, udp_socket, udp_v4_frame,
+    write_pcap,
 };
 
 /// One tunnel format: the session's target, what the collector needs to receive it, and what
@@ -143,21 +143,32 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
         .filter(|f| !is_mld_report(f))
         .collect();
     let copies: Vec<_> = wire.iter().filter_map(|f| tunnelled(f)).collect();
-    assert_eq!(copies.len(), wire.len(), "{what}: only copies on the underlay");
+    assert_eq!(
+        copies.len(),
+        wire.len(),
+        "{what}: only copies on the underlay"
+    );
     for copy in &copies {
         assert_eq!(copy.format, format.kind);
         assert_eq!(copy.id, format.id, "{what}");
         assert!(copy.whole, "{what}: DF set, never fragmented");
-        assert_eq!(copy.outer_dst_mac, mac(COL_MAC), "{what}: addressed to the next hop");
+        assert_eq!(
+            copy.outer_dst_mac,
+            mac(COL_MAC),
+            "{what}: addressed to the next hop"
+        );
     }
     // UDP and the sentinel, byte for byte.
     let not_tcp = |f: &Flow| f.proto == Some(17) && matches!(f.dst_port, Some(5555 | 9));
     let mut expected = select(&at_src.drain(), |f, frame| frame.outgoing && not_tcp(f));
-    expected.extend(select(&at_sink.drain(), |f, frame| !frame.outgoing && not_tcp(f)));
+    expected.extend(select(&at_sink.drain(), |f, frame| {
+        !frame.outgoing && not_tcp(f)
+    }));
     assert_eq!(expected.len(), 14, "{what}: primary captures");
     let inner: Vec<Vec<u8>> = copies.iter().map(|c| c.inner.clone()).collect();
-    let (tcp, other): (Vec<Vec<u8>>, Vec<Vec<u8>>) =
-        inner.into_iter().partition(|f| Flow::of(f).proto == Some(6));
+    let (tcp, other): (Vec<Vec<u8>>, Vec<Vec<u8>>) = inner
+        .into_iter()
+        .partition(|f| Flow::of(f).proto == Some(6));
     assert_same_frames(what, other, expected);
     // The TCP stream, from the copies of src0's ingress (the client's segments), on the wire and
     // as the collector wrote them.
@@ -168,7 +179,10 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
             .cloned()
             .collect()
     };
-    assert!(tcp_stream(&client(&tcp), 7000) == data, "{what}: TCP on the wire");
+    assert!(
+        tcp_stream(&client(&tcp), 7000) == data,
+        "{what}: TCP on the wire"
+    );
     let written: Vec<Vec<u8>> = summary.written().into_iter().map(|(_, f)| f).collect();
     assert!(
         tcp_stream(&client(&written), 7000) == data,
@@ -182,7 +196,12 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
     );
     assert_eq!(summary.stream_lost(format.stream), 0, "{}", summary.text);
     for field in ["short", "bad_flags", "filtered", "socket_drops"] {
-        assert_eq!(summary.dropped(field), 0, "{what} {field}: {}", summary.text);
+        assert_eq!(
+            summary.dropped(field),
+            0,
+            "{what} {field}: {}",
+            summary.text
+        );
     }
     // ERSPAN: one sequence number per copy, none skipped.
     if what.starts_with("erspan") {
@@ -223,18 +242,36 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
         );
     }
     if what == "erspan3" {
-        let directions: BTreeSet<String> =
-            tshark_fields(&wire_file, None, &["erspan.direction"]).into_iter().collect();
-        assert_eq!(directions.len(), 2, "tshark sees both directions: {directions:?}");
+        let directions: BTreeSet<String> = tshark_fields(&wire_file, None, &["erspan.direction"])
+            .into_iter()
+            .collect();
+        assert_eq!(
+            directions.len(),
+            2,
+            "tshark sees both directions: {directions:?}"
+        );
     }
     // The agent's side: every copy counted, none lost, and nothing of a tunnel on the node: no
     // socket that listens, no tunnel device.
     let session = report.session("t");
-    assert_eq!(session.clone_errors + session.no_route + session.too_big, 0, "{}", report.0);
+    assert_eq!(
+        session.clone_errors + session.no_route + session.too_big,
+        0,
+        "{}",
+        report.0
+    );
     assert_eq!(report.hook("copy", "copy_errors"), 0);
     assert_eq!(report.target("ul0", "tx_dropped"), 0);
-    assert_eq!(lab.node.exec(&["ss", "-Hulnw"]).trim(), "", "{what}: no listener");
-    assert_eq!(link_kinds(&lab.node), BTreeSet::from(["veth".to_owned()]), "{what}: no tunnel device");
+    assert_eq!(
+        lab.node.exec(&["ss", "-Hulnw"]).trim(),
+        "",
+        "{what}: no listener"
+    );
+    assert_eq!(
+        link_kinds(&lab.node),
+        BTreeSet::from(["veth".to_owned()]),
+        "{what}: no tunnel device"
+    );
 }
 
 #[test]
@@ -270,7 +307,9 @@ fn a_datagram_injected_toward_the_node_reaches_nothing() {
         .ipv4([192, 0, 2, 99], NODE_UL_V4.octets(), 64)
         .udp(40_000, 7777);
     let mut inner = Vec::new();
-    builder.write(&mut inner, b"let me in").expect("build frame");
+    builder
+        .write(&mut inner, b"let me in")
+        .expect("build frame");
     let before = udp_datagrams_delivered(&lab.node);
     let attacker = udp_socket(lab.col(), SocketAddr::new(COL_V4.into(), 0));
     let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
@@ -290,11 +329,20 @@ fn a_datagram_injected_toward_the_node_reaches_nothing() {
     });
     assert!(unreachable.len() >= 2);
     let mut buffer = [0u8; 64];
-    assert!(listener.recv(&mut buffer).is_err(), "the inner packet got in");
+    assert!(
+        listener.recv(&mut buffer).is_err(),
+        "the inner packet got in"
+    );
     assert_eq!(udp_datagrams_delivered(&lab.node), before);
-    let listening = lab.node.exec(&["ss", "-Hulnw", "sport = :4789 or sport = :6081"]);
+    let listening = lab
+        .node
+        .exec(&["ss", "-Hulnw", "sport = :4789 or sport = :6081"]);
     assert_eq!(listening.trim(), "", "nothing listens on the tunnel ports");
-    assert_eq!(link_kinds(&lab.node), BTreeSet::from(["veth".to_owned()]), "no tunnel device");
+    assert_eq!(
+        link_kinds(&lab.node),
+        BTreeSet::from(["veth".to_owned()]),
+        "no tunnel device"
+    );
     drop(agent);
 }
 
@@ -305,7 +353,12 @@ fn link_kinds(ns: &mirror_tests::Netns) -> BTreeSet<String> {
     links
         .iter()
         .filter(|l| l["ifname"] != "lo")
-        .map(|l| l["linkinfo"]["info_kind"].as_str().unwrap_or("none").to_owned())
+        .map(|l| {
+            l["linkinfo"]["info_kind"]
+                .as_str()
+                .unwrap_or("none")
+                .to_owned()
+        })
         .collect()
 }
 
@@ -318,7 +371,14 @@ fn the_collector_counts_erspan_sequence_gaps() {
         &agent_binary(),
         "0.0.0.0:4789",
         "copies.pcapng",
-        &["--gre", &COL_V4.to_string(), "--session-id", "7", "--tap", "tap0"],
+        &[
+            "--gre",
+            &COL_V4.to_string(),
+            "--session-id",
+            "7",
+            "--tap",
+            "tap0",
+        ],
     );
     let tap = Capture::open(lab.col(), "tap1");
     let sender = lab.node.enter(|| raw_gre_socket());
@@ -379,7 +439,12 @@ fn send_raw(socket: &std::os::fd::OwnedFd, packet: &[u8]) {
             size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
     };
-    assert_eq!(sent, packet.len() as isize, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        sent,
+        packet.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Copies follow the next hop under traffic: the gateway's MAC address changes, the route
@@ -395,14 +460,28 @@ fn copies_follow_the_next_hop_and_the_route() {
     // 192.0.3.2 on a second link.
     col.ip(&["addr", "add", &format!("{REMOTE}/32"), "dev", "lo"]);
     col.ip(&[
-        "link", "add", "eth1", "type", "veth", "peer", "name", "ul1", "netns", &lab.node.name,
+        "link",
+        "add",
+        "eth1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ul1",
+        "netns",
+        &lab.node.name,
     ]);
     col.ip(&["addr", "add", "192.0.3.2/24", "dev", "eth1"]);
     col.ip(&["link", "set", "eth1", "up"]);
     lab.node.ip(&["addr", "add", "192.0.3.1/24", "dev", "ul1"]);
     lab.node.ip(&["link", "set", "ul1", "up"]);
-    lab.node
-        .ip(&["route", "add", &format!("{REMOTE}/32"), "via", &COL_V4.to_string()]);
+    lab.node.ip(&[
+        "route",
+        "add",
+        &format!("{REMOTE}/32"),
+        "via",
+        &COL_V4.to_string(),
+    ]);
     let on_ul0 = Capture::open(col, "eth0");
     let on_ul1 = Capture::open(col, "eth1");
     let agent = lab.start_agent(&format!(
@@ -432,11 +511,20 @@ fn copies_follow_the_next_hop_and_the_route() {
     // 2. The gateway's MAC address changes.
     col.ip(&["link", "set", "eth0", "address", NEW_MAC]);
     lab.node.ip(&[
-        "neigh", "replace", &COL_V4.to_string(), "lladdr", NEW_MAC, "dev", "ul0", "nud",
+        "neigh",
+        "replace",
+        &COL_V4.to_string(),
+        "lladdr",
+        NEW_MAC,
+        "dev",
+        "ul0",
+        "nud",
         "permanent",
     ]);
     let changed = Instant::now();
-    let seen = on_ul0.until_nth(1, |f| tunnelled(f).is_some_and(|t| t.outer_dst_mac == mac(NEW_MAC)));
+    let seen = on_ul0.until_nth(1, |f| {
+        tunnelled(f).is_some_and(|t| t.outer_dst_mac == mac(NEW_MAC))
+    });
     let followed = changed.elapsed();
     println!("the new MAC address was followed after {followed:?}");
     assert!(followed < Duration::from_secs(1), "{followed:?}");
@@ -447,13 +535,22 @@ fn copies_follow_the_next_hop_and_the_route() {
         .expect("a copy to the new MAC address");
     let later = on_ul0.until_nth(20, |f| tunnelled(f).is_some());
     assert!(
-        after[switch..].iter().chain(&numbered(&later)).all(|(m, _)| *m == mac(NEW_MAC)),
+        after[switch..]
+            .iter()
+            .chain(&numbered(&later))
+            .all(|(m, _)| *m == mac(NEW_MAC)),
         "no copy to the old MAC address once the new one is used"
     );
 
     // 3. The route moves to ul1, whose gateway nobody has resolved yet.
     lab.node.ip(&[
-        "route", "replace", &format!("{REMOTE}/32"), "via", "192.0.3.2", "dev", "ul1",
+        "route",
+        "replace",
+        &format!("{REMOTE}/32"),
+        "via",
+        "192.0.3.2",
+        "dev",
+        "ul1",
     ]);
     let moved = Instant::now();
     on_ul1.until_nth(1, |f| tunnelled(f).is_some());
@@ -468,7 +565,11 @@ fn copies_follow_the_next_hop_and_the_route() {
         .expect("eth1 address")
         .to_owned();
     let on_new_link = on_ul1.until_nth(20, |f| tunnelled(f).is_some());
-    assert!(numbered(&on_new_link).iter().all(|(m, _)| *m == mac(&eth1_mac)));
+    assert!(
+        numbered(&on_new_link)
+            .iter()
+            .all(|(m, _)| *m == mac(&eth1_mac))
+    );
     let _ = on_ul0.drain();
     let stray = on_ul0.drain();
     assert!(
@@ -482,9 +583,18 @@ fn copies_follow_the_next_hop_and_the_route() {
     let _ = on_ul1.drain();
     std::thread::sleep(Duration::from_millis(200));
     let during = on_ul1.drain();
-    assert!(during.iter().all(|f| tunnelled(&f.bytes).is_none()), "sent without a route");
+    assert!(
+        during.iter().all(|f| tunnelled(&f.bytes).is_none()),
+        "sent without a route"
+    );
     lab.node.ip(&[
-        "route", "add", &format!("{REMOTE}/32"), "via", "192.0.3.2", "dev", "ul1",
+        "route",
+        "add",
+        &format!("{REMOTE}/32"),
+        "via",
+        "192.0.3.2",
+        "dev",
+        "ul1",
     ]);
     on_ul1.until_nth(5, |f| tunnelled(f).is_some());
     let sent = traffic.finish();
@@ -493,5 +603,10 @@ fn copies_follow_the_next_hop_and_the_route() {
     println!("{sent} frames sent, {session:?}");
     assert!(session.no_route > 0, "{}", report.0);
     assert_eq!(session.clone_errors, 0, "{}", report.0);
-    assert_eq!(session.matched, session.mirrored + session.no_route, "{}", report.0);
+    assert_eq!(
+        session.matched,
+        session.mirrored + session.no_route,
+        "{}",
+        report.0
+    );
 }

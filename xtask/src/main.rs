@@ -65,7 +65,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Only the scenarios whose name contains one of these comma-separated texts (e.g.
-        /// `baseline,match,vxlan`); `attach` for attach scaling, `pods` for pod-selector sessions.
+        /// `baseline,match,vxlan`); `attach` for attach scaling, `pods` for pod-selector sessions,
+        /// `tunnels` for every tunnel format paired with tc mirred into vxlan.
         #[arg(long)]
         only: Option<String>,
     },

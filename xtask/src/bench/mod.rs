@@ -24,7 +24,7 @@ use traffic::{Spinner, counters, generate, wait_for_idle};
 /// Where the generator sends: routed by the node to the sink, which is not this address.
 const FLOW_DST: &str = "10.10.2.99";
 const FLOW_DST_PORT: u16 = 5201;
-/// The VXLAN underlay between the node's mir0 and the monitor.
+/// The tunnel underlay between the node's mir0 and the monitor.
 const VXLAN_LOCAL: &str = "10.10.3.1";
 const VXLAN_REMOTE: &str = "10.10.3.2";
 const MON_MAC: &str = "02:00:00:00:03:02";
@@ -65,9 +65,9 @@ enum Scenario {
     TcU32 {
         rules: usize,
     },
-    /// mirror, one rule matching everything, into its VXLAN device towards the same collector
-    /// address as `TcMirredVxlan` (on port [`MIRROR_VXLAN_PORT`], as tc's device holds 4789).
-    MirrorVxlan,
+    /// mirror, one rule matching everything, into a tunnel to the same collector address as
+    /// `TcMirredVxlan`: `vxlan`, `geneve`, `gre`, `erspan2` or `erspan3` (see [`TUNNELS`]).
+    MirrorTunnel(&'static str),
     /// mirror at the XDP hook, one rule matching everything: copies through the ring buffer, sent
     /// by the agent out of mir0 (`AF_PACKET`) or, with `vxlan`, to the VXLAN collector.
     MirrorXdp {
@@ -80,9 +80,23 @@ enum Scenario {
     },
 }
 
-/// Destination port of the mirror VXLAN scenario: an external-mode device cannot share a port
-/// with tc's plain VXLAN device. The port does not change the cost.
-const MIRROR_VXLAN_PORT: u16 = 4790;
+/// The tunnel formats measured, as `MirrorTunnel` names them, and their targets.
+const TUNNELS: [(&str, &str); 5] = [
+    ("vxlan", "vxlan = { remote = \"10.10.3.2\", vni = 42 }"),
+    ("geneve", "geneve = { remote = \"10.10.3.2\", vni = 42 }"),
+    ("gre", "gre = { remote = \"10.10.3.2\", key = 42 }"),
+    (
+        "erspan2",
+        "erspan = { remote = \"10.10.3.2\", session_id = 42 }",
+    ),
+    (
+        "erspan3",
+        "erspan = { remote = \"10.10.3.2\", session_id = 42, version = 3 }",
+    ),
+];
+
+/// Pairs of the paired tunnel comparison, at least.
+const MIN_PAIRS: usize = 5;
 
 impl Scenario {
     fn name(&self) -> String {
@@ -100,7 +114,7 @@ impl Scenario {
             } => "mirror TC, no match".into(),
             Scenario::Mirror { rules, .. } => format!("mirror TC, {rules} rules"),
             Scenario::TcU32 { rules } => format!("tc u32 mirred, {rules} rules"),
-            Scenario::MirrorVxlan => "mirror TC into vxlan".into(),
+            Scenario::MirrorTunnel(format) => format!("mirror TC into {format}"),
             Scenario::MirrorXdp { vxlan: false } => "mirror XDP to interface".into(),
             Scenario::MirrorXdp { vxlan: true } => "mirror XDP into vxlan".into(),
             Scenario::MirrorControlled { name, .. } => format!("mirror TC, {name}"),
@@ -217,7 +231,7 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             rules: 1,
             matching: false,
         },
-        Scenario::MirrorVxlan,
+        Scenario::MirrorTunnel("vxlan"),
         Scenario::MirrorXdp { vxlan: false },
         Scenario::MirrorXdp { vxlan: true },
         Scenario::MirrorControlled {
@@ -264,13 +278,19 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let mut tunnels = Vec::new();
+    if only_has("tunnels") {
+        for &size in &options.frame_sizes {
+            tunnels.extend(paired_tunnels(&lab, agent, &flow_frame(size), options)?);
+        }
+    }
     let pods = if only_has("pods") {
         pod_scaling(agent, &options.pod_counts)?
     } else {
         Vec::new()
     };
     drop(lab);
-    report::write(&rows, &attach, &pods, options, started.elapsed())
+    report::write(&rows, &attach, &pods, &tunnels, options, started.elapsed())
 }
 
 /// Routes and devices every scenario may use.
@@ -467,18 +487,22 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
                 "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n{control}\n"
             ),
         )),
-        Scenario::MirrorVxlan => Active::Agent(Agent::start(
-            &lab.node,
-            agent,
-            &format!(
-                "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ vxlan = {{ remote = \"{VXLAN_REMOTE}\", vni = 42, port = {MIRROR_VXLAN_PORT} }} }}\n"
-            ),
-        )),
+        Scenario::MirrorTunnel(format) => {
+            let (_, target) = TUNNELS
+                .iter()
+                .find(|(name, _)| name == format)
+                .context("a tunnel format of TUNNELS")?;
+            Active::Agent(Agent::start(
+                &lab.node,
+                agent,
+                &format!(
+                    "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ {target} }}\n"
+                ),
+            ))
+        }
         Scenario::MirrorXdp { vxlan } => {
             let target = if *vxlan {
-                format!(
-                    "{{ vxlan = {{ remote = \"{VXLAN_REMOTE}\", vni = 42, port = {MIRROR_VXLAN_PORT} }} }}"
-                )
+                format!("{{ vxlan = {{ remote = \"{VXLAN_REMOTE}\", vni = 42 }} }}")
             } else {
                 "{ interface = \"mir0\" }".to_owned()
             };
@@ -516,36 +540,10 @@ fn measure(
 ) -> anyhow::Result<Row> {
     let active = activate(lab, agent, scenario)?;
     let duration = Duration::from_secs_f64(options.seconds);
-    // Warm-up: caches, the neighbour entries, daemonlogger's buffers.
-    generate(
-        &lab.src,
-        "eth0",
-        frame,
-        Duration::from_millis(300),
-        None,
-        10_000_000,
-    )?;
-    settle(lab)?;
+    warm_up(lab, frame)?;
     let mut samples = Vec::new();
     for _ in 0..options.reps {
-        let busy_before = wait_for_idle()?;
-        let (hook0, _) = counters(&lab.node, "src0")?;
-        let (sink0, _) = counters(&lab.sink, "eth0")?;
-        let (mon0, _) = counters(&lab.mon, "eth0")?;
-        let sent = generate(&lab.src, "eth0", frame, duration, None, 50_000_000)?;
-        settle(lab)?;
-        let (hook1, _) = counters(&lab.node, "src0")?;
-        let (sink1, _) = counters(&lab.sink, "eth0")?;
-        let (mon1, _) = counters(&lab.mon, "eth0")?;
-        let pps = (sink1 - sink0) as f64 / sent.elapsed.as_secs_f64();
-        let completeness = scenario
-            .copies_all()
-            .then(|| (mon1 - mon0) as f64 / (hook1 - hook0).max(1) as f64);
-        samples.push(Sample {
-            pps,
-            completeness,
-            busy_before,
-        });
+        samples.push(sample_once(lab, scenario, frame, duration)?);
     }
     // The kernel's per-program run time, in a separate run: measuring it reads the clock twice per
     // program run, which would slow the max-rate runs above.
@@ -591,6 +589,119 @@ fn measure(
     })
 }
 
+/// One max-rate run of `duration` with `scenario` active: forwarded pps and, where every packet
+/// should be copied, the share of copies the monitor received.
+fn sample_once(
+    lab: &Lab,
+    scenario: &Scenario,
+    frame: &[u8],
+    duration: Duration,
+) -> anyhow::Result<Sample> {
+    let busy_before = wait_for_idle()?;
+    let (hook0, _) = counters(&lab.node, "src0")?;
+    let (sink0, _) = counters(&lab.sink, "eth0")?;
+    let (mon0, _) = counters(&lab.mon, "eth0")?;
+    let sent = generate(&lab.src, "eth0", frame, duration, None, 50_000_000)?;
+    settle(lab)?;
+    let (hook1, _) = counters(&lab.node, "src0")?;
+    let (sink1, _) = counters(&lab.sink, "eth0")?;
+    let (mon1, _) = counters(&lab.mon, "eth0")?;
+    Ok(Sample {
+        pps: (sink1 - sink0) as f64 / sent.elapsed.as_secs_f64(),
+        completeness: scenario
+            .copies_all()
+            .then(|| (mon1 - mon0) as f64 / (hook1 - hook0).max(1) as f64),
+        busy_before,
+    })
+}
+
+/// One tunnel format against `tc mirred` into a vxlan device, in pairs taken one after the
+/// other (reference, format, reference, format, ...): the machine's drift hits both sides of a
+/// pair alike, so the paired ratios are steadier than ratios of medians.
+#[derive(Debug, Serialize, Clone)]
+pub struct PairedRow {
+    pub format: String,
+    pub frame_bytes: usize,
+    /// Forwarded pps of the format over tc mirred's, per pair.
+    pub ratios: Vec<f64>,
+    pub median_ratio: f64,
+    pub min_ratio: f64,
+    pub max_ratio: f64,
+    /// Median share of copies received, per format.
+    pub completeness: f64,
+    /// Mean run time per packet of the mirror program at src0 plus the copy program at the
+    /// underlay (kernel run-time stats), ns.
+    pub program_ns_per_packet: Option<f64>,
+}
+
+/// Every tunnel format, interleaved with `tc mirred` into vxlan (see [`PairedRow`]).
+fn paired_tunnels(
+    lab: &Lab,
+    agent: &Path,
+    frame: &[u8],
+    options: &Options,
+) -> anyhow::Result<Vec<PairedRow>> {
+    let duration = Duration::from_secs_f64(options.seconds);
+    let pairs = options.reps.max(MIN_PAIRS);
+    let reference = Scenario::TcMirredVxlan;
+    let mut rows: Vec<PairedRow> = Vec::new();
+    for (format, _) in TUNNELS {
+        eprintln!(
+            "bench: {format} paired with tc mirred into vxlan, {}-byte frames",
+            frame.len()
+        );
+        let scenario = Scenario::MirrorTunnel(format);
+        let mut ratios = Vec::with_capacity(pairs);
+        let mut completeness = Vec::with_capacity(pairs);
+        for _ in 0..pairs {
+            let tc = {
+                let _active = activate(lab, agent, &reference)?;
+                warm_up(lab, frame)?;
+                sample_once(lab, &reference, frame, duration)?
+            };
+            let ours = {
+                let _active = activate(lab, agent, &scenario)?;
+                warm_up(lab, frame)?;
+                sample_once(lab, &scenario, frame, duration)?
+            };
+            ratios.push(ours.pps / tc.pps);
+            completeness.push(ours.completeness.unwrap_or(0.0));
+        }
+        let program_ns_per_packet = {
+            let _active = activate(lab, agent, &scenario)?;
+            let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("enabling BPF run-time stats")?;
+            generate(&lab.src, "eth0", frame, duration, None, 50_000_000)?;
+            program_cost()?
+        };
+        let mut sorted = ratios.clone();
+        rows.push(PairedRow {
+            format: format.to_owned(),
+            frame_bytes: frame.len(),
+            median_ratio: median(&mut sorted),
+            min_ratio: sorted[0],
+            max_ratio: sorted[sorted.len() - 1],
+            ratios,
+            completeness: median(&mut completeness),
+            program_ns_per_packet,
+        });
+    }
+    Ok(rows)
+}
+
+/// Caches, neighbour entries, daemonlogger's buffers.
+fn warm_up(lab: &Lab, frame: &[u8]) -> anyhow::Result<()> {
+    generate(
+        &lab.src,
+        "eth0",
+        frame,
+        Duration::from_millis(300),
+        None,
+        10_000_000,
+    )?;
+    settle(lab)
+}
+
 /// Waits until the monitor's receive counter stops moving (daemonlogger copies asynchronously).
 fn settle(lab: &Lab) -> anyhow::Result<()> {
     let mut last = counters(&lab.mon, "eth0")?.0;
@@ -605,19 +716,24 @@ fn settle(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Mean run time per invocation of mirror's ingress program (TC or XDP, whichever ran), if one
-/// is loaded.
+/// Mean run time per packet of mirror's ingress program (TC or XDP, whichever ran), if one is
+/// loaded, plus that of the copy program spread over the same packets (it finishes the copies:
+/// cuts, tunnel headers).
 fn program_cost() -> anyhow::Result<Option<f64>> {
+    let mut packets = 0;
+    let mut nanoseconds = 0.0;
     for info in aya::programs::loaded_programs() {
         let info = info?;
-        let ingress = matches!(info.name_as_str(), Some("mirror_tc_ingre" | "mirror_xdp"));
-        if ingress && info.run_count() > 0 {
-            return Ok(Some(
-                info.run_time().as_nanos() as f64 / info.run_count() as f64,
-            ));
+        match info.name_as_str() {
+            Some("mirror_tc_ingre" | "mirror_xdp") if info.run_count() > 0 => {
+                packets = info.run_count();
+                nanoseconds += info.run_time().as_nanos() as f64;
+            }
+            Some("mirror_tc_copy") => nanoseconds += info.run_time().as_nanos() as f64,
+            _ => {}
         }
     }
-    Ok(None)
+    Ok((packets > 0).then(|| nanoseconds / packets as f64))
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
