@@ -384,6 +384,21 @@ impl Shared {
                 })
                 .collect(),
             pods: applied.pods.clone(),
+            tunnels: applied
+                .tunnels
+                .report()
+                .into_iter()
+                .map(|(session, target, hop)| TunnelView {
+                    session,
+                    target,
+                    interface: hop.as_ref().ok().map(|h| h.interface.clone()),
+                    next_hop_mac: hop
+                        .as_ref()
+                        .ok()
+                        .map(|h| crate::tunnel::mac_text(h.next_hop_mac)),
+                    problem: hop.err().map(|e| e.to_string()),
+                })
+                .collect(),
         }
     }
 
@@ -596,6 +611,20 @@ pub struct Status {
     /// The pods pod-selector sessions select.
     #[serde(default)]
     pub pods: Vec<SelectedPod>,
+    /// Where each tunnel session's copies leave now.
+    #[serde(default)]
+    pub tunnels: Vec<TunnelView>,
+}
+
+/// A tunnel session's path now: the underlay and next hop, or why there is none (its copies are
+/// then counted as `no_route`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelView {
+    pub session: String,
+    pub target: String,
+    pub interface: Option<String>,
+    pub next_hop_mac: Option<String>,
+    pub problem: Option<String>,
 }
 
 fn internal(error: &anyhow::Error) -> (StatusCode, String) {

@@ -272,7 +272,7 @@ fn drain(
             match emit {
                 Emit::Interface(_) => outbox.next().extend_from_slice(frame),
                 Emit::Tunnel(sender) => {
-                    sender.encapsulate(frame, header.flow_hash, header.orig_len, outbox.next())
+                    sender.encapsulate(frame, header.flow_hash, header.orig_len, outbox.next());
                 }
                 Emit::File(sink) => {
                     let written = lock(sink).write(

@@ -320,52 +320,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Check { config } => {
-            let plan = plan(&LoadedConfig::read(&config)?)?;
-            for session in &plan.sessions {
-                if let Some(selector) = &session.pods {
-                    println!(
-                        "session `{}`: watches the {selector}: their interfaces are found when the agent runs",
-                        session.name
-                    );
-                }
-                if let Target::Tunnel(target) = &session.target {
-                    match tunnel::max_tunnel_copy_len(target) {
-                        Ok(len) => println!(
-                            "session `{}`: {}: copies up to {len} bytes fit the path",
-                            session.name, session.target
-                        ),
-                        Err(tunnel::TunnelError::Path { remote, source })
-                            if matches!(
-                                source.kind(),
-                                std::io::ErrorKind::NetworkUnreachable
-                                    | std::io::ErrorKind::HostUnreachable
-                            ) =>
-                        {
-                            println!(
-                                "session `{}`: {}: no route to {remote} now: a run counts its copies as no_route until there is one",
-                                session.name, session.target
-                            );
-                        }
-                        Err(e) => {
-                            return Err(e).with_context(|| format!("session `{}`", session.name));
-                        }
-                    }
-                }
-            }
-            println!(
-                "{}: ok: {} session(s), {} rule(s), {} hook(s), {} bitmap(s)",
-                config.display(),
-                plan.sessions.len(),
-                plan.rules.len() - plan.sessions.len(),
-                plan.sessions
-                    .iter()
-                    .map(|s| s.attachments.len())
-                    .sum::<usize>(),
-                plan.tables.bitmaps.len()
-            );
-            Ok(())
-        }
+        Command::Check { config } => check(&config),
         Command::Run(args) => {
             let mut loaded = match &args.config {
                 Some(path) => LoadedConfig::read(path)?,
@@ -442,6 +397,54 @@ fn plan_selecting(
     Ok(plan)
 }
 
+/// `mirror-agent check`: the plan, and what each session's target allows now.
+fn check(config: &std::path::Path) -> anyhow::Result<()> {
+    let plan = plan(&LoadedConfig::read(config)?)?;
+    for session in &plan.sessions {
+        if let Some(selector) = &session.pods {
+            println!(
+                "session `{}`: watches the {selector}: their interfaces are found when the agent runs",
+                session.name
+            );
+        }
+        if let Target::Tunnel(target) = &session.target {
+            match tunnel::max_tunnel_copy_len(target) {
+                Ok(len) => println!(
+                    "session `{}`: {}: copies up to {len} bytes fit the path",
+                    session.name, session.target
+                ),
+                Err(tunnel::TunnelError::Path { remote, source })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NetworkUnreachable
+                            | std::io::ErrorKind::HostUnreachable
+                    ) =>
+                {
+                    println!(
+                        "session `{}`: {}: no route to {remote} now: a run counts its copies as no_route until there is one",
+                        session.name, session.target
+                    );
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("session `{}`", session.name));
+                }
+            }
+        }
+    }
+    println!(
+        "{}: ok: {} session(s), {} rule(s), {} hook(s), {} bitmap(s)",
+        config.display(),
+        plan.sessions.len(),
+        plan.rules.len() - plan.sessions.len(),
+        plan.sessions
+            .iter()
+            .map(|s| s.attachments.len())
+            .sum::<usize>(),
+        plan.tables.bitmaps.len()
+    );
+    Ok(())
+}
+
 /// `mirror-agent status`.
 async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let body = api::get_from(socket, "/status").await?;
@@ -491,6 +494,13 @@ async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()>
             ips.join(","),
             pod.sessions.join(",")
         );
+    }
+    for tunnel in &status.tunnels {
+        let path = match (&tunnel.interface, &tunnel.next_hop_mac, &tunnel.problem) {
+            (Some(interface), Some(mac), _) => format!("leaves {interface} for {mac}"),
+            (_, _, problem) => format!("no path: {}", problem.as_deref().unwrap_or("?")),
+        };
+        println!("tunnel {:<16} {} {path}", tunnel.session, tunnel.target);
     }
     Ok(())
 }

@@ -142,6 +142,10 @@ pub const COPY_MARK_MASK: u32 = 0xffff_0000;
 /// both attached to a target; each finishes only the copies of its own generation (rule indices
 /// differ between them) and passes the others on.
 pub const COPY_GENERATION_BIT: u32 = 0x8000;
+/// The word of `__sk_buff::cb` that carries a tunnel copy's flow hash (see `limit::flow_hash` in
+/// the programs: the same in both directions) from the mirror program to the copy program, which
+/// picks the outer UDP source port from it. Set on the original just for the clone, like the mark.
+pub const FLOW_HASH_CB: usize = 0;
 /// Set in a copy's mark when the packet was seen leaving its interface (egress): the ERSPAN type
 /// III header carries the direction.
 pub const COPY_EGRESS_BIT: u32 = 0x4000;
@@ -407,11 +411,11 @@ pub struct Counters {
     pub no_route: u64,
 }
 
-/// Per-CPU counters of a hook (ingress, egress or the tunnel program), across interfaces.
+/// Per-CPU counters of a hook (ingress, egress or the copy program), across interfaces.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HookCounters {
-    /// Packets the program ran on.
+    /// Packets the program ran on (the copy program: packets with a copy mark).
     pub packets: u64,
     /// Packets whose headers were truncated or malformed; they were still classified by the fields
     /// that could be read and always passed on unchanged.
@@ -420,8 +424,9 @@ pub struct HookCounters {
     pub step_limit: u64,
     /// Packets dropped by a rule-table inconsistency (never expected; the packet still passes).
     pub table_errors: u64,
-    /// Copy program only: packets at a target or an underlay interface that were not copies
-    /// (passed on unchanged).
+    /// Copy program only: packets with a copy mark that are not this generation's copies (another
+    /// generation's, or a rule it does not know): passed on unchanged. Packets without a copy mark
+    /// (a target's or an underlay's own traffic) pass before any counting.
     pub foreign: u64,
     /// Copy program only: copies that could not be cut or given their outer headers (dropped).
     pub copy_errors: u64,

@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use mirror_common::{
-    COPY_EGRESS_BIT, COPY_MARK, Direction, MAX_COPIES_PER_PACKET, MAX_RING_COPY, SessionMeta,
-    TARGET_RING, TARGET_TUNNEL,
+    COPY_EGRESS_BIT, COPY_MARK, Direction, FLOW_HASH_CB, MAX_COPIES_PER_PACKET, MAX_RING_COPY,
+    SessionMeta, TARGET_RING, TARGET_TUNNEL,
 };
 
 use crate::{
@@ -70,7 +70,17 @@ impl Sender for TcContext {
             } else {
                 0
             };
-            send_marked_copy(self, ifindex, copy.rule | egress)
+            // The flow hash travels to the copy program in the control block, like the rule in
+            // the mark: the copy program then needs no flow dissector of its own for the UDP
+            // source port. The original's word is back right after.
+            // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program; `cb`
+            // is the programs' scratch space.
+            let skb = unsafe { &mut *self.skb.skb };
+            let saved = skb.cb[FLOW_HASH_CB];
+            skb.cb[FLOW_HASH_CB] = flow_hash;
+            let sent = send_marked_copy(self, ifindex, copy.rule | egress);
+            skb.cb[FLOW_HASH_CB] = saved;
+            sent
         } else if session.finish == 0 {
             self.clone_redirect(session.target_ifindex, 0)
         } else {

@@ -10,15 +10,15 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::generated::{
-        bpf_get_hash_recalc, bpf_ktime_get_tai_ns, bpf_skb_adjust_room, bpf_skb_change_head,
-        bpf_skb_change_tail, bpf_skb_store_bytes, bpf_skb_vlan_pop,
+        bpf_ktime_get_tai_ns, bpf_skb_adjust_room, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_skb_store_bytes, bpf_skb_vlan_pop,
     },
     programs::TcContext,
 };
 use mirror_common::{
     COPY_EGRESS_BIT, COPY_GENERATION_BIT, COPY_HOOK, COPY_MARK, COPY_MARK_MASK, COPY_RULE_MASK,
-    MAX_TUNNEL_HEADER, SessionMeta, TARGET_TUNNEL, TUNNEL_ERSPAN2, TUNNEL_ERSPAN3, TUNNEL_GENEVE,
-    TUNNEL_VXLAN, Tunnel,
+    FLOW_HASH_CB, MAX_TUNNEL_HEADER, SessionMeta, TARGET_TUNNEL, TUNNEL_ERSPAN2, TUNNEL_ERSPAN3,
+    TUNNEL_GENEVE, TUNNEL_VXLAN, Tunnel,
 };
 
 use crate::{
@@ -145,10 +145,9 @@ fn encapsulate(ctx: &TcContext, session: u32, egress: bool, truncated: bool) -> 
         0
     };
     let room = header_len + tag_len;
-    // The flow's hash (computed now if the stack had none: later it would hash the new outer
-    // headers), for the UDP source port, as Linux's own UDP tunnels pick it.
-    // SAFETY: reads or computes the hash of the packet this program owns.
-    let hash = unsafe { bpf_get_hash_recalc(skb) };
+    // The flow hash the mirror program put in the control block (see `FLOW_HASH_CB`).
+    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+    let hash = unsafe { (*skb).cb[FLOW_HASH_CB] };
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
     let protocol = unsafe { (*skb).protocol };
     let grown = if protocol == ETH_P_IP || protocol == ETH_P_IPV6 {
@@ -267,7 +266,7 @@ fn fill_in(
         TUNNEL_ERSPAN2 | TUNNEL_ERSPAN3 => {
             let sequence = TUNNEL_SEQUENCE
                 .get_ptr_mut(session)
-                .map_or(0, |slot| next_sequence(slot));
+                .map_or(0, next_sequence);
             put_u32(scratch, l4 + GRE_SEQUENCE, sequence as u32);
             let erspan = l4 + ERSPAN;
             if let Some([_, _, high, low]) = tag {

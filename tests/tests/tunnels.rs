@@ -12,11 +12,11 @@ use std::{
 };
 
 use mirror_tests::{
-    COL_MAC, COL_V4, COL_V6, Capture, Collector, Flow, FrameSender, Lab, NODE_SRC_MAC, NODE_UL_V4,
-    SENTINEL_RULE, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, TrafficLoop, agent_binary,
-    assert_same_frames, is_mld_report, is_sentinel, mac, pin_to_first_cpu, select, send_tcp_stream,
-    tcp_stream, tshark_fields, tunnelled, udp_datagrams_delivered, udp_socket, udp_v4_frame,
-    write_pcap,
+    COL_MAC, COL_V4, COL_V6, Capture, Collector, Flow, FrameSender, Lab, NODE_SINK_MAC,
+    NODE_SRC_MAC, NODE_UL_V4, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6,
+    TrafficLoop, agent_binary, assert_same_frames, is_mld_report, is_sentinel, mac,
+    pin_to_first_cpu, select, send_tcp_stream, tcp_stream, tshark_fields, tunnelled,
+    udp_datagrams_delivered, udp_socket, udp_v4_frame, write_pcap,
 };
 
 /// One tunnel format: the session's target, what the collector needs to receive it, and what
@@ -133,7 +133,6 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
     let mut buffer = [0u8; 1500];
     assert_eq!(receiver.recv(&mut buffer).expect("primary path"), 60);
 
-    let what = format.name;
     // What reached the collector (its own replies and the kernel's MLD reports are not copies).
     let wire: Vec<Vec<u8>> = wire
         .drain()
@@ -142,117 +141,17 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
         .map(|f| f.bytes)
         .filter(|f| !is_mld_report(f))
         .collect();
-    let copies: Vec<_> = wire.iter().filter_map(|f| tunnelled(f)).collect();
-    assert_eq!(
-        copies.len(),
-        wire.len(),
-        "{what}: only copies on the underlay"
-    );
-    for copy in &copies {
-        assert_eq!(copy.format, format.kind);
-        assert_eq!(copy.id, format.id, "{what}");
-        assert!(copy.whole, "{what}: DF set, never fragmented");
-        assert_eq!(
-            copy.outer_dst_mac,
-            mac(COL_MAC),
-            "{what}: addressed to the next hop"
-        );
-    }
-    // UDP and the sentinel, byte for byte.
     let not_tcp = |f: &Flow| f.proto == Some(17) && matches!(f.dst_port, Some(5555 | 9));
     let mut expected = select(&at_src.drain(), |f, frame| frame.outgoing && not_tcp(f));
     expected.extend(select(&at_sink.drain(), |f, frame| {
         !frame.outgoing && not_tcp(f)
     }));
-    assert_eq!(expected.len(), 14, "{what}: primary captures");
-    let inner: Vec<Vec<u8>> = copies.iter().map(|c| c.inner.clone()).collect();
-    let (tcp, other): (Vec<Vec<u8>>, Vec<Vec<u8>>) = inner
-        .into_iter()
-        .partition(|f| Flow::of(f).proto == Some(6));
-    assert_same_frames(what, other, expected);
-    // The TCP stream, from the copies of src0's ingress (the client's segments), on the wire and
-    // as the collector wrote them.
-    let client = |frames: &[Vec<u8>]| -> Vec<Vec<u8>> {
-        frames
-            .iter()
-            .filter(|f| Flow::of(f).dst_port == Some(7000))
-            .cloned()
-            .collect()
-    };
-    assert!(
-        tcp_stream(&client(&tcp), 7000) == data,
-        "{what}: TCP on the wire"
-    );
-    let written: Vec<Vec<u8>> = summary.written().into_iter().map(|(_, f)| f).collect();
-    assert!(
-        tcp_stream(&client(&written), 7000) == data,
-        "{what}: TCP as written"
-    );
-    assert_eq!(
-        summary.stream_frames(format.stream),
-        written.len() as u64,
-        "{what}: {}",
-        summary.text
-    );
-    assert_eq!(summary.stream_lost(format.stream), 0, "{}", summary.text);
-    for field in ["short", "bad_flags", "filtered", "socket_drops"] {
-        assert_eq!(
-            summary.dropped(field),
-            0,
-            "{what} {field}: {}",
-            summary.text
-        );
-    }
-    // ERSPAN: one sequence number per copy, none skipped.
-    if what.starts_with("erspan") {
-        let numbers: BTreeSet<u32> = copies.iter().filter_map(|c| c.sequence).collect();
-        assert_eq!(numbers.len(), copies.len(), "{what}: one number per copy");
-        assert_eq!(
-            numbers.last().copied(),
-            Some(numbers.len() as u32 - 1),
-            "{what}: numbered from 0 without a gap"
-        );
-    }
-    // ERSPAN type III: the direction bit tells src0's ingress from sink0's egress.
-    if what == "erspan3" {
-        for copy in &copies {
-            let flow = Flow::of(&copy.inner);
-            let from_src0 = flow.src == Some(SRC_V4.into()) || flow.src == Some(SRC_V6.into());
-            let client_side = flow.dst_port == Some(7000) || flow.dst_port == Some(5555);
-            if client_side || is_sentinel(&copy.inner) {
-                // Seen at both: ingress copies at src0 and egress copies at sink0.
-                continue;
-            }
-            assert_eq!(copy.egress, Some(!from_src0), "{what}: {flow:?}");
-        }
-        let directions: BTreeSet<bool> = copies.iter().filter_map(|c| c.egress).collect();
-        assert_eq!(directions, BTreeSet::from([false, true]));
-    }
-    // tshark reads the outer headers the same way.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let wire_file = dir.path().join("wire.pcap");
-    write_pcap(&wire_file, &wire);
-    let decode = (what == "vxlan").then_some("udp.port==4789,vxlan");
-    for (field, value) in &format.tshark {
-        let values = tshark_fields(&wire_file, decode, &[field]);
-        assert_eq!(values.len(), wire.len(), "{what}: {field}");
-        assert!(
-            values.iter().all(|v| v.split(',').next() == Some(*value)),
-            "{what}: {field} = {values:?}"
-        );
-    }
-    if what == "erspan3" {
-        let directions: BTreeSet<String> = tshark_fields(&wire_file, None, &["erspan.direction"])
-            .into_iter()
-            .collect();
-        assert_eq!(
-            directions.len(),
-            2,
-            "tshark sees both directions: {directions:?}"
-        );
-    }
+    check_copies(format, &wire, expected, &data);
+    check_collector(format, &summary, &data);
+    check_tshark(format, &wire);
     // The agent's side: every copy counted, none lost, and nothing of a tunnel on the node: no
     // socket that listens, no tunnel device.
+    let what = format.name;
     let session = report.session("t");
     assert_eq!(
         session.clone_errors + session.no_route + session.too_big,
@@ -274,6 +173,123 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
     );
 }
 
+/// The TCP client's bytes (port 7000) out of frames.
+fn client_stream(frames: &[Vec<u8>]) -> Vec<u8> {
+    let client: Vec<Vec<u8>> = frames
+        .iter()
+        .filter(|f| Flow::of(f).dst_port == Some(7000))
+        .cloned()
+        .collect();
+    tcp_stream(&client, 7000)
+}
+
+/// The copies on the wire: all of the format, whole, to the next hop; their inner frames are the
+/// primary path's (`expected`, UDP and the sentinel) byte for byte and carry the TCP stream.
+fn check_copies(format: &Format, wire: &[Vec<u8>], expected: Vec<Vec<u8>>, data: &[u8]) {
+    let what = format.name;
+    let copies: Vec<_> = wire.iter().filter_map(|f| tunnelled(f)).collect();
+    assert_eq!(
+        copies.len(),
+        wire.len(),
+        "{what}: only copies on the underlay"
+    );
+    for copy in &copies {
+        assert_eq!(copy.format, format.kind);
+        assert_eq!(copy.id, format.id, "{what}");
+        assert!(copy.whole, "{what}: DF set, never fragmented");
+        assert_eq!(
+            copy.outer_dst_mac,
+            mac(COL_MAC),
+            "{what}: addressed to the next hop"
+        );
+    }
+    assert_eq!(expected.len(), 14, "{what}: primary captures");
+    let (tcp, other): (Vec<Vec<u8>>, Vec<Vec<u8>>) = copies
+        .iter()
+        .map(|c| c.inner.clone())
+        .partition(|f| Flow::of(f).proto == Some(6));
+    assert_same_frames(what, other, expected);
+    assert!(client_stream(&tcp) == data, "{what}: TCP on the wire");
+    // ERSPAN: one sequence number per copy, none skipped.
+    if format.kind == "erspan" {
+        let numbers: BTreeSet<u32> = copies.iter().filter_map(|c| c.sequence).collect();
+        assert_eq!(numbers.len(), copies.len(), "{what}: one number per copy");
+        assert_eq!(
+            numbers.last().copied(),
+            Some(numbers.len() as u32 - 1),
+            "{what}: numbered from 0 without a gap"
+        );
+    }
+    // ERSPAN type III: the direction bit tells src0's ingress (frames from the source's MAC) from
+    // sink0's egress (frames from the node's MAC on sink0).
+    if what == "erspan3" {
+        for copy in &copies {
+            let source = &copy.inner[6..12];
+            let egress = if source == mac(SRC_MAC) {
+                false
+            } else {
+                assert_eq!(source, mac(NODE_SINK_MAC), "{what}");
+                true
+            };
+            assert_eq!(
+                copy.egress,
+                Some(egress),
+                "{what}: {:?}",
+                Flow::of(&copy.inner)
+            );
+        }
+    }
+}
+
+/// The collector wrote the TCP stream whole and counted every frame of the stream, none lost.
+fn check_collector(format: &Format, summary: &mirror_tests::CollectorSummary, data: &[u8]) {
+    let what = format.name;
+    let written: Vec<Vec<u8>> = summary.written().into_iter().map(|(_, f)| f).collect();
+    assert!(client_stream(&written) == data, "{what}: TCP as written");
+    assert_eq!(
+        summary.stream_frames(format.stream),
+        written.len() as u64,
+        "{what}: {}",
+        summary.text
+    );
+    assert_eq!(summary.stream_lost(format.stream), 0, "{}", summary.text);
+    for field in ["short", "bad_flags", "filtered", "socket_drops"] {
+        assert_eq!(
+            summary.dropped(field),
+            0,
+            "{what} {field}: {}",
+            summary.text
+        );
+    }
+}
+
+/// tshark reads the outer headers as the format says.
+fn check_tshark(format: &Format, wire: &[Vec<u8>]) {
+    let what = format.name;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wire_file = dir.path().join("wire.pcap");
+    write_pcap(&wire_file, wire);
+    let decode = (what == "vxlan").then_some("udp.port==4789,vxlan");
+    for (field, value) in &format.tshark {
+        let values = tshark_fields(&wire_file, decode, &[field]);
+        assert_eq!(values.len(), wire.len(), "{what}: {field}");
+        assert!(
+            values.iter().all(|v| v.split(',').next() == Some(*value)),
+            "{what}: {field} = {values:?}"
+        );
+    }
+    if what == "erspan3" {
+        let directions: BTreeSet<String> = tshark_fields(&wire_file, None, &["erspan.direction"])
+            .into_iter()
+            .collect();
+        assert_eq!(
+            directions.len(),
+            2,
+            "tshark sees both directions: {directions:?}"
+        );
+    }
+}
+
 #[test]
 fn every_format_carries_the_original_frames_over_ipv4() {
     for format in formats(COL_V4.into()) {
@@ -289,6 +305,55 @@ fn vxlan_gre_and_erspan_carry_the_original_frames_over_ipv6() {
     {
         carries_the_original_frames(&format, COL_V6.into());
     }
+}
+
+/// Copies over IPv6 carry a zero UDP checksum (RFC 6935, RFC 6936): a stock Linux VXLAN device
+/// that allows it (`udp6zerocsumrx`) takes them, and hands on the inner frames unchanged.
+#[test]
+fn a_stock_linux_vxlan_device_takes_the_ipv6_copies() {
+    let lab = Lab::with_collector("tstock", 1600);
+    let col = lab.col();
+    col.ip(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "100",
+        "dstport",
+        "4789",
+        "local",
+        &COL_V6.to_string(),
+        "udp6zerocsumrx",
+        "nolearning",
+    ]);
+    col.ip(&["link", "set", "vx0", "up"]);
+    let decapsulated = Capture::open(col, "vx0");
+    let agent = lab.start_agent(&format!(
+        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ vxlan = {{ remote = \"{COL_V6}\", vni = 100 }} }}\n{SENTINEL_RULE}\
+         [[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n"
+    ));
+    let at_src = Capture::open(&lab.src, "eth0");
+    let sender = udp_socket(&lab.src, SocketAddr::new(SRC_V6.into(), 0));
+    pin_to_first_cpu();
+    for size in [10, 500, 1400] {
+        sender
+            .send_to(&vec![7; size], (SINK_V6, 5555))
+            .expect("send");
+    }
+    lab.send_sentinel();
+    let received: Vec<Vec<u8>> = decapsulated
+        .until_nth(1, is_sentinel)
+        .into_iter()
+        .filter(|f| !f.outgoing)
+        .map(|f| f.bytes)
+        .collect();
+    drop(agent);
+    let sent = select(&at_src.drain(), |f, frame| {
+        frame.outgoing && matches!(f.dst_port, Some(5555 | 9))
+    });
+    assert_same_frames("out of a kernel VXLAN device", received, sent);
 }
 
 /// What arrives at the node's VXLAN and GENEVE ports is not decapsulated: no device, no socket.
@@ -381,7 +446,7 @@ fn the_collector_counts_erspan_sequence_gaps() {
         ],
     );
     let tap = Capture::open(lab.col(), "tap1");
-    let sender = lab.node.enter(|| raw_gre_socket());
+    let sender = lab.node.enter(raw_gre_socket);
     let frame = |i: u8| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, &[i; 100]);
     let erspan = |session: u16, sequence: u32, inner: &[u8]| {
         let mut packet = vec![0x10, 0, 0x88, 0xbe];
@@ -441,7 +506,7 @@ fn send_raw(socket: &std::os::fd::OwnedFd, packet: &[u8]) {
     };
     assert_eq!(
         sent,
-        packet.len() as isize,
+        packet.len().cast_signed(),
         "{}",
         std::io::Error::last_os_error()
     );
@@ -449,16 +514,154 @@ fn send_raw(socket: &std::os::fd::OwnedFd, packet: &[u8]) {
 
 /// Copies follow the next hop under traffic: the gateway's MAC address changes, the route
 /// moves to another interface (whose gateway is not resolved yet: the agent asks for it), the
-/// route goes (copies are counted as no_route, none sent) and comes back.
+/// route goes (copies are counted as `no_route`, none sent) and comes back.
 #[test]
 fn copies_follow_the_next_hop_and_the_route() {
-    const REMOTE: &str = "198.51.100.9";
-    const NEW_MAC: &str = "02:00:00:00:05:99";
     let lab = Lab::with_collector("thop", 1500);
+    behind_two_gateways(&lab, REMOTE);
+    let on_ul0 = Capture::open(lab.col(), "eth0");
+    let on_ul1 = Capture::open(lab.col(), "eth1");
+    let agent = lab.start_agent(&format!(
+        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ vxlan = {{ remote = \"{REMOTE}\", vni = 3 }} }}\ndefault = \"mirror\"\n"
+    ));
+    let traffic = TrafficLoop::start(FrameSender::open(&lab.src, "eth0"), 100_000, |i| {
+        udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, &i.to_be_bytes())
+    });
+    // Copies reach the gateway's MAC address.
+    let first = on_ul0.until_nth(20, |f| tunnelled(f).is_some());
+    assert!(numbered(&first).iter().all(|(m, _)| *m == mac(COL_MAC)));
+    follow_a_new_mac(&lab, &on_ul0);
+    follow_a_moved_route(&lab, &on_ul0, &on_ul1);
+    let (before, after) = no_route_for_a_while(&lab, &on_ul1);
+    let sent = traffic.finish();
+    let report = agent.stop();
+    let session = report.session("t");
+    println!("{sent} frames sent; no copy between {before} and {after}; {session:?}");
+    // Every frame between the last copy before and the first after was matched and counted.
+    assert!(
+        session.no_route >= u64::from(after - before - 1),
+        "{}",
+        report.0
+    );
+    assert_eq!(session.clone_errors, 0, "{}", report.0);
+    assert_eq!(
+        session.matched,
+        session.mirrored + session.no_route,
+        "{}",
+        report.0
+    );
+}
+
+/// The collector's address in [`copies_follow_the_next_hop_and_the_route`].
+const REMOTE: &str = "198.51.100.9";
+
+/// The gateway's MAC address changes: copies go to the new one within a second, and none to the
+/// old one once the new one is used.
+fn follow_a_new_mac(lab: &Lab, on_ul0: &Capture) {
+    const NEW_MAC: &str = "02:00:00:00:05:99";
+    lab.col().ip(&["link", "set", "eth0", "address", NEW_MAC]);
+    lab.node.ip(&[
+        "neigh",
+        "replace",
+        &COL_V4.to_string(),
+        "lladdr",
+        NEW_MAC,
+        "dev",
+        "ul0",
+        "nud",
+        "permanent",
+    ]);
+    let changed = Instant::now();
+    let seen = on_ul0.until_nth(1, |f| {
+        tunnelled(f).is_some_and(|t| t.outer_dst_mac == mac(NEW_MAC))
+    });
+    let followed = changed.elapsed();
+    println!("the new MAC address was followed after {followed:?}");
+    assert!(followed < Duration::from_secs(1), "{followed:?}");
+    let seen = numbered(&seen);
+    let switch = seen
+        .iter()
+        .position(|(m, _)| *m == mac(NEW_MAC))
+        .expect("a copy to the new MAC address");
+    let later = on_ul0.until_nth(20, |f| tunnelled(f).is_some());
+    assert!(
+        seen[switch..]
+            .iter()
+            .chain(&numbered(&later))
+            .all(|(m, _)| *m == mac(NEW_MAC)),
+        "no copy to the old MAC address once the new one is used"
+    );
+}
+
+/// The route moves to ul1, whose gateway nobody has resolved yet: copies follow within a second,
+/// to that gateway's MAC address, and none leaves through ul0 after the first through ul1.
+fn follow_a_moved_route(lab: &Lab, on_ul0: &Capture, on_ul1: &Capture) {
+    lab.node.ip(&[
+        "route",
+        "replace",
+        &format!("{REMOTE}/32"),
+        "via",
+        "192.0.3.2",
+        "dev",
+        "ul1",
+    ]);
+    let moved = Instant::now();
+    let first = on_ul1.until_nth(1, |f| tunnelled(f).is_some());
+    let followed = moved.elapsed();
+    println!("the moved route was followed after {followed:?}");
+    assert!(followed < Duration::from_secs(1), "{followed:?}");
+    let first = numbered(&first)[0].1;
+    let eth1: Vec<serde_json::Value> =
+        serde_json::from_str(&lab.col().ip(&["-j", "link", "show", "eth1"])).expect("ip -j");
+    let eth1_mac = mac(eth1[0]["address"].as_str().expect("eth1 address"));
+    let on_new_link = on_ul1.until_nth(20, |f| tunnelled(f).is_some());
+    assert!(numbered(&on_new_link).iter().all(|(m, _)| *m == eth1_mac));
+    let old_link = numbered(&on_ul0.drain());
+    assert!(
+        old_link.iter().all(|(_, n)| *n < first),
+        "no copy left through ul0 once the route moved: {old_link:?} against {first}"
+    );
+}
+
+/// The route goes while the sink receives 500 more frames, then comes back: no copy leaves
+/// meanwhile, and copies resume. Returns the numbers of the last copy before and the first after.
+fn no_route_for_a_while(lab: &Lab, on_ul1: &Capture) -> (u32, u32) {
+    lab.node.ip(&["route", "del", &format!("{REMOTE}/32")]);
+    let received = || -> u64 {
+        lab.sink
+            .exec(&["cat", "/sys/class/net/eth0/statistics/rx_packets"])
+            .trim()
+            .parse()
+            .expect("rx_packets")
+    };
+    let start = received();
+    mirror_tests::wait_for("500 frames forwarded without a route", || {
+        received() >= start + 500
+    });
+    let before = numbered(&on_ul1.drain()).last().map_or(0, |(_, n)| *n);
+    lab.node.ip(&[
+        "route",
+        "add",
+        &format!("{REMOTE}/32"),
+        "via",
+        "192.0.3.2",
+        "dev",
+        "ul1",
+    ]);
+    let resumed = numbered(&on_ul1.until_nth(5, |f| tunnelled(f).is_some()));
+    let after = resumed[0].1;
+    assert!(
+        after > before + 400,
+        "copies while there was no route: {before} then {after}"
+    );
+    (before, after)
+}
+
+/// The collector's address `remote` behind the gateway 192.0.2.2 (col's eth0, routed now), and
+/// behind 192.0.3.2 on a second link (node ul1 ── col eth1, not routed yet).
+fn behind_two_gateways(lab: &Lab, remote: &str) {
     let col = lab.col();
-    // The collector's address sits behind the gateway 192.0.2.2 (col's eth0), and, later, behind
-    // 192.0.3.2 on a second link.
-    col.ip(&["addr", "add", &format!("{REMOTE}/32"), "dev", "lo"]);
+    col.ip(&["addr", "add", &format!("{remote}/32"), "dev", "lo"]);
     col.ip(&[
         "link",
         "add",
@@ -478,135 +681,24 @@ fn copies_follow_the_next_hop_and_the_route() {
     lab.node.ip(&[
         "route",
         "add",
-        &format!("{REMOTE}/32"),
+        &format!("{remote}/32"),
         "via",
         &COL_V4.to_string(),
     ]);
-    let on_ul0 = Capture::open(col, "eth0");
-    let on_ul1 = Capture::open(col, "eth1");
-    let agent = lab.start_agent(&format!(
-        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ vxlan = {{ remote = \"{REMOTE}\", vni = 3 }} }}\ndefault = \"mirror\"\n"
-    ));
-    let traffic = TrafficLoop::start(FrameSender::open(&lab.src, "eth0"), 100_000, |i| {
-        udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, &i.to_be_bytes())
-    });
-    let numbered = |frames: &[mirror_tests::Frame]| -> Vec<([u8; 6], u32)> {
-        frames
-            .iter()
-            .filter_map(|f| tunnelled(&f.bytes))
-            .filter(|t| Flow::of(&t.inner).dst_port == Some(6000))
-            .map(|t| {
-                let n = t.inner.len();
-                (
-                    t.outer_dst_mac,
-                    u32::from_be_bytes(t.inner[n - 4..].try_into().expect("number")),
-                )
-            })
-            .collect()
-    };
-    // 1. Copies reach the gateway's MAC address.
-    let first = on_ul0.until_nth(20, |f| tunnelled(f).is_some());
-    assert!(numbered(&first).iter().all(|(m, _)| *m == mac(COL_MAC)));
+}
 
-    // 2. The gateway's MAC address changes.
-    col.ip(&["link", "set", "eth0", "address", NEW_MAC]);
-    lab.node.ip(&[
-        "neigh",
-        "replace",
-        &COL_V4.to_string(),
-        "lladdr",
-        NEW_MAC,
-        "dev",
-        "ul0",
-        "nud",
-        "permanent",
-    ]);
-    let changed = Instant::now();
-    let seen = on_ul0.until_nth(1, |f| {
-        tunnelled(f).is_some_and(|t| t.outer_dst_mac == mac(NEW_MAC))
-    });
-    let followed = changed.elapsed();
-    println!("the new MAC address was followed after {followed:?}");
-    assert!(followed < Duration::from_secs(1), "{followed:?}");
-    let after: Vec<_> = numbered(&seen);
-    let switch = after
+/// (outer destination MAC, number in the payload) of the numbered copies among `frames`.
+fn numbered(frames: &[mirror_tests::Frame]) -> Vec<([u8; 6], u32)> {
+    frames
         .iter()
-        .position(|(m, _)| *m == mac(NEW_MAC))
-        .expect("a copy to the new MAC address");
-    let later = on_ul0.until_nth(20, |f| tunnelled(f).is_some());
-    assert!(
-        after[switch..]
-            .iter()
-            .chain(&numbered(&later))
-            .all(|(m, _)| *m == mac(NEW_MAC)),
-        "no copy to the old MAC address once the new one is used"
-    );
-
-    // 3. The route moves to ul1, whose gateway nobody has resolved yet.
-    lab.node.ip(&[
-        "route",
-        "replace",
-        &format!("{REMOTE}/32"),
-        "via",
-        "192.0.3.2",
-        "dev",
-        "ul1",
-    ]);
-    let moved = Instant::now();
-    on_ul1.until_nth(1, |f| tunnelled(f).is_some());
-    let followed = moved.elapsed();
-    println!("the moved route was followed after {followed:?}");
-    assert!(followed < Duration::from_secs(1), "{followed:?}");
-    let col_eth1 = col.ip(&["-j", "link", "show", "eth1"]);
-    let eth1_mac = col_eth1
-        .split("\"address\":\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("eth1 address")
-        .to_owned();
-    let on_new_link = on_ul1.until_nth(20, |f| tunnelled(f).is_some());
-    assert!(
-        numbered(&on_new_link)
-            .iter()
-            .all(|(m, _)| *m == mac(&eth1_mac))
-    );
-    let _ = on_ul0.drain();
-    let stray = on_ul0.drain();
-    assert!(
-        stray.iter().all(|f| tunnelled(&f.bytes).is_none()),
-        "no copy left through ul0 once the route moved"
-    );
-
-    // 4. No route: nothing is sent anywhere, the copies are counted; then it is back.
-    lab.node.ip(&["route", "del", &format!("{REMOTE}/32")]);
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = on_ul1.drain();
-    std::thread::sleep(Duration::from_millis(200));
-    let during = on_ul1.drain();
-    assert!(
-        during.iter().all(|f| tunnelled(&f.bytes).is_none()),
-        "sent without a route"
-    );
-    lab.node.ip(&[
-        "route",
-        "add",
-        &format!("{REMOTE}/32"),
-        "via",
-        "192.0.3.2",
-        "dev",
-        "ul1",
-    ]);
-    on_ul1.until_nth(5, |f| tunnelled(f).is_some());
-    let sent = traffic.finish();
-    let report = agent.stop();
-    let session = report.session("t");
-    println!("{sent} frames sent, {session:?}");
-    assert!(session.no_route > 0, "{}", report.0);
-    assert_eq!(session.clone_errors, 0, "{}", report.0);
-    assert_eq!(
-        session.matched,
-        session.mirrored + session.no_route,
-        "{}",
-        report.0
-    );
+        .filter_map(|f| tunnelled(&f.bytes))
+        .filter(|t| Flow::of(&t.inner).dst_port == Some(6000))
+        .map(|t| {
+            let n = t.inner.len();
+            (
+                t.outer_dst_mac,
+                u32::from_be_bytes(t.inner[n - 4..].try_into().expect("number")),
+            )
+        })
+        .collect()
 }

@@ -322,15 +322,18 @@ fn the_outer_source_port_follows_the_inner_flow() {
     let collector = lab.start_collector("0.0.0.0:4789", "copies.pcap");
     let tap = Capture::open(lab.col(), "tap1");
     let wire = Capture::open(lab.col(), "eth0");
+    // Both directions of each conversation: requests in at src0, replies out of src0.
     let agent = lab.start_agent(&vxlan_session(
         "t",
         "[\"src0\"]",
-        "ingress",
+        "both",
         "192.0.2.2",
         1,
-        UDP_5555,
+        &format!(
+            "{UDP_5555}[[session.rule]]\nnumber = 20\naction = \"mirror\"\nproto = \"udp\"\nsrc_port = 5555\n"
+        ),
     ));
-    let _receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5555));
+    let server = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5555));
     let flows: Vec<_> = (0..12)
         .map(|_| udp_socket(&lab.src, SocketAddr::new(SRC_V4.into(), 0)))
         .collect();
@@ -340,29 +343,41 @@ fn the_outer_source_port_follows_the_inner_flow() {
             flow.send_to(&[round; 64], (SINK_V4, 5555)).expect("send");
         }
     }
+    let mut buffer = [0u8; 64];
+    for _ in 0..flows.len() * 4 {
+        let (len, client) = server.recv_from(&mut buffer).expect("request");
+        server.send_to(&buffer[..len], client).expect("reply");
+    }
     lab.send_sentinel();
     collected_through_tap(&tap, 1);
     collector.stop();
     agent.stop();
 
-    let mut ports: BTreeMap<Option<u16>, BTreeSet<u16>> = BTreeMap::new();
+    // By the client's port: the outer source ports of the requests' and the replies' copies.
+    let mut ports: BTreeMap<Option<u16>, (usize, BTreeSet<u16>)> = BTreeMap::new();
     for vxlan in wire.drain().iter().filter_map(|f| vxlan_of(&f.bytes)) {
         if !is_sentinel(&vxlan.inner) {
-            ports
-                .entry(Flow::of(&vxlan.inner).src_port)
-                .or_default()
-                .insert(vxlan.outer_src_port);
+            let flow = Flow::of(&vxlan.inner);
+            let client = if flow.src_port == Some(5555) {
+                flow.dst_port
+            } else {
+                flow.src_port
+            };
+            let entry = ports.entry(client).or_default();
+            entry.0 += 1;
+            entry.1.insert(vxlan.outer_src_port);
         }
     }
     assert_eq!(ports.len(), flows.len(), "every flow was copied");
-    for (flow, outer) in &ports {
+    for (flow, (copies, outer)) in &ports {
+        assert_eq!(*copies, 8, "4 requests and 4 replies of {flow:?}");
         assert_eq!(
             outer.len(),
             1,
-            "flow from port {flow:?} used outer ports {outer:?}"
+            "conversation of port {flow:?} used outer ports {outer:?}"
         );
     }
-    let distinct: BTreeSet<u16> = ports.values().flatten().copied().collect();
+    let distinct: BTreeSet<u16> = ports.values().flat_map(|(_, p)| p).copied().collect();
     assert!(
         distinct.len() >= flows.len() / 2,
         "12 flows should spread over many outer ports, got {distinct:?}"

@@ -1,6 +1,10 @@
 //! What the collector takes from a received datagram or GRE packet: which tunnel stream it
 //! belongs to, its inner Ethernet frame, and its ERSPAN sequence number. Pure functions: every
-//! malformed input is a [`Refused`], never a panic.
+//! malformed input is a [`Refused`], never a panic. Of the VXLAN flags only "I" (the VNI is
+//! valid) is looked at; the others are ignored on receipt, as RFC 7348 says.
+use crate::tunnel::header::{
+    GRE_KEY, GRE_SEQUENCE, PROTOCOL_ERSPAN2, PROTOCOL_ERSPAN3, PROTOCOL_ETHERNET, VXLAN_FLAG_VNI,
+};
 
 /// A tunnel stream: the format and the identifier a sender tells its sessions apart by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,16 +78,8 @@ pub enum Refused {
 
 const ETHERNET_HEADER_LEN: usize = 14;
 const VXLAN_HEADER_LEN: usize = 8;
-/// The VXLAN "I" flag: the VNI field is valid (RFC 7348). The other flag bits are ignored on
-/// receipt, as the RFC says.
-const VXLAN_FLAG_VNI: u8 = 0x08;
 const GENEVE_HEADER_LEN: usize = 8;
-const PROTOCOL_ETHERNET: u16 = 0x6558;
-const PROTOCOL_ERSPAN2: u16 = 0x88be;
-const PROTOCOL_ERSPAN3: u16 = 0x22eb;
 const GRE_CHECKSUM: u8 = 0x80;
-const GRE_KEY: u8 = 0x20;
-const GRE_SEQUENCE: u8 = 0x10;
 const GRE_VERSION_MASK: u8 = 0x07;
 const ERSPAN2_HEADER_LEN: usize = 8;
 const ERSPAN3_HEADER_LEN: usize = 12;
@@ -290,7 +286,8 @@ mod tests {
 
     #[test]
     fn gre_and_erspan_packets() {
-        let cases: [(&[u8], Result<(Stream, Option<u32>), Refused>); 9] = [
+        type Expected = Result<(Stream, Option<u32>), Refused>;
+        let cases: [(&[u8], Expected); 9] = [
             (&[0, 0, 0x65, 0x58], Ok((Stream::Gre(None), None))),
             (
                 &[0x20, 0, 0x65, 0x58, 0, 0, 0, 5],

@@ -438,7 +438,7 @@ fn listen_gre(address: IpAddr) -> anyhow::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A large buffer (as root, beyond net.core.rmem_max), kernel timestamps, drop counts.
+/// A large buffer (as root, beyond `net.core.rmem_max`), kernel timestamps, drop counts.
 fn receive_options(fd: &OwnedFd) -> anyhow::Result<()> {
     let fd = fd.as_raw_fd();
     let buffer: libc::c_int = 16 << 20;

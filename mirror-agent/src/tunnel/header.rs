@@ -63,14 +63,14 @@ pub const IPPROTO_GRE: u8 = 47;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
 /// GRE and GENEVE protocol type of an Ethernet frame (transparent Ethernet bridging).
-const PROTOCOL_ETHERNET: u16 = 0x6558;
-const PROTOCOL_ERSPAN2: u16 = 0x88be;
-const PROTOCOL_ERSPAN3: u16 = 0x22eb;
+pub const PROTOCOL_ETHERNET: u16 = 0x6558;
+pub const PROTOCOL_ERSPAN2: u16 = 0x88be;
+pub const PROTOCOL_ERSPAN3: u16 = 0x22eb;
 /// GRE flags: a key follows, a sequence number follows.
-const GRE_KEY: u8 = 0x20;
-const GRE_SEQUENCE: u8 = 0x10;
+pub const GRE_KEY: u8 = 0x20;
+pub const GRE_SEQUENCE: u8 = 0x10;
 /// The VXLAN "I" flag: the VNI is valid.
-const VXLAN_FLAG_VNI: u8 = 0x08;
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
 /// Outer IP TTL / hop limit.
 const OUTER_TTL: u8 = 64;
 /// IPv4 flags: don't fragment (copies never are: too big ones are cut or counted).

@@ -17,7 +17,10 @@ use std::{
 
 use futures_util::TryStreamExt as _;
 use mirror_common::{SessionMeta, TARGET_INTERFACE, TARGET_RING, TARGET_TUNNEL};
-use rtnetlink::{Handle, packet_route::link::LinkAttribute};
+use rtnetlink::{
+    Handle,
+    packet_route::link::{LinkAttribute, LinkMessage},
+};
 
 use self::{
     header::{Hop, TunnelTarget},
@@ -321,16 +324,22 @@ pub fn max_tunnel_copy_len(target: &TunnelTarget) -> Result<u32, TunnelError> {
     Ok(mtu.cast_unsigned().saturating_sub(header::overhead(target)))
 }
 
-async fn link(
+/// The link with this index, if there is one.
+async fn link_by_index(
     handle: &Handle,
     ifindex: u32,
-) -> Result<rtnetlink::packet_route::link::LinkMessage, TunnelError> {
+) -> Result<Option<LinkMessage>, rtnetlink::Error> {
     handle
         .link()
         .get()
         .match_index(ifindex)
         .execute()
         .try_next()
+        .await
+}
+
+async fn link(handle: &Handle, ifindex: u32) -> Result<LinkMessage, TunnelError> {
+    link_by_index(handle, ifindex)
         .await
         .map_err(|source| TunnelError::Netlink {
             what: format!("looking up interface {ifindex}"),

@@ -42,7 +42,7 @@ pub enum NoHop {
     Netlink(String),
 }
 
-fn netlink(error: rtnetlink::Error) -> NoHop {
+fn netlink(error: &rtnetlink::Error) -> NoHop {
     NoHop::Netlink(error.to_string())
 }
 
@@ -62,7 +62,7 @@ pub async fn resolve(handle: &Handle, target: &TunnelTarget) -> Result<Hop, NoHo
         {
             return Err(NoHop::NoRoute(remote));
         }
-        Err(e) => return Err(netlink(e)),
+        Err(e) => return Err(netlink(&e)),
     };
     if route.header.kind != RouteType::Unicast {
         return Err(NoHop::NotUnicast {
@@ -82,14 +82,9 @@ pub async fn resolve(handle: &Handle, target: &TunnelTarget) -> Result<Hop, NoHo
         }
     }
     let ifindex = ifindex.ok_or(NoHop::NoRoute(remote))?;
-    let link = handle
-        .link()
-        .get()
-        .match_index(ifindex)
-        .execute()
-        .try_next()
+    let link = super::link_by_index(handle, ifindex)
         .await
-        .map_err(netlink)?
+        .map_err(|e| netlink(&e))?
         .ok_or(NoHop::NoRoute(remote))?;
     let mut interface = String::new();
     let mut source_mac = None;
@@ -143,7 +138,7 @@ async fn neighbour_mac(
         IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
     };
     let mut entries = handle.neighbours().get().execute();
-    while let Some(entry) = entries.try_next().await.map_err(netlink)? {
+    while let Some(entry) = entries.try_next().await.map_err(|e| netlink(&e))? {
         if entry.header.ifindex != ifindex
             || !entry
                 .attributes
@@ -268,11 +263,12 @@ async fn refresh(shared: &Shared, handle: &Handle, kicked: &mut HashMap<(u32, Ip
             next_hop, ifindex, ..
         }) = &hop
         {
-            let last = kicked
-                .entry((*ifindex, *next_hop))
-                .or_insert(Instant::now() - KICK_PERIOD);
-            if last.elapsed() >= KICK_PERIOD {
-                *last = Instant::now();
+            let key = (*ifindex, *next_hop);
+            if kicked
+                .get(&key)
+                .is_none_or(|at| at.elapsed() >= KICK_PERIOD)
+            {
+                kicked.insert(key, Instant::now());
                 kick(handle, *ifindex, *next_hop).await;
             }
         }

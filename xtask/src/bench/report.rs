@@ -239,7 +239,7 @@ fn tunnel_table(md: &mut String, tunnels: &[PairedRow]) -> std::fmt::Result {
     }
     writeln!(
         md,
-        "## Tunnels against tc mirred into a vxlan device (paired)\n\nEach pair is a run of `tc mirred` into a vxlan device and then a run of mirror into the format, one after the other; the ratio is of their forwarded pps.\n\n| format | frame | pairs | paired ratio (median) | min–max | copies received | program ns/pkt (mirror + copy) |\n|---|---:|---:|---:|---:|---:|---:|"
+        "## Tunnels against tc mirred into a vxlan device (paired)\n\nEach pair is a run of `tc mirred` into a vxlan device and then a run of mirror into the format, one after the other; the ratio is of their forwarded pps.\n\n| format | frame | pairs | paired ratio (median) | min–max | copies received | program ns/pkt (clone and copy program included) |\n|---|---:|---:|---:|---:|---:|---:|"
     )?;
     for row in tunnels {
         writeln!(
