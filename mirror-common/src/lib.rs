@@ -152,6 +152,10 @@ pub const COPY_EGRESS_BIT: u32 = 0x4000;
 /// The bits of a copy's mark that hold the global rule index.
 pub const COPY_RULE_MASK: u32 = MAX_RULES - 1;
 const _: () = assert!(
+    size_of::<Tunnel>() == 32 + MAX_TUNNEL_HEADER && MAX_TUNNEL_HEADER.is_multiple_of(8),
+    "Tunnel: no padding, a header of whole words"
+);
+const _: () = assert!(
     MAX_RULES.is_power_of_two()
         && COPY_RULE_MASK & (COPY_MARK_MASK | COPY_GENERATION_BIT | COPY_EGRESS_BIT) == 0
         && COPY_EGRESS_BIT & (COPY_MARK_MASK | COPY_GENERATION_BIT) == 0
@@ -357,8 +361,9 @@ pub const TUNNEL_ERSPAN3: u32 = 5;
 /// Value of `TUNNELS`: a tunnel session's underlay interface and outer header template. The copy
 /// program writes `header[..header_len]` in front of each copy (its inner frame), then fills in
 /// what differs per copy: IP length and checksum, UDP length and source port, the ERSPAN sequence
-/// number, truncation bit, timestamp and direction.
-#[repr(C)]
+/// number, truncation bit, timestamp and direction. Aligned to 8, so that the programs copy the
+/// header in words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tunnel {
     /// The interface the route to the collector leaves through; 0 while there is no route or the

@@ -3,6 +3,8 @@
 //! snaplen, a tunnel copy gets its session's outer headers (see [`encapsulate`]), and the mark is
 //! cleared. Packets that are not copies pass unchanged.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
@@ -125,23 +127,30 @@ fn encapsulate(ctx: &TcContext, session: u32, egress: bool, truncated: bool) -> 
     if header_len as usize > MAX_TUNNEL_HEADER || header_len < ETHERNET_HEADER_LEN {
         return Err(-1);
     }
-    let mut original = [0u8; ETHERNET_HEADER_LEN as usize];
-    Packet::load_bytes(ctx, 0, original.as_mut_ptr(), ETHERNET_HEADER_LEN).map_err(|()| -1)?;
+    // Written by the helper before it is read. (No zeroed arrays here: zeroing a stack array
+    // compiles to a call of a byte-wise memset in BPF.)
+    let mut original = MaybeUninit::<[u8; ETHERNET_HEADER_LEN as usize]>::uninit();
+    Packet::load_bytes(ctx, 0, original.as_mut_ptr().cast(), ETHERNET_HEADER_LEN)
+        .map_err(|()| -1)?;
+    // SAFETY: the helper filled all of it, or this returned.
+    let original = unsafe { original.assume_init() };
     let skb = ctx.skb.skb;
     let tag = ctx.tag_in_metadata();
-    // The inner Ethernet header: addresses, the tag if the kernel held one, the ethertype.
-    let mut inner = [0u8; (ETHERNET_HEADER_LEN + VLAN_TAG_LEN) as usize];
-    inner[..12].copy_from_slice(&original[..12]);
-    let tag_len = if let Some(tag) = tag {
-        inner[12..16].copy_from_slice(&tag);
-        inner[16..].copy_from_slice(&original[12..]);
-        // SAFETY: takes the tag out of the copy's metadata; it is in `inner` now.
+    // A tag the kernel held goes back into the inner frame: addresses, tag, ethertype.
+    let tagged = tag.map(|[t0, t1, t2, t3]| {
+        let o = original;
+        [
+            o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11], t0, t1, t2,
+            t3, o[12], o[13],
+        ]
+    });
+    let tag_len = if tagged.is_some() {
+        // SAFETY: takes the tag out of the copy's metadata; it is in `tagged` now.
         match unsafe { bpf_skb_vlan_pop(skb) } {
             0 => VLAN_TAG_LEN,
             error => return Err(error),
         }
     } else {
-        inner[12..14].copy_from_slice(&original[12..]);
         0
     };
     let room = header_len + tag_len;
@@ -165,17 +174,52 @@ fn encapsulate(ctx: &TcContext, session: u32, egress: bool, truncated: bool) -> 
     let scratch = HEADER_SCRATCH.get_ptr_mut(0).ok_or(-1)?;
     // SAFETY: this CPU's scratch, used by nobody else until the program ends.
     let scratch = unsafe { &mut *scratch };
-    *scratch = tunnel.header;
+    scratch.copy_from(&tunnel.header);
     // SAFETY: as above.
     let len = unsafe { (*skb).len };
-    fill_in(scratch, tunnel, hash, session, len, egress, truncated, tag);
-    store(ctx, 0, scratch.as_ptr(), header_len)?;
-    store(
-        ctx,
-        header_len,
-        inner.as_ptr(),
-        ETHERNET_HEADER_LEN + tag_len,
-    )
+    fill_in(
+        &mut scratch.0,
+        tunnel,
+        hash,
+        session,
+        len,
+        egress,
+        truncated,
+        tag,
+    );
+    store(ctx, 0, scratch.0.as_ptr(), header_len)?;
+    match &tagged {
+        Some(inner) => store(
+            ctx,
+            header_len,
+            inner.as_ptr(),
+            ETHERNET_HEADER_LEN + VLAN_TAG_LEN,
+        ),
+        None => store(ctx, header_len, original.as_ptr(), ETHERNET_HEADER_LEN),
+    }
+}
+
+/// The outer header being built (see `maps::HEADER_SCRATCH`), aligned for word copies.
+#[repr(C, align(8))]
+pub struct Scratch(pub [u8; SCRATCH_LEN]);
+
+impl Scratch {
+    /// Copies a template in, eight bytes at a time (a plain array copy compiles to a call of a
+    /// byte-wise memmove in BPF).
+    #[inline(always)]
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "both are 8-aligned: Scratch by its repr, the template at byte 32 of Tunnel (align 8)"
+    )]
+    fn copy_from(&mut self, template: &[u8; MAX_TUNNEL_HEADER]) {
+        let to = self.0.as_mut_ptr().cast::<u64>();
+        let from = template.as_ptr().cast::<u64>();
+        for word in 0..MAX_TUNNEL_HEADER / 8 {
+            // SAFETY: both hold MAX_TUNNEL_HEADER bytes (a multiple of 8) and are 8-aligned:
+            // `Scratch` by its repr, the template as a field at byte 32 of the 8-aligned `Tunnel`.
+            unsafe { to.add(word).write(from.add(word).read()) };
+        }
+    }
 }
 
 /// Writes `len` bytes from `from` into the packet at `offset`.

@@ -79,8 +79,7 @@ pub static TUNNEL_SEQUENCE: Array<u64> = Array::with_max_entries(MAX_SESSIONS, 0
 
 /// Per CPU, the outer header being built for a tunnel copy (see `copy::encapsulate`).
 #[map]
-pub static HEADER_SCRATCH: PerCpuArray<[u8; crate::copy::SCRATCH_LEN]> =
-    PerCpuArray::with_max_entries(1, 0);
+pub static HEADER_SCRATCH: PerCpuArray<crate::copy::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters by global rule index.
 #[map]
