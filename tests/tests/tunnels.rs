@@ -148,7 +148,7 @@ fn carries_the_original_frames(format: &Format, remote: IpAddr) {
     }));
     check_copies(format, &wire, expected, &data);
     check_collector(format, &summary, &data);
-    check_tshark(format, &wire);
+    check_tshark(format, &wire, &["0", "1"]);
     // The agent's side: every copy counted, none lost, and nothing of a tunnel on the node: no
     // socket that listens, no tunnel device.
     let what = format.name;
@@ -263,8 +263,9 @@ fn check_collector(format: &Format, summary: &mirror_tests::CollectorSummary, da
     }
 }
 
-/// tshark reads the outer headers as the format says.
-fn check_tshark(format: &Format, wire: &[Vec<u8>]) {
+/// tshark reads the outer headers as the format says, and ERSPAN type III's direction bits as
+/// `directions` (the distinct values seen).
+fn check_tshark(format: &Format, wire: &[Vec<u8>], directions: &[&str]) {
     let what = format.name;
     let dir = tempfile::tempdir().expect("temp dir");
     let wire_file = dir.path().join("wire.pcap");
@@ -279,14 +280,11 @@ fn check_tshark(format: &Format, wire: &[Vec<u8>]) {
         );
     }
     if what == "erspan3" {
-        let directions: BTreeSet<String> = tshark_fields(&wire_file, None, &["erspan.direction"])
+        let seen: BTreeSet<String> = tshark_fields(&wire_file, None, &["erspan.direction"])
             .into_iter()
             .collect();
-        assert_eq!(
-            directions.len(),
-            2,
-            "tshark sees both directions: {directions:?}"
-        );
+        let directions: BTreeSet<String> = directions.iter().map(|d| (*d).to_owned()).collect();
+        assert_eq!(seen, directions, "tshark's ERSPAN direction bits");
     }
 }
 
@@ -304,6 +302,72 @@ fn vxlan_gre_and_erspan_carry_the_original_frames_over_ipv6() {
         .filter(|f| ["vxlan", "gre", "erspan3"].contains(&f.name))
     {
         carries_the_original_frames(&format, COL_V6.into());
+    }
+}
+
+/// XDP sessions' copies go through the ring and the agent sends them itself (raw sockets): the
+/// same formats, byte for byte, that tshark reads the same way.
+#[test]
+fn xdp_sessions_send_every_format_from_the_agent() {
+    for format in formats(COL_V4.into())
+        .into_iter()
+        .filter(|f| f.name != "vxlan")
+    {
+        let what = format.name;
+        let lab = Lab::with_collector(&format!("x{what}"), 1600);
+        let wire = Capture::open(lab.col(), "eth0");
+        let agent = lab.start_agent(&format!(
+            "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\nhook = \"xdp\"\ntarget = {}\n{SENTINEL_RULE}{RULES}",
+            format.target
+        ));
+        let sent = Capture::open(&lab.src, "eth0");
+        let _receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V4.into(), 5555));
+        let socket = udp_socket(&lab.src, SocketAddr::new(SRC_V4.into(), 0));
+        pin_to_first_cpu();
+        for size in [20usize, 500, 1400] {
+            socket
+                .send_to(&vec![3; size], (SINK_V4, 5555))
+                .expect("send");
+        }
+        lab.send_sentinel();
+        let wire: Vec<Vec<u8>> = wire
+            .until_nth(1, |f| tunnelled(f).is_some_and(|t| is_sentinel(&t.inner)))
+            .into_iter()
+            .filter(|f| !f.outgoing && !is_mld_report(&f.bytes))
+            .map(|f| f.bytes)
+            .collect();
+        let report = agent.stop();
+        let copies: Vec<_> = wire.iter().filter_map(|f| tunnelled(f)).collect();
+        assert_eq!(
+            copies.len(),
+            wire.len(),
+            "{what}: only copies on the underlay"
+        );
+        let expected = select(&sent.drain(), |f, frame| {
+            frame.outgoing && matches!(f.dst_port, Some(5555 | 9))
+        });
+        let inner: Vec<Vec<u8>> = copies.iter().map(|c| c.inner.clone()).collect();
+        assert_eq!(
+            inner, expected,
+            "{what}: inner frames, byte for byte, in order"
+        );
+        for copy in &copies {
+            assert_eq!((copy.format, copy.id), (format.kind, format.id), "{what}");
+            assert!(copy.whole, "{what}");
+        }
+        if format.kind == "erspan" {
+            let numbers: Vec<u32> = copies.iter().filter_map(|c| c.sequence).collect();
+            assert_eq!(numbers, [0, 1, 2, 3], "{what}: numbered in order");
+        }
+        if what == "erspan3" {
+            assert!(
+                copies.iter().all(|c| c.egress == Some(false)),
+                "XDP sees received packets"
+            );
+        }
+        check_tshark(&format, &wire, &["0"]);
+        assert_eq!(report.ring("t", "failed"), 0, "{}", report.0);
+        assert_eq!(report.ring("t", "sent"), 4, "{}", report.0);
     }
 }
 
