@@ -62,8 +62,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Receive VXLAN copies (from this agent or any VXLAN source): write the inner frames to a
-    /// pcap/pcapng file and/or send them out of an interface, count them per VNI.
+    /// Receive tunnelled copies (VXLAN, GENEVE, GRE, ERSPAN; from this agent or any other
+    /// source): write the inner frames to a pcap/pcapng file and/or send them out of an
+    /// interface, count them per stream and ERSPAN's lost copies.
     Collect(collect::CollectArgs),
     /// Show what the running agent watches: sessions, targets, hooks (through its API socket).
     Status {
@@ -139,6 +140,8 @@ struct RunArgs {
 
 /// The quick form: one session with one mirror rule built from these flags (default: skip).
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("udp_tunnel").args(["to_vxlan", "to_geneve"])))]
+#[command(group(clap::ArgGroup::new("tunnel").args(["to_vxlan", "to_geneve", "to_gre", "to_erspan"])))]
 struct QuickSession {
     /// Interface name or glob to watch (repeatable).
     #[arg(long, requires = "target")]
@@ -161,14 +164,14 @@ struct QuickSession {
     #[arg(long, group = "target", requires = "iface")]
     to_erspan: Option<std::net::IpAddr>,
     /// VNI of the VXLAN or GENEVE copies (0..16777215).
-    #[arg(long, default_value = "0")]
+    #[arg(long, requires = "udp_tunnel", default_value = "0")]
     vni: Vni,
     /// Destination UDP port of the VXLAN or GENEVE copies (default: 4789 for VXLAN, 6081 for
     /// GENEVE).
-    #[arg(long, alias = "vxlan-port")]
+    #[arg(long, alias = "vxlan-port", requires = "udp_tunnel")]
     tunnel_port: Option<u16>,
     /// Source address of the tunnel's outer packets (default: the route's).
-    #[arg(long, alias = "vxlan-local")]
+    #[arg(long, alias = "vxlan-local", requires = "tunnel")]
     tunnel_local: Option<std::net::IpAddr>,
     /// GRE key of the GRE copies (none by default).
     #[arg(long, requires = "to_gre")]

@@ -150,6 +150,19 @@ fn vxlan_targets_are_checked_and_an_unreachable_collector_is_counted() {
     );
     assert_ne!(code, 0);
     assert!(stderr.contains("snaplen must be 14..65535"), "{stderr}");
+    // A tunnel flag without its tunnel: a usage error (2), before anything is made.
+    for flags in [
+        ["--to-gre", "192.0.2.2", "--vni", "5"],
+        ["--to", "mir0", "--tunnel-local", "192.0.2.1"],
+        ["--to-erspan", "192.0.2.2", "--tunnel-port", "9"],
+    ] {
+        let (code, _, stderr) = agent_command(
+            &lab.node,
+            &[&["run", "--iface", "src0"][..], &flags].concat(),
+        );
+        assert_eq!(code, 2, "{flags:?}: {stderr}");
+        assert!(stderr.contains("--to-vxlan"), "{flags:?}: {stderr}");
+    }
     // check reports the largest copy the path carries: 1500 - 36 bytes of encapsulation.
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("vx.toml");
