@@ -135,23 +135,21 @@ fn encapsulate(ctx: &TcContext, session: u32, egress: bool, truncated: bool) -> 
     // SAFETY: the helper filled all of it, or this returned.
     let original = unsafe { original.assume_init() };
     let skb = ctx.skb.skb;
-    let tag = ctx.tag_in_metadata();
-    // A tag the kernel held goes back into the inner frame: addresses, tag, ethertype.
-    let tagged = tag.map(|[t0, t1, t2, t3]| {
-        let o = original;
-        [
-            o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11], t0, t1, t2,
-            t3, o[12], o[13],
-        ]
-    });
-    let tag_len = if tagged.is_some() {
-        // SAFETY: takes the tag out of the copy's metadata; it is in `tagged` now.
-        match unsafe { bpf_skb_vlan_pop(skb) } {
-            0 => VLAN_TAG_LEN,
-            error => return Err(error),
-        }
+    // The tags the kernel holds in metadata go back into the inner frame.
+    let tags = take_tags(ctx)?;
+    let tag_len = match tags {
+        Tags::None => 0,
+        Tags::One(_) => VLAN_TAG_LEN,
+        Tags::Two(..) => 2 * VLAN_TAG_LEN,
+    };
+    // With tags taken out, the ethertype after them is at the end of the frame's header now.
+    let ethertype = if matches!(tags, Tags::None) {
+        [original[12], original[13]]
     } else {
-        0
+        let mut ethertype = MaybeUninit::<[u8; 2]>::uninit();
+        Packet::load_bytes(ctx, 12, ethertype.as_mut_ptr().cast(), 2).map_err(|()| -1)?;
+        // SAFETY: the helper filled it, or this returned.
+        unsafe { ethertype.assume_init() }
     };
     let room = header_len + tag_len;
     // The flow hash the mirror program put in the control block (see `FLOW_HASH_CB`).
@@ -177,6 +175,10 @@ fn encapsulate(ctx: &TcContext, session: u32, egress: bool, truncated: bool) -> 
     scratch.copy_from(&tunnel.header);
     // SAFETY: as above.
     let len = unsafe { (*skb).len };
+    let outer_tag = match tags {
+        Tags::None => None,
+        Tags::One(tag) | Tags::Two(tag, _) => Some(tag),
+    };
     fill_in(
         &mut scratch.0,
         tunnel,
@@ -185,18 +187,54 @@ fn encapsulate(ctx: &TcContext, session: u32, egress: bool, truncated: bool) -> 
         len,
         egress,
         truncated,
-        tag,
+        outer_tag,
     );
     store(ctx, 0, scratch.0.as_ptr(), header_len)?;
-    match &tagged {
-        Some(inner) => store(
-            ctx,
-            header_len,
-            inner.as_ptr(),
-            ETHERNET_HEADER_LEN + VLAN_TAG_LEN,
-        ),
-        None => store(ctx, header_len, original.as_ptr(), ETHERNET_HEADER_LEN),
+    // The inner Ethernet header: addresses, the tags, the ethertype after them (what follows the
+    // tags in the frame now; without tags, the header as it was).
+    match tags {
+        Tags::Two(outer, inner) => {
+            let header = tagged_header::<22>(&original, outer, Some(inner), ethertype);
+            store(ctx, header_len, header.as_ptr(), 22)
+        }
+        Tags::One(outer) => {
+            let header = tagged_header::<18>(&original, outer, None, ethertype);
+            store(ctx, header_len, header.as_ptr(), 18)
+        }
+        Tags::None => store(ctx, header_len, original.as_ptr(), ETHERNET_HEADER_LEN),
     }
+}
+
+/// An Ethernet header of `N` bytes: the addresses of `original`, the tags, the ethertype. Built
+/// from uninitialised memory (a zeroed array costs a byte-wise memset in BPF): every byte is
+/// written.
+#[inline(always)]
+fn tagged_header<const N: usize>(
+    original: &[u8; ETHERNET_HEADER_LEN as usize],
+    outer: [u8; 4],
+    inner: Option<[u8; 4]>,
+    ethertype: [u8; 2],
+) -> [u8; N] {
+    let mut header = MaybeUninit::<[u8; N]>::uninit();
+    let to = header.as_mut_ptr().cast::<u8>();
+    let mut at = 0;
+    let mut push = |bytes: &[u8]| {
+        for byte in bytes {
+            if at < N {
+                // SAFETY: `at` < N, inside `header`.
+                unsafe { to.add(at).write(*byte) };
+                at += 1;
+            }
+        }
+    };
+    push(&original[..12]);
+    push(&outer);
+    if let Some(inner) = inner {
+        push(&inner);
+    }
+    push(&ethertype);
+    // SAFETY: 12 + 4 (+ 4) + 2 bytes were written: all N of the callers' sizes.
+    unsafe { header.assume_init() }
 }
 
 /// The outer header being built (see `maps::HEADER_SCRATCH`), aligned for word copies.
@@ -219,6 +257,42 @@ impl Scratch {
             // `Scratch` by its repr, the template as a field at byte 32 of the 8-aligned `Tunnel`.
             unsafe { to.add(word).write(from.add(word).read()) };
         }
+    }
+}
+
+/// The VLAN tags taken out of a copy's metadata (TPID and TCI as on the wire), outer first.
+#[derive(Clone, Copy)]
+enum Tags {
+    None,
+    One([u8; 4]),
+    Two([u8; 4], [u8; 4]),
+}
+
+/// Takes the tags the kernel holds in metadata off the copy, so that the device does not put
+/// them on the outer frame. Popping the tag in metadata moves the next in-band tag (802.1ad
+/// double tagging) into metadata: that one is taken too. More than two tags: an error.
+#[inline(always)]
+fn take_tags(ctx: &TcContext) -> Result<Tags, i64> {
+    let Some(outer) = ctx.tag_in_metadata() else {
+        return Ok(Tags::None);
+    };
+    pop_tag(ctx)?;
+    let Some(inner) = ctx.tag_in_metadata() else {
+        return Ok(Tags::One(outer));
+    };
+    pop_tag(ctx)?;
+    if ctx.tag_in_metadata().is_some() {
+        return Err(-1);
+    }
+    Ok(Tags::Two(outer, inner))
+}
+
+#[inline(always)]
+fn pop_tag(ctx: &TcContext) -> Result<(), i64> {
+    // SAFETY: the helper takes the tag out of the metadata of the copy this program owns.
+    match unsafe { bpf_skb_vlan_pop(ctx.skb.skb) } {
+        0 => Ok(()),
+        error => Err(error),
     }
 }
 

@@ -15,7 +15,7 @@ use mirror_tests::{
     COL_MAC, COL_V4, COL_V6, Capture, Collector, Flow, FrameSender, Lab, NODE_SINK_MAC,
     NODE_SRC_MAC, NODE_UL_V4, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6,
     TrafficLoop, agent_binary, assert_same_frames, is_mld_report, is_sentinel, mac,
-    pin_to_first_cpu, select, send_tcp_stream, tcp_stream, tshark_fields, tunnelled,
+    pin_to_first_cpu, select, send_tcp_stream, tagged, tcp_stream, tshark_fields, tunnelled,
     udp_datagrams_delivered, udp_socket, udp_v4_frame, write_pcap,
 };
 
@@ -369,6 +369,66 @@ fn xdp_sessions_send_every_format_from_the_agent() {
         assert_eq!(report.ring("t", "failed"), 0, "{}", report.0);
         assert_eq!(report.ring("t", "sent"), 4, "{}", report.0);
     }
+}
+
+/// Frames the kernel took a VLAN tag out of (into metadata) keep it inside the tunnel, a second
+/// tag too, and frames that are not IP (which grow at the head, not with the encapsulation
+/// helper) are carried whole; ERSPAN II says which VLAN a copy came from.
+#[test]
+fn tags_and_non_ip_frames_stay_whole_inside_the_tunnel() {
+    let lab = Lab::with_collector("ttags", 1600);
+    let wire = Capture::open(lab.col(), "eth0");
+    let agent = lab.start_agent(&format!(
+        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ erspan = {{ remote = \"{COL_V4}\", session_id = 9 }} }}\n{SENTINEL_RULE}\
+         [[session.rule]]\nnumber = 10\naction = \"mirror\"\nethertype = \"arp\"\n\
+         [[session.rule]]\nnumber = 20\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n"
+    ));
+    let udp = udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5555, &[5; 100]);
+    // ARP request for 10.10.1.1 from the source (an ethertype rule matches it).
+    let mut arp = mac("ff:ff:ff:ff:ff:ff").to_vec();
+    arp.extend_from_slice(&mac(SRC_MAC));
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&mac(SRC_MAC));
+    arp.extend_from_slice(&SRC_V4.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&[10, 10, 1, 1]);
+    arp.resize(60, 0);
+    let frames = [
+        tagged(&udp, &[(0x8100, 100)]),
+        tagged(&udp, &[(0x88a8, 200), (0x8100, 300)]),
+        arp,
+        udp.clone(),
+    ];
+    let sender = FrameSender::open(&lab.src, "eth0");
+    for frame in &frames {
+        sender.send(frame);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let wire: Vec<Vec<u8>> = wire
+        .until_nth(1, |f| tunnelled(f).is_some_and(|t| is_sentinel(&t.inner)))
+        .into_iter()
+        .filter(|f| !f.outgoing && !is_mld_report(&f.bytes))
+        .map(|f| f.bytes)
+        .collect();
+    let report = agent.stop();
+    let inner: Vec<Vec<u8>> = wire
+        .iter()
+        .filter_map(|f| tunnelled(f))
+        .map(|t| t.inner)
+        .filter(|f| !is_sentinel(f))
+        .collect();
+    assert_eq!(inner, frames, "tags and ARP, byte for byte, in order");
+    assert_eq!(report.hook("copy", "copy_errors"), 0, "{}", report.0);
+    // ERSPAN II: the VLAN of the tag the kernel held (the outer one), and "tag kept in the frame".
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("wire.pcap");
+    write_pcap(&file, &wire);
+    let fields = tshark_fields(&file, None, &["erspan.vlan", "erspan.encap"]);
+    assert_eq!(
+        fields[..4],
+        ["100\t3", "200\t3", "0\t0", "0\t0"],
+        "{fields:?}"
+    );
 }
 
 /// Copies over IPv6 carry a zero UDP checksum (RFC 6935, RFC 6936): a stock Linux VXLAN device
