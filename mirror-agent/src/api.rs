@@ -341,15 +341,6 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The applied configuration, for the final report.
-    pub fn into_applied(self: Arc<Self>) -> anyhow::Result<Applied> {
-        Ok(Arc::try_unwrap(self)
-            .map_err(|_| anyhow::anyhow!("the API still holds the datapath"))?
-            .applied
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
-
     /// Every counter: see [`Applied::stats`].
     pub fn stats(&self) -> anyhow::Result<Stats> {
         self.applied().stats()

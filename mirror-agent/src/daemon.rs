@@ -57,6 +57,9 @@ pub async fn run(loaded: &LoadedConfig, plan: Plan, options: Options) -> anyhow:
     result
 }
 
+/// How long a stop waits for the API's connections to finish before it cuts them off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// What the agent applies now, next to what the API shares.
 struct Daemon<'a> {
     options: &'a Options,
@@ -176,11 +179,20 @@ async fn serve(
         }
     }
     let _ = stop.send(true);
-    for server in servers {
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("{e:#}"),
-            Err(e) => tracing::warn!("API task: {e}"),
+    // The servers finish the requests under way; a client that holds a request open (or never
+    // finishes sending it) is cut off at the deadline, so that a stop never waits on a client.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for mut server in servers {
+        match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("{e:#}"),
+            Ok(Err(e)) => tracing::warn!("API task: {e}"),
+            Err(_) => {
+                server.abort();
+                tracing::warn!(
+                    "an API connection was still open {SHUTDOWN_GRACE:?} after the stop: cut off"
+                );
+            }
         }
     }
     daemon.finish().await
@@ -500,13 +512,25 @@ impl Daemon<'_> {
         } = self;
         // No pod changes are followed any more.
         drop(pods);
-        let mut applied = shared.into_applied()?;
         // Detached first (or left pinned), then the drain sends what the ring still holds: the
-        // counters in the report are final.
-        applied.datapath.stop();
-        let emitted = applied.drain.take().map(Drain::finish);
+        // counters in the report are final. (A client cut off at the stop may still hold the
+        // shared state for a moment: it is used through its lock, not taken.)
+        let (emitted, interfaces) = {
+            let mut applied = shared.applied();
+            applied.datapath.stop();
+            let emitted = applied.drain.take().map(Drain::finish);
+            let mut interfaces = target_interfaces(&plan);
+            interfaces.extend(applied.tunnels.interfaces());
+            interfaces.sort();
+            interfaces.dedup();
+            (emitted, interfaces)
+        };
         let closed = files.close_unused(None).context("closing capture files");
-        let report = report(&applied, emitted.as_deref(), &plan).await;
+        let mut losses = Vec::with_capacity(interfaces.len());
+        for (name, ifindex) in interfaces {
+            losses.push((name, tunnel::tx_losses(ifindex).await?));
+        }
+        let report = report(&shared.applied(), emitted.as_deref(), &losses);
         closed?;
         if let Some(dir) = &options.pin_dir {
             println!(
@@ -621,10 +645,10 @@ fn target_interfaces(plan: &Plan) -> Vec<(String, u32)> {
 /// The final counters as a table: one line per rule, then one per session, per hook, per tunnel
 /// (the hop its copies took last) and per target interface and underlay (copies the kernel lost
 /// after they left the programs).
-async fn report(
+fn report(
     applied: &Applied,
     emitted: Option<&[(u64, u64)]>,
-    plan: &Plan,
+    losses: &[(String, (u64, u64))],
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let stats = applied.stats()?;
@@ -704,12 +728,7 @@ async fn report(
             Err(why) => writeln!(out, "tunnel   {session:<16} {target}: {why}"),
         };
     }
-    let mut interfaces = target_interfaces(plan);
-    interfaces.extend(applied.tunnels.interfaces());
-    interfaces.sort();
-    interfaces.dedup();
-    for (name, ifindex) in &interfaces {
-        let (dropped, errors) = tunnel::tx_losses(*ifindex).await?;
+    for (name, (dropped, errors)) in losses {
         let _ = writeln!(
             out,
             "target   {name:<16} tx_dropped={dropped} tx_errors={errors}"

@@ -555,6 +555,28 @@ impl Agent {
     }
 
     /// Sends `signal`, waits for a clean exit, and returns the counter report it printed.
+    /// Sends `signal` and waits at most `limit` for the agent to exit (killing it and failing the
+    /// test past that); the report and how long the exit took.
+    pub fn stop_within(mut self, signal: i32, limit: Duration) -> (Report, Duration) {
+        let started = Instant::now();
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), signal) };
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait agent") {
+                let took = started.elapsed();
+                let mut report = String::new();
+                std::io::Read::read_to_string(&mut self.stdout, &mut report).expect("report");
+                assert!(status.success(), "agent exited with {status}: {report}");
+                return (Report(report), took);
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("the agent did not exit within {limit:?} of signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn stop_with(mut self, signal: i32) -> Report {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), signal) };

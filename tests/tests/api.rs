@@ -185,3 +185,29 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
     assert_ne!(code, 0);
     assert!(stderr.contains("is the agent running?"), "{stderr}");
 }
+
+/// A client that sends half a request and waits does not hold the agent up: SIGTERM ends it
+/// within seconds (the connection is cut after the grace period), with its report.
+#[test]
+fn a_half_sent_request_does_not_hold_up_a_stop() {
+    let lab = Lab::new("apihalf");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let metrics: SocketAddr = "127.0.0.1:9464".parse().expect("address");
+    let agent = lab.start_agent(&format!(
+        "api_socket = \"{}\"\nmetrics_address = \"{metrics}\"\n{}",
+        socket.to_str().expect("utf-8"),
+        session_config("[\"src0\"]", "ingress", "")
+    ));
+    let half = b"GET /status HTTP/1.1\r\nHost: x\r\n";
+    let mut on_socket = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    on_socket.write_all(half).expect("half a request");
+    let mut on_tcp = lab
+        .node
+        .enter(move || TcpStream::connect(metrics).expect("connect to the metrics address"));
+    on_tcp.write_all(half).expect("half a request");
+    let (report, took) = agent.stop_within(libc::SIGTERM, std::time::Duration::from_secs(5));
+    println!("stopped {took:?} after SIGTERM");
+    assert!(report.0.contains("session"), "{}", report.0);
+    assert!(!socket.exists(), "the socket is removed");
+}
