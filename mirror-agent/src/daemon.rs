@@ -57,6 +57,26 @@ pub async fn run(loaded: &LoadedConfig, plan: Plan, options: Options) -> anyhow:
     result
 }
 
+/// Waits for the API servers to finish the requests under way; a client that holds a request
+/// open (or never finishes sending it) is cut off at the deadline, so that a stop never waits
+/// on a client.
+async fn stop_servers(servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) {
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for mut server in servers {
+        match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("{e:#}"),
+            Ok(Err(e)) => tracing::warn!("API task: {e}"),
+            Err(_) => {
+                server.abort();
+                tracing::warn!(
+                    "an API connection was still open {SHUTDOWN_GRACE:?} after the stop: cut off"
+                );
+            }
+        }
+    }
+}
+
 /// How long a stop waits for the API's connections to finish before it cuts them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -179,22 +199,7 @@ async fn serve(
         }
     }
     let _ = stop.send(true);
-    // The servers finish the requests under way; a client that holds a request open (or never
-    // finishes sending it) is cut off at the deadline, so that a stop never waits on a client.
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    for mut server in servers {
-        match tokio::time::timeout_at(deadline, &mut server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!("{e:#}"),
-            Ok(Err(e)) => tracing::warn!("API task: {e}"),
-            Err(_) => {
-                server.abort();
-                tracing::warn!(
-                    "an API connection was still open {SHUTDOWN_GRACE:?} after the stop: cut off"
-                );
-            }
-        }
-    }
+    stop_servers(servers).await;
     daemon.finish().await
 }
 
