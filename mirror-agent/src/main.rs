@@ -95,8 +95,8 @@ enum Command {
         /// Refresh every --interval seconds until interrupted (or --count readings).
         #[arg(long)]
         watch: bool,
-        /// Seconds between refreshes with --watch (at least 0.1).
-        #[arg(long, default_value_t = 1.0)]
+        /// Seconds between refreshes with --watch, 0.1 to 3600.
+        #[arg(long, default_value_t = 1.0, value_parser = refresh_interval)]
         interval: f64,
         /// With --watch: stop after this many readings.
         #[arg(long, requires = "watch")]
@@ -516,7 +516,7 @@ async fn stream_stats(
 ) -> anyhow::Result<()> {
     let path = format!(
         "/stats/stream?interval_ms={}",
-        Duration::from_secs_f64(interval.max(0.1)).as_millis()
+        Duration::from_secs_f64(interval).as_millis()
     );
     let mut seen = 0;
     api::stream_from(socket, &path, |line| {
@@ -525,6 +525,14 @@ async fn stream_stats(
         count.is_none_or(|n| seen < n)
     })
     .await
+}
+
+/// `--interval`: seconds, 0.1 to an hour (a period a `Duration` holds; NaN and infinities refused).
+fn refresh_interval(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| (0.1..=3600.0).contains(seconds))
+        .ok_or_else(|| format!("`{text}` is not a number of seconds from 0.1 to 3600"))
 }
 
 /// `mirror-agent stats`: one table, or with `watch` one every `interval` seconds with rates.
@@ -550,7 +558,7 @@ async fn show_stats(
     if !watch {
         return Ok(());
     }
-    let period = Duration::from_secs_f64(interval.max(0.1));
+    let period = Duration::from_secs_f64(interval);
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut shown = 1;
     while count.is_none_or(|n| shown < n) {
@@ -608,4 +616,16 @@ fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) ->
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn refresh_intervals_are_bounded() {
+        assert_eq!(super::refresh_interval("0.2"), Ok(0.2));
+        assert_eq!(super::refresh_interval("3600"), Ok(3600.0));
+        for bad in ["1e300", "0.01", "-1", "NaN", "inf", "soon"] {
+            assert!(super::refresh_interval(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -78,8 +78,9 @@ pub fn finish(ctx: &TcContext) -> Outcome {
         }
     });
     if finished.is_err() {
+        // The rule's and session's count is the mirror program's: a copy dropped here makes its
+        // `bpf_clone_redirect` fail, which it counts as a clone error (once).
         count::hook_at(COPY_HOOK, |c| &mut c.copy_errors);
-        count::clone_error(rule, session_index);
         return Outcome::Failed;
     }
     // The mark only named the rule: the underlay and the collector must not see it.

@@ -325,3 +325,30 @@ fn a_byte_limit_and_the_node_budget_hold_across_sessions() {
         "at least a burst"
     );
 }
+
+/// A copy the kernel cannot cut to the snaplen (inside its headers: an IPv6 copy cut to 40 bytes)
+/// is dropped, counted once as a clone error of its rule and session (and once at the copy
+/// hook), never as sent.
+#[test]
+fn a_copy_that_cannot_be_cut_is_counted_once() {
+    let lab = Lab::new("snapfail");
+    let copies = Capture::open(&lab.mon, "eth0");
+    let agent = lab.start_agent(&controlled(TO_MIR0, "snaplen = 40"));
+    let _receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V6.into(), 5555));
+    let sender = udp_socket(&lab.src, SocketAddr::new(SRC_V6.into(), 0));
+    pin_to_first_cpu();
+    sender.send_to(&[1; 100], (SINK_V6, 5555)).expect("send");
+    let (frames, report) = copies_and_report(&lab, &copies, agent);
+    assert!(frames.is_empty(), "{} copies", frames.len());
+    assert_eq!(
+        report.rule("ctl", "10"),
+        Counts {
+            matched: 1,
+            clone_errors: 1,
+            ..Counts::default()
+        },
+        "{}",
+        report.0
+    );
+    assert_eq!(report.hook("copy", "copy_errors"), 1);
+}
