@@ -765,9 +765,26 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         anyhow::bail!("{} is in use: is another agent running?", path.display());
     }
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("listening on {}", path.display()))?;
+    // Only a stale socket (an agent that was killed) is removed; anything else at the path (a
+    // file, a directory, a link someone planted) is left alone and refused.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket: not replacing it (remove it, or choose another --api-socket)",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    // Created root-only: at no moment can another user connect before the mode is set.
+    // SAFETY: umask only swaps the process's file mode mask; no other thread creates files yet.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring it.
+    unsafe { libc::umask(previous) };
+    let listener = bound.with_context(|| format!("listening on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)

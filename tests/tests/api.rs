@@ -211,3 +211,34 @@ fn a_half_sent_request_does_not_hold_up_a_stop() {
     assert!(report.0.contains("session"), "{}", report.0);
     assert!(!socket.exists(), "the socket is removed");
 }
+
+/// Something at the API socket's path that is not a socket (a file someone left or planted) is
+/// refused and left as it was: only a stale socket is replaced.
+#[test]
+fn a_file_at_the_socket_path_is_left_alone() {
+    let lab = Lab::new("apifile");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("agent.sock");
+    std::fs::write(&path, b"not a socket").expect("write");
+    let path_arg = path.to_str().expect("utf-8");
+    let (code, _, stderr) = agent_command(
+        &lab.node,
+        &[
+            "run",
+            "--iface",
+            "src0",
+            "--to",
+            "mir0",
+            "--api-socket",
+            path_arg,
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&path).expect("still there"), b"not a socket");
+    assert_eq!(
+        mirror_tests::tcx_programs(&lab.node, "src0"),
+        [Vec::<String>::new(), Vec::new()],
+        "nothing attached"
+    );
+}
