@@ -597,6 +597,39 @@ fn the_collector_counts_erspan_sequence_gaps() {
     assert_eq!(summary.dropped("filtered"), 1, "{}", summary.text);
 }
 
+/// `collect --allow` takes copies only from the senders named: a datagram from anyone else is
+/// counted and never reaches the file or the tap.
+#[test]
+fn the_collector_takes_copies_only_from_allowed_senders() {
+    let lab = Lab::with_collector("tallow", 1500);
+    let collector = Collector::start(
+        lab.col(),
+        &agent_binary(),
+        "0.0.0.0:4789",
+        "copies.pcap",
+        &["--allow", &format!("{NODE_UL_V4}/32"), "--tap", "tap0"],
+    );
+    let tap = Capture::open(lab.col(), "tap1");
+    let datagram = |port: u16| {
+        let mut d = vec![0x08, 0, 0, 0, 0, 0, 7, 0];
+        d.extend_from_slice(&udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, b"copy"));
+        d
+    };
+    let stranger = udp_socket(lab.col(), SocketAddr::new(COL_V4.into(), 0));
+    stranger
+        .send_to(&datagram(6666), (COL_V4, 4789))
+        .expect("send");
+    let node = udp_socket(&lab.node, SocketAddr::new(NODE_UL_V4.into(), 0));
+    node.send_to(&datagram(5555), (COL_V4, 4789)).expect("send");
+    node.send_to(&datagram(9), (COL_V4, 4789)).expect("send");
+    let tapped = tap.until_nth(1, is_sentinel);
+    let summary = collector.stop();
+    let ports: Vec<Option<u16>> = tapped.iter().map(|f| Flow::of(&f.bytes).dst_port).collect();
+    assert_eq!(ports, [Some(5555), Some(9)], "only the node's copies");
+    assert_eq!(summary.stream_frames("vxlan:7"), 2, "{}", summary.text);
+    assert_eq!(summary.dropped("not_allowed"), 1, "{}", summary.text);
+}
+
 fn raw_gre_socket() -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd as _;
     // SAFETY: plain socket(2), checked below.

@@ -46,6 +46,10 @@ pub struct CollectArgs {
     /// or `::` for any of one family; a raw IP protocol 47 socket). Repeatable.
     #[arg(long)]
     gre: Vec<IpAddr>,
+    /// Take copies only from senders in this prefix (repeatable: `10.0.0.0/8`, `fd00::/8`, or an
+    /// address); others are counted as `not_allowed` and dropped. Without it, every sender.
+    #[arg(long)]
+    allow: Vec<crate::config::Cidr>,
     /// Keep only this VNI of VXLAN and GENEVE (repeatable); others are counted and dropped.
     #[arg(long)]
     vni: Vec<Vni>,
@@ -103,6 +107,7 @@ struct Counts {
     short: u64,
     bad_flags: u64,
     filtered: u64,
+    not_allowed: u64,
     too_many_streams: u64,
     socket_drops: u64,
     tap_errors: u64,
@@ -126,10 +131,11 @@ impl Counts {
         }
         let _ = writeln!(
             out,
-            "dropped          short={} bad_flags={} filtered={} too_many_streams={} socket_drops={} tap_errors={}",
+            "dropped          short={} bad_flags={} filtered={} not_allowed={} too_many_streams={} socket_drops={} tap_errors={}",
             self.short,
             self.bad_flags,
             self.filtered,
+            self.not_allowed,
             self.too_many_streams,
             self.socket_drops,
             self.tap_errors
@@ -203,6 +209,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let receiver = {
         let stop = stop.clone();
         let options = LoopOptions {
+            allow: args.allow.iter().map(|c| c.0).collect(),
             filters: Filters {
                 vni: args.vni.iter().map(|v| v.0).collect(),
                 key: args.key.iter().copied().collect(),
@@ -233,6 +240,8 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
 
 struct LoopOptions {
     filters: Filters,
+    /// Senders taken (empty: all).
+    allow: Vec<ipnet::IpNet>,
     stats_interval: Duration,
     count: Option<u64>,
 }
@@ -279,6 +288,14 @@ fn receive(
             if let Some(dropped) = datagram.socket_drops {
                 drops[index] = dropped;
                 counts.socket_drops = drops.iter().map(|d| u64::from(*d)).sum();
+            }
+            if !options.allow.is_empty()
+                && !datagram
+                    .sender
+                    .is_some_and(|sender| options.allow.iter().any(|net| net.contains(&sender)))
+            {
+                counts.not_allowed += 1;
+                continue;
             }
             let packet = &buffer[..datagram.len];
             let decoded = match kind {
@@ -470,19 +487,42 @@ fn setsockopt(fd: RawFd, level: i32, name: i32, value: libc::c_int) -> io::Resul
 
 struct Datagram {
     len: usize,
+    /// Who sent it (IPv4-mapped IPv6 senders of a dual-stack socket as IPv4).
+    sender: Option<IpAddr>,
     timestamp: Duration,
     /// The socket's cumulative drop count, when the kernel reported it with this datagram.
     socket_drops: Option<u32>,
 }
 
+/// The address in a `sockaddr_storage` recvmsg filled in.
+fn sender_of(from: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match libc::c_int::from(from.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in, which the storage is large enough for.
+            let v4 = unsafe { &*(&raw const *from).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, a sockaddr_in6.
+            let v6 = unsafe { &*(&raw const *from).cast::<libc::sockaddr_in6>() };
+            Some(std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr).to_canonical())
+        }
+        _ => None,
+    }
+}
+
 fn receive_one(socket: RawFd, buffer: &mut [u8]) -> io::Result<Datagram> {
     let mut control = [0u64; 16];
+    // SAFETY: an all-zero sockaddr_storage is valid; recvmsg fills it in.
+    let mut from: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
     let mut iov = libc::iovec {
         iov_base: buffer.as_mut_ptr().cast(),
         iov_len: buffer.len(),
     };
     // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
     let mut message: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    message.msg_name = (&raw mut from).cast();
+    message.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     message.msg_iov = &raw mut iov;
     message.msg_iovlen = 1;
     message.msg_control = control.as_mut_ptr().cast();
@@ -492,6 +532,7 @@ fn receive_one(socket: RawFd, buffer: &mut [u8]) -> io::Result<Datagram> {
     let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
     let mut datagram = Datagram {
         len,
+        sender: sender_of(&from),
         timestamp: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
