@@ -65,7 +65,7 @@ enum Command {
     /// Receive tunnelled copies (VXLAN, GENEVE, GRE, ERSPAN; from this agent or any other
     /// source): write the inner frames to a pcap/pcapng file and/or send them out of an
     /// interface, count them per stream and ERSPAN's lost copies.
-    Collect(collect::CollectArgs),
+    Collect(Box<collect::CollectArgs>),
     /// Show what the running agent watches: sessions, targets, hooks (through its API socket).
     Status {
         /// The running agent's API socket.
@@ -347,7 +347,7 @@ fn main() -> anyhow::Result<()> {
             let plan = plan(&loaded)?;
             runtime()?.block_on(daemon::run(&loaded, plan, options))
         }
-        Command::Collect(args) => runtime()?.block_on(collect::run(args)),
+        Command::Collect(args) => runtime()?.block_on(collect::run(*args)),
         Command::Reload { api_socket } => runtime()?.block_on(async {
             let answer = api::post_to(&api_socket, "/reload").await?;
             let generation: serde_json::Value =
