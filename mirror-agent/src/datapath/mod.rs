@@ -1,6 +1,8 @@
 //! The kernel side seen from userspace: loads the eBPF object, fills the lookup maps from a
 //! [`Plan`], attaches the TC programs and reads the counters. Everything it attached is detached
 //! when the [`Datapath`] is dropped, and a failure part-way drops what was done so far.
+mod pins;
+
 use std::{
     ffi::CStr,
     path::{Path, PathBuf},
@@ -28,6 +30,7 @@ use mirror_common::{
     VLAN_BITMAP_MAP, XDP_PROGRAM,
 };
 
+use self::pins::{GENERATION_MARK, on_bpffs, parse_pin_name, pin_name, pinned_generations};
 use crate::rules::{Interface, Plan};
 
 /// Where a program is attached.
@@ -129,10 +132,6 @@ pub struct TakeOverFailed {
 /// Entries of `RULE_BITMAPS` kept for interfaces that appear after the start (one per distinct
 /// set of sessions watching them).
 const SPARE_BITMAPS: u32 = 64;
-
-/// In a pin directory, the name of the (empty) directory that records the generation of the
-/// programs attached through its links: `generation-N`.
-const GENERATION_MARK: &str = "generation-";
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -829,61 +828,6 @@ fn release(links: Vec<Attached>) {
             let _ = std::fs::remove_file(pin);
         }
         drop(attached);
-    }
-}
-
-/// A link's pin: `ingress-<interface>`, `egress-<interface>`, `xdp-<interface>` (a reload
-/// switches these links in place), `copy<generation>-<interface>` (old and new copy programs are attached side by side
-/// while a reload switches). Interface names hold no `/`.
-fn pin_name(hook: Hook, interface: &str, generation: u64) -> String {
-    match hook {
-        Hook::Mirror(Direction::Ingress) => format!("ingress-{interface}"),
-        Hook::Mirror(Direction::Egress) => format!("egress-{interface}"),
-        Hook::Mirror(Direction::XdpIngress) => format!("xdp-{interface}"),
-        Hook::Copy => format!("copy{generation}-{interface}"),
-    }
-}
-
-fn parse_pin_name(name: &str) -> Option<(Hook, &str)> {
-    let (hook, interface) = name.split_once('-')?;
-    let hook = match hook {
-        "ingress" => Hook::Mirror(Direction::Ingress),
-        "egress" => Hook::Mirror(Direction::Egress),
-        "xdp" => Hook::Mirror(Direction::XdpIngress),
-        copy if copy
-            .strip_prefix("copy")
-            .is_some_and(|g| g.parse::<u64>().is_ok()) =>
-        {
-            Hook::Copy
-        }
-        _ => return None,
-    };
-    Some((hook, interface))
-}
-
-/// The generation marks in a pin directory (see [`GENERATION_MARK`]).
-fn pinned_generations(dir: &Path) -> Vec<(u64, PathBuf)> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name();
-            let generation = name.to_str()?.strip_prefix(GENERATION_MARK)?.parse().ok()?;
-            Some((generation, entry.path()))
-        })
-        .collect()
-}
-
-fn on_bpffs(dir: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into a zeroed struct we own.
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && stat.f_type == BPF_FS_MAGIC
     }
 }
 
