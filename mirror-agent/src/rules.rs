@@ -200,7 +200,19 @@ pub fn plan(
         )?);
     }
     let guards = tunnel_guards(&sessions);
+    // Counted before any rule is looked at: an oversized file is refused at once.
+    let count = config
+        .sessions
+        .iter()
+        .map(|s| s.get_ref().rules.len() + 1 + guards.len())
+        .sum::<usize>();
+    if count > MAX_RULES as usize {
+        return Err(loaded.file_error(format!(
+            "{count} rules (counting one default rule per session and the tunnel guards) exceed the limit of {MAX_RULES}"
+        )));
+    }
     let mut rules = Vec::new();
+    let mut shadows = Shadows::default();
     for (index, spanned) in config.sessions.iter().enumerate() {
         rules.extend(guards.iter().map(|guard| Rule {
             session: index,
@@ -210,16 +222,11 @@ pub fn plan(
             loaded,
             index,
             spanned.get_ref(),
-            &mut warnings,
+            &mut shadows,
         )?);
     }
+    warnings.extend(shadows.into_warnings());
     refuse_watched_targets(loaded, &sessions)?;
-    if rules.len() > MAX_RULES as usize {
-        return Err(loaded.file_error(format!(
-            "{} rules (counting one default rule per session) exceed the limit of {MAX_RULES}",
-            rules.len()
-        )));
-    }
     let tables = compile(&sessions, &rules);
     let node_rate = match &config.node_rate_limit {
         Some(limit) => rate_limit(loaded, limit)?,
@@ -625,12 +632,76 @@ fn rate_limit(
     Ok(out)
 }
 
+/// Warnings about rules that earlier rules hide, within bounds: every rule is compared with the
+/// earlier rules of its session until [`Shadows::PAIR_BUDGET`] comparisons are spent, and the
+/// first [`Shadows::SHOWN`] warnings are kept, the rest counted.
+#[derive(Debug, Default)]
+struct Shadows {
+    shown: Vec<String>,
+    more: usize,
+    pairs: usize,
+    /// Rules not compared once the budget was spent.
+    unchecked: usize,
+}
+
+impl Shadows {
+    /// Comparisons for all sessions together: about 2,800 rules in one session compared pairwise,
+    /// a few tens of milliseconds.
+    const PAIR_BUDGET: usize = 4_000_000;
+    const SHOWN: usize = 20;
+
+    /// Compares `rule` with the `earlier` rules of its session.
+    fn check(
+        &mut self,
+        loaded: &LoadedConfig,
+        span: std::ops::Range<usize>,
+        earlier: &[Rule],
+        rule: &Rule,
+        session: &str,
+    ) {
+        if self.pairs + earlier.len() > Self::PAIR_BUDGET {
+            self.unchecked += 1;
+            return;
+        }
+        self.pairs += earlier.len();
+        for earlier in earlier {
+            let Some(warning) = shadowing(earlier, rule, session) else {
+                continue;
+            };
+            if self.shown.len() < Self::SHOWN {
+                self.shown
+                    .push(format!("{}: {warning}", loaded.location(span.clone())));
+            } else {
+                self.more += 1;
+            }
+        }
+    }
+
+    fn into_warnings(mut self) -> Vec<String> {
+        if self.more > 0 {
+            self.shown.push(format!(
+                "{} more warning(s) about unreachable or partly hidden rules (the first {} are shown above)",
+                self.more,
+                Self::SHOWN
+            ));
+        }
+        if self.unchecked > 0 {
+            self.shown.push(format!(
+                "{} rule(s) were not checked for rules that hide them (the check stops after {} comparisons)",
+                self.unchecked,
+                Self::PAIR_BUDGET
+            ));
+        }
+        self.shown
+    }
+}
+
 /// The session's rules in number order, then its default rule; warns about hidden rules.
 fn session_rules(
     loaded: &LoadedConfig,
     index: usize,
     session: &SessionConfig,
-    warnings: &mut Vec<String>,
+    shadows: &mut Shadows,
 ) -> Result<Vec<Rule>, ConfigError> {
     let name = session.name.get_ref();
     let mut ordered: Vec<_> = session.rules.iter().collect();
@@ -651,14 +722,7 @@ fn session_rules(
     for spanned_rule in ordered {
         let rule = validate_rule(index, spanned_rule.get_ref())
             .map_err(|message| loaded.error(spanned_rule.span(), message))?;
-        for earlier in &rules {
-            if let Some(warning) = shadowing(earlier, &rule, name) {
-                warnings.push(format!(
-                    "{}: {warning}",
-                    loaded.location(spanned_rule.span())
-                ));
-            }
-        }
+        shadows.check(loaded, spanned_rule.span(), &rules, &rule, name);
         rules.push(rule);
     }
     rules.push(Rule {
@@ -1870,6 +1934,76 @@ mod tests {
         assert!(
             plan.warnings[2].starts_with("t.toml:14:")
                 && plan.warnings[2].contains("rule 3 of session `a` partly overlaps rule 1")
+        );
+    }
+
+    fn numbered_rules(count: usize, rule: &str) -> String {
+        let mut text =
+            format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n");
+        for number in 1..=count {
+            write!(text, "[[session.rule]]\nnumber = {number}\n{rule}").expect("to a String");
+        }
+        text
+    }
+
+    #[test]
+    fn hidden_rule_warnings_are_capped_and_summarised() {
+        let text = numbered_rules(1000, "action = \"mirror\"\nproto = \"tcp\"\n");
+        let plan = plan(&load(&text), &interfaces()).expect("valid");
+        // Each of the 999 later rules is hidden by every earlier one: 499,500 pairs.
+        assert_eq!(
+            plan.warnings.len(),
+            Shadows::SHOWN + 1,
+            "{:#?}",
+            plan.warnings
+        );
+        assert_eq!(
+            plan.warnings[Shadows::SHOWN],
+            format!(
+                "{} more warning(s) about unreachable or partly hidden rules (the first {} are shown above)",
+                499_500 - Shadows::SHOWN,
+                Shadows::SHOWN
+            )
+        );
+    }
+
+    #[test]
+    fn hidden_rule_checks_stop_at_their_budget() {
+        // Distinct rules: nothing hidden, but every pair compared until the budget is spent.
+        let mut text =
+            format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n");
+        let count = 3000;
+        for number in 1..=count {
+            write!(text, "[[session.rule]]\nnumber = {number}\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {number}\n")
+                .expect("to a String");
+        }
+        let plan = plan(&load(&text), &interfaces()).expect("valid");
+        // Rule n is compared with n - 1 earlier ones: the budget lasts while n(n-1)/2 fits.
+        let checked = (1..=count)
+            .take_while(|n| n * (n - 1) / 2 <= Shadows::PAIR_BUDGET)
+            .count();
+        assert_eq!(
+            plan.warnings,
+            [format!(
+                "{} rule(s) were not checked for rules that hide them (the check stops after {} comparisons)",
+                count - checked,
+                Shadows::PAIR_BUDGET
+            )]
+        );
+    }
+
+    #[test]
+    fn the_rule_count_is_checked_before_any_rule() {
+        // Too many rules, the last of them invalid: the count is what is reported.
+        let mut text = numbered_rules(MAX_RULES as usize, "action = \"mirror\"\n");
+        text.push_str("[[session.rule]]\nnumber = 0\naction = \"mirror\"\nsrc_port = 1\n");
+        let error = plan(&load(&text), &interfaces())
+            .expect_err("too many")
+            .to_string();
+        assert!(
+            error.contains(&format!("{} rules", MAX_RULES + 2))
+                && error.contains(&format!("exceed the limit of {MAX_RULES}")),
+            "{error}"
         );
     }
 }
