@@ -46,6 +46,11 @@ pub struct Config {
     pub api_socket: Option<std::path::PathBuf>,
     /// Where to serve Prometheus `/metrics`, `/healthz` and `/readyz` (none by default).
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Whether the metrics address serves the read-only JSON routes too (`/status`, `/stats`,
+    /// `/stats/stream`): they name pods, addresses, interfaces and collectors, and ask for no
+    /// credentials, so they are off unless asked for.
+    #[serde(default)]
+    pub metrics_json_routes: bool,
     /// Pinned mode: a bpffs directory where programs and links outlive the agent (none by
     /// default: everything is detached on exit).
     pub pin_dir: Option<std::path::PathBuf>,

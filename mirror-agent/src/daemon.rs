@@ -33,6 +33,8 @@ pub struct Options {
     pub socket: PathBuf,
     /// Where Prometheus `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Whether the metrics address serves the read-only JSON routes too.
+    pub metrics_json: bool,
     /// Pinned mode: programs and links stay in this bpffs directory after the agent exits, and a
     /// new agent takes them over.
     pub pin_dir: Option<PathBuf>,
@@ -57,28 +59,71 @@ pub async fn run(loaded: &LoadedConfig, plan: Plan, options: Options) -> anyhow:
     result
 }
 
-/// Waits for the API servers to finish the requests under way; a client that holds a request
-/// open (or never finishes sending it) is cut off at the deadline, so that a stop never waits
-/// on a client.
-async fn stop_servers(servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) {
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    for mut server in servers {
-        match tokio::time::timeout_at(deadline, &mut server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!("{e:#}"),
-            Ok(Err(e)) => tracing::warn!("API task: {e}"),
-            Err(_) => {
-                server.abort();
-                tracing::warn!(
-                    "an API connection was still open {SHUTDOWN_GRACE:?} after the stop: cut off"
-                );
-            }
+/// Waits for the agent's tasks to end after a stop: the servers cut the connections still open
+/// after their grace period (see [`api::Limits`]), so this waits a little longer and then
+/// aborts whatever is left, so that a stop never waits on a client.
+async fn stop_tasks(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    let deadline =
+        tokio::time::Instant::now() + api::Limits::NETWORK.grace + Duration::from_secs(1);
+    for mut task in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            tracing::warn!("a task was still running after the stop's deadline: aborted");
         }
     }
 }
 
-/// How long a stop waits for the API's connections to finish before it cuts them off.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Starts the agent's tasks: the API servers and the followers of links and tunnel paths.
+fn spawn_tasks(
+    shared: &Arc<Shared>,
+    options: &Options,
+    socket: tokio::net::UnixListener,
+    metrics: Option<tokio::net::TcpListener>,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = vec![
+        tokio::spawn(api::serve_socket(
+            socket,
+            options.socket.clone(),
+            shared.clone(),
+            stopped.clone(),
+        )),
+        spawn_task(
+            "the link follower",
+            shared,
+            follow::run(shared.clone(), stopped.clone()),
+        ),
+        spawn_task(
+            "the tunnel path follower",
+            shared,
+            tunnel::path::run(shared.clone(), stopped.clone()),
+        ),
+    ];
+    if let Some(listener) = metrics {
+        tasks.push(tokio::spawn(api::serve_metrics(
+            listener,
+            shared.clone(),
+            options.metrics_json,
+            stopped.clone(),
+        )));
+    }
+    tasks
+}
+
+/// Runs the task `name`; if it ends with an error, the agent is not ready any more (see
+/// [`Shared::task_failed`]).
+fn spawn_task(
+    name: &'static str,
+    shared: &Arc<Shared>,
+    task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            shared.task_failed(name, &e);
+        }
+    })
+}
 
 /// What the agent applies now, next to what the API shares.
 struct Daemon<'a> {
@@ -145,23 +190,7 @@ async fn serve(
         pods,
         placements: BTreeMap::new(),
     };
-    let mut servers = vec![
-        tokio::spawn(api::serve_socket(
-            socket,
-            options.socket.clone(),
-            shared.clone(),
-            stopped.clone(),
-        )),
-        tokio::spawn(follow::run(shared.clone(), stopped.clone())),
-        tokio::spawn(tunnel::path::run(shared.clone(), stopped.clone())),
-    ];
-    if let Some(listener) = metrics {
-        servers.push(tokio::spawn(api::serve_metrics(
-            listener,
-            shared.clone(),
-            stopped,
-        )));
-    }
+    let tasks = spawn_tasks(&shared, options, socket, metrics, &stopped);
     drop(shared);
     // The selected pods (attached with the plan) are reported before the start is.
     daemon.apply_pods().await;
@@ -199,7 +228,7 @@ async fn serve(
         }
     }
     let _ = stop.send(true);
-    stop_servers(servers).await;
+    stop_tasks(tasks).await;
     daemon.finish().await
 }
 

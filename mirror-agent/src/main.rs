@@ -117,10 +117,19 @@ struct RunArgs {
     /// The API's Unix socket (default /run/mirror-agent.sock; overrides the file's `api_socket`).
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Serve Prometheus /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9464 (overrides the
-    /// file's `metrics_address`).
+    /// Serve Prometheus /metrics, /healthz and /readyz here, e.g. 10.0.0.5:9464 (overrides the
+    /// file's `metrics_address`). Nothing there asks for credentials: bind it where only the node
+    /// and Prometheus reach it.
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
+    /// Serve metrics on this IP address, with the port of --metrics-address or of the file's
+    /// `metrics_address` (the Helm chart passes the node's IP here).
+    #[arg(long, value_name = "IP")]
+    metrics_ip: Option<std::net::IpAddr>,
+    /// Serve the read-only JSON routes (/status, /stats, /stats/stream) on the metrics address
+    /// too. They show pods, addresses and collectors to anyone who can connect.
+    #[arg(long)]
+    metrics_json_routes: bool,
     /// Pinned mode: keep the programs and links in this bpffs directory (e.g. /sys/fs/bpf/mirror)
     /// so that they go on mirroring after the agent exits or crashes, and take over what an
     /// earlier agent left there (overrides the file's `pin_dir`). Without it, everything is
@@ -309,6 +318,7 @@ impl QuickSession {
             node_rate_limit: None,
             api_socket: None,
             metrics_address: None,
+            metrics_json_routes: false,
             pin_dir: None,
             copy_ring_bytes: None,
         }
@@ -332,6 +342,10 @@ fn main() -> anyhow::Result<()> {
             if let Some(secs) = args.stats_interval {
                 loaded.config.stats_interval_secs = secs;
             }
+            let metrics = metrics_address(
+                args.metrics_address.or(loaded.config.metrics_address),
+                args.metrics_ip,
+            )?;
             let options = daemon::Options {
                 config: args.config,
                 stats_interval_secs: loaded.config.stats_interval_secs,
@@ -339,7 +353,8 @@ fn main() -> anyhow::Result<()> {
                     .api_socket
                     .or_else(|| loaded.config.api_socket.clone())
                     .unwrap_or_else(|| api::DEFAULT_SOCKET.into()),
-                metrics: args.metrics_address.or(loaded.config.metrics_address),
+                metrics,
+                metrics_json: args.metrics_json_routes || loaded.config.metrics_json_routes,
                 pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),
                 node_name: args.node_name,
                 kubeconfig: args.kubeconfig,
@@ -373,6 +388,20 @@ fn main() -> anyhow::Result<()> {
                 runtime.block_on(show_stats(&api_socket, json, watch, interval, count))
             }
         }
+    }
+}
+
+/// The metrics address of the command line or the file, with --metrics-ip's address.
+fn metrics_address(
+    address: Option<std::net::SocketAddr>,
+    ip: Option<std::net::IpAddr>,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    match (address, ip) {
+        (Some(address), Some(ip)) => Ok(Some(std::net::SocketAddr::new(ip, address.port()))),
+        (None, Some(_)) => anyhow::bail!(
+            "--metrics-ip needs a port: give --metrics-address or the file's metrics_address"
+        ),
+        (address, None) => Ok(address),
     }
 }
 

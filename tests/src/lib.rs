@@ -561,11 +561,22 @@ impl Agent {
         let started = Instant::now();
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), signal) };
+        // The report is read as it comes: a long one would fill the pipe and hold the agent up.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.stdout.get_ref());
+        // SAFETY: F_SETFL on a pipe this process owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut report = Vec::new();
+        let mut chunk = vec![0; 1 << 16];
         loop {
+            while let Ok(n @ 1..) = std::io::Read::read(&mut self.stdout, &mut chunk) {
+                report.extend_from_slice(&chunk[..n]);
+            }
             if let Some(status) = self.child.try_wait().expect("wait agent") {
                 let took = started.elapsed();
-                let mut report = String::new();
-                std::io::Read::read_to_string(&mut self.stdout, &mut report).expect("report");
+                // SAFETY: as above, blocking again to read the rest.
+                unsafe { libc::fcntl(fd, libc::F_SETFL, 0) };
+                std::io::Read::read_to_end(&mut self.stdout, &mut report).expect("report");
+                let report = String::from_utf8(report).expect("a UTF-8 report");
                 assert!(status.success(), "agent exited with {status}: {report}");
                 return (Report(report), took);
             }

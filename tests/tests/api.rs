@@ -1,6 +1,7 @@
 //! The running agent's API: the Unix socket (root-only) with `status` and `stats` through the CLI,
 //! and Prometheus `/metrics`, `/healthz` on a TCP address, all agreeing with the final report.
 use std::{
+    fmt::Write as _,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
@@ -66,7 +67,8 @@ fn check_stream(lab: &Lab, socket_arg: &str) {
     assert_eq!(lines[2]["rates"][0]["mirrored_per_second"], 0.0);
 }
 
-/// The read-only JSON routes are on the metrics address too; reloads are only on the socket.
+/// With `metrics_json_routes`, the read-only JSON routes are on the metrics address too; reloads
+/// are only on the socket.
 fn check_tcp_json_routes(lab: &Lab, metrics: SocketAddr) {
     let (line, body) = http_get(lab, metrics, "/status");
     assert!(line.contains(" 200 "), "{line}");
@@ -93,7 +95,7 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
     let socket_arg = socket.to_str().expect("utf-8");
     let metrics: SocketAddr = "127.0.0.1:9464".parse().expect("address");
     let config = format!(
-        "api_socket = \"{socket_arg}\"\nmetrics_address = \"{metrics}\"\n{}",
+        "api_socket = \"{socket_arg}\"\nmetrics_address = \"{metrics}\"\nmetrics_json_routes = true\n{}",
         session_config(
             "[\"src0\"]",
             "ingress",
@@ -241,4 +243,119 @@ fn a_file_at_the_socket_path_is_left_alone() {
         [Vec::<String>::new(), Vec::new()],
         "nothing attached"
     );
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .expect("VmRSS")
+}
+
+/// `GET /healthz` as kubelet asks it: one second to answer.
+fn probe(lab: &Lab, address: SocketAddr) -> String {
+    lab.node.enter(move || {
+        let mut stream = TcpStream::connect_timeout(&address, std::time::Duration::from_secs(1))
+            .expect("connect for the probe");
+        let limit = Some(std::time::Duration::from_secs(1));
+        stream.set_read_timeout(limit).expect("timeout");
+        stream
+            .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+            .expect("probe");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("the probe's answer within 1 s");
+        response
+    })
+}
+
+/// What was found on the metrics port when it was attacked: a client that opens hundreds of
+/// connections each sending a huge unfinished header, and ten clients that read the counters of
+/// 8,000 rules as fast as the API lets them. The agent's memory stays bounded, the liveness probe
+/// (from another address) answers within its second, and the JSON routes are not served unless
+/// asked for.
+#[test]
+fn the_metrics_listener_holds_out_against_floods_of_connections_headers_and_readers() {
+    let lab = Lab::new("apiflood");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket_arg = socket.to_str().expect("utf-8").to_owned();
+    let mut rules = String::new();
+    for number in 2..=8000 {
+        write!(
+            rules,
+            "[[session.rule]]\nnumber = {number}\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {number}\n"
+        )
+        .expect("to a String");
+    }
+    let agent = lab.start_agent(&format!(
+        "api_socket = \"{socket_arg}\"\nmetrics_address = \"0.0.0.0:9464\"\n{}",
+        session_config("[\"src0\"]", "ingress", &rules)
+    ));
+    let probed: SocketAddr = "127.0.0.1:9464".parse().expect("address");
+    let (line, _) = http_get(&lab, probed, "/status");
+    assert!(
+        line.contains(" 404 "),
+        "JSON routes are off by default: {line}"
+    );
+    let before = rss_kib(agent.pid());
+
+    // The readers, on the socket.
+    let stop_readers = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..10)
+        .map(|_| {
+            let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+            stream
+                .write_all(b"GET /stats/stream?interval_ms=0 HTTP/1.0\r\n\r\n")
+                .expect("request");
+            let stop = stop_readers.clone();
+            std::thread::spawn(move || {
+                let mut buffer = vec![0; 1 << 16];
+                let mut total = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                }
+                total
+            })
+        })
+        .collect();
+    // The attacker, from the source host's address.
+    let target: SocketAddr = (std::net::Ipv4Addr::new(10, 10, 1, 1), 9464).into();
+    let attack = lab.src.enter(move || {
+        let header = format!("GET / HTTP/1.1\r\nX-Padding: {}", "a".repeat(380 * 1024));
+        let mut open = Vec::new();
+        for _ in 0..300 {
+            let Ok(mut stream) = TcpStream::connect(target) else {
+                continue;
+            };
+            stream.set_nonblocking(true).expect("nonblocking");
+            let _ = stream.write(header.as_bytes());
+            open.push(stream);
+        }
+        open
+    });
+    println!("{} attacking connections open", attack.len());
+    for _ in 0..5 {
+        let answer = probe(&lab, probed);
+        assert!(answer.starts_with("HTTP/1.0 200 "), "{answer}");
+    }
+    let grown = rss_kib(agent.pid()).saturating_sub(before);
+    println!("agent RSS {before} KiB, grown by {grown} KiB");
+    assert!(grown < 32 * 1024, "the agent grew by {grown} KiB");
+    stop_readers.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_, took) = agent.stop_within(libc::SIGTERM, std::time::Duration::from_secs(5));
+    println!("stopped {took:?} after SIGTERM");
+    for reader in readers {
+        let read = reader.join().expect("reader");
+        assert!(read > 0, "a reader got counters");
+    }
+    drop(attack);
 }

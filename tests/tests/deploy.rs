@@ -227,6 +227,22 @@ fn check_metrics(objects: &Objects) {
         .find(|p| p.name.as_deref() == Some("metrics"))
         .expect("the metrics port");
     assert_eq!(port.container_port, i32::from(metrics.port()));
+    // On the node's IP only, by default; the JSON routes are not served there.
+    let args = agent.args.clone().unwrap_or_default();
+    assert!(
+        args.windows(2).any(|w| w == ["--metrics-ip", "$(NODE_IP)"]),
+        "{args:?}"
+    );
+    let node_ip = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_IP")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(node_ip, Some("status.hostIP"));
+    assert!(!config.contains("metrics_json_routes"), "{config}");
     for (probe, path) in [
         (agent.liveness_probe.as_ref(), "/healthz"),
         (agent.readiness_probe.as_ref(), "/readyz"),
@@ -522,9 +538,13 @@ fn the_dockerfile_builds_with_the_project_commands_and_runs_as_the_daemonset_exp
         .find(|(k, _)| k == "CMD")
         .map(|(_, a)| serde_json::from_str(a).expect("exec form"))
         .expect("a default command");
+    // The image's default is the DaemonSet's, which adds only the node's IP for metrics (an
+    // address the image cannot know).
+    let args = agent.args.clone().unwrap_or_default();
     assert_eq!(
-        agent.args.as_ref(),
-        Some(&cmd),
+        args[..cmd.len()],
+        cmd[..],
         "the image's default is the DaemonSet's"
     );
+    assert_eq!(args[cmd.len()..], ["--metrics-ip", "$(NODE_IP)"]);
 }

@@ -1,12 +1,20 @@
 //! The running agent's API. On a Unix socket (root only, mode 0600): `GET /status` and
 //! `GET /stats` (JSON), `GET /stats/stream?interval_ms=N` (one JSON line per interval, with
 //! per-session rates, until the agent stops), `GET /metrics` and `POST /reload`. On an optional
-//! TCP address, for Prometheus and dashboards: `/metrics` (`OpenMetrics` text), `/healthz`,
-//! `/readyz` and the read-only JSON routes. The CLI's `status`, `stats` and `reload` use the socket.
+//! TCP address, for Prometheus and probes: `/metrics` (`OpenMetrics` text), `/healthz`, `/readyz`,
+//! and the read-only JSON routes only when asked for (they name pods, addresses and collectors).
+//! The CLI's `status`, `stats` and `reload` use the socket.
+//!
+//! Counters are read from the kernel at most once per [`READING_AGE`] for all readers together,
+//! off the runtime's thread, so that no number of readers can hold up a probe.
 mod client;
+mod listen;
 
 pub use client::{get_from, post_to, stream_from};
+pub use listen::Limits;
 use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -47,6 +55,11 @@ pub const DEFAULT_SOCKET: &str = "/run/mirror-agent.sock";
 #[derive(Debug)]
 pub struct Shared {
     applied: Mutex<Applied>,
+    /// The last reading of the counters and when it was taken; readers wait here for the one
+    /// reading under way instead of each asking the kernel.
+    reading: tokio::sync::Mutex<Option<(Instant, Arc<Stats>)>>,
+    /// The agent's tasks that ended with an error (by name): the agent is then not ready.
+    failed: Mutex<BTreeMap<&'static str, String>>,
     started: Instant,
     /// Turns true when the agent stops: streams end, so that the servers can.
     stop: watch::Receiver<bool>,
@@ -331,6 +344,8 @@ impl Shared {
     ) -> Arc<Self> {
         Arc::new(Shared {
             applied: Mutex::new(applied),
+            reading: tokio::sync::Mutex::new(None),
+            failed: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
             stop,
             reload,
@@ -347,6 +362,38 @@ impl Shared {
     /// Every counter: see [`Applied::stats`].
     pub fn stats(&self) -> anyhow::Result<Stats> {
         self.applied().stats()
+    }
+
+    /// The counters as read at most [`READING_AGE`] ago: read again (on a blocking thread) only
+    /// when the last reading is older, once for every reader waiting.
+    pub async fn reading(self: &Arc<Self>) -> anyhow::Result<Arc<Stats>> {
+        let mut last = self.reading.lock().await;
+        if let Some((at, stats)) = &*last
+            && at.elapsed() < READING_AGE
+        {
+            return Ok(stats.clone());
+        }
+        let shared = self.clone();
+        let stats = Arc::new(
+            tokio::task::spawn_blocking(move || shared.stats())
+                .await
+                .context("reading the counters")??,
+        );
+        *last = Some((Instant::now(), stats.clone()));
+        Ok(stats)
+    }
+
+    /// Records that the task `name` ended with `error`: `/readyz` answers 503 from then on, and
+    /// the metrics say so.
+    pub fn task_failed(&self, name: &'static str, error: &anyhow::Error) {
+        tracing::error!("{name} ended: {error:#}");
+        self.failed_tasks().insert(name, format!("{error:#}"));
+    }
+
+    fn failed_tasks(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+        self.failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn status(&self) -> Status {
@@ -396,9 +443,8 @@ impl Shared {
         }
     }
 
-    /// The counters in `OpenMetrics` text.
-    fn metrics(&self) -> anyhow::Result<String> {
-        let stats = self.stats()?;
+    /// The counters of `stats` and the state of the agent in `OpenMetrics` text.
+    fn metrics(&self, stats: &Stats) -> anyhow::Result<String> {
         let mut registry = Registry::with_prefix("mirror");
         let rule_counter = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<Labels, Counter>::default();
@@ -467,6 +513,17 @@ impl Shared {
             hook_malformed.get_or_create(&labels).inc_by(hook.malformed);
         }
         self.applied().register_watching(&mut registry);
+        let failed = Family::<Labels, Gauge>::default();
+        registry.register(
+            "task_failed",
+            "1 for each of the agent's tasks that ended with an error (the agent is then not ready)",
+            failed.clone(),
+        );
+        for task in self.failed_tasks().keys() {
+            failed
+                .get_or_create(&vec![("task", (*task).to_owned())])
+                .set(1);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)
@@ -626,8 +683,15 @@ fn internal(error: &anyhow::Error) -> (StatusCode, String) {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    shared.stats().map(Json).map_err(|e| internal(&e))
+    shared
+        .reading()
+        .await
+        .map(|stats| Json(Stats::clone(&stats)))
+        .map_err(|e| internal(&e))
 }
+
+/// How old a reading of the counters may be when it is served.
+const READING_AGE: Duration = Duration::from_millis(100);
 
 /// One line of `GET /stats/stream`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -698,7 +762,7 @@ async fn stream(
                 if *stop.borrow() {
                     return None;
                 }
-                let stats = shared.stats().ok()?;
+                let stats = Stats::clone(&*shared.reading().await.ok()?);
                 let now = Instant::now();
                 let line = StreamLine {
                     unix_ms: SystemTime::now()
@@ -743,8 +807,14 @@ async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    shared
-        .metrics()
+    let text = async {
+        let stats = shared.reading().await?;
+        // Thousands of rules make a long text: written off the runtime's thread.
+        tokio::task::spawn_blocking(move || shared.metrics(&stats))
+            .await
+            .context("writing the metrics")?
+    };
+    text.await
         .map(|text| {
             (
                 [(
@@ -757,9 +827,22 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .map_err(|e| internal(&e))
 }
 
-/// The agent is alive and its programs attached (it serves only once they are).
-async fn ready() -> &'static str {
+/// The agent is alive (it serves only once its programs are attached).
+async fn alive() -> &'static str {
     "ok\n"
+}
+
+/// The agent is alive and all its tasks run: 503 with the reasons when one ended.
+async fn ready(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    let failed = shared.failed_tasks();
+    if failed.is_empty() {
+        return "ok\n".into_response();
+    }
+    let mut reasons = String::new();
+    for (task, error) in failed.iter() {
+        let _ = writeln!(reasons, "{task} ended: {error}");
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, reasons).into_response()
 }
 
 /// Binds the API socket: refuses one another agent answers on, replaces a stale one, and makes it
@@ -799,7 +882,7 @@ pub async fn serve_socket(
     path: PathBuf,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) {
     let app = Router::new()
         .route("/status", get(status))
         .route("/stats", get(stats))
@@ -807,33 +890,30 @@ pub async fn serve_socket(
         .route("/metrics", get(metrics))
         .route("/reload", axum::routing::post(reload))
         .with_state(shared);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stop))
-        .await;
+    listen::serve(listener, app, Limits::NETWORK, stop).await;
     let _ = std::fs::remove_file(&path);
-    served.context("serving the API socket")
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz`, and the API's read-only routes (`/status`,
-/// `/stats`, `/stats/stream`) on a TCP address until `stop` turns true. Reloads are only taken on
-/// the root-only socket.
+/// Serves `/metrics`, `/healthz` and `/readyz` on a TCP address until `stop` turns true, and
+/// with `json_routes` the API's read-only routes (`/status`, `/stats`, `/stats/stream`). Reloads
+/// are only taken on the root-only socket.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
+    json_routes: bool,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route("/status", get(status))
-        .route("/stats", get(stats))
-        .route("/stats/stream", get(stream))
+) {
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(ready))
-        .route("/readyz", get(ready))
-        .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stop))
-        .await
-        .context("serving metrics")
+        .route("/healthz", get(alive))
+        .route("/readyz", get(ready));
+    if json_routes {
+        app = app
+            .route("/status", get(status))
+            .route("/stats", get(stats))
+            .route("/stats/stream", get(stream));
+    }
+    listen::serve(listener, app.with_state(shared), Limits::NETWORK, stop).await;
 }
 
 /// Binds the metrics address (before anything is attached, so a busy port fails the start).
@@ -841,8 +921,4 @@ pub async fn bind_metrics(address: SocketAddr) -> anyhow::Result<tokio::net::Tcp
     tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("listening on {address} for metrics"))
-}
-
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
 }
