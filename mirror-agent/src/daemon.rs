@@ -20,7 +20,7 @@ use crate::{
     follow::{self, Follow},
     pods::{self, Placement, PodView, PodWatch},
     rules::{self, Plan, Target},
-    tunnel::{self, Tunnels},
+    tunnel::{self, Targets},
 };
 
 /// How the agent runs, from the command line and the configuration file.
@@ -80,7 +80,8 @@ fn spawn_tasks(
     socket: tokio::net::UnixListener,
     metrics: Option<tokio::net::TcpListener>,
     stopped: &tokio::sync::watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let link_events = follow::subscribe().context("subscribing to link events")?;
     let mut tasks = vec![
         tokio::spawn(api::serve_socket(
             socket,
@@ -91,7 +92,7 @@ fn spawn_tasks(
         spawn_task(
             "the link follower",
             shared,
-            follow::run(shared.clone(), stopped.clone()),
+            follow::run(shared.clone(), link_events, stopped.clone()),
         ),
         spawn_task(
             "the tunnel path follower",
@@ -107,7 +108,7 @@ fn spawn_tasks(
             stopped.clone(),
         )));
     }
-    tasks
+    Ok(tasks)
 }
 
 /// Runs the task `name`; if it ends with an error, the agent is not ready any more (see
@@ -142,7 +143,7 @@ struct Daemon<'a> {
 /// A plan made ready: its targets resolved and its datapath loaded and attached.
 struct Prepared {
     plan: Plan,
-    tunnels: Tunnels,
+    targets: Targets,
     datapath: Datapath,
     drain: Option<Drain>,
     follow: Option<Follow>,
@@ -177,7 +178,7 @@ async fn serve(
             prepared.drain,
             &prepared.plan,
             prepared.follow,
-            prepared.tunnels,
+            prepared.targets,
         ),
         stopped.clone(),
         reload_requests,
@@ -190,7 +191,7 @@ async fn serve(
         pods,
         placements: BTreeMap::new(),
     };
-    let tasks = spawn_tasks(&shared, options, socket, metrics, &stopped);
+    let tasks = spawn_tasks(&shared, options, socket, metrics, &stopped)?;
     drop(shared);
     // The selected pods (attached with the plan) are reported before the start is.
     daemon.apply_pods().await;
@@ -291,14 +292,14 @@ async fn prepare(
                 .iter()
                 .any(|m| m.target_ifindex == *ifindex && m.finish != 0)
         })
-        .chain(targets.tunnels.interfaces())
+        .chain(targets.targets.interfaces())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
     let mut datapath = Datapath::load(
         &plan,
         &targets.sessions,
-        &targets.tunnels.entries(),
+        &targets.targets.entries(),
         generation,
         options.pin_dir.as_deref(),
     )?;
@@ -339,7 +340,7 @@ async fn prepare(
     );
     Ok(Prepared {
         plan,
-        tunnels: targets.tunnels,
+        targets: targets.targets,
         datapath,
         drain,
         follow,
@@ -405,7 +406,7 @@ impl Daemon<'_> {
                 prepared.drain,
                 &prepared.plan,
                 prepared.follow,
-                prepared.tunnels,
+                prepared.targets,
             );
             std::mem::replace(&mut *applied, next)
         };
@@ -539,7 +540,7 @@ impl Daemon<'_> {
         let Daemon {
             options,
             shared,
-            plan,
+            plan: _,
             files,
             pods,
             placements: _,
@@ -553,8 +554,15 @@ impl Daemon<'_> {
             let mut applied = shared.applied();
             applied.datapath.stop();
             let emitted = applied.drain.take().map(Drain::finish);
-            let mut interfaces = target_interfaces(&plan);
-            interfaces.extend(applied.tunnels.interfaces());
+            // Where the targets are now (an interface created again has another index; one
+            // that is gone has no counters to show).
+            let mut interfaces: Vec<_> = applied
+                .targets
+                .interface_indexes()
+                .into_iter()
+                .filter_map(|(name, ifindex)| Some((name, ifindex?)))
+                .collect();
+            interfaces.extend(applied.targets.interfaces());
             interfaces.sort();
             interfaces.dedup();
             (emitted, interfaces)
@@ -562,7 +570,10 @@ impl Daemon<'_> {
         let closed = files.close_unused(None).context("closing capture files");
         let mut losses = Vec::with_capacity(interfaces.len());
         for (name, ifindex) in interfaces {
-            losses.push((name, tunnel::tx_losses(ifindex).await?));
+            match tunnel::tx_losses(ifindex).await {
+                Ok(counts) => losses.push((name, counts)),
+                Err(e) => tracing::warn!("the counters of target {name}: {e}"),
+            }
         }
         let report = report(&shared.applied(), emitted.as_deref(), &losses);
         closed?;
@@ -751,7 +762,7 @@ fn report(
             session.name
         );
     }
-    for (session, target, hop) in applied.tunnels.report() {
+    for (session, target, hop) in applied.targets.report() {
         let _ = match hop {
             Ok(hop) => writeln!(
                 out,

@@ -310,7 +310,7 @@ pub const NODE_RATE_INDEX: u32 = MAX_SESSIONS;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionMeta {
     /// Interface index the copies are sent out of (interface targets; a tunnel's is in
-    /// [`TUNNELS_MAP`], where it follows the route).
+    /// [`TUNNELS_MAP`], where it follows the route); 0 while the target interface is gone.
     pub target_ifindex: u32,
     /// [`TARGET_INTERFACE`], [`TARGET_TUNNEL`] or [`TARGET_RING`].
     pub target_kind: u32,
@@ -411,8 +411,9 @@ pub struct Counters {
     pub truncated: u64,
     /// Copies not made because [`COPY_RING_MAP`] was full (the agent did not drain it in time).
     pub ring_full: u64,
-    /// Tunnel copies not made because the collector has no route or its next hop no known MAC
-    /// address (see [`Tunnel::ifindex`]).
+    /// Copies not made because the target is not there: a tunnel's collector has no route or its
+    /// next hop no known MAC address (see [`Tunnel::ifindex`]), or the target interface is gone
+    /// ([`SessionMeta::target_ifindex`] is 0).
     pub no_route: u64,
 }
 

@@ -81,6 +81,10 @@ impl Sender for TcContext {
             let sent = send_marked_copy(self, ifindex, copy.rule | egress);
             skb.cb[FLOW_HASH_CB] = saved;
             sent
+        } else if session.target_ifindex == 0 {
+            // The target interface is gone (the agent points the session at it again when it
+            // is back).
+            return Err(NotSent::NoRoute);
         } else if session.finish == 0 {
             self.clone_redirect(session.target_ifindex, 0)
         } else {

@@ -1133,6 +1133,24 @@ pub fn attached(ns: &Netns, socket: &str) -> Vec<(String, String)> {
     serde_json::from_value(status["attached"].clone()).expect("attached pairs")
 }
 
+/// `GET path` over HTTP/1.0 to `address` from inside `ns`: the status line and the body.
+pub fn http_get(ns: &Netns, address: SocketAddr, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+    let response = ns.enter(move || {
+        let mut stream =
+            std::net::TcpStream::connect(address).expect("connect to the metrics address");
+        std::io::Write::write_all(&mut stream, request.as_bytes()).expect("request");
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut response).expect("response");
+        response
+    });
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
 /// The body of `GET path` from the agent's API socket (a file: reachable from any namespace).
 pub fn api_get(socket: &str, path: &str) -> String {
     let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("the API socket");

@@ -12,21 +12,9 @@ use mirror_tests::{
     udp_socket,
 };
 
-/// `GET path` over HTTP/1.0 from inside the node's namespace: the status line and the body.
+/// `GET path` on the metrics address from inside the node's namespace.
 fn http_get(lab: &Lab, address: SocketAddr, path: &str) -> (String, String) {
-    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
-    let response = lab.node.enter(move || {
-        let mut stream = TcpStream::connect(address).expect("connect to the metrics address");
-        stream.write_all(request.as_bytes()).expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        response
-    });
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    (
-        head.lines().next().unwrap_or_default().to_owned(),
-        body.to_owned(),
-    )
+    mirror_tests::http_get(&lab.node, address, path)
 }
 
 /// `stats --watch --json`: three readings of the stream, every counter of the session, rates

@@ -1,5 +1,5 @@
 //! The agent as a long-running daemon: interfaces that come and go after the start.
-use std::time::Instant;
+use std::{fmt::Write as _, time::Instant};
 
 use mirror_tests::{
     Agent, BpfFs, Capture, Counts, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, TrafficLoop,
@@ -445,4 +445,231 @@ fn kill_9_in_the_default_mode_detaches_everything_and_never_disturbs_the_primary
         "mirroring stopped with the agent"
     );
     assert_eq!(reached, (0..sent).collect::<Vec<_>>(), "the primary path");
+}
+
+/// Creates the target `mir0` again (its peer `eth0` in the mirror namespace), as the lab made it.
+fn recreate_mir0(lab: &Lab) {
+    lab.node.ip(&[
+        "link",
+        "add",
+        "mir0",
+        "address",
+        "02:00:00:00:03:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "address",
+        "02:00:00:00:03:02",
+        "netns",
+        &lab.mon.name,
+    ]);
+    lab.node.sysctl("net.ipv6.conf.mir0.disable_ipv6", "1");
+    lab.node.ip(&["link", "set", "mir0", "up"]);
+    lab.mon.ip(&["link", "set", "eth0", "up"]);
+    for (ns, dev) in [(&lab.node, "mir0"), (&lab.mon, "eth0")] {
+        wait_for(&format!("{dev} up"), || {
+            ns.ip(&["-j", "link", "show", "dev", dev])
+                .contains("\"operstate\":\"UP\"")
+        });
+    }
+}
+
+/// A target interface deleted and created again (a new index) gets its session's copies again,
+/// through the copy program attached anew; while it is gone, copies are counted as `no_route`
+/// and `/readyz` says why the agent is not ready.
+#[test]
+fn a_target_deleted_and_created_again_gets_copies_again() {
+    let lab = Lab::new("retarget");
+    let metrics: std::net::SocketAddr = "127.0.0.1:9464".parse().expect("address");
+    let agent = lab.start_agent(&format!(
+        "metrics_address = \"{metrics}\"\n{}snaplen = 1000\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
+        session_config("[\"src0\"]", "ingress", "").replace(SENTINEL_RULE, ""),
+    ).replace("[[session.rule]]\nnumber = 10", &format!("{SENTINEL_RULE}[[session.rule]]\nnumber = 10")));
+    let sender = mirror_tests::FrameSender::open(&lab.src, "eth0");
+    let frame = |i: u8| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5555, &[i; 40]);
+    let ready = || mirror_tests::http_get(&lab.node, metrics, "/readyz");
+
+    lab.node.ip(&["link", "del", "mir0"]);
+    wait_for("/readyz to say the target is gone", || {
+        let (line, body) = ready();
+        line.contains(" 503 ") && body == "session `t`: target interface mir0 is gone\n"
+    });
+    for i in 0..3 {
+        sender.send(&frame(i));
+    }
+    recreate_mir0(&lab);
+    wait_for("/readyz to be ok again", || ready().0.contains(" 200 "));
+    assert_eq!(tcx_programs(&lab.node, "mir0")[1], ["mirror_tc_copy"]);
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sent: Vec<_> = (3..5).map(frame).collect();
+    for f in &sent {
+        sender.send(f);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    assert_eq!(
+        copies.bytes_until_sentinel(),
+        sent,
+        "copies again, byte for byte"
+    );
+    let report = agent.stop();
+    assert_eq!(
+        report.rule("t", "10"),
+        Counts {
+            no_route: 3,
+            ..Counts::copied(5, 2)
+        }
+    );
+}
+
+/// When the kernel drops link events (the agent's event socket overran while it was stopped),
+/// the agent looks at every interface again: an interface that matches a glob is watched, and a
+/// target created again is found, though their events were lost.
+#[test]
+fn lost_link_events_are_answered_with_a_full_look() {
+    let lab = Lab::new("overrun");
+    let agent = lab.start_agent(&session_config(
+        "[\"src0\", \"dyn*\"]",
+        "ingress",
+        "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
+    ));
+    // The follower runs: it has seen an interface come.
+    lab.node.ip(&[
+        "link",
+        "add",
+        "dyn9",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "dyn8",
+        "netns",
+        &lab.src.name,
+    ]);
+    wait_for("the mirror program on dyn9", || {
+        tcx_programs(&lab.node, "dyn9")[0] == ["mirror_tc_ingre"]
+    });
+    let pid = i32::try_from(agent.pid()).expect("pid");
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Far more events than the socket holds, then the ones that matter.
+    let batch = tempfile::NamedTempFile::new().expect("temp file");
+    let mut lines = String::new();
+    for i in 0..600 {
+        writeln!(lines, "link add flood{i} type veth peer name floodp{i}").expect("to a String");
+    }
+    std::fs::write(batch.path(), lines).expect("write the batch");
+    lab.node
+        .ip(&["-batch", batch.path().to_str().expect("utf-8")]);
+    lab.node.ip(&["link", "del", "mir0"]);
+    recreate_mir0(&lab);
+    lab.node.ip(&[
+        "link",
+        "add",
+        "dyn0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "dyn1",
+        "netns",
+        &lab.src.name,
+    ]);
+    lab.node.ip(&["link", "set", "dyn0", "up"]);
+    lab.src.ip(&["link", "set", "dyn1", "up"]);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_for("the mirror program on dyn0", || {
+        tcx_programs(&lab.node, "dyn0")[0] == ["mirror_tc_ingre"]
+    });
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = mirror_tests::FrameSender::open(&lab.src, "dyn1");
+    let frame = udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5555, &[7; 40]);
+    // The new target may be found a moment after dyn0: the copy comes once it is.
+    wait_for("a copy through the new mir0", || {
+        sender.send(&frame);
+        sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+        copies.bytes_until_sentinel().contains(&frame)
+    });
+    drop(agent);
+}
+
+/// Creates the veth `dyn0` on the node, its peer `dyn1` in src, both up.
+fn add_dyn0(lab: &Lab) {
+    lab.node.ip(&[
+        "link",
+        "add",
+        "dyn0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "dyn1",
+        "netns",
+        &lab.src.name,
+    ]);
+    lab.node.ip(&["link", "set", "dyn0", "up"]);
+    lab.src.ip(&["link", "set", "dyn1", "up"]);
+}
+
+/// What an agent in pinned mode may leave half done is repaired by the next one: an agent that
+/// died between pinning its copy links and recording its generation (the mark still names the
+/// one before), and a watched interface deleted and created again while no agent ran (its pin
+/// holds a link the kernel detached). The next agent starts, goes on from the highest
+/// generation, watches the new interface and finishes copies with one copy program.
+#[test]
+fn a_pinned_takeover_repairs_what_an_agent_left_half_done() {
+    let lab = Lab::new("pinfix");
+    let bpffs = BpfFs::mount();
+    let pins = bpffs.path().join("mirror");
+    let pins_arg = pins.to_str().expect("utf-8");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "api_socket = \"{}\"\n{}snaplen = 1000\n{SENTINEL_RULE}[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
+            socket.display(),
+            session_config("[\"src0\", \"dyn*\"]", "ingress", "").replace(SENTINEL_RULE, ""),
+        ),
+    )
+    .expect("write config");
+    let socket = socket.to_str().expect("utf-8");
+    let start = || {
+        Agent::start_file(
+            &lab.node,
+            &agent_binary(),
+            &config,
+            &["--pin-dir", pins_arg],
+        )
+    };
+    add_dyn0(&lab);
+    start().stop();
+    start().stop();
+    // The second agent's copy link is pinned as copy2-mir0; make its mark say 1 again, as if it
+    // had died before writing it.
+    std::fs::remove_dir(pins.join("generation-2")).expect("the second agent's mark");
+    std::fs::create_dir(pins.join("generation-1")).expect("an older mark");
+    assert!(pins.join("copy2-mir0").exists());
+    lab.node.ip(&["link", "del", "dyn0"]);
+    add_dyn0(&lab);
+
+    let third = start();
+    assert_eq!(
+        generation(&lab, socket),
+        3,
+        "on from the highest generation"
+    );
+    assert_eq!(tcx_programs(&lab.node, "dyn0")[0], ["mirror_tc_ingre"]);
+    assert_eq!(tcx_programs(&lab.node, "mir0")[1], ["mirror_tc_copy"]);
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = mirror_tests::FrameSender::open(&lab.src, "dyn1");
+    let frame = udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5555, &[3; 40]);
+    sender.send(&frame);
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    assert_eq!(copies.bytes_until_sentinel(), [frame]);
+    third.stop();
+    std::fs::remove_dir_all(&pins).expect("remove the pins");
 }

@@ -82,9 +82,9 @@ pub struct Applied {
     carried: Carried,
     /// What the follower needs to watch interfaces that appear later.
     pub follow: Option<Follow>,
-    /// The tunnel sessions and the hops their copies take now (kept current by
-    /// `tunnel::path::run`).
-    pub tunnels: crate::tunnel::Tunnels,
+    /// The targets as they are now: tunnels' hops (kept current by `tunnel::path::run`) and
+    /// target interfaces' indexes (by `follow::run`).
+    pub targets: crate::tunnel::Targets,
     /// The pods pod-selector sessions select now, and where they were found.
     pub pods: Vec<SelectedPod>,
 }
@@ -174,7 +174,7 @@ impl Applied {
         drain: Option<crate::emit::Drain>,
         plan: &Plan,
         follow: Option<Follow>,
-        tunnels: crate::tunnel::Tunnels,
+        targets: crate::tunnel::Targets,
     ) -> Self {
         Applied {
             datapath,
@@ -182,7 +182,7 @@ impl Applied {
             view: PlanView::of(plan),
             carried: Carried::default(),
             follow,
-            tunnels,
+            targets,
             pods: Vec::new(),
         }
     }
@@ -196,7 +196,7 @@ impl Applied {
         drain: Option<crate::emit::Drain>,
         plan: &Plan,
         follow: Option<Follow>,
-        tunnels: crate::tunnel::Tunnels,
+        targets: crate::tunnel::Targets,
     ) -> Self {
         let before = self.stats().unwrap_or_else(|e| {
             tracing::warn!("reading the replaced configuration's counters: {e:#}");
@@ -231,7 +231,7 @@ impl Applied {
             view,
             carried,
             follow,
-            tunnels,
+            targets,
             pods: self.pods.clone(),
         }
     }
@@ -426,7 +426,7 @@ impl Shared {
                 .collect(),
             pods: applied.pods.clone(),
             tunnels: applied
-                .tunnels
+                .targets
                 .report()
                 .into_iter()
                 .map(|(session, target, hop)| TunnelView {
@@ -543,7 +543,8 @@ pub struct CounterStats {
     pub truncated: u64,
     /// Ring copies dropped because the ring buffer was full.
     pub ring_full: u64,
-    /// Tunnel copies not made while the collector had no route or next hop.
+    /// Copies not made while the target was not there: a tunnel's collector had no route or
+    /// next hop, or the target interface was gone.
     #[serde(default)]
     pub no_route: u64,
 }
@@ -832,15 +833,18 @@ async fn alive() -> &'static str {
     "ok\n"
 }
 
-/// The agent is alive and all its tasks run: 503 with the reasons when one ended.
+/// The agent mirrors as configured: all its tasks run and every target interface is there. 503
+/// with the reasons otherwise.
 async fn ready(State(shared): State<Arc<Shared>>) -> axum::response::Response {
-    let failed = shared.failed_tasks();
-    if failed.is_empty() {
-        return "ok\n".into_response();
-    }
     let mut reasons = String::new();
-    for (task, error) in failed.iter() {
+    for (task, error) in shared.failed_tasks().iter() {
         let _ = writeln!(reasons, "{task} ended: {error}");
+    }
+    for missing in shared.applied().targets.missing() {
+        let _ = writeln!(reasons, "{missing}");
+    }
+    if reasons.is_empty() {
+        return "ok\n".into_response();
     }
     (StatusCode::SERVICE_UNAVAILABLE, reasons).into_response()
 }

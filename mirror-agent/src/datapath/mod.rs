@@ -30,7 +30,9 @@ use mirror_common::{
     VLAN_BITMAP_MAP, XDP_PROGRAM,
 };
 
-use self::pins::{GENERATION_MARK, on_bpffs, parse_pin_name, pin_name, pinned_generations};
+use self::pins::{
+    GENERATION_MARK, on_bpffs, parse_pin_name, pin_name, pinned_generations, pinned_link_ifindex,
+};
 use crate::rules::{Interface, Plan};
 
 /// Where a program is attached.
@@ -93,6 +95,9 @@ pub struct Datapath {
 pub struct Attached {
     hook: Hook,
     interface: String,
+    /// The interface's index when the link was made: one of the same name made later has
+    /// another.
+    ifindex: u32,
     link: HookLink,
     /// Where the link is pinned (pinned mode).
     pin: Option<PathBuf>,
@@ -400,6 +405,7 @@ impl Datapath {
             hook,
             source,
         };
+        let ifindex = ifindex_of(interface).unwrap_or(0);
         let link = match attach_point(hook) {
             AttachPoint::Tc(name, attach_type) => {
                 // TCX (Linux >= 6.6) needs no qdisc; older kernels need clsact for the netlink
@@ -434,6 +440,7 @@ impl Datapath {
         self.links.push(Attached {
             hook,
             interface: interface.to_owned(),
+            ifindex,
             link,
             pin,
         });
@@ -445,6 +452,7 @@ impl Datapath {
         let Attached {
             hook,
             interface,
+            ifindex,
             link,
             pin,
         } = old;
@@ -469,6 +477,7 @@ impl Datapath {
         self.links.push(Attached {
             hook,
             interface,
+            ifindex,
             link,
             pin,
         });
@@ -518,7 +527,13 @@ impl Datapath {
     }
 
     /// The links a pinned-mode agent left in `dir` (still attached, still running its programs),
-    /// and the generation they run. Pins of interfaces that are gone are removed.
+    /// and the generation to go on from. Pins of interfaces that are gone, or were deleted and
+    /// created again (the kernel detached the link with the old one), are removed.
+    ///
+    /// An agent that died between pinning a new generation's copy links and recording that
+    /// generation left copy pins of a generation higher than the mark: the generation goes on
+    /// from the highest of both, so that the next one pins afresh, and those links are taken
+    /// over (and let go once the new ones run) like the others.
     pub fn adopt_pins(dir: &Path) -> Result<(u64, Vec<Attached>), DatapathError> {
         let pin_error = |message: String| DatapathError::Pin {
             path: dir.to_path_buf(),
@@ -530,7 +545,7 @@ impl Datapath {
                 "not on a BPF file system (mount one with `mount -t bpf bpf /sys/fs/bpf`)".into(),
             ));
         }
-        let generation = pinned_generations(dir)
+        let mut generation = pinned_generations(dir)
             .into_iter()
             .map(|(generation, _)| generation)
             .max()
@@ -539,26 +554,33 @@ impl Datapath {
         let mut links = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((hook, interface)) = parse_pin_name(&name) else {
+            let Some((hook, interface, pinned_generation)) = parse_pin_name(&name) else {
                 continue;
             };
+            generation = generation.max(pinned_generation.unwrap_or(0));
             let path = entry.path();
+            let ifindex = ifindex_of(interface);
+            if ifindex.is_none() || pinned_link_ifindex(&path) != ifindex {
+                tracing::info!(
+                    "{interface} is gone or was created again: removing the pin {}",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             let link = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|pinned| {
                     HookLink::from_fd(hook, FdLink::from(pinned)).map_err(|e| e.to_string())
                 });
             match link {
-                Ok(link) if ifindex_of(interface).is_some() => links.push(Attached {
+                Ok(link) => links.push(Attached {
                     hook,
                     interface: interface.to_owned(),
+                    ifindex: ifindex.unwrap_or(0),
                     link,
                     pin: Some(path),
                 }),
-                Ok(_) => {
-                    tracing::info!("{interface} is gone: removing its pin {}", path.display());
-                    let _ = std::fs::remove_file(&path);
-                }
                 Err(e) => return Err(pin_error(format!("{name}: {e}"))),
             }
         }
@@ -683,13 +705,32 @@ impl Datapath {
     }
 
     /// Forgets an interface that is gone: its attachment entries (its index may be reused) and
-    /// its links (the kernel detached them with the device). Returns whether it was watched.
+    /// its links, the copy program's too (the kernel detached them with the device). Returns
+    /// whether it was watched.
     pub fn forget(&mut self, interface: &str, ifindex: u32) -> bool {
         let mut watched = false;
         for direction in [Direction::Ingress, Direction::Egress, Direction::XdpIngress] {
             watched |= self.unwatch(interface, ifindex, direction);
         }
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.links).into_iter().partition(|a| {
+                a.hook == Hook::Copy && a.interface == interface && a.ifindex == ifindex
+            });
+        self.links = kept;
+        release(gone);
         watched
+    }
+
+    /// The interfaces programs are attached to, (name, index when attached).
+    pub fn attached_interfaces(&self) -> Vec<(String, u32)> {
+        let mut interfaces: Vec<_> = self
+            .links
+            .iter()
+            .map(|a| (a.interface.clone(), a.ifindex))
+            .collect();
+        interfaces.sort();
+        interfaces.dedup();
+        interfaces
     }
 
     /// The watched (interface, direction) hooks attached now.

@@ -50,11 +50,11 @@ pub enum TunnelError {
 /// VLAN tag (what the kernel's veth and most drivers accept).
 const ETHERNET_AND_TAG: u32 = 14 + 4;
 
-/// What the programs need per session, and the tunnels the path follower keeps up to date.
+/// What the programs need per session, and the targets the followers keep up to date.
 #[derive(Debug)]
 pub struct ResolvedTargets {
     pub sessions: Vec<SessionMeta>,
-    pub tunnels: Tunnels,
+    pub targets: Targets,
 }
 
 /// One tunnel session whose copies the kernel encapsulates.
@@ -70,15 +70,112 @@ struct TunnelSession {
     hop: Result<Hop, NoHop>,
 }
 
-/// The tunnel sessions of the applied configuration and the hops their copies take now.
+/// A session whose target is an interface, and the index that interface has now.
+#[derive(Debug, Clone)]
+struct InterfaceSession {
+    session: u32,
+    name: String,
+    interface: String,
+    /// `None` while the interface is gone (its copies are then counted as `no_route`).
+    ifindex: Option<u32>,
+    /// The session's `SESSIONS` entry, whose target index follows the interface.
+    meta: SessionMeta,
+}
+
+/// The targets of the applied configuration as they are now: the hops tunnel copies take, and
+/// the indexes of target interfaces (an interface deleted and created again has a new one).
 #[derive(Debug, Default)]
-pub struct Tunnels {
+pub struct Targets {
     sessions: Vec<TunnelSession>,
+    interfaces: Vec<InterfaceSession>,
     /// UDP source ports are picked from this range.
     ports: (u16, u16),
 }
 
-impl Tunnels {
+impl Targets {
+    /// The interface `name` is at `ifindex` now: the sessions whose target it is send their
+    /// copies there (the copy program attached first where they need it). Returns whether it is
+    /// a target.
+    pub fn interface_appeared(
+        &mut self,
+        datapath: &mut Datapath,
+        name: &str,
+        ifindex: u32,
+    ) -> bool {
+        self.point(datapath, |t| t.interface == name, Some(ifindex));
+        self.interfaces.iter().any(|t| t.interface == name)
+    }
+
+    /// The interface at `ifindex` is gone: the sessions whose target it was count their copies
+    /// as `no_route` until it is back.
+    pub fn interface_vanished(&mut self, datapath: &mut Datapath, ifindex: u32) {
+        self.point(datapath, |t| t.ifindex == Some(ifindex), None);
+    }
+
+    /// Points the interface sessions `which` selects at `ifindex`, where they are not already.
+    fn point(
+        &mut self,
+        datapath: &mut Datapath,
+        which: impl Fn(&InterfaceSession) -> bool,
+        ifindex: Option<u32>,
+    ) {
+        for target in self
+            .interfaces
+            .iter_mut()
+            .filter(|t| which(t) && t.ifindex != ifindex)
+        {
+            let name = &target.interface;
+            let meta = SessionMeta {
+                target_ifindex: ifindex.unwrap_or(0),
+                ..target.meta
+            };
+            let finish = ifindex.is_some() && meta.finish != 0;
+            let written = if finish {
+                datapath.finish_copies_at(name)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| datapath.set_session(target.session, &meta));
+            let session = &target.name;
+            match (written, ifindex) {
+                (Ok(()), Some(_)) => {
+                    tracing::info!("session `{session}`: target {name} is back: copies resume");
+                }
+                (Ok(()), None) => tracing::warn!(
+                    "session `{session}`: target {name} is gone: its copies are counted as no_route until it is back"
+                ),
+                (Err(e), _) => {
+                    tracing::warn!("session `{session}`: following target {name}: {e}");
+                    continue;
+                }
+            }
+            target.meta = meta;
+            target.ifindex = ifindex;
+        }
+    }
+
+    /// The target interfaces of the sessions, and their indexes now.
+    pub fn interface_indexes(&self) -> Vec<(String, Option<u32>)> {
+        self.interfaces
+            .iter()
+            .map(|t| (t.interface.clone(), t.ifindex))
+            .collect()
+    }
+
+    /// What keeps sessions from sending copies now: target interfaces that are gone.
+    pub fn missing(&self) -> Vec<String> {
+        self.interfaces
+            .iter()
+            .filter(|t| t.ifindex.is_none())
+            .map(|t| {
+                format!(
+                    "session `{}`: target interface {} is gone",
+                    t.name, t.interface
+                )
+            })
+            .collect()
+    }
+
     /// Each tunnel session and its target.
     pub fn targets(&self) -> Vec<(u32, TunnelTarget)> {
         self.sessions
@@ -181,8 +278,9 @@ pub fn netlink() -> Result<Handle, TunnelError> {
 pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelError> {
     let handle = netlink()?;
     let mut metas = Vec::with_capacity(sessions.len());
-    let mut tunnels = Tunnels {
+    let mut targets = Targets {
         sessions: Vec::new(),
+        interfaces: Vec::new(),
         ports: header::local_port_range(),
     };
     for (index, session) in sessions.iter().enumerate() {
@@ -219,7 +317,7 @@ pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelErro
                     &session.controls,
                 );
                 let meta = sized(meta, session.controls.snaplen, hop.as_ref().ok(), target);
-                tunnels.sessions.push(TunnelSession {
+                targets.sessions.push(TunnelSession {
                     session: index as u32,
                     name: session.name.clone(),
                     target: target.clone(),
@@ -235,11 +333,21 @@ pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelErro
                 ..SessionMeta::default()
             },
         };
-        metas.push(with_controls(meta, &session.controls));
+        let meta = with_controls(meta, &session.controls);
+        if let Target::Interface(interface) = &session.target {
+            targets.interfaces.push(InterfaceSession {
+                session: index as u32,
+                name: session.name.clone(),
+                interface: interface.name.clone(),
+                ifindex: Some(interface.ifindex),
+                meta,
+            });
+        }
+        metas.push(meta);
     }
     Ok(ResolvedTargets {
         sessions: metas,
-        tunnels,
+        targets,
     })
 }
 

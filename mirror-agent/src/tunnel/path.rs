@@ -254,7 +254,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
 async fn refresh(shared: &Shared, handle: &Handle, kicked: &mut HashMap<(u32, IpAddr), Instant>) {
     let (generation, targets) = {
         let applied = shared.applied();
-        (applied.datapath.generation(), applied.tunnels.targets())
+        (applied.datapath.generation(), applied.targets.targets())
     };
     let mut found = Vec::with_capacity(targets.len());
     for (session, target) in targets {
@@ -280,9 +280,9 @@ async fn refresh(shared: &Shared, handle: &Handle, kicked: &mut HashMap<(u32, Ip
         return;
     }
     let crate::api::Applied {
-        datapath, tunnels, ..
+        datapath, targets, ..
     } = &mut *applied;
     for (session, hop) in found {
-        tunnels.apply(datapath, session, hop);
+        targets.apply(datapath, session, hop);
     }
 }
