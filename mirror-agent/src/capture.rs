@@ -1,6 +1,12 @@
 //! Where copies are written or sent in userspace: pcap and pcapng files (rotated by size when
 //! asked) and packet sockets that send frames out of an interface as they are. Used by the
 //! collector and by the agent for the copies that come through the ring buffer.
+//!
+//! A capture file is only ever created, never opened if it exists: `O_CREAT|O_EXCL|O_NOFOLLOW`,
+//! mode 0600. So a link someone planted at its name is not followed, a file someone made in
+//! advance does not receive the traffic, and nothing earlier is overwritten: a name that is
+//! taken (an earlier run's file) moves the capture on to the next free number. A write that fails
+//! (a full disk) is counted; the capture goes on in a new file once writing works again.
 use std::{
     borrow::Cow,
     ffi::CString,
@@ -124,9 +130,17 @@ pub struct Sink {
     path: PathBuf,
     rotate_bytes: Option<u64>,
     rotate_count: Option<u64>,
+    /// The number of the file written now (0: the path itself).
     sequence: u64,
-    writer: Writer,
+    /// The numbers of this capture's files still on disk, oldest first (for `rotate_count`).
+    kept: std::collections::VecDeque<u64>,
+    /// `None` after a write failed: the next write starts a new file (at most once per
+    /// [`REOPEN_PERIOD`]).
+    writer: Option<Writer>,
+    last_open: std::time::Instant,
     written: u64,
+    /// Frames not written because writing failed.
+    pub write_errors: u64,
 }
 
 impl std::fmt::Debug for Sink {
@@ -140,29 +154,79 @@ impl std::fmt::Debug for Sink {
 
 enum Writer {
     Pcap(PcapWriter<BufWriter<File>>),
-    /// With the keys of the interfaces that have a description block in this file, by id.
-    PcapNg(PcapNgWriter<BufWriter<File>>, Vec<u64>),
+    /// With the ids of the interfaces that have a description block in this file, by key.
+    PcapNg(
+        PcapNgWriter<BufWriter<File>>,
+        std::collections::HashMap<u64, u32>,
+    ),
 }
 
 /// Frames are stored whole (a tunnel datagram carries at most 64 KiB).
 const SNAPLEN: u32 = 65_535;
 
+/// How often a capture whose writes fail tries a new file.
+const REOPEN_PERIOD: Duration = Duration::from_secs(1);
+
+/// How many taken names a new file skips before it gives up (someone fills the directory).
+const NAME_TRIES: u64 = 1000;
+
 impl Sink {
+    /// Starts a capture at `path` (rotated: `name-000001.ext` and on), or at the next free
+    /// number after the highest file of this name already there.
     pub fn open(
         path: &Path,
         rotate_bytes: Option<u64>,
         rotate_count: Option<u64>,
     ) -> anyhow::Result<Self> {
-        let sequence = u64::from(rotate_bytes.is_some());
-        let first = file_name(path, sequence);
-        Ok(Sink {
+        let highest = highest_sequence(path);
+        let mut sink = Sink {
             path: path.to_owned(),
             rotate_bytes,
             rotate_count,
-            sequence,
-            writer: Writer::create(&first)?,
+            sequence: highest.map_or(0, |n| n + 1),
+            kept: std::collections::VecDeque::new(),
+            writer: None,
+            last_open: std::time::Instant::now(),
             written: 0,
-        })
+            write_errors: 0,
+        };
+        if rotate_bytes.is_some() && sink.sequence == 0 {
+            sink.sequence = 1;
+        }
+        sink.writer = Some(sink.create()?);
+        if highest.is_some() {
+            tracing::info!(
+                "{} is taken: the capture goes on in {}",
+                path.display(),
+                file_name(path, sink.sequence).display()
+            );
+        }
+        Ok(sink)
+    }
+
+    /// Creates the file of the current number, or of the next free one.
+    fn create(&mut self) -> anyhow::Result<Writer> {
+        let mut tries = 0;
+        loop {
+            let path = file_name(&self.path, self.sequence);
+            match Writer::create(&path) {
+                Ok(writer) => {
+                    self.kept.push_back(self.sequence);
+                    self.written = 0;
+                    return Ok(writer);
+                }
+                Err(e)
+                    if tries < NAME_TRIES
+                        && e.downcast_ref::<io::Error>()
+                            .is_some_and(|e| e.kind() == io::ErrorKind::AlreadyExists) =>
+                {
+                    tracing::warn!("{} exists (not ours): skipping it", path.display());
+                    self.sequence += 1;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Writes a frame seen on `interface` (a key; `name` describes it in a pcapng file) whose
@@ -175,32 +239,106 @@ impl Sink {
         frame: &[u8],
         orig_len: u32,
     ) -> anyhow::Result<()> {
-        if self.rotate_bytes.is_some_and(|limit| self.written >= limit) {
-            self.rotate()?;
+        let result = self.try_write(interface, name, timestamp, frame, orig_len);
+        if result.is_err() {
+            self.write_errors += 1;
         }
-        self.written += self
-            .writer
-            .write(interface, name, timestamp, frame, orig_len)?;
-        Ok(())
+        result
     }
 
-    fn rotate(&mut self) -> anyhow::Result<()> {
+    fn try_write(
+        &mut self,
+        interface: u64,
+        name: impl FnOnce() -> String,
+        timestamp: Duration,
+        frame: &[u8],
+        orig_len: u32,
+    ) -> anyhow::Result<()> {
+        let full = self.rotate_bytes.is_some_and(|limit| self.written >= limit);
+        if full || self.writer.is_none() {
+            self.next_file()?;
+        }
+        let writer = self.writer.as_mut().context("no capture file is open")?;
+        match writer.write(interface, name, timestamp, frame, orig_len) {
+            Ok(written) => {
+                self.written += written;
+                Ok(())
+            }
+            Err(e) => {
+                // What is in the file stays readable up to the last whole frame; the next write
+                // starts a new one.
+                if let Some(broken) = self.writer.take() {
+                    let _ = broken.finish();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the file written now (if any) and starts the next number, no sooner than
+    /// [`REOPEN_PERIOD`] after the last try when writing failed. Old files past `rotate_count`
+    /// are removed.
+    fn next_file(&mut self) -> anyhow::Result<()> {
+        if self.writer.is_none() && self.last_open.elapsed() < REOPEN_PERIOD {
+            bail!("writing {} failed a moment ago", self.path.display());
+        }
+        self.last_open = std::time::Instant::now();
+        if let Some(done) = self.writer.take() {
+            done.finish()?;
+        }
         self.sequence += 1;
-        let next = Writer::create(&file_name(&self.path, self.sequence))?;
-        std::mem::replace(&mut self.writer, next).finish()?;
-        self.written = 0;
-        if let Some(keep) = self.rotate_count
-            && self.sequence > keep
+        self.writer = Some(self.create()?);
+        while let Some(keep) = self.rotate_count
+            && self.kept.len() as u64 > keep
+            && let Some(old) = self.kept.pop_front()
         {
-            let old = file_name(&self.path, self.sequence - keep);
-            std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+            let old = file_name(&self.path, old);
+            // Someone else may have removed it: that is no reason to stop capturing.
+            if let Err(e) = std::fs::remove_file(&old)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!("removing {}: {e}", old.display());
+            }
         }
         Ok(())
     }
 
+    /// Flushes the file written now.
     pub fn finish(self) -> anyhow::Result<()> {
-        self.writer.finish()
+        self.writer.map_or(Ok(()), Writer::finish)
     }
+}
+
+/// The highest number among the files of `path`'s name already there (0 for the path itself),
+/// `None` when there is none.
+fn highest_sequence(path: &Path) -> Option<u64> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let taken = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| sequence_of(path, Path::new(&entry.file_name())));
+    taken.max()
+}
+
+/// The number `name` has as one of `path`'s files (see [`file_name`]).
+fn sequence_of(path: &Path, name: &Path) -> Option<u64> {
+    if Some(name.as_os_str()) == path.file_name() {
+        return Some(0);
+    }
+    let stem = path.file_stem()?.to_str()?;
+    let name = name.to_str()?;
+    let rest = name.strip_prefix(stem)?.strip_prefix('-')?;
+    let digits = match path.extension() {
+        Some(ext) => rest.strip_suffix(ext.to_str()?)?.strip_suffix('.')?,
+        None => rest,
+    };
+    (digits.len() == 6 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
 }
 
 /// `dir/name.ext` itself for sequence 0, else `dir/name-00000N.ext`.
@@ -217,14 +355,25 @@ fn file_name(path: &Path, sequence: u64) -> PathBuf {
 }
 
 impl Writer {
+    /// Creates `path` afresh: never opens an existing file, never follows a link, root-only.
+    /// An existing name fails with `AlreadyExists`.
     fn create(path: &Path) -> anyhow::Result<Self> {
-        let file = BufWriter::new(
-            File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let file = BufWriter::new(file);
         let pcapng = path.extension().is_some_and(|e| e == "pcapng");
         let context = || format!("writing {}", path.display());
         Ok(if pcapng {
-            Writer::PcapNg(PcapNgWriter::new(file).with_context(context)?, Vec::new())
+            Writer::PcapNg(
+                PcapNgWriter::new(file).with_context(context)?,
+                std::collections::HashMap::new(),
+            )
         } else {
             let header = PcapHeader {
                 snaplen: SNAPLEN,
@@ -249,9 +398,8 @@ impl Writer {
             Writer::Pcap(w) => w.write_packet(&PcapPacket::new(timestamp, orig_len, frame))?,
             Writer::PcapNg(w, interfaces) => {
                 let mut written = 0;
-                let interface_id = if let Some(id) = interfaces.iter().position(|i| *i == interface)
-                {
-                    id
+                let interface_id = if let Some(id) = interfaces.get(&interface) {
+                    *id
                 } else {
                     let description = InterfaceDescriptionBlock {
                         linktype: DataLink::ETHERNET,
@@ -263,11 +411,12 @@ impl Writer {
                         ],
                     };
                     written += w.write_block(&description.into_block())?;
-                    interfaces.push(interface);
-                    interfaces.len() - 1
+                    let id = interfaces.len() as u32;
+                    interfaces.insert(interface, id);
+                    id
                 };
                 let packet = EnhancedPacketBlock {
-                    interface_id: interface_id as u32,
+                    interface_id,
                     timestamp,
                     original_len: orig_len,
                     data: Cow::Borrowed(frame),
@@ -298,5 +447,52 @@ mod tests {
         assert_eq!(file_name(path, 0), path);
         assert_eq!(file_name(path, 3), Path::new("/tmp/cap-000003.pcapng"));
         assert_eq!(file_name(Path::new("x"), 12), Path::new("x-000012"));
+    }
+
+    #[test]
+    fn numbers_of_a_capture_s_files() {
+        let path = Path::new("/tmp/cap.pcapng");
+        for (name, number) in [
+            ("cap.pcapng", Some(0)),
+            ("cap-000003.pcapng", Some(3)),
+            ("cap-123456.pcapng", Some(123_456)),
+            ("cap-00003.pcapng", None),
+            ("cap-00000x.pcapng", None),
+            ("cap-000003.pcap", None),
+            ("cap.pcap", None),
+            ("capx-000003.pcapng", None),
+            ("other-000003.pcapng", None),
+        ] {
+            assert_eq!(sequence_of(path, Path::new(name)), number, "{name}");
+        }
+        assert_eq!(sequence_of(Path::new("x"), Path::new("x-000012")), Some(12));
+    }
+
+    /// Files are created root-only, never over an existing name or through a link, and the
+    /// numbering goes on after what is there.
+    #[test]
+    fn files_are_created_afresh_and_numbered_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("cap.pcap");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").expect("write");
+        std::os::unix::fs::symlink(&victim, &path).expect("symlink");
+        std::fs::write(dir.path().join("cap-000001.pcap"), b"someone else's").expect("write");
+        let sink = Sink::open(&path, None, None).expect("open");
+        sink.finish().expect("finish");
+        assert_eq!(
+            std::fs::read(&victim).expect("read"),
+            b"keep",
+            "the link not followed"
+        );
+        let created = dir.path().join("cap-000002.pcap");
+        let meta = std::fs::metadata(&created).expect("the capture goes on after 1");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+        // A rotated capture started again goes on after the highest number.
+        let rotated = Sink::open(&path, Some(1), Some(2)).expect("open");
+        assert_eq!(rotated.sequence, 3);
     }
 }

@@ -330,7 +330,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .init();
     match Cli::parse().command {
         Command::Check { config } => check(&config),
@@ -388,6 +388,21 @@ fn main() -> anyhow::Result<()> {
                 runtime.block_on(show_stats(&api_socket, json, watch, interval, count))
             }
         }
+    }
+}
+
+/// Standard error for the log, whose failures are ignored: the agent and the collector must not
+/// stop because whatever read their log went away (`| head`, a restarted log collector).
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -1381,6 +1381,7 @@ pub fn udp_datagrams_delivered(ns: &Netns) -> u64 {
 pub struct Collector {
     child: Child,
     file: std::path::PathBuf,
+    /// The fresh directory of the file, when this made it.
     dir: Option<tempfile::TempDir>,
 }
 
@@ -1395,7 +1396,21 @@ impl Collector {
         extra: &[&str],
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join(file_name);
+        let mut collector =
+            Collector::start_at(ns, binary, listen, &dir.path().join(file_name), extra);
+        collector.dir = Some(dir);
+        collector
+    }
+
+    /// Starts the collector listening on `listen`, writing `file`, and waits until it listens.
+    pub fn start_at(
+        ns: &Netns,
+        binary: &std::path::Path,
+        listen: &str,
+        file: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
+        let file = file.to_path_buf();
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
             .arg(binary)
@@ -1418,7 +1433,7 @@ impl Collector {
         Collector {
             child,
             file,
-            dir: Some(dir),
+            dir: None,
         }
     }
 
@@ -1434,7 +1449,7 @@ impl Collector {
         CollectorSummary {
             text: out,
             file: self.file.clone(),
-            _dir: self.dir.take().expect("stopped once"),
+            _dir: self.dir.take(),
         }
     }
 }
@@ -1451,7 +1466,7 @@ impl Drop for Collector {
 pub struct CollectorSummary {
     pub text: String,
     pub file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl CollectorSummary {

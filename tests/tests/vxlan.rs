@@ -15,7 +15,8 @@ use mirror_tests::{
     COL_V4, COL_V6, Capture, Collector, Counts, Flow, Frame, Lab, NODE_UL_V4, SENTINEL_PORT,
     SENTINEL_RULE, SINK_MAC, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, agent_binary,
     assert_same_frames, is_mld_report, is_sentinel, pcap_frames, pin_to_first_cpu, select,
-    send_tcp_stream, tcp_stream, tshark_fields, udp_socket, udp_v4_frame, vxlan_of, write_pcap,
+    send_tcp_stream, tcp_stream, tshark_fields, udp_socket, udp_v4_frame, vxlan_of, wait_for,
+    write_pcap,
 };
 
 /// One session sending to a VXLAN collector; its first rule mirrors the sentinel.
@@ -501,4 +502,85 @@ fn the_collector_counts_bad_datagrams_filters_vnis_and_rotates_files() {
         .flat_map(|name| pcap_frames(&dir.join(name)))
         .collect();
     assert_eq!(kept, sent[5..], "the newest files hold the last frames");
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        mirror_tests::run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "tmpfs",
+                dir.path().to_str().expect("utf-8"),
+            ],
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// The collector on a full disk and under a flood of VNIs: a full disk is counted, not fatal,
+/// and the capture goes on in a new file once there is room; the streams it keeps apart are
+/// bounded, and the datagrams past the bound counted; the summary comes at the end.
+#[test]
+fn the_collector_survives_a_full_disk_and_a_flood_of_vnis() {
+    let lab = Lab::with_collector("vxfull", 1500);
+    let disk = SmallDisk::mount(64 * 1024);
+    let file = disk.0.path().join("copies.pcap");
+    let collector = Collector::start_at(lab.col(), &agent_binary(), "0.0.0.0:4789", &file, &[]);
+    let sender = udp_socket(&lab.node, SocketAddr::new(NODE_UL_V4.into(), 0));
+    let datagram = |vni: u32, payload: u8| {
+        let mut d = vec![0x08, 0, 0, 0];
+        d.extend_from_slice(&(vni << 8).to_be_bytes());
+        d.extend_from_slice(&udp_v4_frame(SRC_MAC, SINK_MAC, 6000, &[payload; 100]));
+        d
+    };
+    // 5,000 VNIs of one 142-byte frame each: more streams than are kept apart, and more bytes
+    // than the disk holds.
+    let vnis = 5000;
+    for vni in 1..=vnis {
+        sender
+            .send_to(&datagram(vni, 1), (COL_V4, 4789))
+            .expect("send");
+    }
+    // Room again: the capture goes on in the next file.
+    wait_for("the capture to go on in a new file", || {
+        let _ = std::fs::remove_file(&file);
+        sender
+            .send_to(&datagram(1, 2), (COL_V4, 4789))
+            .expect("send");
+        disk.0.path().join("copies-000001.pcap").exists()
+    });
+    let summary = collector.stop();
+    println!("{}", summary.text);
+    assert!(summary.dropped("write_errors") > 0, "{}", summary.text);
+    assert_eq!(
+        summary.dropped("too_many_streams"),
+        u64::from(vnis) - 4096,
+        "{}",
+        summary.text
+    );
+    assert_eq!(summary.dropped("socket_drops"), 0, "{}", summary.text);
+    let resumed = mirror_tests::pcap_frames(&disk.0.path().join("copies-000001.pcap"));
+    assert!(
+        !resumed.is_empty()
+            && resumed
+                .iter()
+                .all(|f| *f == udp_v4_frame(SRC_MAC, SINK_MAC, 6000, &[2; 100])),
+        "the new file holds the frames sent after the disk had room"
+    );
 }

@@ -111,6 +111,8 @@ struct Counts {
     too_many_streams: u64,
     socket_drops: u64,
     tap_errors: u64,
+    /// Frames not written to the capture file (a full disk, say).
+    write_errors: u64,
     accepted: u64,
 }
 
@@ -131,14 +133,15 @@ impl Counts {
         }
         let _ = writeln!(
             out,
-            "dropped          short={} bad_flags={} filtered={} not_allowed={} too_many_streams={} socket_drops={} tap_errors={}",
+            "dropped          short={} bad_flags={} filtered={} not_allowed={} too_many_streams={} socket_drops={} tap_errors={} write_errors={}",
             self.short,
             self.bad_flags,
             self.filtered,
             self.not_allowed,
             self.too_many_streams,
             self.socket_drops,
-            self.tap_errors
+            self.tap_errors,
+            self.write_errors
         );
         out
     }
@@ -307,14 +310,19 @@ fn receive(
             let Some((stream, frame)) = take(&mut counts, decoded, options) else {
                 continue;
             };
-            if let Some(sink) = &mut sink {
-                sink.write(
+            if let Some(sink) = &mut sink
+                && let Err(e) = sink.write(
                     stream.key(),
                     || stream.interface_name(),
                     datagram.timestamp,
                     frame,
                     frame.len() as u32,
-                )?;
+                )
+            {
+                // Counted; the capture goes on in a new file once writing works again.
+                if sink.write_errors == 1 {
+                    tracing::warn!("{e:#} (further failures are only counted)");
+                }
             }
             if let Some(tap) = tap
                 && send_frame(tap.as_raw_fd(), frame).is_err()
@@ -336,8 +344,18 @@ fn receive(
         }
     }
     if let Some(sink) = sink {
-        sink.finish()?;
+        counts.write_errors = sink.write_errors;
+        if let Err(e) = sink.finish() {
+            tracing::warn!("{e:#}");
+            counts.write_errors += 1;
+        }
     }
+    // The kernel's own count, read now: datagrams it dropped after the last one received are
+    // in it too.
+    counts.socket_drops = sockets
+        .iter()
+        .map(|(socket, _)| u64::from(socket_drops(socket.as_raw_fd())))
+        .sum();
     Ok(counts)
 }
 
@@ -465,6 +483,25 @@ fn receive_options(fd: &OwnedFd) -> anyhow::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1).context("SO_TIMESTAMPNS")?;
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1).context("SO_RXQ_OVFL")?;
     Ok(())
+}
+
+/// The datagrams the kernel dropped at `fd` because its buffer was full (`SO_MEMINFO`'s drop
+/// count; 0 if the kernel does not say).
+fn socket_drops(fd: RawFd) -> u32 {
+    const SK_MEMINFO_DROPS: usize = 8;
+    let mut info = [0u32; 9];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 { info[SK_MEMINFO_DROPS] } else { 0 }
 }
 
 fn setsockopt(fd: RawFd, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
