@@ -91,6 +91,10 @@ pub struct SessionConfig {
     pub sample: Option<Spanned<SampleConfig>>,
     /// At most this many copies (and bytes of copies) per second.
     pub rate_limit: Option<Spanned<RateLimitConfig>>,
+    /// Packets the parser cannot finish (a truncated header, an IPv6 extension chain longer than
+    /// it follows): `mirror` (the default) copies them when a rule might match, since the fields
+    /// it did not reach could match anything; `skip` never copies them. Counted as `unparsed`.
+    pub unparsed: Option<ActionConfig>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RuleConfig>>,
 }

@@ -527,6 +527,7 @@ impl Daemon<'_> {
                         truncated = c.truncated,
                         ring_full = c.ring_full,
                         no_route = c.no_route,
+                        unparsed = c.unparsed,
                         "counters"
                     );
                 }
@@ -701,7 +702,7 @@ fn report(
     let row = |out: &mut String, kind: &str, name: &str, rule: &str, c: &api::CounterStats| {
         let _ = writeln!(
             out,
-            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9}",
+            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9} {:>9}",
             c.matched,
             c.mirrored,
             c.clone_errors,
@@ -711,12 +712,13 @@ fn report(
             c.rate_limited,
             c.truncated,
             c.ring_full,
-            c.no_route
+            c.no_route,
+            c.unparsed
         );
     };
     let _ = writeln!(
         out,
-        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9}",
+        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9} {:>9}",
         "counter",
         "session",
         "rule",
@@ -729,7 +731,8 @@ fn report(
         "rate_limited",
         "truncated",
         "ring_full",
-        "no_route"
+        "no_route",
+        "unparsed"
     );
     for session in &stats.sessions {
         for rule in &session.rules {

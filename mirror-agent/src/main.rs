@@ -219,9 +219,13 @@ struct QuickSession {
     /// Destination port or range.
     #[arg(long)]
     dst_port: Option<PortRange>,
-    /// Cut copies to this many bytes (the originals are untouched).
+    /// Cut copies to this many bytes, at least 96 (the originals are untouched).
     #[arg(long)]
     snaplen: Option<u32>,
+    /// Never copy packets the parser cannot finish (a truncated header, a very long IPv6
+    /// extension chain). By default they are copied when the rule might match them.
+    #[arg(long)]
+    skip_unparsed: bool,
     /// Copy 1 in N of the packets the rule selects (at random).
     #[arg(long, value_name = "N")]
     sample: Option<u32>,
@@ -292,6 +296,7 @@ impl QuickSession {
             }),
             default: ActionConfig::Skip,
             snaplen: self.snaplen.map(spanned),
+            unparsed: self.skip_unparsed.then_some(ActionConfig::Skip),
             sample: self.sample.map(|every| {
                 spanned(SampleConfig {
                     every,

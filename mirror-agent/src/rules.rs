@@ -108,6 +108,8 @@ pub struct Controls {
     pub sample_every: u32,
     pub sample_seed: u32,
     pub rate: RateLimit,
+    /// No copy of a packet the parser could not finish (see `SessionConfig::unparsed`).
+    pub skip_unparsed: bool,
 }
 
 /// A session after validation.
@@ -546,8 +548,11 @@ fn resolve_session(
 
 /// Largest snaplen: a VXLAN or Ethernet frame is at most this long.
 const MAX_SNAPLEN: u32 = 65_535;
-/// Smallest snaplen: the Ethernet header, so that a cut copy is still a frame.
-const MIN_SNAPLEN: u32 = 14;
+/// Smallest snaplen: the kernel cuts a copy no shorter than its headers up to the transport
+/// header (`bpf_skb_change_tail`), which is 54 bytes for IPv6 and up to 74 for IPv4 with options;
+/// 96 leaves room for VLAN tags and short IPv6 extension headers. A packet whose headers are
+/// longer still is not copied, and counted once as a clone error.
+const MIN_SNAPLEN: u32 = 96;
 
 /// A session's snaplen, sampling and rate limit, checked.
 fn controls(loaded: &LoadedConfig, session: &SessionConfig) -> Result<Controls, ConfigError> {
@@ -559,7 +564,7 @@ fn controls(loaded: &LoadedConfig, session: &SessionConfig) -> Result<Controls, 
         if !(MIN_SNAPLEN..=MAX_SNAPLEN).contains(snaplen.get_ref()) {
             return Err(loaded.error(
                 snaplen.span(),
-                format!("snaplen must be {MIN_SNAPLEN}..{MAX_SNAPLEN} bytes (at least the Ethernet header)"),
+                format!("snaplen must be {MIN_SNAPLEN}..{MAX_SNAPLEN} bytes (the kernel cannot cut a copy inside its IP headers)"),
             ));
         }
         controls.snaplen = Some(*snaplen.get_ref());
@@ -580,6 +585,7 @@ fn controls(loaded: &LoadedConfig, session: &SessionConfig) -> Result<Controls, 
     if let Some(limit) = &session.rate_limit {
         controls.rate = rate_limit(loaded, limit)?;
     }
+    controls.skip_unparsed = session.unparsed == Some(ActionConfig::Skip);
     Ok(controls)
 }
 
@@ -1767,9 +1773,9 @@ mod tests {
         };
         let cases = [
             (
-                session("snaplen = 13"),
+                session("snaplen = 95"),
                 "t.toml:5:",
-                "snaplen must be 14..65535",
+                "snaplen must be 96..65535",
             ),
             (session("snaplen = 70000"), "t.toml:5:", "snaplen must be"),
             (

@@ -329,6 +329,11 @@ pub struct SessionMeta {
     pub sample_every: u32,
     /// Mixed into the flow hash, so that nodes can sample different flows or the same ones.
     pub sample_seed: u32,
+    /// 1: no copy of a packet the parser could not finish (fail closed); 0: such a packet is
+    /// copied when a rule might match it (fail open). Counted as `unparsed` either way.
+    pub skip_unparsed: u32,
+    /// Keeps [`SessionMeta::rate`] 8-aligned without implicit padding.
+    pub reserved: u32,
     /// This session's own limit.
     pub rate: RateLimit,
 }
@@ -415,6 +420,10 @@ pub struct Counters {
     /// next hop no known MAC address (see [`Tunnel::ifindex`]), or the target interface is gone
     /// ([`SessionMeta::target_ifindex`] is 0).
     pub no_route: u64,
+    /// Copies this rule decided of packets the parser could not finish (a truncated header, an
+    /// IPv6 extension chain longer than it follows): the fields it did not reach match any rule.
+    /// Sent unless the session skips them ([`SessionMeta::skip_unparsed`]).
+    pub unparsed: u64,
 }
 
 /// Per-CPU counters of a hook (ingress, egress or the copy program), across interfaces.

@@ -123,6 +123,8 @@ pub struct Batch {
     flow_hash: u32,
     /// A table inconsistency was met (counted by the caller).
     table_error: u32,
+    /// 1 when the parser could not finish the packet (see `classify::Verdict::unparsed`).
+    unparsed: u32,
     copies: [Copy; MAX_COPIES_PER_PACKET],
 }
 
@@ -158,6 +160,7 @@ pub fn send<P: Sender>(
     batch.copy_len = copy_len;
     batch.flow_hash = flow_hash;
     batch.table_error = 0;
+    batch.unparsed = u32::from(verdict.unparsed);
     for (to, from) in batch.copies.iter_mut().zip(verdict.copies.iter()) {
         // SAFETY: a valid reference into the walk scratch; volatile so that the copy is made now.
         *to = unsafe { core::ptr::read_volatile(from) };
@@ -201,6 +204,12 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
         batch.table_error = 1;
         return 1;
     };
+    if batch.unparsed != 0 {
+        count::bump(copy.rule, copy.session, |c| &mut c.unparsed);
+        if session.skip_unparsed != 0 {
+            return 0;
+        }
+    }
     if !limit::sampled_in(session, batch.flow_hash) {
         count::bump(copy.rule, copy.session, |c| &mut c.sampled_out);
         return 0;

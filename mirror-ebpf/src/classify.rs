@@ -19,7 +19,7 @@ use crate::{
         FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES, SRC_PORT_BITMAP, SRC_V4_BITMAP,
         SRC_V6_BITMAP, VLAN_BITMAP, WALK_SCRATCH,
     },
-    parse::{ABSENT, FAMILY_V4, FAMILY_V6, Headers},
+    parse::{ABSENT, FAMILY_UNKNOWN, FAMILY_V4, FAMILY_V6, Headers, UNKNOWN},
 };
 
 /// A copy to make: the rule that decided it (its session holds the target).
@@ -38,6 +38,8 @@ pub struct Verdict {
     /// [`Headers::l4_offset`], read back from map memory: the verifier keeps no range for it, so
     /// using it later does not make the verifier tell apart every parse path that produced it.
     pub l4_offset: u32,
+    /// The parser could not finish the packet (see [`crate::parse::UNKNOWN`]).
+    pub unparsed: bool,
 }
 
 /// A rule-table inconsistency (a missing bitmap or rule entry): the agent wrote the maps wrong.
@@ -118,7 +120,7 @@ pub fn classify(
     // find nothing left): take those inline, and pay for bpf_loop only when more remain.
     for _ in 0..INLINE_STEPS {
         if try_walk_step(walk)? {
-            return Ok(Some(verdict(walk, false)));
+            return Ok(Some(verdict(walk, false, headers.malformed)));
         }
     }
     // SAFETY: `walk_step` has the callback signature bpf_loop expects.
@@ -136,6 +138,7 @@ pub fn classify(
     Ok(Some(verdict(
         walk,
         steps == i64::from(MAX_CLASSIFY_STEPS - INLINE_STEPS),
+        headers.malformed,
     )))
 }
 
@@ -160,13 +163,14 @@ fn reset(walk: &mut Walk) {
 const INLINE_STEPS: u32 = 3;
 
 #[inline(always)]
-fn verdict(walk: &'static Walk, step_limit_hit: bool) -> Verdict {
+fn verdict(walk: &'static Walk, step_limit_hit: bool, unparsed: bool) -> Verdict {
     Verdict {
         copies: &walk.copies,
         copy_count: walk.copy_count as usize,
         step_limit_hit,
         // SAFETY: a field of `walk`, valid for reads.
         l4_offset: unsafe { core::ptr::read_volatile(&raw const walk.l4_offset) },
+        unparsed,
     }
 }
 
@@ -272,6 +276,9 @@ fn indexed(
     value: u32,
     lookup: impl Fn(u32) -> Option<&'static u32>,
 ) -> Result<u32, TableError> {
+    if value == UNKNOWN {
+        return Ok(UNCONSTRAINED);
+    }
     let wildcard = wildcard(field)?;
     if value == ABSENT || wildcard == UNCONSTRAINED {
         return Ok(wildcard);
@@ -292,6 +299,9 @@ fn address(
     v4: &LpmTrie<[u8; 4], u32>,
     v6: &LpmTrie<[u8; 16], u32>,
 ) -> Result<u32, TableError> {
+    if family == FAMILY_UNKNOWN {
+        return Ok(UNCONSTRAINED);
+    }
     let wildcard = wildcard(field)?;
     if wildcard == UNCONSTRAINED {
         return Ok(wildcard);

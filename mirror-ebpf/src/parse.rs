@@ -26,11 +26,17 @@ const IPV6_DEST_OPTS: u8 = 60;
 /// sentinel, not `Option`s: LLVM may leave an `Option`'s payload undefined, which the verifier
 /// rejects as a read of an uninitialised register.
 pub const ABSENT: u32 = u32::MAX;
+/// Marks a field the parser did not get to: the frame may well have it, but a header before it
+/// could not be read. Classification lets it match any rule (fail open: a monitor prefers a copy
+/// to a blind spot).
+pub const UNKNOWN: u32 = u32::MAX - 1;
 
 /// Address family of [`Headers::src`] and [`Headers::dst`].
 pub const FAMILY_NONE: u32 = 0;
 pub const FAMILY_V4: u32 = 4;
 pub const FAMILY_V6: u32 = 6;
+/// The addresses were not reached (see [`UNKNOWN`]).
+pub const FAMILY_UNKNOWN: u32 = 1;
 
 /// The fields rules match on, each [`ABSENT`] when the frame has no such field.
 pub struct Headers {
@@ -68,6 +74,21 @@ pub fn parse<P: Packet>(ctx: &P) -> Headers {
     };
     if try_parse(ctx, &mut headers).is_err() {
         headers.malformed = true;
+        // What was not read yet is unknown, not absent: every field is read in order, and one
+        // that a frame lacks is only left absent once the parser is past it.
+        for field in [
+            &mut headers.ethertype,
+            &mut headers.ip_proto,
+            &mut headers.src_port,
+            &mut headers.dst_port,
+        ] {
+            if *field == ABSENT {
+                *field = UNKNOWN;
+            }
+        }
+        if headers.family == FAMILY_NONE {
+            headers.family = FAMILY_UNKNOWN;
+        }
     }
     headers
 }

@@ -28,13 +28,23 @@ const HOP_BY_HOP: u8 = 0;
 const DEST_OPTS: u8 = 60;
 const FRAGMENT: u8 = 44;
 
-/// A frame, whether it must be copied, and whether the parser must count it as malformed.
+/// A frame, whether a rule matches it, and whether the parser must count it as malformed.
 #[derive(Debug)]
 pub struct Case {
     pub name: &'static str,
     pub frame: Vec<u8>,
+    /// The rules match it, read whole.
     pub copied: bool,
+    /// The parser cannot finish it: the fields it does not reach match any rule, so a session
+    /// copies it unless it skips unparsed packets (`unparsed = "skip"`).
     pub malformed: bool,
+}
+
+impl Case {
+    /// Copied by a session that copies unparsed packets (the default).
+    pub fn copied_failing_open(&self) -> bool {
+        self.copied || self.malformed
+    }
 }
 
 fn case(name: &'static str, frame: Vec<u8>, copied: bool, malformed: bool) -> Case {
@@ -67,7 +77,7 @@ pub fn malformed() -> Vec<Case> {
     ipv4_options.extend(&udp[34..]);
     let mut ipv6_fragment = ipv6_with_extensions(&[], FRAGMENT, &[17, 0, 0, 8, 0, 0, 0, 1]);
     ipv6_fragment.extend(udp_header);
-    vec![
+    let mut cases = vec![
         case("ipv4 udp 4000 (control)", udp.clone(), true, false),
         case(
             "runt: ethernet header only",
@@ -103,12 +113,6 @@ pub fn malformed() -> Vec<Case> {
             false,
         ),
         case(
-            "ipv6 9 extension headers",
-            ipv6_with_extensions(&[DEST_OPTS; 9], 17, udp_header),
-            false,
-            true,
-        ),
-        case(
             "ipv6 extension header cut",
             ipv6_with_extensions(&[DEST_OPTS], 17, &[])[..14 + 40 + 4].to_vec(),
             false,
@@ -140,6 +144,39 @@ pub fn malformed() -> Vec<Case> {
             tagged(&udp, &[(0x8100, 7)]),
             true,
             false,
+        ),
+    ];
+    cases.extend(ipv6_chains(udp_header));
+    cases
+}
+
+/// IPv6 extension chains around the longest the parser follows (8 headers): longer ones are an
+/// evasion unless they are copied.
+fn ipv6_chains(udp_header: &[u8]) -> Vec<Case> {
+    vec![
+        case(
+            "ipv6 7 extension headers, udp 4000",
+            ipv6_with_extensions(&[DEST_OPTS; 7], 17, udp_header),
+            true,
+            false,
+        ),
+        case(
+            "ipv6 8 extension headers",
+            ipv6_with_extensions(&[DEST_OPTS; 8], 17, udp_header),
+            false,
+            true,
+        ),
+        case(
+            "ipv6 9 extension headers",
+            ipv6_with_extensions(&[DEST_OPTS; 9], 17, udp_header),
+            false,
+            true,
+        ),
+        case(
+            "ipv6 12 extension headers",
+            ipv6_with_extensions(&[DEST_OPTS; 12], 17, udp_header),
+            false,
+            true,
         ),
     ]
 }

@@ -619,6 +619,7 @@ pub struct Counts {
     pub truncated: u64,
     pub ring_full: u64,
     pub no_route: u64,
+    pub unparsed: u64,
 }
 
 impl Counts {
@@ -685,7 +686,8 @@ impl Report {
             truncated,
             ring_full,
             no_route,
-        ] = numbers.try_into().expect("ten counters");
+            unparsed,
+        ] = numbers.try_into().expect("eleven counters");
         Counts {
             matched,
             mirrored,
@@ -697,6 +699,7 @@ impl Report {
             truncated,
             ring_full,
             no_route,
+            unparsed,
         }
     }
 

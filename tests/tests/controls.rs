@@ -8,8 +8,9 @@ use std::{
 };
 
 use mirror_tests::{
-    COL_V4, Capture, Counts, Flow, Lab, Report, SENTINEL_RULE, SINK_V4, SINK_V6, SRC_V4, SRC_V6,
-    is_sentinel, pin_to_first_cpu, select, udp_socket, wait_for,
+    COL_V4, Capture, Counts, Flow, FrameSender, Lab, NODE_SRC_MAC, Report, SENTINEL_RULE, SINK_V4,
+    SINK_V6, SRC_MAC, SRC_V4, SRC_V6, is_sentinel, pin_to_first_cpu, select, udp_socket,
+    udp_v6_frame, wait_for,
 };
 
 /// Session `ctl` on src0 ingress with `controls` (session keys) and one rule mirroring UDP to
@@ -326,18 +327,22 @@ fn a_byte_limit_and_the_node_budget_hold_across_sessions() {
     );
 }
 
-/// A copy the kernel cannot cut to the snaplen (inside its headers: an IPv6 copy cut to 40 bytes)
-/// is dropped, counted once as a clone error of its rule and session (and once at the copy
-/// hook), never as sent.
+/// A copy the kernel cannot cut to the snaplen (inside its headers: an IPv6 packet whose 64-byte
+/// destination options put its UDP header at byte 118, cut to the smallest snaplen, 96) is
+/// dropped, counted once as a clone error of its rule and session (and once at the copy hook),
+/// never as sent. A snaplen below 96 is refused (`rules` unit tests).
 #[test]
 fn a_copy_that_cannot_be_cut_is_counted_once() {
     let lab = Lab::new("snapfail");
     let copies = Capture::open(&lab.mon, "eth0");
-    let agent = lab.start_agent(&controlled(TO_MIR0, "snaplen = 40"));
-    let _receiver = udp_socket(&lab.sink, SocketAddr::new(SINK_V6.into(), 5555));
-    let sender = udp_socket(&lab.src, SocketAddr::new(SRC_V6.into(), 0));
-    pin_to_first_cpu();
-    sender.send_to(&[1; 100], (SINK_V6, 5555)).expect("send");
+    let agent = lab.start_agent(&controlled(TO_MIR0, "snaplen = 96"));
+    let mut frame = udp_v6_frame(SRC_MAC, NODE_SRC_MAC, 5555, &[1; 100]);
+    let options: Vec<u8> = [17, 7, 1, 60].into_iter().chain([0; 60]).collect();
+    frame.splice(14 + 40..14 + 40, options);
+    frame[14 + 6] = 60;
+    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + 64;
+    frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
+    FrameSender::open(&lab.src, "eth0").send(&frame);
     let (frames, report) = copies_and_report(&lab, &copies, agent);
     assert!(frames.is_empty(), "{} copies", frames.len());
     assert_eq!(

@@ -77,12 +77,14 @@ fn arp_is_matched_by_ethertype() {
 #[test]
 fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
     let lab = Lab::new("malformed");
-    let agent = lab.start_agent(&session_config(
-        "[\"sink0\"]",
-        "egress",
-        cases::MALFORMED_RULES,
+    // Session `t` copies what it cannot parse to mir0, session `skip` does not, to mir1.
+    let agent = lab.start_agent(&format!(
+        "{}[[session]]\nname = \"skip\"\ninterfaces = [\"sink0\"]\ndirection = \"egress\"\ntarget = {{ interface = \"mir1\" }}\nunparsed = \"skip\"\n{SENTINEL_RULE}{}",
+        session_config("[\"sink0\"]", "egress", cases::MALFORMED_RULES),
+        cases::MALFORMED_RULES
     ));
     let copies = Capture::open(&lab.mon, "eth0");
+    let skipping = Capture::open(&lab.mon, "eth1");
     let delivered = Capture::open(&lab.sink, "eth0");
     let sender = FrameSender::open(&lab.node, "sink0");
     let cases = cases::malformed();
@@ -102,22 +104,42 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
         );
         assert_eq!(
             copies.contains(&case.frame),
-            case.copied,
+            case.copied_failing_open(),
             "{}: copy",
             case.name
         );
     }
     assert_eq!(delivered.len(), cases.len());
-    let expected = cases
-        .iter()
-        .filter(|c| c.copied)
-        .map(|c| c.frame.clone())
-        .collect();
-    assert_same_frames("malformed table", copies, expected);
+    let expected = |keep: &dyn Fn(&cases::Case) -> bool| {
+        cases
+            .iter()
+            .filter(|c| keep(c))
+            .map(|c| c.frame.clone())
+            .collect()
+    };
+    assert_same_frames(
+        "malformed table, failing open",
+        copies,
+        expected(&cases::Case::copied_failing_open),
+    );
+    assert_same_frames(
+        "malformed table, skipping unparsed frames",
+        skipping.bytes_until_sentinel(),
+        expected(&|c| c.copied),
+    );
     let report = agent.stop();
     let malformed = cases.iter().filter(|c| c.malformed).count() as u64;
+    // Once per packet at the hook, once per session at the rule that decided it (the first: every
+    // unparsed frame might be UDP to port 9).
     assert_eq!(report.hook("egress", "malformed"), malformed);
     assert_eq!(report.hook("egress", "table_errors"), 0);
+    for session in ["t", "skip"] {
+        assert_eq!(report.rule(session, "1").unparsed, malformed, "{session}");
+    }
+    assert_eq!(
+        report.session("skip").mirrored,
+        1 + cases.iter().filter(|c| c.copied).count() as u64
+    );
 }
 
 #[test]

@@ -47,7 +47,7 @@ fn the_frame_table_through_xdp_is_copied_by_the_agent_and_passed_unchanged() {
     assert_eq!(passed.len(), cases.len());
     let expected = cases
         .iter()
-        .filter(|c| c.copied)
+        .filter(|c| c.copied_failing_open())
         .map(|c| c.frame.clone())
         .collect();
     assert_same_frames("the table at XDP", copies, expected);
@@ -55,8 +55,16 @@ fn the_frame_table_through_xdp_is_copied_by_the_agent_and_passed_unchanged() {
     let malformed = cases.iter().filter(|c| c.malformed).count() as u64;
     assert_eq!(report.hook("xdp", "malformed"), malformed);
     assert_eq!(report.hook("xdp", "table_errors"), 0);
-    let expected_copies = cases.iter().filter(|c| c.copied).count() as u64;
-    assert_eq!(report.rule("t", "1"), Counts::copied(1, 1), "the sentinel");
+    let expected_copies = cases.iter().filter(|c| c.copied_failing_open()).count() as u64;
+    // The sentinel's rule comes first: every unparsed frame might be UDP to port 9.
+    assert_eq!(
+        report.rule("t", "1"),
+        Counts {
+            unparsed: malformed,
+            ..Counts::copied(1 + malformed, 1 + malformed)
+        },
+        "the sentinel and the unparsed frames"
+    );
     assert_eq!(
         report.session("t").mirrored,
         expected_copies + 1,
@@ -187,8 +195,10 @@ fn a_pcap_target_is_a_filtered_always_on_capture_for_tc_and_xdp() {
         for frame in &frames {
             sender.send(frame);
         }
-        // Not UDP: not written.
-        sender.send(&udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, b"x")[..14 + 9]);
+        // Not UDP (the protocol byte says TCP): not written.
+        let mut tcp = udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, b"x");
+        tcp[14 + 9] = 6;
+        sender.send(&tcp);
         let (code, _, stderr) = agent_command(
             &lab.node,
             &[

@@ -462,6 +462,11 @@ impl Shared {
             "rule_truncated_copies",
             "Copies cut to the session's snaplen (also counted as sent)",
         );
+        let unparsed = rule_counter(
+            &mut registry,
+            "rule_unparsed_packets",
+            "Packets the parser could not finish that a rule decided to copy (sent unless the session skips them)",
+        );
         let not_sent = rule_counter(
             &mut registry,
             "rule_copies_not_sent",
@@ -477,6 +482,7 @@ impl Shared {
                 matched.get_or_create(&labels).inc_by(c.matched);
                 copies.get_or_create(&labels).inc_by(c.mirrored);
                 truncated.get_or_create(&labels).inc_by(c.truncated);
+                unparsed.get_or_create(&labels).inc_by(c.unparsed);
                 for (reason, value) in [
                     ("clone_error", c.clone_errors),
                     ("copy_limit", c.copy_limit),
@@ -547,6 +553,10 @@ pub struct CounterStats {
     /// next hop, or the target interface was gone.
     #[serde(default)]
     pub no_route: u64,
+    /// Copies decided of packets the parser could not finish (sent unless the session skips
+    /// them).
+    #[serde(default)]
+    pub unparsed: u64,
 }
 
 impl From<&Counters> for CounterStats {
@@ -562,6 +572,7 @@ impl From<&Counters> for CounterStats {
             truncated: c.truncated,
             ring_full: c.ring_full,
             no_route: c.no_route,
+            unparsed: c.unparsed,
         }
     }
 }
@@ -581,6 +592,7 @@ impl std::ops::Add for CounterStats {
             truncated: self.truncated + other.truncated,
             ring_full: self.ring_full + other.ring_full,
             no_route: self.no_route + other.no_route,
+            unparsed: self.unparsed + other.unparsed,
         }
     }
 }

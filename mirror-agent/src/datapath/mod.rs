@@ -902,4 +902,5 @@ fn add_counters(total: &mut Counters, value: &Counters) {
     total.truncated += value.truncated;
     total.ring_full += value.ring_full;
     total.no_route += value.no_route;
+    total.unparsed += value.unparsed;
 }

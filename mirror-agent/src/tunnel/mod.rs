@@ -390,6 +390,7 @@ fn with_controls(meta: SessionMeta, controls: &Controls) -> SessionMeta {
         sample_mode: controls.sample_mode,
         sample_every: controls.sample_every,
         sample_seed: controls.sample_seed,
+        skip_unparsed: u32::from(controls.skip_unparsed),
         rate: controls.rate,
         ..meta
     }
