@@ -27,7 +27,7 @@ use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
         link::LinkAttribute,
-        route::{RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType},
+        route::{RouteAttribute, RouteFlags, RouteHeader, RouteProtocol, RouteScope, RouteType},
     },
     sys::AsyncSocket as _,
 };
@@ -341,7 +341,7 @@ impl Placer {
     /// The interface the kernel sends `ip` out of, when that is a pod's own interface, or the
     /// port of the bridge it sends `ip` out of that leads to the pod.
     async fn route_to(&mut self, ip: IpAddr) -> Placement {
-        let interface = routed_interface(&self.handle, ip, &self.interfaces)
+        let (interface, host_route) = routed_interface(&self.handle, ip, &self.interfaces)
             .await
             .map_err(Unplaced::for_now)?;
         if !std::path::Path::new("/sys/class/net")
@@ -349,6 +349,14 @@ impl Placer {
             .join("bridge")
             .exists()
         {
+            // A pod's own interface has a host route; a subnet's route (the pod's /32 is missing,
+            // its address is in the node's own subnet) leads to the node's uplink, not to a pod.
+            if !host_route {
+                return Err(Unplaced::for_now(format!(
+                    "{ip} is routed to {} by a subnet's route, not a host route: not a pod interface",
+                    interface.name
+                )));
+            }
             return Ok(interface);
         }
         if !self.bridges.contains_key(&interface.ifindex) {
@@ -426,12 +434,13 @@ async fn bridge_addresses(
     Ok(behind)
 }
 
-/// The interface of the kernel's unicast route to `ip` without a gateway.
+/// The interface of the kernel's unicast route to `ip` without a gateway, and whether that route
+/// is a host route (/32 or /128) rather than a subnet's.
 async fn routed_interface(
     handle: &rtnetlink::Handle,
     ip: IpAddr,
     interfaces: &[Interface],
-) -> Result<Interface, String> {
+) -> Result<(Interface, bool), String> {
     let mut request = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
         .map_err(|e| e.to_string())?
@@ -441,6 +450,9 @@ async fn routed_interface(
     request.header.protocol = RouteProtocol::Unspec;
     request.header.scope = RouteScope::Universe;
     request.header.kind = RouteType::Unspec;
+    // The route that matched as it is in the table (its own prefix length), not the lookup's
+    // result for `ip` alone.
+    request.header.flags |= RouteFlags::FibMatch;
     let route = handle
         .route()
         .get(request)
@@ -468,9 +480,11 @@ async fn routed_interface(
             _ => {}
         }
     }
+    let host_route = route.header.destination_prefix_length == if ip.is_ipv4() { 32 } else { 128 };
     ifindex
         .and_then(|index| interfaces.iter().find(|i| i.ifindex == index))
         .cloned()
+        .map(|interface| (interface, host_route))
         .ok_or_else(|| format!("the route to {ip} names no interface"))
 }
 

@@ -2012,4 +2012,63 @@ mod tests {
             "{error}"
         );
     }
+
+    /// Pieces of configuration files, valid and not, that the random files are made of.
+    const PIECES: &[&str] = &[
+        "[[session]]\n",
+        "[[session.rule]]\n",
+        "name = \"a\"\n",
+        "name = \"b\"\n",
+        "name = \"\"\n",
+        "interfaces = [\"eth0\"]\n",
+        "interfaces = [\"veth*\", \"eth1\"]\n",
+        "interfaces = [\"mir0\"]\n",
+        "interfaces = []\n",
+        "direction = \"both\"\n",
+        "direction = \"sideways\"\n",
+        "hook = \"xdp\"\n",
+        "target = { interface = \"mir0\" }\n",
+        "target = { interface = \"eth0\" }\n",
+        "target = { vxlan = { remote = \"192.0.2.9\", vni = 7 } }\n",
+        "target = { erspan = { remote = \"fd00::9\", session_id = 2000, version = 3 } }\n",
+        "target = { gre = { remote = \"192.0.2.9\", local = \"fd00::1\" } }\n",
+        "target = { file = \"/tmp/x.pcapng\", rotate_bytes = 0 }\n",
+        "default = \"mirror\"\n",
+        "snaplen = 95\n",
+        "snaplen = 4294967295\n",
+        "unparsed = \"skip\"\n",
+        "sample = { every = 0 }\n",
+        "rate_limit = { packets_per_second = 18446744073709551615 }\n",
+        "number = 1\n",
+        "number = 4294967295\n",
+        "action = \"mirror\"\n",
+        "proto = \"tcp\"\n",
+        "proto = 300\n",
+        "ethertype = \"arp\"\n",
+        "vlan = 4096\n",
+        "src = \"10.0.0.0/8\"\n",
+        "dst = \"fd00::/200\"\n",
+        "src_port = \"9-1\"\n",
+        "dst_port = 65535\n",
+        "copy_ring_bytes = 3\n",
+        "node_rate_limit = { bytes_per_second = 1 }\n",
+        "metrics_address = \"[::1]:9464\"\n",
+        "\u{0}\"[=\n",
+    ];
+
+    proptest::proptest! {
+        /// Any file made of these pieces in any order is planned or refused with its name and,
+        /// where the error has one, a line: never a panic.
+        #[test]
+        fn any_file_is_planned_or_refused_with_a_place(
+            picks in proptest::collection::vec(0..PIECES.len(), 0..40),
+        ) {
+            let text: String = picks.iter().map(|&i| PIECES[i]).collect();
+            let outcome = LoadedConfig::parse("t.toml".into(), text)
+                .and_then(|loaded| plan(&loaded, &interfaces()));
+            if let Err(e) = outcome {
+                proptest::prop_assert!(e.to_string().starts_with("t.toml"), "{e}");
+            }
+        }
+    }
 }

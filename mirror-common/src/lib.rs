@@ -146,6 +146,13 @@ pub const COPY_GENERATION_BIT: u32 = 0x8000;
 /// the programs: the same in both directions) from the mirror program to the copy program, which
 /// picks the outer UDP source port from it. Set on the original just for the clone, like the mark.
 pub const FLOW_HASH_CB: usize = 0;
+/// The word of `__sk_buff::cb` where a copy also carries [`COPY_COOKIE`] (set on the original
+/// just for the clone, like the mark): the mark's upper half is shared with others (Calico's
+/// default mark mask is 0xffff0000), so a packet whose mark merely looks like a copy's is not
+/// taken for one, never cut or encapsulated.
+pub const COPY_COOKIE_CB: usize = 1;
+/// See [`COPY_COOKIE_CB`].
+pub const COPY_COOKIE: u32 = 0x7370_616e;
 /// Set in a copy's mark when the packet was seen leaving its interface (egress): the ERSPAN type
 /// III header carries the direction.
 pub const COPY_EGRESS_BIT: u32 = 0x4000;

@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use mirror_common::{
-    COPY_EGRESS_BIT, COPY_MARK, Direction, FLOW_HASH_CB, MAX_COPIES_PER_PACKET, MAX_RING_COPY,
-    SessionMeta, TARGET_RING, TARGET_TUNNEL,
+    COPY_COOKIE, COPY_COOKIE_CB, COPY_EGRESS_BIT, COPY_MARK, Direction, FLOW_HASH_CB,
+    MAX_COPIES_PER_PACKET, MAX_RING_COPY, SessionMeta, TARGET_RING, TARGET_TUNNEL,
 };
 
 use crate::{
@@ -250,10 +250,16 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
 /// mark is back before this returns.
 #[inline(always)]
 fn send_marked_copy(ctx: &TcContext, target_ifindex: u32, rule: u32) -> Result<(), i64> {
-    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
-    let mark = unsafe { (*ctx.skb.skb).mark };
+    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program; `cb` is the
+    // programs' scratch space.
+    let skb = unsafe { &mut *ctx.skb.skb };
+    let mark = skb.mark;
+    let cookie = skb.cb[COPY_COOKIE_CB];
+    skb.cb[COPY_COOKIE_CB] = COPY_COOKIE;
     ctx.set_mark(COPY_MARK | copy_generation() | rule);
     let sent = ctx.clone_redirect(target_ifindex, 0);
     ctx.set_mark(mark);
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).cb[COPY_COOKIE_CB] = cookie };
     sent
 }

@@ -18,9 +18,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mirror_common::{
-    COPY_EGRESS_BIT, COPY_GENERATION_BIT, COPY_HOOK, COPY_MARK, COPY_MARK_MASK, COPY_RULE_MASK,
-    FLOW_HASH_CB, MAX_TUNNEL_HEADER, SessionMeta, TARGET_TUNNEL, TUNNEL_ERSPAN2, TUNNEL_ERSPAN3,
-    TUNNEL_GENEVE, TUNNEL_VXLAN, Tunnel,
+    COPY_COOKIE, COPY_COOKIE_CB, COPY_EGRESS_BIT, COPY_GENERATION_BIT, COPY_HOOK, COPY_MARK,
+    COPY_MARK_MASK, COPY_RULE_MASK, FLOW_HASH_CB, MAX_TUNNEL_HEADER, SessionMeta, TARGET_TUNNEL,
+    TUNNEL_ERSPAN2, TUNNEL_ERSPAN3, TUNNEL_GENEVE, TUNNEL_VXLAN, Tunnel,
 };
 
 use crate::{
@@ -49,12 +49,21 @@ const _: () = assert!(MAX_TUNNEL_HEADER as u32 <= HEADER_LEN_MASK);
 const ETH_P_IP: u32 = 0x0800_u16.to_be() as u32;
 const ETH_P_IPV6: u32 = 0x86dd_u16.to_be() as u32;
 
+/// Whether the packet is a copy (of any generation): its mark says so, and the cookie in its
+/// control block confirms it (see `mirror_common::COPY_COOKIE_CB`).
+#[inline(always)]
+pub fn is_copy(ctx: &TcContext) -> bool {
+    // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
+    let skb = unsafe { &*ctx.skb.skb };
+    skb.mark & COPY_MARK_MASK == COPY_MARK && skb.cb[COPY_COOKIE_CB] == COPY_COOKIE
+}
+
 #[inline(always)]
 pub fn finish(ctx: &TcContext) -> Outcome {
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
     let mark = unsafe { (*ctx.skb.skb).mark };
     // Most packets at an underlay are the node's own traffic: leave them before any map access.
-    if mark & COPY_MARK_MASK != COPY_MARK {
+    if !is_copy(ctx) {
         return Outcome::Foreign;
     }
     count::hook_at(COPY_HOOK, |c| &mut c.packets);

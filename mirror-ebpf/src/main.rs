@@ -42,7 +42,7 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use mirror_common::{AttachmentKey, COPY_MARK, COPY_MARK_MASK, Direction};
+    use mirror_common::{AttachmentKey, Direction};
 
     use crate::{act, classify, copy, count, limit, parse};
 
@@ -58,8 +58,7 @@ mod programs {
     pub fn mirror_tc_egress(ctx: TcContext) -> i32 {
         // A tunnel copy on its way out of a watched underlay, before the copy program has put
         // its outer headers on: never a packet of its own.
-        // SAFETY: ctx.skb.skb is the context pointer the kernel passed to this program.
-        if unsafe { (*ctx.skb.skb).mark } & COPY_MARK_MASK != COPY_MARK {
+        if !copy::is_copy(&ctx) {
             mirror(&ctx, Direction::Egress);
         }
         TC_ACT_UNSPEC

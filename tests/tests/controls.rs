@@ -357,3 +357,51 @@ fn a_copy_that_cannot_be_cut_is_counted_once() {
     );
     assert_eq!(report.hook("copy", "copy_errors"), 1);
 }
+
+/// A packet of the node's own whose mark merely looks like a copy's (the mark's upper half is
+/// shared with others: Calico's default mark mask is 0xffff0000) leaves a target untouched: the
+/// copy program there does not cut it.
+#[test]
+fn a_packet_whose_mark_looks_like_a_copys_is_left_alone() {
+    let lab = Lab::new("markalike");
+    let copies = Capture::open(&lab.mon, "eth0");
+    let agent = lab.start_agent(&controlled(TO_MIR0, "snaplen = 100"));
+    // The node sends to an address behind mir0, marked as the first generation's copy of rule 0
+    // (session `ctl`, whose copies are cut to 100 bytes).
+    lab.node
+        .ip(&["route", "add", "10.99.0.1/32", "dev", "mir0"]);
+    lab.node.ip(&[
+        "neigh",
+        "replace",
+        "10.99.0.1",
+        "lladdr",
+        "02:00:00:00:03:02",
+        "dev",
+        "mir0",
+        "nud",
+        "permanent",
+    ]);
+    let socket = udp_socket(
+        &lab.node,
+        SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0),
+    );
+    let mark: libc::c_uint = 0x6d69_8000;
+    // SAFETY: SO_MARK takes a c_uint of the size given, on a socket we own.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "SO_MARK");
+    socket
+        .send_to(&[7; 500], ("10.99.0.1", 7777))
+        .expect("send");
+    let (frames, report) = copies_and_report(&lab, &copies, agent);
+    let lengths: Vec<usize> = frames.iter().map(Vec::len).collect();
+    assert_eq!(lengths, [14 + 20 + 8 + 500], "the node's packet, whole");
+    assert_eq!(report.hook("copy", "packets"), 0, "{}", report.0);
+}

@@ -673,3 +673,24 @@ fn a_pinned_takeover_repairs_what_an_agent_left_half_done() {
     third.stop();
     std::fs::remove_dir_all(&pins).expect("remove the pins");
 }
+
+/// An interface whose name is not UTF-8 (the kernel allows any bytes but `/`, `:` and blanks)
+/// neither stops the start nor is watched, though a lossy reading of its name would match the
+/// session's glob; the interfaces the glob does match are watched.
+#[test]
+fn an_interface_named_in_bytes_that_are_not_utf8_is_passed_over() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let lab = Lab::new("badname");
+    let name = std::ffi::OsStr::from_bytes(b"dyn\xff");
+    let status = std::process::Command::new("ip")
+        .args(["-n", &lab.node.name, "link", "add"])
+        .arg(name)
+        .args(["type", "veth", "peer", "name", "dynp"])
+        .status()
+        .expect("ip");
+    assert!(status.success());
+    add_dyn0(&lab);
+    let agent = lab.start_agent(&session_config("[\"src0\", \"dyn*\"]", "ingress", ""));
+    assert_eq!(tcx_programs(&lab.node, "dyn0")[0], ["mirror_tc_ingre"]);
+    agent.stop();
+}

@@ -149,7 +149,7 @@ fn vxlan_targets_are_checked_and_an_unreachable_collector_is_counted() {
         ],
     );
     assert_ne!(code, 0);
-    assert!(stderr.contains("snaplen must be 14..65535"), "{stderr}");
+    assert!(stderr.contains("snaplen must be 96..65535"), "{stderr}");
     // A tunnel flag without its tunnel: a usage error (2), before anything is made.
     for flags in [
         ["--to-gre", "192.0.2.2", "--vni", "5"],

@@ -171,6 +171,9 @@ fn first_pods(lab: &Lab, api: &FakeApi) -> [PodNet; 3] {
     let mut host = pod("shop", "web-host", "web", NODE, &["10.10.1.1"]);
     host.spec.as_mut().expect("spec").host_network = Some(true);
     api.apply(host);
+    // Selected, but its /32 route is missing and its address is in a subnet the node has on src0:
+    // src0 is not its interface.
+    api.apply(pod("shop", "web-lost", "web", NODE, &["10.10.1.7"]));
     [web1, db1, other]
 }
 
@@ -181,7 +184,7 @@ fn assert_only_web1_watched(lab: &Lab, socket: &str) {
     let metrics = api_get(socket, "/metrics");
     for line in [
         r#"mirror_selected_pods{session="web",watched="true"} 1"#,
-        r#"mirror_selected_pods{session="web",watched="false"} 1"#,
+        r#"mirror_selected_pods{session="web",watched="false"} 2"#,
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }
@@ -208,6 +211,11 @@ fn assert_only_web1_watched(lab: &Lab, socket: &str) {
             (
                 "shop/web-host".to_owned(),
                 "on the host network: no interface of its own".to_owned(),
+                r#"["web"]"#.to_owned()
+            ),
+            (
+                "shop/web-lost".to_owned(),
+                "10.10.1.7 is routed to src0 by a subnet's route, not a host route: not a pod interface".to_owned(),
                 r#"["web"]"#.to_owned()
             ),
         ]

@@ -42,6 +42,10 @@ enum Task {
         /// Skip the lint step.
         #[arg(long)]
         no_lint: bool,
+        /// Cases each property test (the fuzzing of the configuration, the collector's datagrams
+        /// and the API's queries) tries; more for a longer hunt, e.g. 1000000.
+        #[arg(long, default_value_t = 2000)]
+        fuzz_cases: u32,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         cargo_args: Vec<String>,
@@ -79,8 +83,9 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => lint(),
         Task::Test {
             no_lint,
+            fuzz_cases,
             cargo_args,
-        } => test(no_lint, &cargo_args),
+        } => test(no_lint, fuzz_cases, &cargo_args),
         Task::Bench {
             reps,
             seconds,
@@ -188,7 +193,7 @@ fn lint() -> anyhow::Result<()> {
     ])
 }
 
-fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
+fn test(no_lint: bool, fuzz_cases: u32, cargo_args: &[String]) -> anyhow::Result<()> {
     require_root("the integration tests")?;
     setup::run(false)?;
     if !no_lint {
@@ -199,7 +204,8 @@ fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
     command
         .args(["test", "--workspace"])
         .args(cargo_args)
-        .env("MIRROR_AGENT_BIN", agent);
+        .env("MIRROR_AGENT_BIN", agent)
+        .env("PROPTEST_CASES", fuzz_cases.to_string());
     run(&mut command)
 }
 

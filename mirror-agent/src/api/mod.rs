@@ -729,8 +729,20 @@ struct StreamQuery {
     interval_ms: Option<u64>,
 }
 
+impl StreamQuery {
+    /// The interval asked for (1 s when none), within [`MIN_STREAM_INTERVAL`] and
+    /// [`MAX_STREAM_INTERVAL`].
+    fn period(&self) -> Duration {
+        self.interval_ms
+            .map_or(Duration::from_secs(1), Duration::from_millis)
+            .clamp(MIN_STREAM_INTERVAL, MAX_STREAM_INTERVAL)
+    }
+}
+
 /// Shortest interval a stream accepts.
 const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest interval a stream accepts (as `stats --interval`).
+const MAX_STREAM_INTERVAL: Duration = Duration::from_hours(1);
 
 #[expect(
     clippy::cast_precision_loss,
@@ -756,10 +768,7 @@ async fn stream(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<StreamQuery>,
 ) -> impl IntoResponse {
-    let period = query
-        .interval_ms
-        .map_or(Duration::from_secs(1), Duration::from_millis)
-        .max(MIN_STREAM_INTERVAL);
+    let period = query.period();
     let stop = shared.stop.clone();
     let lines = futures_util::stream::unfold(
         (shared, None::<(Stats, Instant)>),
@@ -937,4 +946,29 @@ pub async fn bind_metrics(address: SocketAddr) -> anyhow::Result<tokio::net::Tcp
     tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("listening on {address} for metrics"))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{extract::Query, http::Uri};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever query a client sends to `/stats/stream`, it is refused or gives an interval
+        /// within bounds: never a panic, never a stream that spins or never ticks.
+        #[test]
+        fn any_stream_query_is_refused_or_bounded(query in ".{0,64}", number in any::<u64>()) {
+            for query in [query, format!("interval_ms={number}")] {
+                let Ok(uri) = format!("/stats/stream?{query}").parse::<Uri>() else {
+                    continue;
+                };
+                if let Ok(Query(parsed)) = Query::<StreamQuery>::try_from_uri(&uri) {
+                    let period = parsed.period();
+                    prop_assert!((MIN_STREAM_INTERVAL..=MAX_STREAM_INTERVAL).contains(&period));
+                }
+            }
+        }
+    }
 }

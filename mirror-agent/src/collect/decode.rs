@@ -224,7 +224,45 @@ impl Gaps {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Any bytes, in any format: refused, or a frame that lies within the datagram and holds
+        /// at least an Ethernet header. Never a panic. Datagrams start from a valid header of
+        /// the format half the time, so that the cases reach past the first check.
+        #[test]
+        fn any_datagram_decodes_within_bounds_or_is_refused(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..160),
+            format in 0..4usize,
+            valid_start in any::<bool>(),
+        ) {
+            let starts: [&[u8]; 4] = [
+                &[0x08, 0, 0, 0, 0, 0, 7, 0],
+                &[0, 0, 0x65, 0x58, 0, 0, 7, 0],
+                &[0x20, 0, 0x88, 0xbe, 0, 0, 0, 1],
+                &[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 47, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+            ];
+            if valid_start {
+                let start = starts[format];
+                let n = start.len().min(bytes.len());
+                bytes[..n].copy_from_slice(&start[..n]);
+            }
+            let decoded = match format {
+                0 => vxlan(&bytes),
+                1 => geneve(&bytes),
+                2 => gre(&bytes),
+                _ => gre_in_ipv4(&bytes),
+            };
+            if let Ok(decoded) = decoded {
+                let range = bytes.as_ptr_range();
+                let frame = decoded.frame.as_ptr_range();
+                prop_assert!(range.start <= frame.start && frame.end <= range.end);
+                prop_assert!(decoded.frame.len() >= ETHERNET_HEADER_LEN);
+            }
+        }
+    }
 
     const FRAME: [u8; 14] = [0xab; 14];
 

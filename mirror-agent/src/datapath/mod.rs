@@ -147,7 +147,8 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
-/// The interfaces of this network namespace.
+/// The interfaces of this network namespace. One whose name is not UTF-8 is left out (with a
+/// warning): no configuration can name it, and a lossy name would match globs it does not.
 pub fn interfaces() -> Result<Vec<Interface>, DatapathError> {
     // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
     unsafe {
@@ -158,12 +159,17 @@ pub fn interfaces() -> Result<Vec<Interface>, DatapathError> {
         let mut out = Vec::new();
         let mut entry = list;
         while (*entry).if_index != 0 {
-            out.push(Interface {
-                name: CStr::from_ptr((*entry).if_name)
-                    .to_string_lossy()
-                    .into_owned(),
-                ifindex: (*entry).if_index,
-            });
+            let ifindex = (*entry).if_index;
+            if let Ok(name) = CStr::from_ptr((*entry).if_name).to_str() {
+                out.push(Interface {
+                    name: name.to_owned(),
+                    ifindex,
+                });
+            } else {
+                tracing::warn!(
+                    "interface {ifindex} has a name that is not UTF-8: it is never watched"
+                );
+            }
             entry = entry.add(1);
         }
         libc::if_freenameindex(list);
