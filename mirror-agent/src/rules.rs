@@ -2142,12 +2142,16 @@ mod tests {
             .collect::<Vec<_>>();
         let bad = proptest::option::weighted(0.1, proptest::sample::select(bad));
         (required, optional, bad).prop_map(|(required, optional, bad)| {
-            required
+            let mut lines = String::new();
+            for line in required
                 .into_iter()
                 .chain(optional.into_iter().flatten())
                 .chain(bad)
-                .map(|line| format!("{line}\n"))
-                .collect()
+            {
+                lines.push_str(line);
+                lines.push('\n');
+            }
+            lines
         })
     }
 
