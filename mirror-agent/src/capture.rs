@@ -495,4 +495,30 @@ mod tests {
         let rotated = Sink::open(&path, Some(1), Some(2)).expect("open");
         assert_eq!(rotated.sequence, 3);
     }
+
+    /// A rotated file someone else removed is no reason to stop: the capture goes on, and the
+    /// newest `rotate_count` files are kept.
+    #[test]
+    fn a_rotated_file_removed_by_someone_else_is_passed_over() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("cap.pcap");
+        let mut sink = Sink::open(&path, Some(1), Some(2)).expect("open");
+        let write = |sink: &mut Sink| {
+            sink.write(1, String::new, Duration::ZERO, &[0; 60], 60)
+                .expect("written");
+        };
+        write(&mut sink);
+        write(&mut sink);
+        std::fs::remove_file(dir.path().join("cap-000001.pcap")).expect("someone removes it");
+        for _ in 0..3 {
+            write(&mut sink);
+        }
+        sink.finish().expect("finish");
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["cap-000004.pcap", "cap-000005.pcap"]);
+    }
 }

@@ -70,7 +70,8 @@ enum Task {
         quick: bool,
         /// Only the scenarios whose name contains one of these comma-separated texts (e.g.
         /// `baseline,match,vxlan`); `attach` for attach scaling, `pods` for pod-selector sessions,
-        /// `tunnels` for every tunnel format paired with tc mirred into vxlan.
+        /// `tunnels` for every tunnel format paired with tc mirred into vxlan, `validation` for
+        /// how long large rule sets take to validate.
         #[arg(long)]
         only: Option<String>,
     },

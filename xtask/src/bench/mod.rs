@@ -9,6 +9,7 @@
 mod report;
 mod traffic;
 mod tunnels;
+mod validation;
 
 use std::{
     fmt::Write as _,
@@ -22,6 +23,7 @@ use mirror_tests::{Agent, Lab, NODE_SRC_MAC, SINK_MAC, SRC_MAC, wait_for};
 use serde::Serialize;
 use traffic::{Spinner, counters, generate, wait_for_idle};
 use tunnels::{PairedRow, TUNNELS, paired_tunnels};
+use validation::{ValidationRow, validation_timing};
 
 /// Where the generator sends: routed by the node to the sink, which is not this address.
 const FLOW_DST: &str = "10.10.2.99";
@@ -45,8 +47,8 @@ pub struct Options {
     pub pod_counts: Vec<usize>,
     pub frame_sizes: Vec<usize>,
     /// Run only the scenarios whose name contains one of these comma-separated parts (attach
-    /// scaling only with the part "attach", pod scaling with "pods"); ratios need their
-    /// reference scenarios in the run.
+    /// scaling only with the part "attach", pod scaling with "pods", validation timing with
+    /// "validation"); ratios need their reference scenarios in the run.
     pub only: Option<String>,
 }
 
@@ -273,8 +275,19 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let validation: Vec<ValidationRow> = if only_has("validation") {
+        validation_timing(&lab, agent)?
+    } else {
+        Vec::new()
+    };
     drop(lab);
-    report::write(&rows, &attach, &pods, &tunnels, options, started.elapsed())
+    let extra = report::Extra {
+        attach: &attach,
+        pods: &pods,
+        tunnels: &tunnels,
+        validation: &validation,
+    };
+    report::write(&rows, &extra, options, started.elapsed())
 }
 
 /// Routes and devices every scenario may use.

@@ -27,9 +27,17 @@ struct Results<'a> {
     seconds_per_rep: f64,
     fixed_rate_pps: u64,
     rows: &'a [Row],
-    attach: &'a [AttachRow],
-    pods: &'a [PodRow],
-    tunnels: &'a [PairedRow],
+    #[serde(flatten)]
+    extra: &'a Extra<'a>,
+}
+
+/// The measurements beside the throughput rows.
+#[derive(Debug, Serialize)]
+pub struct Extra<'a> {
+    pub attach: &'a [AttachRow],
+    pub pods: &'a [PodRow],
+    pub tunnels: &'a [PairedRow],
+    pub validation: &'a [super::ValidationRow],
 }
 
 fn command(program: &str, args: &[&str]) -> String {
@@ -121,34 +129,8 @@ fn scaling_tables(md: &mut String, attach: &[AttachRow], pods: &[PodRow]) -> std
     Ok(())
 }
 
-pub fn write(
-    rows: &[Row],
-    attach: &[AttachRow],
-    pods: &[PodRow],
-    tunnels: &[PairedRow],
-    options: &Options,
-    took: Duration,
-) -> anyhow::Result<()> {
-    let machine = machine();
-    let dir = crate::root().join("bench/results");
-    std::fs::create_dir_all(&dir)?;
-    let stem = machine.date.replace(':', "");
-    let mut md = String::new();
-    writeln!(md, "# mirror benchmark, {}\n", machine.date)?;
-    writeln!(
-        md,
-        "Machine: {} CPU(s), {}, {} memory, Linux {}; commit {}. {} repetitions of {} s per scenario \
-         and frame size (median, min–max); CPU cost at {} pps offered; the run took {:.0} s.\n",
-        machine.cpus,
-        machine.cpu,
-        machine.memory,
-        machine.kernel,
-        machine.commit,
-        options.reps,
-        options.seconds,
-        options.fixed_rate,
-        took.as_secs_f64()
-    )?;
+/// Per frame size, the throughput of every scenario measured.
+fn throughput_tables(md: &mut String, rows: &[Row], options: &Options) -> std::fmt::Result {
     // A partial run (`--only`) shows only what it measured.
     for &size in options
         .frame_sizes
@@ -187,13 +169,51 @@ pub fn write(
         }
         writeln!(md)?;
     }
-    scaling_tables(&mut md, attach, pods)?;
-    tunnel_table(&mut md, tunnels)?;
+    Ok(())
+}
+
+pub fn write(
+    rows: &[Row],
+    extra: &Extra<'_>,
+    options: &Options,
+    took: Duration,
+) -> anyhow::Result<()> {
+    let Extra {
+        attach,
+        pods,
+        tunnels,
+        validation,
+    } = *extra;
+    let machine = machine();
+    let dir = crate::root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let stem = machine.date.replace(':', "");
+    let mut md = String::new();
+    writeln!(md, "# mirror benchmark, {}\n", machine.date)?;
     writeln!(
         md,
-        "\n## Targets\n\n{}{}",
+        "Machine: {} CPU(s), {}, {} memory, Linux {}; commit {}. {} repetitions of {} s per scenario \
+         and frame size (median, min–max); CPU cost at {} pps offered; the run took {:.0} s.\n",
+        machine.cpus,
+        machine.cpu,
+        machine.memory,
+        machine.kernel,
+        machine.commit,
+        options.reps,
+        options.seconds,
+        options.fixed_rate,
+        took.as_secs_f64()
+    )?;
+    throughput_tables(&mut md, rows, options)?;
+    scaling_tables(&mut md, attach, pods)?;
+    tunnel_table(&mut md, tunnels)?;
+    super::validation::validation_table(&mut md, validation)?;
+    writeln!(
+        md,
+        "\n## Targets\n\n{}{}{}",
         targets(rows, attach, pods, options),
-        tunnel_targets(tunnels)
+        tunnel_targets(tunnels),
+        super::validation::validation_targets(validation)
     )?;
     if !rows.is_empty() {
         writeln!(
@@ -213,9 +233,7 @@ pub fn write(
         seconds_per_rep: options.seconds,
         fixed_rate_pps: options.fixed_rate,
         rows,
-        attach,
-        pods,
-        tunnels,
+        extra,
     };
     std::fs::write(
         dir.join(format!("{stem}.json")),
