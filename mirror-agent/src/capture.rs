@@ -230,7 +230,9 @@ impl Sink {
     }
 
     /// Writes a frame seen on `interface` (a key; `name` describes it in a pcapng file) whose
-    /// first `frame.len()` of `orig_len` bytes were kept.
+    /// first `frame.len()` of `orig_len` bytes were kept. A failure is counted in
+    /// [`Sink::write_errors`]; what is in the file stays readable up to the last whole frame, and
+    /// the next write starts a new file.
     pub fn write(
         &mut self,
         interface: u64,
@@ -239,40 +241,27 @@ impl Sink {
         frame: &[u8],
         orig_len: u32,
     ) -> anyhow::Result<()> {
-        let result = self.try_write(interface, name, timestamp, frame, orig_len);
-        if result.is_err() {
+        let written = self
+            .current()
+            .and_then(|writer| writer.write(interface, name, timestamp, frame, orig_len));
+        if let Ok(bytes) = written {
+            self.written += bytes;
+        } else {
             self.write_errors += 1;
+            if let Some(broken) = self.writer.take() {
+                let _ = broken.finish();
+            }
         }
-        result
+        written.map(drop)
     }
 
-    fn try_write(
-        &mut self,
-        interface: u64,
-        name: impl FnOnce() -> String,
-        timestamp: Duration,
-        frame: &[u8],
-        orig_len: u32,
-    ) -> anyhow::Result<()> {
+    /// The file to write to now: a new one when this one is full or writing failed.
+    fn current(&mut self) -> anyhow::Result<&mut Writer> {
         let full = self.rotate_bytes.is_some_and(|limit| self.written >= limit);
         if full || self.writer.is_none() {
             self.next_file()?;
         }
-        let writer = self.writer.as_mut().context("no capture file is open")?;
-        match writer.write(interface, name, timestamp, frame, orig_len) {
-            Ok(written) => {
-                self.written += written;
-                Ok(())
-            }
-            Err(e) => {
-                // What is in the file stays readable up to the last whole frame; the next write
-                // starts a new one.
-                if let Some(broken) = self.writer.take() {
-                    let _ = broken.finish();
-                }
-                Err(e)
-            }
-        }
+        self.writer.as_mut().context("no capture file is open")
     }
 
     /// Closes the file written now (if any) and starts the next number, no sooner than

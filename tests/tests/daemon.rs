@@ -327,35 +327,64 @@ fn assert_stream_across_reload(stream: std::process::Child) {
     assert_eq!(readings.last().map(|r| r.0), Some(2), "{readings:?}");
 }
 
-#[test]
-fn in_pinned_mode_mirroring_survives_kill_9_and_a_new_agent_takes_over_without_a_gap() {
-    let lab = Lab::new("pinned");
-    let bpffs = BpfFs::mount();
-    let pins = bpffs.path().join("mirror");
-    let pins_arg = pins.to_str().expect("utf-8");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let config = dir.path().join("config.toml");
-    // A snaplen sends every copy through the copy program at mir0, whose old and new versions
-    // hand over too.
-    std::fs::write(
-        &config,
-        format!(
-            "api_socket = \"{}\"\n{}snaplen = 1000\n{SENTINEL_RULE}[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5001\n",
-            socket.display(),
-            session_config("[\"src0\"]", "ingress", "").replace(SENTINEL_RULE, ""),
-        ),
-    )
-    .expect("write config");
-    let socket = socket.to_str().expect("utf-8");
-    let start = || {
+/// A pinned-mode configuration in a bpffs of its own: a session on `interfaces` (ingress) to mir0
+/// with a snaplen (so copies go through the copy program), mirroring the sentinel and UDP to
+/// `port`.
+struct Pinned {
+    pins: std::path::PathBuf,
+    socket: String,
+    config: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _bpffs: BpfFs,
+}
+
+impl Pinned {
+    fn new(interfaces: &str, port: u16) -> Self {
+        let bpffs = BpfFs::mount();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir
+            .path()
+            .join("agent.sock")
+            .to_str()
+            .expect("utf-8")
+            .to_owned();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "api_socket = \"{socket}\"\n{}snaplen = 1000\n{SENTINEL_RULE}[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {port}\n",
+                session_config(interfaces, "ingress", "").replace(SENTINEL_RULE, ""),
+            ),
+        )
+        .expect("write config");
+        Pinned {
+            pins: bpffs.path().join("mirror"),
+            socket,
+            config,
+            _dir: dir,
+            _bpffs: bpffs,
+        }
+    }
+
+    fn start(&self, lab: &Lab) -> Agent {
         Agent::start_file(
             &lab.node,
             &agent_binary(),
-            &config,
-            &["--pin-dir", pins_arg],
+            &self.config,
+            &["--pin-dir", self.pins.to_str().expect("utf-8")],
         )
-    };
+    }
+}
+
+#[test]
+fn in_pinned_mode_mirroring_survives_kill_9_and_a_new_agent_takes_over_without_a_gap() {
+    let lab = Lab::new("pinned");
+    // A snaplen sends every copy through the copy program at mir0, whose old and new versions
+    // hand over too.
+    let pinned = Pinned::new("[\"src0\"]", 5001);
+    let socket = pinned.socket.as_str();
+    let pins = &pinned.pins;
+    let start = || pinned.start(&lab);
     let first = start();
     let copies = Capture::open(&lab.mon, "eth0");
     let delivered = Capture::open(&lab.sink, "eth0");
@@ -399,7 +428,7 @@ fn in_pinned_mode_mirroring_survives_kill_9_and_a_new_agent_takes_over_without_a
     );
     assert_eq!(tcx_programs(&lab.node, "src0")[0], ["mirror_tc_ingre"]);
     assert_eq!(tcx_programs(&lab.node, "mir0")[1], ["mirror_tc_copy"]);
-    std::fs::remove_dir_all(&pins).expect("remove the pins");
+    std::fs::remove_dir_all(pins).expect("remove the pins");
     wait_for("the programs to be detached", || {
         tcx_programs(&lab.node, "src0") == [Vec::<String>::new(), Vec::new()]
             && tcx_programs(&lab.node, "mir0") == [Vec::<String>::new(), Vec::new()]
@@ -621,30 +650,10 @@ fn add_dyn0(lab: &Lab) {
 #[test]
 fn a_pinned_takeover_repairs_what_an_agent_left_half_done() {
     let lab = Lab::new("pinfix");
-    let bpffs = BpfFs::mount();
-    let pins = bpffs.path().join("mirror");
-    let pins_arg = pins.to_str().expect("utf-8");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "api_socket = \"{}\"\n{}snaplen = 1000\n{SENTINEL_RULE}[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
-            socket.display(),
-            session_config("[\"src0\", \"dyn*\"]", "ingress", "").replace(SENTINEL_RULE, ""),
-        ),
-    )
-    .expect("write config");
-    let socket = socket.to_str().expect("utf-8");
-    let start = || {
-        Agent::start_file(
-            &lab.node,
-            &agent_binary(),
-            &config,
-            &["--pin-dir", pins_arg],
-        )
-    };
+    let pinned = Pinned::new("[\"src0\", \"dyn*\"]", 5555);
+    let socket = pinned.socket.as_str();
+    let pins = &pinned.pins;
+    let start = || pinned.start(&lab);
     add_dyn0(&lab);
     start().stop();
     start().stop();
@@ -671,7 +680,7 @@ fn a_pinned_takeover_repairs_what_an_agent_left_half_done() {
     sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
     assert_eq!(copies.bytes_until_sentinel(), [frame]);
     third.stop();
-    std::fs::remove_dir_all(&pins).expect("remove the pins");
+    std::fs::remove_dir_all(pins).expect("remove the pins");
 }
 
 /// An interface whose name is not UTF-8 (the kernel allows any bytes but `/`, `:` and blanks)
