@@ -593,20 +593,7 @@ fn lost_link_events_are_answered_with_a_full_look() {
         .ip(&["-batch", batch.path().to_str().expect("utf-8")]);
     lab.node.ip(&["link", "del", "mir0"]);
     recreate_mir0(&lab);
-    lab.node.ip(&[
-        "link",
-        "add",
-        "dyn0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "dyn1",
-        "netns",
-        &lab.src.name,
-    ]);
-    lab.node.ip(&["link", "set", "dyn0", "up"]);
-    lab.src.ip(&["link", "set", "dyn1", "up"]);
+    add_dyn0(&lab);
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_for("the mirror program on dyn0", || {
