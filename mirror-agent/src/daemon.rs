@@ -514,20 +514,14 @@ impl Daemon<'_> {
         match self.shared.stats() {
             Ok(stats) => {
                 for session in &stats.sessions {
-                    let c = &session.counters;
+                    let counters: Vec<String> = session
+                        .counters
+                        .named()
+                        .map(|(field, value)| format!("{}={value}", field.name))
+                        .collect();
                     tracing::info!(
                         session = session.name,
-                        matched = c.matched,
-                        mirrored = c.mirrored,
-                        clone_errors = c.clone_errors,
-                        copy_limit = c.copy_limit,
-                        too_big = c.too_big,
-                        sampled_out = c.sampled_out,
-                        rate_limited = c.rate_limited,
-                        truncated = c.truncated,
-                        ring_full = c.ring_full,
-                        no_route = c.no_route,
-                        unparsed = c.unparsed,
+                        counters = counters.join(" "),
                         "counters"
                     );
                 }
@@ -699,41 +693,21 @@ fn report(
     use std::fmt::Write as _;
     let stats = applied.stats()?;
     let mut out = String::new();
-    let row = |out: &mut String, kind: &str, name: &str, rule: &str, c: &api::CounterStats| {
-        let _ = writeln!(
-            out,
-            "{kind:<8} {name:<16} {rule:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9} {:>9}",
-            c.matched,
-            c.mirrored,
-            c.clone_errors,
-            c.copy_limit,
-            c.too_big,
-            c.sampled_out,
-            c.rate_limited,
-            c.truncated,
-            c.ring_full,
-            c.no_route,
-            c.unparsed
-        );
-    };
-    let _ = writeln!(
-        out,
-        "{:<8} {:<16} {:<8} {:>12} {:>12} {:>9} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>9} {:>9}",
-        "counter",
-        "session",
-        "rule",
-        "matched",
-        "mirrored",
-        "clone_err",
-        "copy_limit",
-        "too_big",
-        "sampled_out",
-        "rate_limited",
-        "truncated",
-        "ring_full",
-        "no_route",
-        "unparsed"
-    );
+    // One column per counter, as wide as its name.
+    let width = |field: &mirror_common::CounterField| field.name.len().max(9);
+    let row =
+        |out: &mut String, kind: &str, name: &str, rule: &str, c: &mirror_common::Counters| {
+            let _ = write!(out, "{kind:<8} {name:<16} {rule:<8}");
+            for (field, value) in c.named() {
+                let _ = write!(out, " {value:>width$}", width = width(field));
+            }
+            out.push('\n');
+        };
+    let _ = write!(out, "{:<8} {:<16} {:<8}", "counter", "session", "rule");
+    for field in mirror_common::Counters::FIELDS {
+        let _ = write!(out, " {:>width$}", field.name, width = width(field));
+    }
+    out.push('\n');
     for session in &stats.sessions {
         for rule in &session.rules {
             row(&mut out, "rule", &session.name, &rule.rule, &rule.counters);
@@ -742,22 +716,18 @@ fn report(
     for session in &stats.sessions {
         row(&mut out, "session", &session.name, "-", &session.counters);
     }
-    for (name, h) in [
+    for (name, hook) in [
         ("ingress", &stats.ingress),
         ("egress", &stats.egress),
         ("xdp", &stats.xdp),
+        ("copy", &stats.copy),
     ] {
-        let _ = writeln!(
-            out,
-            "hook     {name:<16} packets={} malformed={} step_limit={} table_errors={}",
-            h.packets, h.malformed, h.step_limit, h.table_errors
-        );
+        let _ = write!(out, "hook     {name:<16}");
+        for (field, value) in hook.named() {
+            let _ = write!(out, " {}={value}", field.name);
+        }
+        out.push('\n');
     }
-    let _ = writeln!(
-        out,
-        "hook     {:<16} packets={} foreign={} copy_errors={}",
-        "copy", stats.copy.packets, stats.copy.foreign, stats.copy.copy_errors
-    );
     for (session, (sent, failed)) in stats.sessions.iter().zip(emitted.unwrap_or_default()) {
         let _ = writeln!(
             out,

@@ -23,6 +23,10 @@
 //! expanded into prefixes.
 #![no_std]
 
+mod counters;
+
+pub use counters::{CounterField, Counters, HookCounters, Metric};
+
 /// Largest number of rules across all sessions, including one implicit default rule per session.
 pub const MAX_RULES: u32 = 16_384;
 /// 64-bit words in a rule bitmap.
@@ -399,59 +403,6 @@ pub struct Tunnel {
     pub reserved: u32,
     /// The outer header, with the fields filled per copy left zero.
     pub header: [u8; MAX_TUNNEL_HEADER],
-}
-
-/// Per-CPU counters of a rule or a session.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Packets this rule or session decided (mirror or skip).
-    pub matched: u64,
-    /// Copies handed to the target.
-    pub mirrored: u64,
-    /// Copies the kernel failed to clone or redirect.
-    pub clone_errors: u64,
-    /// Copies not made because the packet already had [`MAX_COPIES_PER_PACKET`] copies.
-    pub copy_limit: u64,
-    /// Copies not made because they exceed the target's [`SessionMeta::max_copy_len`].
-    pub too_big: u64,
-    /// Copies not made because sampling left them out.
-    pub sampled_out: u64,
-    /// Copies not made because the session's limit or the node's budget was spent.
-    pub rate_limited: u64,
-    /// Copies cut to the session's `snaplen` (also counted in `mirrored`).
-    pub truncated: u64,
-    /// Copies not made because [`COPY_RING_MAP`] was full (the agent did not drain it in time).
-    pub ring_full: u64,
-    /// Copies not made because the target is not there: a tunnel's collector has no route or its
-    /// next hop no known MAC address (see [`Tunnel::ifindex`]), or the target interface is gone
-    /// ([`SessionMeta::target_ifindex`] is 0).
-    pub no_route: u64,
-    /// Copies this rule decided of packets the parser could not finish (a truncated header, an
-    /// IPv6 extension chain longer than it follows): the fields it did not reach match any rule.
-    /// Sent unless the session skips them ([`SessionMeta::skip_unparsed`]).
-    pub unparsed: u64,
-}
-
-/// Per-CPU counters of a hook (ingress, egress or the copy program), across interfaces.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HookCounters {
-    /// Packets the program ran on (the copy program: packets with a copy mark).
-    pub packets: u64,
-    /// Packets whose headers were truncated or malformed; they were still classified by the fields
-    /// that could be read and always passed on unchanged.
-    pub malformed: u64,
-    /// Packets on which classification stopped at [`MAX_CLASSIFY_STEPS`] (never expected).
-    pub step_limit: u64,
-    /// Packets dropped by a rule-table inconsistency (never expected; the packet still passes).
-    pub table_errors: u64,
-    /// Copy program only: packets with a copy mark that are not this generation's copies (another
-    /// generation's, or a rule it does not know): passed on unchanged. Packets without a copy mark
-    /// (a target's or an underlay's own traffic) pass before any counting.
-    pub foreign: u64,
-    /// Copy program only: copies that could not be cut or given their outer headers (dropped).
-    pub copy_errors: u64,
 }
 
 #[cfg(feature = "user")]

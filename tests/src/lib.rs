@@ -607,29 +607,14 @@ impl Drop for Agent {
 }
 
 /// A rule's or session's counters, as the agent reports them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    pub matched: u64,
-    pub mirrored: u64,
-    pub clone_errors: u64,
-    pub copy_limit: u64,
-    pub too_big: u64,
-    pub sampled_out: u64,
-    pub rate_limited: u64,
-    pub truncated: u64,
-    pub ring_full: u64,
-    pub no_route: u64,
-    pub unparsed: u64,
-}
+pub type Counts = mirror_common::Counters;
 
-impl Counts {
-    /// `matched` packets of which `mirrored` were copied, nothing else counted.
-    pub fn copied(matched: u64, mirrored: u64) -> Self {
-        Counts {
-            matched,
-            mirrored,
-            ..Counts::default()
-        }
+/// `matched` packets of which `mirrored` were copied, nothing else counted.
+pub fn copied(matched: u64, mirrored: u64) -> Counts {
+    Counts {
+        matched,
+        mirrored,
+        ..Counts::default()
     }
 }
 
@@ -670,37 +655,24 @@ impl Report {
                     && words.next() == Some(rule)
             })
             .unwrap_or_else(|| panic!("no {kind} {session} {rule} in report:\n{}", self.0));
-        let numbers: Vec<u64> = line
+        // The header line names the counters' columns.
+        let header = self
+            .0
+            .lines()
+            .find(|l| l.starts_with("counter "))
+            .unwrap_or_else(|| panic!("no counter header in report:\n{}", self.0));
+        let mut counts = Counts::default();
+        for (name, value) in header
             .split_whitespace()
+            .zip(line.split_whitespace())
             .skip(3)
-            .map(|n| n.parse().expect("number"))
-            .collect();
-        let [
-            matched,
-            mirrored,
-            clone_errors,
-            copy_limit,
-            too_big,
-            sampled_out,
-            rate_limited,
-            truncated,
-            ring_full,
-            no_route,
-            unparsed,
-        ] = numbers.try_into().expect("eleven counters");
-        Counts {
-            matched,
-            mirrored,
-            clone_errors,
-            copy_limit,
-            too_big,
-            sampled_out,
-            rate_limited,
-            truncated,
-            ring_full,
-            no_route,
-            unparsed,
+        {
+            assert!(
+                counts.set(name, value.parse().expect("number")),
+                "unknown counter {name}"
+            );
         }
+        counts
     }
 
     /// A hook line's `name=value` field.

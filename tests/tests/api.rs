@@ -8,7 +8,7 @@ use std::{
 };
 
 use mirror_tests::{
-    Capture, Counts, Lab, SINK_V4, SRC_V4, agent_command, pin_to_first_cpu, session_config,
+    Capture, Lab, SINK_V4, SRC_V4, agent_command, copied, pin_to_first_cpu, session_config,
     udp_socket,
 };
 
@@ -169,7 +169,7 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
         .expect("the stream ends");
     let ended = open_stream.wait().expect("the stream client ends");
     assert!(ended.success(), "{ended:?}");
-    assert_eq!(report.rule("t", "10"), Counts::copied(7, 7));
+    assert_eq!(report.rule("t", "10"), copied(7, 7));
     assert!(!socket.exists(), "the socket is removed on exit");
     let (code, _, stderr) = agent_command(&lab.node, &["status", "--api-socket", socket_arg]);
     assert_ne!(code, 0);

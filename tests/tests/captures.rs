@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use mirror_tests::{
-    Capture, Counts, FrameSender, Lab, NODE_SRC_MAC, SRC_MAC, assert_same_frames, session_config,
+    Capture, FrameSender, Lab, NODE_SRC_MAC, SRC_MAC, assert_same_frames, copied, session_config,
 };
 
 const CAPTURES: &str = "/usr/share/doc/python3-dpkt/examples/data";
@@ -72,10 +72,7 @@ fn real_captures_replayed_are_copied_as_the_rules_say() {
     let copies: Vec<_> = copies.bytes_until_sentinel();
     assert_same_frames("replayed captures", copies, expected.clone());
     let report = agent.stop();
-    assert_eq!(
-        report.rule("t", "default"),
-        Counts::copied(skipped as u64, 0)
-    );
+    assert_eq!(report.rule("t", "default"), copied(skipped as u64, 0));
     assert_eq!(
         report.hook("ingress", "malformed"),
         0,

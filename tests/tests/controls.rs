@@ -9,7 +9,7 @@ use std::{
 
 use mirror_tests::{
     COL_V4, Capture, Counts, Flow, FrameSender, Lab, NODE_SRC_MAC, Report, SENTINEL_RULE, SINK_V4,
-    SINK_V6, SRC_MAC, SRC_V4, SRC_V6, is_sentinel, pin_to_first_cpu, select, udp_socket,
+    SINK_V6, SRC_MAC, SRC_V4, SRC_V6, copied, is_sentinel, pin_to_first_cpu, select, udp_socket,
     udp_v6_frame, wait_for,
 };
 
@@ -112,7 +112,7 @@ fn snaplen_cuts_copies_and_leaves_originals_whole() {
         report.rule("ctl", "10"),
         Counts {
             truncated: cut,
-            ..Counts::copied(10, 10)
+            ..copied(10, 10)
         }
     );
 }

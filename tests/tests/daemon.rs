@@ -3,7 +3,7 @@ use std::{fmt::Write as _, time::Instant};
 
 use mirror_tests::{
     Agent, BpfFs, Capture, Counts, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, TrafficLoop,
-    agent_binary, agent_command, attached, session_config, session_hooks, tcx_programs,
+    agent_binary, agent_command, attached, copied, session_config, session_hooks, tcx_programs,
     udp_v4_frame, wait_for,
 };
 
@@ -73,8 +73,8 @@ fn an_interface_matching_a_glob_is_followed_as_it_comes_and_goes() {
         );
     }
     let report = agent.stop();
-    assert_eq!(report.rule("t", "10"), Counts::copied(2, 2));
-    assert_eq!(report.rule("t", "1"), Counts::copied(4, 4));
+    assert_eq!(report.rule("t", "10"), copied(2, 2));
+    assert_eq!(report.rule("t", "1"), copied(4, 4));
 }
 
 /// A frame of the traffic loops: UDP to `port`, its sequence number in the payload.
@@ -244,7 +244,7 @@ fn a_reload_under_traffic_switches_each_packet_from_the_old_rules_to_the_new() {
         .collect();
     assert_eq!(u_copies, (0..10).collect::<Vec<_>>());
     let report = agent.stop();
-    assert_eq!(report.rule("u", "2"), Counts::copied(10, 10));
+    assert_eq!(report.rule("u", "2"), copied(10, 10));
     assert_stream_across_reload(stream);
     assert_eq!(
         report.rule("t", "10").mirrored,
@@ -547,7 +547,7 @@ fn a_target_deleted_and_created_again_gets_copies_again() {
         report.rule("t", "10"),
         Counts {
             no_route: 3,
-            ..Counts::copied(5, 2)
+            ..copied(5, 2)
         }
     );
 }

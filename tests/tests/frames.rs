@@ -2,8 +2,8 @@
 //! and a table of malformed frames. For each frame: what reached the far side of the primary path
 //! (it must be the frame, unchanged) and whether exactly that frame was copied.
 use mirror_tests::{
-    Capture, Counts, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE, SINK_MAC,
-    SRC_MAC, assert_same_frames, cases, mac, session_config, tagged, udp_v4_frame,
+    Capture, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE, SINK_MAC, SRC_MAC,
+    assert_same_frames, cases, copied, mac, session_config, tagged, udp_v4_frame,
 };
 
 #[test]
@@ -39,8 +39,8 @@ fn vlan_rules_match_the_outer_tag_single_double_and_802_1ad() {
         .collect();
     assert_same_frames("vlan", copies, expected);
     let report = agent.stop();
-    assert_eq!(report.rule("t", "10"), Counts::copied(4, 4));
-    assert_eq!(report.rule("t", "default"), Counts::copied(3, 0));
+    assert_eq!(report.rule("t", "10"), copied(4, 4));
+    assert_eq!(report.rule("t", "default"), copied(3, 0));
 }
 
 fn arp_request(sender_mac: &str, sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
@@ -171,9 +171,9 @@ fn sessions_sharing_an_interface_each_get_one_copy() {
     let report = agent.stop();
     assert_eq!(
         report.session("web"),
-        Counts::copied(4, 2),
+        copied(4, 2),
         "sentinel and 5555 mirrored; 5556, 5557 by default skip"
     );
-    assert_eq!(report.rule("all-udp", "10"), Counts::copied(1, 0));
-    assert_eq!(report.rule("all-udp", "default"), Counts::copied(3, 3));
+    assert_eq!(report.rule("all-udp", "10"), copied(1, 0));
+    assert_eq!(report.rule("all-udp", "default"), copied(3, 3));
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use mirror_tests::{
-    Capture, Counts, Lab, SINK_V4, SINK_V6, SRC_V4, SRC_V6, assert_same_frames, pin_to_first_cpu,
+    Capture, Lab, SINK_V4, SINK_V6, SRC_V4, SRC_V6, assert_same_frames, copied, pin_to_first_cpu,
     select, session_config, udp_socket,
 };
 
@@ -72,10 +72,10 @@ fn udp_ipv4_and_ipv6_copied_at_ingress_and_egress() {
     );
 
     let report = agent.stop();
-    assert_eq!(report.rule("t", "10"), Counts::copied(20, 20));
+    assert_eq!(report.rule("t", "10"), copied(20, 20));
     assert_eq!(
         report.rule("t", "1"),
-        Counts::copied(2, 2),
+        copied(2, 2),
         "the sentinel, at src0 ingress and sink0 egress"
     );
 }

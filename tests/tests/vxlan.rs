@@ -14,7 +14,7 @@ use std::{
 use mirror_tests::{
     COL_V4, COL_V6, Capture, Collector, Counts, Flow, Frame, Lab, NODE_UL_V4, SENTINEL_PORT,
     SENTINEL_RULE, SINK_MAC, SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, agent_binary,
-    assert_same_frames, is_mld_report, is_sentinel, pcap_frames, pin_to_first_cpu, select,
+    assert_same_frames, copied, is_mld_report, is_sentinel, pcap_frames, pin_to_first_cpu, select,
     send_tcp_stream, tcp_stream, tshark_fields, udp_socket, udp_v4_frame, vxlan_of, wait_for,
     write_pcap,
 };
@@ -157,7 +157,7 @@ fn vxlan_copies_carry_the_original_frames() {
     inner_ports.sort();
     assert_eq!(inner_ports, written_ports);
 
-    assert_eq!(report.rule("t", "10"), Counts::copied(20, 20));
+    assert_eq!(report.rule("t", "10"), copied(20, 20));
     assert_eq!(report.hook("copy", "packets"), 22);
     assert_eq!(report.hook("copy", "foreign"), 0);
     assert_eq!(report.target("ul0", "tx_dropped"), 0);
@@ -236,7 +236,7 @@ fn two_sessions_two_vnis_over_an_ipv6_underlay_with_a_tcp_connection() {
         "tshark reads the pcapng interfaces"
     );
     assert_eq!(report.rule("tcp", "10").too_big, 0, "nothing too big");
-    assert_eq!(report.rule("udp", "10"), Counts::copied(4, 4));
+    assert_eq!(report.rule("udp", "10"), copied(4, 4));
 }
 
 #[test]
@@ -420,7 +420,7 @@ fn tunnel_packets_on_a_watched_underlay_are_not_mirrored_again() {
     );
     assert_eq!(summary.vni_frames(5), 11);
     // Each of the 11 copies crossed ul0's egress once and was skipped there by the guard.
-    assert_eq!(report.rule("t", "guard"), Counts::copied(11, 0));
+    assert_eq!(report.rule("t", "guard"), copied(11, 0));
     assert_eq!(report.session("t").mirrored, 11);
 }
 

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use mirror_tests::{
     COL_V4, Capture, Counts, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE,
     SINK_MAC, SINK_V4, SRC_MAC, SRC_V4, agent_command, assert_same_frames, capture_file_frames,
-    cases, is_mld_report, is_sentinel, pin_to_first_cpu, tshark_fields, udp_socket, udp_v4_frame,
-    vxlan_of,
+    cases, copied, is_mld_report, is_sentinel, pin_to_first_cpu, tshark_fields, udp_socket,
+    udp_v4_frame, vxlan_of,
 };
 
 /// One session `t` at the XDP hook of `interfaces`, to `target`, with the sentinel rule and
@@ -61,7 +61,7 @@ fn the_frame_table_through_xdp_is_copied_by_the_agent_and_passed_unchanged() {
         report.rule("t", "1"),
         Counts {
             unparsed: malformed,
-            ..Counts::copied(1 + malformed, 1 + malformed)
+            ..copied(1 + malformed, 1 + malformed)
         },
         "the sentinel and the unparsed frames"
     );
@@ -402,7 +402,7 @@ fn a_pinned_xdp_link_is_taken_over_by_the_next_agent() {
         [frame(2)],
         "sent on by the second agent's drain"
     );
-    assert_eq!(second.stop().rule("t", "10"), Counts::copied(1, 1));
+    assert_eq!(second.stop().rule("t", "10"), copied(1, 1));
     std::fs::remove_dir_all(&pins).expect("remove the pins");
     wait_for_no_xdp(&lab);
 }

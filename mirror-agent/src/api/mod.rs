@@ -31,7 +31,7 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use mirror_common::{Counters, Direction, HookCounters};
+use mirror_common::{CounterField, Counters, Direction, HookCounters, Metric};
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
@@ -105,8 +105,8 @@ pub struct SelectedPod {
 /// Counters carried over from earlier generations, added to the live ones.
 #[derive(Debug, Default)]
 struct Carried {
-    sessions: Vec<CounterStats>,
-    rules: Vec<CounterStats>,
+    sessions: Vec<Counters>,
+    rules: Vec<Counters>,
 }
 
 /// The parts of a plan the API reports (the compiled tables are gone by then).
@@ -204,8 +204,8 @@ impl Applied {
         });
         let view = PlanView::of(plan);
         let mut carried = Carried {
-            sessions: vec![CounterStats::default(); view.sessions.len()],
-            rules: vec![CounterStats::default(); view.rules.len()],
+            sessions: vec![Counters::default(); view.sessions.len()],
+            rules: vec![Counters::default(); view.rules.len()],
         };
         for (index, fingerprint) in view.fingerprints.iter().enumerate() {
             let Some(old) = self.view.fingerprints.iter().position(|f| f == fingerprint) else {
@@ -300,8 +300,8 @@ impl Applied {
         let sessions = self.datapath.session_counters(self.view.sessions.len())?;
         let rules = self.datapath.rule_counters(self.view.rules.len())?;
         let hooks = self.datapath.hook_counters()?;
-        let hook = |i: usize| hooks.get(i).map(HookStats::from).unwrap_or_default();
-        let carried = |list: &[CounterStats], i: usize| list.get(i).copied().unwrap_or_default();
+        let hook = |i: usize| hooks.get(i).copied().unwrap_or_default();
+        let carried = |list: &[Counters], i: usize| list.get(i).copied().unwrap_or_default();
         Ok(Stats {
             generation: self.datapath.generation(),
             sessions: self
@@ -312,7 +312,7 @@ impl Applied {
                 .enumerate()
                 .map(|(index, (view, counters))| SessionStats {
                     name: view.name.clone(),
-                    counters: CounterStats::from(counters) + carried(&self.carried.sessions, index),
+                    counters: *counters + carried(&self.carried.sessions, index),
                     rules: self
                         .view
                         .rules
@@ -322,8 +322,7 @@ impl Applied {
                         .filter(|(_, ((session, _), _))| *session == index)
                         .map(|(rule, ((_, label), counters))| RuleStats {
                             rule: label.clone(),
-                            counters: CounterStats::from(counters)
-                                + carried(&self.carried.rules, rule),
+                            counters: *counters + carried(&self.carried.rules, rule),
                         })
                         .collect(),
                 })
@@ -446,77 +445,24 @@ impl Shared {
     /// The counters of `stats` and the state of the agent in `OpenMetrics` text.
     fn metrics(&self, stats: &Stats) -> anyhow::Result<String> {
         let mut registry = Registry::with_prefix("mirror");
-        let rule_counter = |registry: &mut Registry, name: &str, help: &str| {
-            let family = Family::<Labels, Counter>::default();
-            registry.register(name, help, family.clone());
-            family
-        };
-        let matched = rule_counter(
-            &mut registry,
-            "rule_matched_packets",
-            "Packets a rule decided (first match in its session)",
-        );
-        let copies = rule_counter(&mut registry, "rule_copies", "Copies sent to the target");
-        let truncated = rule_counter(
-            &mut registry,
-            "rule_truncated_copies",
-            "Copies cut to the session's snaplen (also counted as sent)",
-        );
-        let unparsed = rule_counter(
-            &mut registry,
-            "rule_unparsed_packets",
-            "Packets the parser could not finish that a rule decided to copy (sent unless the session skips them)",
-        );
-        let not_sent = rule_counter(
-            &mut registry,
-            "rule_copies_not_sent",
-            "Copies not made, by reason",
-        );
+        let rules = CounterFamilies::register(&mut registry, Counters::FIELDS);
         for session in &stats.sessions {
             for rule in &session.rules {
                 let labels = vec![
                     ("session", session.name.clone()),
                     ("rule", rule.rule.clone()),
                 ];
-                let c = &rule.counters;
-                matched.get_or_create(&labels).inc_by(c.matched);
-                copies.get_or_create(&labels).inc_by(c.mirrored);
-                truncated.get_or_create(&labels).inc_by(c.truncated);
-                unparsed.get_or_create(&labels).inc_by(c.unparsed);
-                for (reason, value) in [
-                    ("clone_error", c.clone_errors),
-                    ("copy_limit", c.copy_limit),
-                    ("too_big", c.too_big),
-                    ("sampled_out", c.sampled_out),
-                    ("rate_limited", c.rate_limited),
-                    ("ring_full", c.ring_full),
-                    ("no_route", c.no_route),
-                ] {
-                    let mut labels = labels.clone();
-                    labels.push(("reason", reason.to_owned()));
-                    not_sent.get_or_create(&labels).inc_by(value);
-                }
+                rules.record(&labels, rule.counters.named());
             }
         }
-        let hook_packets = rule_counter(
-            &mut registry,
-            "hook_packets",
-            "Packets the programs ran on, by hook",
-        );
-        let hook_malformed = rule_counter(
-            &mut registry,
-            "hook_malformed_packets",
-            "Packets with truncated or malformed headers (passed on unchanged)",
-        );
+        let hooks = CounterFamilies::register(&mut registry, HookCounters::FIELDS);
         for (name, hook) in [
             ("ingress", &stats.ingress),
             ("egress", &stats.egress),
             ("xdp", &stats.xdp),
             ("copy", &stats.copy),
         ] {
-            let labels = vec![("hook", name.to_owned())];
-            hook_packets.get_or_create(&labels).inc_by(hook.packets);
-            hook_malformed.get_or_create(&labels).inc_by(hook.malformed);
+            hooks.record(&vec![("hook", name.to_owned())], hook.named());
         }
         self.applied().register_watching(&mut registry);
         let failed = Family::<Labels, Gauge>::default();
@@ -536,113 +482,16 @@ impl Shared {
     }
 }
 
-/// Counters as the API shows them.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CounterStats {
-    pub matched: u64,
-    pub mirrored: u64,
-    pub clone_errors: u64,
-    pub copy_limit: u64,
-    pub too_big: u64,
-    pub sampled_out: u64,
-    pub rate_limited: u64,
-    pub truncated: u64,
-    /// Ring copies dropped because the ring buffer was full.
-    pub ring_full: u64,
-    /// Copies not made while the target was not there: a tunnel's collector had no route or
-    /// next hop, or the target interface was gone.
-    #[serde(default)]
-    pub no_route: u64,
-    /// Copies decided of packets the parser could not finish (sent unless the session skips
-    /// them).
-    #[serde(default)]
-    pub unparsed: u64,
-}
-
-impl From<&Counters> for CounterStats {
-    fn from(c: &Counters) -> Self {
-        CounterStats {
-            matched: c.matched,
-            mirrored: c.mirrored,
-            clone_errors: c.clone_errors,
-            copy_limit: c.copy_limit,
-            too_big: c.too_big,
-            sampled_out: c.sampled_out,
-            rate_limited: c.rate_limited,
-            truncated: c.truncated,
-            ring_full: c.ring_full,
-            no_route: c.no_route,
-            unparsed: c.unparsed,
-        }
-    }
-}
-
-impl std::ops::Add for CounterStats {
-    type Output = CounterStats;
-
-    fn add(self, other: CounterStats) -> CounterStats {
-        CounterStats {
-            matched: self.matched + other.matched,
-            mirrored: self.mirrored + other.mirrored,
-            clone_errors: self.clone_errors + other.clone_errors,
-            copy_limit: self.copy_limit + other.copy_limit,
-            too_big: self.too_big + other.too_big,
-            sampled_out: self.sampled_out + other.sampled_out,
-            rate_limited: self.rate_limited + other.rate_limited,
-            truncated: self.truncated + other.truncated,
-            ring_full: self.ring_full + other.ring_full,
-            no_route: self.no_route + other.no_route,
-            unparsed: self.unparsed + other.unparsed,
-        }
-    }
-}
-
-impl CounterStats {
-    /// Copies the rules selected that were not sent, for any reason.
-    pub fn not_sent(&self) -> u64 {
-        self.clone_errors
-            + self.copy_limit
-            + self.too_big
-            + self.sampled_out
-            + self.rate_limited
-            + self.ring_full
-            + self.no_route
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HookStats {
-    pub packets: u64,
-    pub malformed: u64,
-    pub step_limit: u64,
-    pub table_errors: u64,
-    pub foreign: u64,
-    pub copy_errors: u64,
-}
-
-impl From<&HookCounters> for HookStats {
-    fn from(h: &HookCounters) -> Self {
-        HookStats {
-            packets: h.packets,
-            malformed: h.malformed,
-            step_limit: h.step_limit,
-            table_errors: h.table_errors,
-            foreign: h.foreign,
-            copy_errors: h.copy_errors,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RuleStats {
     pub rule: String,
-    pub counters: CounterStats,
+    pub counters: Counters,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionStats {
     pub name: String,
-    pub counters: CounterStats,
+    pub counters: Counters,
     pub rules: Vec<RuleStats>,
 }
 
@@ -652,10 +501,10 @@ pub struct Stats {
     /// The configuration generation the counters are of.
     pub generation: u64,
     pub sessions: Vec<SessionStats>,
-    pub ingress: HookStats,
-    pub egress: HookStats,
-    pub xdp: HookStats,
-    pub copy: HookStats,
+    pub ingress: HookCounters,
+    pub egress: HookCounters,
+    pub xdp: HookCounters,
+    pub copy: HookCounters,
 }
 
 /// `GET /status`.
@@ -689,6 +538,48 @@ pub struct TunnelView {
     pub interface: Option<String>,
     pub next_hop_mac: Option<String>,
     pub problem: Option<String>,
+}
+
+/// The metric families of a counters struct (see `mirror_common::Metric`): one per counter with a
+/// family of its own, and `rule_copies_not_sent` with a `reason` label for the others.
+struct CounterFamilies {
+    own: Vec<Option<Family<Labels, Counter>>>,
+    not_sent: Option<Family<Labels, Counter>>,
+}
+
+impl CounterFamilies {
+    fn register(registry: &mut Registry, fields: &[CounterField]) -> Self {
+        let mut family = |name: &str, help: &str| {
+            let family = Family::<Labels, Counter>::default();
+            registry.register(name, help.trim(), family.clone());
+            family
+        };
+        let own = fields
+            .iter()
+            .map(|field| match field.metric {
+                Metric::Own(name) => Some(family(name, field.help)),
+                Metric::NotSent => None,
+            })
+            .collect();
+        let not_sent = fields
+            .iter()
+            .any(|field| field.metric == Metric::NotSent)
+            .then(|| family("rule_copies_not_sent", "Copies not made, by reason"));
+        CounterFamilies { own, not_sent }
+    }
+
+    /// Records one struct's counters under `labels`.
+    fn record<'a>(&self, labels: &Labels, counters: impl Iterator<Item = (&'a CounterField, u64)>) {
+        for ((field, value), own) in counters.zip(&self.own) {
+            if let Some(family) = own {
+                family.get_or_create(labels).inc_by(value);
+            } else if let Some(family) = &self.not_sent {
+                let mut labels = labels.clone();
+                labels.push(("reason", field.name.to_owned()));
+                family.get_or_create(&labels).inc_by(value);
+            }
+        }
+    }
 }
 
 fn internal(error: &anyhow::Error) -> (StatusCode, String) {

@@ -803,11 +803,10 @@ impl Datapath {
     }
 
     /// Counters summed over CPUs, by index.
-    fn summed<T: aya::Pod + Default>(
+    fn summed<T: aya::Pod + Default + std::ops::AddAssign>(
         &self,
         name: &'static str,
         len: usize,
-        add: impl Fn(&mut T, &T),
     ) -> Result<Vec<T>, DatapathError> {
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
         let array = PerCpuArray::<_, T>::try_from(map).map_err(map_err(name))?;
@@ -816,7 +815,7 @@ impl Datapath {
                 let per_cpu = array.get(&i, 0).map_err(map_err(name))?;
                 let mut total = T::default();
                 for value in per_cpu.iter() {
-                    add(&mut total, value);
+                    total += *value;
                 }
                 Ok(total)
             })
@@ -825,28 +824,17 @@ impl Datapath {
 
     /// Per-rule counters, by global rule index.
     pub fn rule_counters(&self, rules: usize) -> Result<Vec<Counters>, DatapathError> {
-        self.summed(RULE_COUNTERS_MAP, rules, add_counters)
+        self.summed(RULE_COUNTERS_MAP, rules)
     }
 
     /// Per-session counters, by session index.
     pub fn session_counters(&self, sessions: usize) -> Result<Vec<Counters>, DatapathError> {
-        self.summed(SESSION_COUNTERS_MAP, sessions, add_counters)
+        self.summed(SESSION_COUNTERS_MAP, sessions)
     }
 
-    /// Per-hook counters: ingress, egress, copy program.
+    /// Per-hook counters: ingress, egress, XDP, copy program.
     pub fn hook_counters(&self) -> Result<Vec<HookCounters>, DatapathError> {
-        self.summed(
-            HOOK_COUNTERS_MAP,
-            HOOK_COUNT as usize,
-            |t: &mut HookCounters, v| {
-                t.packets += v.packets;
-                t.malformed += v.malformed;
-                t.step_limit += v.step_limit;
-                t.table_errors += v.table_errors;
-                t.foreign += v.foreign;
-                t.copy_errors += v.copy_errors;
-            },
-        )
+        self.summed(HOOK_COUNTERS_MAP, HOOK_COUNT as usize)
     }
 }
 
@@ -895,18 +883,4 @@ fn wait_for_running_programs() {
         // Not available (e.g. nohz_full CPUs): a program run lasts microseconds.
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-}
-
-fn add_counters(total: &mut Counters, value: &Counters) {
-    total.matched += value.matched;
-    total.mirrored += value.mirrored;
-    total.clone_errors += value.clone_errors;
-    total.copy_limit += value.copy_limit;
-    total.too_big += value.too_big;
-    total.sampled_out += value.sampled_out;
-    total.rate_limited += value.rate_limited;
-    total.truncated += value.truncated;
-    total.ring_full += value.ring_full;
-    total.no_route += value.no_route;
-    total.unparsed += value.unparsed;
 }

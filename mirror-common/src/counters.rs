@@ -1,0 +1,157 @@
+//! The counters, each written once: [`counters!`] turns a list of fields (name, meaning, how the
+//! metrics show it) into the kernel's struct and everything userspace does with it: sums, the
+//! report's columns, log fields, metrics and JSON. Adding a counter is one line in a list.
+
+/// How a counter shows in the agent's metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// A family of its own: `mirror_<name>_total`.
+    Own(&'static str),
+    /// A `reason` of `mirror_rule_copies_not_sent_total`: a copy that was not made.
+    NotSent,
+}
+
+/// One counter of a counters struct: its field name, what it counts, and its metric.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterField {
+    pub name: &'static str,
+    /// The field's doc comment.
+    pub help: &'static str,
+    pub metric: Metric,
+}
+
+macro_rules! metric {
+    ($name:literal) => {
+        $crate::counters::Metric::Own($name)
+    };
+    (not_sent) => {
+        $crate::counters::Metric::NotSent
+    };
+}
+
+/// A `#[repr(C)]` struct of `u64` counters (no padding: all fields alike) with, for userspace,
+/// its field list ([`CounterField`]), its values in that order, field-wise sums, setting a field
+/// by name, and JSON (feature `user`).
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[doc = $doc:literal])+ $field:ident => $metric:tt, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+        #[cfg_attr(feature = "user", serde(default))]
+        pub struct $name {
+            $( $(#[doc = $doc])+ pub $field: u64, )+
+        }
+
+        impl $name {
+            /// The counters, in declaration order.
+            pub const FIELDS: &'static [$crate::counters::CounterField] = &[
+                $( $crate::counters::CounterField {
+                    name: stringify!($field),
+                    help: concat!($($doc),+),
+                    metric: metric!($metric),
+                }, )+
+            ];
+
+            /// The values, in the order of [`Self::FIELDS`].
+            pub fn values(&self) -> impl Iterator<Item = u64> {
+                [$(self.$field),+].into_iter()
+            }
+
+            /// The fields and their values.
+            pub fn named(&self) -> impl Iterator<Item = (&'static $crate::counters::CounterField, u64)> {
+                Self::FIELDS.iter().zip(self.values())
+            }
+
+            /// Sets the counter named `name`; false when there is none.
+            pub fn set(&mut self, name: &str, value: u64) -> bool {
+                match name {
+                    $( stringify!($field) => self.$field = value, )+
+                    _ => return false,
+                }
+                true
+            }
+        }
+
+        impl core::ops::AddAssign for $name {
+            fn add_assign(&mut self, other: Self) {
+                $( self.$field += other.$field; )+
+            }
+        }
+
+        impl core::ops::Add for $name {
+            type Output = Self;
+
+            fn add(mut self, other: Self) -> Self {
+                self += other;
+                self
+            }
+        }
+    };
+}
+
+counters! {
+    /// Per-CPU counters of a rule or a session.
+    pub struct Counters {
+        /// Packets this rule or session decided (mirror or skip).
+        matched => "rule_matched_packets",
+        /// Copies handed to the target.
+        mirrored => "rule_copies",
+        /// Copies the kernel failed to clone or redirect.
+        clone_errors => not_sent,
+        /// Copies not made because the packet already had `MAX_COPIES_PER_PACKET` copies.
+        copy_limit => not_sent,
+        /// Copies not made because they exceed the target's `SessionMeta::max_copy_len`.
+        too_big => not_sent,
+        /// Copies not made because sampling left them out.
+        sampled_out => not_sent,
+        /// Copies not made because the session's limit or the node's budget was spent.
+        rate_limited => not_sent,
+        /// Copies cut to the session's `snaplen` (also counted as sent).
+        truncated => "rule_truncated_copies",
+        /// Copies not made because the ring buffer was full (the agent did not drain it in time).
+        ring_full => not_sent,
+        /// Copies not made because the target is not there: a tunnel's collector has no route or
+        /// its next hop no known MAC address, or the target interface is gone.
+        no_route => not_sent,
+        /// Copies decided of packets the parser could not finish (a truncated header, an IPv6
+        /// extension chain longer than it follows): the fields it did not reach match any rule.
+        /// Sent unless the session skips them (`SessionMeta::skip_unparsed`).
+        unparsed => "rule_unparsed_packets",
+    }
+}
+
+impl Counters {
+    /// Copies the rules selected that were not sent, for any reason.
+    pub fn not_sent(&self) -> u64 {
+        self.named()
+            .filter(|(field, _)| field.metric == Metric::NotSent)
+            .map(|(_, value)| value)
+            .sum()
+    }
+}
+
+counters! {
+    /// Per-CPU counters of a hook (ingress, egress, XDP or the copy program), across interfaces.
+    pub struct HookCounters {
+        /// Packets the program ran on (the copy program: copies).
+        packets => "hook_packets",
+        /// Packets whose headers were truncated or malformed; the fields the parser did not reach
+        /// matched any rule, and the packet always passed on unchanged.
+        malformed => "hook_malformed_packets",
+        /// Packets on which classification stopped at `MAX_CLASSIFY_STEPS` (never expected).
+        step_limit => "hook_step_limit_packets",
+        /// Packets met with a rule-table inconsistency (never expected; the packet still passes).
+        table_errors => "hook_table_error_packets",
+        /// Copy program only: copies that are not this generation's (another generation's, or a
+        /// rule it does not know): passed on unchanged.
+        foreign => "hook_foreign_copies",
+        /// Copy program only: copies that could not be cut or given their outer headers (dropped).
+        copy_errors => "hook_copy_errors",
+    }
+}
