@@ -7,17 +7,19 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::generated::bpf_loop,
+    macros::map,
+    maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
 use mirror_common::{
     COPY_COOKIE, COPY_COOKIE_CB, COPY_EGRESS_BIT, COPY_MARK, Direction, FLOW_HASH_CB,
-    MAX_COPIES_PER_PACKET, MAX_RING_COPY, SessionMeta, TARGET_RING, TARGET_TUNNEL,
+    MAX_COPIES_PER_PACKET, MAX_NESTING, MAX_RING_COPY, SessionMeta, TARGET_RING, TARGET_TUNNEL,
 };
 
 use crate::{
     classify::{Copy, TableError, Verdict},
     count, limit,
-    maps::{BATCHES, NESTING, SESSIONS, TUNNELS, copy_generation},
+    maps::{NESTING, SESSIONS, TUNNELS, copy_generation},
     packet::Packet,
     ring,
 };
@@ -127,6 +129,10 @@ pub struct Batch {
     unparsed: u32,
     copies: [Copy; MAX_COPIES_PER_PACKET],
 }
+
+/// Per CPU, one batch of copies per nesting level; deeper runs copy nothing.
+#[map]
+static BATCHES: PerCpuArray<Batch> = PerCpuArray::with_max_entries(MAX_NESTING, 0);
 
 /// What `bpf_loop` hands each step, on the stack (a context pointer cannot go into a map).
 #[repr(C)]

@@ -5,7 +5,8 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::generated::bpf_loop,
-    maps::{LpmTrie, lpm_trie::Key},
+    macros::map,
+    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use mirror_common::{
     Action, AttachmentKey, BITMAP_WORDS, FIELD_COUNT, Field, MAX_CLASSIFY_STEPS,
@@ -17,7 +18,7 @@ use crate::{
     maps::{
         ATTACHMENT_BITMAP, DST_PORT_BITMAP, DST_V4_BITMAP, DST_V6_BITMAP, ETHERTYPE_BITMAP,
         FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES, SRC_PORT_BITMAP, SRC_V4_BITMAP,
-        SRC_V6_BITMAP, VLAN_BITMAP, WALK_SCRATCH,
+        SRC_V6_BITMAP, VLAN_BITMAP,
     },
     parse::{ABSENT, FAMILY_UNKNOWN, FAMILY_V4, FAMILY_V6, Headers, UNKNOWN},
 };
@@ -64,6 +65,10 @@ pub struct Walk {
     l4_offset: u32,
     copies: [Copy; MAX_COPIES_PER_PACKET],
 }
+
+/// Per CPU, the rule walk of the packet being classified.
+#[map]
+static WALK_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Finds, for each session watching `attachment`, the first rule that matches the packet.
 #[inline(always)]

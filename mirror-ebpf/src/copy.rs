@@ -15,6 +15,8 @@ use aya_ebpf::{
         bpf_ktime_get_tai_ns, bpf_skb_adjust_room, bpf_skb_change_head, bpf_skb_change_tail,
         bpf_skb_store_bytes, bpf_skb_vlan_pop,
     },
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
 };
 use mirror_common::{
@@ -25,7 +27,7 @@ use mirror_common::{
 
 use crate::{
     count,
-    maps::{HEADER_SCRATCH, RULES, SESSIONS, TUNNEL_SEQUENCE, TUNNELS, copy_generation},
+    maps::{RULES, SESSIONS, TUNNEL_SEQUENCE, TUNNELS, copy_generation},
     packet::{Packet, VLAN_TAG_LEN},
 };
 
@@ -250,6 +252,10 @@ fn tagged_header<const N: usize>(
 /// The outer header being built (see `maps::HEADER_SCRATCH`), aligned for word copies.
 #[repr(C, align(8))]
 pub struct Scratch(pub [u8; SCRATCH_LEN]);
+
+/// Per CPU, the outer header being built for a tunnel copy (see `encapsulate`).
+#[map]
+static HEADER_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 impl Scratch {
     /// Copies a template in, eight bytes at a time (a plain array copy compiles to a call of a

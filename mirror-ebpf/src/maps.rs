@@ -1,14 +1,14 @@
 //! The maps of the map ABI (see `mirror_common`): the agent fills them, the programs read them and
-//! count into the counter maps. Sizes the agent sets at load time start at 1 here.
-use crate::{act::Batch, classify::Walk, ring::RingRecord};
+//! count into the counter maps. Sizes the agent sets at load time start at 1 here. (Each
+//! module's per-CPU scratch map, of a type of its own, is in that module.)
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use mirror_common::{
     AttachmentKey, Counters, FIELD_COUNT, HOOK_COUNT, HookCounters, MAX_ATTACHMENTS,
-    MAX_FIELD_VALUES, MAX_NESTING, MAX_RULES, MAX_SESSIONS, RateLimit, RateState, RuleBitmap,
-    RuleMeta, SessionMeta, Tunnel,
+    MAX_FIELD_VALUES, MAX_RULES, MAX_SESSIONS, RateLimit, RateState, RuleBitmap, RuleMeta,
+    SessionMeta, Tunnel,
 };
 
 /// Every distinct rule bitmap; the lookup maps below hold indices into it. Sized by the agent.
@@ -77,10 +77,6 @@ pub static TUNNELS: HashMap<u32, Tunnel> = HashMap::with_max_entries(MAX_SESSION
 #[map]
 pub static TUNNEL_SEQUENCE: Array<u64> = Array::with_max_entries(MAX_SESSIONS, 0);
 
-/// Per CPU, the outer header being built for a tunnel copy (see `copy::encapsulate`).
-#[map]
-pub static HEADER_SCRATCH: PerCpuArray<crate::copy::Scratch> = PerCpuArray::with_max_entries(1, 0);
-
 /// Per-CPU counters by global rule index.
 #[map]
 pub static RULE_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -92,10 +88,6 @@ pub static SESSION_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entri
 /// Per-CPU counters by hook: ingress, egress, tunnel.
 #[map]
 pub static HOOK_COUNTERS: PerCpuArray<HookCounters> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);
-
-/// Per-CPU scratch space for the rule walk of the packet being classified (see `classify::Walk`).
-#[map]
-pub static WALK_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// The rate limits' bucket states: by session, then the node-wide budget (`NODE_RATE_INDEX`).
 #[map]
@@ -110,18 +102,10 @@ pub static NODE_RATE_LIMIT: Array<RateLimit> = Array::with_max_entries(1, 0);
 #[map]
 pub static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU, one batch of copies per nesting level (see `act::Batch`); deeper runs copy nothing.
-#[map]
-pub static BATCHES: PerCpuArray<Batch> = PerCpuArray::with_max_entries(MAX_NESTING, 0);
-
 /// Copies the agent sends on (XDP sessions, pcap targets): see `mirror_common::COPY_RING_MAP`.
 /// Sized by the agent.
 #[map]
 pub static COPY_RING: RingBuf = RingBuf::with_byte_size(4096, 0);
-
-/// Per CPU, the ring record being built (see `ring::RingRecord`).
-#[map]
-pub static RING_SCRATCH: PerCpuArray<RingRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// [`mirror_common::GENERATION_GLOBAL`]: the generation bit of this object's copy marks.
 #[unsafe(no_mangle)]

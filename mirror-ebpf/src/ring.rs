@@ -3,12 +3,14 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::PerCpuArray,
 };
 use mirror_common::{MAX_RING_COPY, RingCopyHeader};
 
 use crate::{
     classify::Copy,
-    maps::{COPY_RING, RING_SCRATCH},
+    maps::COPY_RING,
     packet::{Packet, VLAN_TAG_LEN},
 };
 
@@ -18,6 +20,10 @@ pub struct RingRecord {
     header: RingCopyHeader,
     data: [u8; MAX_RING_COPY as usize],
 }
+
+/// Per CPU, the ring record being built.
+#[map]
+static RING_SCRATCH: PerCpuArray<RingRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// A mask above every ring copy length (see [`MAX_RING_COPY`]).
 const LEN_MASK: u64 = 0x3fff;
