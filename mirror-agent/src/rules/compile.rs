@@ -1,0 +1,257 @@
+//! The rules as the kernel's lookup tables: a bitmap of rules per field value.
+use std::{
+    collections::{BTreeSet, HashMap},
+    ops::RangeInclusive,
+};
+
+use ipnet::IpNet;
+use mirror_common::{
+    AttachmentKey, BITMAP_WORDS, FIELD_COUNT, Field, RuleBitmap, RuleMeta, SUMMARY_WORDS,
+    UNCONSTRAINED,
+};
+
+use super::{Rule, Session, Tables, action_abi};
+
+/// The bitmap of every rule of `sessions`: what an interface these sessions watch is classified
+/// against.
+pub fn sessions_bitmap(rules: &[Rule], sessions: &[usize]) -> RuleBitmap {
+    Bits::of(rules, |r| sessions.contains(&r.session)).to_abi()
+}
+
+/// A set of rules by global index.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn empty(rules: usize) -> Self {
+        Bits(vec![0; rules.div_ceil(64)])
+    }
+    fn of(rules: &[Rule], keep: impl Fn(&Rule) -> bool) -> Self {
+        let mut bits = Self::empty(rules.len());
+        for (i, _) in rules.iter().enumerate().filter(|(_, r)| keep(r)) {
+            bits.set(i);
+        }
+        bits
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn clear(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+    fn or(&mut self, other: &Bits) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a |= b;
+        }
+    }
+    fn to_abi(&self) -> RuleBitmap {
+        let mut bitmap = RuleBitmap {
+            summary: [0; SUMMARY_WORDS],
+            words: [0; BITMAP_WORDS],
+        };
+        for (w, &word) in self.0.iter().enumerate() {
+            bitmap.words[w] = word;
+            if word != 0 {
+                bitmap.summary[w / 64] |= 1 << (w % 64);
+            }
+        }
+        bitmap
+    }
+}
+
+/// Deduplicates bitmaps and hands out their indices.
+#[derive(Default)]
+struct Interner {
+    index: HashMap<Bits, u32>,
+    bitmaps: Vec<RuleBitmap>,
+}
+
+impl Interner {
+    fn intern(&mut self, bits: &Bits) -> u32 {
+        if let Some(&i) = self.index.get(bits) {
+            return i;
+        }
+        let i = self.bitmaps.len() as u32;
+        self.bitmaps.push(bits.to_abi());
+        self.index.insert(bits.clone(), i);
+        i
+    }
+}
+
+pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
+    let mut interner = Interner::default();
+    let mut attachments = Vec::new();
+    for (s, session) in sessions.iter().enumerate() {
+        for (interface, direction) in &session.attachments {
+            let key = AttachmentKey {
+                ifindex: interface.ifindex,
+                direction: *direction as u32,
+            };
+            attachments.push((key, s));
+        }
+    }
+    let mut attachment_bits: HashMap<(u32, u32), Bits> = HashMap::new();
+    for (key, s) in &attachments {
+        let entry = attachment_bits
+            .entry((key.ifindex, key.direction))
+            .or_insert_with(|| Bits::empty(rules.len()));
+        entry.or(&Bits::of(rules, |r| r.session == *s));
+    }
+    let mut attachment_entries: Vec<_> = attachment_bits
+        .into_iter()
+        .map(|((ifindex, direction), bits)| {
+            (AttachmentKey { ifindex, direction }, interner.intern(&bits))
+        })
+        .collect();
+    attachment_entries.sort_by_key(|(k, _)| (k.ifindex, k.direction));
+
+    let (ethertype_wild, ethertype) = direct(&mut interner, rules, 65_536, |r| {
+        r.ethertype.map(usize::from)
+    });
+    let (vlan_wild, vlan) = direct(&mut interner, rules, 4096, |r| r.vlan.map(usize::from));
+    let (proto_wild, ip_proto) = direct(&mut interner, rules, 256, |r| r.proto.map(usize::from));
+    let (src_wild, src_ip) = prefixes(&mut interner, rules, |r| r.src);
+    let (dst_wild, dst_ip) = prefixes(&mut interner, rules, |r| r.dst);
+    let (src_port_wild, src_port) = ports(&mut interner, rules, |r| r.src_port.clone());
+    let (dst_port_wild, dst_port) = ports(&mut interner, rules, |r| r.dst_port.clone());
+    // No session watches an attachment that has no entry, so its wildcard is the empty set.
+    let attachment_wild = interner.intern(&Bits::empty(rules.len()));
+
+    let mut wildcard = [0; FIELD_COUNT];
+    for (field, index) in [
+        (Field::Attachment, attachment_wild),
+        (Field::Ethertype, ethertype_wild),
+        (Field::VlanId, vlan_wild),
+        (Field::IpProto, proto_wild),
+        (Field::SrcIp, src_wild),
+        (Field::DstIp, dst_wild),
+        (Field::SrcPort, src_port_wild),
+        (Field::DstPort, dst_port_wild),
+    ] {
+        wildcard[field as usize] = index;
+    }
+    let rule_meta = rules
+        .iter()
+        .map(|r| RuleMeta {
+            session: r.session as u32,
+            action: action_abi(r.action) as u32,
+            next_session_rule: rules
+                .iter()
+                .position(|x| x.session > r.session)
+                .unwrap_or(rules.len()) as u32,
+            reserved: 0,
+        })
+        .collect();
+    Tables {
+        bitmaps: interner.bitmaps,
+        wildcard,
+        attachments: attachment_entries,
+        ethertype,
+        vlan,
+        ip_proto,
+        src_ip,
+        dst_ip,
+        src_port,
+        dst_port,
+        rules: rule_meta,
+    }
+}
+
+/// A direct array over every value of a field that rules match exactly (ethertype, VLAN id, IP
+/// protocol): each value's entry is the bitmap of the rules naming it plus those that do not
+/// constrain the field. No table at all (and [`UNCONSTRAINED`]) when no rule constrains it.
+fn direct(
+    interner: &mut Interner,
+    rules: &[Rule],
+    values: usize,
+    get: impl Fn(&Rule) -> Option<usize>,
+) -> (u32, Vec<u32>) {
+    let named: BTreeSet<usize> = rules.iter().filter_map(&get).collect();
+    if named.is_empty() {
+        return (UNCONSTRAINED, Vec::new());
+    }
+    let wildcard = interner.intern(&Bits::of(rules, |r| get(r).is_none()));
+    let mut table = vec![wildcard; values];
+    for value in named {
+        table[value] = interner.intern(&Bits::of(rules, |r| get(r).is_none_or(|v| v == value)));
+    }
+    (wildcard, table)
+}
+
+/// LPM entries: each prefix a rule names maps to the rules whose prefix contains it (its ancestors
+/// and itself) plus the rules that do not constrain the field.
+fn prefixes(
+    interner: &mut Interner,
+    rules: &[Rule],
+    get: impl Fn(&Rule) -> Option<IpNet>,
+) -> (u32, Vec<(IpNet, u32)>) {
+    if rules.iter().all(|r| get(r).is_none()) {
+        return (UNCONSTRAINED, Vec::new());
+    }
+    let wildcard = Bits::of(rules, |r| get(r).is_none());
+    let mut by_prefix: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(net) = get(r) {
+            by_prefix.entry(net).or_default().push(i);
+        }
+    }
+    let mut nets: Vec<IpNet> = by_prefix.keys().copied().collect();
+    nets.sort();
+    let entries = nets
+        .into_iter()
+        .map(|net| {
+            let mut bits = wildcard.clone();
+            for len in 0..=net.prefix_len() {
+                let ancestor = IpNet::new(net.addr(), len).map(|n| n.trunc());
+                if let Some(members) = ancestor.ok().and_then(|a| by_prefix.get(&a)) {
+                    for &m in members {
+                        bits.set(m);
+                    }
+                }
+            }
+            (net, interner.intern(&bits))
+        })
+        .collect();
+    (interner.intern(&wildcard), entries)
+}
+
+/// A direct array over all 65,536 ports, built by sweeping the range boundaries.
+fn ports(
+    interner: &mut Interner,
+    rules: &[Rule],
+    get: impl Fn(&Rule) -> Option<RangeInclusive<u16>>,
+) -> (u32, Vec<u32>) {
+    if rules.iter().all(|r| get(r).is_none()) {
+        return (UNCONSTRAINED, Vec::new());
+    }
+    let wildcard = Bits::of(rules, |r| get(r).is_none());
+    // (port, rule, starts): a range [a, b] starts at a and ends after b.
+    let mut events: Vec<(u32, usize, bool)> = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(range) = get(r) {
+            events.push((u32::from(*range.start()), i, true));
+            events.push((u32::from(*range.end()) + 1, i, false));
+        }
+    }
+    events.sort_unstable();
+    let mut table = vec![0; 65_536];
+    let mut current = wildcard.clone();
+    let mut next_event = 0;
+    let mut port = 0u32;
+    while port < 65_536 {
+        while next_event < events.len() && events[next_event].0 == port {
+            let (_, rule, starts) = events[next_event];
+            if starts {
+                current.set(rule);
+            } else {
+                current.clear(rule);
+            }
+            next_event += 1;
+        }
+        let until = events.get(next_event).map_or(65_536, |e| e.0.min(65_536));
+        let index = interner.intern(&current);
+        table[port as usize..until as usize].fill(index);
+        port = until;
+    }
+    (interner.intern(&wildcard), table)
+}

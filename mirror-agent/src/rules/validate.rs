@@ -1,0 +1,626 @@
+//! From a configuration to a plan: every check, with the place in the file.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use mirror_common::{
+    Direction, MAX_RULES, MAX_SESSIONS, RateLimit, SAMPLE_ALL, SAMPLE_FLOWS, SAMPLE_PACKETS,
+};
+
+use super::{
+    Controls, FileTarget, Interface, Plan, Rule, RuleKind, Session, Target, compile::compile,
+    shadow::Shadows,
+};
+use crate::config::{
+    ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
+    PodSelector, RateLimitConfig, SampleBy, SessionConfig, TargetConfig,
+};
+use crate::tunnel::header::{TunnelFormat, TunnelTarget};
+
+/// Validates `loaded` against the interfaces present and compiles it.
+/// A pod-selector session watches the interfaces `pods` gives for its selector.
+pub fn plan(
+    loaded: &LoadedConfig,
+    interfaces: &[Interface],
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
+) -> Result<Plan, ConfigError> {
+    let config = &loaded.config;
+    if config.sessions.is_empty() {
+        return Err(loaded.file_error("no [[session]] is configured"));
+    }
+    if let Some(extra) = config.sessions.get(MAX_SESSIONS as usize) {
+        return Err(loaded.error(extra.span(), format!("more than {MAX_SESSIONS} sessions")));
+    }
+    let mut warnings = Vec::new();
+    let mut sessions = Vec::new();
+    let mut names = HashMap::new();
+    for spanned in &config.sessions {
+        let session = spanned.get_ref();
+        let name = session.name.get_ref();
+        if name.is_empty() {
+            return Err(loaded.error(session.name.span(), "a session name must not be empty"));
+        }
+        if let Some(first) = names.insert(name.clone(), session.name.span()) {
+            let at = loaded.location(first);
+            return Err(loaded.error(
+                session.name.span(),
+                format!("session name `{name}` is already used at {at}"),
+            ));
+        }
+        sessions.push(resolve_session(
+            loaded,
+            session,
+            interfaces,
+            pods,
+            &mut warnings,
+        )?);
+    }
+    let guards = tunnel_guards(&sessions);
+    // Counted before any rule is looked at: an oversized file is refused at once.
+    let count = config
+        .sessions
+        .iter()
+        .map(|s| s.get_ref().rules.len() + 1 + guards.len())
+        .sum::<usize>();
+    if count > MAX_RULES as usize {
+        return Err(loaded.file_error(format!(
+            "{count} rules (counting one default rule per session and the tunnel guards) exceed the limit of {MAX_RULES}"
+        )));
+    }
+    let mut rules = Vec::new();
+    let mut shadows = Shadows::default();
+    for (index, spanned) in config.sessions.iter().enumerate() {
+        rules.extend(guards.iter().map(|guard| Rule {
+            session: index,
+            ..guard.clone()
+        }));
+        rules.extend(session_rules(
+            loaded,
+            index,
+            spanned.get_ref(),
+            &mut shadows,
+        )?);
+    }
+    warnings.extend(shadows.into_warnings());
+    refuse_watched_targets(loaded, &sessions)?;
+    let tables = compile(&sessions, &rules);
+    let node_rate = match &config.node_rate_limit {
+        Some(limit) => rate_limit(loaded, limit)?,
+        None => RateLimit::default(),
+    };
+    let copy_ring_bytes = match &config.copy_ring_bytes {
+        Some(bytes) if !bytes.get_ref().is_power_of_two() || *bytes.get_ref() < 4096 => {
+            return Err(loaded.error(
+                bytes.span(),
+                "copy_ring_bytes must be a power of two of at least 4096",
+            ));
+        }
+        Some(bytes) => *bytes.get_ref(),
+        None => DEFAULT_COPY_RING_BYTES,
+    };
+    Ok(Plan {
+        sessions,
+        node_rate,
+        copy_ring_bytes,
+        rules,
+        tables,
+        warnings,
+    })
+}
+
+/// The rules that keep the outer packets of every tunnel target (UDP to the collector's address
+/// and port, or GRE to its address; from this node or any other) out of every session.
+fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
+    let endpoints: BTreeSet<(IpAddr, u8, Option<u16>)> = sessions
+        .iter()
+        .filter_map(|s| match &s.target {
+            Target::Tunnel(t) => Some((t.remote, t.format.ip_protocol(), t.format.udp_port())),
+            Target::Interface(_) | Target::File(_) => None,
+        })
+        .collect();
+    endpoints
+        .into_iter()
+        .map(|(remote, proto, port)| Rule {
+            kind: RuleKind::TunnelGuard,
+            action: ActionConfig::Skip,
+            proto: Some(proto),
+            dst: Some(IpNet::from(remote)),
+            dst_port: port.map(|port| port..=port),
+            ..Rule::default()
+        })
+        .collect()
+}
+
+/// A tunnel target's format and addresses, checked.
+fn tunnel_target(target: &TargetConfig) -> Option<Result<TunnelTarget, String>> {
+    let (remote, local, format) = match target {
+        TargetConfig { vxlan: Some(v), .. } => (
+            v.remote,
+            v.local,
+            TunnelFormat::Vxlan {
+                vni: v.vni.0,
+                port: v.port,
+            },
+        ),
+        TargetConfig {
+            geneve: Some(g), ..
+        } => (
+            g.remote,
+            g.local,
+            TunnelFormat::Geneve {
+                vni: g.vni.0,
+                port: g.port,
+            },
+        ),
+        TargetConfig { gre: Some(g), .. } => (g.remote, g.local, TunnelFormat::Gre { key: g.key }),
+        TargetConfig {
+            erspan: Some(e), ..
+        } => (
+            e.remote,
+            e.local,
+            TunnelFormat::Erspan {
+                session_id: e.session_id.0,
+                version: e.version,
+            },
+        ),
+        _ => return None,
+    };
+    let name = match format {
+        TunnelFormat::Vxlan { .. } => "vxlan",
+        TunnelFormat::Geneve { .. } => "geneve",
+        TunnelFormat::Gre { .. } => "gre",
+        TunnelFormat::Erspan { .. } => "erspan",
+    };
+    let problem = if remote.is_unspecified() || remote.is_multicast() || remote.is_loopback() {
+        Some(format!(
+            "{name} remote `{remote}` must be a unicast address of another host"
+        ))
+    } else if format.udp_port() == Some(0) {
+        Some(format!("{name} port must not be 0"))
+    } else if local.is_some_and(|l| l.is_ipv4() != remote.is_ipv4()) {
+        Some(format!(
+            "{name} `local` and `remote` are of different IP versions"
+        ))
+    } else if matches!(format, TunnelFormat::Erspan { version, .. } if version != 2 && version != 3)
+    {
+        Some("erspan `version` must be 2 (type II) or 3 (type III)".to_owned())
+    } else {
+        None
+    };
+    Some(match problem {
+        Some(message) => Err(message),
+        None => Ok(TunnelTarget {
+            remote,
+            local,
+            format,
+        }),
+    })
+}
+
+/// A session's target, checked.
+fn resolve_target(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+    interfaces: &[Interface],
+) -> Result<Target, ConfigError> {
+    let span = session.target.span();
+    let target = session.target.get_ref();
+    if target.file.is_none() && (target.rotate_bytes.is_some() || target.rotate_count.is_some()) {
+        return Err(loaded.error(
+            span,
+            "`rotate_bytes` and `rotate_count` go with a `file` target",
+        ));
+    }
+    if target.rotate_count.is_some() && target.rotate_bytes.is_none() {
+        return Err(loaded.error(span, "`rotate_count` needs `rotate_bytes`"));
+    }
+    let tunnels = [
+        target.vxlan.is_some(),
+        target.geneve.is_some(),
+        target.gre.is_some(),
+        target.erspan.is_some(),
+    ];
+    if target.interface.is_none()
+        && target.file.is_none()
+        && tunnels.into_iter().filter(|given| *given).count() == 1
+        && let Some(tunnel) = tunnel_target(target)
+    {
+        return tunnel
+            .map(Target::Tunnel)
+            .map_err(|message| loaded.error(span, message));
+    }
+    match target {
+        TargetConfig {
+            interface: Some(name),
+            vxlan: None,
+            geneve: None,
+            gre: None,
+            erspan: None,
+            file: None,
+            ..
+        } => find(interfaces, name)
+            .map(Target::Interface)
+            .ok_or_else(|| loaded.error(span, format!("target interface `{name}` does not exist"))),
+        TargetConfig {
+            interface: None,
+            vxlan: None,
+            geneve: None,
+            gre: None,
+            erspan: None,
+            file: Some(path),
+            rotate_bytes,
+            rotate_count,
+        } => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent.is_some_and(|p| !p.is_dir()) {
+                return Err(loaded.error(
+                    span,
+                    format!("the directory of `{}` does not exist", path.display()),
+                ));
+            }
+            Ok(Target::File(FileTarget {
+                path: path.clone(),
+                rotate_bytes: *rotate_bytes,
+                rotate_count: *rotate_count,
+            }))
+        }
+        _ => Err(loaded.error(
+            span,
+            "a target needs exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`",
+        )),
+    }
+}
+
+/// The hooks a session's direction and hook stand for.
+fn directions(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+) -> Result<&'static [Direction], ConfigError> {
+    let direction = session.direction.as_ref().map(|d| *d.get_ref());
+    match session.hook.as_ref().map(|h| *h.get_ref()) {
+        None | Some(HookConfig::Tc) => Ok(match direction {
+            Some(DirectionConfig::Ingress) => &[Direction::Ingress],
+            Some(DirectionConfig::Egress) => &[Direction::Egress],
+            None | Some(DirectionConfig::Both) => &[Direction::Ingress, Direction::Egress],
+        }),
+        Some(HookConfig::Xdp) => match &session.direction {
+            Some(spanned) if *spanned.get_ref() != DirectionConfig::Ingress => Err(loaded.error(
+                spanned.span(),
+                "XDP sees received packets only: with hook = \"xdp\", direction must be \"ingress\" (or left out)",
+            )),
+            _ => Ok(&[Direction::XdpIngress]),
+        },
+    }
+}
+
+/// The session's target and the (interface, direction) pairs it watches.
+fn resolve_session(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+    interfaces: &[Interface],
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
+    warnings: &mut Vec<String>,
+) -> Result<Session, ConfigError> {
+    let target = resolve_target(loaded, session, interfaces)?;
+    let target_ifindex = match &target {
+        Target::Interface(i) => Some(i.ifindex),
+        Target::Tunnel(_) | Target::File(_) => None,
+    };
+    let patterns = match (&session.interfaces, &session.pods) {
+        (Some(_), Some(pods)) => {
+            return Err(loaded.error(
+                pods.span(),
+                "a session watches either `interfaces` or `pods`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(loaded.error(
+                session.name.span(),
+                "the session watches nothing: give `interfaces` or `pods`",
+            ));
+        }
+        (None, Some(_)) => &[][..],
+        (Some(interfaces), None) if interfaces.get_ref().is_empty() => {
+            return Err(loaded.error(interfaces.span(), "no interfaces to watch"));
+        }
+        (Some(interfaces), None) => interfaces.get_ref().as_slice(),
+    };
+    let selector = session.pods.as_ref().map(|p| p.get_ref().clone());
+    if let Some(problem) = selector
+        .iter()
+        .flat_map(|s| &s.expressions)
+        .find_map(crate::config::LabelExpression::problem)
+    {
+        let span = session
+            .pods
+            .as_ref()
+            .map_or(session.name.span(), toml::Spanned::span);
+        return Err(loaded.error(span, problem));
+    }
+    let mut watched = BTreeSet::new();
+    if let Some(selector) = &selector {
+        watched.extend(
+            pods(selector)
+                .into_iter()
+                .filter(|i| Some(i.ifindex) != target_ifindex)
+                .map(|i| (i.ifindex, i.name)),
+        );
+    }
+    for pattern in patterns {
+        let matched = resolve(pattern.get_ref(), interfaces)
+            .map_err(|message| loaded.error(pattern.span(), message))?;
+        if matched.is_empty() {
+            warnings.push(format!(
+                "{}: `{}` matches no interface now",
+                loaded.location(pattern.span()),
+                pattern.get_ref()
+            ));
+        }
+        if let Some(target) = matched.iter().find(|i| Some(i.ifindex) == target_ifindex) {
+            return Err(loaded.error(
+                pattern.span(),
+                format!(
+                    "`{}` includes the target `{}`: copies would be mirrored again (a loop)",
+                    pattern.get_ref(),
+                    target.name
+                ),
+            ));
+        }
+        watched.extend(matched.into_iter().map(|i| (i.ifindex, i.name)));
+    }
+    let directions = directions(loaded, session)?;
+    let through_ring = directions == [Direction::XdpIngress] || matches!(target, Target::File(_));
+    let attachments = watched
+        .into_iter()
+        .flat_map(|(ifindex, name)| {
+            directions.iter().map(move |d| {
+                (
+                    Interface {
+                        name: name.clone(),
+                        ifindex,
+                    },
+                    *d,
+                )
+            })
+        })
+        .collect();
+    Ok(Session {
+        name: session.name.get_ref().clone(),
+        target,
+        controls: controls(loaded, session)?,
+        attachments,
+        globs: patterns
+            .iter()
+            .filter(|p| is_glob(p.get_ref()))
+            .filter_map(|p| glob::Pattern::new(p.get_ref()).ok())
+            .collect(),
+        pods: selector,
+        directions: directions.to_vec(),
+        through_ring,
+    })
+}
+
+/// Largest snaplen: a VXLAN or Ethernet frame is at most this long.
+const MAX_SNAPLEN: u32 = 65_535;
+/// Smallest snaplen: the kernel cuts a copy no shorter than its headers up to the transport
+/// header (`bpf_skb_change_tail`), which is 54 bytes for IPv6 and up to 74 for IPv4 with options;
+/// 96 leaves room for VLAN tags and short IPv6 extension headers. A packet whose headers are
+/// longer still is not copied, and counted once as a clone error.
+const MIN_SNAPLEN: u32 = 96;
+
+/// A session's snaplen, sampling and rate limit, checked.
+fn controls(loaded: &LoadedConfig, session: &SessionConfig) -> Result<Controls, ConfigError> {
+    let mut controls = Controls {
+        sample_every: 1,
+        ..Controls::default()
+    };
+    if let Some(snaplen) = &session.snaplen {
+        if !(MIN_SNAPLEN..=MAX_SNAPLEN).contains(snaplen.get_ref()) {
+            return Err(loaded.error(
+                snaplen.span(),
+                format!("snaplen must be {MIN_SNAPLEN}..{MAX_SNAPLEN} bytes (the kernel cannot cut a copy inside its IP headers)"),
+            ));
+        }
+        controls.snaplen = Some(*snaplen.get_ref());
+    }
+    if let Some(sample) = &session.sample {
+        let config = sample.get_ref();
+        if config.every == 0 {
+            return Err(loaded.error(sample.span(), "sample.every must be at least 1"));
+        }
+        controls.sample_every = config.every;
+        controls.sample_mode = match (config.every, config.by) {
+            (1, _) => SAMPLE_ALL,
+            (_, SampleBy::Packet) => SAMPLE_PACKETS,
+            (_, SampleBy::Flow) => SAMPLE_FLOWS,
+        };
+        controls.sample_seed = config.seed.unwrap_or_else(random_seed);
+    }
+    if let Some(limit) = &session.rate_limit {
+        controls.rate = rate_limit(loaded, limit)?;
+    }
+    controls.skip_unparsed = session.unparsed == Some(ActionConfig::Skip);
+    Ok(controls)
+}
+
+/// A seed nobody can predict (the standard library's per-process hash keys).
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u32
+}
+
+/// A rate limit in the kernel's terms (see `mirror_common::RateLimit`).
+fn rate_limit(
+    loaded: &LoadedConfig,
+    limit: &toml::Spanned<RateLimitConfig>,
+) -> Result<RateLimit, ConfigError> {
+    const NS_PER_SECOND: u64 = 1_000_000_000;
+    let config = limit.get_ref();
+    let refuse = |message: &str| Err(loaded.error(limit.span(), message));
+    if config.packets_per_second.is_none() && config.bytes_per_second.is_none() {
+        return refuse("a rate limit needs packets_per_second, bytes_per_second or both");
+    }
+    let mut out = RateLimit::default();
+    if let Some(pps) = config.packets_per_second {
+        if pps == 0 || pps > NS_PER_SECOND {
+            return refuse("packets_per_second must be 1..1000000000");
+        }
+        let burst = config.burst_packets.unwrap_or((pps / 10).max(1));
+        if burst == 0 {
+            return refuse("burst_packets must be at least 1");
+        }
+        out.packet_cost_ns = NS_PER_SECOND / pps;
+        out.packet_burst_ns = burst.saturating_mul(out.packet_cost_ns);
+    } else if config.burst_packets.is_some() {
+        return refuse("burst_packets needs packets_per_second");
+    }
+    if let Some(bps) = config.bytes_per_second {
+        if bps == 0 || bps > NS_PER_SECOND * 1024 {
+            return refuse("bytes_per_second must be 1..1024000000000");
+        }
+        let burst = config.burst_bytes.unwrap_or((bps / 10).max(65_536));
+        if burst < u64::from(MIN_SNAPLEN) {
+            return refuse("burst_bytes must hold at least one frame header (14 bytes)");
+        }
+        out.byte_cost_ns_x1024 = NS_PER_SECOND * 1024 / bps;
+        out.byte_burst_ns = burst.saturating_mul(out.byte_cost_ns_x1024) >> 10;
+    } else if config.burst_bytes.is_some() {
+        return refuse("burst_bytes needs bytes_per_second");
+    }
+    Ok(out)
+}
+
+/// The session's rules in number order, then its default rule; warns about hidden rules.
+fn session_rules(
+    loaded: &LoadedConfig,
+    index: usize,
+    session: &SessionConfig,
+    shadows: &mut Shadows,
+) -> Result<Vec<Rule>, ConfigError> {
+    let name = session.name.get_ref();
+    let mut ordered: Vec<_> = session.rules.iter().collect();
+    ordered.sort_by_key(|r| r.get_ref().number);
+    for pair in ordered.windows(2) {
+        if pair[0].get_ref().number == pair[1].get_ref().number {
+            return Err(loaded.error(
+                pair[1].span(),
+                format!(
+                    "rule number {} is used twice in session `{name}` (also at {})",
+                    pair[1].get_ref().number,
+                    loaded.location(pair[0].span())
+                ),
+            ));
+        }
+    }
+    let mut rules: Vec<Rule> = Vec::with_capacity(ordered.len() + 1);
+    for spanned_rule in ordered {
+        let rule = validate_rule(index, spanned_rule.get_ref())
+            .map_err(|message| loaded.error(spanned_rule.span(), message))?;
+        shadows.check(loaded, spanned_rule.span(), &rules, &rule, name);
+        rules.push(rule);
+    }
+    rules.push(Rule {
+        session: index,
+        action: session.default,
+        ..Rule::default()
+    });
+    Ok(rules)
+}
+
+/// A target interface that a session watches would have copies mirrored again. (VXLAN targets
+/// are covered by the tunnel guard rules instead.)
+fn refuse_watched_targets(loaded: &LoadedConfig, sessions: &[Session]) -> Result<(), ConfigError> {
+    for session in sessions {
+        let Target::Interface(target) = &session.target else {
+            continue;
+        };
+        for (index, other) in sessions.iter().enumerate() {
+            if other
+                .attachments
+                .iter()
+                .any(|(i, _)| i.ifindex == target.ifindex)
+            {
+                return Err(loaded.error(
+                    loaded.config.sessions[index].get_ref().watch_span(),
+                    format!(
+                        "session `{}` watches `{}`, the target of session `{}`: copies would be mirrored again (a loop)",
+                        other.name, target.name, session.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn find(interfaces: &[Interface], name: &str) -> Option<Interface> {
+    interfaces.iter().find(|i| i.name == name).cloned()
+}
+
+fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '['])
+}
+
+/// Interfaces a name or glob stands for; a plain name must exist.
+fn resolve(pattern: &str, interfaces: &[Interface]) -> Result<Vec<Interface>, String> {
+    if !is_glob(pattern) {
+        return find(interfaces, pattern)
+            .map(|i| vec![i])
+            .ok_or_else(|| format!("interface `{pattern}` does not exist"));
+    }
+    let glob = glob::Pattern::new(pattern).map_err(|e| format!("bad glob `{pattern}`: {e}"))?;
+    Ok(interfaces
+        .iter()
+        .filter(|i| glob.matches(&i.name))
+        .cloned()
+        .collect())
+}
+
+fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Rule, String> {
+    let out = Rule {
+        session,
+        kind: RuleKind::Numbered(rule.number),
+        action: rule.action,
+        ethertype: rule.ethertype.map(|e| e.0),
+        vlan: rule.vlan.map(|v| v.0),
+        proto: rule.proto.map(|p| p.0),
+        src: rule.src.map(|c| c.0),
+        dst: rule.dst.map(|c| c.0),
+        src_port: rule.src_port.as_ref().map(|p| p.0.clone()),
+        dst_port: rule.dst_port.as_ref().map(|p| p.0.clone()),
+    };
+    let never = |why: &str| Err(format!("rule {} can never match: {why}", rule.number));
+    let family = |net: &IpNet| match net {
+        IpNet::V4(_) => 0x0800,
+        IpNet::V6(_) => 0x86dd,
+    };
+    if let (Some(src), Some(dst)) = (&out.src, &out.dst)
+        && family(src) != family(dst)
+    {
+        return never("`src` and `dst` are of different IP versions");
+    }
+    let ip_family = out.src.as_ref().or(out.dst.as_ref()).map(family);
+    let needs_ip = ip_family.is_some()
+        || out.proto.is_some()
+        || out.src_port.is_some()
+        || out.dst_port.is_some();
+    if let Some(ethertype) = out.ethertype {
+        if needs_ip && ethertype != 0x0800 && ethertype != 0x86dd {
+            return never("IP fields are set but `ethertype` is not ipv4 or ipv6");
+        }
+        if ip_family.is_some_and(|f| f != ethertype) {
+            return never("`ethertype` and the address family differ");
+        }
+    }
+    if let Some(proto) = rule.proto
+        && !proto.has_ports()
+        && (out.src_port.is_some() || out.dst_port.is_some())
+    {
+        return never("ports are set but `proto` is not tcp, udp or sctp");
+    }
+    Ok(out)
+}
