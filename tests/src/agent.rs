@@ -1,0 +1,325 @@
+//! The agent as a child process: starting it, stopping it, its report, its API and CLI.
+use std::{
+    io::{BufRead, BufReader, Write as _},
+    net::SocketAddr,
+    process::{Child, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{Counts, Netns};
+
+/// Path of the agent binary: `MIRROR_AGENT_BIN`, else next to this test's target directory.
+pub fn agent_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("MIRROR_AGENT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let candidate = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("mirror-agent"));
+    match candidate {
+        Some(path) if path.exists() => path,
+        _ => panic!("mirror-agent is not built: run `cargo xtask test` (it builds it first)"),
+    }
+}
+
+/// The agent as a child process; killed on drop if a test fails before stopping it.
+#[derive(Debug)]
+pub struct Agent {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    /// The configuration file [`Agent::start`] wrote, removed with the agent.
+    config_file: Option<tempfile::NamedTempFile>,
+    /// Holds the agent's API socket unless the configuration names one.
+    _api_dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Runs `binary` with `config` in `node` and waits until it has attached.
+    pub fn start(node: &Netns, binary: &std::path::Path, config: &str) -> Self {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(&mut file, config.as_bytes()).expect("write config");
+        let mut agent = Agent::start_file(node, binary, file.path(), &[]);
+        agent.config_file = Some(file);
+        agent
+    }
+
+    /// Runs `binary` with the configuration file at `path` (which names its `api_socket`, or gets
+    /// one of its own) and `extra` arguments in `node`, and waits until it has attached.
+    pub fn start_file(
+        node: &Netns,
+        binary: &std::path::Path,
+        path: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
+        let config = std::fs::read_to_string(path).expect("read config");
+        // Agents of tests running at once each need their own API socket.
+        let api_dir = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &node.name])
+            .arg(binary)
+            .args(["run", "--stats-interval", "0", "--config"])
+            .arg(path)
+            .args(extra);
+        if !config.contains("api_socket") {
+            command
+                .arg("--api-socket")
+                .arg(api_dir.path().join("agent.sock"));
+        }
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("spawn agent");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        // The agent prints this line once every hook is attached; EOF means it failed to start.
+        await_first_line(&mut child, &mut stdout, "attached to", "agent");
+        Agent {
+            child,
+            stdout,
+            config_file: None,
+            _api_dir: api_dir,
+        }
+    }
+
+    /// SIGKILL: the agent dies without a chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill agent");
+        self.child.wait().expect("wait agent");
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, wait for exit, and return the counter report it printed.
+    pub fn stop(self) -> Report {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal`, waits for a clean exit, and returns the counter report it printed.
+    /// Sends `signal` and waits at most `limit` for the agent to exit (killing it and failing the
+    /// test past that); the report and how long the exit took.
+    pub fn stop_within(mut self, signal: i32, limit: Duration) -> (Report, Duration) {
+        let started = Instant::now();
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), signal) };
+        // The report is read as it comes: a long one would fill the pipe and hold the agent up.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.stdout.get_ref());
+        // SAFETY: F_SETFL on a pipe this process owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut report = Vec::new();
+        let mut chunk = vec![0; 1 << 16];
+        loop {
+            while let Ok(n @ 1..) = std::io::Read::read(&mut self.stdout, &mut chunk) {
+                report.extend_from_slice(&chunk[..n]);
+            }
+            if let Some(status) = self.child.try_wait().expect("wait agent") {
+                let took = started.elapsed();
+                // SAFETY: as above, blocking again to read the rest.
+                unsafe { libc::fcntl(fd, libc::F_SETFL, 0) };
+                std::io::Read::read_to_end(&mut self.stdout, &mut report).expect("report");
+                let report = String::from_utf8(report).expect("a UTF-8 report");
+                assert!(status.success(), "agent exited with {status}: {report}");
+                return (Report(report), took);
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("the agent did not exit within {limit:?} of signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stop_with(mut self, signal: i32) -> Report {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), signal) };
+        let mut report = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut report).expect("agent report");
+        let status = self.child.wait().expect("wait agent");
+        assert!(status.success(), "agent exited with {status}: {report}");
+        Report(report)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `matched` packets of which `mirrored` were copied, nothing else counted.
+pub fn copied(matched: u64, mirrored: u64) -> Counts {
+    Counts {
+        matched,
+        mirrored,
+        ..Counts::default()
+    }
+}
+
+/// Reads `child`'s first line from `output` and fails the test unless it contains `ready`.
+pub(crate) fn await_first_line(
+    child: &mut Child,
+    output: &mut impl BufRead,
+    ready: &str,
+    what: &str,
+) {
+    let mut line = String::new();
+    output.read_line(&mut line).expect("child output");
+    assert!(
+        line.contains(ready),
+        "{what} did not start: {line:?} (status {:?})",
+        child.wait()
+    );
+}
+
+/// The counter table the agent prints on exit.
+#[derive(Debug)]
+pub struct Report(pub String);
+
+impl Report {
+    /// The counters of a rule (`"default"` for the default rule, `"guard"` for the tunnel guard).
+    pub fn rule(&self, session: &str, rule: &str) -> Counts {
+        self.row("rule", session, rule)
+    }
+
+    /// Counters of a whole session.
+    pub fn session(&self, session: &str) -> Counts {
+        self.row("session", session, "-")
+    }
+
+    fn row(&self, kind: &str, session: &str, rule: &str) -> Counts {
+        let line = self
+            .0
+            .lines()
+            .find(|l| {
+                let mut words = l.split_whitespace();
+                words.next() == Some(kind)
+                    && words.next() == Some(session)
+                    && words.next() == Some(rule)
+            })
+            .unwrap_or_else(|| panic!("no {kind} {session} {rule} in report:\n{}", self.0));
+        // The header line names the counters' columns.
+        let header = self
+            .0
+            .lines()
+            .find(|l| l.starts_with("counter "))
+            .unwrap_or_else(|| panic!("no counter header in report:\n{}", self.0));
+        let mut counts = Counts::default();
+        for (name, value) in header
+            .split_whitespace()
+            .zip(line.split_whitespace())
+            .skip(3)
+        {
+            assert!(
+                counts.set(name, value.parse().expect("number")),
+                "unknown counter {name}"
+            );
+        }
+        counts
+    }
+
+    /// A hook line's `name=value` field.
+    pub fn hook(&self, hook: &str, field: &str) -> u64 {
+        self.field("hook", hook, field)
+    }
+
+    /// A ring line's `name=value` field (copies the agent sent on, or failed to, per session).
+    pub fn ring(&self, session: &str, field: &str) -> u64 {
+        self.field("ring", session, field)
+    }
+
+    /// A target line's `name=value` field.
+    pub fn target(&self, target: &str, field: &str) -> u64 {
+        self.field("target", target, field)
+    }
+
+    fn field(&self, kind: &str, name: &str, field: &str) -> u64 {
+        let line = self
+            .0
+            .lines()
+            .find(|l| l.starts_with(kind) && l.split_whitespace().nth(1) == Some(name));
+        let line = line.unwrap_or_else(|| panic!("no {kind} {name} in report:\n{}", self.0));
+        line.split_whitespace()
+            .find_map(|w| {
+                w.strip_prefix(&format!("{field}="))
+                    .map(|v| v.parse().expect("number"))
+            })
+            .unwrap_or_else(|| panic!("no {field} in {line}"))
+    }
+}
+
+/// The (interface, direction) pairs `status --json` of the agent at `socket` lists as attached.
+pub fn attached(ns: &Netns, socket: &str) -> Vec<(String, String)> {
+    let (code, stdout, stderr) = agent_command(ns, &["status", "--json", "--api-socket", socket]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    serde_json::from_value(status["attached"].clone()).expect("attached pairs")
+}
+
+/// `GET path` over HTTP/1.0 to `address` from inside `ns`: the status line and the body.
+pub fn http_get(ns: &Netns, address: SocketAddr, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+    let response = ns.enter(move || {
+        let mut stream =
+            std::net::TcpStream::connect(address).expect("connect to the metrics address");
+        std::io::Write::write_all(&mut stream, request.as_bytes()).expect("request");
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut response).expect("response");
+        response
+    });
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The body of `GET path` from the agent's API socket (a file: reachable from any namespace).
+pub fn api_get(socket: &str, path: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("the API socket");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").expect("headers end");
+    body.to_owned()
+}
+
+/// The hooks `status --json` lists for the session at `index`, as `interface/direction`, sorted.
+pub fn session_hooks(ns: &Netns, socket: &str, index: usize) -> Vec<String> {
+    let (code, stdout, stderr) = agent_command(ns, &["status", "--json", "--api-socket", socket]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    let hooks: Vec<(String, String)> =
+        serde_json::from_value(status["sessions"][index]["hooks"].clone()).expect("hooks");
+    let mut hooks: Vec<String> = hooks.into_iter().map(|(i, d)| format!("{i}/{d}")).collect();
+    hooks.sort();
+    hooks
+}
+
+/// Runs the agent with `args` in a namespace and returns (exit code, stdout, stderr). A `run`
+/// gets an API socket of its own, so that tests running at once do not meet on the default one.
+pub fn agent_command(ns: &Netns, args: &[&str]) -> (i32, String, String) {
+    let api_dir = tempfile::tempdir().expect("temp dir");
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &ns.name])
+        .arg(agent_binary())
+        .args(args);
+    if args.first() == Some(&"run") && !args.contains(&"--api-socket") {
+        command
+            .arg("--api-socket")
+            .arg(api_dir.path().join("agent.sock"));
+    }
+    let output = command.output().expect("run agent");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
