@@ -351,6 +351,7 @@ impl Daemon<'_> {
     /// Applies the configuration file again, or keeps the running one and says why not.
     async fn reload(&mut self, why: &str) -> anyhow::Result<u64> {
         let result = self.try_reload().await;
+        self.shared.reload_tried(result.is_ok());
         match &result {
             Ok(generation) => tracing::info!("reloaded on {why}: generation {generation}"),
             Err(e) => {
@@ -693,17 +694,45 @@ fn report(
     use std::fmt::Write as _;
     let stats = applied.stats()?;
     let mut out = String::new();
+    // Names as wide as the longest (16 at least), so that the columns stay aligned.
+    let names = stats
+        .sessions
+        .iter()
+        .map(|s| s.name.len())
+        .chain(losses.iter().map(|(name, _)| name.len()))
+        .chain(
+            applied
+                .targets
+                .report()
+                .iter()
+                .map(|(session, _, _)| session.len()),
+        )
+        .max()
+        .unwrap_or(0)
+        .max(16);
+    let rules = stats
+        .sessions
+        .iter()
+        .flat_map(|s| &s.rules)
+        .map(|r| r.rule.len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
     // One column per counter, as wide as its name.
     let width = |field: &mirror_common::CounterField| field.name.len().max(9);
     let row =
         |out: &mut String, kind: &str, name: &str, rule: &str, c: &mirror_common::Counters| {
-            let _ = write!(out, "{kind:<8} {name:<16} {rule:<8}");
+            let _ = write!(out, "{kind:<8} {name:<names$} {rule:<rules$}");
             for (field, value) in c.named() {
                 let _ = write!(out, " {value:>width$}", width = width(field));
             }
             out.push('\n');
         };
-    let _ = write!(out, "{:<8} {:<16} {:<8}", "counter", "session", "rule");
+    let _ = write!(
+        out,
+        "{:<8} {:<names$} {:<rules$}",
+        "counter", "session", "rule"
+    );
     for field in mirror_common::Counters::FIELDS {
         let _ = write!(out, " {:>width$}", field.name, width = width(field));
     }
@@ -722,7 +751,7 @@ fn report(
         ("xdp", &stats.xdp),
         ("copy", &stats.copy),
     ] {
-        let _ = write!(out, "hook     {name:<16}");
+        let _ = write!(out, "hook     {name:<names$}");
         for (field, value) in hook.named() {
             let _ = write!(out, " {}={value}", field.name);
         }
@@ -731,7 +760,7 @@ fn report(
     for (session, (sent, failed)) in stats.sessions.iter().zip(emitted.unwrap_or_default()) {
         let _ = writeln!(
             out,
-            "ring     {:<16} sent={sent} failed={failed}",
+            "ring     {:<names$} sent={sent} failed={failed}",
             session.name
         );
     }
@@ -739,17 +768,17 @@ fn report(
         let _ = match hop {
             Ok(hop) => writeln!(
                 out,
-                "tunnel   {session:<16} {target} via {} to {}",
+                "tunnel   {session:<names$} {target} via {} to {}",
                 hop.interface,
                 tunnel::mac_text(hop.next_hop_mac)
             ),
-            Err(why) => writeln!(out, "tunnel   {session:<16} {target}: {why}"),
+            Err(why) => writeln!(out, "tunnel   {session:<names$} {target}: {why}"),
         };
     }
     for (name, (dropped, errors)) in losses {
         let _ = writeln!(
             out,
-            "target   {name:<16} tx_dropped={dropped} tx_errors={errors}"
+            "target   {name:<names$} tx_dropped={dropped} tx_errors={errors}"
         );
     }
     Ok(out)

@@ -168,6 +168,11 @@ impl Drain {
     /// Stops the thread once it has sent everything queued; (sent, failed) per session.
     pub fn finish(mut self) -> Vec<(u64, u64)> {
         self.stop_thread();
+        self.counts()
+    }
+
+    /// Copies sent on and refused by the target so far, (sent, failed) per session.
+    pub fn counts(&self) -> Vec<(u64, u64)> {
         self.counts
             .iter()
             .map(|c| {

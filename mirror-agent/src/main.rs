@@ -634,8 +634,16 @@ async fn show_stats(
 )]
 fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) -> String {
     use std::fmt::Write as _;
+    // As wide as the longest session name: columns stay aligned.
+    let width = stats
+        .sessions
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     let mut out = format!(
-        "{:<16} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
+        "{:<width$} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
         "session", "matched", "mirrored", "not_sent", "matched/s", "mirrored/s", "not_sent/s"
     );
     for session in &stats.sessions {
@@ -654,7 +662,7 @@ fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) ->
         };
         let _ = writeln!(
             out,
-            "{:<16} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}",
+            "{:<width$} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}",
             session.name,
             c.matched,
             c.mirrored,
@@ -669,6 +677,35 @@ fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) ->
 
 #[cfg(test)]
 mod tests {
+    /// A session name longer than the usual column keeps the columns aligned.
+    #[test]
+    fn the_stats_table_fits_long_session_names() {
+        let session = |name: &str| crate::api::SessionStats {
+            name: name.to_owned(),
+            counters: mirror_common::Counters {
+                matched: 12_345,
+                ..mirror_common::Counters::default()
+            },
+            rules: Vec::new(),
+        };
+        let stats = crate::api::Stats {
+            sessions: vec![session("a"), session("a-session-name-of-thirty-chars")],
+            ..crate::api::Stats::default()
+        };
+        let table = super::stats_table(&stats, None);
+        let ends: Vec<usize> = table
+            .lines()
+            .map(|line| {
+                let (at, token) = ["matched", "12345"]
+                    .iter()
+                    .find_map(|t| Some((line.find(t)?, t)))
+                    .expect("the column");
+                at + token.len()
+            })
+            .collect();
+        assert!(ends.windows(2).all(|w| w[0] == w[1]), "{table}");
+    }
+
     #[test]
     fn refresh_intervals_are_bounded() {
         assert_eq!(super::refresh_interval("0.2"), Ok(0.2));

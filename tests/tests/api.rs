@@ -143,6 +143,11 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
         "mirror_rule_matched_packets_total{session=\"t\",rule=\"10\"} 7",
         "mirror_rule_copies_not_sent_total{session=\"t\",rule=\"10\",reason=\"too_big\"} 0",
         "mirror_attached_hooks{session=\"t\",interface=\"src0\",direction=\"ingress\"} 1",
+        "mirror_hook_step_limit_packets_total{hook=\"ingress\"} 0",
+        "mirror_build_info{version=\"0.1.0\"} 1",
+        "mirror_config_generation 1",
+        "mirror_config_last_reload_success 1",
+        "mirror_config_last_reload_timestamp_seconds 0",
         "# EOF",
     ] {
         assert!(body.contains(expected), "{expected} in:\n{body}");

@@ -222,6 +222,14 @@ fn a_reload_under_traffic_switches_each_packet_from_the_old_rules_to_the_new() {
     );
     assert!(stderr.contains("unknown field `colour`"), "{stderr}");
     assert_eq!(generation(&lab, socket), generation_two);
+    // And the metrics say so: the last reload failed, the generation is the one before.
+    let metrics = mirror_tests::api_get(socket, "/metrics");
+    for line in [
+        "mirror_config_last_reload_success 0".to_owned(),
+        format!("mirror_config_generation {generation_two}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     let u_sender = mirror_tests::FrameSender::open(&lab.src, "eth0");
     u_sender.send(&numbered(5001, 1_000_000));
     u_sender.send(&numbered(5002, 1_000_001));

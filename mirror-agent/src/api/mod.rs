@@ -60,6 +60,8 @@ pub struct Shared {
     reading: tokio::sync::Mutex<Option<(Instant, Arc<Stats>)>>,
     /// The agent's tasks that ended with an error (by name): the agent is then not ready.
     failed: Mutex<BTreeMap<&'static str, String>>,
+    /// The last reload tried: when, and whether it was applied.
+    last_reload: Mutex<Option<(SystemTime, bool)>>,
     started: Instant,
     /// Turns true when the agent stops: streams end, so that the servers can.
     stop: watch::Receiver<bool>,
@@ -345,6 +347,7 @@ impl Shared {
             applied: Mutex::new(applied),
             reading: tokio::sync::Mutex::new(None),
             failed: Mutex::new(BTreeMap::new()),
+            last_reload: Mutex::new(None),
             started: Instant::now(),
             stop,
             reload,
@@ -387,6 +390,92 @@ impl Shared {
     pub fn task_failed(&self, name: &'static str, error: &anyhow::Error) {
         tracing::error!("{name} ended: {error:#}");
         self.failed_tasks().insert(name, format!("{error:#}"));
+    }
+
+    /// Records a reload's outcome for the metrics.
+    pub fn reload_tried(&self, applied: bool) {
+        *self
+            .last_reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((SystemTime::now(), applied));
+    }
+
+    /// The agent's own metrics: its build, its configuration's generation and last reload, its
+    /// tasks, and the copies its ring drain sent on.
+    fn register_agent(&self, registry: &mut Registry, stats: &Stats) {
+        let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(value);
+            registry.register(name, help, gauge);
+        };
+        let build = Family::<Labels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "The agent's version (always 1)",
+            build.clone(),
+        );
+        build
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])
+            .set(1);
+        gauge(
+            registry,
+            "config_generation",
+            "The configuration applied: 1 at the start, one more with every reload",
+            i64::try_from(stats.generation).unwrap_or(i64::MAX),
+        );
+        let last = *self
+            .last_reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gauge(
+            registry,
+            "config_last_reload_success",
+            "1 when the last reload was applied (or there was none), 0 when it was rejected",
+            i64::from(last.is_none_or(|(_, applied)| applied)),
+        );
+        gauge(
+            registry,
+            "config_last_reload_timestamp_seconds",
+            "When the last reload was tried, seconds since the Unix epoch (0: none yet)",
+            last.and_then(|(at, _)| at.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        );
+        let failed = Family::<Labels, Gauge>::default();
+        registry.register(
+            "task_failed",
+            "1 for each of the agent's tasks that ended with an error (the agent is then not ready)",
+            failed.clone(),
+        );
+        for task in self.failed_tasks().keys() {
+            failed
+                .get_or_create(&vec![("task", (*task).to_owned())])
+                .set(1);
+        }
+        let ring = self
+            .applied()
+            .drain
+            .as_ref()
+            .map(crate::emit::Drain::counts);
+        let (sent, refused) = (
+            Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+        );
+        registry.register(
+            "ring_sent_copies",
+            "Ring copies (XDP sessions, file targets) the agent sent on, by session, in this configuration",
+            sent.clone(),
+        );
+        registry.register(
+            "ring_refused_copies",
+            "Ring copies the target refused (a full socket buffer, a write error), by session, in this configuration",
+            refused.clone(),
+        );
+        for (session, (s, r)) in stats.sessions.iter().zip(ring.unwrap_or_default()) {
+            let labels = vec![("session", session.name.clone())];
+            sent.get_or_create(&labels).inc_by(s);
+            refused.get_or_create(&labels).inc_by(r);
+        }
     }
 
     fn failed_tasks(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
@@ -465,17 +554,7 @@ impl Shared {
             hooks.record(&vec![("hook", name.to_owned())], hook.named());
         }
         self.applied().register_watching(&mut registry);
-        let failed = Family::<Labels, Gauge>::default();
-        registry.register(
-            "task_failed",
-            "1 for each of the agent's tasks that ended with an error (the agent is then not ready)",
-            failed.clone(),
-        );
-        for task in self.failed_tasks().keys() {
-            failed
-                .get_or_create(&vec![("task", (*task).to_owned())])
-                .set(1);
-        }
+        self.register_agent(&mut registry, stats);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)
