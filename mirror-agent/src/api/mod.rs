@@ -9,9 +9,13 @@
 //! off the runtime's thread, so that no number of readers can hold up a probe.
 mod client;
 mod listen;
+mod metrics;
+mod state;
 
 pub use client::{get_from, post_to, stream_from};
 pub use listen::Limits;
+use state::direction_name;
+pub use state::{Applied, SelectedPod, SessionView};
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -31,19 +35,9 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use mirror_common::{CounterField, Counters, Direction, HookCounters, Metric};
-use prometheus_client::{
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
+use mirror_common::{Counters, HookCounters};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-use crate::{
-    datapath::Datapath,
-    follow::Follow,
-    rules::{self, Plan},
-};
 
 /// Label pairs of a metric.
 type Labels = Vec<(&'static str, String)>;
@@ -71,271 +65,6 @@ pub struct Shared {
 
 /// A reload asked for on the API, and where its outcome goes.
 pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<u64, String>>;
-
-/// One applied configuration: its datapath, what the API reports of it, and the counters its
-/// unchanged sessions carried over from the configurations before it.
-#[derive(Debug)]
-pub struct Applied {
-    pub datapath: Datapath,
-    /// Sends the ring copies on (XDP sessions, file targets); stops once it has sent what is
-    /// queued when dropped.
-    pub drain: Option<crate::emit::Drain>,
-    view: PlanView,
-    carried: Carried,
-    /// What the follower needs to watch interfaces that appear later.
-    pub follow: Option<Follow>,
-    /// The targets as they are now: tunnels' hops (kept current by `tunnel::path::run`) and
-    /// target interfaces' indexes (by `follow::run`).
-    pub targets: crate::tunnel::Targets,
-    /// The pods pod-selector sessions select now, and where they were found.
-    pub pods: Vec<SelectedPod>,
-}
-
-/// A pod that pod-selector sessions select, and the interface watched for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SelectedPod {
-    /// `namespace/name`.
-    pub pod: String,
-    pub ips: Vec<std::net::IpAddr>,
-    /// Its host-side interface, watched for these sessions.
-    pub interface: Option<String>,
-    /// Why no interface is watched for it.
-    pub problem: Option<String>,
-    pub sessions: Vec<String>,
-}
-
-/// Counters carried over from earlier generations, added to the live ones.
-#[derive(Debug, Default)]
-struct Carried {
-    sessions: Vec<Counters>,
-    rules: Vec<Counters>,
-}
-
-/// The parts of a plan the API reports (the compiled tables are gone by then).
-#[derive(Debug)]
-struct PlanView {
-    sessions: Vec<SessionView>,
-    /// (session index, rule label) by global rule index.
-    rules: Vec<(usize, String)>,
-    /// Per session: what it is made of; equal fingerprints across a reload mean an unchanged
-    /// session, whose counters go on.
-    fingerprints: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionView {
-    pub name: String,
-    pub target: String,
-    /// The session watches pods (`pods = {…}`), not named interfaces.
-    #[serde(default)]
-    pub selects_pods: bool,
-    /// (interface, direction) pairs watched.
-    pub hooks: Vec<(String, String)>,
-}
-
-impl PlanView {
-    fn of(plan: &Plan) -> Self {
-        PlanView {
-            sessions: plan
-                .sessions
-                .iter()
-                .map(|s| SessionView {
-                    name: s.name.clone(),
-                    target: s.target.to_string(),
-                    selects_pods: s.pods.is_some(),
-                    hooks: s
-                        .attachments
-                        .iter()
-                        .map(|(i, d)| (i.name.clone(), direction_name(*d)))
-                        .collect(),
-                })
-                .collect(),
-            rules: plan
-                .rules
-                .iter()
-                .map(|r| (r.session, r.kind.to_string()))
-                .collect(),
-            fingerprints: rules::fingerprints(plan),
-        }
-    }
-}
-
-fn direction_name(direction: Direction) -> String {
-    match direction {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-        Direction::XdpIngress => "xdp",
-    }
-    .to_owned()
-}
-
-impl Applied {
-    /// The first configuration.
-    pub fn new(
-        datapath: Datapath,
-        drain: Option<crate::emit::Drain>,
-        plan: &Plan,
-        follow: Option<Follow>,
-        targets: crate::tunnel::Targets,
-    ) -> Self {
-        Applied {
-            datapath,
-            drain,
-            view: PlanView::of(plan),
-            carried: Carried::default(),
-            follow,
-            targets,
-            pods: Vec::new(),
-        }
-    }
-
-    /// The configuration that replaces `self`, whose datapath `datapath` has taken over: the
-    /// counters of `self` (final: its programs are detached) go on in the sessions that did not
-    /// change.
-    pub fn succeed(
-        &self,
-        datapath: Datapath,
-        drain: Option<crate::emit::Drain>,
-        plan: &Plan,
-        follow: Option<Follow>,
-        targets: crate::tunnel::Targets,
-    ) -> Self {
-        let before = self.stats().unwrap_or_else(|e| {
-            tracing::warn!("reading the replaced configuration's counters: {e:#}");
-            Stats::default()
-        });
-        let view = PlanView::of(plan);
-        let mut carried = Carried {
-            sessions: vec![Counters::default(); view.sessions.len()],
-            rules: vec![Counters::default(); view.rules.len()],
-        };
-        for (index, fingerprint) in view.fingerprints.iter().enumerate() {
-            let Some(old) = self.view.fingerprints.iter().position(|f| f == fingerprint) else {
-                continue;
-            };
-            let Some(old_stats) = before.sessions.get(old) else {
-                continue;
-            };
-            carried.sessions[index] = old_stats.counters;
-            // An unchanged session has the same rules in the same order.
-            let rules = view
-                .rules
-                .iter()
-                .enumerate()
-                .filter(|(_, (s, _))| *s == index);
-            for ((rule, _), old_rule) in rules.zip(&old_stats.rules) {
-                carried.rules[rule] = old_rule.counters;
-            }
-        }
-        Applied {
-            datapath,
-            drain,
-            view,
-            carried,
-            follow,
-            targets,
-            pods: self.pods.clone(),
-        }
-    }
-
-    /// Per session, the (interface, direction) hooks it watches now: those of the plan, and those
-    /// of interfaces that appeared or pods selected since.
-    fn session_hooks(&self) -> Vec<Vec<(String, String)>> {
-        let Some(follow) = &self.follow else {
-            return self.view.sessions.iter().map(|s| s.hooks.clone()).collect();
-        };
-        let mut hooks = vec![Vec::new(); self.view.sessions.len()];
-        for (interface, direction) in self.datapath.attached() {
-            for session in follow.sessions_watching(&interface, direction) {
-                if let Some(list) = hooks.get_mut(session) {
-                    list.push((interface.clone(), direction_name(direction)));
-                }
-            }
-        }
-        hooks
-    }
-
-    /// The gauges of what is watched now: hooks by session, and the pods sessions select.
-    fn register_watching(&self, registry: &mut Registry) {
-        let attached = Family::<Labels, Gauge>::default();
-        registry.register(
-            "attached_hooks",
-            "Watched (interface, direction) hooks, by session",
-            attached.clone(),
-        );
-        for (session, hooks) in self.view.sessions.iter().zip(self.session_hooks()) {
-            for (interface, direction) in hooks {
-                attached
-                    .get_or_create(&vec![
-                        ("session", session.name.clone()),
-                        ("interface", interface),
-                        ("direction", direction),
-                    ])
-                    .set(1);
-            }
-        }
-        let pods = Family::<Labels, Gauge>::default();
-        registry.register(
-            "selected_pods",
-            "Pods a pod-selector session selects, by whether their interface is watched",
-            pods.clone(),
-        );
-        for session in self.view.sessions.iter().filter(|s| s.selects_pods) {
-            for watched in ["true", "false"] {
-                let count = self
-                    .pods
-                    .iter()
-                    .filter(|p| p.sessions.contains(&session.name))
-                    .filter(|p| p.interface.is_some() == (watched == "true"))
-                    .count();
-                pods.get_or_create(&vec![
-                    ("session", session.name.clone()),
-                    ("watched", watched.to_owned()),
-                ])
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-            }
-        }
-    }
-
-    /// Every counter, summed over CPUs, plus what earlier generations carried over.
-    pub fn stats(&self) -> anyhow::Result<Stats> {
-        let sessions = self.datapath.session_counters(self.view.sessions.len())?;
-        let rules = self.datapath.rule_counters(self.view.rules.len())?;
-        let hooks = self.datapath.hook_counters()?;
-        let hook = |i: usize| hooks.get(i).copied().unwrap_or_default();
-        let carried = |list: &[Counters], i: usize| list.get(i).copied().unwrap_or_default();
-        Ok(Stats {
-            generation: self.datapath.generation(),
-            sessions: self
-                .view
-                .sessions
-                .iter()
-                .zip(&sessions)
-                .enumerate()
-                .map(|(index, (view, counters))| SessionStats {
-                    name: view.name.clone(),
-                    counters: *counters + carried(&self.carried.sessions, index),
-                    rules: self
-                        .view
-                        .rules
-                        .iter()
-                        .zip(&rules)
-                        .enumerate()
-                        .filter(|(_, ((session, _), _))| *session == index)
-                        .map(|(rule, ((_, label), counters))| RuleStats {
-                            rule: label.clone(),
-                            counters: *counters + carried(&self.carried.rules, rule),
-                        })
-                        .collect(),
-                })
-                .collect(),
-            ingress: hook(Direction::Ingress as usize),
-            egress: hook(Direction::Egress as usize),
-            xdp: hook(Direction::XdpIngress as usize),
-            copy: hook(mirror_common::COPY_HOOK as usize),
-        })
-    }
-}
 
 impl Shared {
     pub fn new(
@@ -401,83 +130,6 @@ impl Shared {
             Some((SystemTime::now(), applied));
     }
 
-    /// The agent's own metrics: its build, its configuration's generation and last reload, its
-    /// tasks, and the copies its ring drain sent on.
-    fn register_agent(&self, registry: &mut Registry, stats: &Stats) {
-        let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
-            let gauge = Gauge::<i64>::default();
-            gauge.set(value);
-            registry.register(name, help, gauge);
-        };
-        let build = Family::<Labels, Gauge>::default();
-        registry.register(
-            "build_info",
-            "The agent's version (always 1)",
-            build.clone(),
-        );
-        build
-            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])
-            .set(1);
-        gauge(
-            registry,
-            "config_generation",
-            "The configuration applied: 1 at the start, one more with every reload",
-            i64::try_from(stats.generation).unwrap_or(i64::MAX),
-        );
-        let last = *self
-            .last_reload
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        gauge(
-            registry,
-            "config_last_reload_success",
-            "1 when the last reload was applied (or there was none), 0 when it was rejected",
-            i64::from(last.is_none_or(|(_, applied)| applied)),
-        );
-        gauge(
-            registry,
-            "config_last_reload_timestamp_seconds",
-            "When the last reload was tried, seconds since the Unix epoch (0: none yet)",
-            last.and_then(|(at, _)| at.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-        );
-        let failed = Family::<Labels, Gauge>::default();
-        registry.register(
-            "task_failed",
-            "1 for each of the agent's tasks that ended with an error (the agent is then not ready)",
-            failed.clone(),
-        );
-        for task in self.failed_tasks().keys() {
-            failed
-                .get_or_create(&vec![("task", (*task).to_owned())])
-                .set(1);
-        }
-        let ring = self
-            .applied()
-            .drain
-            .as_ref()
-            .map(crate::emit::Drain::counts);
-        let (sent, refused) = (
-            Family::<Labels, Counter>::default(),
-            Family::<Labels, Counter>::default(),
-        );
-        registry.register(
-            "ring_sent_copies",
-            "Ring copies (XDP sessions, file targets) the agent sent on, by session, in this configuration",
-            sent.clone(),
-        );
-        registry.register(
-            "ring_refused_copies",
-            "Ring copies the target refused (a full socket buffer, a write error), by session, in this configuration",
-            refused.clone(),
-        );
-        for (session, (s, r)) in stats.sessions.iter().zip(ring.unwrap_or_default()) {
-            let labels = vec![("session", session.name.clone())];
-            sent.get_or_create(&labels).inc_by(s);
-            refused.get_or_create(&labels).inc_by(r);
-        }
-    }
-
     fn failed_tasks(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
         self.failed
             .lock()
@@ -529,35 +181,6 @@ impl Shared {
                 })
                 .collect(),
         }
-    }
-
-    /// The counters of `stats` and the state of the agent in `OpenMetrics` text.
-    fn metrics(&self, stats: &Stats) -> anyhow::Result<String> {
-        let mut registry = Registry::with_prefix("mirror");
-        let rules = CounterFamilies::register(&mut registry, Counters::FIELDS);
-        for session in &stats.sessions {
-            for rule in &session.rules {
-                let labels = vec![
-                    ("session", session.name.clone()),
-                    ("rule", rule.rule.clone()),
-                ];
-                rules.record(&labels, rule.counters.named());
-            }
-        }
-        let hooks = CounterFamilies::register(&mut registry, HookCounters::FIELDS);
-        for (name, hook) in [
-            ("ingress", &stats.ingress),
-            ("egress", &stats.egress),
-            ("xdp", &stats.xdp),
-            ("copy", &stats.copy),
-        ] {
-            hooks.record(&vec![("hook", name.to_owned())], hook.named());
-        }
-        self.applied().register_watching(&mut registry);
-        self.register_agent(&mut registry, stats);
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry)?;
-        Ok(out)
     }
 }
 
@@ -617,48 +240,6 @@ pub struct TunnelView {
     pub interface: Option<String>,
     pub next_hop_mac: Option<String>,
     pub problem: Option<String>,
-}
-
-/// The metric families of a counters struct (see `mirror_common::Metric`): one per counter with a
-/// family of its own, and `rule_copies_not_sent` with a `reason` label for the others.
-struct CounterFamilies {
-    own: Vec<Option<Family<Labels, Counter>>>,
-    not_sent: Option<Family<Labels, Counter>>,
-}
-
-impl CounterFamilies {
-    fn register(registry: &mut Registry, fields: &[CounterField]) -> Self {
-        let mut family = |name: &str, help: &str| {
-            let family = Family::<Labels, Counter>::default();
-            registry.register(name, help.trim(), family.clone());
-            family
-        };
-        let own = fields
-            .iter()
-            .map(|field| match field.metric {
-                Metric::Own(name) => Some(family(name, field.help)),
-                Metric::NotSent => None,
-            })
-            .collect();
-        let not_sent = fields
-            .iter()
-            .any(|field| field.metric == Metric::NotSent)
-            .then(|| family("rule_copies_not_sent", "Copies not made, by reason"));
-        CounterFamilies { own, not_sent }
-    }
-
-    /// Records one struct's counters under `labels`.
-    fn record<'a>(&self, labels: &Labels, counters: impl Iterator<Item = (&'a CounterField, u64)>) {
-        for ((field, value), own) in counters.zip(&self.own) {
-            if let Some(family) = own {
-                family.get_or_create(labels).inc_by(value);
-            } else if let Some(family) = &self.not_sent {
-                let mut labels = labels.clone();
-                labels.push(("reason", field.name.to_owned()));
-                family.get_or_create(&labels).inc_by(value);
-            }
-        }
-    }
 }
 
 fn internal(error: &anyhow::Error) -> (StatusCode, String) {

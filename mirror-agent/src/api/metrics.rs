@@ -1,0 +1,205 @@
+//! The metrics in `OpenMetrics` text: every counter (see `mirror_common::counters`), what is
+//! watched, and the agent's own state.
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use std::time::SystemTime;
+
+use mirror_common::{CounterField, Counters, HookCounters, Metric};
+
+use super::{Applied, Labels, Shared, Stats};
+
+impl Shared {
+    /// The counters of `stats` and the state of the agent in `OpenMetrics` text.
+    pub(super) fn metrics(&self, stats: &Stats) -> anyhow::Result<String> {
+        let mut registry = Registry::with_prefix("mirror");
+        let rules = CounterFamilies::register(&mut registry, Counters::FIELDS);
+        for session in &stats.sessions {
+            for rule in &session.rules {
+                let labels = vec![
+                    ("session", session.name.clone()),
+                    ("rule", rule.rule.clone()),
+                ];
+                rules.record(&labels, rule.counters.named());
+            }
+        }
+        let hooks = CounterFamilies::register(&mut registry, HookCounters::FIELDS);
+        for (name, hook) in [
+            ("ingress", &stats.ingress),
+            ("egress", &stats.egress),
+            ("xdp", &stats.xdp),
+            ("copy", &stats.copy),
+        ] {
+            hooks.record(&vec![("hook", name.to_owned())], hook.named());
+        }
+        self.applied().register_watching(&mut registry);
+        self.register_agent(&mut registry, stats);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        Ok(out)
+    }
+
+    /// The agent's own metrics: its build, its configuration's generation and last reload, its
+    /// tasks, and the copies its ring drain sent on.
+    fn register_agent(&self, registry: &mut Registry, stats: &Stats) {
+        let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(value);
+            registry.register(name, help, gauge);
+        };
+        let build = Family::<Labels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "The agent's version (always 1)",
+            build.clone(),
+        );
+        build
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])
+            .set(1);
+        gauge(
+            registry,
+            "config_generation",
+            "The configuration applied: 1 at the start, one more with every reload",
+            i64::try_from(stats.generation).unwrap_or(i64::MAX),
+        );
+        let last = *self
+            .last_reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gauge(
+            registry,
+            "config_last_reload_success",
+            "1 when the last reload was applied (or there was none), 0 when it was rejected",
+            i64::from(last.is_none_or(|(_, applied)| applied)),
+        );
+        gauge(
+            registry,
+            "config_last_reload_timestamp_seconds",
+            "When the last reload was tried, seconds since the Unix epoch (0: none yet)",
+            last.and_then(|(at, _)| at.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        );
+        let failed = Family::<Labels, Gauge>::default();
+        registry.register(
+            "task_failed",
+            "1 for each of the agent's tasks that ended with an error (the agent is then not ready)",
+            failed.clone(),
+        );
+        for task in self.failed_tasks().keys() {
+            failed
+                .get_or_create(&vec![("task", (*task).to_owned())])
+                .set(1);
+        }
+        let ring = self
+            .applied()
+            .drain
+            .as_ref()
+            .map(crate::emit::Drain::counts);
+        let (sent, refused) = (
+            Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+        );
+        registry.register(
+            "ring_sent_copies",
+            "Ring copies (XDP sessions, file targets) the agent sent on, by session, in this configuration",
+            sent.clone(),
+        );
+        registry.register(
+            "ring_refused_copies",
+            "Ring copies the target refused (a full socket buffer, a write error), by session, in this configuration",
+            refused.clone(),
+        );
+        for (session, (s, r)) in stats.sessions.iter().zip(ring.unwrap_or_default()) {
+            let labels = vec![("session", session.name.clone())];
+            sent.get_or_create(&labels).inc_by(s);
+            refused.get_or_create(&labels).inc_by(r);
+        }
+    }
+}
+
+impl Applied {
+    /// The gauges of what is watched now: hooks by session, and the pods sessions select.
+    fn register_watching(&self, registry: &mut Registry) {
+        let attached = Family::<Labels, Gauge>::default();
+        registry.register(
+            "attached_hooks",
+            "Watched (interface, direction) hooks, by session",
+            attached.clone(),
+        );
+        for (session, hooks) in self.view.sessions.iter().zip(self.session_hooks()) {
+            for (interface, direction) in hooks {
+                attached
+                    .get_or_create(&vec![
+                        ("session", session.name.clone()),
+                        ("interface", interface),
+                        ("direction", direction),
+                    ])
+                    .set(1);
+            }
+        }
+        let pods = Family::<Labels, Gauge>::default();
+        registry.register(
+            "selected_pods",
+            "Pods a pod-selector session selects, by whether their interface is watched",
+            pods.clone(),
+        );
+        for session in self.view.sessions.iter().filter(|s| s.selects_pods) {
+            for watched in ["true", "false"] {
+                let count = self
+                    .pods
+                    .iter()
+                    .filter(|p| p.sessions.contains(&session.name))
+                    .filter(|p| p.interface.is_some() == (watched == "true"))
+                    .count();
+                pods.get_or_create(&vec![
+                    ("session", session.name.clone()),
+                    ("watched", watched.to_owned()),
+                ])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+/// The metric families of a counters struct (see `mirror_common::Metric`): one per counter with a
+/// family of its own, and `rule_copies_not_sent` with a `reason` label for the others.
+struct CounterFamilies {
+    own: Vec<Option<Family<Labels, Counter>>>,
+    not_sent: Option<Family<Labels, Counter>>,
+}
+
+impl CounterFamilies {
+    fn register(registry: &mut Registry, fields: &[CounterField]) -> Self {
+        let mut family = |name: &str, help: &str| {
+            let family = Family::<Labels, Counter>::default();
+            registry.register(name, help.trim(), family.clone());
+            family
+        };
+        let own = fields
+            .iter()
+            .map(|field| match field.metric {
+                Metric::Own(name) => Some(family(name, field.help)),
+                Metric::NotSent => None,
+            })
+            .collect();
+        let not_sent = fields
+            .iter()
+            .any(|field| field.metric == Metric::NotSent)
+            .then(|| family("rule_copies_not_sent", "Copies not made, by reason"));
+        CounterFamilies { own, not_sent }
+    }
+
+    /// Records one struct's counters under `labels`.
+    fn record<'a>(&self, labels: &Labels, counters: impl Iterator<Item = (&'a CounterField, u64)>) {
+        for ((field, value), own) in counters.zip(&self.own) {
+            if let Some(family) = own {
+                family.get_or_create(labels).inc_by(value);
+            } else if let Some(family) = &self.not_sent {
+                let mut labels = labels.clone();
+                labels.push(("reason", field.name.to_owned()));
+                family.get_or_create(&labels).inc_by(value);
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! What the running agent holds: the applied configuration (its datapath, ring drain, followers'
+//! state and targets), what the API reports of it, and the counters carried across reloads.
+use serde::{Deserialize, Serialize};
+
+use mirror_common::{Counters, Direction};
+
+use super::{RuleStats, SessionStats, Stats};
+use crate::{
+    datapath::Datapath,
+    follow::Follow,
+    rules::{self, Plan},
+};
+
+/// One applied configuration: its datapath, what the API reports of it, and the counters its
+/// unchanged sessions carried over from the configurations before it.
+#[derive(Debug)]
+pub struct Applied {
+    pub datapath: Datapath,
+    /// Sends the ring copies on (XDP sessions, file targets); stops once it has sent what is
+    /// queued when dropped.
+    pub drain: Option<crate::emit::Drain>,
+    pub(super) view: PlanView,
+    carried: Carried,
+    /// What the follower needs to watch interfaces that appear later.
+    pub follow: Option<Follow>,
+    /// The targets as they are now: tunnels' hops (kept current by `tunnel::path::run`) and
+    /// target interfaces' indexes (by `follow::run`).
+    pub targets: crate::tunnel::Targets,
+    /// The pods pod-selector sessions select now, and where they were found.
+    pub pods: Vec<SelectedPod>,
+}
+
+/// A pod that pod-selector sessions select, and the interface watched for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    pub ips: Vec<std::net::IpAddr>,
+    /// Its host-side interface, watched for these sessions.
+    pub interface: Option<String>,
+    /// Why no interface is watched for it.
+    pub problem: Option<String>,
+    pub sessions: Vec<String>,
+}
+
+/// Counters carried over from earlier generations, added to the live ones.
+#[derive(Debug, Default)]
+struct Carried {
+    sessions: Vec<Counters>,
+    rules: Vec<Counters>,
+}
+
+/// The parts of a plan the API reports (the compiled tables are gone by then).
+#[derive(Debug)]
+pub(super) struct PlanView {
+    pub(super) sessions: Vec<SessionView>,
+    /// (session index, rule label) by global rule index.
+    rules: Vec<(usize, String)>,
+    /// Per session: what it is made of; equal fingerprints across a reload mean an unchanged
+    /// session, whose counters go on.
+    fingerprints: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionView {
+    pub name: String,
+    pub target: String,
+    /// The session watches pods (`pods = {…}`), not named interfaces.
+    #[serde(default)]
+    pub selects_pods: bool,
+    /// (interface, direction) pairs watched.
+    pub hooks: Vec<(String, String)>,
+}
+
+impl PlanView {
+    fn of(plan: &Plan) -> Self {
+        PlanView {
+            sessions: plan
+                .sessions
+                .iter()
+                .map(|s| SessionView {
+                    name: s.name.clone(),
+                    target: s.target.to_string(),
+                    selects_pods: s.pods.is_some(),
+                    hooks: s
+                        .attachments
+                        .iter()
+                        .map(|(i, d)| (i.name.clone(), direction_name(*d)))
+                        .collect(),
+                })
+                .collect(),
+            rules: plan
+                .rules
+                .iter()
+                .map(|r| (r.session, r.kind.to_string()))
+                .collect(),
+            fingerprints: rules::fingerprints(plan),
+        }
+    }
+}
+
+pub(super) fn direction_name(direction: Direction) -> String {
+    match direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+        Direction::XdpIngress => "xdp",
+    }
+    .to_owned()
+}
+
+impl Applied {
+    /// The first configuration.
+    pub fn new(
+        datapath: Datapath,
+        drain: Option<crate::emit::Drain>,
+        plan: &Plan,
+        follow: Option<Follow>,
+        targets: crate::tunnel::Targets,
+    ) -> Self {
+        Applied {
+            datapath,
+            drain,
+            view: PlanView::of(plan),
+            carried: Carried::default(),
+            follow,
+            targets,
+            pods: Vec::new(),
+        }
+    }
+
+    /// The configuration that replaces `self`, whose datapath `datapath` has taken over: the
+    /// counters of `self` (final: its programs are detached) go on in the sessions that did not
+    /// change.
+    pub fn succeed(
+        &self,
+        datapath: Datapath,
+        drain: Option<crate::emit::Drain>,
+        plan: &Plan,
+        follow: Option<Follow>,
+        targets: crate::tunnel::Targets,
+    ) -> Self {
+        let before = self.stats().unwrap_or_else(|e| {
+            tracing::warn!("reading the replaced configuration's counters: {e:#}");
+            Stats::default()
+        });
+        let view = PlanView::of(plan);
+        let mut carried = Carried {
+            sessions: vec![Counters::default(); view.sessions.len()],
+            rules: vec![Counters::default(); view.rules.len()],
+        };
+        for (index, fingerprint) in view.fingerprints.iter().enumerate() {
+            let Some(old) = self.view.fingerprints.iter().position(|f| f == fingerprint) else {
+                continue;
+            };
+            let Some(old_stats) = before.sessions.get(old) else {
+                continue;
+            };
+            carried.sessions[index] = old_stats.counters;
+            // An unchanged session has the same rules in the same order.
+            let rules = view
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, _))| *s == index);
+            for ((rule, _), old_rule) in rules.zip(&old_stats.rules) {
+                carried.rules[rule] = old_rule.counters;
+            }
+        }
+        Applied {
+            datapath,
+            drain,
+            view,
+            carried,
+            follow,
+            targets,
+            pods: self.pods.clone(),
+        }
+    }
+
+    /// Per session, the (interface, direction) hooks it watches now: those of the plan, and those
+    /// of interfaces that appeared or pods selected since.
+    pub(super) fn session_hooks(&self) -> Vec<Vec<(String, String)>> {
+        let Some(follow) = &self.follow else {
+            return self.view.sessions.iter().map(|s| s.hooks.clone()).collect();
+        };
+        let mut hooks = vec![Vec::new(); self.view.sessions.len()];
+        for (interface, direction) in self.datapath.attached() {
+            for session in follow.sessions_watching(&interface, direction) {
+                if let Some(list) = hooks.get_mut(session) {
+                    list.push((interface.clone(), direction_name(direction)));
+                }
+            }
+        }
+        hooks
+    }
+
+    /// Every counter, summed over CPUs, plus what earlier generations carried over.
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        let sessions = self.datapath.session_counters(self.view.sessions.len())?;
+        let rules = self.datapath.rule_counters(self.view.rules.len())?;
+        let hooks = self.datapath.hook_counters()?;
+        let hook = |i: usize| hooks.get(i).copied().unwrap_or_default();
+        let carried = |list: &[Counters], i: usize| list.get(i).copied().unwrap_or_default();
+        Ok(Stats {
+            generation: self.datapath.generation(),
+            sessions: self
+                .view
+                .sessions
+                .iter()
+                .zip(&sessions)
+                .enumerate()
+                .map(|(index, (view, counters))| SessionStats {
+                    name: view.name.clone(),
+                    counters: *counters + carried(&self.carried.sessions, index),
+                    rules: self
+                        .view
+                        .rules
+                        .iter()
+                        .zip(&rules)
+                        .enumerate()
+                        .filter(|(_, ((session, _), _))| *session == index)
+                        .map(|(rule, ((_, label), counters))| RuleStats {
+                            rule: label.clone(),
+                            counters: *counters + carried(&self.carried.rules, rule),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            ingress: hook(Direction::Ingress as usize),
+            egress: hook(Direction::Egress as usize),
+            xdp: hook(Direction::XdpIngress as usize),
+            copy: hook(mirror_common::COPY_HOOK as usize),
+        })
+    }
+}
