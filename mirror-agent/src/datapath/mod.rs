@@ -13,7 +13,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp,
-        links::{FdLink, PinnedLink},
+        links::FdLink,
         tc::SchedClassifierLink,
         xdp::{XdpLink, XdpMode},
     },
@@ -30,9 +30,6 @@ use mirror_common::{
     VLAN_BITMAP_MAP, XDP_PROGRAM,
 };
 
-use self::pins::{
-    GENERATION_MARK, on_bpffs, parse_pin_name, pin_name, pinned_generations, pinned_link_ifindex,
-};
 use crate::rules::{Interface, Plan};
 
 /// Where a program is attached.
@@ -490,107 +487,9 @@ impl Datapath {
         Ok(())
     }
 
-    /// In pinned mode, pins a new link where a later agent finds it.
-    fn pinned(
-        &self,
-        hook: Hook,
-        interface: &str,
-        link: HookLink,
-    ) -> Result<(HookLink, Option<PathBuf>), DatapathError> {
-        let Some(dir) = &self.pin_dir else {
-            return Ok((link, None));
-        };
-        let path = dir.join(pin_name(hook, interface, self.generation));
-        let pin_error = |message: String| DatapathError::Pin {
-            path: path.clone(),
-            message,
-        };
-        let fd_link = link.into_fd().map_err(|e| pin_error(e.to_string()))?;
-        let pinned = fd_link.pin(&path).map_err(|e| pin_error(e.to_string()))?;
-        let link =
-            HookLink::from_fd(hook, FdLink::from(pinned)).map_err(|e| pin_error(e.to_string()))?;
-        Ok((link, Some(path)))
-    }
-
     /// Takes back the links handed to a datapath that failed to take over.
     pub fn restore_links(&mut self, links: Vec<Attached>) {
         self.links = links;
-    }
-
-    /// In pinned mode, records this datapath's generation for the next agent.
-    fn record_generation(&self) {
-        let Some(dir) = &self.pin_dir else {
-            return;
-        };
-        // The new mark first: an agent that dies in between leaves two, and the next takes the
-        // higher.
-        let _ = std::fs::create_dir(dir.join(format!("{GENERATION_MARK}{}", self.generation)));
-        for (generation, _) in pinned_generations(dir) {
-            if generation != self.generation {
-                let _ = std::fs::remove_dir(dir.join(format!("{GENERATION_MARK}{generation}")));
-            }
-        }
-    }
-
-    /// The links a pinned-mode agent left in `dir` (still attached, still running its programs),
-    /// and the generation to go on from. Pins of interfaces that are gone, or were deleted and
-    /// created again (the kernel detached the link with the old one), are removed.
-    ///
-    /// An agent that died between pinning a new generation's copy links and recording that
-    /// generation left copy pins of a generation higher than the mark: the generation goes on
-    /// from the highest of both, so that the next one pins afresh, and those links are taken
-    /// over (and let go once the new ones run) like the others.
-    pub fn adopt_pins(dir: &Path) -> Result<(u64, Vec<Attached>), DatapathError> {
-        let pin_error = |message: String| DatapathError::Pin {
-            path: dir.to_path_buf(),
-            message,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| pin_error(e.to_string()))?;
-        if !on_bpffs(dir) {
-            return Err(pin_error(
-                "not on a BPF file system (mount one with `mount -t bpf bpf /sys/fs/bpf`)".into(),
-            ));
-        }
-        let mut generation = pinned_generations(dir)
-            .into_iter()
-            .map(|(generation, _)| generation)
-            .max()
-            .unwrap_or(0);
-        let entries = std::fs::read_dir(dir).map_err(|e| pin_error(e.to_string()))?;
-        let mut links = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((hook, interface, pinned_generation)) = parse_pin_name(&name) else {
-                continue;
-            };
-            generation = generation.max(pinned_generation.unwrap_or(0));
-            let path = entry.path();
-            let ifindex = ifindex_of(interface);
-            if ifindex.is_none() || pinned_link_ifindex(&path) != ifindex {
-                tracing::info!(
-                    "{interface} is gone or was created again: removing the pin {}",
-                    path.display()
-                );
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            let link = PinnedLink::from_pin(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|pinned| {
-                    HookLink::from_fd(hook, FdLink::from(pinned)).map_err(|e| e.to_string())
-                });
-            match link {
-                Ok(link) => links.push(Attached {
-                    hook,
-                    interface: interface.to_owned(),
-                    ifindex: ifindex.unwrap_or(0),
-                    link,
-                    pin: Some(path),
-                }),
-                Err(e) => return Err(pin_error(format!("{name}: {e}"))),
-            }
-        }
-        Ok((generation, links))
     }
 
     /// The ring buffer of copies the agent sends on (see `mirror_common::COPY_RING_MAP`); it can
