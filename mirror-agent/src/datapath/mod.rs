@@ -1,6 +1,7 @@
 //! The kernel side seen from userspace: loads the eBPF object, fills the lookup maps from a
 //! [`Plan`], attaches the TC programs and reads the counters. Everything it attached is detached
 //! when the [`Datapath`] is dropped, and a failure part-way drops what was done so far.
+mod live;
 mod pins;
 
 use std::{
@@ -21,13 +22,13 @@ use aya::{
 };
 use ipnet::IpNet;
 use mirror_common::{
-    ATTACHMENT_BITMAP_MAP, AttachmentKey, COPY_GENERATION_BIT, COPY_RING_MAP, Counters,
-    DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP,
-    FIELD_WILDCARD_MAP, Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters,
-    IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP,
-    SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP,
-    SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel,
-    VLAN_BITMAP_MAP, XDP_PROGRAM,
+    ATTACHMENT_BITMAP_MAP, COPY_GENERATION_BIT, COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP,
+    DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP,
+    Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP,
+    NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP,
+    SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta,
+    TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel, VLAN_BITMAP_MAP,
+    XDP_PROGRAM,
 };
 
 use crate::rules::{Interface, Plan};
@@ -542,146 +543,6 @@ impl Datapath {
         program
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })
-    }
-
-    /// Watches an interface that appeared (or was selected) after the start: classifies its
-    /// packets in `direction` against `bitmap`, the rules of `sessions`, and attaches the mirror
-    /// program unless it is attached. The bitmap and the attachment entry are written before the
-    /// program is attached.
-    pub fn watch_later(
-        &mut self,
-        interface: &str,
-        ifindex: u32,
-        direction: Direction,
-        sessions: Vec<usize>,
-        bitmap: impl FnOnce() -> mirror_common::RuleBitmap,
-    ) -> Result<(), DatapathError> {
-        let index = if let Some(index) = self.later_bitmaps.get(&sessions) {
-            *index
-        } else {
-            let index = self.next_bitmap;
-            let mut bitmaps = Array::<_, mirror_common::RuleBitmap>::try_from(map(
-                &mut self.ebpf,
-                RULE_BITMAPS_MAP,
-            )?)
-            .map_err(map_err(RULE_BITMAPS_MAP))?;
-            bitmaps
-                .set(index, bitmap(), 0)
-                .map_err(map_err(RULE_BITMAPS_MAP))?;
-            self.next_bitmap += 1;
-            self.later_bitmaps.insert(sessions, index);
-            index
-        };
-        let key = AttachmentKey {
-            ifindex,
-            direction: direction as u32,
-        };
-        fill_hash(&mut self.ebpf, ATTACHMENT_BITMAP_MAP, &[(key, index)])?;
-        // Attached already (by the plan or earlier): the new entry is all that changes.
-        if self
-            .links
-            .iter()
-            .any(|a| a.hook == Hook::Mirror(direction) && a.interface == interface)
-        {
-            return Ok(());
-        }
-        self.attach_new(Hook::Mirror(direction), interface)
-    }
-
-    /// Stops watching `interface` in `direction`: its attachment entry goes first (the program
-    /// passes its packets untouched from then on), then its link. Returns whether it was watched.
-    pub fn unwatch(&mut self, interface: &str, ifindex: u32, direction: Direction) -> bool {
-        if let Some(Ok(mut attachments)) = map(&mut self.ebpf, ATTACHMENT_BITMAP_MAP)
-            .ok()
-            .map(HashMap::<_, AttachmentKey, u32>::try_from)
-        {
-            let _ = attachments.remove(&AttachmentKey {
-                ifindex,
-                direction: direction as u32,
-            });
-        }
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
-            .into_iter()
-            .partition(|a| a.hook == Hook::Mirror(direction) && a.interface == interface);
-        self.links = kept;
-        let watched = !gone.is_empty();
-        release(gone);
-        watched
-    }
-
-    /// Forgets an interface that is gone: its attachment entries (its index may be reused) and
-    /// its links, the copy program's too (the kernel detached them with the device). Returns
-    /// whether it was watched.
-    pub fn forget(&mut self, interface: &str, ifindex: u32) -> bool {
-        let mut watched = false;
-        for direction in [Direction::Ingress, Direction::Egress, Direction::XdpIngress] {
-            watched |= self.unwatch(interface, ifindex, direction);
-        }
-        let (gone, kept): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.links).into_iter().partition(|a| {
-                a.hook == Hook::Copy && a.interface == interface && a.ifindex == ifindex
-            });
-        self.links = kept;
-        release(gone);
-        watched
-    }
-
-    /// The interfaces programs are attached to, (name, index when attached).
-    pub fn attached_interfaces(&self) -> Vec<(String, u32)> {
-        let mut interfaces: Vec<_> = self
-            .links
-            .iter()
-            .map(|a| (a.interface.clone(), a.ifindex))
-            .collect();
-        interfaces.sort();
-        interfaces.dedup();
-        interfaces
-    }
-
-    /// The watched (interface, direction) hooks attached now.
-    pub fn attached(&self) -> Vec<(String, Direction)> {
-        self.links
-            .iter()
-            .filter_map(|a| match a.hook {
-                Hook::Mirror(direction) => Some((a.interface.clone(), direction)),
-                Hook::Copy => None,
-            })
-            .collect()
-    }
-
-    /// Makes sure the copy program finishes copies at `interface` (a tunnel's underlay that a
-    /// route change brought): attached if it is not.
-    pub fn finish_copies_at(&mut self, interface: &str) -> Result<(), DatapathError> {
-        if self
-            .links
-            .iter()
-            .any(|a| a.hook == Hook::Copy && a.interface == interface)
-        {
-            return Ok(());
-        }
-        self.attach_new(Hook::Copy, interface)
-    }
-
-    /// Rewrites a session's `SESSIONS` entry (a tunnel's size limit follows its path).
-    pub fn set_session(&mut self, session: u32, meta: &SessionMeta) -> Result<(), DatapathError> {
-        let mut array = Array::<_, SessionMeta>::try_from(map(&mut self.ebpf, SESSIONS_MAP)?)
-            .map_err(map_err(SESSIONS_MAP))?;
-        array.set(session, meta, 0).map_err(map_err(SESSIONS_MAP))
-    }
-
-    /// Writes a tunnel session's hop and outer header (replacing the entry whole).
-    pub fn set_tunnel(&mut self, session: u32, tunnel: &Tunnel) -> Result<(), DatapathError> {
-        fill_hash(&mut self.ebpf, TUNNELS_MAP, &[(session, *tunnel)])
-    }
-
-    /// Removes a tunnel session's hop: its copies are counted as `no_route` until it is back.
-    pub fn clear_tunnel(&mut self, session: u32) -> Result<(), DatapathError> {
-        let mut hash = HashMap::<_, u32, Tunnel>::try_from(map(&mut self.ebpf, TUNNELS_MAP)?)
-            .map_err(map_err(TUNNELS_MAP))?;
-        match hash.remove(&session) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(TUNNELS_MAP)(e)),
-        }
     }
 
     /// Number of watched (interface, direction) hooks attached.
