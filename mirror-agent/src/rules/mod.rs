@@ -7,6 +7,8 @@
 mod compile;
 mod fingerprint;
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod model;
 mod shadow;
 #[cfg(test)]
