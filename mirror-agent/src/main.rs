@@ -17,7 +17,7 @@ mod tunnel;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -75,6 +75,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print shell completions (e.g. `mirror-agent completions bash >
+    /// /etc/bash_completion.d/mirror-agent`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (e.g. `mirror-agent man >
+    /// /usr/local/share/man/man8/mirror-agent.8`).
+    Man,
     /// Make the running agent apply its configuration file again; prints the new generation, or
     /// why the file was rejected (exit 1; the running configuration stays).
     Reload {
@@ -339,6 +348,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Check { config } => check(&config),
+        Command::Completions { shell } => {
+            write_completions(shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => write_manual(&mut std::io::stdout()).context("writing the manual page"),
         Command::Run(args) => {
             let mut loaded = match &args.config {
                 Some(path) => LoadedConfig::read(path)?,
@@ -394,6 +408,18 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The shell completions of every command and flag.
+fn write_completions(shell: clap_complete::Shell, out: &mut impl std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), "mirror-agent", out);
+}
+
+/// The manual page (section 8: a system administration command), in roff.
+fn write_manual(out: &mut impl std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(Cli::command())
+        .section("8")
+        .render(out)
 }
 
 /// Standard error for the log, whose failures are ignored: the agent and the collector must not
@@ -704,6 +730,42 @@ mod tests {
             })
             .collect();
         assert!(ends.windows(2).all(|w| w[0] == w[1]), "{table}");
+    }
+
+    /// The completions and the manual come from the command line's own definition, every command
+    /// in them.
+    #[test]
+    fn completions_and_the_manual_cover_every_command() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+        let mut bash = Vec::new();
+        super::write_completions(clap_complete::Shell::Bash, &mut bash);
+        let bash = String::from_utf8(bash).expect("UTF-8");
+        let mut manual = Vec::new();
+        super::write_manual(&mut manual).expect("rendered");
+        let manual = String::from_utf8(manual).expect("UTF-8");
+        assert!(
+            manual.starts_with(".ie") && manual.contains(".TH mirror-agent 8"),
+            "{manual}"
+        );
+        for command in [
+            "run",
+            "check",
+            "collect",
+            "status",
+            "reload",
+            "stats",
+            "completions",
+            "man",
+        ] {
+            assert!(
+                bash.contains(&format!("mirror__agent__subcmd__{command}")),
+                "{command}"
+            );
+            assert!(
+                manual.contains(&format!("mirror\\-agent\\-{command}(8)")),
+                "{command} in {manual}"
+            );
+        }
     }
 
     #[test]

@@ -548,3 +548,51 @@ fn the_dockerfile_builds_with_the_project_commands_and_runs_as_the_daemonset_exp
     );
     assert_eq!(args[cmd.len()..], ["--metrics-ip", "$(NODE_IP)"]);
 }
+
+/// The host install's systemd unit: systemd's own checker accepts it (with the unit run from the
+/// binary under test), it grants exactly the `DaemonSet`'s capabilities, and a reload is SIGHUP.
+#[test]
+fn the_systemd_unit_is_valid_and_grants_what_the_daemonset_grants() {
+    let unit = std::fs::read_to_string(format!("{DEPLOY}/systemd/mirror-agent.service"))
+        .expect("the unit");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("mirror-agent.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/mirror-agent",
+            agent_binary().to_str().expect("utf-8"),
+        ),
+    )
+    .expect("write the unit");
+    let verified = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (Debian's systemd)");
+    let said = String::from_utf8_lossy(&verified.stderr);
+    assert!(
+        verified.status.success() && said.trim().is_empty(),
+        "{said}"
+    );
+    let value = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in the unit"))
+    };
+    let objects = objects(&render(&[]));
+    let (agent, _) = agent_and_config(&objects);
+    let mut daemonset: Vec<String> = granted_capabilities(agent)
+        .iter()
+        .map(|c| format!("CAP_{}", c.trim_start_matches('+').to_uppercase()))
+        .collect();
+    let mut unit_caps: Vec<String> = value("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    daemonset.sort();
+    unit_caps.sort();
+    assert_eq!(unit_caps, daemonset);
+    assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert!(value("ExecStart").contains("run --config /etc/mirror/config.toml"));
+}
