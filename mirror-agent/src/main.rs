@@ -126,7 +126,7 @@ struct RunArgs {
     /// The API's Unix socket (default /run/mirror-agent.sock; overrides the file's `api_socket`).
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Serve Prometheus /metrics, /healthz and /readyz here, e.g. 10.0.0.5:9464 (overrides the
+    /// Serve Prometheus /metrics, /healthz and /readyz here, e.g. 10.0.0.5:9477 (overrides the
     /// file's `metrics_address`). Nothing there asks for credentials: bind it where only the node
     /// and Prometheus reach it.
     #[arg(long)]

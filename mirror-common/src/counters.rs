@@ -20,6 +20,14 @@ pub struct CounterField {
     pub metric: Metric,
 }
 
+impl CounterField {
+    /// Whether it counts bytes rather than packets (its metric ends in `_bytes`, as Prometheus
+    /// names units).
+    pub fn counts_bytes(&self) -> bool {
+        matches!(self.metric, Metric::Own(name) if name.ends_with("_bytes"))
+    }
+}
+
 macro_rules! metric {
     ($name:literal) => {
         $crate::counters::Metric::Own($name)
@@ -102,6 +110,8 @@ counters! {
         matched => "rule_matched_packets",
         /// Copies handed to the target.
         mirrored => "rule_copies",
+        /// Bytes of the copies handed to the target, as cut (before a tunnel's outer headers).
+        mirrored_bytes => "rule_copied_bytes",
         /// Copies the kernel failed to clone or redirect.
         clone_errors => not_sent,
         /// Copies not made because the packet already had `MAX_COPIES_PER_PACKET` copies.

@@ -239,7 +239,7 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
     let ctx = unsafe { P::from_raw(sending.ctx) };
     match ctx.deliver(copy, session, sending.direction, len, batch.flow_hash) {
         Ok(()) => {
-            count::mirrored(copy.rule, copy.session);
+            count::mirrored(copy.rule, copy.session, len);
             if truncated {
                 count::bump(copy.rule, copy.session, |c| &mut c.truncated);
             }

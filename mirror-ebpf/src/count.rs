@@ -3,19 +3,25 @@ use mirror_common::{Counters, Direction, HookCounters};
 
 use crate::maps::{HOOK_COUNTERS, RULE_COUNTERS, SESSION_COUNTERS};
 
-/// Counts into a rule's and its session's counters.
+/// Changes a rule's and its session's counters alike.
+#[inline(always)]
+fn update(rule: u32, session: u32, change: impl Fn(&mut Counters)) {
+    // Two lookups, each checked on its own: the verifier refuses code that merges the two
+    // pointers' null checks (as a loop over both may compile to).
+    if let Some(counters) = RULE_COUNTERS.get_ptr_mut(rule) {
+        // SAFETY: a per-CPU array slot, written only from this CPU.
+        change(unsafe { &mut *counters });
+    }
+    if let Some(counters) = SESSION_COUNTERS.get_ptr_mut(session) {
+        // SAFETY: as above.
+        change(unsafe { &mut *counters });
+    }
+}
+
+/// Counts one into a rule's and its session's counters.
 #[inline(always)]
 pub fn bump(rule: u32, session: u32, field: impl Fn(&mut Counters) -> &mut u64) {
-    for counters in [
-        RULE_COUNTERS.get_ptr_mut(rule),
-        SESSION_COUNTERS.get_ptr_mut(session),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        // SAFETY: a per-CPU array slot, written only from this CPU.
-        *field(unsafe { &mut *counters }) += 1;
-    }
+    update(rule, session, |c| *field(c) += 1);
 }
 
 #[inline(always)]
@@ -23,9 +29,13 @@ pub fn rule_matched(rule: u32, session: u32) {
     bump(rule, session, |c| &mut c.matched);
 }
 
+/// Counts a copy of `len` bytes handed to the target.
 #[inline(always)]
-pub fn mirrored(rule: u32, session: u32) {
-    bump(rule, session, |c| &mut c.mirrored);
+pub fn mirrored(rule: u32, session: u32, len: u32) {
+    update(rule, session, |c| {
+        c.mirrored += 1;
+        c.mirrored_bytes += u64::from(len);
+    });
 }
 
 #[inline(always)]

@@ -8,8 +8,8 @@ use std::{
 };
 
 use mirror_tests::{
-    Capture, Lab, SINK_V4, SRC_V4, agent_command, copied, pin_to_first_cpu, session_config,
-    udp_socket,
+    Capture, Lab, SINK_V4, SRC_V4, agent_command, check_openmetrics, copied, pin_to_first_cpu,
+    session_config, udp_socket,
 };
 
 /// `GET path` on the metrics address from inside the node's namespace.
@@ -75,13 +75,48 @@ fn check_tcp_json_routes(lab: &Lab, metrics: SocketAddr) {
     assert!(line.contains(" 404 "), "{line}");
 }
 
+/// `/metrics` of the test below: its counters, and valid `OpenMetrics` text with a family for
+/// every counter the kernel keeps (rules' and hooks'; or a reason of the copies not sent).
+fn check_metrics(lab: &Lab, metrics: SocketAddr) {
+    let (line, body) = http_get(lab, metrics, "/metrics");
+    assert!(line.contains(" 200 "), "{line}");
+    for expected in [
+        "mirror_rule_copies_total{session=\"t\",rule=\"10\"} 7",
+        "mirror_rule_matched_packets_total{session=\"t\",rule=\"10\"} 7",
+        "mirror_rule_copied_bytes_total{session=\"t\",rule=\"10\"} 504",
+        "mirror_rule_copies_not_sent_total{session=\"t\",rule=\"10\",reason=\"too_big\"} 0",
+        "mirror_attached_hooks{session=\"t\",interface=\"src0\",direction=\"ingress\"} 1",
+        "mirror_hook_step_limit_packets_total{hook=\"ingress\"} 0",
+        "mirror_build_info{version=\"0.1.0\"} 1",
+        "mirror_config_generation 1",
+        "mirror_config_last_reload_success 1",
+        "mirror_config_last_reload_timestamp_seconds 0",
+        "mirror_target_tx_dropped_packets_total{interface=\"mir0\"} 0",
+        "# EOF",
+    ] {
+        assert!(body.contains(expected), "{expected} in:\n{body}");
+    }
+    let families = check_openmetrics(&body, "mirror_");
+    for field in mirror_common::Counters::FIELDS
+        .iter()
+        .chain(mirror_common::HookCounters::FIELDS)
+    {
+        if let mirror_common::Metric::Own(name) = field.metric {
+            assert!(
+                families.iter().any(|f| f == &format!("mirror_{name}")),
+                "{name}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_api_socket_and_metrics_agree_with_the_final_report() {
     let lab = Lab::new("api");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("agent.sock");
     let socket_arg = socket.to_str().expect("utf-8");
-    let metrics: SocketAddr = "127.0.0.1:9464".parse().expect("address");
+    let metrics: SocketAddr = "127.0.0.1:9477".parse().expect("address");
     let config = format!(
         "api_socket = \"{socket_arg}\"\nmetrics_address = \"{metrics}\"\nmetrics_json_routes = true\n{}",
         session_config(
@@ -120,6 +155,8 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
         .expect("rule 10");
     assert_eq!(rule_10["counters"]["matched"], 7);
     assert_eq!(rule_10["counters"]["mirrored"], 7);
+    // Ethernet, IPv4 and UDP headers around 30 bytes of payload, seven times.
+    assert_eq!(rule_10["counters"]["mirrored_bytes"], 7 * 72);
 
     let (code, table, stderr) = agent_command(&lab.node, &["stats", "--api-socket", socket_arg]);
     assert_eq!(code, 0, "{stderr}");
@@ -136,23 +173,7 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
     assert!(line.contains(" 200 "), "{line}");
     assert_eq!(body, "ok\n");
     check_tcp_json_routes(&lab, metrics);
-    let (line, body) = http_get(&lab, metrics, "/metrics");
-    assert!(line.contains(" 200 "), "{line}");
-    for expected in [
-        "mirror_rule_copies_total{session=\"t\",rule=\"10\"} 7",
-        "mirror_rule_matched_packets_total{session=\"t\",rule=\"10\"} 7",
-        "mirror_rule_copies_not_sent_total{session=\"t\",rule=\"10\",reason=\"too_big\"} 0",
-        "mirror_attached_hooks{session=\"t\",interface=\"src0\",direction=\"ingress\"} 1",
-        "mirror_hook_step_limit_packets_total{hook=\"ingress\"} 0",
-        "mirror_build_info{version=\"0.1.0\"} 1",
-        "mirror_config_generation 1",
-        "mirror_config_last_reload_success 1",
-        "mirror_config_last_reload_timestamp_seconds 0",
-        "# EOF",
-    ] {
-        assert!(body.contains(expected), "{expected} in:\n{body}");
-    }
-
+    check_metrics(&lab, metrics);
     check_stream(&lab, socket_arg);
 
     // A stream still open does not hold the agent up when it stops; the stream then ends.
@@ -188,7 +209,7 @@ fn a_half_sent_request_does_not_hold_up_a_stop() {
     let lab = Lab::new("apihalf");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("agent.sock");
-    let metrics: SocketAddr = "127.0.0.1:9464".parse().expect("address");
+    let metrics: SocketAddr = "127.0.0.1:9477".parse().expect("address");
     let agent = lab.start_agent(&format!(
         "api_socket = \"{}\"\nmetrics_address = \"{metrics}\"\n{}",
         socket.to_str().expect("utf-8"),
@@ -287,10 +308,10 @@ fn the_metrics_listener_holds_out_against_floods_of_connections_headers_and_read
         .expect("to a String");
     }
     let agent = lab.start_agent(&format!(
-        "api_socket = \"{socket_arg}\"\nmetrics_address = \"0.0.0.0:9464\"\n{}",
+        "api_socket = \"{socket_arg}\"\nmetrics_address = \"0.0.0.0:9477\"\n{}",
         session_config("[\"src0\"]", "ingress", &rules)
     ));
-    let probed: SocketAddr = "127.0.0.1:9464".parse().expect("address");
+    let probed: SocketAddr = "127.0.0.1:9477".parse().expect("address");
     let (line, _) = http_get(&lab, probed, "/status");
     assert!(
         line.contains(" 404 "),
@@ -321,7 +342,7 @@ fn the_metrics_listener_holds_out_against_floods_of_connections_headers_and_read
         })
         .collect();
     // The attacker, from the source host's address.
-    let target: SocketAddr = (std::net::Ipv4Addr::new(10, 10, 1, 1), 9464).into();
+    let target: SocketAddr = (std::net::Ipv4Addr::new(10, 10, 1, 1), 9477).into();
     let attack = lab.src.enter(move || {
         let header = format!("GET / HTTP/1.1\r\nX-Padding: {}", "a".repeat(380 * 1024));
         let mut open = Vec::new();

@@ -519,7 +519,7 @@ fn recreate_mir0(lab: &Lab) {
 #[test]
 fn a_target_deleted_and_created_again_gets_copies_again() {
     let lab = Lab::new("retarget");
-    let metrics: std::net::SocketAddr = "127.0.0.1:9464".parse().expect("address");
+    let metrics: std::net::SocketAddr = "127.0.0.1:9477".parse().expect("address");
     let agent = lab.start_agent(&format!(
         "metrics_address = \"{metrics}\"\n{}snaplen = 1000\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n",
         session_config("[\"src0\"]", "ingress", "").replace(SENTINEL_RULE, ""),

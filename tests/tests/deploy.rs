@@ -325,10 +325,10 @@ fn the_chart_passes_helm_lint_strict() {
 fn the_chart_refuses_values_its_schema_does_not_allow() {
     for (value, says) in [
         (
-            r#"metrics={"prot":9464}"#,
+            r#"metrics={"prot":9477}"#,
             "additional properties 'prot' not allowed",
         ),
-        (r#"metrics={"port":"9464"}"#, "got string, want integer"),
+        (r#"metrics={"port":"9477"}"#, "got string, want integer"),
         (r#"metrics={"port":70000}"#, "maximum"),
         (r#"image={"pullPolicy":"Sometimes"}"#, "pullPolicy"),
         ("sessions=\"\"", "sessions"),

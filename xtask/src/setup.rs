@@ -7,9 +7,17 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the lab use: ip and tc (iproute2), tcpdump (the lab's view),
 /// python3-dpkt for the real captures it ships, which the tests replay, tshark, the
-/// independent decoder the VXLAN tests check our output with, and systemd, whose
-/// `systemd-analyze verify` checks the host install's unit.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "python3-dpkt", "tshark", "systemd"];
+/// independent decoder the VXLAN tests check our output with, systemd, whose
+/// `systemd-analyze verify` checks the host install's unit, and the Python Prometheus client,
+/// whose strict `OpenMetrics` parser checks the metrics.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "tcpdump",
+    "python3-dpkt",
+    "tshark",
+    "systemd",
+    "python3-prometheus-client",
+];
 /// Helm's own Go engine in a Python wheel (no helm binary is packaged for these machines): the
 /// deploy tests render the chart with it (deploy/helm/render.py). Pinned: an alpha project.
 const HELM_PYTHON: &str = "helm-python-sdk==0.2.2";

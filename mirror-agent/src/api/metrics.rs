@@ -115,6 +115,25 @@ impl Shared {
             sent.get_or_create(&labels).inc_by(s);
             refused.get_or_create(&labels).inc_by(r);
         }
+        let (dropped, errors) = (
+            Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+        );
+        registry.register(
+            "target_tx_dropped_packets",
+            "Packets the kernel dropped on an interface copies leave by (a target interface or a tunnel's underlay; all its traffic, not only copies)",
+            dropped.clone(),
+        );
+        registry.register(
+            "target_tx_error_packets",
+            "Transmit errors the kernel counted on an interface copies leave by",
+            errors.clone(),
+        );
+        for loss in &stats.targets {
+            let labels = vec![("interface", loss.interface.clone())];
+            dropped.get_or_create(&labels).inc_by(loss.tx_dropped);
+            errors.get_or_create(&labels).inc_by(loss.tx_errors);
+        }
     }
 }
 
@@ -173,7 +192,8 @@ impl CounterFamilies {
     fn register(registry: &mut Registry, fields: &[CounterField]) -> Self {
         let mut family = |name: &str, help: &str| {
             let family = Family::<Labels, Counter>::default();
-            registry.register(name, help.trim(), family.clone());
+            // The client adds the full stop the doc comments end with.
+            registry.register(name, help.trim().trim_end_matches('.'), family.clone());
             family
         };
         let own = fields

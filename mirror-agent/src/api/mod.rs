@@ -105,11 +105,12 @@ impl Shared {
             return Ok(stats.clone());
         }
         let shared = self.clone();
-        let stats = Arc::new(
-            tokio::task::spawn_blocking(move || shared.stats())
-                .await
-                .context("reading the counters")??,
-        );
+        let mut stats = tokio::task::spawn_blocking(move || shared.stats())
+            .await
+            .context("reading the counters")??;
+        let interfaces = self.applied().targets.sending_interfaces();
+        stats.targets = crate::tunnel::tx_losses(interfaces).await;
+        let stats = Arc::new(stats);
         *last = Some((Instant::now(), stats.clone()));
         Ok(stats)
     }
@@ -207,6 +208,10 @@ pub struct Stats {
     pub egress: HookCounters,
     pub xdp: HookCounters,
     pub copy: HookCounters,
+    /// Copies lost after they left the programs, per interface they leave by (read with the
+    /// counters by [`Shared::reading`]).
+    #[serde(default)]
+    pub targets: Vec<crate::tunnel::TxLosses>,
 }
 
 /// `GET /status`.

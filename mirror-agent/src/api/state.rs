@@ -230,6 +230,7 @@ impl Applied {
             egress: hook(Direction::Egress as usize),
             xdp: hook(Direction::XdpIngress as usize),
             copy: hook(mirror_common::COPY_HOOK as usize),
+            targets: Vec::new(),
         })
     }
 }

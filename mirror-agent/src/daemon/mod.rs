@@ -554,25 +554,10 @@ impl Daemon<'_> {
             let emitted = applied.drain.take().map(Drain::finish);
             // Where the targets are now (an interface created again has another index; one
             // that is gone has no counters to show).
-            let mut interfaces: Vec<_> = applied
-                .targets
-                .interface_indexes()
-                .into_iter()
-                .filter_map(|(name, ifindex)| Some((name, ifindex?)))
-                .collect();
-            interfaces.extend(applied.targets.interfaces());
-            interfaces.sort();
-            interfaces.dedup();
-            (emitted, interfaces)
+            (emitted, applied.targets.sending_interfaces())
         };
         let closed = files.close_unused(None).context("closing capture files");
-        let mut losses = Vec::with_capacity(interfaces.len());
-        for (name, ifindex) in interfaces {
-            match tunnel::tx_losses(ifindex).await {
-                Ok(counts) => losses.push((name, counts)),
-                Err(e) => tracing::warn!("the counters of target {name}: {e}"),
-            }
-        }
+        let losses = tunnel::tx_losses(interfaces).await;
         let report = report::report(&shared.applied(), emitted.as_deref(), &losses);
         closed?;
         if let Some(dir) = &options.pin_dir {

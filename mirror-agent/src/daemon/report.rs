@@ -7,7 +7,7 @@ use crate::{api::Applied, tunnel};
 pub(super) fn report(
     applied: &Applied,
     emitted: Option<&[(u64, u64)]>,
-    losses: &[(String, (u64, u64))],
+    losses: &[tunnel::TxLosses],
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let stats = applied.stats()?;
@@ -17,7 +17,7 @@ pub(super) fn report(
         .sessions
         .iter()
         .map(|s| s.name.len())
-        .chain(losses.iter().map(|(name, _)| name.len()))
+        .chain(losses.iter().map(|l| l.interface.len()))
         .chain(
             applied
                 .targets
@@ -93,10 +93,11 @@ pub(super) fn report(
             Err(why) => writeln!(out, "tunnel   {session:<names$} {target}: {why}"),
         };
     }
-    for (name, (dropped, errors)) in losses {
+    for loss in losses {
         let _ = writeln!(
             out,
-            "target   {name:<names$} tx_dropped={dropped} tx_errors={errors}"
+            "target   {:<names$} tx_dropped={} tx_errors={}",
+            loss.interface, loss.tx_dropped, loss.tx_errors
         );
     }
     Ok(out)

@@ -112,7 +112,7 @@ const RULE_BAD: &[&str] = &[
 const TOP_OPTIONAL: &[&[&str]] = &[
     &["copy_ring_bytes = 3", "copy_ring_bytes = 8192"],
     &["node_rate_limit = { bytes_per_second = 1 }"],
-    &["metrics_address = \"[::1]:9464\""],
+    &["metrics_address = \"[::1]:9477\""],
     &["stats_interval_secs = 0"],
 ];
 

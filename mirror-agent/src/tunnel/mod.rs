@@ -154,6 +154,20 @@ impl Targets {
         }
     }
 
+    /// Every interface copies leave by now: the target interfaces that are there and the
+    /// tunnels' underlays, each once, by name.
+    pub fn sending_interfaces(&self) -> Vec<(String, u32)> {
+        let mut out: Vec<_> = self
+            .interface_indexes()
+            .into_iter()
+            .filter_map(|(name, ifindex)| Some((name, ifindex?)))
+            .chain(self.interfaces())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The target interfaces of the sessions, and their indexes now.
     pub fn interface_indexes(&self) -> Vec<(String, Option<u32>)> {
         self.interfaces
@@ -470,16 +484,44 @@ async fn mtu(handle: &Handle, ifindex: u32) -> Result<u32, TunnelError> {
         .ok_or(TunnelError::Vanished(ifindex))
 }
 
-/// Transmit drops and errors the kernel counted on an interface (a copy lost after it left the
-/// programs).
-pub async fn tx_losses(ifindex: u32) -> Result<(u64, u64), TunnelError> {
-    Ok(link(&netlink()?, ifindex)
-        .await?
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Stats64(s) => Some((s.tx_dropped, s.tx_errors)),
-            _ => None,
-        })
-        .unwrap_or_default())
+/// Copies the kernel lost after they left the programs, on an interface they leave by.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TxLosses {
+    pub interface: String,
+    pub tx_dropped: u64,
+    pub tx_errors: u64,
+}
+
+/// The transmit drops and errors the kernel counted on each of `interfaces` (see
+/// [`Targets::sending_interfaces`]); one that cannot be read is left out, with a warning.
+pub async fn tx_losses(interfaces: Vec<(String, u32)>) -> Vec<TxLosses> {
+    let handle = match netlink() {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::warn!("the targets' counters: {e}");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::with_capacity(interfaces.len());
+    for (interface, ifindex) in interfaces {
+        match link(&handle, ifindex).await {
+            Ok(link) => {
+                let (tx_dropped, tx_errors) = link
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::Stats64(s) => Some((s.tx_dropped, s.tx_errors)),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                out.push(TxLosses {
+                    interface,
+                    tx_dropped,
+                    tx_errors,
+                });
+            }
+            Err(e) => tracing::warn!("the counters of target {interface}: {e}"),
+        }
+    }
+    out
 }
