@@ -424,6 +424,34 @@ fn tunnel_packets_on_a_watched_underlay_are_not_mirrored_again() {
     assert_eq!(report.session("t").mirrored, 11);
 }
 
+/// The collector's `/metrics` once it has taken the test below's 13 frames (12 of 1,000 bytes
+/// and the 50-byte sentinel; published within 100 ms): valid `OpenMetrics` text with the counts
+/// of its summary.
+fn check_collector_metrics(lab: &Lab) {
+    let address: SocketAddr = "127.0.0.1:9478".parse().expect("address");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let body = loop {
+        let (line, body) = mirror_tests::http_get(lab.col(), address, "/metrics");
+        assert!(line.contains(" 200 "), "{line}");
+        if body.contains("mirror_collect_frames_total{stream=\"vxlan:5\"} 13") {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    for expected in [
+        "mirror_collect_frame_bytes_total{stream=\"vxlan:5\"} 12050",
+        "mirror_collect_dropped_total{reason=\"short\"} 1",
+        "mirror_collect_dropped_total{reason=\"bad_flags\"} 1",
+        "mirror_collect_dropped_total{reason=\"filtered\"} 1",
+        "mirror_collect_dropped_total{reason=\"tap_errors\"} 0",
+        "mirror_collect_build_info{version=\"0.1.0\"} 1",
+    ] {
+        assert!(body.contains(expected), "{expected} in:\n{body}");
+    }
+    mirror_tests::check_openmetrics(&body, "mirror_collect_");
+}
+
 #[test]
 fn the_collector_counts_bad_datagrams_filters_vnis_and_rotates_files() {
     let lab = Lab::with_collector("vxcol", 1500);
@@ -441,6 +469,8 @@ fn the_collector_counts_bad_datagrams_filters_vnis_and_rotates_files() {
             "4096",
             "--rotate-count",
             "2",
+            "--metrics",
+            "127.0.0.1:9478",
         ],
     );
     let tap = Capture::open(lab.col(), "tap1");
@@ -474,6 +504,7 @@ fn the_collector_counts_bad_datagrams_filters_vnis_and_rotates_files() {
         .send_to(&datagram(0x08, 5, &sentinel), (COL_V4, 4789))
         .expect("send");
     let tapped = tap.until_nth(1, is_sentinel);
+    check_collector_metrics(&lab);
     let summary = collector.stop();
 
     sent.push(sentinel);

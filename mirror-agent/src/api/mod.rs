@@ -13,7 +13,7 @@ mod metrics;
 mod state;
 
 pub use client::{get_from, post_to, stream_from};
-pub use listen::Limits;
+pub use listen::{Limits, serve as serve_bounded};
 use state::direction_name;
 pub use state::{Applied, SelectedPod, SessionView};
 use std::{
@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// Label pairs of a metric.
-type Labels = Vec<(&'static str, String)>;
+pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// Where the API socket is unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mirror-agent.sock";

@@ -201,7 +201,7 @@ pub fn gre_in_ipv4(packet: &[u8]) -> Result<Decoded<'_>, Refused> {
 /// Counts the copies an ERSPAN session lost, from its sequence numbers: a step forward by more
 /// than one means the numbers between never arrived. A repeat (the segments of one GSO copy
 /// share a number) or a step back (reordering, a restarted sender) counts nothing.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Gaps {
     last: Option<u32>,
     pub lost: u64,

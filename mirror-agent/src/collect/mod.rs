@@ -6,6 +6,7 @@
 //! are counted, never fatal; ERSPAN sequence gaps are counted as lost copies. Counts per stream
 //! are logged as it runs and printed on exit, together with the datagrams the sockets dropped.
 mod decode;
+mod metrics;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +16,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -81,6 +82,11 @@ pub struct CollectArgs {
     /// Exit after this many frames were accepted (like tcpdump -c).
     #[arg(long)]
     count: Option<u64>,
+    /// Serve Prometheus `/metrics` (frames, bytes and lost copies per stream, drops by reason)
+    /// and `/healthz` on this address, e.g. `10.0.0.9:9478`, with the agent's bounds (256
+    /// connections, 16 per client, 16 KiB and 5 s for a request's header).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 /// How long the receive loop waits for a datagram before it looks at the stop flag again.
@@ -101,7 +107,7 @@ enum Kind {
 }
 
 /// What was received, per stream: (frames, bytes of inner frames, ERSPAN gaps).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Counts {
     streams: BTreeMap<Stream, (u64, u64, Gaps)>,
     short: u64,
@@ -117,6 +123,20 @@ struct Counts {
 }
 
 impl Counts {
+    /// The datagrams not taken, and the frames not passed on, by reason.
+    fn dropped(&self) -> [(&'static str, u64); 8] {
+        [
+            ("short", self.short),
+            ("bad_flags", self.bad_flags),
+            ("filtered", self.filtered),
+            ("not_allowed", self.not_allowed),
+            ("too_many_streams", self.too_many_streams),
+            ("socket_drops", self.socket_drops),
+            ("tap_errors", self.tap_errors),
+            ("write_errors", self.write_errors),
+        ]
+    }
+
     fn summary(&self) -> String {
         use std::fmt::Write as _;
         let mut out = format!(
@@ -131,18 +151,11 @@ impl Counts {
                 gaps.lost
             );
         }
-        let _ = writeln!(
-            out,
-            "dropped          short={} bad_flags={} filtered={} not_allowed={} too_many_streams={} socket_drops={} tap_errors={} write_errors={}",
-            self.short,
-            self.bad_flags,
-            self.filtered,
-            self.not_allowed,
-            self.too_many_streams,
-            self.socket_drops,
-            self.tap_errors,
-            self.write_errors
-        );
+        out.push_str("dropped         ");
+        for (reason, count) in self.dropped() {
+            let _ = write!(out, " {reason}={count}");
+        }
+        out.push('\n');
         out
     }
 }
@@ -208,6 +221,19 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
             .map(|p| format!(", writing {}", p.display()))
             .unwrap_or_default()
     );
+    // Bound before anything is received, so that a busy port fails the start.
+    let metrics_listener = match args.metrics {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening on {address} for metrics"))?,
+        ),
+        None => None,
+    };
+    let published = metrics::Published::default();
+    let (stop_serving, serving) = tokio::sync::watch::channel(false);
+    let server = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, published.clone(), serving)));
     let stop = Arc::new(AtomicBool::new(false));
     let receiver = {
         let stop = stop.clone();
@@ -220,6 +246,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
             },
             stats_interval: Duration::from_secs(args.stats_interval),
             count: args.count,
+            published: server.is_some().then(|| published.clone()),
         };
         tokio::task::spawn_blocking(move || receive(&sockets, sink, tap.as_ref(), &options, &stop))
     };
@@ -235,8 +262,14 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
             stop.store(true, Ordering::Relaxed);
         })
     };
-    let counts = receiver.await.context("the receive loop")??;
+    let counts = receiver.await.context("the receive loop");
     waiter.abort();
+    let _ = stop_serving.send(true);
+    if let Some(server) = server {
+        // Within the listener's grace period.
+        let _ = server.await;
+    }
+    let counts = counts??;
     print!("{}", counts.summary());
     Ok(())
 }
@@ -247,6 +280,48 @@ struct LoopOptions {
     allow: Vec<ipnet::IpNet>,
     stats_interval: Duration,
     count: Option<u64>,
+    /// Where the counts go for `/metrics`, when it is served.
+    published: Option<metrics::Published>,
+}
+
+/// When the receive loop last logged its counts, and last published them for `/metrics`.
+struct Ticks {
+    logged: Instant,
+    published: Instant,
+}
+
+impl Default for Ticks {
+    fn default() -> Self {
+        Ticks {
+            logged: Instant::now(),
+            published: Instant::now(),
+        }
+    }
+}
+
+impl Ticks {
+    /// Publishes the counts every [`POLL_INTERVAL`] and logs them every stats interval.
+    fn tick(&mut self, counts: &mut Counts, sink: Option<&Sink>, options: &LoopOptions) {
+        if let Some(published) = &options.published
+            && self.published.elapsed() >= POLL_INTERVAL
+        {
+            self.published = Instant::now();
+            counts.write_errors = sink.map_or(0, |sink| sink.write_errors);
+            *published.lock().unwrap_or_else(PoisonError::into_inner) = counts.clone();
+        }
+        if !options.stats_interval.is_zero() && self.logged.elapsed() >= options.stats_interval {
+            self.logged = Instant::now();
+            for (stream, (frames, bytes, gaps)) in &counts.streams {
+                tracing::info!(
+                    stream = stream.label(),
+                    frames,
+                    bytes,
+                    lost = gaps.lost,
+                    "received"
+                );
+            }
+        }
+    }
 }
 
 /// Receives until `stop` is set (then drains what the sockets already hold) or `count` frames.
@@ -260,7 +335,7 @@ fn receive(
     let mut counts = Counts::default();
     let mut drops: Vec<u32> = vec![0; sockets.len()];
     let mut buffer = vec![0u8; 65_536];
-    let mut last_stats = Instant::now();
+    let mut ticks = Ticks::default();
     while options.count.is_none_or(|n| counts.accepted < n) {
         let draining = stop.load(Ordering::Relaxed);
         let ready = wait_readable(
@@ -330,18 +405,7 @@ fn receive(
                 counts.tap_errors += 1;
             }
         }
-        if !options.stats_interval.is_zero() && last_stats.elapsed() >= options.stats_interval {
-            last_stats = Instant::now();
-            for (stream, (frames, bytes, gaps)) in &counts.streams {
-                tracing::info!(
-                    stream = stream.label(),
-                    frames,
-                    bytes,
-                    lost = gaps.lost,
-                    "received"
-                );
-            }
-        }
+        ticks.tick(&mut counts, sink.as_ref(), options);
     }
     if let Some(sink) = sink {
         counts.write_errors = sink.write_errors;
@@ -356,6 +420,9 @@ fn receive(
         .iter()
         .map(|(socket, _)| u64::from(socket_drops(socket.as_raw_fd())))
         .sum();
+    if let Some(published) = &options.published {
+        *published.lock().unwrap_or_else(PoisonError::into_inner) = counts.clone();
+    }
     Ok(counts)
 }
 
