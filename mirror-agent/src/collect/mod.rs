@@ -213,14 +213,6 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|path| Sink::open(path, args.rotate_bytes, args.rotate_count))
         .transpose()?;
-    eprintln!(
-        "mirror-agent collect: listening on {}{}",
-        described.join(", "),
-        args.write
-            .as_ref()
-            .map(|p| format!(", writing {}", p.display()))
-            .unwrap_or_default()
-    );
     // Bound before anything is received, so that a busy port fails the start.
     let metrics_listener = match args.metrics {
         Some(address) => Some(
@@ -230,6 +222,17 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    eprintln!(
+        "mirror-agent collect: listening on {}{}{}",
+        described.join(", "),
+        args.write
+            .as_ref()
+            .map(|p| format!(", writing {}", p.display()))
+            .unwrap_or_default(),
+        args.metrics
+            .map(|a| format!(", metrics on {a}"))
+            .unwrap_or_default()
+    );
     let published = metrics::Published::default();
     let (stop_serving, serving) = tokio::sync::watch::channel(false);
     let server = metrics_listener

@@ -48,7 +48,16 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(aya::EbpfError),
+    #[error(
+        "loading the eBPF object: {0}: bpf(2) was refused while this process runs under a seccomp \
+         filter. The filter must allow bpf and perf_event_open with CAP_BPF and CAP_PERFMON, as \
+         the RuntimeDefault of containerd 1.7+ and Docker 23+ does; CRI-O's and podman's default \
+         profile allow them only with CAP_SYS_ADMIN. Give the container a profile that allows \
+         them (the Helm chart's `seccompProfile` value), and check that it has CAP_BPF and \
+         CAP_PERFMON"
+    )]
+    SeccompDenied(aya::EbpfError),
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,
@@ -71,6 +80,35 @@ pub enum DatapathError {
     Interfaces(std::io::Error),
     #[error("pinning or adopting links in {path}: {message}")]
     Pin { path: PathBuf, message: String },
+}
+
+impl DatapathError {
+    /// A failed load, named for its likely cause when bpf(2) was refused (EPERM) under a seccomp
+    /// filter, as container engines' default profiles do.
+    fn load(error: aya::EbpfError) -> Self {
+        let mut cause: Option<&dyn std::error::Error> = Some(&error);
+        let mut refused = false;
+        while let Some(current) = cause {
+            refused |= current
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.raw_os_error() == Some(libc::EPERM));
+            cause = current.source();
+        }
+        if refused && under_seccomp_filter() {
+            DatapathError::SeccompDenied(error)
+        } else {
+            DatapathError::Load(error)
+        }
+    }
+}
+
+/// Whether a seccomp filter confines this process (`Seccomp: 2` in /proc/self/status).
+fn under_seccomp_filter() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|line| line.split_whitespace().eq(["Seccomp:", "2"]))
+    })
 }
 
 /// A loaded, filled and attached datapath.
@@ -277,7 +315,8 @@ impl Datapath {
                 tables.bitmaps.len() as u32 + SPARE_BITMAPS,
             )
             .map_max_entries(COPY_RING_MAP, plan.copy_ring_bytes)
-            .load(EBPF_OBJECT)?;
+            .load(EBPF_OBJECT)
+            .map_err(DatapathError::load)?;
         fill_array(&mut ebpf, RULE_BITMAPS_MAP, &tables.bitmaps)?;
         fill_array(&mut ebpf, FIELD_WILDCARD_MAP, &tables.wildcard)?;
         for (name, field, table) in [
