@@ -34,6 +34,10 @@ apiVersion: v1
 kind: Namespace
 metadata:
   name: {namespace}
+  labels:
+    # The agent needs the node's network, host paths and capabilities beyond Pod Security's
+    # `baseline`: a cluster that enforces Pod Security admits it only in a `privileged` namespace.
+    pod-security.kubernetes.io/enforce: privileged
 """
 
 

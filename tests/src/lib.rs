@@ -27,6 +27,7 @@ use std::{
 mod agent;
 mod capture;
 pub mod cases;
+pub mod chart;
 mod collector;
 mod files;
 mod frames;

@@ -5,106 +5,17 @@
 //! enough for the agent to load, attach and mirror (run here with exactly those capabilities).
 //! No Kubernetes API server runs on these machines: what a cluster would do with the objects
 //! (scheduling, mounting, probing) is not exercised.
-use std::{net::SocketAddr, path::Path, process::Command};
+use std::{net::SocketAddr, path::Path};
 
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
-};
+use k8s_openapi::api::core::v1::PodSpec;
 use mirror_tests::{
     Capture, FrameSender, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, agent_binary, agent_command,
+    chart::{
+        DEPLOY, Objects, agent_and_config, granted_capabilities, objects, render, toml_string,
+        try_render,
+    },
     udp_v4_frame,
 };
-use serde::Deserialize as _;
-
-const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
-
-/// The chart rendered by `deploy/helm/render.py` with `args`.
-fn render(args: &[&str]) -> String {
-    let (ok, stdout, stderr) = try_render(args);
-    assert!(
-        ok,
-        "rendering the chart (helm-python-sdk comes with `cargo xtask setup`): {stderr}"
-    );
-    stdout
-}
-
-/// `deploy/helm/render.py` with `args`: (success, stdout, stderr).
-fn try_render(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new("python3")
-        .arg(format!("{DEPLOY}/helm/render.py"))
-        .args(args)
-        .output()
-        .expect("python3");
-    (
-        output.status.success(),
-        String::from_utf8(output.stdout).expect("UTF-8"),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-/// The objects of a YAML stream, each parsed by its kind.
-#[derive(Default)]
-struct Objects {
-    namespaces: Vec<Namespace>,
-    service_accounts: Vec<ServiceAccount>,
-    config_maps: Vec<ConfigMap>,
-    daemon_sets: Vec<DaemonSet>,
-    cluster_roles: Vec<ClusterRole>,
-    cluster_role_bindings: Vec<ClusterRoleBinding>,
-    services: Vec<Service>,
-    /// Prometheus Operator objects (no k8s-openapi type).
-    service_monitors: Vec<serde_norway::Value>,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(value: &serde_norway::Value, kind: &str) -> T {
-    serde_norway::from_value(value.clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
-}
-
-fn objects(text: &str) -> Objects {
-    let mut objects = Objects::default();
-    for document in serde_norway::Deserializer::from_str(text) {
-        let value = serde_norway::Value::deserialize(document).expect("YAML");
-        let kind = value["kind"].as_str().expect("a kind").to_owned();
-        match kind.as_str() {
-            "Namespace" => objects.namespaces.push(parse(&value, &kind)),
-            "ServiceAccount" => objects.service_accounts.push(parse(&value, &kind)),
-            "ConfigMap" => objects.config_maps.push(parse(&value, &kind)),
-            "DaemonSet" => objects.daemon_sets.push(parse(&value, &kind)),
-            "ClusterRole" => objects.cluster_roles.push(parse(&value, &kind)),
-            "ClusterRoleBinding" => objects.cluster_role_bindings.push(parse(&value, &kind)),
-            "Service" => objects.services.push(parse(&value, &kind)),
-            "ServiceMonitor" => objects.service_monitors.push(value),
-            other => panic!("unexpected kind {other}"),
-        }
-    }
-    objects
-}
-
-/// The agent's container and the configuration file its `ConfigMap` carries.
-fn agent_and_config(objects: &Objects) -> (&Container, &str) {
-    let daemon_set = &objects.daemon_sets[0];
-    let pod = daemon_set
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .expect("a pod spec");
-    let config = objects.config_maps[0]
-        .data
-        .as_ref()
-        .and_then(|d| d.get("config.toml"))
-        .expect("config.toml in the ConfigMap");
-    (&pod.containers[0], config)
-}
-
-/// The value of a `key = "value"` line of a TOML text.
-fn toml_string<'a>(config: &'a str, key: &str) -> Option<&'a str> {
-    config
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
-        .and_then(|rest| rest.strip_suffix('"'))
-}
 
 /// Every check of the objects against each other and the agent.
 fn check_agreement(objects: &Objects, namespace: &str) {
@@ -136,6 +47,8 @@ fn check_agreement(objects: &Objects, namespace: &str) {
     check_rbac(objects, namespace);
     check_mounts(objects, pod);
     check_metrics(objects);
+    check_labels(objects);
+    check_probes(objects);
     let (agent, _) = agent_and_config(objects);
     let node_name = agent
         .env
@@ -146,6 +59,72 @@ fn check_agreement(objects: &Objects, namespace: &str) {
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.as_str());
     assert_eq!(node_name, Some("spec.nodeName"), "pod-selector sessions");
+}
+
+/// Every object carries the standard labels; the `DaemonSet` selects its pods by the two that
+/// never change between releases, which its pods carry.
+fn check_labels(objects: &Objects) {
+    let metadata = objects
+        .service_accounts
+        .iter()
+        .map(|o| &o.metadata)
+        .chain(objects.config_maps.iter().map(|o| &o.metadata))
+        .chain(objects.daemon_sets.iter().map(|o| &o.metadata))
+        .chain(objects.cluster_roles.iter().map(|o| &o.metadata))
+        .chain(objects.cluster_role_bindings.iter().map(|o| &o.metadata))
+        .chain(objects.services.iter().map(|o| &o.metadata))
+        .chain(objects.deployments.iter().map(|o| &o.metadata));
+    for metadata in metadata {
+        let labels = metadata.labels.clone().unwrap_or_default();
+        for key in [
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/version",
+            "app.kubernetes.io/managed-by",
+            "app.kubernetes.io/component",
+            "helm.sh/chart",
+        ] {
+            assert!(labels.contains_key(key), "{key} on {:?}", metadata.name);
+        }
+    }
+    let spec = objects.daemon_sets[0].spec.as_ref().expect("spec");
+    let selector = spec.selector.match_labels.clone().expect("matchLabels");
+    let mut keys: Vec<&str> = selector.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["app.kubernetes.io/instance", "app.kubernetes.io/name"]
+    );
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .expect("pod labels");
+    assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+}
+
+/// A startup probe and a liveness probe on `/healthz` (the process serves, every hook attached
+/// once), readiness on `/readyz` (targets there, tasks alive), all on the metrics port.
+fn check_probes(objects: &Objects) {
+    let (agent, _) = agent_and_config(objects);
+    for (probe, path) in [
+        (agent.startup_probe.as_ref(), "/healthz"),
+        (agent.liveness_probe.as_ref(), "/healthz"),
+        (agent.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let get = probe
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an HTTP probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
+        );
+    }
+    let startup = agent.startup_probe.as_ref().expect("a startup probe");
+    let patience = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+    assert!(patience >= 60, "{patience} s to attach");
 }
 
 /// Pod-selector sessions list and watch pods, with the agent's service account.
@@ -243,19 +222,6 @@ fn check_metrics(objects: &Objects) {
         .map(|f| f.field_path.as_str());
     assert_eq!(node_ip, Some("status.hostIP"));
     assert!(!config.contains("metrics_json_routes"), "{config}");
-    for (probe, path) in [
-        (agent.liveness_probe.as_ref(), "/healthz"),
-        (agent.readiness_probe.as_ref(), "/readyz"),
-    ] {
-        let get = probe
-            .and_then(|p| p.http_get.as_ref())
-            .expect("an HTTP probe");
-        assert_eq!(get.path.as_deref(), Some(path));
-        assert_eq!(
-            get.port,
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
-        );
-    }
     let template = &objects.daemon_sets[0].spec.as_ref().expect("spec").template;
     let annotations = template
         .metadata
@@ -279,9 +245,22 @@ fn check_metrics(objects: &Objects) {
         let endpoint = &monitor["spec"]["endpoints"][0];
         assert_eq!(endpoint["port"].as_str(), Some("metrics"));
         assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
-        let service = &objects.services[0];
+        let name = objects.daemon_sets[0]
+            .metadata
+            .name
+            .clone()
+            .expect("a name");
+        let service = objects
+            .services
+            .iter()
+            .find(|s| s.metadata.name == Some(format!("{name}-metrics")))
+            .expect("the metrics Service");
         let service_spec = service.spec.as_ref().expect("service spec");
-        assert_eq!(service_spec.selector.as_ref(), Some(&pod_labels));
+        let selector = service_spec.selector.as_ref().expect("a selector");
+        assert!(
+            selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            "{selector:?} selects {pod_labels:?}"
+        );
         let service_port = &service_spec.ports.as_ref().expect("ports")[0];
         assert_eq!(service_port.name.as_deref(), Some("metrics"));
         assert_eq!(service_port.port, i32::from(metrics.port()));
@@ -333,6 +312,12 @@ fn the_chart_refuses_values_its_schema_does_not_allow() {
         (r#"image={"pullPolicy":"Sometimes"}"#, "pullPolicy"),
         ("sessions=\"\"", "sessions"),
         ("pined=true", "additional properties 'pined' not allowed"),
+        (r#"seccompProfile={"type":"Unconfinde"}"#, "seccompProfile"),
+        (r#"collector={"port":"4789"}"#, "got string, want integer"),
+        (
+            r#"prometheusRule={"for":"ten minutes"}"#,
+            "does not match pattern",
+        ),
     ] {
         let (ok, _, stderr) = try_render(&["--set-json", value]);
         assert!(!ok, "{value} was accepted");
@@ -355,8 +340,16 @@ fn the_chart_agrees_with_the_agent_for_other_values() {
         "pinned=false",
         "--set-json",
         "privileged=true",
+        "--set-json",
+        r#"collector={"enabled":true}"#,
+        "--set-json",
+        r#"prometheusRule={"enabled":true}"#,
     ]));
     check_agreement(&objects, "observability");
+    assert_eq!(
+        (objects.deployments.len(), objects.prometheus_rules.len()),
+        (1, 1)
+    );
     assert_eq!(objects.service_monitors.len(), 1);
     assert_eq!(
         objects.service_monitors[0]["metadata"]["labels"]["release"].as_str(),
@@ -368,6 +361,107 @@ fn the_chart_agrees_with_the_agent_for_other_values() {
     assert_eq!(
         (security.privileged, security.capabilities.as_ref()),
         (Some(true), None)
+    );
+    // A privileged container may escalate; its root file system stays read-only.
+    assert_eq!(
+        (
+            security.allow_privilege_escalation,
+            security.read_only_root_filesystem
+        ),
+        (None, Some(true))
+    );
+}
+
+/// The values a cluster's conventions need: pull secrets, placement, pod metadata, the update
+/// strategy, extra arguments, environment and volumes, and no captures mount when it is off.
+#[test]
+fn the_chart_takes_the_usual_overrides() {
+    let objects = objects(&render(&[
+        "--set-json",
+        r#"imagePullSecrets=[{"name":"regcred"}]"#,
+        "--set-json",
+        r#"affinity={"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"mirror","operator":"Exists"}]}]}}}"#,
+        "--set-json",
+        r#"podAnnotations={"team":"net"}"#,
+        "--set-json",
+        r#"podLabels={"tier":"node"}"#,
+        "--set-json",
+        r#"updateStrategy={"type":"OnDelete"}"#,
+        "--set-json",
+        r#"extraArgs=["--skip-unparsed"]"#,
+        "--set-json",
+        r#"extraEnv=[{"name":"EXTRA","value":"1"}]"#,
+        "--set-json",
+        r#"extraVolumes=[{"name":"scratch","emptyDir":{}}]"#,
+        "--set-json",
+        r#"extraVolumeMounts=[{"name":"scratch","mountPath":"/scratch"}]"#,
+        "--set-json",
+        r#"captures={"hostPath":""}"#,
+        "--set-json",
+        r#"seccompProfile={"type":"Localhost","localhostProfile":"mirror-agent.json"}"#,
+    ]));
+    check_agreement(&objects, "mirror");
+    let daemon_set = objects.daemon_sets[0].spec.as_ref().expect("spec");
+    assert_eq!(
+        daemon_set
+            .update_strategy
+            .as_ref()
+            .and_then(|s| s.type_.as_deref()),
+        Some("OnDelete")
+    );
+    let template = daemon_set.template.metadata.as_ref().expect("metadata");
+    assert_eq!(
+        template
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("tier"))
+            .map(String::as_str),
+        Some("node")
+    );
+    assert_eq!(
+        template
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("team"))
+            .map(String::as_str),
+        Some("net")
+    );
+    let pod = objects.agent_pod();
+    assert_eq!(
+        pod.image_pull_secrets.as_ref().map(|s| s[0].name.as_str()),
+        Some("regcred")
+    );
+    assert!(
+        pod.affinity
+            .as_ref()
+            .is_some_and(|a| a.node_affinity.is_some())
+    );
+    let (agent, _) = agent_and_config(&objects);
+    assert_eq!(
+        agent
+            .args
+            .as_ref()
+            .and_then(|a| a.last())
+            .map(String::as_str),
+        Some("--skip-unparsed")
+    );
+    assert!(agent.env.iter().flatten().any(|e| e.name == "EXTRA"));
+    let mounts: Vec<&str> = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(mounts.contains(&"/scratch"), "{mounts:?}");
+    assert!(!mounts.contains(&"/var/lib/mirror/captures"), "{mounts:?}");
+    let seccomp = agent
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .expect("a seccomp profile");
+    assert_eq!(
+        (seccomp.type_.as_str(), seccomp.localhost_profile.as_deref()),
+        ("Localhost", Some("mirror-agent.json"))
     );
 }
 
@@ -386,22 +480,6 @@ fn the_default_configuration_is_valid_for_the_agent() {
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("ok: 1 session(s)"), "{stdout}");
-}
-
-/// The capabilities the `DaemonSet` adds, as `setpriv` spells them.
-fn granted_capabilities(agent: &Container) -> Vec<String> {
-    let capabilities = agent
-        .security_context
-        .as_ref()
-        .and_then(|s| s.capabilities.as_ref())
-        .expect("capabilities");
-    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
-    capabilities
-        .add
-        .iter()
-        .flatten()
-        .map(|c| format!("+{}", c.to_lowercase()))
-        .collect()
 }
 
 #[test]
@@ -488,11 +566,11 @@ fn dockerfile() -> Vec<(String, String)> {
         .collect()
 }
 
-/// No Docker engine runs on these machines, so the image is not built here; what can be checked
-/// without one is that the Dockerfile builds what the project's own commands build, and runs it
-/// the way the `DaemonSet` expects.
+/// The image (built and run by tests/tests/image.rs) runs what the `DaemonSet` expects: the entry
+/// point is the binary the Dockerfile copies in, and its default command is the `DaemonSet`'s
+/// arguments but the node's IP for metrics (an address the image cannot know).
 #[test]
-fn the_dockerfile_builds_with_the_project_commands_and_runs_as_the_daemonset_expects() {
+fn the_dockerfile_runs_the_agent_as_the_daemonset_expects() {
     let instructions = dockerfile();
     let stages: Vec<&String> = instructions
         .iter()
@@ -500,36 +578,23 @@ fn the_dockerfile_builds_with_the_project_commands_and_runs_as_the_daemonset_exp
         .map(|(_, a)| a)
         .collect();
     assert_eq!(
-        stages.len(),
-        2,
-        "a build stage and a runtime stage: {stages:?}"
+        stages,
+        ["${BASE}"],
+        "one stage on the base given as a build argument"
     );
-    let build_stage = stages[0].split(" AS ").nth(1).expect("a named build stage");
-    let runs: Vec<&String> = instructions
-        .iter()
-        .filter(|(k, _)| k == "RUN")
-        .map(|(_, a)| a)
-        .collect();
-    assert!(
-        runs.iter().any(
-            |r| r.contains("cargo xtask setup --build-only") && r.contains("cargo xtask build")
-        ),
-        "{runs:?}"
-    );
-    // The binary `cargo xtask build` makes is the one copied, and the one the entry point runs.
     let copy = instructions
         .iter()
-        .find(|(k, a)| k == "COPY" && a.starts_with(&format!("--from={build_stage} ")))
+        .find(|(k, _)| k == "COPY")
         .map(|(_, a)| a.split_whitespace().collect::<Vec<_>>())
-        .expect("a COPY from the build stage");
-    assert_eq!(copy[1], "/src/target/release/mirror-agent");
+        .expect("a COPY of the binary");
+    // `cargo xtask image` puts the binary alone into the build context, by this name.
+    assert_eq!(copy[0], "mirror-agent");
     let entrypoint: Vec<String> = instructions
         .iter()
         .find(|(k, _)| k == "ENTRYPOINT")
         .map(|(_, a)| serde_json::from_str(a).expect("exec form"))
         .expect("an entry point");
-    assert_eq!(entrypoint, [copy[2]]);
-    // The DaemonSet gives only arguments, to that entry point.
+    assert_eq!(entrypoint, [copy[1]]);
     let objects = objects(&render(&[]));
     let (agent, _) = agent_and_config(&objects);
     assert_eq!(agent.command, None, "the image's entry point runs");
@@ -538,8 +603,6 @@ fn the_dockerfile_builds_with_the_project_commands_and_runs_as_the_daemonset_exp
         .find(|(k, _)| k == "CMD")
         .map(|(_, a)| serde_json::from_str(a).expect("exec form"))
         .expect("a default command");
-    // The image's default is the DaemonSet's, which adds only the node's IP for metrics (an
-    // address the image cannot know).
     let args = agent.args.clone().unwrap_or_default();
     assert_eq!(
         args[..cmd.len()],
@@ -551,6 +614,8 @@ fn the_dockerfile_builds_with_the_project_commands_and_runs_as_the_daemonset_exp
 
 /// The host install's systemd unit: systemd's own checker accepts it (with the unit run from the
 /// binary under test), it grants exactly the `DaemonSet`'s capabilities, and a reload is SIGHUP.
+/// It is not started with `systemd-run`: these machines' PID 1 is not systemd, so there is no
+/// service manager to start it (the agent under the same capabilities is tested above).
 #[test]
 fn the_systemd_unit_is_valid_and_grants_what_the_daemonset_grants() {
     let unit = std::fs::read_to_string(format!("{DEPLOY}/systemd/mirror-agent.service"))
@@ -560,8 +625,8 @@ fn the_systemd_unit_is_valid_and_grants_what_the_daemonset_grants() {
     std::fs::write(
         &copy,
         unit.replace(
-            "/usr/local/bin/mirror-agent",
-            agent_binary().to_str().expect("utf-8"),
+            "ExecStart=mirror-agent ",
+            &format!("ExecStart={} ", agent_binary().display()),
         ),
     )
     .expect("write the unit");
@@ -594,5 +659,5 @@ fn the_systemd_unit_is_valid_and_grants_what_the_daemonset_grants() {
     unit_caps.sort();
     assert_eq!(unit_caps, daemonset);
     assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
-    assert!(value("ExecStart").contains("run --config /etc/mirror/config.toml"));
+    assert!(value("ExecStart").starts_with("mirror-agent run --config /etc/mirror/config.toml"));
 }
