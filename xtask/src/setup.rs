@@ -5,11 +5,15 @@ use anyhow::{Context as _, bail};
 
 /// The bpf-linker release known to work with nightly's LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-deb, which packages the host install (`cargo xtask deb`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Debian packages the tests and the lab use: ip and tc (iproute2), tcpdump (the lab's view),
 /// python3-dpkt for the real captures it ships, which the tests replay, tshark, the
 /// independent decoder the VXLAN tests check our output with, systemd, whose
 /// `systemd-analyze verify` checks the host install's unit, and the Python Prometheus client,
-/// whose strict `OpenMetrics` parser checks the metrics.
+/// whose strict `OpenMetrics` parser checks the metrics, Prometheus (its `promtool` checks and
+/// unit-tests the chart's alerts), and podman, runc and debootstrap, which build the image on a
+/// bootstrapped base and run it (tests/tests/image.rs).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
@@ -17,6 +21,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tshark",
     "systemd",
     "python3-prometheus-client",
+    "prometheus",
+    "podman",
+    "runc",
+    "debootstrap",
 ];
 /// Helm's own Go engine in a Python wheel (no helm binary is packaged for these machines): the
 /// deploy tests render the chart with it (deploy/helm/render.py). Pinned: an alpha project.
@@ -28,6 +36,7 @@ pub fn run(build_only: bool) -> anyhow::Result<()> {
     if !build_only {
         debian_packages(DEBIAN_PACKAGES)?;
         helm_engine()?;
+        cargo_deb()?;
     }
     eprintln!("xtask: setup complete");
     Ok(())
@@ -114,6 +123,23 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .args(["--features", "llvm-22"])
             .env("LLVM_PREFIX", &sysroot),
+    )
+}
+
+fn cargo_deb() -> anyhow::Result<()> {
+    if output("cargo", &["deb", "--version"]).is_some_and(|v| v.contains(CARGO_DEB_VERSION)) {
+        eprintln!("xtask setup: cargo-deb {CARGO_DEB_VERSION} present");
+        return Ok(());
+    }
+    step(
+        "installing cargo-deb",
+        Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
+        ]),
     )
 }
 
