@@ -108,6 +108,8 @@ counters! {
     pub struct Counters {
         /// Packets this rule or session decided (mirror or skip).
         matched => "rule_matched_packets",
+        /// Bytes of the packets this rule or session decided, from their Ethernet headers on.
+        matched_bytes => "rule_matched_bytes",
         /// Copies handed to the target.
         mirrored => "rule_copies",
         /// Bytes of the copies handed to the target, as cut (before a tunnel's outer headers).

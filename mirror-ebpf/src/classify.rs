@@ -63,6 +63,8 @@ pub struct Walk {
     copy_count: u32,
     table_error: u32,
     l4_offset: u32,
+    /// [`Headers::frame_len`], for the bytes of the rules that match.
+    frame_len: u32,
     copies: [Copy; MAX_COPIES_PER_PACKET],
 }
 
@@ -112,6 +114,7 @@ pub fn classify(
     reset(walk);
     // SAFETY: a field of `walk`, valid for writes.
     unsafe { core::ptr::write_volatile(&raw mut walk.l4_offset, headers.l4_offset) };
+    walk.frame_len = headers.frame_len;
     for &index in &walk.bitmaps {
         if index == UNCONSTRAINED {
             continue;
@@ -214,7 +217,7 @@ fn try_walk_step(walk: &mut Walk) -> Result<bool, TableError> {
     let bit = walk.word.trailing_zeros();
     let rule = walk.word_index * 64 + bit;
     let meta = RULES.get(rule).ok_or(TableError)?;
-    count::rule_matched(rule, meta.session);
+    count::rule_matched(rule, meta.session, walk.frame_len);
     if meta.action == Action::Mirror as u32 {
         let slot = walk.copy_count as usize;
         if let Some(copy) = walk.copies.get_mut(slot) {

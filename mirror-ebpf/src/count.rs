@@ -24,9 +24,13 @@ pub fn bump(rule: u32, session: u32, field: impl Fn(&mut Counters) -> &mut u64) 
     update(rule, session, |c| *field(c) += 1);
 }
 
+/// Counts a packet of `len` bytes a rule decided.
 #[inline(always)]
-pub fn rule_matched(rule: u32, session: u32) {
-    bump(rule, session, |c| &mut c.matched);
+pub fn rule_matched(rule: u32, session: u32, len: u32) {
+    update(rule, session, |c| {
+        c.matched += 1;
+        c.matched_bytes += u64::from(len);
+    });
 }
 
 /// Counts a copy of `len` bytes handed to the target.

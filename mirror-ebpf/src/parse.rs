@@ -52,6 +52,8 @@ pub struct Headers {
     /// Offset of the TCP, UDP or SCTP header; [`ABSENT`] when there is none.
     pub l4_offset: u32,
     pub malformed: bool,
+    /// The packet's length from its Ethernet header on (a GSO packet's whole length).
+    pub frame_len: u32,
 }
 
 /// A header was truncated or invalid.
@@ -71,6 +73,7 @@ pub fn parse<P: Packet>(ctx: &P) -> Headers {
         dst_port: ABSENT,
         l4_offset: ABSENT,
         malformed: false,
+        frame_len: ctx.frame_len(),
     };
     if try_parse(ctx, &mut headers).is_err() {
         headers.malformed = true;

@@ -8,9 +8,10 @@ use std::{
 };
 
 use super::{
-    Agent, COL_MAC, COL_V4, COL_V6, Collector, NEXT_LAB, NODE_SINK_MAC, NODE_SRC_MAC, NODE_UL_MAC,
-    NODE_UL_V4, NODE_UL_V6, SENTINEL_PORT, SINK_MAC, SINK_V4, SRC_MAC, agent_binary,
-    pin_to_first_cpu, require_root, run, udp_socket, wait_for,
+    Agent, COL_MAC, COL_V4, COL_V6, Capture, Collector, FrameSender, NEXT_LAB, NODE_SINK_MAC,
+    NODE_SRC_MAC, NODE_UL_MAC, NODE_UL_V4, NODE_UL_V6, SENTINEL_PORT, SINK_MAC, SINK_V4, SRC_MAC,
+    agent_binary, pin_to_first_cpu, require_root, run, udp_socket, udp_v4_frame, vxlan_of,
+    wait_for,
 };
 
 /// A network namespace, deleted (with every interface in it) on drop.
@@ -342,6 +343,19 @@ impl Lab {
         socket
             .send_to(b"sentinel", (SINK_V4, SENTINEL_PORT))
             .expect("send sentinel");
+    }
+
+    /// Sends a sentinel frame from the sink into the node's `sink0` and fails the test unless a
+    /// VXLAN copy of it, byte for byte inside, reaches the collector's `wire` (a capture of the
+    /// collector namespace's `eth0`).
+    pub fn expect_sink_sentinel_tunnelled(&self, wire: &Capture) {
+        let reply = udp_v4_frame(SINK_MAC, NODE_SINK_MAC, SENTINEL_PORT, b"sentinel");
+        FrameSender::open(&self.sink, "eth0").send(&reply);
+        let tunnelled = wire.until_nth(1, |f| vxlan_of(f).is_some_and(|v| v.inner == reply));
+        assert!(
+            !tunnelled.is_empty(),
+            "the VXLAN copy of the sink's sentinel"
+        );
     }
 
     /// Starts the agent in the node namespace with this configuration.

@@ -84,6 +84,7 @@ fn check_metrics(lab: &Lab, metrics: SocketAddr) {
         "mirror_rule_copies_total{session=\"t\",rule=\"10\"} 7",
         "mirror_rule_matched_packets_total{session=\"t\",rule=\"10\"} 7",
         "mirror_rule_copied_bytes_total{session=\"t\",rule=\"10\"} 504",
+        "mirror_rule_matched_bytes_total{session=\"t\",rule=\"10\"} 504",
         "mirror_rule_copies_not_sent_total{session=\"t\",rule=\"10\",reason=\"too_big\"} 0",
         "mirror_attached_hooks{session=\"t\",interface=\"src0\",direction=\"ingress\"} 1",
         "mirror_hook_step_limit_packets_total{hook=\"ingress\"} 0",
@@ -156,6 +157,7 @@ fn the_api_socket_and_metrics_agree_with_the_final_report() {
     assert_eq!(rule_10["counters"]["matched"], 7);
     assert_eq!(rule_10["counters"]["mirrored"], 7);
     // Ethernet, IPv4 and UDP headers around 30 bytes of payload, seven times.
+    assert_eq!(rule_10["counters"]["matched_bytes"], 7 * 72);
     assert_eq!(rule_10["counters"]["mirrored_bytes"], 7 * 72);
 
     let (code, table, stderr) = agent_command(&lab.node, &["stats", "--api-socket", socket_arg]);

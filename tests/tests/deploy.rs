@@ -14,7 +14,6 @@ use mirror_tests::{
         DEPLOY, Objects, agent_and_config, granted_capabilities, objects, render, toml_string,
         try_render,
     },
-    udp_v4_frame,
 };
 
 /// Every check of the objects against each other and the agent.
@@ -532,17 +531,7 @@ fn the_daemonset_capabilities_are_enough_for_tc_xdp_and_vxlan() {
     let wire = Capture::open(lab.col(), "eth0");
     FrameSender::open(&lab.src, "eth0").send_sentinel(SRC_MAC, NODE_SRC_MAC);
     assert_eq!(copies.until_sentinel().len(), 0, "the TC session copied");
-    let reply = udp_v4_frame(
-        mirror_tests::SINK_MAC,
-        mirror_tests::NODE_SINK_MAC,
-        mirror_tests::SENTINEL_PORT,
-        b"sentinel",
-    );
-    FrameSender::open(&lab.sink, "eth0").send(&reply);
-    let tunnelled = wire.until_nth(1, |f| {
-        mirror_tests::vxlan_of(f).is_some_and(|v| v.inner == reply)
-    });
-    assert!(!tunnelled.is_empty(), "the XDP session's VXLAN copy");
+    lab.expect_sink_sentinel_tunnelled(&wire);
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
     let mut report = String::new();

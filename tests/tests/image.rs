@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Container as PodContainer;
 use mirror_tests::{
     BpfFs, COL_V4, Capture, FrameSender, Lab, NODE_SRC_MAC, NODE_UL_V4, SENTINEL_RULE, SRC_MAC,
     chart::{Objects, agent_and_config, granted_capabilities, objects, render},
-    http_get, is_sentinel, pcap_frames, udp_v4_frame, vxlan_of,
+    http_get, is_sentinel, pcap_frames, udp_v4_frame,
 };
 
 /// The image under test.
@@ -349,15 +349,7 @@ fn the_image_mirrors_with_the_chart_security_context_and_a_runtime_default_profi
         .map(|f| f.bytes)
         .collect();
     assert_eq!(at_interface, frames, "the interface's copies");
-    let reply = udp_v4_frame(
-        mirror_tests::SINK_MAC,
-        mirror_tests::NODE_SINK_MAC,
-        mirror_tests::SENTINEL_PORT,
-        b"sentinel",
-    );
-    FrameSender::open(&lab.sink, "eth0").send(&reply);
-    let tunnelled = wire.until_nth(1, |f| vxlan_of(f).is_some_and(|v| v.inner == reply));
-    assert!(!tunnelled.is_empty(), "the XDP session's VXLAN copy");
+    lab.expect_sink_sentinel_tunnelled(&wire);
 
     let (stopped, report, stderr) = container.stop();
     assert!(stopped, "{report}{stderr}");

@@ -96,38 +96,30 @@ impl Shared {
             .drain
             .as_ref()
             .map(crate::emit::Drain::counts);
-        let (sent, refused) = (
-            Family::<Labels, Counter>::default(),
-            Family::<Labels, Counter>::default(),
-        );
-        registry.register(
+        let sent = counter_family(
+            registry,
             "ring_sent_copies",
             "Ring copies (XDP sessions, file targets) the agent sent on, by session, in this configuration",
-            sent.clone(),
         );
-        registry.register(
+        let refused = counter_family(
+            registry,
             "ring_refused_copies",
             "Ring copies the target refused (a full socket buffer, a write error), by session, in this configuration",
-            refused.clone(),
         );
         for (session, (s, r)) in stats.sessions.iter().zip(ring.unwrap_or_default()) {
             let labels = vec![("session", session.name.clone())];
             sent.get_or_create(&labels).inc_by(s);
             refused.get_or_create(&labels).inc_by(r);
         }
-        let (dropped, errors) = (
-            Family::<Labels, Counter>::default(),
-            Family::<Labels, Counter>::default(),
-        );
-        registry.register(
+        let dropped = counter_family(
+            registry,
             "target_tx_dropped_packets",
             "Packets the kernel dropped on an interface copies leave by (a target interface or a tunnel's underlay; all its traffic, not only copies)",
-            dropped.clone(),
         );
-        registry.register(
+        let errors = counter_family(
+            registry,
             "target_tx_error_packets",
             "Transmit errors the kernel counted on an interface copies leave by",
-            errors.clone(),
         );
         for loss in &stats.targets {
             let labels = vec![("interface", loss.interface.clone())];
@@ -190,11 +182,9 @@ struct CounterFamilies {
 
 impl CounterFamilies {
     fn register(registry: &mut Registry, fields: &[CounterField]) -> Self {
+        // The client adds the full stop the doc comments end with.
         let mut family = |name: &str, help: &str| {
-            let family = Family::<Labels, Counter>::default();
-            // The client adds the full stop the doc comments end with.
-            registry.register(name, help.trim().trim_end_matches('.'), family.clone());
-            family
+            counter_family(registry, name, help.trim().trim_end_matches('.'))
         };
         let own = fields
             .iter()
@@ -222,4 +212,15 @@ impl CounterFamilies {
             }
         }
     }
+}
+
+/// Registers a family of counters labelled alike.
+pub(crate) fn counter_family(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
 }

@@ -14,6 +14,7 @@ mod state;
 
 pub use client::{get_from, post_to, stream_from};
 pub use listen::{Limits, serve as serve_bounded};
+pub(crate) use metrics::counter_family;
 use state::direction_name;
 pub use state::{Applied, SelectedPod, SessionView};
 use std::{

@@ -4,13 +4,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::{Router, extract::State, response::IntoResponse, routing::get};
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::sync::watch;
 
 use super::Counts;
-use crate::api::{Labels, Limits, serve_bounded};
+use crate::api::{Labels, Limits, counter_family, serve_bounded};
 
 /// The counts as the receive loop last published them (every 100 ms at most, and at the end).
 pub(super) type Published = Arc<Mutex<Counts>>;
@@ -45,11 +45,7 @@ async fn metrics(State(published): State<Published>) -> impl IntoResponse {
 /// The counts in `OpenMetrics` text.
 fn encode(counts: &Counts) -> String {
     let mut registry = Registry::with_prefix("mirror_collect");
-    let mut family = |name: &str, help: &str| {
-        let family = Family::<Labels, Counter>::default();
-        registry.register(name, help, family.clone());
-        family
-    };
+    let mut family = |name: &str, help: &str| counter_family(&mut registry, name, help);
     let frames = family("frames", "Inner frames taken, by stream");
     let bytes = family("frame_bytes", "Bytes of the inner frames taken, by stream");
     let lost = family(
