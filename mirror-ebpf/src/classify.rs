@@ -72,58 +72,81 @@ pub struct Walk {
 #[map]
 static WALK_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
-/// Finds, for each session watching `attachment`, the first rule that matches the packet.
+/// The bitmap of the rules of the sessions watching `attachment`; none when no session does.
 #[inline(always)]
-pub fn classify(
-    attachment: &AttachmentKey,
-    headers: &Headers,
-) -> Result<Option<Verdict>, TableError> {
+pub fn attachment_rules(attachment: &AttachmentKey) -> Option<u32> {
     // SAFETY: a hash lookup returns a pointer to the value or None.
-    let Some(&attachment_bitmap) = (unsafe { ATTACHMENT_BITMAP.get(attachment) }) else {
-        return Ok(None);
-    };
+    unsafe { ATTACHMENT_BITMAP.get(attachment) }.copied()
+}
+
+/// Finds, for each session whose rules are `attachment_rules`, the first rule that matches the
+/// packet. None when no rule can match: a packet most rules rule out leaves after the first
+/// fields, without the address lookups or the walk.
+#[inline(always)]
+pub fn classify(attachment_rules: u32, headers: &Headers) -> Result<Option<Verdict>, TableError> {
     let walk = WALK_SCRATCH.get_ptr_mut(0).ok_or(TableError)?;
     // SAFETY: this CPU's scratch slot; a program runs to completion on one CPU without preemption
     // by another program that uses the slot (TC programs do not nest).
     let walk: &'static mut Walk = unsafe { &mut *walk };
-    // Field by field, not as one struct literal: a literal would also zero the copies.
-    walk.bitmaps = [
-        attachment_bitmap,
-        indexed(Field::Ethertype, headers.ethertype, |i| {
-            ETHERTYPE_BITMAP.get(i)
-        })?,
-        indexed(Field::VlanId, headers.vlan_id, |i| VLAN_BITMAP.get(i))?,
-        indexed(Field::IpProto, headers.ip_proto, |i| IP_PROTO_BITMAP.get(i))?,
-        address(
-            Field::SrcIp,
-            headers.family,
-            &headers.src,
-            &SRC_V4_BITMAP,
-            &SRC_V6_BITMAP,
-        )?,
-        address(
-            Field::DstIp,
-            headers.family,
-            &headers.dst,
-            &DST_V4_BITMAP,
-            &DST_V6_BITMAP,
-        )?,
-        indexed(Field::SrcPort, headers.src_port, |i| SRC_PORT_BITMAP.get(i))?,
-        indexed(Field::DstPort, headers.dst_port, |i| DST_PORT_BITMAP.get(i))?,
-    ];
     reset(walk);
+    // Cheap and selective fields first (direct arrays), the longest-prefix lookups last; each
+    // narrows the candidate words, and an empty set ends the classification.
+    let narrowed = narrow(walk, Field::Attachment, attachment_rules)?
+        && narrow(
+            walk,
+            Field::IpProto,
+            indexed(Field::IpProto, headers.ip_proto, |i| IP_PROTO_BITMAP.get(i))?,
+        )?
+        && narrow(
+            walk,
+            Field::DstPort,
+            indexed(Field::DstPort, headers.dst_port, |i| DST_PORT_BITMAP.get(i))?,
+        )?
+        && narrow(
+            walk,
+            Field::SrcPort,
+            indexed(Field::SrcPort, headers.src_port, |i| SRC_PORT_BITMAP.get(i))?,
+        )?
+        && narrow(
+            walk,
+            Field::Ethertype,
+            indexed(Field::Ethertype, headers.ethertype, |i| {
+                ETHERTYPE_BITMAP.get(i)
+            })?,
+        )?
+        && narrow(
+            walk,
+            Field::VlanId,
+            indexed(Field::VlanId, headers.vlan_id, |i| VLAN_BITMAP.get(i))?,
+        )?
+        && narrow(
+            walk,
+            Field::DstIp,
+            address(
+                Field::DstIp,
+                headers.family,
+                &headers.dst,
+                &DST_V4_BITMAP,
+                &DST_V6_BITMAP,
+            )?,
+        )?
+        && narrow(
+            walk,
+            Field::SrcIp,
+            address(
+                Field::SrcIp,
+                headers.family,
+                &headers.src,
+                &SRC_V4_BITMAP,
+                &SRC_V6_BITMAP,
+            )?,
+        )?;
+    if !narrowed {
+        return Ok(None);
+    }
     // SAFETY: a field of `walk`, valid for writes.
     unsafe { core::ptr::write_volatile(&raw mut walk.l4_offset, headers.l4_offset) };
     walk.frame_len = headers.frame_len;
-    for &index in &walk.bitmaps {
-        if index == UNCONSTRAINED {
-            continue;
-        }
-        let bitmap = RULE_BITMAPS.get(index).ok_or(TableError)?;
-        for (summary, word) in walk.summary.iter_mut().zip(bitmap.summary) {
-            *summary &= word;
-        }
-    }
     // Most packets are decided in the first steps (load the first candidate word, decide a rule,
     // find nothing left): take those inline, and pay for bpf_loop only when more remain.
     for _ in 0..INLINE_STEPS {
@@ -148,6 +171,23 @@ pub fn classify(
         steps == i64::from(MAX_CLASSIFY_STEPS - INLINE_STEPS),
         headers.malformed,
     )))
+}
+
+/// Records `field`'s bitmap for the walk and narrows the candidate words to those it has; false
+/// when none is left.
+#[inline(always)]
+fn narrow(walk: &mut Walk, field: Field, index: u32) -> Result<bool, TableError> {
+    walk.bitmaps[field as usize] = index;
+    if index == UNCONSTRAINED {
+        return Ok(true);
+    }
+    let bitmap = RULE_BITMAPS.get(index).ok_or(TableError)?;
+    let mut left = 0;
+    for (summary, word) in walk.summary.iter_mut().zip(bitmap.summary) {
+        *summary &= word;
+        left |= *summary;
+    }
+    Ok(left != 0)
 }
 
 /// Starts a walk over every word. The stores are volatile because LLVM otherwise merges them into

@@ -96,15 +96,18 @@ mod programs {
         ctx: &P,
         direction: Direction,
     ) -> Result<(), classify::TableError> {
+        // A hook no session watches (any more) parses nothing.
+        let Some(rules) = classify::attachment_rules(&AttachmentKey {
+            ifindex: ctx.ifindex(),
+            direction: direction as u32,
+        }) else {
+            return Ok(());
+        };
         let headers = parse::parse(ctx);
         if headers.malformed {
             count::hook(direction, |c| &mut c.malformed);
         }
-        let attachment = AttachmentKey {
-            ifindex: ctx.ifindex(),
-            direction: direction as u32,
-        };
-        let Some(verdict) = classify::classify(&attachment, &headers)? else {
+        let Some(verdict) = classify::classify(rules, &headers)? else {
             return Ok(());
         };
         if verdict.step_limit_hit {
