@@ -88,8 +88,10 @@ enum Task {
         quick: bool,
         /// Only the scenarios whose name contains one of these comma-separated texts (e.g.
         /// `baseline,match,vxlan`); `attach` for attach scaling, `pods` for pod-selector sessions,
-        /// `tunnels` for every tunnel format paired with tc mirred into vxlan, `validation` for
-        /// how long large rule sets take to validate.
+        /// `tunnels` for every tunnel format paired with tc mirred into vxlan, `hotpath` for the
+        /// hot path's targets in pairs (no match against no mirroring, with 1 and 10,000 rules;
+        /// one rule against tc u32 with the same match; match-all against tc u32 match-all),
+        /// `validation` for how long large rule sets take to validate.
         #[arg(long)]
         only: Option<String>,
     },

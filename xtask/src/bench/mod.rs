@@ -6,6 +6,8 @@
 //! not the sink's address), so the measured path is: veth in → TC ingress on src0 (where every
 //! mirroring scenario hooks) → forward → veth out. On veth that whole path runs in the sender's
 //! context, so a max-rate run measures the per-packet cost on one core.
+mod hotpath;
+mod paired;
 mod report;
 mod traffic;
 mod tunnels;
@@ -19,9 +21,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use hotpath::{HotRow, hot_path, tap_path};
 use mirror_tests::{Agent, Lab, NODE_SRC_MAC, SINK_MAC, SRC_MAC, wait_for};
 use serde::Serialize;
-use traffic::{Spinner, counters, generate, wait_for_idle};
+use traffic::{Source, Spinner, counters, generate, wait_for_idle};
 use tunnels::{PairedRow, TUNNELS, paired_tunnels};
 use validation::{ValidationRow, validation_timing};
 
@@ -59,12 +62,14 @@ enum Scenario {
     TcMirred,
     TcMirredVxlan,
     Daemonlogger,
-    /// mirror with `rules` rules (the matching one last) or, with `matching` false, one rule that
-    /// matches nothing.
+    /// mirror with `rules` rules, the last one matching the flow, or, with `matching` false,
+    /// none matching it.
     Mirror {
         rules: usize,
         matching: bool,
     },
+    /// mirror, every packet (the session's default).
+    MirrorAll,
     /// tc u32 filters carrying the same rules, each with action mirred.
     TcU32 {
         rules: usize,
@@ -96,8 +101,14 @@ impl Scenario {
                 matching: true,
             } => "mirror TC, 100% match".into(),
             Scenario::Mirror {
-                matching: false, ..
+                rules: 1,
+                matching: false,
             } => "mirror TC, no match".into(),
+            Scenario::Mirror {
+                rules,
+                matching: false,
+            } => format!("mirror TC, no match, {rules} rules"),
+            Scenario::MirrorAll => "mirror TC, match-all".into(),
             Scenario::Mirror { rules, .. } => format!("mirror TC, {rules} rules"),
             Scenario::TcU32 { rules } => format!("tc u32 mirred, {rules} rules"),
             Scenario::MirrorTunnel(format) => format!("mirror TC into {format}"),
@@ -118,6 +129,49 @@ impl Scenario {
                 }
                 | Scenario::MirrorControlled { .. }
         )
+    }
+}
+
+/// The lab a run measures on, and where its generator's frames come from.
+pub struct Bed {
+    pub lab: Lab,
+    pub source: Source,
+}
+
+impl std::ops::Deref for Bed {
+    type Target = Lab;
+
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+impl Bed {
+    /// The lab with frames from the source namespace's veth.
+    fn veth() -> Bed {
+        let lab = Lab::new("bench");
+        prepare(&lab);
+        Bed {
+            lab,
+            source: Source::Veth,
+        }
+    }
+
+    /// The lab with the node's `src0` a tap (no source namespace behind it): the generator
+    /// writes frames to its file descriptor, as a hypervisor's guest does.
+    fn tap() -> Bed {
+        let lab = Lab::new("benchtap");
+        prepare(&lab);
+        let node = &lab.node;
+        node.ip(&["link", "del", "src0"]);
+        node.ip(&["tuntap", "add", "dev", "src0", "mode", "tap"]);
+        node.ip(&["link", "set", "src0", "address", NODE_SRC_MAC]);
+        node.ip(&["addr", "add", "10.10.1.1/24", "dev", "src0"]);
+        node.ip(&["link", "set", "src0", "up"]);
+        Bed {
+            lab,
+            source: Source::Tap,
+        }
     }
 }
 
@@ -202,8 +256,7 @@ pub struct PodRow {
 
 pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
-    let lab = Lab::new("bench");
-    prepare(&lab);
+    let lab = Bed::veth();
     let mut scenarios = vec![
         Scenario::Baseline,
         Scenario::TcMirred,
@@ -270,6 +323,18 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
             tunnels.extend(paired_tunnels(&lab, agent, &flow_frame(size), options)?);
         }
     }
+    let mut hot = Vec::new();
+    if only_has("hotpath") {
+        for &size in &options.frame_sizes {
+            hot.extend(hot_path(&lab, agent, &flow_frame(size), options)?);
+        }
+    }
+    if only_has("tap") {
+        let tap = Bed::tap();
+        for &size in &options.frame_sizes {
+            hot.extend(tap_path(&tap, agent, &flow_frame(size), options)?);
+        }
+    }
     let pods = if only_has("pods") {
         pod_scaling(agent, &options.pod_counts)?
     } else {
@@ -282,6 +347,7 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     };
     drop(lab);
     let extra = report::Extra {
+        hot: &hot,
         attach: &attach,
         pods: &pods,
         tunnels: &tunnels,
@@ -391,12 +457,12 @@ fn rule_set(rules: usize) -> Vec<(String, u16)> {
 
 fn mirror_config(rules: usize, matching: bool) -> String {
     let mut config = "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = { interface = \"mir0\" }\n".to_owned();
+    let mut set = rule_set(rules);
     if !matching {
-        config +=
-            "[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5202\n";
-        return config;
+        // The flow's destination, the next port: nothing matches.
+        set.last_mut().expect("a rule").1 = FLOW_DST_PORT + 1;
     }
-    for (number, (net, port)) in rule_set(rules).into_iter().enumerate() {
+    for (number, (net, port)) in set.into_iter().enumerate() {
         writeln!(
             config,
             "[[session.rule]]\nnumber = {}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {port}",
@@ -473,6 +539,7 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
             active
         }
         Scenario::Mirror { .. }
+        | Scenario::MirrorAll
         | Scenario::MirrorControlled { .. }
         | Scenario::MirrorTunnel(_)
         | Scenario::MirrorXdp { .. } => {
@@ -487,6 +554,9 @@ fn agent_config(scenario: &Scenario) -> anyhow::Result<String> {
         "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\n";
     Ok(match scenario {
         Scenario::Mirror { rules, matching } => mirror_config(*rules, *matching),
+        Scenario::MirrorAll => format!(
+            "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n"
+        ),
         Scenario::MirrorControlled { control, .. } => format!(
             "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n{control}\n"
         ),
@@ -526,7 +596,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn measure(
-    lab: &Lab,
+    lab: &Bed,
     agent: &Path,
     scenario: &Scenario,
     frame: &[u8],
@@ -544,7 +614,7 @@ fn measure(
     let program_ns_per_packet = {
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
             .context("enabling BPF run-time stats")?;
-        generate(&lab.src, "eth0", frame, duration, None, 50_000_000)?;
+        generate(lab, lab.source, frame, duration, None, 50_000_000)?;
         program_cost()?
     };
     let agent_rss_kib = match &active {
@@ -586,7 +656,7 @@ fn measure(
 /// One max-rate run of `duration` with `scenario` active: forwarded pps and, where every packet
 /// should be copied, the share of copies the monitor received.
 fn sample_once(
-    lab: &Lab,
+    lab: &Bed,
     scenario: &Scenario,
     frame: &[u8],
     duration: Duration,
@@ -595,7 +665,7 @@ fn sample_once(
     let (hook0, _) = counters(&lab.node, "src0")?;
     let (sink0, _) = counters(&lab.sink, "eth0")?;
     let (mon0, _) = counters(&lab.mon, "eth0")?;
-    let sent = generate(&lab.src, "eth0", frame, duration, None, 50_000_000)?;
+    let sent = generate(lab, lab.source, frame, duration, None, 50_000_000)?;
     settle(lab)?;
     let (hook1, _) = counters(&lab.node, "src0")?;
     let (sink1, _) = counters(&lab.sink, "eth0")?;
@@ -610,10 +680,10 @@ fn sample_once(
 }
 
 /// Caches, neighbour entries, daemonlogger's buffers.
-fn warm_up(lab: &Lab, frame: &[u8]) -> anyhow::Result<()> {
+fn warm_up(lab: &Bed, frame: &[u8]) -> anyhow::Result<()> {
     generate(
-        &lab.src,
-        "eth0",
+        lab,
+        lab.source,
         frame,
         Duration::from_millis(300),
         None,
@@ -674,7 +744,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// CPU time per packet at the fixed rate: the node's receive path is steered to CPU 1 (RPS on
 /// src0), and a nice-19 spinner there measures what the path leaves.
-fn cpu_cost(lab: &Lab, frame: &[u8], options: &Options) -> anyhow::Result<(f64, bool)> {
+fn cpu_cost(lab: &Bed, frame: &[u8], options: &Options) -> anyhow::Result<(f64, bool)> {
     let rps = "/sys/class/net/src0/queues/rx-0/rps_cpus";
     lab.node.exec(&["sh", "-c", &format!("echo 2 > {rps}")]);
     let result = (|| {
@@ -690,8 +760,8 @@ fn cpu_cost(lab: &Lab, frame: &[u8], options: &Options) -> anyhow::Result<(f64, 
         let mut sent = None;
         let loaded = spinner.rate_over(|| {
             let s = generate(
-                &lab.src,
-                "eth0",
+                lab,
+                lab.source,
                 frame,
                 window,
                 Some(options.fixed_rate),

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::{AttachRow, Options, PairedRow, PodRow, Row};
+use super::{AttachRow, HotRow, Options, PairedRow, PodRow, Row, Scenario};
 
 /// The font the chart's text is drawn with (Debian's fonts-dejavu-core).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -37,6 +37,7 @@ pub struct Extra<'a> {
     pub attach: &'a [AttachRow],
     pub pods: &'a [PodRow],
     pub tunnels: &'a [PairedRow],
+    pub hot: &'a [HotRow],
     pub validation: &'a [super::ValidationRow],
 }
 
@@ -182,6 +183,7 @@ pub fn write(
         attach,
         pods,
         tunnels,
+        hot,
         validation,
     } = *extra;
     let machine = machine();
@@ -207,11 +209,14 @@ pub fn write(
     throughput_tables(&mut md, rows, options)?;
     scaling_tables(&mut md, attach, pods)?;
     tunnel_table(&mut md, tunnels)?;
+    hot_table(&mut md, hot)?;
     super::validation::validation_table(&mut md, validation)?;
     writeln!(
         md,
-        "\n## Targets\n\n{}{}{}",
+        "\n## Targets\n\n{}{}{}{}{}",
         targets(rows, attach, pods, options),
+        hot_targets(hot),
+        tap_targets(hot),
         tunnel_targets(tunnels),
         super::validation::validation_targets(validation)
     )?;
@@ -274,6 +279,110 @@ fn tunnel_table(md: &mut String, tunnels: &[PairedRow]) -> std::fmt::Result {
         )?;
     }
     writeln!(md)
+}
+
+/// The hot path's comparisons (see `hotpath`).
+fn hot_table(md: &mut String, hot: &[HotRow]) -> std::fmt::Result {
+    if hot.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "## The hot path (paired)\n\nEach pair is a run of the reference and then a run of the scenario, one after the other; the ratio is of their forwarded pps. Frames come from the source namespace's veth, or are written to the node's tap `src0` (tun's native XDP). Program ns/pkt is the kernel's run-time stats of mirror's program (on this VM a program that returns at once measures about 87 ns: the accounting itself).\n\n| scenario | reference | frames from | frame | pairs | reference pps | paired ratio (median) | min–max | copies received | program ns/pkt |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    for row in hot {
+        writeln!(
+            md,
+            "| {} | {} | {:?} | {} B | {} | {:.0} | {:.3}x | {:.3}–{:.3} | {} | {} |",
+            row.scenario,
+            row.reference,
+            row.source,
+            row.frame_bytes,
+            row.ratios.len(),
+            row.reference_pps,
+            row.median_ratio,
+            row.min_ratio,
+            row.max_ratio,
+            opt(row.completeness, |c| format!("{:.2}%", c * 100.0)),
+            opt(row.program_ns_per_packet, |n| format!("{n:.0}")),
+        )?;
+    }
+    writeln!(md)
+}
+
+/// Each hot-path comparison's target, met or missed.
+fn hot_targets(hot: &[HotRow]) -> String {
+    let mut out = String::new();
+    for row in hot {
+        let Some(target_ratio) = row.target_ratio else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "- {} B from the {:?}: {} ≥ {:.2}x {}{}: {:.3}x (paired median, {:.3}–{:.3}){}{} — {}",
+            row.frame_bytes,
+            row.source,
+            row.scenario,
+            target_ratio,
+            row.reference,
+            row.target_ns
+                .map(|ns| format!(", program ≤ {ns:.0} ns/pkt"))
+                .unwrap_or_default(),
+            row.median_ratio,
+            row.min_ratio,
+            row.max_ratio,
+            row.program_ns_per_packet
+                .map(|n| format!(", {n:.0} ns/pkt"))
+                .unwrap_or_default(),
+            row.completeness
+                .map(|c| format!(", {:.2}% copies", c * 100.0))
+                .unwrap_or_default(),
+            if row.met() { "met" } else { "missed" }
+        );
+    }
+    out
+}
+
+/// On the tap: the XDP path ahead of the TC path (their paired ratios against no mirroring),
+/// and the reference rate the XDP target asks for.
+fn tap_targets(hot: &[HotRow]) -> String {
+    let mut out = String::new();
+    let on_tap = |name: &str, size: usize| {
+        hot.iter().find(|r| {
+            r.source == super::traffic::Source::Tap && r.scenario == name && r.frame_bytes == size
+        })
+    };
+    let sizes: std::collections::BTreeSet<usize> = hot.iter().map(|r| r.frame_bytes).collect();
+    for size in sizes {
+        let (Some(xdp), Some(tc)) = (
+            on_tap(&Scenario::MirrorXdp { vxlan: false }.name(), size),
+            on_tap(&Scenario::MirrorAll.name(), size),
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "- {size} B from the Tap: the XDP path ahead of the TC path: {:.3}x against {:.3}x of no mirroring — {}",
+            xdp.median_ratio,
+            tc.median_ratio,
+            if xdp.median_ratio > tc.median_ratio {
+                "met"
+            } else {
+                "missed"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "- {size} B from the Tap: no mirroring at 200k pps or more (the XDP target's rate): {:.0} pps — {}",
+            xdp.reference_pps,
+            if xdp.reference_pps >= 200_000.0 {
+                "met"
+            } else {
+                "missed"
+            }
+        );
+    }
+    out
 }
 
 /// The tunnel target: at least 1.2x tc mirred into vxlan, with every copy received.

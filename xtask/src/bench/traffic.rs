@@ -65,69 +65,138 @@ fn generator_socket(ns: &Netns, interface: &str) -> anyhow::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Sends `frame` out of `interface` of `ns` from CPU 0 for `duration`, as fast as possible or at
-/// `rate` packets per second. Bounded by time and by `max_packets`.
+/// Where the generator's frames enter the node's `src0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Source {
+    /// Sent from the source namespace's `eth0`, the veth peer of `src0` (`AF_PACKET`,
+    /// `sendmmsg`): the whole path runs in the sender's context.
+    Veth,
+    /// Written to the file descriptor of `src0`, a tap in the node namespace, as a VM's frames
+    /// reach its host: received on `src0` before any skb exists (tun's native XDP).
+    Tap,
+}
+
+/// Sends `frame` into the node's `src0` from `source` on CPU 0 for `duration`, as fast as
+/// possible or at `rate` packets per second. Bounded by time and by `max_packets`.
 pub fn generate(
-    ns: &Netns,
-    interface: &str,
+    lab: &mirror_tests::Lab,
+    source: Source,
     frame: &[u8],
     duration: Duration,
     rate: Option<u64>,
     max_packets: u64,
 ) -> anyhow::Result<Sent> {
-    let fd = generator_socket(ns, interface)?;
     let frame = frame.to_vec();
+    let fd = match source {
+        Source::Veth => generator_socket(&lab.src, "eth0")?,
+        Source::Tap => lab.node.enter(|| tap_queue("src0"))?,
+    };
     std::thread::spawn(move || -> anyhow::Result<Sent> {
         mirror_tests::pin_to_first_cpu();
-        let mut iov = vec![
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut _,
-                iov_len: frame.len()
-            };
-            BATCH
-        ];
-        // SAFETY: zeroed mmsghdr is valid; each points at one iovec that outlives the sends.
-        let mut messages: Vec<libc::mmsghdr> =
-            (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (message, iov) in messages.iter_mut().zip(iov.iter_mut()) {
-            message.msg_hdr.msg_iov = iov;
-            message.msg_hdr.msg_iovlen = 1;
-        }
-        let start = Instant::now();
-        let mut sent = 0u64;
-        while sent < max_packets {
-            let elapsed = start.elapsed();
-            if elapsed >= duration {
-                break;
-            }
-            let mut batch = BATCH as u64;
-            if let Some(rate) = rate {
-                let due = (elapsed.as_secs_f64() * rate as f64) as u64;
-                if due <= sent {
-                    std::hint::spin_loop();
-                    continue;
+        match source {
+            Source::Veth => {
+                let mut iov = vec![
+                    libc::iovec {
+                        iov_base: frame.as_ptr() as *mut _,
+                        iov_len: frame.len()
+                    };
+                    BATCH
+                ];
+                // SAFETY: zeroed mmsghdr is valid; each points at one iovec that outlives the
+                // sends.
+                let mut messages: Vec<libc::mmsghdr> =
+                    (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+                for (message, iov) in messages.iter_mut().zip(iov.iter_mut()) {
+                    message.msg_hdr.msg_iov = iov;
+                    message.msg_hdr.msg_iovlen = 1;
                 }
-                batch = batch.min(due - sent);
+                drive(duration, rate, max_packets, BATCH as u64, |batch| {
+                    // SAFETY: `messages` holds `batch` valid headers.
+                    let n = unsafe {
+                        libc::sendmmsg(fd.as_raw_fd(), messages.as_mut_ptr(), batch as u32, 0)
+                    };
+                    u64::try_from(n).map_err(|_| std::io::Error::last_os_error())
+                })
+                .context("sendmmsg")
             }
-            // SAFETY: `messages` holds `batch` valid headers.
-            let n =
-                unsafe { libc::sendmmsg(fd.as_raw_fd(), messages.as_mut_ptr(), batch as u32, 0) };
-            if n < 0 {
-                let error = std::io::Error::last_os_error();
-                if error.raw_os_error() == Some(libc::ENOBUFS) {
-                    continue;
+            Source::Tap => drive(duration, rate, max_packets, 1, |_| {
+                // SAFETY: writes `frame.len()` bytes from `frame`; a tap takes one frame a write.
+                let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(1)
                 }
-                return Err(error).context("sendmmsg");
-            }
-            sent += u64::try_from(n).unwrap_or_default();
+            })
+            .context("writing to the tap"),
         }
-        Ok(Sent {
-            packets: sent,
-            elapsed: start.elapsed(),
-        })
     })
     .join()
     .map_err(|_| anyhow::anyhow!("generator thread panicked"))?
+}
+
+/// Calls `send_up_to` with up to `batch` frames at a time until `duration` or `max_packets`, at
+/// `rate` if given; it says how many it sent. A full queue (ENOBUFS) is tried again.
+fn drive(
+    duration: Duration,
+    rate: Option<u64>,
+    max_packets: u64,
+    batch: u64,
+    mut send_up_to: impl FnMut(u64) -> std::io::Result<u64>,
+) -> std::io::Result<Sent> {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < max_packets {
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        let mut now = batch;
+        if let Some(rate) = rate {
+            let due = (elapsed.as_secs_f64() * rate as f64) as u64;
+            if due <= sent {
+                std::hint::spin_loop();
+                continue;
+            }
+            now = now.min(due - sent);
+        }
+        match send_up_to(now) {
+            Ok(n) => sent += n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Sent {
+        packets: sent,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// A queue of the tap `name` of the current namespace (`/dev/net/tun`, no packet information
+/// header): a frame written to it is received on the tap.
+fn tap_queue(name: &str) -> anyhow::Result<OwnedFd> {
+    let path = c"/dev/net/tun";
+    // SAFETY: open(2) of a NUL-terminated path; the result is checked and owned right away.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening /dev/net/tun");
+    }
+    // SAFETY: fd is new and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid; the name fits (checked) and the flags are set below.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        bail!("tap name {name} is too long");
+    }
+    for (to, from) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *to = from.cast_signed();
+    }
+    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &raw mut request) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("TUNSETIFF {name}"));
+    }
+    Ok(fd)
 }
 
 /// (rx packets, tx packets) of an interface of a namespace.
