@@ -45,12 +45,21 @@ impl Engine {
     }
 
     fn has_image(&self, name: &str) -> bool {
-        self.command()
-            .args(["image", "inspect", name])
-            .stdout(Stdio::null())
+        self.image_id(name).is_some()
+    }
+
+    /// The id of the image `name`, if the engine has it.
+    fn image_id(&self, name: &str) -> Option<String> {
+        let output = self
+            .command()
+            .args(["image", "inspect", "--format", "{{.Id}}", name])
             .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 }
 
@@ -81,7 +90,18 @@ pub fn build(binary: &Path, tag: &str, base: Option<&str>) -> anyhow::Result<()>
     if let Some(base) = base {
         command.args(["--build-arg", &format!("BASE={base}")]);
     }
+    let replaced = engine.image_id(tag);
     run(command.arg(&context))?;
+    // The image the tag named before is left without a name: remove it, unless a container
+    // still uses it, so that rebuilding does not pile up images.
+    if let Some(old) = replaced.filter(|old| engine.image_id(tag).as_ref() != Some(old)) {
+        let _ = engine
+            .command()
+            .args(["rmi", &old])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     eprintln!("xtask: built {tag}");
     Ok(())
 }
