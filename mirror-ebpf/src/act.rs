@@ -1,8 +1,8 @@
-//! Sending the copies a classification decided, one `bpf_loop` step per copy: the verifier checks
-//! one step instead of every combination of outcomes (sampled out, too big, rate limited, clone
-//! failure) across [`MAX_COPIES_PER_PACKET`] copies, which took it tens of seconds when unrolled.
-//! Each copy goes through sampling, then the size check (cut to snaplen, or too big), then the
-//! rate limits, and only then is it cloned.
+//! Sending the copies a classification decided, one `bpf_loop` step per copy (a plain call for a
+//! single copy): the verifier checks one step instead of every combination of outcomes (sampled
+//! out, too big, rate limited, clone failure) across [`MAX_COPIES_PER_PACKET`] copies, which took
+//! it tens of seconds when unrolled. Each copy goes through sampling, then the size check (cut to
+//! snaplen, or too big), then the rate limits, and only then is it cloned.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -180,12 +180,17 @@ pub fn send<P: Sender>(
     // call; the depth slot is this CPU's.
     unsafe {
         *depth_slot = depth + 1;
-        bpf_loop(
-            verdict.copy_count as u32,
-            send_step::<P> as *const () as *mut c_void,
-            (&raw mut sending).cast(),
-            0,
-        );
+        if verdict.copy_count == 1 {
+            // Most verdicts make one copy: a plain call, without the loop helper's cost.
+            send_step::<P>(0, (&raw mut sending).cast());
+        } else {
+            bpf_loop(
+                verdict.copy_count as u32,
+                send_step::<P> as *const () as *mut c_void,
+                (&raw mut sending).cast(),
+                0,
+            );
+        }
         *depth_slot = depth;
     }
     if batch.table_error == 0 {
