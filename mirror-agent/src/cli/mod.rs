@@ -1,0 +1,276 @@
+//! What the command line prints: `check`'s plan, and the running agent's status and counters
+//! (`status`, `stats`, `stats --watch`) read through its API socket.
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{api, config::LoadedConfig, plan, rules::Target, tunnel};
+
+/// `mirror-agent check`: the plan, and what each session's target allows now.
+pub(crate) fn check(config: &std::path::Path) -> anyhow::Result<()> {
+    let plan = plan(&LoadedConfig::read(config)?)?;
+    for session in &plan.sessions {
+        if let Some(selector) = &session.pods {
+            println!(
+                "session `{}`: watches the {selector}: their interfaces are found when the agent runs",
+                session.name
+            );
+        }
+        if let Target::Tunnel(target) = &session.target {
+            match tunnel::max_tunnel_copy_len(target) {
+                Ok(len) => println!(
+                    "session `{}`: {}: copies up to {len} bytes fit the path",
+                    session.name, session.target
+                ),
+                Err(tunnel::TunnelError::Path { remote, source })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NetworkUnreachable
+                            | std::io::ErrorKind::HostUnreachable
+                    ) =>
+                {
+                    println!(
+                        "session `{}`: {}: no route to {remote} now: a run counts its copies as no_route until there is one",
+                        session.name, session.target
+                    );
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("session `{}`", session.name));
+                }
+            }
+        }
+    }
+    println!(
+        "{}: ok: {} session(s), {} rule(s), {} hook(s), {} bitmap(s)",
+        config.display(),
+        plan.sessions.len(),
+        plan.rules.len() - plan.sessions.len(),
+        plan.sessions
+            .iter()
+            .map(|s| s.attachments.len())
+            .sum::<usize>(),
+        plan.tables.bitmaps.len()
+    );
+    Ok(())
+}
+
+/// `mirror-agent status`.
+pub(crate) async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let body = api::get_from(socket, "/status").await?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: api::Status = serde_json::from_str(&body).context("the agent's /status")?;
+    println!(
+        "mirror-agent {}: up {} s, configuration generation {}, {} hook(s) attached",
+        status.version, status.uptime_seconds, status.generation, status.hooks_attached
+    );
+    let programs: Vec<String> = status
+        .programs
+        .iter()
+        .map(|(name, id)| format!("{name}={id}"))
+        .collect();
+    println!("programs: {}", programs.join(" "));
+    let attached: Vec<String> = status
+        .attached
+        .iter()
+        .map(|(interface, direction)| format!("{interface}/{direction}"))
+        .collect();
+    println!("attached: {}", attached.join(" "));
+    for session in &status.sessions {
+        let hooks: Vec<String> = session
+            .hooks
+            .iter()
+            .map(|(interface, direction)| format!("{interface}/{direction}"))
+            .collect();
+        println!(
+            "session {:<16} -> {:<32} watching {}",
+            session.name,
+            session.target,
+            hooks.join(" ")
+        );
+    }
+    for pod in &status.pods {
+        let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
+        let place = match (&pod.interface, &pod.problem) {
+            (Some(interface), _) => format!("-> {interface}"),
+            (None, problem) => format!("not watched: {}", problem.as_deref().unwrap_or("?")),
+        };
+        println!(
+            "pod {:<32} {:<24} {place} (sessions {})",
+            pod.pod,
+            ips.join(","),
+            pod.sessions.join(",")
+        );
+    }
+    for tunnel in &status.tunnels {
+        let path = match (&tunnel.interface, &tunnel.next_hop_mac, &tunnel.problem) {
+            (Some(interface), Some(mac), _) => format!("leaves {interface} for {mac}"),
+            (_, _, problem) => format!("no path: {}", problem.as_deref().unwrap_or("?")),
+        };
+        println!("tunnel {:<16} {} {path}", tunnel.session, tunnel.target);
+    }
+    Ok(())
+}
+
+/// `mirror-agent stats --watch --json`: the API's stream, one JSON line per reading.
+pub(crate) async fn stream_stats(
+    socket: &std::path::Path,
+    interval: f64,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let path = format!(
+        "/stats/stream?interval_ms={}",
+        Duration::from_secs_f64(interval).as_millis()
+    );
+    let mut seen = 0;
+    api::stream_from(socket, &path, |line| {
+        println!("{line}");
+        seen += 1;
+        count.is_none_or(|n| seen < n)
+    })
+    .await
+}
+
+/// `--interval`: seconds, 0.1 to an hour (a period a `Duration` holds; NaN and infinities refused).
+pub(crate) fn refresh_interval(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| (0.1..=3600.0).contains(seconds))
+        .ok_or_else(|| format!("`{text}` is not a number of seconds from 0.1 to 3600"))
+}
+
+/// `mirror-agent stats`: one table, or with `watch` one every `interval` seconds with rates.
+pub(crate) async fn show_stats(
+    socket: &std::path::Path,
+    json: bool,
+    watch: bool,
+    interval: f64,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let fetch = || async {
+        let body = api::get_from(socket, "/stats").await?;
+        serde_json::from_str::<api::Stats>(&body)
+            .map(|stats| (body, stats))
+            .context("the agent's /stats")
+    };
+    let (body, mut previous) = fetch().await?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    print!("{}", stats_table(&previous, None));
+    if !watch {
+        return Ok(());
+    }
+    let period = Duration::from_secs_f64(interval);
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut shown = 1;
+    while count.is_none_or(|n| shown < n) {
+        shown += 1;
+        tokio::select! {
+            _ = sigint.recv() => return Ok(()),
+            () = tokio::time::sleep(period) => {}
+        }
+        let (_, stats) = fetch().await?;
+        // Clear the screen and redraw.
+        print!(
+            "\x1b[2J\x1b[H{}",
+            stats_table(&stats, Some((&previous, period)))
+        );
+        previous = stats;
+    }
+    Ok(())
+}
+
+/// Sessions × matched / mirrored / not sent, with per-second rates against `previous`.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "a rate on screen needs no more than 52 bits"
+)]
+fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) -> String {
+    use std::fmt::Write as _;
+    // As wide as the longest session name: columns stay aligned.
+    let width = stats
+        .sessions
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
+    let mut out = format!(
+        "{:<width$} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
+        "session", "matched", "mirrored", "not_sent", "matched/s", "mirrored/s", "not_sent/s"
+    );
+    for session in &stats.sessions {
+        let c = &session.counters;
+        let before = previous
+            .and_then(|(p, _)| p.sessions.iter().find(|s| s.name == session.name))
+            .map(|s| s.counters);
+        let rate = |now: u64, then: Option<u64>| match (then, previous) {
+            (Some(then), Some((_, period))) => {
+                format!(
+                    "{:.0}",
+                    now.saturating_sub(then) as f64 / period.as_secs_f64()
+                )
+            }
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}",
+            session.name,
+            c.matched,
+            c.mirrored,
+            c.not_sent(),
+            rate(c.matched, before.map(|b| b.matched)),
+            rate(c.mirrored, before.map(|b| b.mirrored)),
+            rate(c.not_sent(), before.map(|b| b.not_sent())),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_stats_table_fits_long_session_names() {
+        let session = |name: &str| crate::api::SessionStats {
+            name: name.to_owned(),
+            counters: mirror_common::Counters {
+                matched: 12_345,
+                ..mirror_common::Counters::default()
+            },
+            rules: Vec::new(),
+        };
+        let stats = crate::api::Stats {
+            sessions: vec![session("a"), session("a-session-name-of-thirty-chars")],
+            ..crate::api::Stats::default()
+        };
+        let table = super::stats_table(&stats, None);
+        let ends: Vec<usize> = table
+            .lines()
+            .map(|line| {
+                let (at, token) = ["matched", "12345"]
+                    .iter()
+                    .find_map(|t| Some((line.find(t)?, t)))
+                    .expect("the column");
+                at + token.len()
+            })
+            .collect();
+        assert!(ends.windows(2).all(|w| w[0] == w[1]), "{table}");
+    }
+
+    /// The completions and the manual come from the command line's own definition, every command
+    /// in them.
+    #[test]
+    fn refresh_intervals_are_bounded() {
+        assert_eq!(super::refresh_interval("0.2"), Ok(0.2));
+        assert_eq!(super::refresh_interval("3600"), Ok(3600.0));
+        for bad in ["1e300", "0.01", "-1", "NaN", "inf", "soon"] {
+            assert!(super::refresh_interval(bad).is_err(), "{bad}");
+        }
+    }
+}
