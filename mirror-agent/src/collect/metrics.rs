@@ -52,9 +52,14 @@ fn encode(counts: &Counts) -> String {
         "lost_copies",
         "Copies that never arrived, by the gaps in an ERSPAN stream's sequence numbers",
     );
+    // The reasons are named once, by `Counts::dropped`.
+    let reasons: Vec<&str> = counts.dropped().iter().map(|(reason, _)| *reason).collect();
     let dropped = family(
         "dropped",
-        "Datagrams not taken (short, bad_flags, filtered, not_allowed, too_many_streams, socket_drops) and frames not passed on (tap_errors, write_errors), by reason",
+        &format!(
+            "Datagrams not taken and frames not passed on, by reason ({})",
+            reasons.join(", ")
+        ),
     );
     for (stream, (stream_frames, stream_bytes, gaps)) in &counts.streams {
         let labels = vec![("stream", stream.label())];
