@@ -161,6 +161,9 @@ enum Writer {
     ),
 }
 
+/// The path that stands for standard output (pcap, for `| tshark -r -`).
+pub const STDOUT: &str = "-";
+
 /// Frames are stored whole (a tunnel datagram carries at most 64 KiB).
 const SNAPLEN: u32 = 65_535;
 
@@ -178,7 +181,12 @@ impl Sink {
         rotate_bytes: Option<u64>,
         rotate_count: Option<u64>,
     ) -> anyhow::Result<Self> {
-        let highest = highest_sequence(path);
+        // Standard output is one stream: no numbered files beside it.
+        let highest = if path == Path::new(STDOUT) {
+            None
+        } else {
+            highest_sequence(path)
+        };
         let mut sink = Sink {
             path: path.to_owned(),
             rotate_bytes,
@@ -348,13 +356,21 @@ impl Writer {
     /// An existing name fails with `AlreadyExists`.
     fn create(path: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt as _;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let file = if path == Path::new(STDOUT) {
+            // A second handle on fd 1: Rust's own `Stdout` buffers by line, which splits frames.
+            let fd = std::os::fd::AsFd::as_fd(&std::io::stdout())
+                .try_clone_to_owned()
+                .context("standard output")?;
+            File::from(fd)
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?
+        };
         let file = BufWriter::new(file);
         let pcapng = path.extension().is_some_and(|e| e == "pcapng");
         let context = || format!("writing {}", path.display());

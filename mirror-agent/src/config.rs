@@ -82,9 +82,11 @@ pub struct SessionConfig {
     /// kernel's stack; copies go through the ring buffer and the agent sends them on).
     pub hook: Option<Spanned<HookConfig>>,
     pub target: Spanned<TargetConfig>,
-    /// What happens to packets no rule matches.
-    #[serde(default)]
-    pub default: ActionConfig,
+    /// What happens to packets no rule matches (default: skip).
+    pub default: Option<Spanned<ActionConfig>>,
+    /// A tcpdump filter expression (`tcp port 443 and not host 10.1.2.3`) instead of rules:
+    /// compiled into ordered rules, which `check --explain` shows.
+    pub filter: Option<Spanned<String>>,
     /// Copies are cut to this many bytes (from the Ethernet header); the original is untouched.
     pub snaplen: Option<Spanned<u32>>,
     /// Copy only a sample of what the rules select.
@@ -393,8 +395,13 @@ pub struct RuleConfig {
     pub proto: Option<IpProto>,
     pub src: Option<Cidr>,
     pub dst: Option<Cidr>,
+    /// Source or destination prefix: tcpdump's `host`/`net` (the rule stands for one rule per
+    /// direction, in its place).
+    pub host: Option<Cidr>,
     pub src_port: Option<PortRange>,
     pub dst_port: Option<PortRange>,
+    /// Source or destination port or range: tcpdump's `port`/`portrange`.
+    pub port: Option<PortRange>,
 }
 
 macro_rules! parsed_from_str_or_int {
@@ -514,13 +521,6 @@ impl FromStr for IpProto {
             .ok_or_else(|| {
                 format!("`{s}` is not an IP protocol (0..255, or tcp, udp, sctp, icmp, icmpv6)")
             })
-    }
-}
-
-impl IpProto {
-    /// Whether packets of this protocol carry ports the parser reads.
-    pub fn has_ports(self) -> bool {
-        matches!(self.0, 6 | 17 | 132)
     }
 }
 
@@ -705,7 +705,10 @@ dst_port = 443
             session.direction.as_ref().map(|d| *d.get_ref()),
             Some(DirectionConfig::Ingress)
         );
-        assert_eq!(session.default, ActionConfig::Mirror);
+        assert_eq!(
+            session.default.as_ref().map(|d| *d.get_ref()),
+            Some(ActionConfig::Mirror)
+        );
         let rule = session.rules[0].get_ref();
         assert_eq!(rule.ethertype, Some(Ethertype(0x0800)));
         assert_eq!(rule.vlan, Some(Vlan(100)));

@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod datapath;
 mod emit;
+mod filter;
 mod follow;
 mod pods;
 mod rules;
@@ -61,6 +62,10 @@ enum Command {
         /// The configuration file (TOML; see examples/).
         #[arg(long)]
         config: PathBuf,
+        /// Print the kernel rules each session became, in the order they are tried (filter
+        /// expressions, and rules with `host` or `port`, become several).
+        #[arg(long)]
+        explain: bool,
     },
     /// Receive tunnelled copies (VXLAN, GENEVE, GRE, ERSPAN; from this agent or any other
     /// source): write the inner frames to a pcap/pcapng file and/or send them out of an
@@ -120,6 +125,9 @@ struct RunArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     quick: QuickSession,
+    /// Print the kernel rules each session became (on stderr) before attaching.
+    #[arg(long)]
+    explain: bool,
     /// Seconds between counter log lines; 0 disables them (overrides the file's value).
     #[arg(long)]
     stats_interval: Option<u64>,
@@ -162,12 +170,28 @@ struct RunArgs {
 #[command(group(clap::ArgGroup::new("tunnel").args(["to_vxlan", "to_geneve", "to_gre", "to_erspan"])))]
 struct QuickSession {
     /// Interface name or glob to watch (repeatable).
-    #[arg(long, requires = "target")]
+    #[arg(short = 'i', long, requires = "target")]
     iface: Vec<String>,
+    /// A tcpdump filter expression, e.g. 'tcp port 443 and not host 10.1.2.3' (the words are
+    /// joined, as tcpdump does): compiled into ordered rules (see --explain). Without it, the
+    /// field flags below make one rule.
+    #[arg(value_name = "FILTER", conflicts_with_all = ["ethertype", "vlan", "proto", "src", "dst", "src_port", "dst_port"])]
+    filter: Vec<String>,
     /// Target interface the copies are sent out of, or `file:PATH` to write them to a pcap
     /// (`.pcap`) or pcapng (`.pcapng`) file.
     #[arg(long, group = "target", requires = "iface")]
     to: Option<String>,
+    /// Write the copies to this pcap file (pcapng if it ends in .pcapng), as `tcpdump -w`; `-`
+    /// writes pcap to standard output, with every log line and the final counters on stderr:
+    /// `mirror-agent run -i eth0 -w - 'udp port 53' | tshark -r -`.
+    #[arg(
+        short = 'w',
+        long = "write",
+        value_name = "FILE",
+        group = "target",
+        requires = "iface"
+    )]
+    write: Option<PathBuf>,
     /// Target collector: copies are sent in VXLAN (RFC 7348) to this IPv4 or IPv6 address.
     #[arg(long, group = "target", requires = "iface")]
     to_vxlan: Option<std::net::IpAddr>,
@@ -228,8 +252,9 @@ struct QuickSession {
     /// Destination port or range.
     #[arg(long)]
     dst_port: Option<PortRange>,
-    /// Cut copies to this many bytes, at least 96 (the originals are untouched).
-    #[arg(long)]
+    /// Cut copies to this many bytes, at least 96 (the originals are untouched); 0: whole frames,
+    /// as with tcpdump's -s 0.
+    #[arg(short = 's', long)]
     snaplen: Option<u32>,
     /// Never copy packets the parser cannot finish (a truncated header, a very long IPv6
     /// extension chain). By default they are copied when the rule might match them.
@@ -254,16 +279,22 @@ impl QuickSession {
         fn spanned<T>(value: T) -> toml::Spanned<T> {
             toml::Spanned::new(0..0, value)
         }
-        let rule = RuleConfig {
-            number: 1,
-            action: ActionConfig::Mirror,
-            ethertype: self.ethertype,
-            vlan: self.vlan,
-            proto: self.proto,
-            src: self.src,
-            dst: self.dst,
-            src_port: self.src_port,
-            dst_port: self.dst_port,
+        let filter = (!self.filter.is_empty()).then(|| spanned(self.filter.join(" ")));
+        let rules = if filter.is_some() {
+            Vec::new()
+        } else {
+            vec![spanned(RuleConfig {
+                number: 1,
+                action: ActionConfig::Mirror,
+                ethertype: self.ethertype,
+                vlan: self.vlan,
+                proto: self.proto,
+                src: self.src,
+                dst: self.dst,
+                src_port: self.src_port,
+                dst_port: self.dst_port,
+                ..RuleConfig::default()
+            })]
         };
         let session = SessionConfig {
             name: spanned("cli".to_owned()),
@@ -272,11 +303,12 @@ impl QuickSession {
             direction: self.direction.map(spanned),
             hook: self.hook.map(spanned),
             target: spanned(TargetConfig {
-                file: self
-                    .to
-                    .as_deref()
-                    .and_then(|to| to.strip_prefix("file:"))
-                    .map(PathBuf::from),
+                file: self.write.or_else(|| {
+                    self.to
+                        .as_deref()
+                        .and_then(|to| to.strip_prefix("file:"))
+                        .map(PathBuf::from)
+                }),
                 interface: self.to.filter(|to| !to.starts_with("file:")),
                 vxlan: self.to_vxlan.map(|remote| VxlanConfig {
                     remote,
@@ -303,8 +335,8 @@ impl QuickSession {
                 }),
                 ..TargetConfig::default()
             }),
-            default: ActionConfig::Skip,
-            snaplen: self.snaplen.map(spanned),
+            default: None,
+            snaplen: self.snaplen.filter(|len| *len != 0).map(spanned),
             unparsed: self.skip_unparsed.then_some(ActionConfig::Skip),
             sample: self.sample.map(|every| {
                 spanned(SampleConfig {
@@ -324,7 +356,8 @@ impl QuickSession {
                     ..RateLimitConfig::default()
                 })
             }),
-            rules: vec![spanned(rule)],
+            filter,
+            rules,
         };
         Config {
             sessions: vec![spanned(session)],
@@ -349,7 +382,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Check { config } => cli::check(&config),
+        Command::Check { config, explain } => cli::check(&config, explain),
         Command::Completions { shell } => {
             write_completions(shell, &mut std::io::stdout());
             Ok(())
@@ -367,6 +400,10 @@ fn main() -> anyhow::Result<()> {
                 args.metrics_address.or(loaded.config.metrics_address),
                 args.metrics_ip,
             )?;
+            let plan = plan(&loaded)?;
+            if args.explain {
+                eprint!("{}", cli::explain(&plan));
+            }
             let options = daemon::Options {
                 config: args.config,
                 stats_interval_secs: loaded.config.stats_interval_secs,
@@ -379,8 +416,10 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),
                 node_name: args.node_name,
                 kubeconfig: args.kubeconfig,
+                capture_on_stdout: plan.sessions.iter().any(|s| {
+                    matches!(&s.target, rules::Target::File(f) if f.path.as_os_str() == capture::STDOUT)
+                }),
             };
-            let plan = plan(&loaded)?;
             runtime()?.block_on(daemon::run(&loaded, plan, options))
         }
         Command::Collect(args) => runtime()?.block_on(collect::run(*args)),

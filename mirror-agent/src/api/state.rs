@@ -54,8 +54,11 @@ struct Carried {
 #[derive(Debug)]
 pub(super) struct PlanView {
     pub(super) sessions: Vec<SessionView>,
-    /// (session index, rule label) by global rule index.
+    /// (session index, rule label) of each configured rule, in global order.
     rules: Vec<(usize, String)>,
+    /// By kernel rule index, the configured rule it belongs to (an index into `rules`): a rule
+    /// with `host` or `port` is one kernel rule per direction, counted as one.
+    kernel_rules: Vec<usize>,
     /// Per session: what it is made of; equal fingerprints across a reload mean an unchanged
     /// session, whose counters go on.
     fingerprints: Vec<String>,
@@ -74,6 +77,16 @@ pub struct SessionView {
 
 impl PlanView {
     fn of(plan: &Plan) -> Self {
+        let mut rules: Vec<(usize, String)> = Vec::new();
+        let mut kernel_rules = Vec::with_capacity(plan.rules.len());
+        for rule in &plan.rules {
+            let row = (rule.session, rule.kind.to_string());
+            // The kernel rules of one configured rule are next to each other.
+            if rules.last() != Some(&row) {
+                rules.push(row);
+            }
+            kernel_rules.push(rules.len() - 1);
+        }
         PlanView {
             sessions: plan
                 .sessions
@@ -89,11 +102,8 @@ impl PlanView {
                         .collect(),
                 })
                 .collect(),
-            rules: plan
-                .rules
-                .iter()
-                .map(|r| (r.session, r.kind.to_string()))
-                .collect(),
+            rules,
+            kernel_rules,
             fingerprints: rules::fingerprints(plan),
         }
     }
@@ -197,7 +207,11 @@ impl Applied {
     /// Every counter, summed over CPUs, plus what earlier generations carried over.
     pub fn stats(&self) -> anyhow::Result<Stats> {
         let sessions = self.datapath.session_counters(self.view.sessions.len())?;
-        let rules = self.datapath.rule_counters(self.view.rules.len())?;
+        let mut rules = vec![Counters::default(); self.view.rules.len()];
+        let kernel = self.datapath.rule_counters(self.view.kernel_rules.len())?;
+        for (counters, &row) in kernel.iter().zip(&self.view.kernel_rules) {
+            rules[row] += *counters;
+        }
         let hooks = self.datapath.hook_counters()?;
         let hook = |i: usize| hooks.get(i).copied().unwrap_or_default();
         let carried = |list: &[Counters], i: usize| list.get(i).copied().unwrap_or_default();

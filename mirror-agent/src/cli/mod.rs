@@ -5,11 +5,20 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{api, config::LoadedConfig, plan, rules::Target, tunnel};
+use crate::{
+    api,
+    config::{ActionConfig, LoadedConfig},
+    plan,
+    rules::{Plan, Target},
+    tunnel,
+};
 
 /// `mirror-agent check`: the plan, and what each session's target allows now.
-pub(crate) fn check(config: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<()> {
     let plan = plan(&LoadedConfig::read(config)?)?;
+    if explain {
+        print!("{}", self::explain(&plan));
+    }
     for session in &plan.sessions {
         if let Some(selector) = &session.pods {
             println!(
@@ -53,6 +62,29 @@ pub(crate) fn check(config: &std::path::Path) -> anyhow::Result<()> {
         plan.tables.bitmaps.len()
     );
     Ok(())
+}
+
+/// The kernel rules of each session in the order they are tried, one line each:
+/// `  filter-1  skip    src 10.1.2.3/32`.
+pub(crate) fn explain(plan: &Plan) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (index, session) in plan.sessions.iter().enumerate() {
+        let _ = writeln!(out, "session `{}`:", session.name);
+        for rule in plan.rules.iter().filter(|r| r.session == index) {
+            let action = match rule.action {
+                ActionConfig::Mirror => "mirror",
+                ActionConfig::Skip => "skip",
+            };
+            let _ = writeln!(
+                out,
+                "  {:<10} {action:<6} {}",
+                rule.kind.to_string(),
+                rule.fields
+            );
+        }
+    }
+    out
 }
 
 /// `mirror-agent status`.

@@ -44,6 +44,22 @@ pub struct Options {
     pub node_name: Option<String>,
     /// How to reach the Kubernetes API (default: in-cluster, or `KUBECONFIG`).
     pub kubeconfig: Option<PathBuf>,
+    /// A capture is written to standard output (`-w -`): what people read goes to stderr.
+    pub capture_on_stdout: bool,
+}
+
+impl Options {
+    /// Prints `text` for the person running the agent: on stdout, unless copies go there.
+    fn say(&self, text: &str) {
+        use std::io::Write as _;
+        let written = if self.capture_on_stdout {
+            std::io::stderr().write_all(text.as_bytes())
+        } else {
+            std::io::stdout().write_all(text.as_bytes())
+        };
+        // Nobody reads it any more (a closed pipe): nothing to tell them.
+        drop(written);
+    }
 }
 
 /// How often the configuration file is checked for a change.
@@ -197,11 +213,11 @@ async fn serve(
     drop(shared);
     // The selected pods (attached with the plan) are reported before the start is.
     daemon.apply_pods().await;
-    println!(
-        "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM",
+    options.say(&format!(
+        "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM\n",
         daemon.shared.applied().datapath.hook_count(),
         daemon.plan.sessions.len()
-    );
+    ));
     let mut ticker = (options.stats_interval_secs > 0)
         .then(|| tokio::time::interval(Duration::from_secs(options.stats_interval_secs)));
     let mut file_check = tokio::time::interval(FILE_CHECK_PERIOD);
@@ -561,12 +577,12 @@ impl Daemon<'_> {
         let report = report::report(&shared.applied(), emitted.as_deref(), &losses);
         closed?;
         if let Some(dir) = &options.pin_dir {
-            println!(
-                "mirror-agent: pinned mode: the programs keep mirroring from {} until a new agent takes them over (remove the directory to detach them)",
+            options.say(&format!(
+                "mirror-agent: pinned mode: the programs keep mirroring from {} until a new agent takes them over (remove the directory to detach them)\n",
                 dir.display()
-            );
+            ));
         }
-        print!("{}", report?);
+        options.say(&report?);
         Ok(())
     }
 }

@@ -106,14 +106,18 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
     attachment_entries.sort_by_key(|(k, _)| (k.ifindex, k.direction));
 
     let (ethertype_wild, ethertype) = direct(&mut interner, rules, 65_536, |r| {
-        r.ethertype.map(usize::from)
+        r.fields.ethertype.map(usize::from)
     });
-    let (vlan_wild, vlan) = direct(&mut interner, rules, 4096, |r| r.vlan.map(usize::from));
-    let (proto_wild, ip_proto) = direct(&mut interner, rules, 256, |r| r.proto.map(usize::from));
-    let (src_wild, src_ip) = prefixes(&mut interner, rules, |r| r.src);
-    let (dst_wild, dst_ip) = prefixes(&mut interner, rules, |r| r.dst);
-    let (src_port_wild, src_port) = ports(&mut interner, rules, |r| r.src_port.clone());
-    let (dst_port_wild, dst_port) = ports(&mut interner, rules, |r| r.dst_port.clone());
+    let (vlan_wild, vlan) = ranges(&mut interner, rules, 4096, |r| r.fields.vlan.clone());
+    let (proto_wild, ip_proto) = direct(&mut interner, rules, 256, |r| {
+        r.fields.proto.map(usize::from)
+    });
+    let (src_wild, src_ip) = prefixes(&mut interner, rules, |r| r.fields.src);
+    let (dst_wild, dst_ip) = prefixes(&mut interner, rules, |r| r.fields.dst);
+    let (src_port_wild, src_port) =
+        ranges(&mut interner, rules, 65_536, |r| r.fields.src_port.clone());
+    let (dst_port_wild, dst_port) =
+        ranges(&mut interner, rules, 65_536, |r| r.fields.dst_port.clone());
     // No session watches an attachment that has no entry, so its wildcard is the empty set.
     let attachment_wild = interner.intern(&Bits::empty(rules.len()));
 
@@ -157,8 +161,7 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
     }
 }
 
-/// A direct array over every value of a field that rules match exactly (ethertype, VLAN id, IP
-/// protocol): each value's entry is the bitmap of the rules naming it plus those that do not
+/// A direct array over every value of a field that rules match exactly (ethertype, IP protocol): each value's entry is the bitmap of the rules naming it plus those that do not
 /// constrain the field. No table at all (and [`UNCONSTRAINED`]) when no rule constrains it.
 fn direct(
     interner: &mut Interner,
@@ -215,10 +218,12 @@ fn prefixes(
     (interner.intern(&wildcard), entries)
 }
 
-/// A direct array over all 65,536 ports, built by sweeping the range boundaries.
-fn ports(
+/// A direct array over all `values` of a field that rules match by range (ports, VLAN ids),
+/// built by sweeping the range boundaries.
+fn ranges(
     interner: &mut Interner,
     rules: &[Rule],
+    values: u32,
     get: impl Fn(&Rule) -> Option<RangeInclusive<u16>>,
 ) -> (u32, Vec<u32>) {
     if rules.iter().all(|r| get(r).is_none()) {
@@ -234,12 +239,12 @@ fn ports(
         }
     }
     events.sort_unstable();
-    let mut table = vec![0; 65_536];
+    let mut table = vec![0; values as usize];
     let mut current = wildcard.clone();
     let mut next_event = 0;
-    let mut port = 0u32;
-    while port < 65_536 {
-        while next_event < events.len() && events[next_event].0 == port {
+    let mut value = 0u32;
+    while value < values {
+        while next_event < events.len() && events[next_event].0 == value {
             let (_, rule, starts) = events[next_event];
             if starts {
                 current.set(rule);
@@ -248,10 +253,10 @@ fn ports(
             }
             next_event += 1;
         }
-        let until = events.get(next_event).map_or(65_536, |e| e.0.min(65_536));
+        let until = events.get(next_event).map_or(values, |e| e.0.min(values));
         let index = interner.intern(&current);
-        table[port as usize..until as usize].fill(index);
-        port = until;
+        table[value as usize..until as usize].fill(index);
+        value = until;
     }
     (interner.intern(&wildcard), table)
 }

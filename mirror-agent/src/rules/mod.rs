@@ -5,17 +5,16 @@
 //! unchanged. Pure: given the interfaces present, a configuration either becomes a complete plan
 //! or an error, so nothing is applied from a configuration that fails here.
 mod compile;
+mod fields;
 mod fingerprint;
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
-mod model;
+pub(crate) mod model;
 mod shadow;
 #[cfg(test)]
 mod tests;
 mod validate;
-
-use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
 use mirror_common::{
@@ -26,6 +25,7 @@ use crate::config::{ActionConfig, PodSelector};
 use crate::tunnel::header::TunnelTarget;
 
 pub use compile::sessions_bitmap;
+pub use fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields};
 pub use fingerprint::fingerprints;
 pub use validate::plan;
 
@@ -42,20 +42,17 @@ pub struct Rule {
     pub session: usize,
     pub kind: RuleKind,
     pub action: ActionConfig,
-    pub ethertype: Option<u16>,
-    pub vlan: Option<u16>,
-    pub proto: Option<u8>,
-    pub src: Option<IpNet>,
-    pub dst: Option<IpNet>,
-    pub src_port: Option<RangeInclusive<u16>>,
-    pub dst_port: Option<RangeInclusive<u16>>,
+    pub fields: Fields,
 }
 
 /// Where a rule comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum RuleKind {
-    /// A configured rule with its number.
+    /// A configured rule with its number (a rule with `host`, `net` or `port` is several of these,
+    /// one for each direction).
     Numbered(u32),
+    /// The rules a session's `filter` expression became, numbered from 1 in their order.
+    Filter(u32),
     /// Put first in every session when any session has a tunnel target: skips the outer packets
     /// of the agent's own tunnels, so copies are never mirrored again.
     TunnelGuard,
@@ -68,6 +65,7 @@ impl std::fmt::Display for RuleKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RuleKind::Numbered(n) => write!(f, "{n}"),
+            RuleKind::Filter(n) => write!(f, "filter-{n}"),
             RuleKind::TunnelGuard => f.write_str("guard"),
             RuleKind::Default => f.write_str("default"),
         }

@@ -1,4 +1,6 @@
 //! A userspace model of the kernel's classifier, to check the compiled tables against.
+use std::ops::RangeInclusive;
+
 use super::*;
 
 /// The rules `packet` matches, in global order: a userspace model of the kernel's classifier,
@@ -21,6 +23,11 @@ pub(super) fn decide(plan: &Plan, packet: &Packet) -> Vec<(usize, usize)> {
 }
 
 fn rule_matches(rule: &Rule, p: &Packet) -> bool {
+    fields_match(&rule.fields, p)
+}
+
+/// Whether `p` has `fields`, an absent field matching only a rule that leaves it open.
+pub(crate) fn fields_match(rule: &Fields, p: &Packet) -> bool {
     fn ok<W, H>(want: Option<W>, have: Option<H>, f: impl Fn(&W, &H) -> bool) -> bool {
         match (want, have) {
             (None, _) => true,
@@ -29,25 +36,17 @@ fn rule_matches(rule: &Rule, p: &Packet) -> bool {
         }
     }
     ok(rule.ethertype, p.ethertype, |a, b| a == b)
-        && ok(rule.vlan, p.vlan, |a, b| a == b)
+        && ok(rule.vlan.clone(), p.vlan, RangeInclusive::contains)
         && ok(rule.proto, p.proto, |a, b| a == b)
         && ok(rule.src, p.src, |n, a| n.contains(a))
         && ok(rule.dst, p.dst, |n, a| n.contains(a))
-        && ok(
-            rule.src_port.clone(),
-            p.src_port,
-            std::ops::RangeInclusive::contains,
-        )
-        && ok(
-            rule.dst_port.clone(),
-            p.dst_port,
-            std::ops::RangeInclusive::contains,
-        )
+        && ok(rule.src_port.clone(), p.src_port, RangeInclusive::contains)
+        && ok(rule.dst_port.clone(), p.dst_port, RangeInclusive::contains)
 }
 
 /// Packet fields for the userspace model.
 #[derive(Debug, Clone)]
-pub(super) struct Packet {
+pub(crate) struct Packet {
     pub ifindex: u32,
     pub direction: Direction,
     pub ethertype: Option<u16>,

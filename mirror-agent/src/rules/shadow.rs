@@ -1,8 +1,4 @@
 //! Warnings about rules that earlier rules of their session hide, within bounds.
-use std::ops::RangeInclusive;
-
-use ipnet::IpNet;
-
 use super::{Rule, RuleKind};
 use crate::config::LoadedConfig;
 
@@ -76,11 +72,18 @@ fn shadowing(earlier: &Rule, later: &Rule, session: &str) -> Option<String> {
     else {
         return None;
     };
-    if covers(earlier, later) {
+    // One rule's directions (`host`, `port`) are several rules that may overlap: that is fine.
+    if earlier_no == later_no {
+        return None;
+    }
+    let (earlier_fields, later_fields) = (&earlier.fields, &later.fields);
+    if earlier_fields.covers(later_fields) {
         Some(format!(
             "rule {later_no} of session `{session}` is unreachable: rule {earlier_no} matches every packet it matches"
         ))
-    } else if earlier.action != later.action && overlaps(earlier, later) && !covers(later, earlier)
+    } else if earlier.action != later.action
+        && earlier_fields.overlaps(later_fields)
+        && !later_fields.covers(earlier_fields)
     {
         // A later rule that contains an earlier one with the other action is the usual
         // "exception first" pattern; only a partial overlap is likely a mistake.
@@ -90,47 +93,4 @@ fn shadowing(earlier: &Rule, later: &Rule, session: &str) -> Option<String> {
     } else {
         None
     }
-}
-
-fn field_covers<T>(a: Option<&T>, b: Option<&T>, covers: impl Fn(&T, &T) -> bool) -> bool {
-    match (a, b) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(a), Some(b)) => covers(a, b),
-    }
-}
-
-fn field_overlaps<T>(a: Option<&T>, b: Option<&T>, overlap: impl Fn(&T, &T) -> bool) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => overlap(a, b),
-        _ => true,
-    }
-}
-
-fn covers(a: &Rule, b: &Rule) -> bool {
-    let net = |x: &IpNet, y: &IpNet| x.contains(y);
-    let range = |x: &RangeInclusive<u16>, y: &RangeInclusive<u16>| {
-        x.start() <= y.start() && y.end() <= x.end()
-    };
-    field_covers(a.ethertype.as_ref(), b.ethertype.as_ref(), PartialEq::eq)
-        && field_covers(a.vlan.as_ref(), b.vlan.as_ref(), PartialEq::eq)
-        && field_covers(a.proto.as_ref(), b.proto.as_ref(), PartialEq::eq)
-        && field_covers(a.src.as_ref(), b.src.as_ref(), net)
-        && field_covers(a.dst.as_ref(), b.dst.as_ref(), net)
-        && field_covers(a.src_port.as_ref(), b.src_port.as_ref(), range)
-        && field_covers(a.dst_port.as_ref(), b.dst_port.as_ref(), range)
-}
-
-fn overlaps(a: &Rule, b: &Rule) -> bool {
-    let net = |x: &IpNet, y: &IpNet| x.contains(y) || y.contains(x);
-    let range = |x: &RangeInclusive<u16>, y: &RangeInclusive<u16>| {
-        x.start() <= y.end() && y.start() <= x.end()
-    };
-    field_overlaps(a.ethertype.as_ref(), b.ethertype.as_ref(), PartialEq::eq)
-        && field_overlaps(a.vlan.as_ref(), b.vlan.as_ref(), PartialEq::eq)
-        && field_overlaps(a.proto.as_ref(), b.proto.as_ref(), PartialEq::eq)
-        && field_overlaps(a.src.as_ref(), b.src.as_ref(), net)
-        && field_overlaps(a.dst.as_ref(), b.dst.as_ref(), net)
-        && field_overlaps(a.src_port.as_ref(), b.src_port.as_ref(), range)
-        && field_overlaps(a.dst_port.as_ref(), b.dst_port.as_ref(), range)
 }

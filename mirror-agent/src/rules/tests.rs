@@ -636,9 +636,9 @@ fn vxlan_targets_put_a_tunnel_guard_first_in_every_session() {
     );
     let guard = &plan.rules[0];
     assert_eq!(guard.action, ActionConfig::Skip);
-    assert_eq!(guard.proto, Some(17));
-    assert_eq!(guard.dst, Some("fd00::9/128".parse().expect("net")));
-    assert_eq!(guard.dst_port, Some(8472..=8472));
+    assert_eq!(guard.fields.proto, Some(17));
+    assert_eq!(guard.fields.dst, Some("fd00::9/128".parse().expect("net")));
+    assert_eq!(guard.fields.dst_port, Some(8472..=8472));
     // The outer packet of a copy is skipped; an ordinary packet reaches the default rule.
     let outer = Packet {
         ifindex: 2,
@@ -670,9 +670,9 @@ fn gre_family_targets_guard_every_gre_packet_to_the_collector() {
     .expect("valid");
     let guard = &plan.rules[0];
     assert_eq!(guard.kind, RuleKind::TunnelGuard);
-    assert_eq!(guard.proto, Some(47));
-    assert_eq!(guard.dst, Some("192.0.2.9/32".parse().expect("net")));
-    assert_eq!(guard.dst_port, None);
+    assert_eq!(guard.fields.proto, Some(47));
+    assert_eq!(guard.fields.dst, Some("192.0.2.9/32".parse().expect("net")));
+    assert_eq!(guard.fields.dst_port, None);
     assert_eq!(
         plan.sessions[0].target.to_string(),
         "erspan 192.0.2.9 type 3 session 3"

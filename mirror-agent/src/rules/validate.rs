@@ -10,13 +10,14 @@ use mirror_common::{
 };
 
 use super::{
-    Controls, FileTarget, Interface, Plan, Rule, RuleKind, Session, Target, compile::compile,
-    shadow::Shadows,
+    Controls, Fields, FileTarget, Interface, Plan, Rule, RuleKind, Session, Target,
+    compile::compile, shadow::Shadows,
 };
 use crate::config::{
     ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
     PodSelector, RateLimitConfig, SampleBy, SessionConfig, TargetConfig,
 };
+use crate::filter::Expr;
 use crate::tunnel::header::{TunnelFormat, TunnelTarget};
 
 /// Validates `loaded` against the interfaces present and compiles it.
@@ -83,6 +84,13 @@ pub fn plan(
             &mut shadows,
         )?);
     }
+    if rules.len() > MAX_RULES as usize {
+        return Err(loaded.file_error(format!(
+            "the rules become {} kernel rules (a `host` or `port` rule is one per direction, a \
+             filter several), over the limit of {MAX_RULES}",
+            rules.len()
+        )));
+    }
     warnings.extend(shadows.into_warnings());
     refuse_watched_targets(loaded, &sessions)?;
     let tables = compile(&sessions, &rules);
@@ -125,9 +133,12 @@ fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
         .map(|(remote, proto, port)| Rule {
             kind: RuleKind::TunnelGuard,
             action: ActionConfig::Skip,
-            proto: Some(proto),
-            dst: Some(IpNet::from(remote)),
-            dst_port: port.map(|port| port..=port),
+            fields: Fields {
+                proto: Some(proto),
+                dst: Some(IpNet::from(remote)),
+                dst_port: port.map(|port| port..=port),
+                ..Fields::default()
+            },
             ..Rule::default()
         })
         .collect()
@@ -253,6 +264,9 @@ fn resolve_target(
             rotate_bytes,
             rotate_count,
         } => {
+            if path == std::path::Path::new(crate::capture::STDOUT) && rotate_bytes.is_some() {
+                return Err(loaded.error(span, "standard output (`-`) is one stream: it is not rotated"));
+            }
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
             if parent.is_some_and(|p| !p.is_dir()) {
                 return Err(loaded.error(
@@ -502,6 +516,9 @@ fn session_rules(
     shadows: &mut Shadows,
 ) -> Result<Vec<Rule>, ConfigError> {
     let name = session.name.get_ref();
+    if let Some(filter) = &session.filter {
+        return filter_rules(loaded, index, session, filter);
+    }
     let mut ordered: Vec<_> = session.rules.iter().collect();
     ordered.sort_by_key(|r| r.get_ref().number);
     for pair in ordered.windows(2) {
@@ -518,14 +535,62 @@ fn session_rules(
     }
     let mut rules: Vec<Rule> = Vec::with_capacity(ordered.len() + 1);
     for spanned_rule in ordered {
-        let rule = validate_rule(index, spanned_rule.get_ref())
+        let expanded = validate_rule(index, spanned_rule.get_ref())
             .map_err(|message| loaded.error(spanned_rule.span(), message))?;
-        shadows.check(loaded, spanned_rule.span(), &rules, &rule, name);
-        rules.push(rule);
+        for rule in expanded {
+            shadows.check(loaded, spanned_rule.span(), &rules, &rule, name);
+            rules.push(rule);
+        }
     }
     rules.push(Rule {
         session: index,
-        action: session.default,
+        action: session
+            .default
+            .as_ref()
+            .map_or(ActionConfig::Skip, |d| *d.get_ref()),
+        ..Rule::default()
+    });
+    Ok(rules)
+}
+
+/// The rules a session's `filter` expression becomes, then its default rule.
+fn filter_rules(
+    loaded: &LoadedConfig,
+    index: usize,
+    session: &SessionConfig,
+    filter: &toml::Spanned<String>,
+) -> Result<Vec<Rule>, ConfigError> {
+    let name = session.name.get_ref();
+    if let Some(rule) = session.rules.first() {
+        return Err(loaded.error(
+            rule.span(),
+            format!("session `{name}` has a `filter`, which gives all its rules: it takes no [[session.rule]]"),
+        ));
+    }
+    if let Some(default) = &session.default {
+        return Err(loaded.error(
+            default.span(),
+            format!(
+                "session `{name}` has a `filter`, which decides every packet: it takes no `default`"
+            ),
+        ));
+    }
+    let compiled = crate::filter::compile(filter.get_ref())
+        .map_err(|e| loaded.error(filter.span(), format!("filter `{}`: {e}", filter.get_ref())))?;
+    let mut rules: Vec<Rule> = compiled
+        .rules
+        .into_iter()
+        .zip(1..)
+        .map(|((fields, action), number)| Rule {
+            session: index,
+            kind: RuleKind::Filter(number),
+            action,
+            fields,
+        })
+        .collect();
+    rules.push(Rule {
+        session: index,
+        action: compiled.default,
         ..Rule::default()
     });
     Ok(rules)
@@ -580,47 +645,68 @@ fn resolve(pattern: &str, interfaces: &[Interface]) -> Result<Vec<Interface>, St
         .collect())
 }
 
-fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Rule, String> {
-    let out = Rule {
-        session,
-        kind: RuleKind::Numbered(rule.number),
-        action: rule.action,
+/// A configured rule as the kernel's rules: one, or one per direction of its `host` and `port`.
+fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Vec<Rule>, String> {
+    let never = |why: &str| Err(format!("rule {} can never match: {why}", rule.number));
+    let fields = Fields {
         ethertype: rule.ethertype.map(|e| e.0),
-        vlan: rule.vlan.map(|v| v.0),
+        vlan: rule.vlan.map(|v| v.0..=v.0),
         proto: rule.proto.map(|p| p.0),
         src: rule.src.map(|c| c.0),
         dst: rule.dst.map(|c| c.0),
         src_port: rule.src_port.as_ref().map(|p| p.0.clone()),
         dst_port: rule.dst_port.as_ref().map(|p| p.0.clone()),
     };
-    let never = |why: &str| Err(format!("rule {} can never match: {why}", rule.number));
-    let family = |net: &IpNet| match net {
-        IpNet::V4(_) => 0x0800,
-        IpNet::V6(_) => 0x86dd,
+    if let Some(why) = fields.contradiction() {
+        return never(why);
+    }
+    let either = |source: Fields, destination: Fields| {
+        Box::new(Expr::Or(
+            Box::new(Expr::Fields(source)),
+            Box::new(Expr::Fields(destination)),
+        ))
     };
-    if let (Some(src), Some(dst)) = (&out.src, &out.dst)
-        && family(src) != family(dst)
-    {
-        return never("`src` and `dst` are of different IP versions");
+    let mut expr = Expr::Fields(fields);
+    if let Some(host) = rule.host {
+        let (src, dst) = (Some(host.0), Some(host.0));
+        let directions = either(
+            Fields {
+                src,
+                ..Fields::default()
+            },
+            Fields {
+                dst,
+                ..Fields::default()
+            },
+        );
+        expr = Expr::And(Box::new(expr), directions);
     }
-    let ip_family = out.src.as_ref().or(out.dst.as_ref()).map(family);
-    let needs_ip = ip_family.is_some()
-        || out.proto.is_some()
-        || out.src_port.is_some()
-        || out.dst_port.is_some();
-    if let Some(ethertype) = out.ethertype {
-        if needs_ip && ethertype != 0x0800 && ethertype != 0x86dd {
-            return never("IP fields are set but `ethertype` is not ipv4 or ipv6");
-        }
-        if ip_family.is_some_and(|f| f != ethertype) {
-            return never("`ethertype` and the address family differ");
-        }
+    if let Some(port) = &rule.port {
+        let (src_port, dst_port) = (Some(port.0.clone()), Some(port.0.clone()));
+        let directions = either(
+            Fields {
+                src_port,
+                ..Fields::default()
+            },
+            Fields {
+                dst_port,
+                ..Fields::default()
+            },
+        );
+        expr = Expr::And(Box::new(expr), directions);
     }
-    if let Some(proto) = rule.proto
-        && !proto.has_ports()
-        && (out.src_port.is_some() || out.dst_port.is_some())
-    {
-        return never("ports are set but `proto` is not tcp, udp or sctp");
+    // Two either-direction fields make at most four rules.
+    let expanded = crate::filter::expand(&expr, 4).unwrap_or_default();
+    if expanded.is_empty() {
+        return never("`host` or `port` contradicts the rule's other fields");
     }
-    Ok(out)
+    Ok(expanded
+        .into_iter()
+        .map(|fields| Rule {
+            session,
+            kind: RuleKind::Numbered(rule.number),
+            action: rule.action,
+            fields,
+        })
+        .collect())
 }

@@ -1,0 +1,96 @@
+//! Filters as tcpdump users write them: the pcap-filter subset that maps onto rule fields, compiled
+//! into ordered rules for the kernel's classifier ([`compile`]). The same expansion turns a rule's
+//! either-direction fields (`host`, `net`, `port`) into one rule per direction ([`expand`]).
+//!
+//! Semantics follow tcpdump on a live Linux interface: the kernel holds the outer VLAN tag
+//! aside, so `tcp` also matches tagged frames and `vlan N` tells them apart.
+mod decide;
+mod lex;
+mod parse;
+
+use crate::{config::ActionConfig, rules::Fields};
+pub use parse::Expr;
+
+/// The most rules one expression may become.
+pub const MAX_FILTER_RULES: usize = 256;
+
+/// What the error messages list as supported.
+pub const SUPPORTED: &str = "supported: host, net (CIDR or `mask`), port, portrange, each with \
+    src, dst, `src or dst`, `src and dst`; ip, ip6, arp, tcp, udp, sctp, icmp, icmp6, vlan [N], \
+    ether proto, proto, ip proto, ip6 proto; and (&&), or (||), not (!), parentheses";
+
+/// Where an expression is wrong and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("column {}: {message}", offset + 1)]
+pub struct FilterError {
+    /// Byte offset in the expression.
+    pub offset: usize,
+    pub message: String,
+}
+
+impl FilterError {
+    fn at(offset: usize, message: impl Into<String>) -> Self {
+        FilterError {
+            offset,
+            message: message.into(),
+        }
+    }
+}
+
+/// An expression as ordered rules with first-match semantics, and the action for packets none
+/// of them matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub rules: Vec<(Fields, ActionConfig)>,
+    pub default: ActionConfig,
+}
+
+/// Reads `text` (e.g. `tcp port 443 and not host 10.1.2.3`).
+pub fn parse(text: &str) -> Result<Expr, FilterError> {
+    parse::parse(lex::tokens(text)?, text.len())
+}
+
+/// Compiles `text` into at most [`MAX_FILTER_RULES`] rules.
+pub fn compile(text: &str) -> Result<Filter, FilterError> {
+    let decisions = decide::Decisions::of(&parse(text)?, MAX_FILTER_RULES).map_err(|_| {
+        FilterError::at(
+            0,
+            format!(
+                "the expression needs more than {MAX_FILTER_RULES} rules: \
+                 split it into sessions, or use fewer `or`s under `and`/`not`"
+            ),
+        )
+    })?;
+    let action = |mirror| {
+        if mirror {
+            ActionConfig::Mirror
+        } else {
+            ActionConfig::Skip
+        }
+    };
+    Ok(Filter {
+        rules: decisions
+            .rules
+            .into_iter()
+            .map(|(fields, mirror)| (fields, action(mirror)))
+            .collect(),
+        default: action(decisions.default),
+    })
+}
+
+/// The rules, one per combination of directions, that together match what `expr` (an expression
+/// without `not`) matches; `None` when that takes more than `limit`.
+pub fn expand(expr: &Expr, limit: usize) -> Option<Vec<Fields>> {
+    let decisions = decide::Decisions::of(expr, limit).ok()?;
+    debug_assert!(decisions.rules.iter().all(|(_, mirror)| *mirror));
+    Some(
+        decisions
+            .rules
+            .into_iter()
+            .map(|(fields, _)| fields)
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! What one rule matches: a conjunction of field conditions, and the set operations the shadow
+//! warnings and the filter compiler need (cover, overlap, intersection).
+use std::{fmt, ops::RangeInclusive};
+
+use ipnet::IpNet;
+
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// Every VLAN id: a tagged frame, whatever its id.
+pub const ANY_VLAN: RangeInclusive<u16> = 0..=4095;
+
+/// The fields a rule constrains; `None` matches anything, an absent field included.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Fields {
+    pub ethertype: Option<u16>,
+    /// Outer VLAN ids ([`ANY_VLAN`]: any tagged frame).
+    pub vlan: Option<RangeInclusive<u16>>,
+    pub proto: Option<u8>,
+    pub src: Option<IpNet>,
+    pub dst: Option<IpNet>,
+    pub src_port: Option<RangeInclusive<u16>>,
+    pub dst_port: Option<RangeInclusive<u16>>,
+}
+
+impl Fields {
+    /// Why no packet can have these fields together, if none can.
+    pub fn contradiction(&self) -> Option<&'static str> {
+        let family = |net: &IpNet| match net {
+            IpNet::V4(_) => ETHERTYPE_IPV4,
+            IpNet::V6(_) => ETHERTYPE_IPV6,
+        };
+        if let (Some(src), Some(dst)) = (&self.src, &self.dst)
+            && family(src) != family(dst)
+        {
+            return Some("the source and destination are of different IP versions");
+        }
+        let ip_family = self.src.as_ref().or(self.dst.as_ref()).map(family);
+        let has_ports = self.src_port.is_some() || self.dst_port.is_some();
+        let needs_ip = ip_family.is_some() || self.proto.is_some() || has_ports;
+        if let Some(ethertype) = self.ethertype {
+            if needs_ip && ethertype != ETHERTYPE_IPV4 && ethertype != ETHERTYPE_IPV6 {
+                return Some("IP fields are set but the ethertype is not ipv4 or ipv6");
+            }
+            if ip_family.is_some_and(|f| f != ethertype) {
+                return Some("the ethertype and the address family differ");
+            }
+        }
+        if has_ports && self.proto.is_some_and(|p| !matches!(p, 6 | 17 | 132)) {
+            return Some("ports are set but the protocol is not tcp, udp or sctp");
+        }
+        None
+    }
+
+    /// The packets both match, or `None` when no packet can.
+    pub fn intersect(&self, other: &Fields) -> Option<Fields> {
+        /// The values two conditions on one field both allow: `Err` when none.
+        fn both<T: Clone>(
+            a: Option<&T>,
+            b: Option<&T>,
+            meet: impl Fn(&T, &T) -> Option<T>,
+        ) -> Result<Option<T>, Disjoint> {
+            match (a, b) {
+                (None, None) => Ok(None),
+                (Some(x), None) | (None, Some(x)) => Ok(Some(x.clone())),
+                (Some(a), Some(b)) => meet(a, b).map(Some).ok_or(Disjoint),
+            }
+        }
+        struct Disjoint;
+        let equal = |a: &_, b: &_| (a == b).then_some(*a);
+        let ethertype = both(self.ethertype.as_ref(), other.ethertype.as_ref(), equal).ok()?;
+        let proto = both(self.proto.as_ref(), other.proto.as_ref(), |a, b| {
+            (a == b).then_some(*a)
+        })
+        .ok()?;
+        let net = |a: &IpNet, b: &IpNet| {
+            if a.contains(b) {
+                Some(*b)
+            } else if b.contains(a) {
+                Some(*a)
+            } else {
+                None
+            }
+        };
+        let range = |a: &RangeInclusive<u16>, b: &RangeInclusive<u16>| {
+            let (start, end) = (*a.start().max(b.start()), *a.end().min(b.end()));
+            (start <= end).then_some(start..=end)
+        };
+        let met = Fields {
+            ethertype,
+            vlan: both(self.vlan.as_ref(), other.vlan.as_ref(), range).ok()?,
+            proto,
+            src: both(self.src.as_ref(), other.src.as_ref(), net).ok()?,
+            dst: both(self.dst.as_ref(), other.dst.as_ref(), net).ok()?,
+            src_port: both(self.src_port.as_ref(), other.src_port.as_ref(), range).ok()?,
+            dst_port: both(self.dst_port.as_ref(), other.dst_port.as_ref(), range).ok()?,
+        };
+        met.contradiction().is_none().then_some(met)
+    }
+
+    /// Every packet `other` matches, `self` matches too.
+    pub fn covers(&self, other: &Fields) -> bool {
+        fn field<T>(a: Option<&T>, b: Option<&T>, covers: impl Fn(&T, &T) -> bool) -> bool {
+            match (a, b) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(a), Some(b)) => covers(a, b),
+            }
+        }
+        let net = |x: &IpNet, y: &IpNet| x.contains(y);
+        let range = |x: &RangeInclusive<u16>, y: &RangeInclusive<u16>| {
+            x.start() <= y.start() && y.end() <= x.end()
+        };
+        field(
+            self.ethertype.as_ref(),
+            other.ethertype.as_ref(),
+            PartialEq::eq,
+        ) && field(self.vlan.as_ref(), other.vlan.as_ref(), range)
+            && field(self.proto.as_ref(), other.proto.as_ref(), PartialEq::eq)
+            && field(self.src.as_ref(), other.src.as_ref(), net)
+            && field(self.dst.as_ref(), other.dst.as_ref(), net)
+            && field(self.src_port.as_ref(), other.src_port.as_ref(), range)
+            && field(self.dst_port.as_ref(), other.dst_port.as_ref(), range)
+    }
+
+    /// Some packet matches both.
+    pub fn overlaps(&self, other: &Fields) -> bool {
+        self.intersect(other).is_some()
+    }
+}
+
+/// The rule's conditions as `check --explain` prints them, e.g. `proto 6, dst_port 443`; `any`
+/// when there is none.
+impl fmt::Display for Fields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let range = |r: &RangeInclusive<u16>| {
+            if r.start() == r.end() {
+                r.start().to_string()
+            } else {
+                format!("{}-{}", r.start(), r.end())
+            }
+        };
+        let parts: Vec<String> = [
+            self.ethertype.map(|e| format!("ethertype {e:#06x}")),
+            self.vlan.as_ref().map(|v| {
+                if *v == ANY_VLAN {
+                    "vlan any".to_owned()
+                } else {
+                    format!("vlan {}", range(v))
+                }
+            }),
+            self.proto.map(|p| format!("proto {p}")),
+            self.src.map(|n| format!("src {n}")),
+            self.dst.map(|n| format!("dst {n}")),
+            self.src_port
+                .as_ref()
+                .map(|p| format!("src_port {}", range(p))),
+            self.dst_port
+                .as_ref()
+                .map(|p| format!("dst_port {}", range(p))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if parts.is_empty() {
+            f.write_str("any")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
