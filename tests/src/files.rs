@@ -1,6 +1,21 @@
 //! Capture files: reading them back, writing them, and tshark as an independent decoder.
 use std::{process::Command, time::Duration};
 
+/// Where Debian's python3-dpkt ships its example captures (real traffic: HTTP over TCP, DNS and
+/// ICMP, `PPPoE`, ARP).
+pub const SHIPPED_CAPTURES: &str = "/usr/share/doc/python3-dpkt/examples/data";
+
+/// The frames of one of the [`SHIPPED_CAPTURES`].
+pub fn shipped_capture(name: &str) -> Vec<Vec<u8>> {
+    let path = std::path::Path::new(SHIPPED_CAPTURES).join(name);
+    assert!(
+        path.exists(),
+        "{}: missing (python3-dpkt ships it: run `cargo xtask setup`)",
+        path.display()
+    );
+    pcap_frames(&path)
+}
+
 /// The frames of a pcap file, in order.
 pub fn pcap_frames(file: &std::path::Path) -> Vec<Vec<u8>> {
     let data = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
