@@ -767,3 +767,55 @@ fn the_rule_count_is_checked_before_any_rule() {
         "{error}"
     );
 }
+
+#[test]
+fn an_expression_and_the_same_rules_compile_to_the_same_tables() {
+    let session =
+        "[[session]]\nname = \"s\"\ninterfaces = [\"eth0\"]\ntarget = { interface = \"mir0\" }\n";
+    let tables = |body: &str| {
+        let planned = plan(&load(&format!("{session}{body}")), &interfaces()).expect("plans");
+        format!("{:?}", planned.tables)
+    };
+    assert_eq!(
+        tables("filter = \"udp and dst net 10.0.0.0/8 and port 53\"\n"),
+        tables(
+            "[[session.rule]]\nnumber = 1\naction = \"mirror\"\nproto = \"udp\"\ndst = \"10.0.0.0/8\"\nport = 53\n"
+        )
+    );
+    assert_eq!(
+        tables("filter = \"tcp and not src host 10.0.0.1\"\n"),
+        tables(
+            "[[session.rule]]\nnumber = 1\naction = \"skip\"\nproto = \"tcp\"\nsrc = \"10.0.0.1\"\n\
+             [[session.rule]]\nnumber = 2\naction = \"mirror\"\nproto = \"tcp\"\n"
+        )
+    );
+}
+
+#[test]
+fn filter_sessions_refuse_rules_and_a_default_with_the_place() {
+    let session = "[[session]]\nname = \"s\"\ninterfaces = [\"eth0\"]\ntarget = { interface = \"mir0\" }\nfilter = \"tcp\"\n";
+    for (extra, line, message) in [
+        ("default = \"mirror\"\n", 6, "takes no `default`"),
+        (
+            "[[session.rule]]\nnumber = 1\naction = \"mirror\"\n",
+            6,
+            "takes no [[session.rule]]",
+        ),
+    ] {
+        let error = plan(&load(&format!("{session}{extra}")), &interfaces()).expect_err(extra);
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!("t.toml:{line}:")) && text.contains(message),
+            "{text}"
+        );
+    }
+    let error = plan(
+        &load(&session.replace("\"tcp\"", "\"tcp[13] & 2 != 0\"")),
+        &interfaces(),
+    )
+    .expect_err("bytes");
+    assert!(
+        error.to_string().starts_with("t.toml:5:") && error.to_string().contains("column 4:"),
+        "{error}"
+    );
+}

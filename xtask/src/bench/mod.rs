@@ -82,6 +82,9 @@ enum Scenario {
     MirrorXdp {
         vxlan: bool,
     },
+    /// mirror with the one matching rule of `Mirror { rules: 1, matching: true }` written as a
+    /// filter expression.
+    MirrorFilter,
     /// mirror, one match-all rule, with a session control (a TOML line) that makes few copies.
     MirrorControlled {
         name: &'static str,
@@ -115,6 +118,7 @@ impl Scenario {
             Scenario::MirrorXdp { vxlan: false } => "mirror XDP to interface".into(),
             Scenario::MirrorXdp { vxlan: true } => "mirror XDP into vxlan".into(),
             Scenario::MirrorControlled { name, .. } => format!("mirror TC, {name}"),
+            Scenario::MirrorFilter => "mirror TC, 100% match, filter expression".into(),
         }
     }
 
@@ -540,6 +544,7 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
         }
         Scenario::Mirror { .. }
         | Scenario::MirrorAll
+        | Scenario::MirrorFilter
         | Scenario::MirrorControlled { .. }
         | Scenario::MirrorTunnel(_)
         | Scenario::MirrorXdp { .. } => {
@@ -556,6 +561,10 @@ fn agent_config(scenario: &Scenario) -> anyhow::Result<String> {
         Scenario::Mirror { rules, matching } => mirror_config(*rules, *matching),
         Scenario::MirrorAll => format!(
             "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n"
+        ),
+        Scenario::MirrorFilter => format!(
+            "{SESSION}direction = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n\
+             filter = \"udp and dst net {FLOW_DST}/32 and dst port {FLOW_DST_PORT}\"\n"
         ),
         Scenario::MirrorControlled { control, .. } => format!(
             "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n{control}\n"
