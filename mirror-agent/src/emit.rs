@@ -111,11 +111,13 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// Starts draining `ring` for the ring sessions of `plan` (`None` when it has none).
+    /// Starts draining `ring` for the ring sessions of `plan` (`None` when it has none); with a
+    /// `limit`, copies past the first `limit` are dropped (`run -c`).
     pub fn start(
         ring: RingBuf<MapData>,
         plan: &Plan,
         files: &Files,
+        limit: Option<u64>,
     ) -> anyhow::Result<Option<Self>> {
         if !plan.sessions.iter().any(|s| s.through_ring) {
             return Ok(None);
@@ -153,7 +155,7 @@ impl Drain {
             .name("ring-drain".into())
             .spawn({
                 let (stop, counts) = (stop.clone(), counts.clone());
-                move || drain(ring, emits, &names, &counts, &stop)
+                move || drain(ring, emits, &names, &counts, &stop, limit)
             })
             .context("starting the ring drain thread")?;
         Ok(Some(Drain {
@@ -169,6 +171,14 @@ impl Drain {
     pub fn finish(mut self) -> Vec<(u64, u64)> {
         self.stop_thread();
         self.counts()
+    }
+
+    /// Copies sent on and refused so far, all sessions together.
+    pub fn total(&self) -> u64 {
+        self.counts()
+            .iter()
+            .map(|(sent, failed)| sent + failed)
+            .sum()
     }
 
     /// Copies sent on and refused by the target so far, (sent, failed) per session.
@@ -256,8 +266,10 @@ fn drain(
     names: &HashMap<u32, String>,
     counts: &[EmitCounts],
     stop: &AtomicBool,
+    limit: Option<u64>,
 ) {
     let clock = WallClock::now();
+    let mut taken = 0u64;
     let mut outboxes: Vec<Outbox> = emits.iter().map(|_| Outbox::default()).collect();
     loop {
         // Read the flag before draining: what was queued before it was set is then sent.
@@ -266,6 +278,10 @@ fn drain(
             let Some((header, frame)) = parse(&record) else {
                 continue;
             };
+            if limit.is_some_and(|limit| taken >= limit) {
+                continue;
+            }
+            taken += 1;
             let session = header.session as usize;
             let (Some(Some(emit)), Some(outbox), Some(count)) = (
                 emits.get_mut(session),

@@ -192,6 +192,9 @@ struct QuickSession {
         requires = "iface"
     )]
     write: Option<PathBuf>,
+    /// With -w: stop after writing N copies, as `tcpdump -c N`.
+    #[arg(short = 'c', long = "count", value_name = "N", requires = "write", value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
     /// Target collector: copies are sent in VXLAN (RFC 7348) to this IPv4 or IPv6 address.
     #[arg(long, group = "target", requires = "iface")]
     to_vxlan: Option<std::net::IpAddr>,
@@ -389,6 +392,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Man => write_manual(&mut std::io::stdout()).context("writing the manual page"),
         Command::Run(args) => {
+            let stop_after = args.quick.count;
             let mut loaded = match &args.config {
                 Some(path) => LoadedConfig::read(path)?,
                 None => LoadedConfig::from_config(args.quick.into_config(), "command line"),
@@ -416,6 +420,7 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),
                 node_name: args.node_name,
                 kubeconfig: args.kubeconfig,
+                stop_after,
                 capture_on_stdout: plan.sessions.iter().any(|s| {
                     matches!(&s.target, rules::Target::File(f) if f.path.as_os_str() == capture::STDOUT)
                 }),

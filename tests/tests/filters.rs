@@ -489,3 +489,54 @@ fn the_quick_form_pipes_pcap_into_tshark_and_logs_to_stderr() {
     // In order, byte for byte: a stray log line on stdout would have broken the stream.
     assert_eq!(pcap_frames(&received), expected);
 }
+
+#[test]
+fn count_stops_the_quick_form_after_that_many_copies() {
+    let lab = Lab::new("count");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let written = dir.path().join("five.pcap");
+    let mut agent = KilledOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.node.name])
+            .arg(mirror_tests::agent_binary())
+            .args([
+                "run",
+                "-i",
+                "src0",
+                "--direction",
+                "ingress",
+                "--api-socket",
+            ])
+            .arg(dir.path().join("agent.sock"))
+            .args(["-c", "5", "-w"])
+            .arg(&written)
+            .arg("udp")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
+    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
+    assert!(line.contains("attached to"), "{line:?}");
+    let frames = shipped_capture("dns_icmp.pcap");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    for frame in &frames {
+        sender.send(frame);
+    }
+    // The agent stops by itself, with its report.
+    let mut status = None;
+    mirror_tests::wait_for("the agent to stop after 5 copies", || {
+        status = agent.0.try_wait().expect("agent status");
+        status.is_some()
+    });
+    let mut report = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut report).expect("report");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {report}");
+    let all = dir.path().join("sent.pcap");
+    write_pcap(&all, &frames);
+    let udp = tcpdump_selects(&all, "udp", &dir.path().join("tcpdump.pcap"));
+    assert!(udp.len() > 5, "{} UDP frames", udp.len());
+    assert_eq!(pcap_frames(&written), udp[..5]);
+}

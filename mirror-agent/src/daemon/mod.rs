@@ -46,6 +46,8 @@ pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     /// A capture is written to standard output (`-w -`): what people read goes to stderr.
     pub capture_on_stdout: bool,
+    /// Stop once this many copies went through the ring (`run -c`).
+    pub stop_after: Option<u64>,
 }
 
 impl Options {
@@ -64,6 +66,8 @@ impl Options {
 
 /// How often the configuration file is checked for a change.
 const FILE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// How often `run -c` looks at the copies sent.
+const COUNT_CHECK_PERIOD: Duration = Duration::from_millis(20);
 /// How often pods that are selected but have no interface yet are placed again.
 const POD_RETRY_PERIOD: Duration = Duration::from_secs(2);
 
@@ -222,6 +226,7 @@ async fn serve(
         .then(|| tokio::time::interval(Duration::from_secs(options.stats_interval_secs)));
     let mut file_check = tokio::time::interval(FILE_CHECK_PERIOD);
     let mut pod_retry = tokio::time::interval(POD_RETRY_PERIOD);
+    let mut count_check = tokio::time::interval(COUNT_CHECK_PERIOD);
     let mut file_seen = options.config.as_deref().and_then(file_identity);
     loop {
         tokio::select! {
@@ -244,6 +249,12 @@ async fn serve(
             () = tick(ticker.as_mut()) => daemon.log_counters(),
             () = pods_changed(daemon.pods.as_mut()) => daemon.apply_pods().await,
             _ = pod_retry.tick(), if daemon.waits_for_pods() => daemon.apply_pods().await,
+            _ = count_check.tick(), if options.stop_after.is_some() => {
+                let done = daemon.shared.applied().drain.as_ref().map_or(0, Drain::total);
+                if options.stop_after.is_some_and(|count| done >= count) {
+                    break;
+                }
+            }
         }
     }
     let _ = stop.send(true);
@@ -322,7 +333,7 @@ async fn prepare(
         options.pin_dir.as_deref(),
     )?;
     // The drain runs before anything is attached: no copy waits in a full ring.
-    let drain = Drain::start(datapath.take_ring()?, &plan, files)?;
+    let drain = Drain::start(datapath.take_ring()?, &plan, files, options.stop_after)?;
     attach(&mut datapath, &plan, &finishing)?;
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
