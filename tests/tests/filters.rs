@@ -383,6 +383,29 @@ impl Drop for KilledOnDrop {
     }
 }
 
+/// The quick form in the lab's node with `args` after its interface, hook and API socket.
+fn quick_form(lab: &Lab, dir: &Path, args: &[&std::ffi::OsStr], stderr: Stdio) -> KilledOnDrop {
+    KilledOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.node.name])
+            .arg(mirror_tests::agent_binary())
+            .args([
+                "run",
+                "-i",
+                "src0",
+                "--direction",
+                "ingress",
+                "--api-socket",
+            ])
+            .arg(dir.join("agent.sock"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("agent"),
+    )
+}
+
 /// The agent's stderr lines, read on a thread (the agent must never block on a full pipe).
 fn collect_lines(
     stderr: std::process::ChildStderr,
@@ -408,24 +431,11 @@ fn the_quick_form_pipes_pcap_into_tshark_and_logs_to_stderr() {
     let socket = dir.path().join("agent.sock");
     let received = dir.path().join("tshark.pcap");
     let expression = "udp port 53 or icmp";
-    let mut agent = KilledOnDrop(
-        Command::new("ip")
-            .args(["netns", "exec", &lab.node.name])
-            .arg(mirror_tests::agent_binary())
-            .args([
-                "run",
-                "-i",
-                "src0",
-                "--direction",
-                "ingress",
-                "--api-socket",
-            ])
-            .arg(&socket)
-            .args(["-w", "-", expression])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent"),
+    let mut agent = quick_form(
+        &lab,
+        dir.path(),
+        &["-w", "-", expression].map(std::ffi::OsStr::new),
+        Stdio::piped(),
     );
     let mut tshark = KilledOnDrop(
         Command::new("tshark")
@@ -495,26 +505,17 @@ fn count_stops_the_quick_form_after_that_many_copies() {
     let lab = Lab::new("count");
     let dir = tempfile::tempdir().expect("temp dir");
     let written = dir.path().join("five.pcap");
-    let mut agent = KilledOnDrop(
-        Command::new("ip")
-            .args(["netns", "exec", &lab.node.name])
-            .arg(mirror_tests::agent_binary())
-            .args([
-                "run",
-                "-i",
-                "src0",
-                "--direction",
-                "ingress",
-                "--api-socket",
-            ])
-            .arg(dir.path().join("agent.sock"))
-            .args(["-c", "5", "-w"])
-            .arg(&written)
-            .arg("udp")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("agent"),
+    let mut agent = quick_form(
+        &lab,
+        dir.path(),
+        &[
+            "-c".as_ref(),
+            "5".as_ref(),
+            "-w".as_ref(),
+            written.as_os_str(),
+            "udp".as_ref(),
+        ],
+        Stdio::null(),
     );
     let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
     let mut line = String::new();

@@ -660,16 +660,18 @@ fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Vec
     if let Some(why) = fields.contradiction() {
         return never(why);
     }
-    let either = |source: Fields, destination: Fields| {
-        Box::new(Expr::Or(
+    // `expr` and (`source` or `destination`).
+    let either_way = |expr: Expr, source: Fields, destination: Fields| {
+        let directions = Expr::Or(
             Box::new(Expr::Fields(source)),
             Box::new(Expr::Fields(destination)),
-        ))
+        );
+        Expr::And(Box::new(expr), Box::new(directions))
     };
     let mut expr = Expr::Fields(fields);
     if let Some(host) = rule.host {
         let (src, dst) = (Some(host.0), Some(host.0));
-        let directions = either(
+        let (source, destination) = (
             Fields {
                 src,
                 ..Fields::default()
@@ -679,21 +681,19 @@ fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Vec
                 ..Fields::default()
             },
         );
-        expr = Expr::And(Box::new(expr), directions);
+        expr = either_way(expr, source, destination);
     }
     if let Some(port) = &rule.port {
         let (src_port, dst_port) = (Some(port.0.clone()), Some(port.0.clone()));
-        let directions = either(
-            Fields {
-                src_port,
-                ..Fields::default()
-            },
-            Fields {
-                dst_port,
-                ..Fields::default()
-            },
-        );
-        expr = Expr::And(Box::new(expr), directions);
+        let source = Fields {
+            src_port,
+            ..Fields::default()
+        };
+        let destination = Fields {
+            dst_port,
+            ..Fields::default()
+        };
+        expr = either_way(expr, source, destination);
     }
     // Two either-direction fields make at most four rules.
     let expanded = crate::filter::expand(&expr, 4).unwrap_or_default();
