@@ -154,11 +154,72 @@ impl std::fmt::Debug for Sink {
 
 enum Writer {
     Pcap(PcapWriter<BufWriter<File>>),
-    /// With the ids of the interfaces that have a description block in this file, by key.
-    PcapNg(
-        PcapNgWriter<BufWriter<File>>,
-        std::collections::HashMap<u64, u32>,
-    ),
+    PcapNg(PcapNgStream<BufWriter<File>>),
+}
+
+/// A pcapng stream: a section header, then an interface description block the first time an
+/// interface (by key) has a frame, and each frame in an enhanced packet block.
+pub struct PcapNgStream<W: io::Write> {
+    writer: PcapNgWriter<W>,
+    /// The ids of the interfaces described so far, by key.
+    interfaces: std::collections::HashMap<u64, u32>,
+}
+
+impl<W: io::Write> PcapNgStream<W> {
+    /// Writes the section header to `out`.
+    pub fn new(out: W) -> anyhow::Result<Self> {
+        Ok(PcapNgStream {
+            writer: PcapNgWriter::new(out).context("writing a pcapng section header")?,
+            interfaces: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Writes a frame seen on `interface` (`name` describes it), of which `frame` was kept of
+    /// `orig_len` bytes; the bytes written.
+    pub fn write(
+        &mut self,
+        interface: u64,
+        name: impl FnOnce() -> String,
+        timestamp: Duration,
+        frame: &[u8],
+        orig_len: u32,
+    ) -> anyhow::Result<usize> {
+        let mut written = 0;
+        let interface_id = if let Some(id) = self.interfaces.get(&interface) {
+            *id
+        } else {
+            let description = InterfaceDescriptionBlock {
+                linktype: DataLink::ETHERNET,
+                snaplen: SNAPLEN,
+                options: vec![
+                    InterfaceDescriptionOption::IfName(Cow::Owned(name())),
+                    // Timestamps in nanoseconds (the default is microseconds).
+                    InterfaceDescriptionOption::IfTsResol(9),
+                ],
+            };
+            written += self.writer.write_block(&description.into_block())?;
+            let id = self.interfaces.len() as u32;
+            self.interfaces.insert(interface, id);
+            id
+        };
+        let packet = EnhancedPacketBlock {
+            interface_id,
+            timestamp,
+            original_len: orig_len,
+            data: Cow::Borrowed(frame),
+            options: Vec::new(),
+        };
+        Ok(written + self.writer.write_block(&packet.into_block())?)
+    }
+
+    /// Where the blocks go.
+    pub fn out(&mut self) -> &mut W {
+        self.writer.get_mut()
+    }
+
+    fn into_inner(self) -> W {
+        self.writer.into_inner()
+    }
 }
 
 /// The path that stands for standard output (pcap, for `| tshark -r -`).
@@ -351,34 +412,34 @@ fn file_name(path: &Path, sequence: u64) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Standard output for [`STDOUT`]; else `path` created afresh: never an existing file, never
+/// through a link, root-only. An existing name fails with `AlreadyExists`.
+pub fn create_output(path: &Path) -> anyhow::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if path == Path::new(STDOUT) {
+        // A second handle on fd 1: Rust's own `Stdout` buffers by line, which splits frames.
+        let fd = std::os::fd::AsFd::as_fd(&std::io::stdout())
+            .try_clone_to_owned()
+            .context("standard output")?;
+        return Ok(File::from(fd));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
 impl Writer {
-    /// Creates `path` afresh: never opens an existing file, never follows a link, root-only.
-    /// An existing name fails with `AlreadyExists`.
+    /// Creates `path` afresh (see [`create_output`]).
     fn create(path: &Path) -> anyhow::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let file = if path == Path::new(STDOUT) {
-            // A second handle on fd 1: Rust's own `Stdout` buffers by line, which splits frames.
-            let fd = std::os::fd::AsFd::as_fd(&std::io::stdout())
-                .try_clone_to_owned()
-                .context("standard output")?;
-            File::from(fd)
-        } else {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?
-        };
-        let file = BufWriter::new(file);
+        let file = BufWriter::new(create_output(path)?);
         let pcapng = path.extension().is_some_and(|e| e == "pcapng");
         let context = || format!("writing {}", path.display());
         Ok(if pcapng {
-            Writer::PcapNg(
-                PcapNgWriter::new(file).with_context(context)?,
-                std::collections::HashMap::new(),
-            )
+            Writer::PcapNg(PcapNgStream::new(file).with_context(context)?)
         } else {
             let header = PcapHeader {
                 snaplen: SNAPLEN,
@@ -401,34 +462,7 @@ impl Writer {
     ) -> anyhow::Result<u64> {
         let written = match self {
             Writer::Pcap(w) => w.write_packet(&PcapPacket::new(timestamp, orig_len, frame))?,
-            Writer::PcapNg(w, interfaces) => {
-                let mut written = 0;
-                let interface_id = if let Some(id) = interfaces.get(&interface) {
-                    *id
-                } else {
-                    let description = InterfaceDescriptionBlock {
-                        linktype: DataLink::ETHERNET,
-                        snaplen: SNAPLEN,
-                        options: vec![
-                            InterfaceDescriptionOption::IfName(Cow::Owned(name())),
-                            // Timestamps in nanoseconds (the default is microseconds).
-                            InterfaceDescriptionOption::IfTsResol(9),
-                        ],
-                    };
-                    written += w.write_block(&description.into_block())?;
-                    let id = interfaces.len() as u32;
-                    interfaces.insert(interface, id);
-                    id
-                };
-                let packet = EnhancedPacketBlock {
-                    interface_id,
-                    timestamp,
-                    original_len: orig_len,
-                    data: Cow::Borrowed(frame),
-                    options: Vec::new(),
-                };
-                written + w.write_block(&packet.into_block())?
-            }
+            Writer::PcapNg(stream) => stream.write(interface, name, timestamp, frame, orig_len)?,
         };
         Ok(written as u64)
     }
@@ -436,7 +470,7 @@ impl Writer {
     fn finish(self) -> anyhow::Result<()> {
         let mut file = match self {
             Writer::Pcap(w) => w.into_writer(),
-            Writer::PcapNg(w, _) => w.into_inner(),
+            Writer::PcapNg(stream) => stream.into_inner(),
         };
         io::Write::flush(&mut file).context("flushing the capture file")
     }

@@ -1,6 +1,7 @@
 //! The agent's half of the ring-buffer path (XDP sessions and file targets): a thread of its own
 //! drains `COPY_RING` and hands each copy to its session's target, a packet socket on the target
-//! interface, a tunnel's raw socket, or a pcap/pcapng file. It wakes up every [`IDLE_WAIT`] (or at once
+//! interface, a tunnel's raw socket, or a pcap/pcapng file; and each copy of a watched session to
+//! its `capture` watchers (see [`crate::watch`]). It wakes up every [`IDLE_WAIT`] (or at once
 //! when the ring is half full), drains everything queued, and sends datagrams in batches (one
 //! `sendmmsg` for up to 64).
 use std::{
@@ -17,18 +18,27 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use mirror_common::{Direction, RingCopyHeader};
+use mirror_common::{Direction, RING_WATCH_ONLY, RingCopyHeader};
 
 use crate::{
     capture::{Sink, open_tap, send_many},
     rules::{Plan, Target},
     tunnel::send::TunnelSender,
+    watch::{Watched, Watchers},
 };
 
 /// How long the drain thread sleeps when the ring is empty: records wake it only once the ring
 /// is half full (see the eBPF `ring::wakeup_flags`), so this bounds the delay of a copy at low
 /// rates, and how soon the thread sees that it should stop.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
+
+/// Where ring copies go besides interfaces and tunnels, kept across reloads: capture files, and
+/// the watchers of live captures.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub files: Files,
+    pub watchers: Arc<Watchers>,
+}
 
 /// The capture files of file targets, kept open across reloads (a reload must not start a
 /// session's file again) and closed when the agent stops.
@@ -108,20 +118,34 @@ pub struct Drain {
     thread: Option<JoinHandle<()>>,
     /// By session index.
     counts: Arc<Vec<EmitCounts>>,
+    /// Whether any session's target copies come through the ring (else the drain only feeds
+    /// watchers).
+    ring_sessions: bool,
+}
+
+/// Where the drain sends what it takes from the ring.
+struct Targets {
+    /// By session index: the session's target, when its copies come through the ring.
+    emits: Vec<Option<Emit>>,
+    /// Session names by index, for their watchers.
+    sessions: Vec<String>,
+    /// Interface names by index.
+    names: HashMap<u32, String>,
+    counts: Arc<Vec<EmitCounts>>,
+    limit: Option<u64>,
+    watchers: Arc<Watchers>,
 }
 
 impl Drain {
-    /// Starts draining `ring` for the ring sessions of `plan` (`None` when it has none); with a
-    /// `limit`, copies past the first `limit` are dropped (`run -c`).
+    /// Starts draining `ring`: the copies of the ring sessions of `plan` go to their targets, and
+    /// the copies of watched sessions to their `watchers`. With a `limit`, target copies past the
+    /// first `limit` are dropped (`run -c`).
     pub fn start(
         ring: RingBuf<MapData>,
         plan: &Plan,
-        files: &Files,
+        outputs: &Outputs,
         limit: Option<u64>,
-    ) -> anyhow::Result<Option<Self>> {
-        if !plan.sessions.iter().any(|s| s.through_ring) {
-            return Ok(None);
-        }
+    ) -> anyhow::Result<Self> {
         let emits = plan
             .sessions
             .iter()
@@ -132,12 +156,13 @@ impl Drain {
                 let emit = match &s.target {
                     Target::Interface(i) => Emit::Interface(open_tap(&i.name)?),
                     Target::Tunnel(t) => Emit::Tunnel(TunnelSender::new(t)?),
-                    Target::File(f) => Emit::File(files.open(f)?),
+                    Target::File(f) => Emit::File(outputs.files.open(f)?),
                 };
                 Ok(Some(emit))
             })
             .collect::<anyhow::Result<Vec<_>>>()
             .context("opening the targets of ring copies")?;
+        let sessions: Vec<String> = plan.sessions.iter().map(|s| s.name.clone()).collect();
         let names: HashMap<u32, String> = plan
             .sessions
             .iter()
@@ -151,26 +176,36 @@ impl Drain {
                 .collect(),
         );
         let stop = Arc::new(AtomicBool::new(false));
+        let targets = Targets {
+            emits,
+            sessions,
+            names,
+            counts: counts.clone(),
+            limit,
+            watchers: outputs.watchers.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("ring-drain".into())
             .spawn({
-                let (stop, counts) = (stop.clone(), counts.clone());
-                move || drain(ring, emits, &names, &counts, &stop, limit)
+                let stop = stop.clone();
+                move || drain(ring, targets, &stop)
             })
             .context("starting the ring drain thread")?;
-        Ok(Some(Drain {
+        Ok(Drain {
             stop,
             thread: Some(thread),
             counts,
-        }))
+            ring_sessions: plan.sessions.iter().any(|s| s.through_ring),
+        })
     }
 }
 
 impl Drain {
-    /// Stops the thread once it has sent everything queued; (sent, failed) per session.
-    pub fn finish(mut self) -> Vec<(u64, u64)> {
+    /// Stops the thread once it has sent everything queued; (sent, failed) per session, when
+    /// any session's copies come through the ring.
+    pub fn finish(mut self) -> Option<Vec<(u64, u64)>> {
         self.stop_thread();
-        self.counts()
+        self.ring_sessions.then(|| self.counts())
     }
 
     /// Copies sent on and refused so far, all sessions together.
@@ -260,17 +295,13 @@ fn failed(count: &EmitCounts, n: u64, error: &dyn std::fmt::Display) {
     }
 }
 
-fn drain(
-    mut ring: RingBuf<MapData>,
-    mut emits: Vec<Option<Emit>>,
-    names: &HashMap<u32, String>,
-    counts: &[EmitCounts],
-    stop: &AtomicBool,
-    limit: Option<u64>,
-) {
+fn drain(mut ring: RingBuf<MapData>, mut targets: Targets, stop: &AtomicBool) {
     let clock = WallClock::now();
     let mut taken = 0u64;
-    let mut outboxes: Vec<Outbox> = emits.iter().map(|_| Outbox::default()).collect();
+    let mut outboxes: Vec<Outbox> = targets.emits.iter().map(|_| Outbox::default()).collect();
+    // Interface descriptions for watchers, made once each.
+    let mut described: HashMap<u64, Arc<str>> = HashMap::new();
+    let counts = targets.counts.clone();
     loop {
         // Read the flag before draining: what was queued before it was set is then sent.
         let stopping = stop.load(Ordering::Relaxed);
@@ -278,18 +309,36 @@ fn drain(
             let Some((header, frame)) = parse(&record) else {
                 continue;
             };
-            if limit.is_some_and(|limit| taken >= limit) {
+            let session = header.session as usize;
+            let interface = interface_key(header.ifindex, header.direction);
+            if let Some(name) = targets.sessions.get(session) {
+                targets.watchers.offer(name, || Watched {
+                    interface,
+                    interface_name: described
+                        .entry(interface)
+                        .or_insert_with(|| {
+                            describe(&targets.names, header.ifindex, header.direction).into()
+                        })
+                        .clone(),
+                    timestamp: clock.wall(header.timestamp_ns),
+                    orig_len: header.orig_len,
+                    frame: frame.to_vec(),
+                });
+            }
+            if header.flags & RING_WATCH_ONLY != 0 {
                 continue;
             }
-            taken += 1;
-            let session = header.session as usize;
             let (Some(Some(emit)), Some(outbox), Some(count)) = (
-                emits.get_mut(session),
+                targets.emits.get_mut(session),
                 outboxes.get_mut(session),
                 counts.get(session),
             ) else {
                 continue;
             };
+            if targets.limit.is_some_and(|limit| taken >= limit) {
+                continue;
+            }
+            taken += 1;
             match emit {
                 Emit::Interface(_) => outbox.next().extend_from_slice(frame),
                 Emit::Tunnel(sender) => {
@@ -297,8 +346,8 @@ fn drain(
                 }
                 Emit::File(sink) => {
                     let written = lock(sink).write(
-                        u64::from(header.ifindex),
-                        || describe(names, header.ifindex, header.direction),
+                        interface,
+                        || describe(&targets.names, header.ifindex, header.direction),
                         clock.wall(header.timestamp_ns),
                         frame,
                         header.orig_len,
@@ -317,7 +366,7 @@ fn drain(
             }
         }
         // The ring is empty: send what is queued before sleeping.
-        for ((emit, outbox), count) in emits.iter().zip(&mut outboxes).zip(counts) {
+        for ((emit, outbox), count) in targets.emits.iter().zip(&mut outboxes).zip(counts.iter()) {
             if let Some(emit) = emit {
                 outbox.flush(emit, count);
             }
@@ -346,6 +395,11 @@ fn parse(record: &[u8]) -> Option<(RingCopyHeader, &[u8])> {
 }
 
 /// A pcapng interface name: the watched interface and hook.
+/// An interface and hook as one key: a pcapng file or stream describes each once.
+fn interface_key(ifindex: u32, direction: u32) -> u64 {
+    u64::from(ifindex) << 8 | u64::from(direction)
+}
+
 fn describe(names: &HashMap<u32, String>, ifindex: u32, direction: u32) -> String {
     let hook = match direction {
         d if d == Direction::XdpIngress as u32 => "xdp",

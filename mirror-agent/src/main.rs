@@ -15,6 +15,7 @@ mod follow;
 mod pods;
 mod rules;
 mod tunnel;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -71,10 +72,30 @@ enum Command {
     /// source): write the inner frames to a pcap/pcapng file and/or send them out of an
     /// interface, count them per stream and ERSPAN's lost copies.
     Collect(Box<collect::CollectArgs>),
+    /// Watch a session of the running agent live: its copies as pcapng, through the agent's API
+    /// socket, until interrupted (or -c copies): `mirror-agent capture --session web -w - |
+    /// wireshark -k -i -`. In Kubernetes: `kubectl exec ds/mirror-agent -- mirror-agent capture
+    /// --session web -w - | wireshark -k -i -`. Nothing is added to the datapath while no one
+    /// watches; a reader that falls behind loses copies (counted in `status`), never the agent
+    /// or the session's target.
+    Capture {
+        /// The session whose copies to watch (`mirror-agent status` lists them).
+        #[arg(long)]
+        session: String,
+        /// Where the pcapng stream goes: a new file, or `-` for standard output.
+        #[arg(short = 'w', long = "write", value_name = "FILE", default_value = "-")]
+        write: PathBuf,
+        /// Stop after N copies.
+        #[arg(short = 'c', long = "count", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// The running agent's API socket.
+        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
     /// Show what the running agent watches: sessions, targets, hooks (through its API socket).
     Status {
         /// The running agent's API socket.
-        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
         api_socket: PathBuf,
         /// Print the API's JSON.
         #[arg(long)]
@@ -93,14 +114,14 @@ enum Command {
     /// why the file was rejected (exit 1; the running configuration stays).
     Reload {
         /// The running agent's API socket.
-        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
     /// Show the running agent's counters per session: matched, mirrored, not sent (with --watch:
     /// a refreshing table with rates).
     Stats {
         /// The running agent's API socket.
-        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
         api_socket: PathBuf,
         /// Print the API's JSON (every counter, per rule too); with --watch, one line per
         /// interval with per-session rates (NDJSON).
@@ -438,6 +459,12 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }),
+        Command::Capture {
+            session,
+            write,
+            count,
+            api_socket,
+        } => runtime()?.block_on(cli::capture(&api_socket, &session, &write, count)),
         Command::Status { api_socket, json } => {
             runtime()?.block_on(cli::show_status(&api_socket, json))
         }

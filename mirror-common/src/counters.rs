@@ -131,6 +131,9 @@ counters! {
         /// Copies not made because the target is not there: a tunnel's collector has no route or
         /// its next hop no known MAC address, or the target interface is gone.
         no_route => not_sent,
+        /// Copies for `mirror-agent capture` watchers that found the ring full (the target's
+        /// copy was sent; counted in `mirrored`).
+        watch_lost => "rule_watch_lost_copies",
         /// Copies decided of packets the parser could not finish (a truncated header, an IPv6
         /// extension chain longer than it follows): the fields it did not reach match any rule.
         /// Sent unless the session skips them (`SessionMeta::skip_unparsed`).

@@ -270,9 +270,13 @@ pub struct RingCopyHeader {
     pub cap_len: u32,
     /// The packet's symmetric flow hash (the VXLAN source port of its copies follows it).
     pub flow_hash: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// [`RING_WATCH_ONLY`], or 0.
+    pub flags: u32,
 }
+
+/// [`RingCopyHeader::flags`]: a copy for `mirror-agent capture` watchers alone; the session's
+/// target got its own (a clone) from the kernel.
+pub const RING_WATCH_ONLY: u32 = 1;
 
 /// [`SessionMeta::sample_mode`]: every packet is a candidate.
 pub const SAMPLE_ALL: u32 = 0;
@@ -343,8 +347,10 @@ pub struct SessionMeta {
     /// 1: no copy of a packet the parser could not finish (fail closed); 0: such a packet is
     /// copied when a rule might match it (fail open). Counted as `unparsed` either way.
     pub skip_unparsed: u32,
-    /// Keeps [`SessionMeta::rate`] 8-aligned without implicit padding.
-    pub reserved: u32,
+    /// 1 while `mirror-agent capture` watches the session: each copy the TC path clones is also
+    /// put into the ring, marked [`RING_WATCH_ONLY`] (ring targets' copies are there anyway).
+    /// Also keeps [`SessionMeta::rate`] 8-aligned without implicit padding.
+    pub watched: u32,
     /// This session's own limit.
     pub rate: RateLimit,
 }

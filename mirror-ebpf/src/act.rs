@@ -13,7 +13,8 @@ use aya_ebpf::{
 };
 use mirror_common::{
     COPY_COOKIE, COPY_COOKIE_CB, COPY_EGRESS_BIT, COPY_MARK, Direction, FLOW_HASH_CB,
-    MAX_COPIES_PER_PACKET, MAX_NESTING, MAX_RING_COPY, SessionMeta, TARGET_RING, TARGET_TUNNEL,
+    MAX_COPIES_PER_PACKET, MAX_NESTING, MAX_RING_COPY, RING_WATCH_ONLY, SessionMeta, TARGET_RING,
+    TARGET_TUNNEL,
 };
 
 use crate::{
@@ -36,6 +37,9 @@ pub enum NotSent {
 
 /// How a hook hands a copy of `len` bytes (at most) to its session's target.
 pub trait Sender: Packet + Sized {
+    /// Copies are clones made in the kernel, which a watcher only sees through the ring.
+    const CLONES: bool;
+
     fn deliver(
         &self,
         copy: Copy,
@@ -47,6 +51,8 @@ pub trait Sender: Packet + Sized {
 }
 
 impl Sender for TcContext {
+    const CLONES: bool = true;
+
     #[inline(always)]
     fn deliver(
         &self,
@@ -57,7 +63,7 @@ impl Sender for TcContext {
         flow_hash: u32,
     ) -> Result<(), NotSent> {
         if session.target_kind == TARGET_RING {
-            return ring::emit(self, copy, direction, len, flow_hash)
+            return ring::emit(self, copy, direction, len, flow_hash, 0)
                 .map(|_| ())
                 .map_err(|ring::NotQueued| NotSent::RingFull);
         }
@@ -97,6 +103,8 @@ impl Sender for TcContext {
 }
 
 impl Sender for XdpContext {
+    const CLONES: bool = false;
+
     /// XDP cannot clone: every copy goes through the ring.
     #[inline(always)]
     fn deliver(
@@ -107,7 +115,7 @@ impl Sender for XdpContext {
         len: u32,
         flow_hash: u32,
     ) -> Result<(), NotSent> {
-        ring::emit(self, copy, direction, len, flow_hash)
+        ring::emit(self, copy, direction, len, flow_hash, 0)
             .map(|_| ())
             .map_err(|ring::NotQueued| NotSent::RingFull)
     }
@@ -247,6 +255,22 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
             count::mirrored(copy.rule, copy.session, len);
             if truncated {
                 count::bump(copy.rule, copy.session, |c| &mut c.truncated);
+            }
+            // A clone's watchers get theirs through the ring; a ring copy is there already.
+            if P::CLONES
+                && session.watched != 0
+                && session.target_kind != TARGET_RING
+                && ring::emit(
+                    &ctx,
+                    copy,
+                    sending.direction,
+                    len,
+                    batch.flow_hash,
+                    RING_WATCH_ONLY,
+                )
+                .is_err()
+            {
+                count::bump(copy.rule, copy.session, |c| &mut c.watch_lost);
             }
         }
         Err(NotSent::Clone) => count::clone_error(copy.rule, copy.session),

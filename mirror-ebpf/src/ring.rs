@@ -36,7 +36,8 @@ const MACS_LEN: u32 = 12;
 pub struct NotQueued;
 
 /// Queues a copy of the first `len` bytes of the frame (at most [`MAX_RING_COPY`]), a VLAN tag
-/// held in skb metadata put back in its place. Returns how many bytes were queued.
+/// held in skb metadata put back in its place, with `flags` (`RingCopyHeader::flags`). Returns
+/// how many bytes were queued.
 #[inline(always)]
 pub fn emit<P: Packet>(
     ctx: &P,
@@ -44,6 +45,7 @@ pub fn emit<P: Packet>(
     direction: u32,
     len: u32,
     flow_hash: u32,
+    flags: u32,
 ) -> Result<u32, NotQueued> {
     let record = RING_SCRATCH.get_ptr_mut(0).ok_or(NotQueued)?;
     // SAFETY: this CPU's slot; the ring write below ends before anything else runs here.
@@ -61,7 +63,7 @@ pub fn emit<P: Packet>(
         orig_len,
         cap_len,
         flow_hash,
-        reserved: 0,
+        flags,
     };
     let total = size_of::<RingCopyHeader>() + cap_len as usize;
     // SAFETY: the record is plain bytes; `total` is at most its size (cap_len <= MAX_RING_COPY).

@@ -173,6 +173,17 @@ pub(crate) fn await_first_line(
     );
 }
 
+/// A child process killed on drop, so that a failing test leaves none behind.
+#[derive(Debug)]
+pub struct KilledOnDrop(pub Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The counter table the agent prints on exit.
 #[derive(Debug)]
 pub struct Report(pub String);

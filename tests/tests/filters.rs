@@ -15,8 +15,8 @@ use std::{
 };
 
 use mirror_tests::{
-    Capture, Flow, FrameSender, Lab, NODE_SRC_MAC, SRC_MAC, assert_same_frames, is_sentinel,
-    pcap_frames, shipped_capture, write_pcap,
+    Capture, Flow, FrameSender, KilledOnDrop, Lab, NODE_SRC_MAC, SRC_MAC, assert_same_frames,
+    is_sentinel, pcap_frames, shipped_capture, write_pcap,
 };
 
 /// Expression sessions per agent run: with the sentinel's session, the most copies one packet
@@ -371,16 +371,6 @@ fn expressions_copy_what_tcpdump_selects() {
         "only {splitting} of {} expressions select some frames but not all",
         expressions.len()
     );
-}
-
-/// A child process killed on drop, so that a failing test leaves none behind.
-struct KilledOnDrop(std::process::Child);
-
-impl Drop for KilledOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The quick form in the lab's node with `args` after its interface, hook and API socket.

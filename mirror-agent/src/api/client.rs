@@ -63,19 +63,35 @@ pub async fn stream_from(
     path: &str,
     mut line: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<()> {
+    let mut pending = Vec::new();
+    bytes_from(socket, path, |data| {
+        pending.extend_from_slice(data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let text: Vec<u8> = pending.drain(..=end).collect();
+            if !line(String::from_utf8_lossy(&text).trim_end()) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await
+}
+
+/// `GET path` on the agent's socket, handing the body's bytes to `chunk` as they come until it
+/// returns false (or fails) or the agent ends the stream.
+pub async fn bytes_from(
+    socket: &Path,
+    path: &str,
+    mut chunk: impl FnMut(&[u8]) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     use http_body_util::BodyExt as _;
     let mut response = request(socket, hyper::Method::GET, path).await?;
-    let mut pending = Vec::new();
     while let Some(frame) = response.body_mut().frame().await {
         let Ok(data) = frame?.into_data() else {
             continue;
         };
-        pending.extend_from_slice(&data);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let text: Vec<u8> = pending.drain(..=end).collect();
-            if !line(String::from_utf8_lossy(&text).trim_end()) {
-                return Ok(());
-            }
+        if !chunk(&data)? {
+            break;
         }
     }
     Ok(())

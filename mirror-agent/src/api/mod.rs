@@ -1,18 +1,20 @@
 //! The running agent's API. On a Unix socket (root only, mode 0600): `GET /status` and
 //! `GET /stats` (JSON), `GET /stats/stream?interval_ms=N` (one JSON line per interval, with
-//! per-session rates, until the agent stops), `GET /metrics` and `POST /reload`. On an optional
+//! per-session rates, until the agent stops), `GET /capture?session=NAME` (a live pcapng stream
+//! of the session's copies), `GET /metrics` and `POST /reload`. On an optional
 //! TCP address, for Prometheus and probes: `/metrics` (`OpenMetrics` text), `/healthz`, `/readyz`,
 //! and the read-only JSON routes only when asked for (they name pods, addresses and collectors).
 //! The CLI's `status`, `stats` and `reload` use the socket.
 //!
 //! Counters are read from the kernel at most once per [`READING_AGE`] for all readers together,
 //! off the runtime's thread, so that no number of readers can hold up a probe.
+mod capture;
 mod client;
 mod listen;
 mod metrics;
 mod state;
 
-pub use client::{get_from, post_to, stream_from};
+pub use client::{bytes_from, get_from, post_to, stream_from};
 pub use listen::{Limits, serve as serve_bounded};
 pub(crate) use metrics::counter_family;
 use state::direction_name;
@@ -62,6 +64,8 @@ pub struct Shared {
     stop: watch::Receiver<bool>,
     /// Where `POST /reload` asks the agent to reload; the answer is the new generation.
     reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// The live captures (`GET /capture`).
+    watchers: Arc<crate::watch::Watchers>,
 }
 
 /// A reload asked for on the API, and where its outcome goes.
@@ -72,6 +76,7 @@ impl Shared {
         applied: Applied,
         stop: watch::Receiver<bool>,
         reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+        watchers: Arc<crate::watch::Watchers>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             applied: Mutex::new(applied),
@@ -81,7 +86,14 @@ impl Shared {
             started: Instant::now(),
             stop,
             reload,
+            watchers,
         })
+    }
+
+    /// Marks in the kernel the sessions someone watches now (after a capture starts or ends,
+    /// and after a reload).
+    pub fn sync_watched(&self) {
+        self.applied().sync_watched(&self.watchers);
     }
 
     /// The applied configuration, locked (reloads and the follower change it).
@@ -167,6 +179,7 @@ impl Shared {
                 })
                 .collect(),
             pods: applied.pods.clone(),
+            captures: self.watchers.views(),
             tunnels: applied
                 .targets
                 .report()
@@ -235,6 +248,9 @@ pub struct Status {
     /// Where each tunnel session's copies leave now.
     #[serde(default)]
     pub tunnels: Vec<TunnelView>,
+    /// The live captures (`mirror-agent capture`) running now.
+    #[serde(default)]
+    pub captures: Vec<crate::watch::WatcherView>,
 }
 
 /// A tunnel session's path now: the underlay and next hop, or why there is none (its copies are
@@ -470,6 +486,7 @@ pub async fn serve_socket(
         .route("/stats", get(stats))
         .route("/stats/stream", get(stream))
         .route("/metrics", get(metrics))
+        .route("/capture", get(capture::capture))
         .route("/reload", axum::routing::post(reload))
         .with_state(shared);
     listen::serve(listener, app, Limits::NETWORK, stop).await;

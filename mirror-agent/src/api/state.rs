@@ -187,6 +187,16 @@ impl Applied {
         }
     }
 
+    /// Sets each session's `watched` flag in the kernel to whether `watchers` watch it.
+    pub fn sync_watched(&mut self, watchers: &crate::watch::Watchers) {
+        for (index, session) in self.view.sessions.iter().enumerate() {
+            let watched = watchers.watches(&session.name);
+            if let Err(e) = self.datapath.set_watched(index as u32, watched) {
+                tracing::warn!("session `{}`: (un)marking it watched: {e}", session.name);
+            }
+        }
+    }
+
     /// Per session, the (interface, direction) hooks it watches now: those of the plan, and those
     /// of interfaces that appeared or pods selected since.
     pub(super) fn session_hooks(&self) -> Vec<Vec<(String, String)>> {

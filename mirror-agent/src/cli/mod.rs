@@ -87,6 +87,74 @@ pub(crate) fn explain(plan: &Plan) -> String {
     out
 }
 
+/// `mirror-agent capture`: the session's live pcapng stream into `write` until the agent ends it
+/// (after `count` copies, or when it stops) or SIGINT/SIGTERM.
+pub(crate) async fn capture(
+    socket: &std::path::Path,
+    session: &str,
+    write: &std::path::Path,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("session", session);
+    if let Some(count) = count {
+        query.append_pair("count", &count.to_string());
+    }
+    let path = format!("/capture?{}", query.finish());
+    let mut out = crate::capture::create_output(write)?;
+    let mut bytes = 0u64;
+    // Whole blocks only: an interrupted capture still ends where a reader expects.
+    let mut pending = Vec::new();
+    let stream = api::bytes_from(socket, &path, |chunk| {
+        pending.extend_from_slice(chunk);
+        let whole = whole_blocks(&pending);
+        out.write_all(&pending[..whole])
+            .with_context(|| format!("writing {}", write.display()))?;
+        pending.drain(..whole);
+        bytes += whole as u64;
+        Ok(true)
+    });
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        ended = stream => ended?,
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", write.display()))?;
+    eprintln!("mirror-agent capture: session `{session}`: {bytes} bytes of pcapng");
+    Ok(())
+}
+
+/// How many bytes at the start of `stream` (pcapng, from its section header on) are whole
+/// blocks. The section header's byte-order magic tells how the lengths are written.
+fn whole_blocks(stream: &[u8]) -> usize {
+    const BYTE_ORDER_MAGIC: u32 = 0x1a2b_3c4d;
+    let word = |at: usize, big: bool| {
+        let bytes: [u8; 4] = stream.get(at..at + 4)?.try_into().ok()?;
+        Some(if big {
+            u32::from_be_bytes(bytes)
+        } else {
+            u32::from_le_bytes(bytes)
+        })
+    };
+    let Some(big) = word(8, true).map(|magic| magic == BYTE_ORDER_MAGIC) else {
+        return 0;
+    };
+    let mut whole = 0;
+    // A block's total length is its second word (at least 12 bytes: type, length, length).
+    while let Some(len) = word(whole + 4, big).filter(|len| *len >= 12) {
+        let end = whole + len as usize;
+        if end > stream.len() {
+            break;
+        }
+        whole = end;
+    }
+    whole
+}
+
 /// `mirror-agent status`.
 pub(crate) async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let body = api::get_from(socket, "/status").await?;
@@ -267,6 +335,35 @@ fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) ->
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_capture_is_written_in_whole_blocks() {
+        let mut pcapng = crate::capture::PcapNgStream::new(Vec::new()).expect("header");
+        let header_len = pcapng.out().len();
+        for frame in [[1u8; 60], [2; 60]] {
+            pcapng
+                .write(
+                    1,
+                    || "eth0 ingress".into(),
+                    std::time::Duration::ZERO,
+                    &frame,
+                    60,
+                )
+                .expect("frame");
+        }
+        let stream = pcapng.out().clone();
+        assert_eq!(super::whole_blocks(&stream), stream.len());
+        // Cut anywhere, the whole blocks before the cut are kept and nothing after.
+        let ends: Vec<usize> = (0..=stream.len())
+            .map(|cut| super::whole_blocks(&stream[..cut]))
+            .collect();
+        assert_eq!(ends[header_len - 1], 0);
+        assert_eq!(ends[header_len], header_len);
+        assert!(ends.windows(2).all(|w| w[0] <= w[1]));
+        assert!(ends.iter().enumerate().all(|(cut, end)| *end <= cut));
+        let boundaries: std::collections::BTreeSet<usize> = ends.into_iter().collect();
+        assert_eq!(boundaries.len(), 5, "header, interface, two packets, and 0");
+    }
+
     #[test]
     fn the_stats_table_fits_long_session_names() {
         let session = |name: &str| crate::api::SessionStats {

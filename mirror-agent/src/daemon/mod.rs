@@ -18,7 +18,7 @@ use crate::{
     config::LoadedConfig,
     config::PodSelector,
     datapath::Datapath,
-    emit::{Drain, Files},
+    emit::{Drain, Outputs},
     follow::{self, Follow},
     pods::{self, Placement, PodView, PodWatch},
     rules::{self, Plan, Target},
@@ -154,8 +154,8 @@ struct Daemon<'a> {
     shared: Arc<Shared>,
     /// The applied plan (without its compiled tables).
     plan: Plan,
-    /// The capture files of file targets, across reloads.
-    files: Arc<Files>,
+    /// The capture files of file targets and the live captures' watchers, across reloads.
+    outputs: Arc<Outputs>,
     /// The node's pods, once a configuration has a pod-selector session.
     pods: Option<PodWatch>,
     /// Where each pod a session selects was found last (reported when it changes).
@@ -184,14 +184,14 @@ async fn serve(
         Some(address) => Some(api::bind_metrics(address).await?),
         None => None,
     };
-    let files = Arc::new(Files::default());
+    let outputs = Arc::new(Outputs::default());
     let mut pods = None;
     let plan = if selects_pods(loaded) {
         plan_with_pods(loaded, &mut pods, options).await?
     } else {
         plan
     };
-    let prepared = start(plan, options, &files).await?;
+    let prepared = start(plan, options, &outputs).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
     let shared = Shared::new(
@@ -204,12 +204,13 @@ async fn serve(
         ),
         stopped.clone(),
         reload_requests,
+        outputs.watchers.clone(),
     );
     let mut daemon = Daemon {
         options,
         shared: shared.clone(),
         plan: prepared.plan,
-        files,
+        outputs,
         pods,
         placements: BTreeMap::new(),
     };
@@ -264,7 +265,7 @@ async fn serve(
 
 /// The first configuration: attached afresh, or in pinned mode taking over what an earlier agent
 /// left in the pin directory.
-async fn start(plan: Plan, options: &Options, files: &Files) -> anyhow::Result<Prepared> {
+async fn start(plan: Plan, options: &Options, outputs: &Outputs) -> anyhow::Result<Prepared> {
     let (generation, previous) = match &options.pin_dir {
         Some(dir) => Datapath::adopt_pins(dir).context("taking over the pinned programs")?,
         None => (0, Vec::new()),
@@ -284,7 +285,7 @@ async fn start(plan: Plan, options: &Options, files: &Files) -> anyhow::Result<P
         plan,
         generation + 1,
         options,
-        files,
+        outputs,
         |datapath, plan, finishing| {
             datapath
                 .attach(plan, finishing, previous)
@@ -301,7 +302,7 @@ async fn prepare(
     mut plan: Plan,
     generation: u64,
     options: &Options,
-    files: &Files,
+    outputs: &Outputs,
     attach: impl FnOnce(
         &mut Datapath,
         &Plan,
@@ -333,7 +334,12 @@ async fn prepare(
         options.pin_dir.as_deref(),
     )?;
     // The drain runs before anything is attached: no copy waits in a full ring.
-    let drain = Drain::start(datapath.take_ring()?, &plan, files, options.stop_after)?;
+    let drain = Some(Drain::start(
+        datapath.take_ring()?,
+        &plan,
+        outputs,
+        options.stop_after,
+    )?);
     attach(&mut datapath, &plan, &finishing)?;
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
@@ -416,7 +422,7 @@ impl Daemon<'_> {
             plan,
             generation,
             self.options,
-            &self.files,
+            &self.outputs,
             |datapath, plan, finishing| {
                 let mut applied = shared.applied();
                 let previous = applied.datapath.take_links();
@@ -443,7 +449,9 @@ impl Daemon<'_> {
         // The old object (programs, maps) is freed outside the lock, once its drain has sent
         // what its ring still held.
         drop(replaced);
-        if let Err(e) = self.files.close_unused(Some(&prepared.plan)) {
+        // Watched sessions have new entries (and maybe other indices) now.
+        self.shared.sync_watched();
+        if let Err(e) = self.outputs.files.close_unused(Some(&prepared.plan)) {
             tracing::warn!("closing capture files no longer written: {e:#}");
         }
         self.plan = prepared.plan;
@@ -566,7 +574,7 @@ impl Daemon<'_> {
             options,
             shared,
             plan: _,
-            files,
+            outputs,
             pods,
             placements: _,
         } = self;
@@ -578,12 +586,15 @@ impl Daemon<'_> {
         let (emitted, interfaces) = {
             let mut applied = shared.applied();
             applied.datapath.stop();
-            let emitted = applied.drain.take().map(Drain::finish);
+            let emitted = applied.drain.take().and_then(Drain::finish);
             // Where the targets are now (an interface created again has another index; one
             // that is gone has no counters to show).
             (emitted, applied.targets.sending_interfaces())
         };
-        let closed = files.close_unused(None).context("closing capture files");
+        let closed = outputs
+            .files
+            .close_unused(None)
+            .context("closing capture files");
         let losses = tunnel::tx_losses(interfaces).await;
         let report = report::report(&shared.applied(), emitted.as_deref(), &losses);
         closed?;

@@ -128,11 +128,33 @@ impl Datapath {
         self.attach_new(Hook::Copy, interface)
     }
 
-    /// Rewrites a session's `SESSIONS` entry (a tunnel's size limit follows its path).
+    /// Rewrites a session's `SESSIONS` entry (a tunnel's size limit follows its path), keeping
+    /// its `watched` flag.
     pub fn set_session(&mut self, session: u32, meta: &SessionMeta) -> Result<(), DatapathError> {
+        self.change_session(session, |entry| {
+            *entry = SessionMeta {
+                watched: entry.watched,
+                ..*meta
+            };
+        })
+    }
+
+    /// Turns on or off the copies a session's TC path puts into the ring for `capture`
+    /// watchers.
+    pub fn set_watched(&mut self, session: u32, watched: bool) -> Result<(), DatapathError> {
+        self.change_session(session, |entry| entry.watched = u32::from(watched))
+    }
+
+    fn change_session(
+        &mut self,
+        session: u32,
+        change: impl FnOnce(&mut SessionMeta),
+    ) -> Result<(), DatapathError> {
         let mut array = Array::<_, SessionMeta>::try_from(map(&mut self.ebpf, SESSIONS_MAP)?)
             .map_err(map_err(SESSIONS_MAP))?;
-        array.set(session, meta, 0).map_err(map_err(SESSIONS_MAP))
+        let mut entry = array.get(&session, 0).map_err(map_err(SESSIONS_MAP))?;
+        change(&mut entry);
+        array.set(session, entry, 0).map_err(map_err(SESSIONS_MAP))
     }
 
     /// Writes a tunnel session's hop and outer header (replacing the entry whole).

@@ -1,0 +1,185 @@
+//! Live captures (`mirror-agent capture`): watchers of a session's copies. The ring drain offers
+//! each copy of a watched session to its watchers, each through a bounded queue of its own: a
+//! watcher that does not keep up loses copies (counted), and neither the drain nor the datapath
+//! ever waits for it. With no watcher, the drain checks one atomic per copy and the datapath
+//! nothing more (the session's `watched` flag is off).
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// Watchers at once, across sessions.
+pub const MAX_WATCHERS: usize = 8;
+/// Copies a watcher may have waiting; more are lost (counted).
+pub const QUEUE_COPIES: usize = 4096;
+
+/// A copy for a watcher.
+#[derive(Debug)]
+pub struct Watched {
+    /// The interface and hook, as a key (ifindex and direction) and as words.
+    pub interface: u64,
+    pub interface_name: Arc<str>,
+    pub timestamp: Duration,
+    pub orig_len: u32,
+    pub frame: Vec<u8>,
+}
+
+/// One watcher: its session, its queue and what it got and lost.
+#[derive(Debug)]
+pub struct Watcher {
+    pub id: u64,
+    pub session: String,
+    queue: mpsc::Sender<Watched>,
+    sent: AtomicU64,
+    lost: AtomicU64,
+}
+
+/// What `/status` shows of a watcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatcherView {
+    pub session: String,
+    /// Copies queued for it.
+    pub copies: u64,
+    /// Copies lost because its queue was full (it did not read fast enough).
+    pub lost: u64,
+}
+
+/// The watchers of every session, shared by the API (which adds and removes them) and the ring
+/// drain (which feeds them).
+#[derive(Debug, Default)]
+pub struct Watchers {
+    list: Mutex<Vec<Arc<Watcher>>>,
+    /// `list.len()`, read by the drain without the lock.
+    active: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// Already [`MAX_WATCHERS`] watchers.
+#[derive(Debug, thiserror::Error)]
+#[error("{MAX_WATCHERS} captures are running already: stop one first")]
+pub struct TooMany;
+
+impl Watchers {
+    /// A new watcher of `session`, and where its copies arrive.
+    pub fn add(&self, session: &str) -> Result<(Arc<Watcher>, mpsc::Receiver<Watched>), TooMany> {
+        let mut list = self.lock();
+        if list.len() >= MAX_WATCHERS {
+            return Err(TooMany);
+        }
+        let (queue, copies) = mpsc::channel(QUEUE_COPIES);
+        let watcher = Arc::new(Watcher {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            session: session.to_owned(),
+            queue,
+            sent: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        });
+        list.push(watcher.clone());
+        self.active.store(list.len(), Ordering::Release);
+        Ok((watcher, copies))
+    }
+
+    /// Removes the watcher `id`; whether it was there.
+    pub fn remove(&self, id: u64) -> bool {
+        let mut list = self.lock();
+        let before = list.len();
+        list.retain(|w| w.id != id);
+        self.active.store(list.len(), Ordering::Release);
+        list.len() != before
+    }
+
+    /// Whether anyone watches `session`.
+    pub fn watches(&self, session: &str) -> bool {
+        self.active.load(Ordering::Acquire) != 0 && self.lock().iter().any(|w| w.session == session)
+    }
+
+    /// Hands a copy of `session` to each of its watchers (made by `copy` only if there is one);
+    /// a full queue loses it.
+    pub fn offer(&self, session: &str, mut copy: impl FnMut() -> Watched) {
+        if self.active.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        for watcher in self.lock().iter().filter(|w| w.session == session) {
+            match watcher.queue.try_send(copy()) {
+                Ok(()) => watcher.sent.fetch_add(1, Ordering::Relaxed),
+                Err(_) => watcher.lost.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+
+    pub fn views(&self) -> Vec<WatcherView> {
+        self.lock()
+            .iter()
+            .map(|w| WatcherView {
+                session: w.session.clone(),
+                copies: w.sent.load(Ordering::Relaxed),
+                lost: w.lost.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Watcher>>> {
+        self.list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Watcher {
+    /// (copies queued, copies lost) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy() -> Watched {
+        Watched {
+            interface: 1,
+            interface_name: "eth0 ingress".into(),
+            timestamp: Duration::ZERO,
+            orig_len: 60,
+            frame: vec![0; 60],
+        }
+    }
+
+    #[test]
+    fn a_watcher_that_does_not_read_loses_copies_and_holds_nobody_up() {
+        let watchers = Watchers::default();
+        let (slow, _unread) = watchers.add("a").expect("room");
+        let (other, mut read) = watchers.add("b").expect("room");
+        for _ in 0..QUEUE_COPIES + 10 {
+            watchers.offer("a", copy);
+            watchers.offer("b", copy);
+            while read.try_recv().is_ok() {}
+        }
+        assert_eq!(slow.counts(), (QUEUE_COPIES as u64, 10));
+        assert_eq!(other.counts(), (QUEUE_COPIES as u64 + 10, 0));
+        assert!(watchers.watches("a") && !watchers.watches("c"));
+        assert!(watchers.remove(slow.id) && !watchers.remove(slow.id));
+        assert!(!watchers.watches("a"));
+    }
+
+    #[test]
+    fn watchers_are_bounded() {
+        let watchers = Watchers::default();
+        let added: Vec<_> = (0..MAX_WATCHERS)
+            .map(|_| watchers.add("a").expect("room"))
+            .collect();
+        assert!(watchers.add("a").is_err());
+        watchers.remove(added[0].0.id);
+        assert!(watchers.add("a").is_ok());
+    }
+}

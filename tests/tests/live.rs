@@ -1,0 +1,182 @@
+//! Live captures from a running agent (`mirror-agent capture`): two watchers of a TC session get
+//! its copies byte for byte as pcapng while the target still gets every copy; a watcher that
+//! stops reading loses copies (counted) and holds up neither the target nor the agent.
+use std::{
+    io::{Read as _, Write as _},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use mirror_tests::{
+    Capture, FrameSender, KilledOnDrop, Lab, NODE_SRC_MAC, SENTINEL_RULE, SRC_MAC, api_get,
+    assert_same_frames, capture_file_frames, is_sentinel, shipped_capture, wait_for,
+};
+
+/// An agent config: session `t` on src0's ingress, copying DNS (and the sentinel) to mir0, its
+/// API on `socket`.
+fn config(socket: &Path) -> String {
+    format!(
+        "api_socket = \"{}\"\n[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\n\
+         direction = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n{SENTINEL_RULE}\
+         [[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\nport = 53\n",
+        socket.display()
+    )
+}
+
+/// The live captures `/status` lists: (session, copies, lost) each.
+fn captures(socket: &Path) -> Vec<(String, u64, u64)> {
+    let status: serde_json::Value =
+        serde_json::from_str(&api_get(socket.to_str().expect("path"), "/status")).expect("JSON");
+    status["captures"]
+        .as_array()
+        .expect("captures")
+        .iter()
+        .map(|c| {
+            (
+                c["session"].as_str().expect("session").to_owned(),
+                c["copies"].as_u64().expect("copies"),
+                c["lost"].as_u64().expect("lost"),
+            )
+        })
+        .collect()
+}
+
+fn watch(socket: &Path, file: &Path) -> KilledOnDrop {
+    KilledOnDrop(
+        Command::new(mirror_tests::agent_binary())
+            .args(["capture", "--session", "t", "--api-socket"])
+            .arg(socket)
+            .arg("-w")
+            .arg(file)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mirror-agent capture"),
+    )
+}
+
+#[test]
+fn two_watchers_get_a_sessions_copies_while_its_target_does() {
+    let lab = Lab::new("live");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let agent = lab.start_agent(&config(&socket));
+    let files = [dir.path().join("one.pcapng"), dir.path().join("two.pcapng")];
+    let mut watchers: Vec<KilledOnDrop> = files.iter().map(|f| watch(&socket, f)).collect();
+    wait_for("two captures", || captures(&socket).len() == 2);
+
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let frames = shipped_capture("dns_icmp.pcap");
+    for frame in &frames {
+        sender.send(frame);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let at_target = copies.bytes_until_sentinel();
+    let dns: Vec<Vec<u8>> = frames
+        .iter()
+        .filter(|f| {
+            let flow = mirror_tests::Flow::of(f);
+            flow.proto == Some(17) && (flow.src_port == Some(53) || flow.dst_port == Some(53))
+        })
+        .cloned()
+        .collect();
+    assert!(dns.len() >= 5, "{} DNS frames", dns.len());
+    assert_same_frames("at the target", at_target, dns.clone());
+    // Every copy and the sentinel's reach both watchers.
+    wait_for("the watchers' copies", || {
+        captures(&socket)
+            .iter()
+            .all(|(_, copies, _)| *copies == dns.len() as u64 + 1)
+    });
+    wait_for("the copies in the files", || {
+        files
+            .iter()
+            .all(|f| f.exists() && capture_file_frames(f).len() == dns.len() + 1)
+    });
+    for watcher in &mut watchers {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(watcher.0.id()).expect("pid"), libc::SIGINT) };
+    }
+    for watcher in &mut watchers {
+        let mut status = None;
+        wait_for("the capture to end on SIGINT", || {
+            status = watcher.0.try_wait().expect("capture status");
+            status.is_some()
+        });
+        let mut stderr = String::new();
+        watcher
+            .0
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("stderr");
+        assert!(status.is_some_and(|s| s.success()), "{stderr}");
+    }
+    for file in &files {
+        let frames = capture_file_frames(file);
+        assert!(
+            frames
+                .iter()
+                .all(|(name, _)| name.as_deref() == Some("src0 ingress")),
+            "{frames:?}"
+        );
+        let copies: Vec<Vec<u8>> = frames
+            .into_iter()
+            .map(|(_, f)| f)
+            .filter(|f| !is_sentinel(f))
+            .collect();
+        assert_eq!(copies, dns, "in order, byte for byte");
+        // tshark reads what an interrupted capture wrote.
+        mirror_tests::run("tshark", &["-r", file.to_str().expect("path"), "-c", "1"]);
+    }
+    wait_for("the captures to be gone", || captures(&socket).is_empty());
+    let report = agent.stop();
+    assert_eq!(report.session("t").mirrored, dns.len() as u64 + 1);
+    assert_eq!(report.rule("t", "10").watch_lost, 0);
+}
+
+#[test]
+fn a_watcher_that_stops_reading_loses_copies_and_holds_nothing_up() {
+    let lab = Lab::new("stuck");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let agent = lab.start_agent(&config(&socket));
+    // A client that asks for the stream and never reads it.
+    let mut stuck = std::os::unix::net::UnixStream::connect(&socket).expect("the API socket");
+    write!(
+        stuck,
+        "GET /capture?session=t HTTP/1.1\r\nhost: agent\r\n\r\n"
+    )
+    .expect("request");
+    wait_for("the capture", || captures(&socket).len() == 1);
+
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let dns = shipped_capture("dns_icmp.pcap")
+        .into_iter()
+        .find(|f| mirror_tests::Flow::of(f).dst_port == Some(53))
+        .expect("a DNS query");
+    let sent = 12_000;
+    for _ in 0..sent {
+        sender.send(&dns);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    // The target got every copy, whatever the watcher did.
+    let at_target = copies.bytes_until_sentinel();
+    assert_eq!(at_target.len(), sent);
+    wait_for("the copies offered to the watcher", || {
+        captures(&socket)
+            .first()
+            .is_some_and(|(_, copies, lost)| copies + lost == sent as u64 + 1)
+    });
+    let (_, queued, lost) = captures(&socket)[0].clone();
+    assert!(lost > 0 && queued > 0, "queued {queued}, lost {lost}");
+    // The API still answers, and a stop is not held up by the stuck client.
+    assert!(api_get(socket.to_str().expect("path"), "/stats").contains("\"t\""));
+    let (report, took) = agent.stop_within(libc::SIGTERM, Duration::from_secs(5));
+    assert_eq!(report.session("t").mirrored, sent as u64 + 1);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    drop(stuck);
+}
