@@ -4,7 +4,7 @@
 //! of the session's copies), `GET /metrics` and `POST /reload`. On an optional
 //! TCP address, for Prometheus and probes: `/metrics` (`OpenMetrics` text), `/healthz`, `/readyz`,
 //! and the read-only JSON routes only when asked for (they name pods, addresses and collectors).
-//! The CLI's `status`, `stats` and `reload` use the socket.
+//! The CLI's `status`, `stats`, `reload` and `capture` use the socket.
 //!
 //! Counters are read from the kernel at most once per [`READING_AGE`] for all readers together,
 //! off the runtime's thread, so that no number of readers can hold up a probe.
