@@ -312,7 +312,7 @@ fn drain(mut ring: RingBuf<MapData>, mut targets: Targets, stop: &AtomicBool) {
             let session = header.session as usize;
             let interface = interface_key(header.ifindex, header.direction);
             if let Some(name) = targets.sessions.get(session) {
-                targets.watchers.offer(name, || Watched {
+                targets.watchers.offer(name, frame, || Watched {
                     interface,
                     interface_name: described
                         .entry(interface)

@@ -82,6 +82,10 @@ enum Command {
         /// The session whose copies to watch (`mirror-agent status` lists them).
         #[arg(long)]
         session: String,
+        /// Only the copies this tcpdump filter expression selects, e.g. 'tcp port 443' (the
+        /// words are joined; read by the agent in userspace, the session's target is unchanged).
+        #[arg(value_name = "FILTER")]
+        filter: Vec<String>,
         /// Where the pcapng stream goes: a new file, or `-` for standard output.
         #[arg(short = 'w', long = "write", value_name = "FILE", default_value = "-")]
         write: PathBuf,
@@ -461,10 +465,17 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Capture {
             session,
+            filter,
             write,
             count,
             api_socket,
-        } => runtime()?.block_on(cli::capture(&api_socket, &session, &write, count)),
+        } => runtime()?.block_on(cli::capture(
+            &api_socket,
+            &session,
+            &filter.join(" "),
+            &write,
+            count,
+        )),
         Command::Status { api_socket, json } => {
             runtime()?.block_on(cli::show_status(&api_socket, json))
         }

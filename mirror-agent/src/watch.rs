@@ -14,6 +14,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::{filter::Filter, rules::Header};
+
 /// Watchers at once, across sessions.
 pub const MAX_WATCHERS: usize = 8;
 /// Copies a watcher may have waiting; more are lost (counted).
@@ -35,6 +37,9 @@ pub struct Watched {
 pub struct Watcher {
     pub id: u64,
     pub session: String,
+    /// Only the copies this filter selects (tcpdump's language, read in userspace).
+    filter: Option<Filter>,
+    filter_text: Option<String>,
     queue: mpsc::Sender<Watched>,
     sent: AtomicU64,
     lost: AtomicU64,
@@ -44,6 +49,9 @@ pub struct Watcher {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatcherView {
     pub session: String,
+    /// The watcher's filter expression, if it has one.
+    #[serde(default)]
+    pub filter: Option<String>,
     /// Copies queued for it.
     pub copies: u64,
     /// Copies lost because its queue was full (it did not read fast enough).
@@ -66,8 +74,13 @@ pub struct Watchers {
 pub struct TooMany;
 
 impl Watchers {
-    /// A new watcher of `session`, and where its copies arrive.
-    pub fn add(&self, session: &str) -> Result<(Arc<Watcher>, mpsc::Receiver<Watched>), TooMany> {
+    /// A new watcher of `session` (of the copies `filter` selects), and where its copies
+    /// arrive.
+    pub fn add(
+        &self,
+        session: &str,
+        filter: Option<(String, Filter)>,
+    ) -> Result<(Arc<Watcher>, mpsc::Receiver<Watched>), TooMany> {
         let mut list = self.lock();
         if list.len() >= MAX_WATCHERS {
             return Err(TooMany);
@@ -76,6 +89,8 @@ impl Watchers {
         let watcher = Arc::new(Watcher {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             session: session.to_owned(),
+            filter_text: filter.as_ref().map(|(text, _)| text.clone()),
+            filter: filter.map(|(_, filter)| filter),
             queue,
             sent: AtomicU64::new(0),
             lost: AtomicU64::new(0),
@@ -99,13 +114,19 @@ impl Watchers {
         self.active.load(Ordering::Acquire) != 0 && self.lock().iter().any(|w| w.session == session)
     }
 
-    /// Hands a copy of `session` to each of its watchers (made by `copy` only if there is one);
-    /// a full queue loses it.
-    pub fn offer(&self, session: &str, mut copy: impl FnMut() -> Watched) {
+    /// Hands a copy of `session`, of `frame`, to each of its watchers whose filter selects it
+    /// (made by `copy` only then); a full queue loses it.
+    pub fn offer(&self, session: &str, frame: &[u8], mut copy: impl FnMut() -> Watched) {
         if self.active.load(Ordering::Acquire) == 0 {
             return;
         }
+        let mut header = None;
         for watcher in self.lock().iter().filter(|w| w.session == session) {
+            if let Some(filter) = &watcher.filter
+                && !filter.selects(header.get_or_insert_with(|| Header::of_frame(frame)))
+            {
+                continue;
+            }
             match watcher.queue.try_send(copy()) {
                 Ok(()) => watcher.sent.fetch_add(1, Ordering::Relaxed),
                 Err(_) => watcher.lost.fetch_add(1, Ordering::Relaxed),
@@ -118,6 +139,7 @@ impl Watchers {
             .iter()
             .map(|w| WatcherView {
                 session: w.session.clone(),
+                filter: w.filter_text.clone(),
                 copies: w.sent.load(Ordering::Relaxed),
                 lost: w.lost.load(Ordering::Relaxed),
             })
@@ -158,11 +180,11 @@ mod tests {
     #[test]
     fn a_watcher_that_does_not_read_loses_copies_and_holds_nobody_up() {
         let watchers = Watchers::default();
-        let (slow, _unread) = watchers.add("a").expect("room");
-        let (other, mut read) = watchers.add("b").expect("room");
+        let (slow, _unread) = watchers.add("a", None).expect("room");
+        let (other, mut read) = watchers.add("b", None).expect("room");
         for _ in 0..QUEUE_COPIES + 10 {
-            watchers.offer("a", copy);
-            watchers.offer("b", copy);
+            watchers.offer("a", &[], copy);
+            watchers.offer("b", &[], copy);
             while read.try_recv().is_ok() {}
         }
         assert_eq!(slow.counts(), (QUEUE_COPIES as u64, 10));
@@ -176,10 +198,10 @@ mod tests {
     fn watchers_are_bounded() {
         let watchers = Watchers::default();
         let added: Vec<_> = (0..MAX_WATCHERS)
-            .map(|_| watchers.add("a").expect("room"))
+            .map(|_| watchers.add("a", None).expect("room"))
             .collect();
-        assert!(watchers.add("a").is_err());
+        assert!(watchers.add("a", None).is_err());
         watchers.remove(added[0].0.id);
-        assert!(watchers.add("a").is_ok());
+        assert!(watchers.add("a", None).is_ok());
     }
 }

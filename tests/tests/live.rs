@@ -42,17 +42,49 @@ fn captures(socket: &Path) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
-fn watch(socket: &Path, file: &Path) -> KilledOnDrop {
+/// `mirror-agent capture` of session `t` into `file`, with the words of a filter.
+fn capture_command(socket: &Path, file: &Path, filter: &[&str]) -> Command {
+    let mut command = Command::new(mirror_tests::agent_binary());
+    command
+        .args(["capture", "--session", "t", "--api-socket"])
+        .arg(socket)
+        .arg("-w")
+        .arg(file)
+        .args(filter);
+    command
+}
+
+fn watch(socket: &Path, file: &Path, filter: &[&str]) -> KilledOnDrop {
     KilledOnDrop(
-        Command::new(mirror_tests::agent_binary())
-            .args(["capture", "--session", "t", "--api-socket"])
-            .arg(socket)
-            .arg("-w")
-            .arg(file)
+        capture_command(socket, file, filter)
             .stderr(Stdio::piped())
             .spawn()
             .expect("mirror-agent capture"),
     )
+}
+
+/// SIGINT to each capture, which must end cleanly.
+fn interrupt(watchers: &mut [KilledOnDrop]) {
+    for watcher in watchers.iter_mut() {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(watcher.0.id()).expect("pid"), libc::SIGINT) };
+    }
+    for watcher in watchers.iter_mut() {
+        let mut status = None;
+        wait_for("the capture to end on SIGINT", || {
+            status = watcher.0.try_wait().expect("capture status");
+            status.is_some()
+        });
+        let mut stderr = String::new();
+        watcher
+            .0
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("stderr");
+        assert!(status.is_some_and(|s| s.success()), "{stderr}");
+    }
 }
 
 #[test]
@@ -62,8 +94,22 @@ fn two_watchers_get_a_sessions_copies_while_its_target_does() {
     let socket = dir.path().join("agent.sock");
     let agent = lab.start_agent(&config(&socket));
     let files = [dir.path().join("one.pcapng"), dir.path().join("two.pcapng")];
-    let mut watchers: Vec<KilledOnDrop> = files.iter().map(|f| watch(&socket, f)).collect();
-    wait_for("two captures", || captures(&socket).len() == 2);
+    let mut watchers: Vec<KilledOnDrop> = files.iter().map(|f| watch(&socket, f, &[])).collect();
+    // A third watches the answers only: its filter is read in userspace.
+    let answers_file = dir.path().join("answers.pcapng");
+    watchers.push(watch(&socket, &answers_file, &["udp", "src", "port", "53"]));
+    wait_for("three captures", || captures(&socket).len() == 3);
+    // A filter outside the language is refused with its column, and no file is made.
+    let refused_file = dir.path().join("refused.pcapng");
+    let refused = capture_command(&socket, &refused_file, &["tcp[13]", "&", "2", "!=", "0"])
+        .output()
+        .expect("refused capture");
+    assert!(!refused.status.success() && !refused_file.exists());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("column 4"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     let copies = Capture::open(&lab.mon, "eth0");
     let sender = FrameSender::open(&lab.src, "eth0");
@@ -83,37 +129,34 @@ fn two_watchers_get_a_sessions_copies_while_its_target_does() {
         .collect();
     assert!(dns.len() >= 5, "{} DNS frames", dns.len());
     assert_same_frames("at the target", at_target, dns.clone());
-    // Every copy and the sentinel's reach both watchers.
+    let answers: Vec<Vec<u8>> = dns
+        .iter()
+        .filter(|f| mirror_tests::Flow::of(f).src_port == Some(53))
+        .cloned()
+        .collect();
+    assert!(!answers.is_empty() && answers.len() < dns.len());
+    // Every copy and the sentinel's reach the first two watchers, the answers the third.
     wait_for("the watchers' copies", || {
-        captures(&socket)
-            .iter()
-            .all(|(_, copies, _)| *copies == dns.len() as u64 + 1)
+        let mut counts: Vec<u64> = captures(&socket).iter().map(|c| c.1).collect();
+        counts.sort_unstable();
+        counts
+            == [
+                answers.len() as u64,
+                dns.len() as u64 + 1,
+                dns.len() as u64 + 1,
+            ]
     });
     wait_for("the copies in the files", || {
         files
             .iter()
             .all(|f| f.exists() && capture_file_frames(f).len() == dns.len() + 1)
     });
-    for watcher in &mut watchers {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(i32::try_from(watcher.0.id()).expect("pid"), libc::SIGINT) };
-    }
-    for watcher in &mut watchers {
-        let mut status = None;
-        wait_for("the capture to end on SIGINT", || {
-            status = watcher.0.try_wait().expect("capture status");
-            status.is_some()
-        });
-        let mut stderr = String::new();
-        watcher
-            .0
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut stderr)
-            .expect("stderr");
-        assert!(status.is_some_and(|s| s.success()), "{stderr}");
-    }
+    interrupt(&mut watchers);
+    let answered: Vec<Vec<u8>> = capture_file_frames(&answers_file)
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(answered, answers);
     for file in &files {
         let frames = capture_file_frames(file);
         assert!(

@@ -1,5 +1,5 @@
-//! `GET /capture?session=NAME[&count=N]` (the socket only): a live pcapng stream of a session's
-//! copies, one interface block per interface and hook, until the client goes, the count is
+//! `GET /capture?session=NAME[&filter=EXPR][&count=N]` (the socket only): a live pcapng stream of
+//! a session's copies (those a tcpdump expression selects), one interface block per interface and hook, until the client goes, the count is
 //! reached or the agent stops. The session is marked watched in the kernel while anyone watches
 //! it (see [`crate::watch`]).
 use std::sync::Arc;
@@ -21,6 +21,8 @@ use crate::{
 #[derive(Debug, Deserialize)]
 pub(super) struct CaptureQuery {
     session: String,
+    /// Only the copies this tcpdump expression selects.
+    filter: Option<String>,
     /// Stop after this many copies.
     count: Option<u64>,
 }
@@ -65,7 +67,17 @@ pub(super) async fn capture(
         )
             .into_response();
     }
-    let (watcher, copies) = match shared.watchers.add(&query.session) {
+    let filter = match query.filter.filter(|text| !text.trim().is_empty()) {
+        Some(text) => match crate::filter::compile(&text) {
+            Ok(filter) => Some((text, filter)),
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, format!("filter `{text}`: {e}\n"))
+                    .into_response();
+            }
+        },
+        None => None,
+    };
+    let (watcher, copies) = match shared.watchers.add(&query.session, filter) {
         Ok(added) => added,
         Err(too_many) => {
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{too_many}\n")).into_response();

@@ -92,24 +92,33 @@ pub(crate) fn explain(plan: &Plan) -> String {
 pub(crate) async fn capture(
     socket: &std::path::Path,
     session: &str,
+    filter: &str,
     write: &std::path::Path,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("session", session);
+    if !filter.is_empty() {
+        query.append_pair("filter", filter);
+    }
     if let Some(count) = count {
         query.append_pair("count", &count.to_string());
     }
     let path = format!("/capture?{}", query.finish());
-    let mut out = crate::capture::create_output(write)?;
+    // Created once the agent has said yes: a refused capture leaves no file behind.
+    let mut out = None;
     let mut bytes = 0u64;
     // Whole blocks only: an interrupted capture still ends where a reader expects.
     let mut pending = Vec::new();
     let stream = api::bytes_from(socket, &path, |chunk| {
+        let file = match &mut out {
+            Some(file) => file,
+            None => out.insert(crate::capture::create_output(write)?),
+        };
         pending.extend_from_slice(chunk);
         let whole = whole_blocks(&pending);
-        out.write_all(&pending[..whole])
+        file.write_all(&pending[..whole])
             .with_context(|| format!("writing {}", write.display()))?;
         pending.drain(..whole);
         bytes += whole as u64;
@@ -122,8 +131,10 @@ pub(crate) async fn capture(
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
     }
-    out.flush()
-        .with_context(|| format!("writing {}", write.display()))?;
+    if let Some(file) = &mut out {
+        file.flush()
+            .with_context(|| format!("writing {}", write.display()))?;
+    }
     eprintln!("mirror-agent capture: session `{session}`: {bytes} bytes of pcapng");
     Ok(())
 }

@@ -8,7 +8,10 @@ mod decide;
 mod lex;
 mod parse;
 
-use crate::{config::ActionConfig, rules::Fields};
+use crate::{
+    config::ActionConfig,
+    rules::{Fields, Header},
+};
 pub use parse::Expr;
 
 /// The most rules one expression may become.
@@ -43,6 +46,19 @@ impl FilterError {
 pub struct Filter {
     pub rules: Vec<(Fields, ActionConfig)>,
     pub default: ActionConfig,
+}
+
+impl Filter {
+    /// Whether a packet with `header` passes: the first rule it matches decides, else the
+    /// default (what the kernel does with the same rules).
+    pub fn selects(&self, header: &Header) -> bool {
+        let action = self
+            .rules
+            .iter()
+            .find(|(fields, _)| fields.matches(header))
+            .map_or(self.default, |(_, action)| *action);
+        action == ActionConfig::Mirror
+    }
 }
 
 /// Reads `text` (e.g. `tcp port 443 and not host 10.1.2.3`).

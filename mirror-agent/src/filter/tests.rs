@@ -8,10 +8,7 @@ use mirror_common::Direction;
 use super::{Expr, MAX_FILTER_RULES, compile, decide::Decisions, parse};
 use crate::{
     config::ActionConfig,
-    rules::{
-        Fields,
-        model::{Packet, fields_match},
-    },
+    rules::{Fields, Header, model::Packet},
 };
 
 /// The rules an expression becomes, as `check --explain` shows them, and the default.
@@ -288,27 +285,29 @@ fn random_packet(rng: &mut Rng) -> Packet {
     Packet {
         ifindex: 1,
         direction: Direction::Ingress,
-        ethertype,
-        vlan: pick(rng, &[7, 8]),
-        proto,
-        src: ip.then(|| address(rng)),
-        dst: ip.then(|| address(rng)),
-        src_port: if ports {
-            pick(rng, &[53, 80, 60, 1000])
-        } else {
-            None
-        },
-        dst_port: if ports {
-            pick(rng, &[53, 80, 60, 1000])
-        } else {
-            None
+        header: Header {
+            ethertype,
+            vlan: pick(rng, &[7, 8]),
+            proto,
+            src: ip.then(|| address(rng)),
+            dst: ip.then(|| address(rng)),
+            src_port: if ports {
+                pick(rng, &[53, 80, 60, 1000])
+            } else {
+                None
+            },
+            dst_port: if ports {
+                pick(rng, &[53, 80, 60, 1000])
+            } else {
+                None
+            },
         },
     }
 }
 
 fn evaluate(expr: &Expr, packet: &Packet) -> bool {
     match expr {
-        Expr::Fields(fields) => fields_match(fields, packet),
+        Expr::Fields(fields) => fields.matches(&packet.header),
         Expr::Not(inner) => !evaluate(inner, packet),
         Expr::And(left, right) => evaluate(left, packet) && evaluate(right, packet),
         Expr::Or(left, right) => evaluate(left, packet) || evaluate(right, packet),
@@ -329,7 +328,7 @@ fn the_rules_decide_every_packet_as_the_expression_does() {
         let verdicts: Vec<bool> = packets.iter().map(|p| evaluate(&expr, p)).collect();
         nontrivial += usize::from(verdicts.contains(&true) && verdicts.contains(&false));
         for (packet, expected) in packets.iter().zip(verdicts) {
-            let decided = decisions.decide(|fields: &Fields| fields_match(fields, packet));
+            let decided = decisions.decide(|fields: &Fields| fields.matches(&packet.header));
             assert_eq!(decided, expected, "{text}\n{packet:?}\n{decisions:#?}");
         }
     }

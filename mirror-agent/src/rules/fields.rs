@@ -1,6 +1,6 @@
 //! What one rule matches: a conjunction of field conditions, and the set operations the shadow
 //! warnings and the filter compiler need (cover, overlap, intersection).
-use std::{fmt, ops::RangeInclusive};
+use std::{fmt, net::IpAddr, ops::RangeInclusive};
 
 use ipnet::IpNet;
 
@@ -22,7 +22,94 @@ pub struct Fields {
     pub dst_port: Option<RangeInclusive<u16>>,
 }
 
+/// A packet's fields as the kernel's parser reads them; `None` where the packet has none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    pub ethertype: Option<u16>,
+    pub vlan: Option<u16>,
+    pub proto: Option<u8>,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
+}
+
+impl Header {
+    /// The fields of an Ethernet frame, read in userspace (a live capture's filter): the outer
+    /// VLAN id, the ethertype after the tags, the IP protocol after IPv6 extension headers, and
+    /// TCP, UDP and SCTP ports (none in a later fragment). A frame cut short has the fields read
+    /// before the cut.
+    pub fn of_frame(frame: &[u8]) -> Header {
+        use etherparse::{LaxLinkExtSlice, LaxNetSlice, LinkSlice};
+        let Ok(packet) = etherparse::LaxSlicedPacket::from_ethernet(frame) else {
+            return Header::default();
+        };
+        let tags = packet.link_exts.iter().filter_map(|ext| match ext {
+            LaxLinkExtSlice::Vlan(tag) => Some(tag),
+            LaxLinkExtSlice::Macsec(_) => None,
+        });
+        let mut header = Header {
+            vlan: tags.clone().next().map(|tag| tag.vlan_identifier().value()),
+            ethertype: match (tags.clone().next_back(), &packet.link) {
+                (Some(tag), _) => Some(tag.ether_type().0),
+                (None, Some(LinkSlice::Ethernet2(ethernet))) => Some(ethernet.ether_type().0),
+                (None, _) => None,
+            },
+            ..Header::default()
+        };
+        let (payload, later_fragment) = match &packet.net {
+            Some(LaxNetSlice::Ipv4(ip)) => {
+                header.src = Some(ip.header().source_addr().into());
+                header.dst = Some(ip.header().destination_addr().into());
+                (ip.payload(), ip.header().fragments_offset().value() != 0)
+            }
+            Some(LaxNetSlice::Ipv6(ip)) => {
+                header.src = Some(ip.header().source_addr().into());
+                header.dst = Some(ip.header().destination_addr().into());
+                (ip.payload(), ip.payload().fragmented)
+            }
+            _ => return header,
+        };
+        header.proto = Some(payload.ip_number.0);
+        if matches!(payload.ip_number.0, 6 | 17 | 132)
+            && !later_fragment
+            && let Some(ports) = payload.payload.get(..4)
+        {
+            header.src_port = Some(u16::from_be_bytes([ports[0], ports[1]]));
+            header.dst_port = Some(u16::from_be_bytes([ports[2], ports[3]]));
+        }
+        header
+    }
+}
+
 impl Fields {
+    /// Whether a packet with `header` has these fields (a field it lacks matches only a rule
+    /// that leaves the field open).
+    pub fn matches(&self, header: &Header) -> bool {
+        fn field<W, H>(want: Option<&W>, have: Option<H>, f: impl Fn(&W, &H) -> bool) -> bool {
+            match (want, have) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(w), Some(h)) => f(w, &h),
+            }
+        }
+        field(self.ethertype.as_ref(), header.ethertype, PartialEq::eq)
+            && field(self.vlan.as_ref(), header.vlan, RangeInclusive::contains)
+            && field(self.proto.as_ref(), header.proto, PartialEq::eq)
+            && field(self.src.as_ref(), header.src, |net, a| net.contains(a))
+            && field(self.dst.as_ref(), header.dst, |net, a| net.contains(a))
+            && field(
+                self.src_port.as_ref(),
+                header.src_port,
+                RangeInclusive::contains,
+            )
+            && field(
+                self.dst_port.as_ref(),
+                header.dst_port,
+                RangeInclusive::contains,
+            )
+    }
+
     /// Why no packet can have these fields together, if none can.
     pub fn contradiction(&self) -> Option<&'static str> {
         let family = |net: &IpNet| match net {
@@ -166,5 +253,65 @@ impl fmt::Display for Fields {
         } else {
             f.write_str(&parts.join(", "))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use etherparse::PacketBuilder;
+
+    use super::Header;
+
+    #[test]
+    fn a_frame_s_fields_are_read_as_the_kernel_reads_them() {
+        let (a, b) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let mut tagged = Vec::new();
+        PacketBuilder::ethernet2(a, b)
+            .double_vlan(
+                etherparse::VlanId::try_new(100).expect("id"),
+                etherparse::VlanId::try_new(7).expect("id"),
+            )
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(53, 4000)
+            .write(&mut tagged, b"x")
+            .expect("frame");
+        assert_eq!(
+            Header::of_frame(&tagged),
+            Header {
+                ethertype: Some(0x0800),
+                vlan: Some(100),
+                proto: Some(17),
+                src: Some("10.0.0.1".parse().expect("ip")),
+                dst: Some("10.0.0.2".parse().expect("ip")),
+                src_port: Some(53),
+                dst_port: Some(4000),
+            }
+        );
+        let mut v6 = Vec::new();
+        PacketBuilder::ethernet2(a, b)
+            .ipv6([0x20; 16], [0x30; 16], 64)
+            .tcp(40_000, 443, 1, 100)
+            .write(&mut v6, b"")
+            .expect("frame");
+        let header = Header::of_frame(&v6);
+        assert_eq!(
+            (
+                header.ethertype,
+                header.vlan,
+                header.proto,
+                header.src_port,
+                header.dst_port
+            ),
+            (Some(0x86dd), None, Some(6), Some(40_000), Some(443))
+        );
+        // Cut inside the TCP header: no ports; cut inside IPv4's: no fields past the ethertype.
+        let header = Header::of_frame(&v6[..14 + 40 + 2]);
+        assert_eq!((header.proto, header.src_port), (Some(6), None));
+        let header = Header::of_frame(&tagged[..14 + 8 + 10]);
+        assert_eq!(
+            (header.ethertype, header.vlan, header.src),
+            (Some(0x0800), Some(100), None)
+        );
+        assert_eq!(Header::of_frame(&[0; 6]), Header::default());
     }
 }

@@ -25,7 +25,7 @@ use crate::config::{ActionConfig, PodSelector};
 use crate::tunnel::header::TunnelTarget;
 
 pub use compile::sessions_bitmap;
-pub use fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields};
+pub use fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields, Header};
 pub use fingerprint::fingerprints;
 pub use validate::plan;
 

@@ -66,13 +66,17 @@ fn simulate(tables: &Tables, rules: &[Rule], p: &Packet) -> Vec<(usize, usize)> 
     };
     let indices: Vec<u32> = [
         attachment,
-        direct(Field::Ethertype, &tables.ethertype, p.ethertype),
-        direct(Field::VlanId, &tables.vlan, p.vlan),
-        direct(Field::IpProto, &tables.ip_proto, p.proto.map(u16::from)),
-        lpm(Field::SrcIp, &tables.src_ip, p.src),
-        lpm(Field::DstIp, &tables.dst_ip, p.dst),
-        direct(Field::SrcPort, &tables.src_port, p.src_port),
-        direct(Field::DstPort, &tables.dst_port, p.dst_port),
+        direct(Field::Ethertype, &tables.ethertype, p.header.ethertype),
+        direct(Field::VlanId, &tables.vlan, p.header.vlan),
+        direct(
+            Field::IpProto,
+            &tables.ip_proto,
+            p.header.proto.map(u16::from),
+        ),
+        lpm(Field::SrcIp, &tables.src_ip, p.header.src),
+        lpm(Field::DstIp, &tables.dst_ip, p.header.dst),
+        direct(Field::SrcPort, &tables.src_port, p.header.src_port),
+        direct(Field::DstPort, &tables.dst_port, p.header.dst_port),
     ]
     .into_iter()
     .filter(|&i| i != UNCONSTRAINED)
@@ -187,13 +191,15 @@ fn compiled_tables_agree_with_first_match_semantics() {
                 } else {
                     Direction::Egress
                 },
-                ethertype: Some(if ipv4 { 0x0800 } else { 0x0806 }),
-                vlan: maybe(&mut rng, 30, |r| below(r, 4) as u16 + 100),
-                proto: proto.filter(|_| ipv4),
-                src: ipv4.then(|| random_v4(&mut rng)),
-                dst: ipv4.then(|| random_v4(&mut rng)),
-                src_port: has_ports.then(|| below(&mut rng, 60) as u16),
-                dst_port: has_ports.then(|| below(&mut rng, 60) as u16),
+                header: Header {
+                    ethertype: Some(if ipv4 { 0x0800 } else { 0x0806 }),
+                    vlan: maybe(&mut rng, 30, |r| below(r, 4) as u16 + 100),
+                    proto: proto.filter(|_| ipv4),
+                    src: ipv4.then(|| random_v4(&mut rng)),
+                    dst: ipv4.then(|| random_v4(&mut rng)),
+                    src_port: has_ports.then(|| below(&mut rng, 60) as u16),
+                    dst_port: has_ports.then(|| below(&mut rng, 60) as u16),
+                },
             };
             assert_eq!(
                 simulate(&plan.tables, &plan.rules, &packet),
@@ -643,17 +649,22 @@ fn vxlan_targets_put_a_tunnel_guard_first_in_every_session() {
     let outer = Packet {
         ifindex: 2,
         direction: Direction::Ingress,
-        ethertype: Some(0x86dd),
-        vlan: None,
-        proto: Some(17),
-        src: Some("fd00::1".parse().expect("ip")),
-        dst: Some("fd00::9".parse().expect("ip")),
-        src_port: Some(40_000),
-        dst_port: Some(8472),
+        header: Header {
+            ethertype: Some(0x86dd),
+            vlan: None,
+            proto: Some(17),
+            src: Some("fd00::1".parse().expect("ip")),
+            dst: Some("fd00::9".parse().expect("ip")),
+            src_port: Some(40_000),
+            dst_port: Some(8472),
+        },
     };
     assert_eq!(decide(&plan, &outer), [(0, 0)]);
     let other = Packet {
-        dst_port: Some(8473),
+        header: Header {
+            dst_port: Some(8473),
+            ..outer.header
+        },
         ..outer
     };
     assert_eq!(decide(&plan, &other), [(0, 1)]);
