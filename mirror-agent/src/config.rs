@@ -31,7 +31,7 @@ impl fmt::Display for Location {
 }
 
 /// The whole file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Sessions, in priority order: copies are made in this order.
@@ -67,7 +67,7 @@ fn default_stats_interval() -> u64 {
 }
 
 /// One mirroring session.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionConfig {
     pub name: Spanned<String>,
@@ -277,7 +277,7 @@ pub enum HookConfig {
 }
 
 /// Where copies go: exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// Copies are sent out of this interface as they are.
@@ -296,6 +296,10 @@ pub struct TargetConfig {
     pub rotate_bytes: Option<u64>,
     /// With `rotate_bytes`: keep only the newest this many files.
     pub rotate_count: Option<u64>,
+    /// Copies go to `mirror-agent capture` watchers only: the session of an ad-hoc capture,
+    /// made by the agent (never from a file).
+    #[serde(skip)]
+    pub watch: bool,
 }
 
 /// A VXLAN tunnel to a collector (Zeek, Suricata, Wireshark, a packet broker, `mirror-agent
@@ -586,7 +590,7 @@ fn parse_u64(s: &str) -> Option<u64> {
 }
 
 /// A parsed file with what is needed to point at its lines.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoadedConfig {
     pub config: Config,
     pub file: String,

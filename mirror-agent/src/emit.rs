@@ -153,12 +153,13 @@ impl Drain {
                 if !s.through_ring {
                     return Ok(None);
                 }
-                let emit = match &s.target {
+                Ok(Some(match &s.target {
                     Target::Interface(i) => Emit::Interface(open_tap(&i.name)?),
                     Target::Tunnel(t) => Emit::Tunnel(TunnelSender::new(t)?),
                     Target::File(f) => Emit::File(outputs.files.open(f)?),
-                };
-                Ok(Some(emit))
+                    // Its copies go to its watchers alone.
+                    Target::Watch => return Ok(None),
+                }))
             })
             .collect::<anyhow::Result<Vec<_>>>()
             .context("opening the targets of ring copies")?;

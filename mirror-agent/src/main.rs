@@ -72,18 +72,25 @@ enum Command {
     /// source): write the inner frames to a pcap/pcapng file and/or send them out of an
     /// interface, count them per stream and ERSPAN's lost copies.
     Collect(Box<collect::CollectArgs>),
-    /// Watch a session of the running agent live: its copies as pcapng, through the agent's API
-    /// socket, until interrupted (or -c copies): `mirror-agent capture --session web -w - |
-    /// wireshark -k -i -`. In Kubernetes: `kubectl exec ds/mirror-agent -- mirror-agent capture
+    /// Watch a session of the running agent live, or interfaces (-i) with an ad-hoc filter: the
+    /// copies as pcapng, through the agent's API socket, until interrupted (or -c copies):
+    /// `mirror-agent capture --session web -w - | wireshark -k -i -`, `mirror-agent capture -i
+    /// eth0 -w - 'port 443'`. In Kubernetes: `kubectl exec ds/mirror-agent -- mirror-agent capture
     /// --session web -w - | wireshark -k -i -`. Nothing is added to the datapath while no one
     /// watches; a reader that falls behind loses copies (counted in `status`), never the agent
     /// or the session's target.
+    #[command(group(clap::ArgGroup::new("what").args(["session", "iface"]).required(true)))]
     Capture {
         /// The session whose copies to watch (`mirror-agent status` lists them).
         #[arg(long)]
-        session: String,
-        /// Only the copies this tcpdump filter expression selects, e.g. 'tcp port 443' (the
-        /// words are joined; read by the agent in userspace, the session's target is unchanged).
+        session: Option<String>,
+        /// Or an ad-hoc capture of these interfaces (names or globs; repeatable), both
+        /// directions: the agent adds a session of its own while the capture runs.
+        #[arg(short = 'i', long)]
+        iface: Vec<String>,
+        /// Only the packets this tcpdump filter expression selects, e.g. 'tcp port 443' (the
+        /// words are joined). With --session, read by the agent in userspace from the session's
+        /// copies (its target is unchanged); with -i, compiled into the capture's kernel rules.
         #[arg(value_name = "FILTER")]
         filter: Vec<String>,
         /// Where the pcapng stream goes: a new file, or `-` for standard output.
@@ -465,17 +472,24 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Capture {
             session,
+            iface,
             filter,
             write,
             count,
             api_socket,
-        } => runtime()?.block_on(cli::capture(
-            &api_socket,
-            &session,
-            &filter.join(" "),
-            &write,
-            count,
-        )),
+        } => {
+            let watched = match session {
+                Some(session) => cli::Watched::Session(session),
+                None => cli::Watched::Interfaces(iface),
+            };
+            runtime()?.block_on(cli::capture(
+                &api_socket,
+                &watched,
+                &filter.join(" "),
+                &write,
+                count,
+            ))
+        }
         Command::Status { api_socket, json } => {
             runtime()?.block_on(cli::show_status(&api_socket, json))
         }

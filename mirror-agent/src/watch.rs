@@ -66,6 +66,8 @@ pub struct Watchers {
     /// `list.len()`, read by the drain without the lock.
     active: AtomicUsize,
     next_id: AtomicU64,
+    /// Ad-hoc captures named so far.
+    ad_hoc: AtomicU64,
 }
 
 /// Already [`MAX_WATCHERS`] watchers.
@@ -98,6 +100,14 @@ impl Watchers {
         list.push(watcher.clone());
         self.active.store(list.len(), Ordering::Release);
         Ok((watcher, copies))
+    }
+
+    /// A new name for an ad-hoc capture's session.
+    pub fn ad_hoc_name(&self) -> String {
+        format!(
+            "capture-{}",
+            self.ad_hoc.fetch_add(1, Ordering::Relaxed) + 1
+        )
     }
 
     /// Removes the watcher `id`; whether it was there.

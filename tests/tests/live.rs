@@ -223,3 +223,83 @@ fn a_watcher_that_stops_reading_loses_copies_and_holds_nothing_up() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     drop(stuck);
 }
+
+/// The names of the sessions the agent runs now.
+fn sessions(socket: &Path) -> Vec<String> {
+    let status: serde_json::Value =
+        serde_json::from_str(&api_get(socket.to_str().expect("path"), "/status")).expect("JSON");
+    status["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+/// `mirror-agent capture -i INTERFACE` into `file` with the words of a filter.
+fn ad_hoc(socket: &Path, interface: &str, file: &Path, filter: &[&str]) -> Command {
+    let mut command = Command::new(mirror_tests::agent_binary());
+    command
+        .args(["capture", "-i", interface, "--api-socket"])
+        .arg(socket)
+        .arg("-w")
+        .arg(file)
+        .args(filter);
+    command
+}
+
+#[test]
+fn an_ad_hoc_capture_is_a_session_while_it_runs() {
+    let lab = Lab::new("adhoc");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let agent = lab.start_agent(&config(&socket));
+    // An interface that is not there: refused with the reason, no file, nothing applied.
+    let missing = dir.path().join("missing.pcapng");
+    let refused = ad_hoc(&socket, "nope0", &missing, &[])
+        .output()
+        .expect("capture");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("nope0"), "{why}");
+    assert!(!missing.exists());
+    assert_eq!(sessions(&socket), ["t"]);
+
+    let file = dir.path().join("icmp.pcapng");
+    let mut watcher = [KilledOnDrop(
+        ad_hoc(&socket, "src0", &file, &["icmp"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("capture"),
+    )];
+    wait_for("the capture's session", || sessions(&socket).len() == 2);
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let frames = shipped_capture("dns_icmp.pcap");
+    for frame in &frames {
+        sender.send(frame);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let at_target = copies.bytes_until_sentinel();
+    let icmp: Vec<Vec<u8>> = frames
+        .iter()
+        .filter(|f| mirror_tests::Flow::of(f).proto == Some(1))
+        .cloned()
+        .collect();
+    assert!(!icmp.is_empty());
+    wait_for("the ICMP frames in the file", || {
+        file.exists() && capture_file_frames(&file).len() == icmp.len()
+    });
+    interrupt(&mut watcher);
+    let captured = capture_file_frames(&file);
+    assert!(
+        captured
+            .iter()
+            .all(|(name, _)| name.as_deref() == Some("src0 ingress"))
+    );
+    let captured: Vec<Vec<u8>> = captured.into_iter().map(|(_, f)| f).collect();
+    assert_eq!(captured, icmp, "in order, byte for byte");
+    wait_for("the capture's session to go", || sessions(&socket) == ["t"]);
+    // The session of the file went on as it was, its counters too (the sentinel's copy besides).
+    let report = agent.stop();
+    assert_eq!(report.session("t").mirrored, at_target.len() as u64 + 1);
+}

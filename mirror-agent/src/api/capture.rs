@@ -1,42 +1,78 @@
 //! `GET /capture?session=NAME[&filter=EXPR][&count=N]` (the socket only): a live pcapng stream of
-//! a session's copies (those a tcpdump expression selects), one interface block per interface and hook, until the client goes, the count is
+//! a session's copies (those a tcpdump expression selects); or, with `interface=NAME` (repeated,
+//! globs too) instead of a session, of an ad-hoc capture: a session of its own that the agent
+//! applies for as long as the stream lasts, the filter compiled into its kernel rules; one interface block per interface and hook, until the client goes, the count is
 //! reached or the agent stops. The session is marked watched in the kernel while anyone watches
 //! it (see [`crate::watch`]).
 use std::sync::Arc;
 
 use axum::{
     body::Body,
-    extract::{Query, State},
+    extract::{RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use serde::Deserialize;
 
-use super::Shared;
+use super::{Request, Shared};
 use crate::{
     capture::PcapNgStream,
     watch::{Watched, Watcher},
 };
 
-#[derive(Debug, Deserialize)]
-pub(super) struct CaptureQuery {
-    session: String,
+/// What a capture asks for.
+#[derive(Debug, Default)]
+struct CaptureQuery {
+    session: Option<String>,
+    interfaces: Vec<String>,
     /// Only the copies this tcpdump expression selects.
     filter: Option<String>,
     /// Stop after this many copies.
     count: Option<u64>,
 }
 
-/// Removes its watcher when the stream ends or its client goes.
+impl CaptureQuery {
+    fn parse(query: &str) -> Result<Self, String> {
+        let mut parsed = CaptureQuery::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "session" => parsed.session = Some(value.into_owned()),
+                "interface" => parsed.interfaces.push(value.into_owned()),
+                "filter" if !value.trim().is_empty() => parsed.filter = Some(value.into_owned()),
+                "filter" => {}
+                "count" => {
+                    parsed.count = Some(value.parse().map_err(|_| format!("count `{value}`"))?);
+                }
+                other => return Err(format!("unknown parameter `{other}`")),
+            }
+        }
+        match (&parsed.session, parsed.interfaces.is_empty()) {
+            (Some(_), true) | (None, false) => Ok(parsed),
+            _ => Err("give a session, or interfaces for an ad-hoc capture".to_owned()),
+        }
+    }
+}
+
+/// Removes its watcher (and an ad-hoc capture's session) when the stream ends or its client
+/// goes.
 struct Watching {
     shared: Arc<Shared>,
     watcher: Arc<Watcher>,
+    ad_hoc: bool,
 }
 
 impl Drop for Watching {
     fn drop(&mut self) {
         self.shared.watchers.remove(self.watcher.id);
         self.shared.sync_watched();
+        if self.ad_hoc {
+            let end = Request::EndCapture(self.watcher.session.clone());
+            if let Err(e) = self.shared.requests.try_send(end) {
+                tracing::warn!(
+                    "ending the session of capture `{}`: {e}",
+                    self.watcher.session
+                );
+            }
+        }
         let (copies, lost) = self.watcher.counts();
         tracing::info!(
             "capture of session `{}` ended: {copies} copies, {lost} lost (the reader was slow)",
@@ -47,8 +83,28 @@ impl Drop for Watching {
 
 pub(super) async fn capture(
     State(shared): State<Arc<Shared>>,
-    Query(query): Query<CaptureQuery>,
+    RawQuery(query): RawQuery,
 ) -> Response {
+    let refuse = |status, why: String| (status, why + "\n").into_response();
+    let query = match CaptureQuery::parse(query.as_deref().unwrap_or("")) {
+        Ok(query) => query,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
+    };
+    let (watching, copies) = match start(&shared, &query).await {
+        Ok(started) => started,
+        Err((status, why)) => return refuse(status, why),
+    };
+    stream(&shared, watching, copies, query.count)
+}
+
+/// Registers the watcher: of the session asked for, or of an ad-hoc capture's new session.
+async fn start(
+    shared: &Arc<Shared>,
+    query: &CaptureQuery,
+) -> Result<(Watching, tokio::sync::mpsc::Receiver<Watched>), (StatusCode, String)> {
+    let Some(session) = &query.session else {
+        return start_ad_hoc(shared, query).await;
+    };
     let sessions: Vec<String> = shared
         .applied()
         .view
@@ -56,46 +112,97 @@ pub(super) async fn capture(
         .iter()
         .map(|s| s.name.clone())
         .collect();
-    if !sessions.contains(&query.session) {
-        return (
+    if !sessions.contains(session) {
+        return Err((
             StatusCode::NOT_FOUND,
-            format!(
-                "no session `{}` (sessions: {})\n",
-                query.session,
-                sessions.join(", ")
-            ),
-        )
-            .into_response();
+            format!("no session `{session}` (sessions: {})", sessions.join(", ")),
+        ));
     }
-    let filter = match query.filter.filter(|text| !text.trim().is_empty()) {
-        Some(text) => match crate::filter::compile(&text) {
-            Ok(filter) => Some((text, filter)),
-            Err(e) => {
-                return (StatusCode::BAD_REQUEST, format!("filter `{text}`: {e}\n"))
-                    .into_response();
-            }
-        },
+    let filter = match &query.filter {
+        Some(text) => Some((
+            text.clone(),
+            crate::filter::compile(text)
+                .map_err(|e| (StatusCode::BAD_REQUEST, format!("filter `{text}`: {e}")))?,
+        )),
         None => None,
     };
-    let (watcher, copies) = match shared.watchers.add(&query.session, filter) {
-        Ok(added) => added,
-        Err(too_many) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{too_many}\n")).into_response();
-        }
-    };
-    tracing::info!("capture of session `{}` started", query.session);
+    let (watcher, copies) = shared
+        .watchers
+        .add(session, filter)
+        .map_err(|too_many| (StatusCode::SERVICE_UNAVAILABLE, too_many.to_string()))?;
+    tracing::info!("capture of session `{session}` started");
     let watching = Watching {
         shared: shared.clone(),
         watcher,
+        ad_hoc: false,
     };
     shared.sync_watched();
+    Ok((watching, copies))
+}
+
+/// An ad-hoc capture: the watcher first (so that there is room), then its session.
+async fn start_ad_hoc(
+    shared: &Arc<Shared>,
+    query: &CaptureQuery,
+) -> Result<(Watching, tokio::sync::mpsc::Receiver<Watched>), (StatusCode, String)> {
+    let name = shared.watchers.ad_hoc_name();
+    let (watcher, copies) = shared
+        .watchers
+        .add(&name, None)
+        .map_err(|too_many| (StatusCode::SERVICE_UNAVAILABLE, too_many.to_string()))?;
+    let (answer, outcome) = tokio::sync::oneshot::channel();
+    let request = Request::StartCapture {
+        session: name.clone(),
+        interfaces: query.interfaces.clone(),
+        filter: query.filter.clone(),
+        answer,
+    };
+    let stopping = || {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping".to_owned(),
+        )
+    };
+    if shared.requests.send(request).await.is_err() {
+        shared.watchers.remove(watcher.id);
+        return Err(stopping());
+    }
+    match outcome.await {
+        Ok(Ok(())) => {
+            tracing::info!("ad-hoc capture `{name}` started");
+            let watching = Watching {
+                shared: shared.clone(),
+                watcher,
+                ad_hoc: true,
+            };
+            Ok((watching, copies))
+        }
+        Ok(Err(why)) => {
+            shared.watchers.remove(watcher.id);
+            Err((StatusCode::UNPROCESSABLE_ENTITY, why))
+        }
+        Err(_) => {
+            shared.watchers.remove(watcher.id);
+            Err(stopping())
+        }
+    }
+}
+
+/// The pcapng stream of a watcher's copies: a section header, then interface and packet
+/// blocks, until `count` copies, the client's going or the agent's stop.
+fn stream(
+    shared: &Arc<Shared>,
+    watching: Watching,
+    copies: tokio::sync::mpsc::Receiver<Watched>,
+    count: Option<u64>,
+) -> Response {
     let mut pcapng = match PcapNgStream::new(Vec::new()) {
         Ok(stream) => stream,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
     };
     let header = std::mem::take(pcapng.out());
     let stop = shared.stop.clone();
-    let state = (watching, copies, pcapng, query.count, stop);
+    let state = (watching, copies, pcapng, count, stop);
     let blocks = futures_util::stream::unfold(
         state,
         |(watching, mut copies, mut pcapng, left, mut stop)| async move {

@@ -62,20 +62,34 @@ pub struct Shared {
     started: Instant,
     /// Turns true when the agent stops: streams end, so that the servers can.
     stop: watch::Receiver<bool>,
-    /// Where `POST /reload` asks the agent to reload; the answer is the new generation.
-    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// Where `POST /reload` and ad-hoc captures ask the agent for a new configuration.
+    requests: tokio::sync::mpsc::Sender<Request>,
     /// The live captures (`GET /capture`).
     watchers: Arc<crate::watch::Watchers>,
 }
 
-/// A reload asked for on the API, and where its outcome goes.
-pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<u64, String>>;
+/// What the API asks of the agent, and where the outcome goes.
+#[derive(Debug)]
+pub enum Request {
+    /// `POST /reload`: the new generation, or why the file was rejected.
+    Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
+    /// An ad-hoc capture: a session of this name on these interfaces (with a filter
+    /// expression, or of every packet), applied, or why not.
+    StartCapture {
+        session: String,
+        interfaces: Vec<String>,
+        filter: Option<String>,
+        answer: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// The ad-hoc capture's watcher went: its session goes too.
+    EndCapture(String),
+}
 
 impl Shared {
     pub fn new(
         applied: Applied,
         stop: watch::Receiver<bool>,
-        reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+        requests: tokio::sync::mpsc::Sender<Request>,
         watchers: Arc<crate::watch::Watchers>,
     ) -> Arc<Self> {
         Arc::new(Shared {
@@ -85,7 +99,7 @@ impl Shared {
             last_reload: Mutex::new(None),
             started: Instant::now(),
             stop,
-            reload,
+            requests,
             watchers,
         })
     }
@@ -387,7 +401,7 @@ async fn stream(
 /// running).
 async fn reload(State(shared): State<Arc<Shared>>) -> axum::response::Response {
     let (answer, outcome) = tokio::sync::oneshot::channel();
-    if shared.reload.send(answer).await.is_err() {
+    if shared.requests.send(Request::Reload(answer)).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response();
     }
     match outcome.await {

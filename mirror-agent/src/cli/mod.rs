@@ -87,18 +87,27 @@ pub(crate) fn explain(plan: &Plan) -> String {
     out
 }
 
-/// `mirror-agent capture`: the session's live pcapng stream into `write` until the agent ends it
+/// `mirror-agent capture`: the live pcapng stream of a session or interfaces into `write` until the agent ends it
 /// (after `count` copies, or when it stops) or SIGINT/SIGTERM.
 pub(crate) async fn capture(
     socket: &std::path::Path,
-    session: &str,
+    watched: &Watched,
     filter: &str,
     write: &std::path::Path,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut query = form_urlencoded::Serializer::new(String::new());
-    query.append_pair("session", session);
+    match watched {
+        Watched::Session(session) => {
+            query.append_pair("session", session);
+        }
+        Watched::Interfaces(interfaces) => {
+            for interface in interfaces {
+                query.append_pair("interface", interface);
+            }
+        }
+    }
     if !filter.is_empty() {
         query.append_pair("filter", filter);
     }
@@ -135,8 +144,17 @@ pub(crate) async fn capture(
         file.flush()
             .with_context(|| format!("writing {}", write.display()))?;
     }
-    eprintln!("mirror-agent capture: session `{session}`: {bytes} bytes of pcapng");
+    eprintln!("mirror-agent capture: {bytes} bytes of pcapng");
     Ok(())
+}
+
+/// What a capture watches.
+#[derive(Debug)]
+pub(crate) enum Watched {
+    /// A session's copies.
+    Session(String),
+    /// An ad-hoc capture of these interfaces (names or globs).
+    Interfaces(Vec<String>),
 }
 
 /// How many bytes at the start of `stream` (pcapng, from its section header on) are whole

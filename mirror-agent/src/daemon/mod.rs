@@ -14,9 +14,8 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    api::{self, Applied, SelectedPod, Shared},
-    config::LoadedConfig,
-    config::PodSelector,
+    api::{self, Applied, Request, SelectedPod, Shared},
+    config::{ActionConfig, LoadedConfig, PodSelector, SessionConfig, TargetConfig},
     datapath::Datapath,
     emit::{Drain, Outputs},
     follow::{self, Follow},
@@ -160,6 +159,11 @@ struct Daemon<'a> {
     pods: Option<PodWatch>,
     /// Where each pod a session selects was found last (reported when it changes).
     placements: BTreeMap<String, Placement>,
+    /// The configuration applied (the file's, or the command line's), without the sessions of
+    /// ad-hoc captures.
+    loaded: LoadedConfig,
+    /// The sessions of the ad-hoc captures running, by name.
+    captures: BTreeMap<String, SessionConfig>,
 }
 
 /// A plan made ready: its targets resolved and its datapath loaded and attached.
@@ -193,7 +197,9 @@ async fn serve(
     };
     let prepared = start(plan, options, &outputs).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
+    // Room for every capture's end besides a few reloads: a capture's end is sent without
+    // waiting (from a drop).
+    let (api_requests, mut requests) = tokio::sync::mpsc::channel(crate::watch::MAX_WATCHERS + 4);
     let shared = Shared::new(
         Applied::new(
             prepared.datapath,
@@ -203,7 +209,7 @@ async fn serve(
             prepared.targets,
         ),
         stopped.clone(),
-        reload_requests,
+        api_requests,
         outputs.watchers.clone(),
     );
     let mut daemon = Daemon {
@@ -213,6 +219,8 @@ async fn serve(
         outputs,
         pods,
         placements: BTreeMap::new(),
+        loaded: loaded.clone(),
+        captures: BTreeMap::new(),
     };
     let tasks = spawn_tasks(&shared, options, socket, metrics, &stopped)?;
     drop(shared);
@@ -236,10 +244,7 @@ async fn serve(
             _ = sighup.recv() => {
                 let _ = daemon.reload("SIGHUP").await;
             }
-            Some(answer) = reloads.recv() => {
-                let outcome = daemon.reload("the API").await.map_err(|e| format!("{e:#}"));
-                let _ = answer.send(outcome);
-            }
+            Some(request) = requests.recv() => daemon.answer(request).await,
             _ = file_check.tick(), if options.config.is_some() => {
                 let now = options.config.as_deref().and_then(file_identity);
                 if now.is_some() && now != file_seen {
@@ -383,6 +388,70 @@ async fn prepare(
 }
 
 impl Daemon<'_> {
+    /// Does what the API asks.
+    async fn answer(&mut self, request: Request) {
+        match request {
+            Request::Reload(answer) => {
+                let outcome = self.reload("the API").await.map_err(|e| format!("{e:#}"));
+                let _ = answer.send(outcome);
+            }
+            Request::StartCapture {
+                session,
+                interfaces,
+                filter,
+                answer,
+            } => {
+                let outcome = self.start_capture(&session, interfaces, filter).await;
+                if let Err(why) = &outcome {
+                    tracing::warn!("capture `{session}` refused: {why}");
+                }
+                let _ = answer.send(outcome);
+            }
+            Request::EndCapture(session) => {
+                if self.captures.remove(&session).is_some()
+                    && let Err(e) = self
+                        .apply(&with_captures(&self.loaded.clone(), &self.captures))
+                        .await
+                {
+                    tracing::error!("removing the session of capture `{session}`: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Adds the session of an ad-hoc capture: checked alone first (so that its errors name the
+    /// request), then applied with the rest.
+    async fn start_capture(
+        &mut self,
+        name: &str,
+        interfaces: Vec<String>,
+        filter: Option<String>,
+    ) -> Result<(), String> {
+        let session = capture_session(name, interfaces, filter);
+        let alone = LoadedConfig::from_config(
+            crate::config::Config {
+                sessions: vec![toml::Spanned::new(0..0, session.clone())],
+                ..self.loaded.config.clone()
+            },
+            "the capture",
+        );
+        crate::plan(&alone).map_err(|e| format!("{e:#}"))?;
+        self.captures.insert(name.to_owned(), session);
+        let applied = self
+            .apply(&with_captures(&self.loaded.clone(), &self.captures))
+            .await;
+        match applied {
+            Ok(generation) => {
+                tracing::info!("capture `{name}` watches its interfaces: generation {generation}");
+                Ok(())
+            }
+            Err(e) => {
+                self.captures.remove(name);
+                Err(format!("{e:#}"))
+            }
+        }
+    }
+
     /// Applies the configuration file again, or keeps the running one and says why not.
     async fn reload(&mut self, why: &str) -> anyhow::Result<u64> {
         let result = self.try_reload().await;
@@ -415,7 +484,15 @@ impl Daemon<'_> {
         {
             tracing::warn!("api_socket and metrics_address take effect at the next start");
         }
-        let plan = plan_with_pods(&loaded, &mut self.pods, self.options).await?;
+        let generation = self.apply(&with_captures(&loaded, &self.captures)).await?;
+        self.loaded = loaded;
+        Ok(generation)
+    }
+
+    /// Applies `loaded` (with the captures' sessions) as the next generation, or keeps the
+    /// running one and says why not.
+    async fn apply(&mut self, loaded: &LoadedConfig) -> anyhow::Result<u64> {
+        let plan = plan_with_pods(loaded, &mut self.pods, self.options).await?;
         let generation = self.shared.applied().datapath.generation() + 1;
         let shared = self.shared.clone();
         let prepared = prepare(
@@ -577,6 +654,8 @@ impl Daemon<'_> {
             outputs,
             pods,
             placements: _,
+            loaded: _,
+            captures: _,
         } = self;
         // No pod changes are followed any more.
         drop(pods);
@@ -658,6 +737,55 @@ async fn plan_with_pods(
     crate::plan_selecting(loaded, &|selector| pods::selected(&now, &placed, selector))
 }
 
+/// `loaded` with the sessions of the ad-hoc captures after its own.
+fn with_captures(
+    loaded: &LoadedConfig,
+    captures: &BTreeMap<String, SessionConfig>,
+) -> LoadedConfig {
+    let mut with = loaded.clone();
+    with.config.sessions.extend(
+        captures
+            .values()
+            .map(|session| toml::Spanned::new(0..0, session.clone())),
+    );
+    with
+}
+
+/// The session of an ad-hoc capture: `interfaces` (names or globs) in both directions, at TC,
+/// the packets `filter` selects (every packet without one), to its watchers.
+fn capture_session(name: &str, interfaces: Vec<String>, filter: Option<String>) -> SessionConfig {
+    let spanned = |value| toml::Spanned::new(0..0, value);
+    SessionConfig {
+        name: spanned(name.to_owned()),
+        interfaces: Some(toml::Spanned::new(
+            0..0,
+            interfaces
+                .into_iter()
+                .map(|i| toml::Spanned::new(0..0, i))
+                .collect(),
+        )),
+        pods: None,
+        direction: None,
+        hook: None,
+        target: toml::Spanned::new(
+            0..0,
+            TargetConfig {
+                watch: true,
+                ..TargetConfig::default()
+            },
+        ),
+        default: filter
+            .is_none()
+            .then(|| toml::Spanned::new(0..0, ActionConfig::Mirror)),
+        filter: filter.map(|f| toml::Spanned::new(0..0, f)),
+        snaplen: None,
+        sample: None,
+        rate_limit: None,
+        unparsed: None,
+        rules: Vec::new(),
+    }
+}
+
 /// Waits for a change of the node's pods; forever without a pod watch.
 async fn pods_changed(pods: Option<&mut PodWatch>) {
     match pods {
@@ -700,7 +828,7 @@ fn target_interfaces(plan: &Plan) -> Vec<(String, u32)> {
         .iter()
         .filter_map(|s| match &s.target {
             Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
-            Target::Tunnel(_) | Target::File(_) => None,
+            Target::Tunnel(_) | Target::File(_) | Target::Watch => None,
         })
         .collect();
     interfaces.sort();

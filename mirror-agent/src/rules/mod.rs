@@ -85,6 +85,8 @@ pub enum Target {
     Interface(Interface),
     Tunnel(TunnelTarget),
     File(FileTarget),
+    /// `mirror-agent capture` watchers only (an ad-hoc capture's session).
+    Watch,
 }
 
 /// A pcap or pcapng file the agent writes copies to.
@@ -101,6 +103,7 @@ impl std::fmt::Display for Target {
             Target::Interface(i) => write!(f, "interface {}", i.name),
             Target::Tunnel(t) => t.fmt(f),
             Target::File(file) => write!(f, "file {}", file.path.display()),
+            Target::Watch => f.write_str("live capture"),
         }
     }
 }

@@ -125,7 +125,7 @@ fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
         .iter()
         .filter_map(|s| match &s.target {
             Target::Tunnel(t) => Some((t.remote, t.format.ip_protocol(), t.format.udp_port())),
-            Target::Interface(_) | Target::File(_) => None,
+            Target::Interface(_) | Target::File(_) | Target::Watch => None,
         })
         .collect();
     endpoints
@@ -218,6 +218,9 @@ fn resolve_target(
 ) -> Result<Target, ConfigError> {
     let span = session.target.span();
     let target = session.target.get_ref();
+    if target.watch {
+        return Ok(Target::Watch);
+    }
     if target.file.is_none() && (target.rotate_bytes.is_some() || target.rotate_count.is_some()) {
         return Err(loaded.error(
             span,
@@ -263,6 +266,7 @@ fn resolve_target(
             file: Some(path),
             rotate_bytes,
             rotate_count,
+            watch: false,
         } => {
             if path == std::path::Path::new(crate::capture::STDOUT) && rotate_bytes.is_some() {
                 return Err(loaded.error(span, "standard output (`-`) is one stream: it is not rotated"));
@@ -320,7 +324,7 @@ fn resolve_session(
     let target = resolve_target(loaded, session, interfaces)?;
     let target_ifindex = match &target {
         Target::Interface(i) => Some(i.ifindex),
-        Target::Tunnel(_) | Target::File(_) => None,
+        Target::Tunnel(_) | Target::File(_) | Target::Watch => None,
     };
     let patterns = match (&session.interfaces, &session.pods) {
         (Some(_), Some(pods)) => {
@@ -385,7 +389,8 @@ fn resolve_session(
         watched.extend(matched.into_iter().map(|i| (i.ifindex, i.name)));
     }
     let directions = directions(loaded, session)?;
-    let through_ring = directions == [Direction::XdpIngress] || matches!(target, Target::File(_));
+    let through_ring =
+        directions == [Direction::XdpIngress] || matches!(target, Target::File(_) | Target::Watch);
     let attachments = watched
         .into_iter()
         .flat_map(|(ifindex, name)| {

@@ -342,7 +342,7 @@ pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelErro
                 metas.push(meta);
                 continue;
             }
-            Target::File(_) => SessionMeta {
+            Target::File(_) | Target::Watch => SessionMeta {
                 target_kind: TARGET_RING,
                 ..SessionMeta::default()
             },
