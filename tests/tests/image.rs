@@ -4,7 +4,8 @@
 //! exactly the chart's capabilities and container security context (read-only root, no privilege
 //! escalation), its seccomp profile, its configuration, and its bpffs, `/run/mirror` and captures
 //! mounts. Inside, the agent mirrors real traffic to an interface, a VXLAN tunnel and a capture
-//! file, byte for byte, answers the probes, and stops cleanly. The package the host install uses
+//! file, byte for byte, answers the probes, streams a session's copies live to `podman exec …
+//! mirror-agent capture` (as `kubectl exec` would), and stops cleanly. The package the host install uses
 //! (`cargo xtask deb`, in `MIRROR_DEB`) installs into the same Debian base and runs there.
 use std::{
     io::{BufRead as _, BufReader, Read as _},
@@ -17,8 +18,9 @@ use std::{
 use k8s_openapi::api::core::v1::Container as PodContainer;
 use mirror_tests::{
     BpfFs, COL_V4, Capture, FrameSender, Lab, NODE_SRC_MAC, NODE_UL_V4, SENTINEL_RULE, SRC_MAC,
+    api_get, capture_file_frames,
     chart::{Objects, agent_and_config, granted_capabilities, objects, render},
-    http_get, is_sentinel, pcap_frames, udp_v4_frame,
+    http_get, is_sentinel, pcap_frames, udp_v4_frame, wait_for,
 };
 
 /// The image under test.
@@ -333,6 +335,29 @@ fn the_image_mirrors_with_the_chart_security_context_and_a_runtime_default_profi
         assert!(status.contains(" 200 "), "{path}: {status} {body}");
     }
 
+    // `kubectl exec ds/mirror-agent -- mirror-agent capture …`: the chart's environment names
+    // the API socket. Three copies of session `tc`, as pcapng on standard output.
+    let watcher = podman()
+        .args(["exec", &container.name])
+        .args([
+            "mirror-agent",
+            "capture",
+            "--session",
+            "tc",
+            "-c",
+            "3",
+            "-w",
+            "-",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("podman exec");
+    let socket = mounts.host_path("/run/mirror").join("agent.sock");
+    wait_for("the capture in the container", || {
+        api_get(socket.to_str().expect("path"), "/status").contains("\"captures\":[{")
+    });
+
     let copies = Capture::open(&lab.mon, "eth0");
     let wire = Capture::open(lab.col(), "eth0");
     let frames: Vec<Vec<u8>> = (0..3u8)
@@ -350,6 +375,19 @@ fn the_image_mirrors_with_the_chart_security_context_and_a_runtime_default_profi
         .collect();
     assert_eq!(at_interface, frames, "the interface's copies");
     lab.expect_sink_sentinel_tunnelled(&wire);
+    let captured = watcher.wait_with_output().expect("podman exec");
+    assert!(
+        captured.status.success(),
+        "{}",
+        String::from_utf8_lossy(&captured.stderr)
+    );
+    let streamed = mounts.captures.path().join("live.pcapng");
+    std::fs::write(&streamed, &captured.stdout).expect("the stream");
+    let streamed: Vec<Vec<u8>> = capture_file_frames(&streamed)
+        .into_iter()
+        .map(|(_, frame)| frame)
+        .collect();
+    assert_eq!(streamed, frames, "the live capture's copies");
 
     let (stopped, report, stderr) = container.stop();
     assert!(stopped, "{report}{stderr}");
