@@ -63,6 +63,20 @@ fn watch(socket: &Path, file: &Path, filter: &[&str]) -> KilledOnDrop {
     )
 }
 
+/// Replays `dns_icmp.pcap` into src0 and the sentinel: the frames, and session `t`'s copies at
+/// its target (every one made before the sentinel's).
+fn replay(lab: &Lab) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let frames = shipped_capture("dns_icmp.pcap");
+    for frame in &frames {
+        sender.send(frame);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let at_target = copies.bytes_until_sentinel();
+    (frames, at_target)
+}
+
 /// SIGINT to each capture, which must end cleanly.
 fn interrupt(watchers: &mut [KilledOnDrop]) {
     for watcher in watchers.iter_mut() {
@@ -111,14 +125,7 @@ fn two_watchers_get_a_sessions_copies_while_its_target_does() {
         String::from_utf8_lossy(&refused.stderr)
     );
 
-    let copies = Capture::open(&lab.mon, "eth0");
-    let sender = FrameSender::open(&lab.src, "eth0");
-    let frames = shipped_capture("dns_icmp.pcap");
-    for frame in &frames {
-        sender.send(frame);
-    }
-    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
-    let at_target = copies.bytes_until_sentinel();
+    let (frames, at_target) = replay(&lab);
     let dns: Vec<Vec<u8>> = frames
         .iter()
         .filter(|f| {
@@ -272,14 +279,7 @@ fn an_ad_hoc_capture_is_a_session_while_it_runs() {
             .expect("capture"),
     )];
     wait_for("the capture's session", || sessions(&socket).len() == 2);
-    let copies = Capture::open(&lab.mon, "eth0");
-    let sender = FrameSender::open(&lab.src, "eth0");
-    let frames = shipped_capture("dns_icmp.pcap");
-    for frame in &frames {
-        sender.send(frame);
-    }
-    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
-    let at_target = copies.bytes_until_sentinel();
+    let (frames, at_target) = replay(&lab);
     let icmp: Vec<Vec<u8>> = frames
         .iter()
         .filter(|f| mirror_tests::Flow::of(f).proto == Some(1))
