@@ -399,8 +399,9 @@ pub struct RuleConfig {
     pub proto: Option<IpProto>,
     pub src: Option<Cidr>,
     pub dst: Option<Cidr>,
-    /// Source or destination prefix: tcpdump's `host`/`net` (the rule stands for one rule per
-    /// direction, in its place).
+    /// Source or destination prefix: tcpdump's `host`/`net` (also spelled `net`; the rule stands
+    /// for one rule per direction, in its place).
+    #[serde(alias = "net")]
     pub host: Option<Cidr>,
     pub src_port: Option<PortRange>,
     pub dst_port: Option<PortRange>,

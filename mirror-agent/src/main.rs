@@ -72,37 +72,15 @@ enum Command {
     /// source): write the inner frames to a pcap/pcapng file and/or send them out of an
     /// interface, count them per stream and ERSPAN's lost copies.
     Collect(Box<collect::CollectArgs>),
-    /// Watch a session of the running agent live, or interfaces (-i) with an ad-hoc filter: the
-    /// copies as pcapng, through the agent's API socket, until interrupted (or -c copies):
+    /// Watch a session of the running agent live, or interfaces (-i) or pods (-n/-l) with an
+    /// ad-hoc filter: the copies as pcapng, through the agent's API socket, until interrupted (or
+    /// -c copies):
     /// `mirror-agent capture --session web -w - | wireshark -k -i -`, `mirror-agent capture -i
     /// eth0 -w - 'port 443'`. In Kubernetes: `kubectl exec ds/mirror-agent -- mirror-agent capture
     /// --session web -w - | wireshark -k -i -`. Nothing is added to the datapath while no one
     /// watches; a reader that falls behind loses copies (counted in `status`), never the agent
     /// or the session's target.
-    #[command(group(clap::ArgGroup::new("what").args(["session", "iface"]).required(true)))]
-    Capture {
-        /// The session whose copies to watch (`mirror-agent status` lists them).
-        #[arg(long)]
-        session: Option<String>,
-        /// Or an ad-hoc capture of these interfaces (names or globs; repeatable), both
-        /// directions: the agent adds a session of its own while the capture runs.
-        #[arg(short = 'i', long)]
-        iface: Vec<String>,
-        /// Only the packets this tcpdump filter expression selects, e.g. 'tcp port 443' (the
-        /// words are joined). With --session, read by the agent in userspace from the session's
-        /// copies (its target is unchanged); with -i, compiled into the capture's kernel rules.
-        #[arg(value_name = "FILTER")]
-        filter: Vec<String>,
-        /// Where the pcapng stream goes: a new file, or `-` for standard output.
-        #[arg(short = 'w', long = "write", value_name = "FILE", default_value = "-")]
-        write: PathBuf,
-        /// Stop after N copies.
-        #[arg(short = 'c', long = "count", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
-        /// The running agent's API socket.
-        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
-        api_socket: PathBuf,
-    },
+    Capture(cli::CaptureArgs),
     /// Show what the running agent watches: sessions, targets, hooks (through its API socket).
     Status {
         /// The running agent's API socket.
@@ -470,26 +448,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }),
-        Command::Capture {
-            session,
-            iface,
-            filter,
-            write,
-            count,
-            api_socket,
-        } => {
-            let watched = match session {
-                Some(session) => cli::Watched::Session(session),
-                None => cli::Watched::Interfaces(iface),
-            };
-            runtime()?.block_on(cli::capture(
-                &api_socket,
-                &watched,
-                &filter.join(" "),
-                &write,
-                count,
-            ))
-        }
+        Command::Capture(args) => runtime()?.block_on(cli::capture(args)),
         Command::Status { api_socket, json } => {
             runtime()?.block_on(cli::show_status(&api_socket, json))
         }

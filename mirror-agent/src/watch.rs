@@ -21,6 +21,15 @@ pub const MAX_WATCHERS: usize = 8;
 /// Copies a watcher may have waiting; more are lost (counted).
 pub const QUEUE_COPIES: usize = 4096;
 
+/// What an ad-hoc capture watches.
+#[derive(Debug, Clone)]
+pub enum AdHoc {
+    /// Interface names or globs.
+    Interfaces(Vec<String>),
+    /// The pods of this node a selector selects, through their host-side interfaces.
+    Pods(crate::config::PodSelector),
+}
+
 /// A copy for a watcher.
 #[derive(Debug)]
 pub struct Watched {

@@ -177,6 +177,25 @@ pub(crate) fn await_first_line(
 #[derive(Debug)]
 pub struct KilledOnDrop(pub Child);
 
+impl KilledOnDrop {
+    /// SIGINT, then waits (at most [`crate::DEADLINE`]) for the exit: its status and what the
+    /// process wrote to stderr (when that was piped).
+    pub fn interrupt(&mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(self.0.id()).expect("pid"), libc::SIGINT) };
+        let mut status = None;
+        crate::wait_for("the process to end on SIGINT", || {
+            status = self.0.try_wait().expect("child status");
+            status.is_some()
+        });
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.0.stderr.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stderr).expect("stderr");
+        }
+        (status.expect("an exit status"), stderr)
+    }
+}
+
 impl Drop for KilledOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -2,7 +2,7 @@
 //! its copies byte for byte as pcapng while the target still gets every copy; a watcher that
 //! stops reading loses copies (counted) and holds up neither the target nor the agent.
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -79,25 +79,9 @@ fn replay(lab: &Lab) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
 
 /// SIGINT to each capture, which must end cleanly.
 fn interrupt(watchers: &mut [KilledOnDrop]) {
-    for watcher in watchers.iter_mut() {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(i32::try_from(watcher.0.id()).expect("pid"), libc::SIGINT) };
-    }
-    for watcher in watchers.iter_mut() {
-        let mut status = None;
-        wait_for("the capture to end on SIGINT", || {
-            status = watcher.0.try_wait().expect("capture status");
-            status.is_some()
-        });
-        let mut stderr = String::new();
-        watcher
-            .0
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut stderr)
-            .expect("stderr");
-        assert!(status.is_some_and(|s| s.success()), "{stderr}");
+    for watcher in watchers {
+        let (status, stderr) = watcher.interrupt();
+        assert!(status.success(), "{stderr}");
     }
 }
 

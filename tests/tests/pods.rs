@@ -4,8 +4,8 @@
 //! Cilium set them up, or a port on a bridge, as flannel does. Not covered: authentication, TLS,
 //! paging (kube-rs's, against a real server).
 use mirror_tests::{
-    Agent, BpfFs, Capture, FrameSender, Lab, Netns, SENTINEL_RULE, TrafficLoop, agent_binary,
-    agent_command, api_get, attached,
+    Agent, BpfFs, Capture, FrameSender, KilledOnDrop, Lab, Netns, SENTINEL_RULE, TrafficLoop,
+    agent_binary, agent_command, api_get, attached, capture_file_frames,
     kube_api::{FakeApi, NODE, pod},
     session_hooks, tcx_programs, udp_v4_frame, wait_for,
 };
@@ -498,4 +498,52 @@ fn a_pod_session_at_the_xdp_hook_copies_what_the_pod_sends() {
     assert_eq!(copies.bytes_until_sentinel(), [kept]);
     agent.stop();
     assert!(!has_xdp(), "detached on exit");
+}
+
+#[test]
+fn an_ad_hoc_capture_of_pods_watches_them_while_it_runs() {
+    let lab = Lab::new("podcap");
+    let api = FakeApi::start(&lab.node);
+    let [web1, db1, _other] = first_pods(&lab, &api);
+    let files = AgentFiles::new();
+    let agent = files.start(&lab, &api, &[]);
+    wait_for("web-1 watched", || {
+        hooks_of(&lab, &files.socket, "vethweb1").len() == 2
+    });
+    assert!(hooks_of(&lab, &files.socket, "vethdb1").is_empty());
+    let file = files.dir.path().join("db.pcapng");
+    let mut capture = KilledOnDrop(
+        std::process::Command::new(agent_binary())
+            .args(["capture", "-n", "shop", "-l", "app=db", "--api-socket"])
+            .arg(&files.socket)
+            .arg("-w")
+            .arg(&file)
+            .arg("udp")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("capture"),
+    );
+    wait_for("db-1 watched by the capture", || {
+        hooks_of(&lab, &files.socket, "vethdb1") == ["egress", "ingress"]
+    });
+    let frames: Vec<Vec<u8>> = (0..3u8).map(|i| db1.send(&[i; 20])).collect();
+    web1.send(b"not db");
+    wait_for("db-1's frames in the file", || {
+        file.exists() && capture_file_frames(&file).len() == frames.len()
+    });
+    let (status, stderr) = capture.interrupt();
+    assert!(status.success(), "{stderr}");
+    let captured = capture_file_frames(&file);
+    assert!(
+        captured
+            .iter()
+            .all(|(name, _)| name.as_deref() == Some("vethdb1 ingress")),
+        "{captured:?}"
+    );
+    let captured: Vec<Vec<u8>> = captured.into_iter().map(|(_, frame)| frame).collect();
+    assert_eq!(captured, frames);
+    wait_for("db-1 no longer watched", || {
+        hooks_of(&lab, &files.socket, "vethdb1").is_empty()
+    });
+    agent.stop();
 }

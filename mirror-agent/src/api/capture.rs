@@ -1,6 +1,7 @@
 //! `GET /capture?session=NAME[&filter=EXPR][&count=N]` (the socket only): a live pcapng stream of
 //! a session's copies (those a tcpdump expression selects); or, with `interface=NAME` (repeated,
-//! globs too) instead of a session, of an ad-hoc capture: a session of its own that the agent
+//! globs too) or `namespace=NS`/`label=KEY=VALUE` (pods of this node) instead of a session, of an
+//! ad-hoc capture: a session of its own that the agent
 //! applies for as long as the stream lasts, the filter compiled into its kernel rules; one interface block per interface and hook, until the client goes, the count is
 //! reached or the agent stops. The session is marked watched in the kernel while anyone watches
 //! it (see [`crate::watch`]).
@@ -16,7 +17,8 @@ use axum::{
 use super::{Request, Shared};
 use crate::{
     capture::PcapNgStream,
-    watch::{Watched, Watcher},
+    config::PodSelector,
+    watch::{AdHoc, Watched, Watcher},
 };
 
 /// What a capture asks for.
@@ -24,6 +26,9 @@ use crate::{
 struct CaptureQuery {
     session: Option<String>,
     interfaces: Vec<String>,
+    /// Pods of this namespace, with these labels (`KEY=VALUE`).
+    namespace: Option<String>,
+    labels: Vec<String>,
     /// Only the copies this tcpdump expression selects.
     filter: Option<String>,
     /// Stop after this many copies.
@@ -37,6 +42,8 @@ impl CaptureQuery {
             match &*key {
                 "session" => parsed.session = Some(value.into_owned()),
                 "interface" => parsed.interfaces.push(value.into_owned()),
+                "namespace" => parsed.namespace = Some(value.into_owned()),
+                "label" => parsed.labels.push(value.into_owned()),
                 "filter" if !value.trim().is_empty() => parsed.filter = Some(value.into_owned()),
                 "filter" => {}
                 "count" => {
@@ -45,10 +52,40 @@ impl CaptureQuery {
                 other => return Err(format!("unknown parameter `{other}`")),
             }
         }
-        match (&parsed.session, parsed.interfaces.is_empty()) {
-            (Some(_), true) | (None, false) => Ok(parsed),
-            _ => Err("give a session, or interfaces for an ad-hoc capture".to_owned()),
+        let pods = parsed.namespace.is_some() || !parsed.labels.is_empty();
+        match (
+            parsed.session.is_some(),
+            !parsed.interfaces.is_empty(),
+            pods,
+        ) {
+            (true, false, false) | (false, true, false) | (false, false, true) => Ok(parsed),
+            _ => Err(
+                "give a session, or interfaces or pods (namespace, labels) for an ad-hoc capture"
+                    .to_owned(),
+            ),
         }
+    }
+
+    /// What an ad-hoc capture watches.
+    fn ad_hoc(&self) -> Result<AdHoc, String> {
+        if !self.interfaces.is_empty() {
+            return Ok(AdHoc::Interfaces(self.interfaces.clone()));
+        }
+        let labels = self
+            .labels
+            .iter()
+            .map(|label| {
+                label
+                    .split_once('=')
+                    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                    .ok_or_else(|| format!("label `{label}`: give KEY=VALUE"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(AdHoc::Pods(PodSelector {
+            namespace: self.namespace.clone(),
+            labels,
+            expressions: Vec::new(),
+        }))
     }
 }
 
@@ -75,7 +112,7 @@ impl Drop for Watching {
         }
         let (copies, lost) = self.watcher.counts();
         tracing::info!(
-            "capture of session `{}` ended: {copies} copies, {lost} lost (the reader was slow)",
+            "capture of session `{}` ended: {copies} copies, {lost} lost to a slow reader",
             self.watcher.session
         );
     }
@@ -145,6 +182,9 @@ async fn start_ad_hoc(
     shared: &Arc<Shared>,
     query: &CaptureQuery,
 ) -> Result<(Watching, tokio::sync::mpsc::Receiver<Watched>), (StatusCode, String)> {
+    let watch = query
+        .ad_hoc()
+        .map_err(|why| (StatusCode::BAD_REQUEST, why))?;
     let name = shared.watchers.ad_hoc_name();
     let (watcher, copies) = shared
         .watchers
@@ -153,7 +193,7 @@ async fn start_ad_hoc(
     let (answer, outcome) = tokio::sync::oneshot::channel();
     let request = Request::StartCapture {
         session: name.clone(),
-        interfaces: query.interfaces.clone(),
+        watch,
         filter: query.filter.clone(),
         answer,
     };

@@ -73,11 +73,11 @@ pub struct Shared {
 pub enum Request {
     /// `POST /reload`: the new generation, or why the file was rejected.
     Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
-    /// An ad-hoc capture: a session of this name on these interfaces (with a filter
+    /// An ad-hoc capture: a session of this name on these interfaces or pods (with a filter
     /// expression, or of every packet), applied, or why not.
     StartCapture {
         session: String,
-        interfaces: Vec<String>,
+        watch: crate::watch::AdHoc,
         filter: Option<String>,
         answer: tokio::sync::oneshot::Sender<Result<(), String>>,
     },

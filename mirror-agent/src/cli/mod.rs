@@ -1,6 +1,6 @@
 //! What the command line prints: `check`'s plan, and the running agent's status and counters
 //! (`status`, `stats`, `stats --watch`) read through its API socket.
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -87,29 +87,76 @@ pub(crate) fn explain(plan: &Plan) -> String {
     out
 }
 
-/// `mirror-agent capture`: the live pcapng stream of a session or interfaces into `write` until the agent ends it
-/// (after `count` copies, or when it stops) or SIGINT/SIGTERM.
-pub(crate) async fn capture(
-    socket: &std::path::Path,
-    watched: &Watched,
-    filter: &str,
-    write: &std::path::Path,
+/// `mirror-agent capture`'s arguments.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").args(["session", "iface", "namespace", "label"]).required(true).multiple(true)))]
+pub(crate) struct CaptureArgs {
+    /// The session whose copies to watch (`mirror-agent status` lists them).
+    #[arg(long)]
+    session: Option<String>,
+    /// Or an ad-hoc capture of these interfaces (names or globs; repeatable), both
+    /// directions: the agent adds a session of its own while the capture runs.
+    #[arg(short = 'i', long, conflicts_with_all = ["session", "namespace", "label"])]
+    iface: Vec<String>,
+    /// Or an ad-hoc capture of this node's pods in this namespace (with --label: only those
+    /// with the labels), through their host-side interfaces, followed as they come and go.
+    #[arg(short = 'n', long, conflicts_with = "session")]
+    namespace: Option<String>,
+    /// With an ad-hoc capture of pods: only those with this label, KEY=VALUE (repeatable).
+    #[arg(
+        short = 'l',
+        long,
+        value_name = "KEY=VALUE",
+        conflicts_with = "session"
+    )]
+    label: Vec<String>,
+    /// Only the packets this tcpdump filter expression selects, e.g. 'tcp port 443' (the
+    /// words are joined). With --session, read by the agent in userspace from the session's
+    /// copies (its target is unchanged); with -i or -n/-l, compiled into the capture's kernel
+    /// rules.
+    #[arg(value_name = "FILTER")]
+    filter: Vec<String>,
+    /// Where the pcapng stream goes: a new file, or `-` for standard output.
+    #[arg(short = 'w', long = "write", value_name = "FILE", default_value = "-")]
+    write: PathBuf,
+    /// Stop after N copies.
+    #[arg(short = 'c', long = "count", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
-) -> anyhow::Result<()> {
+    /// The running agent's API socket.
+    #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+}
+
+/// `mirror-agent capture`: the live pcapng stream of a session or of an ad-hoc capture into its
+/// file until the agent ends it (after `count` copies, or when it stops) or SIGINT/SIGTERM.
+pub(crate) async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
+    let CaptureArgs {
+        session,
+        iface,
+        namespace,
+        label,
+        filter,
+        write,
+        count,
+        api_socket,
+    } = args;
+    let (socket, write, filter) = (api_socket.as_path(), write.as_path(), filter.join(" "));
     let mut query = form_urlencoded::Serializer::new(String::new());
-    match watched {
-        Watched::Session(session) => {
-            query.append_pair("session", session);
-        }
-        Watched::Interfaces(interfaces) => {
-            for interface in interfaces {
-                query.append_pair("interface", interface);
-            }
-        }
+    if let Some(session) = &session {
+        query.append_pair("session", session);
+    }
+    for interface in &iface {
+        query.append_pair("interface", interface);
+    }
+    if let Some(namespace) = &namespace {
+        query.append_pair("namespace", namespace);
+    }
+    for label in &label {
+        query.append_pair("label", label);
     }
     if !filter.is_empty() {
-        query.append_pair("filter", filter);
+        query.append_pair("filter", &filter);
     }
     if let Some(count) = count {
         query.append_pair("count", &count.to_string());
@@ -146,15 +193,6 @@ pub(crate) async fn capture(
     }
     eprintln!("mirror-agent capture: {bytes} bytes of pcapng");
     Ok(())
-}
-
-/// What a capture watches.
-#[derive(Debug)]
-pub(crate) enum Watched {
-    /// A session's copies.
-    Session(String),
-    /// An ad-hoc capture of these interfaces (names or globs).
-    Interfaces(Vec<String>),
 }
 
 /// How many bytes at the start of `stream` (pcapng, from its section header on) are whole

@@ -22,6 +22,7 @@ use crate::{
     pods::{self, Placement, PodView, PodWatch},
     rules::{self, Plan, Target},
     tunnel::{self, Targets},
+    watch::AdHoc,
 };
 
 /// How the agent runs, from the command line and the configuration file.
@@ -397,11 +398,11 @@ impl Daemon<'_> {
             }
             Request::StartCapture {
                 session,
-                interfaces,
+                watch,
                 filter,
                 answer,
             } => {
-                let outcome = self.start_capture(&session, interfaces, filter).await;
+                let outcome = self.start_capture(&session, watch, filter).await;
                 if let Err(why) = &outcome {
                     tracing::warn!("capture `{session}` refused: {why}");
                 }
@@ -424,10 +425,10 @@ impl Daemon<'_> {
     async fn start_capture(
         &mut self,
         name: &str,
-        interfaces: Vec<String>,
+        watch: AdHoc,
         filter: Option<String>,
     ) -> Result<(), String> {
-        let session = capture_session(name, interfaces, filter);
+        let session = capture_session(name, watch, filter);
         let alone = LoadedConfig::from_config(
             crate::config::Config {
                 sessions: vec![toml::Spanned::new(0..0, session.clone())],
@@ -751,20 +752,27 @@ fn with_captures(
     with
 }
 
-/// The session of an ad-hoc capture: `interfaces` (names or globs) in both directions, at TC,
-/// the packets `filter` selects (every packet without one), to its watchers.
-fn capture_session(name: &str, interfaces: Vec<String>, filter: Option<String>) -> SessionConfig {
+/// The session of an ad-hoc capture: what it watches, in both directions, at TC, the packets
+/// `filter` selects (every packet without one), to its watchers.
+fn capture_session(name: &str, watch: AdHoc, filter: Option<String>) -> SessionConfig {
     let spanned = |value| toml::Spanned::new(0..0, value);
+    let (interfaces, pods) = match watch {
+        AdHoc::Interfaces(interfaces) => (
+            Some(toml::Spanned::new(
+                0..0,
+                interfaces
+                    .into_iter()
+                    .map(|i| toml::Spanned::new(0..0, i))
+                    .collect(),
+            )),
+            None,
+        ),
+        AdHoc::Pods(selector) => (None, Some(toml::Spanned::new(0..0, selector))),
+    };
     SessionConfig {
         name: spanned(name.to_owned()),
-        interfaces: Some(toml::Spanned::new(
-            0..0,
-            interfaces
-                .into_iter()
-                .map(|i| toml::Spanned::new(0..0, i))
-                .collect(),
-        )),
-        pods: None,
+        interfaces,
+        pods,
         direction: None,
         hook: None,
         target: toml::Spanned::new(
