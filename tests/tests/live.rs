@@ -24,11 +24,14 @@ fn config(socket: &Path) -> String {
     )
 }
 
+/// The agent's `/status`.
+fn status(socket: &Path) -> serde_json::Value {
+    serde_json::from_str(&api_get(socket.to_str().expect("path"), "/status")).expect("JSON")
+}
+
 /// The live captures `/status` lists: (session, copies, lost) each.
 fn captures(socket: &Path) -> Vec<(String, u64, u64)> {
-    let status: serde_json::Value =
-        serde_json::from_str(&api_get(socket.to_str().expect("path"), "/status")).expect("JSON");
-    status["captures"]
+    status(socket)["captures"]
         .as_array()
         .expect("captures")
         .iter()
@@ -44,9 +47,17 @@ fn captures(socket: &Path) -> Vec<(String, u64, u64)> {
 
 /// `mirror-agent capture` of session `t` into `file`, with the words of a filter.
 fn capture_command(socket: &Path, file: &Path, filter: &[&str]) -> Command {
+    capture_of(socket, &["--session", "t"], file, filter)
+}
+
+/// `mirror-agent capture` of `what` (`--session NAME`, `-i INTERFACE`) into `file`, with the
+/// words of a filter.
+fn capture_of(socket: &Path, what: &[&str], file: &Path, filter: &[&str]) -> Command {
     let mut command = Command::new(mirror_tests::agent_binary());
     command
-        .args(["capture", "--session", "t", "--api-socket"])
+        .arg("capture")
+        .args(what)
+        .arg("--api-socket")
         .arg(socket)
         .arg("-w")
         .arg(file)
@@ -217,9 +228,7 @@ fn a_watcher_that_stops_reading_loses_copies_and_holds_nothing_up() {
 
 /// The names of the sessions the agent runs now.
 fn sessions(socket: &Path) -> Vec<String> {
-    let status: serde_json::Value =
-        serde_json::from_str(&api_get(socket.to_str().expect("path"), "/status")).expect("JSON");
-    status["sessions"]
+    status(socket)["sessions"]
         .as_array()
         .expect("sessions")
         .iter()
@@ -229,14 +238,7 @@ fn sessions(socket: &Path) -> Vec<String> {
 
 /// `mirror-agent capture -i INTERFACE` into `file` with the words of a filter.
 fn ad_hoc(socket: &Path, interface: &str, file: &Path, filter: &[&str]) -> Command {
-    let mut command = Command::new(mirror_tests::agent_binary());
-    command
-        .args(["capture", "-i", interface, "--api-socket"])
-        .arg(socket)
-        .arg("-w")
-        .arg(file)
-        .args(filter);
-    command
+    capture_of(socket, &["-i", interface], file, filter)
 }
 
 #[test]
