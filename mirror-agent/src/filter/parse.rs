@@ -57,13 +57,27 @@ struct Qualifiers {
     kind: Option<Kind>,
 }
 
+/// Words and operators an expression may have: parsing and compiling recurse over them.
+const MAX_TOKENS: usize = 1024;
+/// How deep parentheses and `not`s may nest.
+const MAX_NESTING: usize = 64;
+
 /// Reads `tokens` (of a text `len` bytes long) into one expression.
 pub fn parse(tokens: Vec<Located>, len: usize) -> Result<Expr, FilterError> {
+    if let Some((_, at)) = tokens.get(MAX_TOKENS) {
+        return Err(FilterError::at(
+            *at,
+            format!(
+                "more than {MAX_TOKENS} words and operators: split the expression into sessions"
+            ),
+        ));
+    }
     let mut parser = Parser {
         tokens,
         next: 0,
         len,
         last: None,
+        depth: 0,
     };
     let expr = parser.expr()?;
     match parser.peek() {
@@ -82,6 +96,8 @@ struct Parser {
     len: usize,
     /// The qualifiers of the last primitive that named a value, for a bare value after it.
     last: Option<Qualifiers>,
+    /// Parentheses and `not`s open around the term being read.
+    depth: usize,
 }
 
 impl Parser {
@@ -118,9 +134,12 @@ impl Parser {
 
     fn term(&mut self) -> Result<Expr, FilterError> {
         match self.advance() {
-            Some((Token::Not, _)) => Ok(Expr::Not(Box::new(self.term()?))),
+            Some((Token::Not, at)) => {
+                let inner = self.nested(at, Self::term)?;
+                Ok(Expr::Not(Box::new(inner)))
+            }
             Some((Token::Open, at)) => {
-                let inner = self.expr()?;
+                let inner = self.nested(at, Self::expr)?;
                 match self.advance() {
                     Some((Token::Close, _)) => Ok(inner),
                     _ => Err(FilterError::at(at, "a `(` without its `)`")),
@@ -186,6 +205,24 @@ impl Parser {
         }
         self.last = Some(qualifiers);
         self.value(qualifiers, &word.0, word.1)
+    }
+
+    /// `read` one level deeper (inside a `(` or `not` at `at`), within [`MAX_NESTING`].
+    fn nested(
+        &mut self,
+        at: usize,
+        read: impl FnOnce(&mut Self) -> Result<Expr, FilterError>,
+    ) -> Result<Expr, FilterError> {
+        if self.depth == MAX_NESTING {
+            return Err(FilterError::at(
+                at,
+                format!("parentheses and `not`s nest more than {MAX_NESTING} deep"),
+            ));
+        }
+        self.depth += 1;
+        let inner = read(self);
+        self.depth -= 1;
+        inner
     }
 
     /// `src`, `dst`, `src or dst`, `src and dst` (the words are taken, the first given).

@@ -166,6 +166,30 @@ fn unsupported_syntax_is_refused_where_it_stands() {
 }
 
 #[test]
+fn deep_or_long_expressions_are_refused_before_they_recurse() {
+    let nested = format!("{}tcp{}", "(".repeat(65), ")".repeat(65));
+    let error = compile(&nested).expect_err("65 deep");
+    assert_eq!(error.offset, 64, "{error}");
+    assert!(error.message.contains("nest more than 64"), "{error}");
+    compile(&format!("{}tcp{}", "(".repeat(64), ")".repeat(64))).expect("64 deep");
+    let nots = format!("{}tcp", "not ".repeat(100_000));
+    assert!(
+        compile(&nots)
+            .expect_err("deep")
+            .message
+            .contains("more than 1024 words")
+    );
+    let long = vec!["tcp"; 600].join(" and ");
+    assert!(
+        compile(&long)
+            .expect_err("long")
+            .message
+            .contains("more than 1024 words")
+    );
+    compile(&vec!["tcp"; 500].join(" and ")).expect("999 tokens");
+}
+
+#[test]
 fn a_bare_value_takes_the_qualifiers_before_it() {
     for (short, long) in [
         (
