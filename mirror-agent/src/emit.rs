@@ -395,12 +395,12 @@ fn parse(record: &[u8]) -> Option<(RingCopyHeader, &[u8])> {
     Some((header, frame))
 }
 
-/// A pcapng interface name: the watched interface and hook.
 /// An interface and hook as one key: a pcapng file or stream describes each once.
 fn interface_key(ifindex: u32, direction: u32) -> u64 {
     u64::from(ifindex) << 8 | u64::from(direction)
 }
 
+/// A pcapng interface name: the watched interface and hook.
 fn describe(names: &HashMap<u32, String>, ifindex: u32, direction: u32) -> String {
     let hook = match direction {
         d if d == Direction::XdpIngress as u32 => "xdp",
