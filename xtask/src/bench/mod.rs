@@ -6,6 +6,7 @@
 //! not the sink's address), so the measured path is: veth in → TC ingress on src0 (where every
 //! mirroring scenario hooks) → forward → veth out. On veth that whole path runs in the sender's
 //! context, so a max-rate run measures the per-packet cost on one core.
+mod configs;
 mod hotpath;
 mod paired;
 mod report;
@@ -21,6 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use configs::{agent_config, rule_set};
 use hotpath::{HotRow, hot_path, tap_path};
 use mirror_tests::{Agent, Lab, NODE_SRC_MAC, SINK_MAC, SRC_MAC, wait_for};
 use serde::Serialize;
@@ -433,50 +435,6 @@ fn tc(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `rules - 1` random non-matching (destination prefix, destination port) rules, then the
-/// matching one. Half the prefixes contain the flow's destination, so the prefix lookup alone does
-/// not rule them out: only the port does.
-fn rule_set(rules: usize) -> Vec<(String, u16)> {
-    // Seeded: every run builds the same rule sets.
-    let mut rng = fastrand::Rng::with_seed(42);
-    let mut set = Vec::with_capacity(rules);
-    while set.len() + 1 < rules {
-        let r = rng.u64(..);
-        let port = (r % 65_535) as u16 + 1;
-        if port == FLOW_DST_PORT {
-            continue;
-        }
-        let len = 8 + (r >> 20) % 25;
-        let base: u32 = if r & (1 << 40) == 0 {
-            u32::from(FLOW_DST.parse::<std::net::Ipv4Addr>().expect("address"))
-        } else {
-            0xac10_0000 | ((r >> 44) as u32 & 0x000f_ffff)
-        };
-        let net = std::net::Ipv4Addr::from(base & (u32::MAX << (32 - len)));
-        set.push((format!("{net}/{len}"), port));
-    }
-    set.push((format!("{FLOW_DST}/32"), FLOW_DST_PORT));
-    set
-}
-
-fn mirror_config(rules: usize, matching: bool) -> String {
-    let mut config = "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = { interface = \"mir0\" }\n".to_owned();
-    let mut set = rule_set(rules);
-    if !matching {
-        // The flow's destination, the next port: nothing matches.
-        set.last_mut().expect("a rule").1 = FLOW_DST_PORT + 1;
-    }
-    for (number, (net, port)) in set.into_iter().enumerate() {
-        writeln!(
-            config,
-            "[[session.rule]]\nnumber = {}\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{net}\"\ndst_port = {port}",
-            number + 1
-        )
-        .expect("writing to a String");
-    }
-    config
-}
-
 fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Result<Active<'a>> {
     Ok(match scenario {
         Scenario::Baseline => Active::Nothing,
@@ -550,43 +508,6 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
         | Scenario::MirrorXdp { .. } => {
             Active::Agent(Agent::start(&lab.node, agent, &agent_config(scenario)?))
         }
-    })
-}
-
-/// The agent's configuration for a mirror scenario: one session on src0's ingress.
-fn agent_config(scenario: &Scenario) -> anyhow::Result<String> {
-    const SESSION: &str =
-        "stats_interval_secs = 0\n[[session]]\nname = \"bench\"\ninterfaces = [\"src0\"]\n";
-    Ok(match scenario {
-        Scenario::Mirror { rules, matching } => mirror_config(*rules, *matching),
-        Scenario::MirrorAll => format!(
-            "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n"
-        ),
-        Scenario::MirrorFilter => format!(
-            "{SESSION}direction = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n\
-             filter = \"udp and dst net {FLOW_DST}/32 and dst port {FLOW_DST_PORT}\"\n"
-        ),
-        Scenario::MirrorControlled { control, .. } => format!(
-            "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n{control}\n"
-        ),
-        Scenario::MirrorTunnel(format) => {
-            let (_, target) = TUNNELS
-                .iter()
-                .find(|(name, _)| name == format)
-                .context("a tunnel format of TUNNELS")?;
-            format!(
-                "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ {target} }}\n"
-            )
-        }
-        Scenario::MirrorXdp { vxlan } => {
-            let target = if *vxlan {
-                format!("{{ vxlan = {{ remote = \"{VXLAN_REMOTE}\", vni = 42 }} }}")
-            } else {
-                "{ interface = \"mir0\" }".to_owned()
-            };
-            format!("{SESSION}hook = \"xdp\"\ndefault = \"mirror\"\ntarget = {target}\n")
-        }
-        _ => bail!("{} runs no agent", scenario.name()),
     })
 }
 
