@@ -411,7 +411,7 @@ impl Daemon<'_> {
             Request::EndCapture(session) => {
                 if self.captures.remove(&session).is_some()
                     && let Err(e) = self
-                        .apply(&with_captures(&self.loaded.clone(), &self.captures))
+                        .apply(&with_captures(&self.loaded, &self.captures))
                         .await
                 {
                     tracing::error!("removing the session of capture `{session}`: {e:#}");
@@ -439,7 +439,7 @@ impl Daemon<'_> {
         crate::plan(&alone).map_err(|e| format!("{e:#}"))?;
         self.captures.insert(name.to_owned(), session);
         let applied = self
-            .apply(&with_captures(&self.loaded.clone(), &self.captures))
+            .apply(&with_captures(&self.loaded, &self.captures))
             .await;
         match applied {
             Ok(generation) => {
