@@ -14,6 +14,10 @@
 //! first set bit of a session is that session's verdict (first match wins), after which the walk
 //! jumps to the next session's first rule.
 //!
+//! The address lookups (LPM tries) cost more than all the others together, so they wait: the walk
+//! makes one only when a candidate rule in the word it visits constrains that address. A packet
+//! left with rules that accept any address (a session's default) never pays for them.
+//!
 //! To keep that walk flat as rule sets grow, each [`RuleBitmap`] carries a summary with one bit per
 //! 64-rule word that is non-zero. The kernel ANDs the summaries first and only visits words that
 //! survive in all eight fields, so a packet that matches only the last of 10,000 rules visits a
@@ -81,8 +85,17 @@ pub const RULE_BITMAPS_MAP: &str = "RULE_BITMAPS";
 pub const FIELD_WILDCARD_MAP: &str = "FIELD_WILDCARD";
 /// A [`FIELD_WILDCARD`](FIELD_WILDCARD_MAP) entry: no rule constrains this field.
 pub const UNCONSTRAINED: u32 = u32::MAX;
-/// `ATTACHMENT_BITMAP`: `HashMap<AttachmentKey, u32>`, bitmap index of the rules whose sessions
-/// watch this interface in this direction. A miss means no session applies.
+/// `ATTACHMENT_DIRECT`: `Array<u32>` of [`DIRECT_IFINDEXES`] × 4, by [`AttachmentKey::direct_index`]:
+/// the bitmap index of the rules whose sessions watch this interface in this direction, plus one;
+/// 0 when no session does. Every packet at a hook starts with this lookup, and an array's is
+/// inlined by the verifier where a hash's is a call. Interfaces of larger indices (a node that
+/// created many interfaces since boot) are in [`ATTACHMENT_BITMAP_MAP`].
+pub const ATTACHMENT_DIRECT_MAP: &str = "ATTACHMENT_DIRECT";
+/// Interface indices below this are in [`ATTACHMENT_DIRECT_MAP`].
+pub const DIRECT_IFINDEXES: u32 = 16_384;
+/// `ATTACHMENT_BITMAP`: `HashMap<AttachmentKey, u32>`, as [`ATTACHMENT_DIRECT_MAP`] (without the
+/// plus one) for the interfaces whose index is [`DIRECT_IFINDEXES`] or more. A miss means no
+/// session applies.
 pub const ATTACHMENT_BITMAP_MAP: &str = "ATTACHMENT_BITMAP";
 /// The direct arrays below (ethertype, VLAN, IP protocol, ports) hold a bitmap index plus one, and
 /// zero for a value no rule names, which stands for the field's [`FIELD_WILDCARD`](FIELD_WILDCARD_MAP) bitmap: the
@@ -198,6 +211,14 @@ pub struct AttachmentKey {
     pub ifindex: u32,
     /// A [`Direction`] as u32.
     pub direction: u32,
+}
+
+impl AttachmentKey {
+    /// The key's [`ATTACHMENT_DIRECT_MAP`] entry; none when the interface index is too large.
+    #[inline]
+    pub fn direct_index(&self) -> Option<u32> {
+        (self.ifindex < DIRECT_IFINDEXES).then_some(self.ifindex * 4 + (self.direction & 3))
+    }
 }
 
 /// A set of rules by global rule index, with a summary of its non-zero words.

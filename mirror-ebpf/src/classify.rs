@@ -16,9 +16,9 @@ use mirror_common::{
 use crate::{
     count,
     maps::{
-        ATTACHMENT_BITMAP, DST_PORT_BITMAP, DST_V4_BITMAP, DST_V6_BITMAP, ETHERTYPE_BITMAP,
-        FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES, SRC_PORT_BITMAP, SRC_V4_BITMAP,
-        SRC_V6_BITMAP, VLAN_BITMAP,
+        ATTACHMENT_BITMAP, ATTACHMENT_DIRECT, DST_PORT_BITMAP, DST_V4_BITMAP, DST_V6_BITMAP,
+        ETHERTYPE_BITMAP, FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES, SRC_PORT_BITMAP,
+        SRC_V4_BITMAP, SRC_V6_BITMAP, VLAN_BITMAP,
     },
     parse::{ABSENT, FAMILY_UNKNOWN, FAMILY_V4, FAMILY_V6, Headers, UNKNOWN},
 };
@@ -65,8 +65,25 @@ pub struct Walk {
     l4_offset: u32,
     /// [`Headers::frame_len`], for the bytes of the rules that match.
     frame_len: u32,
+    /// [`Headers::family`], and the addresses as the keys of the lookups the walk makes on demand
+    /// (kept here, not on the stack, which the walk's callback shares with the program).
+    family: u32,
+    src: AddressKey,
+    dst: AddressKey,
     copies: [Copy; MAX_COPIES_PER_PACKET],
 }
+
+/// An address as the key of an LPM lookup: the layout of `Key<[u8; 16]>`, whose first 8 bytes are
+/// also that of `Key<[u8; 4]>` (an IPv4 key is the same, its prefix length set to 32).
+#[repr(C)]
+struct AddressKey {
+    prefix_len: u32,
+    address: [u32; 4],
+}
+
+/// A [`Walk::bitmaps`] entry for an address field whose lookup waits until a candidate rule
+/// constrains it (see [`resolve_address`]).
+const PENDING: u32 = UNCONSTRAINED - 1;
 
 /// Per CPU, the rule walk of the packet being classified.
 #[map]
@@ -75,8 +92,13 @@ static WALK_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 /// The bitmap of the rules of the sessions watching `attachment`; none when no session does.
 #[inline(always)]
 pub fn attachment_rules(attachment: &AttachmentKey) -> Option<u32> {
-    // SAFETY: a hash lookup returns a pointer to the value or None.
-    unsafe { ATTACHMENT_BITMAP.get(attachment) }.copied()
+    match attachment.direct_index() {
+        Some(index) => ATTACHMENT_DIRECT
+            .get(index)
+            .and_then(|&stored| stored.checked_sub(1)),
+        // SAFETY: a hash lookup returns a pointer to the value or None.
+        None => unsafe { ATTACHMENT_BITMAP.get(attachment) }.copied(),
+    }
 }
 
 /// Finds, for each session whose rules are `attachment_rules`, the first rule that matches the
@@ -118,32 +140,31 @@ pub fn classify(attachment_rules: u32, headers: &Headers) -> Result<Option<Verdi
             walk,
             Field::VlanId,
             indexed(Field::VlanId, headers.vlan_id, |i| VLAN_BITMAP.get(i))?,
-        )?
-        && narrow(
-            walk,
-            Field::DstIp,
-            address(
-                Field::DstIp,
-                headers.family,
-                &headers.dst,
-                &DST_V4_BITMAP,
-                &DST_V6_BITMAP,
-            )?,
-        )?
-        && narrow(
-            walk,
-            Field::SrcIp,
-            address(
-                Field::SrcIp,
-                headers.family,
-                &headers.src,
-                &SRC_V4_BITMAP,
-                &SRC_V6_BITMAP,
-            )?,
         )?;
     if !narrowed {
         return Ok(None);
     }
+    // The longest-prefix lookups cost more than everything above together, and the candidates
+    // left are often only rules that accept any address (a session's default): the walk makes
+    // them when it first meets a candidate that constrains the address.
+    for field in [Field::DstIp, Field::SrcIp] {
+        let pending = if headers.family == FAMILY_UNKNOWN || wildcard(field)? == UNCONSTRAINED {
+            UNCONSTRAINED
+        } else {
+            PENDING
+        };
+        walk.bitmaps[field as usize] = pending;
+    }
+    let prefix_len = if headers.family == FAMILY_V4 { 32 } else { 128 };
+    walk.family = headers.family;
+    walk.src = AddressKey {
+        prefix_len,
+        address: headers.src,
+    };
+    walk.dst = AddressKey {
+        prefix_len,
+        address: headers.dst,
+    };
     // SAFETY: a field of `walk`, valid for writes.
     unsafe { core::ptr::write_volatile(&raw mut walk.l4_offset, headers.l4_offset) };
     walk.frame_len = headers.frame_len;
@@ -244,11 +265,15 @@ fn try_walk_step(walk: &mut Walk) -> Result<bool, TableError> {
         };
         let mut word = !0u64;
         for &index in &walk.bitmaps {
-            if index == UNCONSTRAINED {
+            if index >= PENDING {
                 continue;
             }
-            let bitmap = RULE_BITMAPS.get(index).ok_or(TableError)?;
-            word &= *bitmap.words.get(word_index as usize).ok_or(TableError)?;
+            word &= bitmap_word(index, word_index)?;
+        }
+        for field in [Field::DstIp, Field::SrcIp] {
+            if walk.bitmaps[field as usize] == PENDING && word != 0 {
+                word &= resolve_address(walk, field, word_index, word)?;
+            }
         }
         walk.word_index = word_index;
         walk.word = word & !bits_below(walk.min_rule, word_index);
@@ -338,26 +363,58 @@ fn indexed(
     }
 }
 
-/// Bitmap index for an address: the longest matching prefix's entry, else the wildcard bitmap.
+/// Word `word_index` of bitmap `index`.
+#[inline(always)]
+fn bitmap_word(index: u32, word_index: u32) -> Result<u64, TableError> {
+    let bitmap = RULE_BITMAPS.get(index).ok_or(TableError)?;
+    bitmap
+        .words
+        .get(word_index as usize)
+        .copied()
+        .ok_or(TableError)
+}
+
+/// The part of `word` (candidates of word `word_index`) that `field`, an address whose lookup is
+/// [`PENDING`], keeps. The lookup is made only when a candidate constrains the address, and then
+/// once: its bitmap replaces the pending entry and narrows the words left to visit.
+#[inline(always)]
+fn resolve_address(
+    walk: &mut Walk,
+    field: Field,
+    word_index: u32,
+    word: u64,
+) -> Result<u64, TableError> {
+    let wildcard = wildcard(field)?;
+    if word & !bitmap_word(wildcard, word_index)? == 0 {
+        // Every candidate here accepts any address: the lookup would keep them all.
+        return Ok(!0);
+    }
+    let index = match field {
+        Field::DstIp => address(walk.family, &walk.dst, &DST_V4_BITMAP, &DST_V6_BITMAP),
+        _ => address(walk.family, &walk.src, &SRC_V4_BITMAP, &SRC_V6_BITMAP),
+    }
+    .unwrap_or(wildcard);
+    // The summary only loses words; an empty one ends the walk after this word.
+    narrow(walk, field, index)?;
+    bitmap_word(index, word_index)
+}
+
+/// Bitmap index for an address: the longest matching prefix's entry; none when no prefix holds it
+/// (the field's wildcard bitmap applies).
 #[inline(always)]
 fn address(
-    field: Field,
     family: u32,
-    addr: &[u8; 16],
+    key: &AddressKey,
     v4: &LpmTrie<[u8; 4], u32>,
     v6: &LpmTrie<[u8; 16], u32>,
-) -> Result<u32, TableError> {
-    if family == FAMILY_UNKNOWN {
-        return Ok(UNCONSTRAINED);
-    }
-    let wildcard = wildcard(field)?;
-    if wildcard == UNCONSTRAINED {
-        return Ok(wildcard);
-    }
+) -> Option<u32> {
+    let key = core::ptr::from_ref(key);
+    // SAFETY (both casts): `Key` is packed (alignment 1) and `AddressKey` has its layout (see
+    // there); the lookup reads the key's size from the map, 8 or 20 bytes, all initialised.
     let found = match family {
-        FAMILY_V4 => v4.get(Key::new(32, [addr[0], addr[1], addr[2], addr[3]])),
-        FAMILY_V6 => v6.get(Key::new(128, *addr)),
+        FAMILY_V4 => v4.get(unsafe { &*key.cast::<Key<[u8; 4]>>() }),
+        FAMILY_V6 => v6.get(unsafe { &*key.cast::<Key<[u8; 16]>>() }),
         _ => None,
     };
-    Ok(found.copied().unwrap_or(wildcard))
+    found.copied()
 }

@@ -13,10 +13,10 @@ use crate::{
 /// port) are hashed apart and added, so swapping them changes nothing.
 #[inline(always)]
 pub fn flow_hash(headers: &Headers) -> u32 {
-    let endpoint = |addr: &[u8; 16], port: u32| {
+    let endpoint = |addr: &[u32; 4], port: u32| {
         let mut folded = port;
-        for word in addr.chunks_exact(4) {
-            folded = mix(folded ^ u32::from_ne_bytes([word[0], word[1], word[2], word[3]]));
+        for word in addr {
+            folded = mix(folded ^ word);
         }
         mix(folded)
     };

@@ -43,10 +43,12 @@ pub struct Headers {
     pub ethertype: u32,
     pub vlan_id: u32,
     pub ip_proto: u32,
-    /// [`FAMILY_NONE`], [`FAMILY_V4`] (address in the first 4 bytes) or [`FAMILY_V6`].
+    /// [`FAMILY_NONE`], [`FAMILY_V4`] (address in the first word) or [`FAMILY_V6`].
     pub family: u32,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// The addresses as read from the packet: each word holds 4 bytes in network order (words,
+    /// not bytes, so that the compiler keeps 4 values where it would otherwise keep 16).
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
     pub src_port: u32,
     pub dst_port: u32,
     /// Offset of the TCP, UDP or SCTP header; [`ABSENT`] when there is none.
@@ -67,8 +69,8 @@ pub fn parse<P: Packet>(ctx: &P) -> Headers {
         vlan_id: ABSENT,
         ip_proto: ABSENT,
         family: FAMILY_NONE,
-        src: [0; 16],
-        dst: [0; 16],
+        src: [0; 4],
+        dst: [0; 4],
         src_port: ABSENT,
         dst_port: ABSENT,
         l4_offset: ABSENT,
@@ -136,9 +138,9 @@ fn parse_ipv4<P: Packet>(ctx: &P, offset: usize, headers: &mut Headers) -> Resul
     }
     let proto = load_u8(ctx, offset + 9)?;
     headers.ip_proto = u32::from(proto);
-    let [src, dst]: [[u8; 4]; 2] = load(ctx, offset + 12)?;
-    headers.src[..4].copy_from_slice(&src);
-    headers.dst[..4].copy_from_slice(&dst);
+    let [src, dst]: [u32; 2] = load(ctx, offset + 12)?;
+    headers.src[0] = src;
+    headers.dst[0] = dst;
     headers.family = FAMILY_V4;
     let fragment_offset = load_be16(ctx, offset + 6)? & 0x1fff;
     if fragment_offset != 0 {

@@ -2,8 +2,8 @@
 //! and a table of malformed frames. For each frame: what reached the far side of the primary path
 //! (it must be the frame, unchanged) and whether exactly that frame was copied.
 use mirror_tests::{
-    Capture, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE, SINK_MAC, SRC_MAC,
-    assert_same_frames, cases, copied, mac, session_config, tagged, udp_v4_frame,
+    Capture, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE, SINK_MAC, SINK_V4,
+    SRC_MAC, assert_same_frames, cases, copied, mac, session_config, tagged, udp_v4_frame,
 };
 
 #[test]
@@ -176,4 +176,55 @@ fn sessions_sharing_an_interface_each_get_one_copy() {
     );
     assert_eq!(report.rule("all-udp", "10"), copied(1, 0));
     assert_eq!(report.rule("all-udp", "default"), copied(3, 3));
+}
+
+#[test]
+fn an_interface_of_a_large_index_is_watched_and_addresses_looked_up_on_demand() {
+    // Indices from DIRECT_IFINDEXES on are found in the hash map, not the direct array.
+    let ifindex = mirror_common::DIRECT_IFINDEXES + 23_000;
+    let lab = Lab::new("bigindex");
+    lab.node.ip(&[
+        "link",
+        "add",
+        "big0",
+        "index",
+        &ifindex.to_string(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "big1",
+        "netns",
+        &lab.src.name,
+    ]);
+    lab.src.ip(&["link", "set", "big1", "up"]);
+    lab.node.ip(&["link", "set", "big0", "up"]);
+    assert_eq!(lab.node.ifindex("big0"), ifindex);
+    // Rule 20's address is looked up only for the frame whose port it names.
+    let agent = lab.start_agent(&session_config(
+        "[\"big0\"]",
+        "ingress",
+        &format!(
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst = \"{SINK_V4}\"\ndst_port = 6000\n\
+             [[session.rule]]\nnumber = 20\naction = \"mirror\"\nproto = \"udp\"\ndst = \"192.0.2.1\"\ndst_port = 6001\n"
+        ),
+    ));
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "big1");
+    let frames: Vec<_> = [6000, 6001, 6002]
+        .map(|port| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, b"large index"))
+        .into();
+    for frame in &frames {
+        sender.send(frame);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    assert_same_frames(
+        "large index",
+        copies.bytes_until_sentinel(),
+        vec![frames[0].clone()],
+    );
+    let report = agent.stop();
+    assert_eq!(report.rule("t", "10"), copied(1, 1));
+    assert_eq!(report.rule("t", "20"), copied(0, 0));
+    assert_eq!(report.rule("t", "default"), copied(2, 0));
 }

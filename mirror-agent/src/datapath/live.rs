@@ -3,11 +3,10 @@
 //! rewrite.
 use aya::maps::{Array, HashMap};
 use mirror_common::{
-    ATTACHMENT_BITMAP_MAP, AttachmentKey, Direction, RULE_BITMAPS_MAP, SESSIONS_MAP, SessionMeta,
-    TUNNELS_MAP, Tunnel,
+    AttachmentKey, Direction, RULE_BITMAPS_MAP, SESSIONS_MAP, SessionMeta, TUNNELS_MAP, Tunnel,
 };
 
-use super::{Datapath, DatapathError, Hook, fill_hash, map, map_err, release};
+use super::{Datapath, DatapathError, Hook, fill_hash, map, map_err, release, set_attachment};
 
 impl Datapath {
     /// Watches an interface that appeared (or was selected) after the start: classifies its
@@ -42,7 +41,7 @@ impl Datapath {
             ifindex,
             direction: direction as u32,
         };
-        fill_hash(&mut self.ebpf, ATTACHMENT_BITMAP_MAP, &[(key, index)])?;
+        set_attachment(&mut self.ebpf, key, Some(index))?;
         // Attached already (by the plan or earlier): the new entry is all that changes.
         if self
             .links
@@ -57,14 +56,12 @@ impl Datapath {
     /// Stops watching `interface` in `direction`: its attachment entry goes first (the program
     /// passes its packets untouched from then on), then its link. Returns whether it was watched.
     pub fn unwatch(&mut self, interface: &str, ifindex: u32, direction: Direction) -> bool {
-        if let Some(Ok(mut attachments)) = map(&mut self.ebpf, ATTACHMENT_BITMAP_MAP)
-            .ok()
-            .map(HashMap::<_, AttachmentKey, u32>::try_from)
-        {
-            let _ = attachments.remove(&AttachmentKey {
-                ifindex,
-                direction: direction as u32,
-            });
+        let key = AttachmentKey {
+            ifindex,
+            direction: direction as u32,
+        };
+        if let Err(error) = set_attachment(&mut self.ebpf, key, None) {
+            tracing::warn!("{interface}: {error}");
         }
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
             .into_iter()

@@ -22,13 +22,13 @@ use aya::{
 };
 use ipnet::IpNet;
 use mirror_common::{
-    ATTACHMENT_BITMAP_MAP, COPY_GENERATION_BIT, COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP,
-    DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP,
-    Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP,
-    NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP,
-    SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta,
-    TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel, VLAN_BITMAP_MAP,
-    XDP_PROGRAM,
+    ATTACHMENT_BITMAP_MAP, ATTACHMENT_DIRECT_MAP, AttachmentKey, COPY_GENERATION_BIT,
+    COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction,
+    ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field, GENERATION_GLOBAL, HOOK_COUNT,
+    HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP,
+    RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP,
+    SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM,
+    TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel, VLAN_BITMAP_MAP, XDP_PROGRAM,
 };
 
 use crate::rules::{Interface, Plan};
@@ -267,6 +267,30 @@ fn fill_hash<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
+/// Writes (`Some` bitmap index) or removes (`None`) the attachment entry of `key`, in
+/// `ATTACHMENT_DIRECT` or, for a large interface index, `ATTACHMENT_BITMAP`.
+fn set_attachment(
+    ebpf: &mut Ebpf,
+    key: AttachmentKey,
+    bitmap: Option<u32>,
+) -> Result<(), DatapathError> {
+    if let Some(slot) = key.direct_index() {
+        let mut array = Array::<_, u32>::try_from(map(ebpf, ATTACHMENT_DIRECT_MAP)?)
+            .map_err(map_err(ATTACHMENT_DIRECT_MAP))?;
+        return array
+            .set(slot, bitmap.map_or(0, |index| index + 1), 0)
+            .map_err(map_err(ATTACHMENT_DIRECT_MAP));
+    }
+    let mut hash = HashMap::<_, AttachmentKey, u32>::try_from(map(ebpf, ATTACHMENT_BITMAP_MAP)?)
+        .map_err(map_err(ATTACHMENT_BITMAP_MAP))?;
+    match bitmap {
+        Some(index) => hash.insert(key, index, 0),
+        // Absent already is what removing wants.
+        None => hash.remove(&key).or(Ok(())),
+    }
+    .map_err(map_err(ATTACHMENT_BITMAP_MAP))
+}
+
 fn fill_prefixes(
     ebpf: &mut Ebpf,
     v4_name: &'static str,
@@ -345,7 +369,9 @@ impl Datapath {
             &tables.dst_ip,
         )?;
         // Attachments last: the programs see no session until every other table is complete.
-        fill_hash(&mut ebpf, ATTACHMENT_BITMAP_MAP, &tables.attachments)?;
+        for (key, index) in &tables.attachments {
+            set_attachment(&mut ebpf, *key, Some(*index))?;
+        }
         let mut datapath = Datapath {
             ebpf,
             generation,
