@@ -1,7 +1,10 @@
 //! `mirror-agent run`: applies a configuration, serves the API, follows interfaces, reloads the
 //! configuration on SIGHUP, `POST /reload` or a change of the file, and on SIGINT/SIGTERM detaches
 //! everything (or, in pinned mode, leaves it running for the next agent) and prints the counters.
+mod pod_sessions;
 mod report;
+
+use pod_sessions::{plan_with_pods, pods_changed, selects_pods};
 
 use std::{
     collections::BTreeMap,
@@ -14,12 +17,12 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    api::{self, Applied, Request, SelectedPod, Shared},
-    config::{ActionConfig, LoadedConfig, PodSelector, SessionConfig, TargetConfig},
+    api::{self, Applied, Request, Shared},
+    config::{ActionConfig, LoadedConfig, SessionConfig, TargetConfig},
     datapath::Datapath,
     emit::{Drain, Outputs},
     follow::{self, Follow},
-    pods::{self, Placement, PodView, PodWatch},
+    pods::{Placement, PodWatch},
     rules::{self, Plan, Target},
     tunnel::{self, Targets},
     watch::AdHoc,
@@ -538,94 +541,6 @@ impl Daemon<'_> {
         Ok(generation)
     }
 
-    /// Watches the interfaces of the pods the sessions select now, and no others.
-    async fn apply_pods(&mut self) {
-        let Some(watch) = &self.pods else { return };
-        let pods = watch.pods();
-        let selectors: Vec<&PodSelector> = self
-            .plan
-            .sessions
-            .iter()
-            .filter_map(|s| s.pods.as_ref())
-            .collect();
-        let selected_by_some = |pod: &PodView| {
-            selectors
-                .iter()
-                .any(|s| s.matches(&pod.namespace, &pod.labels))
-        };
-        let placed = match pods::place(&pods, selected_by_some).await {
-            Ok(placed) => placed,
-            Err(e) => {
-                tracing::warn!("placing the node's pods: {e:#}");
-                return;
-            }
-        };
-        let selected: Vec<SelectedPod> = pods
-            .iter()
-            .filter_map(|(key, pod)| {
-                let sessions: Vec<String> = self
-                    .plan
-                    .sessions
-                    .iter()
-                    .filter(|s| {
-                        s.pods
-                            .as_ref()
-                            .is_some_and(|p| p.matches(&pod.namespace, &pod.labels))
-                    })
-                    .map(|s| s.name.clone())
-                    .collect();
-                let placement = placed.get(key)?;
-                (!sessions.is_empty()).then(|| SelectedPod {
-                    pod: key.clone(),
-                    ips: pod.ips.clone(),
-                    interface: placement.as_ref().ok().map(|i| i.name.clone()),
-                    problem: placement.as_ref().err().map(|u| u.why.clone()),
-                    sessions,
-                })
-            })
-            .collect();
-        for pod in &selected {
-            let before = self.placements.get(&pod.pod);
-            if before == placed.get(&pod.pod) {
-                continue;
-            }
-            match (&pod.interface, &pod.problem) {
-                (Some(interface), _) => {
-                    tracing::info!("pod {} is selected: its interface is {interface}", pod.pod);
-                }
-                (None, Some(why)) => {
-                    tracing::warn!("pod {} is selected but not watched: {why}", pod.pod);
-                }
-                (None, None) => {}
-            }
-        }
-        self.placements = selected
-            .iter()
-            .filter_map(|p| Some((p.pod.clone(), placed.get(&p.pod)?.clone())))
-            .collect();
-        let mut applied = self.shared.applied();
-        let Applied {
-            datapath,
-            follow,
-            pods: shown,
-            ..
-        } = &mut *applied;
-        if let Some(follow) = follow {
-            follow.apply_pods(datapath, |selector| {
-                pods::selected(&pods, &placed, selector)
-            });
-        }
-        *shown = selected;
-    }
-
-    /// Whether a selected pod has no interface yet but may get one (its route may come a moment
-    /// after its IP).
-    fn waits_for_pods(&self) -> bool {
-        self.placements
-            .values()
-            .any(|p| p.as_ref().is_err_and(|u| u.may_change))
-    }
-
     fn log_counters(&self) {
         match self.shared.stats() {
             Ok(stats) => {
@@ -689,55 +604,6 @@ impl Daemon<'_> {
     }
 }
 
-fn selects_pods(loaded: &LoadedConfig) -> bool {
-    loaded
-        .config
-        .sessions
-        .iter()
-        .any(|s| s.get_ref().pods.is_some())
-}
-
-/// Plans `loaded` with the interfaces of the pods its pod-selector sessions select now. The
-/// first configuration with such a session starts watching the node's pods (and waits for their
-/// first list); without one, the agent never talks to the Kubernetes API.
-async fn plan_with_pods(
-    loaded: &LoadedConfig,
-    pods: &mut Option<PodWatch>,
-    options: &Options,
-) -> anyhow::Result<Plan> {
-    if !selects_pods(loaded) {
-        return crate::plan(loaded);
-    }
-    let watch = if let Some(watch) = pods {
-        watch
-    } else {
-        let node = options.node_name.as_deref().context(
-                "a session selects pods: the agent needs its node's name (--node-name, or NODE_NAME from the downward API)",
-            )?;
-        let watch = PodWatch::start(node, options.kubeconfig.as_deref()).await?;
-        tracing::info!(
-            "watching the pods of node `{node}`: {} now",
-            watch.pods().len()
-        );
-        pods.insert(watch)
-    };
-    let now = watch.pods();
-    // Only the pods some session selects are looked up.
-    let selectors: Vec<&PodSelector> = loaded
-        .config
-        .sessions
-        .iter()
-        .filter_map(|s| s.get_ref().pods.as_ref().map(toml::Spanned::get_ref))
-        .collect();
-    let placed = pods::place(&now, |pod| {
-        selectors
-            .iter()
-            .any(|s| s.matches(&pod.namespace, &pod.labels))
-    })
-    .await?;
-    crate::plan_selecting(loaded, &|selector| pods::selected(&now, &placed, selector))
-}
-
 /// `loaded` with the sessions of the ad-hoc captures after its own.
 fn with_captures(
     loaded: &LoadedConfig,
@@ -791,14 +657,6 @@ fn capture_session(name: &str, watch: AdHoc, filter: Option<String>) -> SessionC
         rate_limit: None,
         unparsed: None,
         rules: Vec::new(),
-    }
-}
-
-/// Waits for a change of the node's pods; forever without a pod watch.
-async fn pods_changed(pods: Option<&mut PodWatch>) {
-    match pods {
-        Some(pods) => pods.changed().await,
-        None => std::future::pending().await,
     }
 }
 
