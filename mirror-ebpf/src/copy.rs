@@ -3,7 +3,7 @@
 //! snaplen, a tunnel copy gets its session's outer headers (see [`encapsulate`]), and the mark is
 //! cleared. Packets that are not copies pass unchanged.
 
-use core::mem::MaybeUninit;
+use core::mem::{MaybeUninit, offset_of};
 
 use aya_ebpf::{
     bindings::{
@@ -24,6 +24,11 @@ use mirror_common::{
     COPY_MARK_MASK, COPY_RULE_MASK, FLOW_HASH_CB, MAX_TUNNEL_HEADER, SessionMeta, TARGET_TUNNEL,
     TUNNEL_ERSPAN2, TUNNEL_ERSPAN3, TUNNEL_GENEVE, TUNNEL_VXLAN, Tunnel,
 };
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+};
 
 use crate::{
     count,
@@ -41,15 +46,15 @@ pub enum Outcome {
     Failed,
 }
 
-const ETHERNET_HEADER_LEN: u32 = 14;
+const ETHERNET_HEADER_LEN: u32 = EthHdr::LEN as u32;
 /// The outer header is built here.
 pub const SCRATCH_LEN: usize = MAX_TUNNEL_HEADER;
 /// Covers every valid header length (see `encapsulate`).
 const HEADER_LEN_MASK: u32 = 0x7f;
 const _: () = assert!(MAX_TUNNEL_HEADER as u32 <= HEADER_LEN_MASK);
 /// Ethertypes, as `__sk_buff::protocol` holds them (network order in the low 16 bits).
-const ETH_P_IP: u32 = 0x0800_u16.to_be() as u32;
-const ETH_P_IPV6: u32 = 0x86dd_u16.to_be() as u32;
+const ETH_P_IP: u32 = EtherType::Ipv4 as u16 as u32;
+const ETH_P_IPV6: u32 = EtherType::Ipv6 as u16 as u32;
 
 /// Whether the packet is a copy (of any generation): its mark says so, and the cookie in its
 /// control block confirms it (see `mirror_common::COPY_COOKIE_CB`).
@@ -339,10 +344,10 @@ fn adjust_room_flags(tunnel: &Tunnel) -> u64 {
 }
 
 /// Byte offsets in the outer header.
-const IPV4_TOTAL_LEN: usize = 14 + 2;
-const IPV4_CHECKSUM: usize = 14 + 10;
-const IPV6_PAYLOAD_LEN: usize = 14 + 4;
-const UDP_LEN: usize = 4;
+const IPV4_TOTAL_LEN: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, tot_len);
+const IPV4_CHECKSUM: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
+const IPV6_PAYLOAD_LEN: usize = EthHdr::LEN + offset_of!(Ipv6Hdr, payload_len);
+const UDP_LEN: usize = offset_of!(UdpHdr, len);
 /// After the GRE base header: the sequence number, then the ERSPAN header.
 const GRE_SEQUENCE: usize = 4;
 const ERSPAN: usize = 8;
@@ -377,9 +382,9 @@ fn fill_in(
         put_u16(
             scratch,
             IPV6_PAYLOAD_LEN,
-            (len - ETHERNET_HEADER_LEN - 40) as u16,
+            (len - ETHERNET_HEADER_LEN - Ipv6Hdr::LEN as u32) as u16,
         );
-        ETHERNET_HEADER_LEN as usize + 40
+        EthHdr::LEN + Ipv6Hdr::LEN
     } else {
         let total = (len - ETHERNET_HEADER_LEN) as u16;
         put_u16(scratch, IPV4_TOTAL_LEN, total);
@@ -388,7 +393,7 @@ fn fill_in(
             IPV4_CHECKSUM,
             !fold(tunnel.ipv4_sum + u32::from(total)),
         );
-        ETHERNET_HEADER_LEN as usize + 20
+        EthHdr::LEN + Ipv4Hdr::LEN
     };
     match tunnel.format {
         TUNNEL_VXLAN | TUNNEL_GENEVE => {

@@ -6,9 +6,10 @@ use aya_ebpf::{
     helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
+use network_types::vlan::VlanHdr;
 
 /// A VLAN tag's length.
-pub const VLAN_TAG_LEN: u32 = 4;
+pub const VLAN_TAG_LEN: u32 = VlanHdr::LEN as u32;
 
 /// Reading a packet, whichever hook it is at.
 pub trait Packet {

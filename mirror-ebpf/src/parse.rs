@@ -1,26 +1,40 @@
 //! Header parsing, the same for TC and XDP packets (see [`Packet`]). Every read is bounds-checked
 //! (directly against the packet's end, or by the kernel's load helper, which also reaches paged
 //! data), so a short or malformed frame yields an error, never an out-of-bounds read. Parsing stops at the first error; the fields read so far still classify.
+use core::mem::offset_of;
+
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
 use crate::packet::{Packet, VLAN_TAG_LEN};
 
-pub const ETH_P_IPV4: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const ETH_HEADER_LEN: usize = 14;
+/// An ethertype as `load_be16` reads it (network-types keeps them in network order).
+const fn ethertype(value: EtherType) -> u16 {
+    u16::from_be(value as u16)
+}
+
+pub const ETH_P_IPV4: u16 = ethertype(EtherType::Ipv4);
+pub const ETH_P_IPV6: u16 = ethertype(EtherType::Ipv6);
+const ETH_P_8021Q: u16 = ethertype(EtherType::Ieee8021q);
+const ETH_P_8021AD: u16 = ethertype(EtherType::Ieee8021ad);
 /// VLAN tags parsed, counting one the kernel already moved into skb metadata.
 const MAX_VLAN_TAGS: u32 = 2;
 /// IPv6 extension headers skipped before giving up on reaching the upper-layer header.
 const MAX_IPV6_EXTENSIONS: usize = 8;
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
-const IPV6_HOP_BY_HOP: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_AUTH: u8 = 51;
-const IPV6_DEST_OPTS: u8 = 60;
+const IPPROTO_TCP: u8 = IpProto::Tcp as u8;
+const IPPROTO_UDP: u8 = IpProto::Udp as u8;
+const IPPROTO_SCTP: u8 = IpProto::Sctp as u8;
+const IPV6_HOP_BY_HOP: u8 = IpProto::HopOpt as u8;
+const IPV6_ROUTING: u8 = IpProto::Ipv6Route as u8;
+const IPV6_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const IPV6_AUTH: u8 = IpProto::Ah as u8;
+const IPV6_DEST_OPTS: u8 = IpProto::Ipv6Opts as u8;
 
 /// Marks a field the frame does not have (or that could not be read). Plain integers with a
 /// sentinel, not `Option`s: LLVM may leave an `Option`'s payload undefined, which the verifier
@@ -107,8 +121,8 @@ fn try_parse<P: Packet>(ctx: &P, headers: &mut Headers) -> Result<(), Malformed>
         headers.vlan_id = u32::from(u16::from_be_bytes([t0, t1]) & 0x0fff);
         tags = 1;
     }
-    let mut ethertype = load_be16(ctx, 12)?;
-    let mut offset = ETH_HEADER_LEN;
+    let mut ethertype = load_be16(ctx, offset_of!(EthHdr, ether_type))?;
+    let mut offset = EthHdr::LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if tags >= MAX_VLAN_TAGS || !(ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD) {
             break;
@@ -117,8 +131,8 @@ fn try_parse<P: Packet>(ctx: &P, headers: &mut Headers) -> Result<(), Malformed>
         if headers.vlan_id == ABSENT {
             headers.vlan_id = u32::from(tci & 0x0fff);
         }
-        ethertype = load_be16(ctx, offset + 2)?;
-        offset += VLAN_TAG_LEN as usize;
+        ethertype = load_be16(ctx, offset + offset_of!(VlanHdr, ether_type))?;
+        offset += VlanHdr::LEN;
         tags += 1;
     }
     headers.ethertype = u32::from(ethertype);
@@ -133,16 +147,16 @@ fn try_parse<P: Packet>(ctx: &P, headers: &mut Headers) -> Result<(), Malformed>
 fn parse_ipv4<P: Packet>(ctx: &P, offset: usize, headers: &mut Headers) -> Result<(), Malformed> {
     let version_ihl = load_u8(ctx, offset)?;
     let header_len = usize::from(version_ihl & 0x0f) * 4;
-    if version_ihl >> 4 != 4 || header_len < 20 {
+    if version_ihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
         return Err(Malformed);
     }
-    let proto = load_u8(ctx, offset + 9)?;
+    let proto = load_u8(ctx, offset + offset_of!(Ipv4Hdr, proto))?;
     headers.ip_proto = u32::from(proto);
-    let [src, dst]: [u32; 2] = load(ctx, offset + 12)?;
+    let [src, dst]: [u32; 2] = load(ctx, offset + offset_of!(Ipv4Hdr, src_addr))?;
     headers.src[0] = src;
     headers.dst[0] = dst;
     headers.family = FAMILY_V4;
-    let fragment_offset = load_be16(ctx, offset + 6)? & 0x1fff;
+    let fragment_offset = load_be16(ctx, offset + offset_of!(Ipv4Hdr, frags))? & 0x1fff;
     if fragment_offset != 0 {
         // Only the first fragment carries the L4 header.
         return Ok(());
@@ -155,11 +169,11 @@ fn parse_ipv6<P: Packet>(ctx: &P, offset: usize, headers: &mut Headers) -> Resul
     if load_u8(ctx, offset)? >> 4 != 6 {
         return Err(Malformed);
     }
-    let mut next = load_u8(ctx, offset + 6)?;
-    headers.src = load(ctx, offset + 8)?;
-    headers.dst = load(ctx, offset + 24)?;
+    let mut next = load_u8(ctx, offset + offset_of!(Ipv6Hdr, next_hdr))?;
+    headers.src = load(ctx, offset + offset_of!(Ipv6Hdr, src_addr))?;
+    headers.dst = load(ctx, offset + offset_of!(Ipv6Hdr, dst_addr))?;
     headers.family = FAMILY_V6;
-    let mut offset = offset + 40;
+    let mut offset = offset + Ipv6Hdr::LEN;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
@@ -224,11 +238,14 @@ pub fn copy_len<P: Packet>(ctx: &P, ip_proto: u32, l4_offset: u32) -> u32 {
         0
     };
     let l4_header_len = match ip_proto as u8 {
-        IPPROTO_TCP => match load::<P, u8>(ctx, l4_offset as usize + 12) {
-            Ok(data_offset) => u32::from(data_offset >> 4) * 4,
-            Err(_) => return whole,
-        },
-        IPPROTO_UDP => 8,
+        // The data offset is the top 4 bits of the byte after the acknowledgment number.
+        IPPROTO_TCP => {
+            match load::<P, u8>(ctx, l4_offset as usize + offset_of!(TcpHdr, _bitfield_1)) {
+                Ok(data_offset) => u32::from(data_offset >> 4) * 4,
+                Err(_) => return whole,
+            }
+        }
+        IPPROTO_UDP => UdpHdr::LEN as u32,
         _ => return whole,
     };
     whole.min(l4_offset + l4_header_len + gso_size + tag)
