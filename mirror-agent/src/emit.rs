@@ -6,7 +6,7 @@
 //! `sendmmsg` for up to 64).
 use std::{
     collections::HashMap,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -19,6 +19,10 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use mirror_common::{Direction, RING_WATCH_ONLY, RingCopyHeader};
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    time::{ClockId, clock_gettime},
+};
 
 use crate::{
     capture::{Sink, open_tap, send_many},
@@ -375,13 +379,12 @@ fn drain(mut ring: RingBuf<MapData>, mut targets: Targets, stop: &AtomicBool) {
         if stopping {
             return;
         }
-        let mut poll = libc::pollfd {
-            fd: ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd on a descriptor the ring owns.
-        unsafe { libc::poll(&raw mut poll, 1, IDLE_WAIT.as_millis() as i32) };
+        // Woken by a record, or after IDLE_WAIT in any case (an error included): the loop reads
+        // the ring either way.
+        let _ = poll(
+            &mut [PollFd::new(ring.as_fd(), PollFlags::POLLIN)],
+            PollTimeout::try_from(IDLE_WAIT).unwrap_or(PollTimeout::MAX),
+        );
     }
 }
 
@@ -421,17 +424,14 @@ struct WallClock {
 
 impl WallClock {
     fn now() -> Self {
+        // These clocks always exist: a failure reads as zero.
         let read = |clock| {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: clock_gettime writes one timespec.
-            unsafe { libc::clock_gettime(clock, &raw mut ts) };
-            i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+            clock_gettime(clock).map_or(0, |ts| {
+                i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
+            })
         };
         WallClock {
-            offset_ns: read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC),
+            offset_ns: read(ClockId::CLOCK_REALTIME) - read(ClockId::CLOCK_MONOTONIC),
         }
     }
 

@@ -434,15 +434,27 @@ pub struct Tunnel {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are repr(C), Copy, made of integers only, with no implicit padding.
-    unsafe impl aya::Pod for super::AttachmentKey {}
-    unsafe impl aya::Pod for super::RuleBitmap {}
-    unsafe impl aya::Pod for super::RuleMeta {}
-    unsafe impl aya::Pod for super::SessionMeta {}
-    unsafe impl aya::Pod for super::RateLimit {}
-    unsafe impl aya::Pod for super::RingCopyHeader {}
-    unsafe impl aya::Pod for super::RateState {}
-    unsafe impl aya::Pod for super::Counters {}
-    unsafe impl aya::Pod for super::HookCounters {}
-    unsafe impl aya::Pod for super::Tunnel {}
+    /// Marks map ABI types as plain data for aya.
+    macro_rules! pod {
+        ($($name:ident),+) => {
+            $(
+                // SAFETY: every type listed is repr(C), Copy, made of integers only, with no
+                // implicit padding.
+                unsafe impl aya::Pod for super::$name {}
+            )+
+        };
+    }
+
+    pod!(
+        AttachmentKey,
+        RuleBitmap,
+        RuleMeta,
+        SessionMeta,
+        RateLimit,
+        RingCopyHeader,
+        RateState,
+        Counters,
+        HookCounters,
+        Tunnel
+    );
 }

@@ -409,10 +409,10 @@ fn address(
     v6: &LpmTrie<[u8; 16], u32>,
 ) -> Option<u32> {
     let key = core::ptr::from_ref(key);
-    // SAFETY (both casts): `Key` is packed (alignment 1) and `AddressKey` has its layout (see
-    // there); the lookup reads the key's size from the map, 8 or 20 bytes, all initialised.
     let found = match family {
+        // SAFETY: `Key` is packed (alignment 1) and its 8 bytes start `AddressKey` (see there).
         FAMILY_V4 => v4.get(unsafe { &*key.cast::<Key<[u8; 4]>>() }),
+        // SAFETY: `Key<[u8; 16]>` has the layout of `AddressKey`, alignment 1.
         FAMILY_V6 => v6.get(unsafe { &*key.cast::<Key<[u8; 16]>>() }),
         _ => None,
     };

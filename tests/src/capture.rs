@@ -112,6 +112,7 @@ impl Capture {
     fn try_recv(&self) -> Option<Frame> {
         let mut buf = vec![0u8; 65_600];
         let mut control = [0u64; 16];
+        // SAFETY: sockaddr_ll is plain integers, valid all zero.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),

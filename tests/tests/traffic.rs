@@ -158,6 +158,7 @@ fn ping(lab: &Lab, to: IpAddr, id: u16) {
         // SAFETY: a raw socket; std takes ownership of the descriptor.
         let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, proto) };
         assert!(fd >= 0, "raw socket");
+        // SAFETY: `fd` is a socket just opened, owned by nothing else.
         unsafe { <std::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) }
     });
     let mut echo = vec![kind, 0, 0, 0];

@@ -39,6 +39,7 @@ use axum::{
     routing::get,
 };
 use mirror_common::{Counters, HookCounters};
+use nix::sys::stat::{Mode, umask};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -476,12 +477,11 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         ),
         Err(_) => {}
     }
-    // Created root-only: at no moment can another user connect before the mode is set.
-    // SAFETY: umask only swaps the process's file mode mask; no other thread creates files yet.
-    let previous = unsafe { libc::umask(0o177) };
+    // Created root-only: at no moment can another user connect before the mode is set. (The
+    // mask is the process's: no other thread creates files yet.)
+    let previous = umask(Mode::from_bits_truncate(0o177));
     let bound = tokio::net::UnixListener::bind(path);
-    // SAFETY: as above, restoring it.
-    unsafe { libc::umask(previous) };
+    umask(previous);
     let listener = bound.with_context(|| format!("listening on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;

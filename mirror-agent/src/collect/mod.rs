@@ -13,7 +13,7 @@ use std::{
     io,
     mem::MaybeUninit,
     net::{IpAddr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd, FromRawFd as _, OwnedFd, RawFd},
     path::PathBuf,
     sync::{
         Arc, PoisonError,
@@ -24,6 +24,10 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Args;
+use nix::{
+    errno::Errno,
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use self::decode::{Decoded, Gaps, Refused, Stream};
@@ -469,29 +473,22 @@ fn take<'a>(
 
 /// Indices of the sockets with a datagram waiting, after at most `timeout`.
 fn wait_readable(sockets: &[(OwnedFd, Kind)], timeout: Duration) -> io::Result<Vec<usize>> {
-    let mut fds: Vec<libc::pollfd> = sockets
+    let mut fds: Vec<PollFd> = sockets
         .iter()
-        .map(|(socket, _)| libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|(socket, _)| PollFd::new(socket.as_fd(), PollFlags::POLLIN))
         .collect();
-    let timeout = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: poll reads and writes `fds.len()` pollfd entries.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-    if rc < 0 {
-        let error = io::Error::last_os_error();
-        return if error.kind() == io::ErrorKind::Interrupted {
-            Ok(Vec::new())
-        } else {
-            Err(error)
-        };
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(_) => {}
+        Err(Errno::EINTR) => return Ok(Vec::new()),
+        Err(errno) => return Err(errno.into()),
     }
     Ok(fds
         .iter()
         .enumerate()
-        .filter(|(_, fd)| fd.revents & libc::POLLIN != 0)
+        .filter(|(_, fd)| fd.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
         .map(|(index, _)| index)
         .collect())
 }

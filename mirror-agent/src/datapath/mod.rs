@@ -4,10 +4,7 @@
 mod live;
 mod pins;
 
-use std::{
-    ffi::CStr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -186,31 +183,21 @@ impl std::fmt::Debug for Datapath {
 /// The interfaces of this network namespace. One whose name is not UTF-8 is left out (with a
 /// warning): no configuration can name it, and a lossy name would match globs it does not.
 pub fn interfaces() -> Result<Vec<Interface>, DatapathError> {
-    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return Err(DatapathError::Interfaces(std::io::Error::last_os_error()));
+    let list =
+        nix::net::if_::if_nameindex().map_err(|errno| DatapathError::Interfaces(errno.into()))?;
+    let mut out = Vec::new();
+    for entry in &list {
+        let ifindex = entry.index();
+        if let Ok(name) = entry.name().to_str() {
+            out.push(Interface {
+                name: name.to_owned(),
+                ifindex,
+            });
+        } else {
+            tracing::warn!("interface {ifindex} has a name that is not UTF-8: it is never watched");
         }
-        let mut out = Vec::new();
-        let mut entry = list;
-        while (*entry).if_index != 0 {
-            let ifindex = (*entry).if_index;
-            if let Ok(name) = CStr::from_ptr((*entry).if_name).to_str() {
-                out.push(Interface {
-                    name: name.to_owned(),
-                    ifindex,
-                });
-            } else {
-                tracing::warn!(
-                    "interface {ifindex} has a name that is not UTF-8: it is never watched"
-                );
-            }
-            entry = entry.add(1);
-        }
-        libc::if_freenameindex(list);
-        Ok(out)
     }
+    Ok(out)
 }
 
 fn map<'a>(

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
 use mirror_common::Direction;
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 use super::{Attached, Datapath, DatapathError, Hook, HookLink, ifindex_of};
 
@@ -116,15 +117,7 @@ fn link_ifindex(link: std::os::fd::RawFd) -> Option<u32> {
 }
 
 pub(super) fn on_bpffs(dir: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into a zeroed struct we own.
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && stat.f_type == BPF_FS_MAGIC
-    }
+    statfs(dir).is_ok_and(|stat| stat.filesystem_type() == BPF_FS_MAGIC)
 }
 
 impl Datapath {

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use nix::time::{ClockId, clock_gettime};
 
 use super::header::{self, IPPROTO_UDP, TunnelFormat, TunnelTarget};
 
@@ -129,14 +130,11 @@ impl TunnelSender {
 
 /// The TAI clock (what the copy program's ERSPAN timestamps count), in nanoseconds.
 fn tai_now_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_TAI, &raw mut now) };
-    u64::try_from(now.tv_sec).unwrap_or_default() * 1_000_000_000
-        + u64::try_from(now.tv_nsec).unwrap_or_default()
+    // The clock always exists: a failure reads as zero.
+    clock_gettime(ClockId::CLOCK_TAI).map_or(0, |now| {
+        u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000
+            + u64::try_from(now.tv_nsec()).unwrap_or_default()
+    })
 }
 
 /// The address the route to `remote` sends from (connecting a UDP socket sends nothing).
