@@ -222,6 +222,28 @@ impl Lab {
         self.col.as_ref().expect("a lab with a collector")
     }
 
+    /// Creates a veth `node_end` on the node (of interface index `ifindex` when given) whose peer
+    /// `source_end` is in src, both up: frames sent into `source_end` meet `node_end`'s ingress.
+    pub fn add_source_veth(&self, node_end: &str, source_end: &str, ifindex: Option<u32>) {
+        let index = ifindex.map(|i| i.to_string());
+        let mut args = vec!["link", "add", node_end];
+        if let Some(index) = &index {
+            args.extend(["index", index]);
+        }
+        args.extend([
+            "type",
+            "veth",
+            "peer",
+            "name",
+            source_end,
+            "netns",
+            &self.src.name,
+        ]);
+        self.node.ip(&args);
+        self.node.ip(&["link", "set", node_end, "up"]);
+        self.src.ip(&["link", "set", source_end, "up"]);
+    }
+
     /// Creates the veth pairs, with fixed MAC addresses.
     fn wire(&self) {
         let node = self.node.name.as_str();

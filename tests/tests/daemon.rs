@@ -601,7 +601,7 @@ fn lost_link_events_are_answered_with_a_full_look() {
         .ip(&["-batch", batch.path().to_str().expect("utf-8")]);
     lab.node.ip(&["link", "del", "mir0"]);
     recreate_mir0(&lab);
-    add_dyn0(&lab);
+    lab.add_source_veth("dyn0", "dyn1", None);
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_for("the mirror program on dyn0", || {
@@ -619,24 +619,6 @@ fn lost_link_events_are_answered_with_a_full_look() {
     drop(agent);
 }
 
-/// Creates the veth `dyn0` on the node, its peer `dyn1` in src, both up.
-fn add_dyn0(lab: &Lab) {
-    lab.node.ip(&[
-        "link",
-        "add",
-        "dyn0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "dyn1",
-        "netns",
-        &lab.src.name,
-    ]);
-    lab.node.ip(&["link", "set", "dyn0", "up"]);
-    lab.src.ip(&["link", "set", "dyn1", "up"]);
-}
-
 /// What an agent in pinned mode may leave half done is repaired by the next one: an agent that
 /// died between pinning its copy links and recording its generation (the mark still names the
 /// one before), and a watched interface deleted and created again while no agent ran (its pin
@@ -649,7 +631,7 @@ fn a_pinned_takeover_repairs_what_an_agent_left_half_done() {
     let socket = pinned.socket.as_str();
     let pins = &pinned.pins;
     let start = || pinned.start(&lab);
-    add_dyn0(&lab);
+    lab.add_source_veth("dyn0", "dyn1", None);
     start().stop();
     start().stop();
     // The second agent's copy link is pinned as copy2-mir0; make its mark say 1 again, as if it
@@ -658,7 +640,7 @@ fn a_pinned_takeover_repairs_what_an_agent_left_half_done() {
     std::fs::create_dir(pins.join("generation-1")).expect("an older mark");
     assert!(pins.join("copy2-mir0").exists());
     lab.node.ip(&["link", "del", "dyn0"]);
-    add_dyn0(&lab);
+    lab.add_source_veth("dyn0", "dyn1", None);
 
     let third = start();
     assert_eq!(
@@ -693,7 +675,7 @@ fn an_interface_named_in_bytes_that_are_not_utf8_is_passed_over() {
         .status()
         .expect("ip");
     assert!(status.success());
-    add_dyn0(&lab);
+    lab.add_source_veth("dyn0", "dyn1", None);
     let agent = lab.start_agent(&session_config("[\"src0\", \"dyn*\"]", "ingress", ""));
     assert_eq!(tcx_programs(&lab.node, "dyn0")[0], ["mirror_tc_ingre"]);
     agent.stop();

@@ -183,22 +183,7 @@ fn an_interface_of_a_large_index_is_watched_and_addresses_looked_up_on_demand() 
     // Indices from DIRECT_IFINDEXES on are found in the hash map, not the direct array.
     let ifindex = mirror_common::DIRECT_IFINDEXES + 23_000;
     let lab = Lab::new("bigindex");
-    lab.node.ip(&[
-        "link",
-        "add",
-        "big0",
-        "index",
-        &ifindex.to_string(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "big1",
-        "netns",
-        &lab.src.name,
-    ]);
-    lab.src.ip(&["link", "set", "big1", "up"]);
-    lab.node.ip(&["link", "set", "big0", "up"]);
+    lab.add_source_veth("big0", "big1", Some(ifindex));
     assert_eq!(lab.node.ifindex("big0"), ifindex);
     // Rule 20's address is looked up only for the frame whose port it names.
     let agent = lab.start_agent(&session_config(
