@@ -147,24 +147,25 @@ pub fn classify(attachment_rules: u32, headers: &Headers) -> Result<Option<Verdi
     // The longest-prefix lookups cost more than everything above together, and the candidates
     // left are often only rules that accept any address (a session's default): the walk makes
     // them when it first meets a candidate that constrains the address.
+    let mut any_pending = false;
     for field in [Field::DstIp, Field::SrcIp] {
-        let pending = if headers.family == FAMILY_UNKNOWN || wildcard(field)? == UNCONSTRAINED {
-            UNCONSTRAINED
-        } else {
-            PENDING
-        };
-        walk.bitmaps[field as usize] = pending;
+        let pending = headers.family != FAMILY_UNKNOWN && wildcard(field)? != UNCONSTRAINED;
+        walk.bitmaps[field as usize] = if pending { PENDING } else { UNCONSTRAINED };
+        any_pending |= pending;
     }
-    let prefix_len = if headers.family == FAMILY_V4 { 32 } else { 128 };
-    walk.family = headers.family;
-    walk.src = AddressKey {
-        prefix_len,
-        address: headers.src,
-    };
-    walk.dst = AddressKey {
-        prefix_len,
-        address: headers.dst,
-    };
+    // The keys only when a lookup may come: rule sets without addresses skip the stores.
+    if any_pending {
+        let prefix_len = if headers.family == FAMILY_V4 { 32 } else { 128 };
+        walk.family = headers.family;
+        walk.src = AddressKey {
+            prefix_len,
+            address: headers.src,
+        };
+        walk.dst = AddressKey {
+            prefix_len,
+            address: headers.dst,
+        };
+    }
     // SAFETY: a field of `walk`, valid for writes.
     unsafe { core::ptr::write_volatile(&raw mut walk.l4_offset, headers.l4_offset) };
     walk.frame_len = headers.frame_len;
