@@ -9,16 +9,15 @@
 //! (a full disk) is counted; the capture goes on in a new file once writing works again.
 use std::{
     borrow::Cow,
-    ffi::CString,
     fs::File,
     io::{self, BufWriter},
-    mem::MaybeUninit,
-    os::fd::{FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use nix::sys::socket::MsgFlags;
 use pcap_file::{
     DataLink, TsResolution,
     pcap::{PcapHeader, PcapPacket, PcapWriter},
@@ -33,96 +32,16 @@ use pcap_file::{
 
 /// A packet socket that sends frames out of `interface` as they are.
 pub fn open_tap(interface: &str) -> anyhow::Result<OwnedFd> {
-    let name = CString::new(interface).context("interface name")?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
+    let Ok(ifindex) = nix::net::if_::if_nametoindex(interface) else {
         bail!("--tap: interface `{interface}` does not exist");
-    }
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening a packet socket");
-    }
-    // SAFETY: fd is a new socket owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields set make it a bind to the interface.
-    let mut address: libc::sockaddr_ll = unsafe { MaybeUninit::zeroed().assume_init() };
-    address.sll_family = libc::AF_PACKET as u16;
-    address.sll_ifindex = ifindex.cast_signed();
-    // SAFETY: `address` is a sockaddr_ll of the size given.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
     };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("binding to {interface}"));
-    }
-    Ok(socket)
+    crate::sys::socket::packet_socket(ifindex)
+        .with_context(|| format!("opening a packet socket on {interface}"))
 }
 
-pub fn send_frame(fd: RawFd, frame: &[u8]) -> io::Result<()> {
-    // SAFETY: send reads `frame.len()` bytes of `frame`.
-    let sent = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
-    if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// Sends `datagrams` on `fd` (to `destination`, for an unconnected socket) with as few `sendmmsg`
-/// calls as the kernel allows. Returns how many were sent, and the first error of those that were
-/// not (each failed one is skipped).
-pub fn send_many(
-    fd: RawFd,
-    datagrams: &[Vec<u8>],
-    destination: Option<&(libc::sockaddr_storage, libc::socklen_t)>,
-) -> (usize, Vec<io::Error>) {
-    let mut iovecs: Vec<libc::iovec> = datagrams
-        .iter()
-        .map(|d| libc::iovec {
-            iov_base: d.as_ptr().cast_mut().cast(),
-            iov_len: d.len(),
-        })
-        .collect();
-    let mut messages: Vec<libc::mmsghdr> = iovecs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: an all-zero mmsghdr is valid; the fields set point at live buffers.
-            let mut message: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-            message.msg_hdr.msg_iov = iov;
-            message.msg_hdr.msg_iovlen = 1;
-            if let Some((address, len)) = destination {
-                message.msg_hdr.msg_name = std::ptr::from_ref(address).cast_mut().cast();
-                message.msg_hdr.msg_namelen = *len;
-            }
-            message
-        })
-        .collect();
-    let mut sent = 0;
-    let mut errors = Vec::new();
-    let mut at = 0;
-    while at < messages.len() {
-        let rest = &mut messages[at..];
-        // SAFETY: sendmmsg reads `rest.len()` headers, each pointing at a live buffer.
-        let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
-        match usize::try_from(n) {
-            Ok(n) if n > 0 => {
-                sent += n;
-                at += n;
-            }
-            // The message at `at` failed: skip it and go on with the rest.
-            _ => {
-                errors.push(io::Error::last_os_error());
-                at += 1;
-            }
-        }
-    }
-    (sent, errors)
+pub fn send_frame(socket: impl AsFd, frame: &[u8]) -> io::Result<()> {
+    nix::sys::socket::send(socket.as_fd().as_raw_fd(), frame, MsgFlags::empty())?;
+    Ok(())
 }
 
 /// The capture files: the format follows the file name, rotated by size when asked.

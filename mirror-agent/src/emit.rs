@@ -6,7 +6,7 @@
 //! `sendmmsg` for up to 64).
 use std::{
     collections::HashMap,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -25,8 +25,9 @@ use nix::{
 };
 
 use crate::{
-    capture::{Sink, open_tap, send_many},
+    capture::{Sink, open_tap},
     rules::{Plan, Target},
+    sys::socket::send_many,
     tunnel::send::TunnelSender,
     watch::{Watched, Watchers},
 };
@@ -278,10 +279,10 @@ impl Outbox {
         }
         let queued = &self.datagrams[..self.queued];
         let (sent, errors) = match emit {
-            Emit::Interface(fd) => send_many(fd.as_raw_fd(), queued, None),
+            Emit::Interface(fd) => send_many(fd, queued, None),
             Emit::Tunnel(sender) => {
                 let (socket, destination) = sender.socket();
-                send_many(socket.as_raw_fd(), queued, Some(&destination))
+                send_many(socket, queued, Some(&destination))
             }
             Emit::File(_) => (0, Vec::new()),
         };
@@ -390,10 +391,8 @@ fn drain(mut ring: RingBuf<MapData>, mut targets: Targets, stop: &AtomicBool) {
 
 /// A record's header and frame bytes; `None` for a record shorter than it says.
 fn parse(record: &[u8]) -> Option<(RingCopyHeader, &[u8])> {
+    let header: RingCopyHeader = crate::sys::read_pod(record)?;
     let header_len = size_of::<RingCopyHeader>();
-    let head = record.get(..header_len)?;
-    // SAFETY: `head` holds a RingCopyHeader's bytes (plain integers); the read is unaligned.
-    let header = unsafe { head.as_ptr().cast::<RingCopyHeader>().read_unaligned() };
     let frame = record.get(header_len..header_len + header.cap_len as usize)?;
     Some((header, frame))
 }

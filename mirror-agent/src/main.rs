@@ -2,6 +2,7 @@
 //! to a collector (VXLAN, GENEVE, GRE, ERSPAN) or a capture file, using TC and XDP eBPF programs.
 //! `run` applies a configuration until SIGINT/SIGTERM; `check` only validates one; `collect`
 //! receives tunnelled copies into a pcap file or an interface.
+#![deny(unsafe_code)]
 mod api;
 mod capture;
 mod cli;
@@ -10,10 +11,12 @@ mod config;
 mod daemon;
 mod datapath;
 mod emit;
-mod filter;
+mod encap;
 mod follow;
-mod pods;
 mod rules;
+mod state;
+#[expect(unsafe_code, reason = "the agent's unsafe code is here, and only here")]
+mod sys;
 mod tunnel;
 mod watch;
 
@@ -22,14 +25,11 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 
-use crate::{
-    config::{
-        ActionConfig, Cidr, Config, DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, DirectionConfig,
-        ErspanConfig, ErspanSessionId, Ethertype, GeneveConfig, GreConfig, HookConfig, IpProto,
-        LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
-        SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
-    },
-    rules::Plan,
+use crate::config::{
+    ActionConfig, Cidr, Config, DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, DirectionConfig,
+    ErspanConfig, ErspanSessionId, Ethertype, GeneveConfig, GreConfig, HookConfig, IpProto,
+    LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig, SessionConfig,
+    TargetConfig, Vlan, Vni, VxlanConfig,
 };
 
 /// Port mirroring for Linux nodes with eBPF: copies the packets that match a session's rules from
@@ -414,7 +414,7 @@ fn main() -> anyhow::Result<()> {
                 args.metrics_address.or(loaded.config.metrics_address),
                 args.metrics_ip,
             )?;
-            let plan = plan(&loaded)?;
+            let plan = daemon::plan(&loaded)?;
             if args.explain {
                 eprint!("{}", cli::explain(&plan));
             }
@@ -515,23 +515,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the runtime")
-}
-
-fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
-    plan_selecting(loaded, &|_| Vec::new())
-}
-
-/// [`plan`], where pod-selector sessions watch the interfaces `pods` gives for their selector.
-fn plan_selecting(
-    loaded: &LoadedConfig,
-    pods: &dyn Fn(&config::PodSelector) -> Vec<rules::Interface>,
-) -> anyhow::Result<Plan> {
-    let interfaces = datapath::interfaces()?;
-    let plan = rules::plan(loaded, &interfaces, pods)?;
-    for warning in &plan.warnings {
-        tracing::warn!("{warning}");
-    }
-    Ok(plan)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::{filter::Filter, rules::Header};
+use crate::rules::{Header, filter::Filter};
 
 /// Watchers at once, across sessions.
 pub const MAX_WATCHERS: usize = 8;

@@ -14,10 +14,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{Request, Shared};
 use crate::{
     capture::PcapNgStream,
     config::PodSelector,
+    state::{Request, Shared},
     watch::{AdHoc, Watched, Watcher},
 };
 
@@ -158,7 +158,7 @@ async fn start(
     let filter = match &query.filter {
         Some(text) => Some((
             text.clone(),
-            crate::filter::compile(text)
+            crate::rules::filter::compile(text)
                 .map_err(|e| (StatusCode::BAD_REQUEST, format!("filter `{text}`: {e}")))?,
         )),
         None => None,

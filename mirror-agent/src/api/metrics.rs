@@ -8,7 +8,8 @@ use std::time::SystemTime;
 
 use mirror_common::{CounterField, Counters, HookCounters, Metric};
 
-use super::{Applied, Labels, Shared, Stats};
+use super::Labels;
+use crate::state::{Applied, Shared, Stats};
 
 impl Shared {
     /// The counters of `stats` and the state of the agent in `OpenMetrics` text.

@@ -12,20 +12,16 @@ mod capture;
 mod client;
 mod listen;
 mod metrics;
-mod state;
 
 pub use client::{bytes_from, get_from, post_to, stream_from};
 pub use listen::{Limits, serve as serve_bounded};
 pub(crate) use metrics::counter_family;
-use state::direction_name;
-pub use state::{Applied, SelectedPod, SessionView};
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -38,246 +34,17 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use mirror_common::{Counters, HookCounters};
 use nix::sys::stat::{Mode, umask};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::state::{Request, Shared, Stats};
 
 /// Label pairs of a metric.
 pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// Where the API socket is unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mirror-agent.sock";
-
-/// What the API serves from: the configuration applied now, and a way to ask for a reload.
-#[derive(Debug)]
-pub struct Shared {
-    applied: Mutex<Applied>,
-    /// The last reading of the counters and when it was taken; readers wait here for the one
-    /// reading under way instead of each asking the kernel.
-    reading: tokio::sync::Mutex<Option<(Instant, Arc<Stats>)>>,
-    /// The agent's tasks that ended with an error (by name): the agent is then not ready.
-    failed: Mutex<BTreeMap<&'static str, String>>,
-    /// The last reload tried: when, and whether it was applied.
-    last_reload: Mutex<Option<(SystemTime, bool)>>,
-    started: Instant,
-    /// Turns true when the agent stops: streams end, so that the servers can.
-    stop: watch::Receiver<bool>,
-    /// Where `POST /reload` and ad-hoc captures ask the agent for a new configuration.
-    requests: tokio::sync::mpsc::Sender<Request>,
-    /// The live captures (`GET /capture`).
-    watchers: Arc<crate::watch::Watchers>,
-}
-
-/// What the API asks of the agent, and where the outcome goes.
-#[derive(Debug)]
-pub enum Request {
-    /// `POST /reload`: the new generation, or why the file was rejected.
-    Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
-    /// An ad-hoc capture: a session of this name on these interfaces or pods (with a filter
-    /// expression, or of every packet), applied, or why not.
-    StartCapture {
-        session: String,
-        watch: crate::watch::AdHoc,
-        filter: Option<String>,
-        answer: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
-    /// The ad-hoc capture's watcher went: its session goes too.
-    EndCapture(String),
-}
-
-impl Shared {
-    pub fn new(
-        applied: Applied,
-        stop: watch::Receiver<bool>,
-        requests: tokio::sync::mpsc::Sender<Request>,
-        watchers: Arc<crate::watch::Watchers>,
-    ) -> Arc<Self> {
-        Arc::new(Shared {
-            applied: Mutex::new(applied),
-            reading: tokio::sync::Mutex::new(None),
-            failed: Mutex::new(BTreeMap::new()),
-            last_reload: Mutex::new(None),
-            started: Instant::now(),
-            stop,
-            requests,
-            watchers,
-        })
-    }
-
-    /// Marks in the kernel the sessions someone watches now (after a capture starts or ends,
-    /// and after a reload).
-    pub fn sync_watched(&self) {
-        self.applied().sync_watched(&self.watchers);
-    }
-
-    /// The applied configuration, locked (reloads and the follower change it).
-    pub fn applied(&self) -> std::sync::MutexGuard<'_, Applied> {
-        self.applied
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Every counter: see [`Applied::stats`].
-    pub fn stats(&self) -> anyhow::Result<Stats> {
-        self.applied().stats()
-    }
-
-    /// The counters as read at most [`READING_AGE`] ago: read again (on a blocking thread) only
-    /// when the last reading is older, once for every reader waiting.
-    pub async fn reading(self: &Arc<Self>) -> anyhow::Result<Arc<Stats>> {
-        let mut last = self.reading.lock().await;
-        if let Some((at, stats)) = &*last
-            && at.elapsed() < READING_AGE
-        {
-            return Ok(stats.clone());
-        }
-        let shared = self.clone();
-        let mut stats = tokio::task::spawn_blocking(move || shared.stats())
-            .await
-            .context("reading the counters")??;
-        let interfaces = self.applied().targets.sending_interfaces();
-        stats.targets = crate::tunnel::tx_losses(interfaces).await;
-        let stats = Arc::new(stats);
-        *last = Some((Instant::now(), stats.clone()));
-        Ok(stats)
-    }
-
-    /// Records that the task `name` ended with `error`: `/readyz` answers 503 from then on, and
-    /// the metrics say so.
-    pub fn task_failed(&self, name: &'static str, error: &anyhow::Error) {
-        tracing::error!("{name} ended: {error:#}");
-        self.failed_tasks().insert(name, format!("{error:#}"));
-    }
-
-    /// Records a reload's outcome for the metrics.
-    pub fn reload_tried(&self, applied: bool) {
-        *self
-            .last_reload
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((SystemTime::now(), applied));
-    }
-
-    fn failed_tasks(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
-        self.failed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn status(&self) -> Status {
-        let applied = self.applied();
-        let attached = applied.datapath.attached();
-        Status {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            generation: applied.datapath.generation(),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            hooks_attached: attached.len(),
-            programs: applied
-                .datapath
-                .program_ids()
-                .into_iter()
-                .map(|(name, id)| (name.to_owned(), id))
-                .collect(),
-            attached: attached
-                .into_iter()
-                .map(|(i, d)| (i, direction_name(d)))
-                .collect(),
-            sessions: applied
-                .view
-                .sessions
-                .iter()
-                .zip(applied.session_hooks())
-                .map(|(session, hooks)| SessionView {
-                    hooks,
-                    ..session.clone()
-                })
-                .collect(),
-            pods: applied.pods.clone(),
-            captures: self.watchers.views(),
-            tunnels: applied
-                .targets
-                .report()
-                .into_iter()
-                .map(|(session, target, hop)| TunnelView {
-                    session,
-                    target,
-                    interface: hop.as_ref().ok().map(|h| h.interface.clone()),
-                    next_hop_mac: hop
-                        .as_ref()
-                        .ok()
-                        .map(|h| crate::tunnel::mac_text(h.next_hop_mac)),
-                    problem: hop.err().map(|e| e.to_string()),
-                })
-                .collect(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RuleStats {
-    pub rule: String,
-    pub counters: Counters,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionStats {
-    pub name: String,
-    pub counters: Counters,
-    pub rules: Vec<RuleStats>,
-}
-
-/// `GET /stats`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Stats {
-    /// The configuration generation the counters are of.
-    pub generation: u64,
-    pub sessions: Vec<SessionStats>,
-    pub ingress: HookCounters,
-    pub egress: HookCounters,
-    pub xdp: HookCounters,
-    pub copy: HookCounters,
-    /// Copies lost after they left the programs, per interface they leave by (read with the
-    /// counters by [`Shared::reading`]).
-    #[serde(default)]
-    pub targets: Vec<crate::tunnel::TxLosses>,
-}
-
-/// `GET /status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub version: String,
-    /// Which configuration is applied: 1 at the start (in pinned mode, one more than the agent
-    /// before), one more with every reload.
-    pub generation: u64,
-    pub uptime_seconds: u64,
-    pub hooks_attached: usize,
-    /// The (interface, direction) hooks attached now, including interfaces that appeared later.
-    pub attached: Vec<(String, String)>,
-    /// (name, kernel program id) of the programs of this generation.
-    pub programs: Vec<(String, u32)>,
-    pub sessions: Vec<SessionView>,
-    /// The pods pod-selector sessions select.
-    #[serde(default)]
-    pub pods: Vec<SelectedPod>,
-    /// Where each tunnel session's copies leave now.
-    #[serde(default)]
-    pub tunnels: Vec<TunnelView>,
-    /// The live captures (`mirror-agent capture`) running now.
-    #[serde(default)]
-    pub captures: Vec<crate::watch::WatcherView>,
-}
-
-/// A tunnel session's path now: the underlay and next hop, or why there is none (its copies are
-/// then counted as `no_route`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TunnelView {
-    pub session: String,
-    pub target: String,
-    pub interface: Option<String>,
-    pub next_hop_mac: Option<String>,
-    pub problem: Option<String>,
-}
 
 fn internal(error: &anyhow::Error) -> (StatusCode, String) {
     (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n"))
@@ -290,9 +57,6 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .map(|stats| Json(Stats::clone(&stats)))
         .map_err(|e| internal(&e))
 }
-
-/// How old a reading of the counters may be when it is served.
-const READING_AGE: Duration = Duration::from_millis(100);
 
 /// One line of `GET /stats/stream`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,9 +8,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     api,
     config::{ActionConfig, LoadedConfig},
-    plan,
+    daemon::plan,
     rules::{Plan, Target},
-    tunnel,
+    state, tunnel,
 };
 
 /// `mirror-agent check`: the plan, and what each session's target allows now.
@@ -229,7 +229,7 @@ pub(crate) async fn show_status(socket: &std::path::Path, json: bool) -> anyhow:
         println!("{body}");
         return Ok(());
     }
-    let status: api::Status = serde_json::from_str(&body).context("the agent's /status")?;
+    let status: state::Status = serde_json::from_str(&body).context("the agent's /status")?;
     println!(
         "mirror-agent {}: up {} s, configuration generation {}, {} hook(s) attached",
         status.version, status.uptime_seconds, status.generation, status.hooks_attached
@@ -319,7 +319,7 @@ pub(crate) async fn show_stats(
 ) -> anyhow::Result<()> {
     let fetch = || async {
         let body = api::get_from(socket, "/stats").await?;
-        serde_json::from_str::<api::Stats>(&body)
+        serde_json::from_str::<state::Stats>(&body)
             .map(|stats| (body, stats))
             .context("the agent's /stats")
     };
@@ -357,7 +357,7 @@ pub(crate) async fn show_stats(
     clippy::cast_precision_loss,
     reason = "a rate on screen needs no more than 52 bits"
 )]
-fn stats_table(stats: &api::Stats, previous: Option<(&api::Stats, Duration)>) -> String {
+fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>) -> String {
     use std::fmt::Write as _;
     // As wide as the longest session name: columns stay aligned.
     let width = stats
@@ -433,7 +433,7 @@ mod tests {
 
     #[test]
     fn the_stats_table_fits_long_session_names() {
-        let session = |name: &str| crate::api::SessionStats {
+        let session = |name: &str| crate::state::SessionStats {
             name: name.to_owned(),
             counters: mirror_common::Counters {
                 matched: 12_345,
@@ -441,9 +441,9 @@ mod tests {
             },
             rules: Vec::new(),
         };
-        let stats = crate::api::Stats {
+        let stats = crate::state::Stats {
             sessions: vec![session("a"), session("a-session-name-of-thirty-chars")],
-            ..crate::api::Stats::default()
+            ..crate::state::Stats::default()
         };
         let table = super::stats_table(&stats, None);
         let ends: Vec<usize> = table

@@ -2,7 +2,7 @@
 //! belongs to, its inner Ethernet frame, and its ERSPAN sequence number. Pure functions: every
 //! malformed input is a [`Refused`], never a panic. Of the VXLAN flags only "I" (the VNI is
 //! valid) is looked at; the others are ignored on receipt, as RFC 7348 says.
-use crate::tunnel::header::{
+use crate::encap::{
     GRE_KEY, GRE_SEQUENCE, PROTOCOL_ERSPAN2, PROTOCOL_ERSPAN3, PROTOCOL_ETHERNET, VXLAN_FLAG_VNI,
 };
 

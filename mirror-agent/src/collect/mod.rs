@@ -11,9 +11,8 @@ mod metrics;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    mem::MaybeUninit,
     net::{IpAddr, SocketAddr, UdpSocket},
-    os::fd::{AsFd as _, AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
     sync::{
         Arc, PoisonError,
@@ -27,6 +26,10 @@ use clap::Args;
 use nix::{
     errno::Errno,
     poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::{
+        socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt},
+        time::TimeSpec,
+    },
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -34,6 +37,7 @@ use self::decode::{Decoded, Gaps, Refused, Stream};
 use crate::{
     capture::{Sink, open_tap, send_frame},
     config::{ErspanSessionId, Vni},
+    sys::socket,
 };
 
 /// Receive tunnelled copies (VXLAN, GENEVE, GRE, ERSPAN) and write or forward their inner
@@ -407,7 +411,7 @@ fn receive(
                 }
             }
             if let Some(tap) = tap
-                && send_frame(tap.as_raw_fd(), frame).is_err()
+                && send_frame(tap, frame).is_err()
             {
                 counts.tap_errors += 1;
             }
@@ -425,7 +429,7 @@ fn receive(
     // in it too.
     counts.socket_drops = sockets
         .iter()
-        .map(|(socket, _)| u64::from(socket_drops(socket.as_raw_fd())))
+        .map(|(socket, _)| u64::from(socket::buffer_drops(socket)))
         .sum();
     if let Some(published) = &options.published {
         *published.lock().unwrap_or_else(PoisonError::into_inner) = counts.clone();
@@ -503,7 +507,7 @@ fn listen_udp(address: SocketAddr) -> anyhow::Result<OwnedFd> {
     if address.is_ipv6() {
         // Tunnels over IPv6 may send a zero UDP checksum (RFC 6935, RFC 6936): the inner frame
         // carries its own checks. Linux drops such datagrams unless told otherwise.
-        setsockopt(fd.as_raw_fd(), libc::SOL_UDP, libc::UDP_NO_CHECK6_RX, 1)
+        socket::set_int_option(&fd, libc::SOL_UDP, libc::UDP_NO_CHECK6_RX, 1)
             .context("UDP_NO_CHECK6_RX")?;
     }
     receive_options(&fd)?;
@@ -517,76 +521,26 @@ fn listen_gre(address: IpAddr) -> anyhow::Result<OwnedFd> {
     } else {
         libc::AF_INET6
     };
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::IPPROTO_GRE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening a raw GRE socket");
-    }
-    // SAFETY: a new descriptor owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let (storage, len) = crate::tunnel::send::sockaddr(SocketAddr::new(address, 0));
-    // SAFETY: bind reads `len` bytes of `storage`.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("listening for GRE on {address}"));
-    }
+    let fd =
+        socket::raw_socket(family, libc::IPPROTO_GRE, true).context("opening a raw GRE socket")?;
+    nix::sys::socket::bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(address, 0)),
+    )
+    .with_context(|| format!("listening for GRE on {address}"))?;
     receive_options(&fd)?;
     Ok(fd)
 }
 
 /// A large buffer (as root, beyond `net.core.rmem_max`), kernel timestamps, drop counts.
 fn receive_options(fd: &OwnedFd) -> anyhow::Result<()> {
-    let fd = fd.as_raw_fd();
-    let buffer: libc::c_int = 16 << 20;
-    if setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, buffer).is_err() {
-        let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, buffer);
+    const BUFFER: usize = 16 << 20;
+    if setsockopt(fd, sockopt::RcvBufForce, &BUFFER).is_err() {
+        let _ = setsockopt(fd, sockopt::RcvBuf, &BUFFER);
     }
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1).context("SO_TIMESTAMPNS")?;
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1).context("SO_RXQ_OVFL")?;
+    setsockopt(fd, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
+    setsockopt(fd, sockopt::RxqOvfl, &1).context("SO_RXQ_OVFL")?;
     Ok(())
-}
-
-/// The datagrams the kernel dropped at `fd` because its buffer was full (`SO_MEMINFO`'s drop
-/// count; 0 if the kernel does not say).
-fn socket_drops(fd: RawFd) -> u32 {
-    const SK_MEMINFO_DROPS: usize = 8;
-    let mut info = [0u32; 9];
-    let mut len = size_of_val(&info) as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `info`, which outlives the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr().cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 { info[SK_MEMINFO_DROPS] } else { 0 }
-}
-
-fn setsockopt(fd: RawFd, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: the option value is a c_int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 struct Datagram {
@@ -598,69 +552,36 @@ struct Datagram {
     socket_drops: Option<u32>,
 }
 
-/// The address in a `sockaddr_storage` recvmsg filled in.
-fn sender_of(from: &libc::sockaddr_storage) -> Option<IpAddr> {
-    match libc::c_int::from(from.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this is a sockaddr_in, which the storage is large enough for.
-            let v4 = unsafe { &*(&raw const *from).cast::<libc::sockaddr_in>() };
-            Some(IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, a sockaddr_in6.
-            let v6 = unsafe { &*(&raw const *from).cast::<libc::sockaddr_in6>() };
-            Some(std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr).to_canonical())
-        }
-        _ => None,
-    }
+/// The sender's address (IPv4-mapped IPv6 senders as IPv4).
+fn sender_of(from: &SockaddrStorage) -> Option<IpAddr> {
+    from.as_sockaddr_in()
+        .map(|v4| IpAddr::V4(v4.ip()))
+        .or_else(|| from.as_sockaddr_in6().map(|v6| v6.ip().to_canonical()))
 }
 
 fn receive_one(socket: RawFd, buffer: &mut [u8]) -> io::Result<Datagram> {
-    let mut control = [0u64; 16];
-    // SAFETY: an all-zero sockaddr_storage is valid; recvmsg fills it in.
-    let mut from: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
-    let mut iov = libc::iovec {
-        iov_base: buffer.as_mut_ptr().cast(),
-        iov_len: buffer.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut message: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-    message.msg_name = (&raw mut from).cast();
-    message.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    message.msg_iov = &raw mut iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = size_of_val(&control);
-    // SAFETY: recvmsg writes within the buffers described by `message`.
-    let len = unsafe { libc::recvmsg(socket, &raw mut message, 0) };
-    let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
+    let mut control = nix::cmsg_space!(TimeSpec, u32);
+    let mut iov = [io::IoSliceMut::new(buffer)];
+    let message =
+        recvmsg::<SockaddrStorage>(socket, &mut iov, Some(&mut control), MsgFlags::empty())?;
     let mut datagram = Datagram {
-        len,
-        sender: sender_of(&from),
+        len: message.bytes,
+        sender: message.address.as_ref().and_then(sender_of),
         timestamp: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
         socket_drops: None,
     };
-    // SAFETY: walking the control messages recvmsg filled in, with the libc macros.
-    unsafe {
-        let mut header = libc::CMSG_FIRSTHDR(&raw const message);
-        while !header.is_null() {
-            let data = libc::CMSG_DATA(header);
-            match ((*header).cmsg_level, (*header).cmsg_type) {
-                (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => {
-                    let ts = data.cast::<libc::timespec>().read_unaligned();
-                    datagram.timestamp = Duration::new(
-                        u64::try_from(ts.tv_sec).unwrap_or_default(),
-                        u32::try_from(ts.tv_nsec).unwrap_or_default(),
-                    );
-                }
-                (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
-                    datagram.socket_drops = Some(data.cast::<u32>().read_unaligned());
-                }
-                _ => {}
+    for control in message.cmsgs()? {
+        match control {
+            ControlMessageOwned::ScmTimestampns(ts) => {
+                datagram.timestamp = Duration::new(
+                    u64::try_from(ts.tv_sec()).unwrap_or_default(),
+                    u32::try_from(ts.tv_nsec()).unwrap_or_default(),
+                );
             }
-            header = libc::CMSG_NXTHDR(&raw const message, header);
+            ControlMessageOwned::RxqOvfl(drops) => datagram.socket_drops = Some(drops),
+            _ => {}
         }
     }
     Ok(datagram)

@@ -4,6 +4,7 @@
 mod pod_sessions;
 mod report;
 
+pub use pod_sessions::plan;
 use pod_sessions::{plan_with_pods, pods_changed, selects_pods};
 
 use std::{
@@ -17,13 +18,15 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    api::{self, Applied, Request, Shared},
+    api,
     config::{ActionConfig, LoadedConfig, SessionConfig, TargetConfig},
     datapath::Datapath,
     emit::{Drain, Outputs},
-    follow::{self, Follow},
-    pods::{Placement, PodWatch},
+    follow,
+    follow::pods::{Placement, PodWatch},
     rules::{self, Plan, Target},
+    state::Follow,
+    state::{Applied, Request, Shared},
     tunnel::{self, Targets},
     watch::AdHoc,
 };
@@ -106,7 +109,7 @@ fn spawn_tasks(
     metrics: Option<tokio::net::TcpListener>,
     stopped: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let link_events = follow::subscribe().context("subscribing to link events")?;
+    let link_events = follow::links::subscribe().context("subscribing to link events")?;
     let mut tasks = vec![
         tokio::spawn(api::serve_socket(
             socket,
@@ -117,12 +120,12 @@ fn spawn_tasks(
         spawn_task(
             "the link follower",
             shared,
-            follow::run(shared.clone(), link_events, stopped.clone()),
+            follow::links::run(shared.clone(), link_events, stopped.clone()),
         ),
         spawn_task(
             "the tunnel path follower",
             shared,
-            tunnel::path::run(shared.clone(), stopped.clone()),
+            follow::routes::run(shared.clone(), stopped.clone()),
         ),
     ];
     if let Some(listener) = metrics {
@@ -352,7 +355,7 @@ async fn prepare(
     attach(&mut datapath, &plan, &finishing)?;
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
-    release_freed_memory();
+    crate::sys::release_freed_memory();
     for (session, meta) in plan.sessions.iter().zip(&targets.sessions) {
         // A ring record holds at most MAX_RING_COPY bytes; a file takes any length.
         let largest = match (session.through_ring, meta.max_copy_len) {
@@ -439,7 +442,7 @@ impl Daemon<'_> {
             },
             "the capture",
         );
-        crate::plan(&alone).map_err(|e| format!("{e:#}"))?;
+        plan(&alone).map_err(|e| format!("{e:#}"))?;
         self.captures.insert(name.to_owned(), session);
         let applied = self
             .apply(&with_captures(&self.loaded, &self.captures))
@@ -666,16 +669,6 @@ fn file_identity(path: &Path) -> Option<(u64, u64, u64, std::time::SystemTime)> 
     use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.dev(), meta.ino(), meta.len(), meta.modified().ok()?))
-}
-
-/// Hands freed heap pages back to the kernel, so the agent's resident size reflects what it
-/// still uses (glibc keeps them otherwise).
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 async fn tick(ticker: Option<&mut tokio::time::Interval>) {

@@ -4,11 +4,29 @@ use anyhow::Context as _;
 
 use super::{Daemon, Options};
 use crate::{
-    api::{Applied, SelectedPod},
     config::{LoadedConfig, PodSelector},
-    pods::{self, PodView, PodWatch},
-    rules::Plan,
+    follow::pods::{self, PodView, PodWatch},
+    rules::{self, Plan},
+    state::{Applied, SelectedPod},
 };
+
+/// The plan of `loaded` on this host's interfaces, its warnings logged.
+pub fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
+    plan_selecting(loaded, &|_| Vec::new())
+}
+
+/// [`plan`], where pod-selector sessions watch the interfaces `pods` gives for their selector.
+pub fn plan_selecting(
+    loaded: &LoadedConfig,
+    pods: &dyn Fn(&PodSelector) -> Vec<rules::Interface>,
+) -> anyhow::Result<Plan> {
+    let interfaces = crate::datapath::interfaces()?;
+    let plan = rules::plan(loaded, &interfaces, pods)?;
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(plan)
+}
 
 impl Daemon<'_> {
     /// Watches the interfaces of the pods the sessions select now, and no others.
@@ -117,7 +135,7 @@ pub(super) async fn plan_with_pods(
     options: &Options,
 ) -> anyhow::Result<Plan> {
     if !selects_pods(loaded) {
-        return crate::plan(loaded);
+        return plan(loaded);
     }
     let watch = if let Some(watch) = pods {
         watch
@@ -146,7 +164,7 @@ pub(super) async fn plan_with_pods(
             .any(|s| s.matches(&pod.namespace, &pod.labels))
     })
     .await?;
-    crate::plan_selecting(loaded, &|selector| pods::selected(&now, &placed, selector))
+    plan_selecting(loaded, &|selector| pods::selected(&now, &placed, selector))
 }
 
 /// Waits for a change of the node's pods; forever without a pod watch.

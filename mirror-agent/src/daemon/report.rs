@@ -1,5 +1,5 @@
 //! The report a stop prints: every counter, hook, ring, tunnel and target, as a table.
-use crate::{api::Applied, tunnel};
+use crate::{state::Applied, tunnel};
 
 /// The final counters as a table: one line per rule, then one per session, per hook, per tunnel
 /// (the hop its copies took last) and per target interface and underlay (copies the kernel lost

@@ -447,7 +447,7 @@ impl Datapath {
             release(old_mirrors);
             // Then no old program is running any more: their counters are final, and no copy
             // of theirs is left for an old copy program to finish.
-            wait_for_running_programs();
+            crate::sys::wait_for_running_programs();
             release(old_copies);
         }
         self.record_generation();
@@ -679,20 +679,5 @@ fn release(links: Vec<Attached>) {
 }
 
 fn ifindex_of(interface: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(interface).ok()?;
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (ifindex != 0).then_some(ifindex)
-}
-
-/// Returns once every program run that started before the call has ended: TC programs run in RCU
-/// read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period.
-fn wait_for_running_programs() {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: membarrier takes no pointers.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if rc != 0 {
-        // Not available (e.g. nohz_full CPUs): a program run lasts microseconds.
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    nix::net::if_::if_nametoindex(interface).ok()
 }

@@ -6,6 +6,7 @@
 //! or an error, so nothing is applied from a configuration that fails here.
 mod compile;
 mod fields;
+pub mod filter;
 mod fingerprint;
 #[cfg(test)]
 mod fuzz;
@@ -22,7 +23,7 @@ use mirror_common::{
 };
 
 use crate::config::{ActionConfig, PodSelector};
-use crate::tunnel::header::TunnelTarget;
+use crate::encap::TunnelTarget;
 
 pub use compile::sessions_bitmap;
 pub use fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields, Header};

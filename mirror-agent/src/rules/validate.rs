@@ -17,8 +17,8 @@ use crate::config::{
     ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
     PodSelector, RateLimitConfig, SampleBy, SessionConfig, TargetConfig,
 };
-use crate::filter::Expr;
-use crate::tunnel::header::{TunnelFormat, TunnelTarget};
+use crate::encap::{TunnelFormat, TunnelTarget};
+use crate::rules::filter::Expr;
 
 /// Validates `loaded` against the interfaces present and compiles it.
 /// A pod-selector session watches the interfaces `pods` gives for its selector.
@@ -580,7 +580,7 @@ fn filter_rules(
             ),
         ));
     }
-    let compiled = crate::filter::compile(filter.get_ref())
+    let compiled = crate::rules::filter::compile(filter.get_ref())
         .map_err(|e| loaded.error(filter.span(), format!("filter `{}`: {e}", filter.get_ref())))?;
     let mut rules: Vec<Rule> = compiled
         .rules
@@ -701,7 +701,7 @@ fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Vec
         expr = either_way(expr, source, destination);
     }
     // Two either-direction fields make at most four rules.
-    let expanded = crate::filter::expand(&expr, 4).unwrap_or_default();
+    let expanded = crate::rules::filter::expand(&expr, 4).unwrap_or_default();
     if expanded.is_empty() {
         return never("`host` or `port` contradicts the rule's other fields");
     }

@@ -5,14 +5,12 @@
 //! route to the collector leaves through, and the copy program there puts the session's outer
 //! headers on it ([`header`]) and addresses it to the next hop's MAC address ([`path`]). Nothing
 //! listens on the node for it, and nothing is decapsulated.
-pub mod header;
 pub mod path;
 pub mod send;
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
 };
 
 use futures_util::TryStreamExt as _;
@@ -22,12 +20,10 @@ use rtnetlink::{
     packet_route::link::{LinkAttribute, LinkMessage},
 };
 
-use self::{
-    header::{Hop, TunnelTarget},
-    path::NoHop,
-};
+use self::path::NoHop;
 use crate::{
     datapath::Datapath,
+    encap::{self, Hop, TunnelTarget},
     rules::{Controls, Session, Target},
 };
 
@@ -204,7 +200,7 @@ impl Targets {
             .iter()
             .filter_map(|t| {
                 let hop = t.hop.as_ref().ok()?;
-                Some((t.session, header::template(&t.target, hop, self.ports)))
+                Some((t.session, encap::template(&t.target, hop, self.ports)))
             })
             .collect()
     }
@@ -250,7 +246,7 @@ impl Targets {
                     datapath.set_session(session, &tunnel.meta)
                 })
                 .and_then(|()| {
-                    datapath.set_tunnel(session, &header::template(&tunnel.target, next, ports))
+                    datapath.set_tunnel(session, &encap::template(&tunnel.target, next, ports))
                 }),
             Err(_) => datapath.clear_tunnel(session),
         };
@@ -295,7 +291,7 @@ pub async fn resolve(sessions: &[Session]) -> Result<ResolvedTargets, TunnelErro
     let mut targets = Targets {
         sessions: Vec::new(),
         interfaces: Vec::new(),
-        ports: header::local_port_range(),
+        ports: encap::local_port_range(),
     };
     for (index, session) in sessions.iter().enumerate() {
         let meta = match &session.target {
@@ -373,7 +369,7 @@ fn sized(
     hop: Option<&Hop>,
     target: &TunnelTarget,
 ) -> SessionMeta {
-    let max_copy_len = hop.map_or(0, |hop| hop.mtu.saturating_sub(header::overhead(target)));
+    let max_copy_len = hop.map_or(0, |hop| hop.mtu.saturating_sub(encap::overhead(target)));
     SessionMeta {
         max_copy_len,
         snaplen: clamp_snaplen(snaplen, max_copy_len),
@@ -429,22 +425,8 @@ pub fn max_tunnel_copy_len(target: &TunnelTarget) -> Result<u32, TunnelError> {
         IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
         IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
     };
-    let mut mtu: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, a c_int.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&raw mut mtu).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(path_error(io::Error::last_os_error()));
-    }
-    Ok(mtu.cast_unsigned().saturating_sub(header::overhead(target)))
+    let mtu = crate::sys::socket::int_option(&socket, level, name).map_err(path_error)?;
+    Ok(mtu.cast_unsigned().saturating_sub(encap::overhead(target)))
 }
 
 /// The link with this index, if there is one.

@@ -1,27 +1,22 @@
 //! Where a tunnel's copies leave: the kernel's route to the collector (its interface, gateway and
 //! preferred source), the next hop's MAC address from the neighbour table, and the interface's
-//! own MAC address and MTU. [`run`] follows the kernel's route, neighbour and link events and
-//! rewrites a session's `TUNNELS` entry when its hop changes.
+//! own MAC address and MTU. `follow::routes` looks again when they change.
 use std::{
-    collections::HashMap,
     net::IpAddr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::TryStreamExt as _;
 use rtnetlink::{
-    Handle, MulticastGroup, RouteMessageBuilder,
+    Handle, RouteMessageBuilder,
     packet_route::{
         link::LinkAttribute,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteType},
     },
 };
-use tokio::sync::watch;
 
-use super::header::{Hop, TunnelTarget};
-use crate::{api::Shared, follow::AbortOnDrop};
+use crate::encap::{Hop, TunnelTarget};
 
 /// Why a tunnel has no hop now: its copies are counted as `no_route` meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -187,14 +182,6 @@ pub async fn kick(handle: &Handle, ifindex: u32, next_hop: IpAddr) {
 
 /// How long the start waits for a next hop's MAC address to be resolved.
 const START_RESOLUTION: Duration = Duration::from_secs(1);
-/// At most one resolution request per next hop in this time.
-const KICK_PERIOD: Duration = Duration::from_secs(1);
-/// How often every tunnel's hop is looked up again even without an event (events can be lost
-/// when the socket overflows).
-const RESYNC_PERIOD: Duration = Duration::from_secs(2);
-/// Events that come in a burst are answered once, this long after the first.
-const SETTLE: Duration = Duration::from_millis(5);
-
 /// The hop for `target` at the start: an unresolved next hop is asked for and waited for briefly,
 /// so that the first copies are not counted as `no_route` only because the neighbour table was
 /// cold.
@@ -214,75 +201,5 @@ pub async fn resolve_at_start(handle: &Handle, target: &TunnelTarget) -> Result<
             }
             result => return result,
         }
-    }
-}
-
-/// Follows route, neighbour and link events until `stop` turns true, and keeps every tunnel
-/// session of the applied configuration on the hop the kernel's tables give now.
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let (connection, _, mut events) = rtnetlink::new_multicast_connection(&[
-        MulticastGroup::Link,
-        MulticastGroup::Neigh,
-        MulticastGroup::Ipv4Route,
-        MulticastGroup::Ipv6Route,
-    ])?;
-    let connection = AbortOnDrop(tokio::spawn(connection));
-    let handle = super::netlink()?;
-    let mut kicked: HashMap<(u32, IpAddr), Instant> = HashMap::new();
-    let mut resync = tokio::time::interval(RESYNC_PERIOD);
-    loop {
-        let event = tokio::select! {
-            event = events.next() => Some(event),
-            _ = resync.tick() => None,
-            _ = stop.wait_for(|stop| *stop) => break,
-        };
-        if let Some(event) = event {
-            if event.is_none() {
-                anyhow::bail!("the kernel closed the route event socket");
-            }
-            // A burst (a route change brings several messages) is answered once.
-            tokio::time::sleep(SETTLE).await;
-            while events.try_recv().is_ok() {}
-        }
-        refresh(&shared, &handle, &mut kicked).await;
-    }
-    drop(connection);
-    Ok(())
-}
-
-/// Looks every tunnel's hop up and applies those that changed.
-async fn refresh(shared: &Shared, handle: &Handle, kicked: &mut HashMap<(u32, IpAddr), Instant>) {
-    let (generation, targets) = {
-        let applied = shared.applied();
-        (applied.datapath.generation(), applied.targets.targets())
-    };
-    let mut found = Vec::with_capacity(targets.len());
-    for (session, target) in targets {
-        let hop = resolve(handle, &target).await;
-        if let Err(NoHop::Unresolved {
-            next_hop, ifindex, ..
-        }) = &hop
-        {
-            let key = (*ifindex, *next_hop);
-            if kicked
-                .get(&key)
-                .is_none_or(|at| at.elapsed() >= KICK_PERIOD)
-            {
-                kicked.insert(key, Instant::now());
-                kick(handle, *ifindex, *next_hop).await;
-            }
-        }
-        found.push((session, hop));
-    }
-    let mut applied = shared.applied();
-    // A reload meanwhile brought its own hops: the next event or resync looks at those.
-    if applied.datapath.generation() != generation {
-        return;
-    }
-    let crate::api::Applied {
-        datapath, targets, ..
-    } = &mut *applied;
-    for (session, hop) in found {
-        targets.apply(datapath, session, hop);
     }
 }

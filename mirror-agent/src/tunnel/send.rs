@@ -4,16 +4,20 @@
 //! flow's hash within the local port range, so a collector farm keeps a flow together. Raw
 //! sockets, because a UDP socket has one source port and GRE has no socket of its own.
 use std::{
-    io,
-    mem::MaybeUninit,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
 };
 
 use anyhow::Context as _;
-use nix::time::{ClockId, clock_gettime};
+use nix::{
+    sys::socket::SockaddrStorage,
+    time::{ClockId, clock_gettime},
+};
 
-use super::header::{self, IPPROTO_UDP, TunnelFormat, TunnelTarget};
+use crate::{
+    encap::{self, IPPROTO_UDP, TunnelFormat, TunnelTarget},
+    sys::socket,
+};
 
 /// Offset of the UDP checksum, for the kernel to fill it in over IPv6.
 const UDP_CHECKSUM_OFFSET: libc::c_int = 6;
@@ -69,7 +73,7 @@ impl TunnelSender {
             local,
             format: target.format,
             transport: target.format.transport_header(),
-            ports: header::local_port_range(),
+            ports: encap::local_port_range(),
             sequence: 0,
         })
     }
@@ -87,7 +91,7 @@ impl TunnelSender {
         let transport_len = self.transport.len() + frame.len();
         datagram.clear();
         if let (IpAddr::V4(local), IpAddr::V4(remote)) = (self.local, self.remote) {
-            let mut ip = header::ip_header(local.into(), remote.into(), self.format.ip_protocol());
+            let mut ip = encap::ip_header(local.into(), remote.into(), self.format.ip_protocol());
             let total = u16::try_from(ip.len() + transport_len).unwrap_or(u16::MAX);
             ip[2..4].copy_from_slice(&total.to_be_bytes());
             // Identification and checksum are filled in by the kernel (IP_HDRINCL).
@@ -98,7 +102,7 @@ impl TunnelSender {
         let transport = &mut datagram[at..];
         match self.format {
             TunnelFormat::Vxlan { .. } | TunnelFormat::Geneve { .. } => {
-                let port = header::source_port(flow_hash, self.ports);
+                let port = encap::source_port(flow_hash, self.ports);
                 transport[..2].copy_from_slice(&port.to_be_bytes());
                 let len = u16::try_from(transport_len).unwrap_or(u16::MAX);
                 transport[4..6].copy_from_slice(&len.to_be_bytes());
@@ -122,9 +126,10 @@ impl TunnelSender {
         datagram.extend_from_slice(frame);
     }
 
-    /// The raw socket and the collector's address in the kernel's layout.
-    pub fn socket(&self) -> (&OwnedFd, (libc::sockaddr_storage, libc::socklen_t)) {
-        (&self.socket, sockaddr(SocketAddr::new(self.remote, 0)))
+    /// The raw socket and the collector's address (raw sockets take no port: it is in the
+    /// header built here).
+    pub fn socket(&self) -> (&OwnedFd, SockaddrStorage) {
+        (&self.socket, SocketAddr::new(self.remote, 0).into())
     }
 }
 
@@ -152,69 +157,19 @@ fn route_source(remote: IpAddr) -> anyhow::Result<IpAddr> {
 }
 
 fn raw_socket(family: libc::c_int, protocol: libc::c_int) -> anyhow::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening a raw socket for a tunnel");
-    }
-    // SAFETY: a new descriptor owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    socket::raw_socket(family, protocol, false).context("opening a raw socket for a tunnel")
 }
 
 fn set_option(
-    socket: &OwnedFd,
+    fd: &OwnedFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
 ) -> anyhow::Result<()> {
-    // SAFETY: setsockopt reads one c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("setting a tunnel socket option");
-    }
-    Ok(())
+    socket::set_int_option(fd, level, name, value).context("setting a tunnel socket option")
 }
 
-/// A socket address in the kernel's layout, and its length.
-pub fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is valid; the fields set below make it one address.
-    let mut storage: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
-    let len = match address {
-        SocketAddr::V4(v4) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in.
-            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            // Raw IPv4 sockets take no port: it is in the header we build.
-            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            // SAFETY: as above, for a sockaddr_in6.
-            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_addr.s6_addr = v6.ip().octets();
-            sin6.sin6_scope_id = v6.scope_id();
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
-fn bind(socket: &OwnedFd, address: SocketAddr) -> anyhow::Result<()> {
-    let (storage, len) = sockaddr(address);
-    // SAFETY: bind reads `len` bytes of `storage`.
-    let rc = unsafe { libc::bind(socket.as_raw_fd(), (&raw const storage).cast(), len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("binding the tunnel socket to {}", address.ip()));
-    }
-    Ok(())
+fn bind(fd: &OwnedFd, address: SocketAddr) -> anyhow::Result<()> {
+    nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(address))
+        .with_context(|| format!("binding the tunnel socket to {}", address.ip()))
 }

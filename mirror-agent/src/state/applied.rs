@@ -1,13 +1,10 @@
-//! What the running agent holds: the applied configuration (its datapath, ring drain, followers'
-//! state and targets), what the API reports of it, and the counters carried across reloads.
-use serde::{Deserialize, Serialize};
-
+//! One applied configuration: its datapath, ring drain, followers' state and targets, what the
+//! API reports of it, and the counters carried across reloads.
 use mirror_common::{Counters, Direction};
 
-use super::{RuleStats, SessionStats, Stats};
+use super::{Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, direction_name};
 use crate::{
     datapath::Datapath,
-    follow::Follow,
     rules::{self, Plan},
 };
 
@@ -19,7 +16,7 @@ pub struct Applied {
     /// Sends the ring copies on (XDP sessions, file targets); stops once it has sent what is
     /// queued when dropped.
     pub drain: Option<crate::emit::Drain>,
-    pub(super) view: PlanView,
+    pub(crate) view: PlanView,
     carried: Carried,
     /// What the follower needs to watch interfaces that appear later.
     pub follow: Option<Follow>,
@@ -28,19 +25,6 @@ pub struct Applied {
     pub targets: crate::tunnel::Targets,
     /// The pods pod-selector sessions select now, and where they were found.
     pub pods: Vec<SelectedPod>,
-}
-
-/// A pod that pod-selector sessions select, and the interface watched for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SelectedPod {
-    /// `namespace/name`.
-    pub pod: String,
-    pub ips: Vec<std::net::IpAddr>,
-    /// Its host-side interface, watched for these sessions.
-    pub interface: Option<String>,
-    /// Why no interface is watched for it.
-    pub problem: Option<String>,
-    pub sessions: Vec<String>,
 }
 
 /// Counters carried over from earlier generations, added to the live ones.
@@ -52,8 +36,8 @@ struct Carried {
 
 /// The parts of a plan the API reports (the compiled tables are gone by then).
 #[derive(Debug)]
-pub(super) struct PlanView {
-    pub(super) sessions: Vec<SessionView>,
+pub(crate) struct PlanView {
+    pub(crate) sessions: Vec<SessionView>,
     /// (session index, rule label) of each configured rule, in global order.
     rules: Vec<(usize, String)>,
     /// By kernel rule index, the configured rule it belongs to (an index into `rules`): a rule
@@ -62,17 +46,6 @@ pub(super) struct PlanView {
     /// Per session: what it is made of; equal fingerprints across a reload mean an unchanged
     /// session, whose counters go on.
     fingerprints: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionView {
-    pub name: String,
-    pub target: String,
-    /// The session watches pods (`pods = {…}`), not named interfaces.
-    #[serde(default)]
-    pub selects_pods: bool,
-    /// (interface, direction) pairs watched.
-    pub hooks: Vec<(String, String)>,
 }
 
 impl PlanView {
@@ -107,15 +80,6 @@ impl PlanView {
             fingerprints: rules::fingerprints(plan),
         }
     }
-}
-
-pub(super) fn direction_name(direction: Direction) -> String {
-    match direction {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-        Direction::XdpIngress => "xdp",
-    }
-    .to_owned()
 }
 
 impl Applied {
@@ -199,7 +163,7 @@ impl Applied {
 
     /// Per session, the (interface, direction) hooks it watches now: those of the plan, and those
     /// of interfaces that appeared or pods selected since.
-    pub(super) fn session_hooks(&self) -> Vec<Vec<(String, String)>> {
+    pub(crate) fn session_hooks(&self) -> Vec<Vec<(String, String)>> {
         let Some(follow) = &self.follow else {
             return self.view.sessions.iter().map(|s| s.hooks.clone()).collect();
         };

@@ -1,0 +1,15 @@
+//! What the agent follows after the start, for whatever configuration is applied then: the
+//! kernel's link events ([`links`]: interfaces that appear or go), its route and neighbour events
+//! ([`routes`]: tunnels' next hops), and the node's pods from the Kubernetes API ([`pods`]).
+pub mod links;
+pub mod pods;
+pub mod routes;
+
+/// A task ended when this is dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,102 @@
+//! What the agent reports of itself, as the API serves it in JSON (`GET /stats`, `GET /status`)
+//! and the CLI reads it.
+use mirror_common::{Counters, Direction, HookCounters};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuleStats {
+    pub rule: String,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStats {
+    pub name: String,
+    pub counters: Counters,
+    pub rules: Vec<RuleStats>,
+}
+
+/// `GET /stats`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    /// The configuration generation the counters are of.
+    pub generation: u64,
+    pub sessions: Vec<SessionStats>,
+    pub ingress: HookCounters,
+    pub egress: HookCounters,
+    pub xdp: HookCounters,
+    pub copy: HookCounters,
+    /// Copies lost after they left the programs, per interface they leave by (read with the
+    /// counters by [`Shared::reading`]).
+    #[serde(default)]
+    pub targets: Vec<crate::tunnel::TxLosses>,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    /// Which configuration is applied: 1 at the start (in pinned mode, one more than the agent
+    /// before), one more with every reload.
+    pub generation: u64,
+    pub uptime_seconds: u64,
+    pub hooks_attached: usize,
+    /// The (interface, direction) hooks attached now, including interfaces that appeared later.
+    pub attached: Vec<(String, String)>,
+    /// (name, kernel program id) of the programs of this generation.
+    pub programs: Vec<(String, u32)>,
+    pub sessions: Vec<SessionView>,
+    /// The pods pod-selector sessions select.
+    #[serde(default)]
+    pub pods: Vec<SelectedPod>,
+    /// Where each tunnel session's copies leave now.
+    #[serde(default)]
+    pub tunnels: Vec<TunnelView>,
+    /// The live captures (`mirror-agent capture`) running now.
+    #[serde(default)]
+    pub captures: Vec<crate::watch::WatcherView>,
+}
+
+/// A tunnel session's path now: the underlay and next hop, or why there is none (its copies are
+/// then counted as `no_route`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelView {
+    pub session: String,
+    pub target: String,
+    pub interface: Option<String>,
+    pub next_hop_mac: Option<String>,
+    pub problem: Option<String>,
+}
+
+/// A pod that pod-selector sessions select, and the interface watched for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    pub ips: Vec<std::net::IpAddr>,
+    /// Its host-side interface, watched for these sessions.
+    pub interface: Option<String>,
+    /// Why no interface is watched for it.
+    pub problem: Option<String>,
+    pub sessions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionView {
+    pub name: String,
+    pub target: String,
+    /// The session watches pods (`pods = {…}`), not named interfaces.
+    #[serde(default)]
+    pub selects_pods: bool,
+    /// (interface, direction) pairs watched.
+    pub hooks: Vec<(String, String)>,
+}
+
+pub fn direction_name(direction: Direction) -> String {
+    match direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+        Direction::XdpIngress => "xdp",
+    }
+    .to_owned()
+}

@@ -1,0 +1,36 @@
+//! The unsafe code of the agent, each piece behind a safe function: raw and packet sockets and
+//! their integer options ([`socket`]), the `bpf(2)` commands aya does not offer for pinned links
+//! ([`bpf`]), `malloc_trim`, `membarrier`, and reading a kernel record's header ([`read_pod`]).
+//! Everything else goes through `nix`, `rtnetlink` and `aya`.
+pub mod bpf;
+pub mod socket;
+
+/// The `T` at the start of `bytes` (read unaligned, as ring records are), or `None` when
+/// `bytes` is shorter.
+pub fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    let head = bytes.get(..size_of::<T>())?;
+    // SAFETY: `head` holds `size_of::<T>()` bytes, and a `Pod` is valid for any bytes.
+    Some(unsafe { head.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Hands freed heap pages back to the kernel, so the agent's resident size reflects what it
+/// still uses (glibc keeps them otherwise).
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Returns once every program run that started before the call has ended: TC programs run in RCU
+/// read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period.
+pub fn wait_for_running_programs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        // Not available (e.g. nohz_full CPUs): a program run lasts microseconds.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
