@@ -29,7 +29,7 @@
 
 mod counters;
 
-pub use counters::{CounterField, Counters, HookCounters, Metric};
+pub use self::counters::{CounterField, Counters, HookCounters, Metric};
 
 /// Largest number of rules across all sessions, including one implicit default rule per session.
 pub const MAX_RULES: u32 = 16_384;

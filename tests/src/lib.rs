@@ -35,13 +35,7 @@ pub mod kube_api;
 mod netns;
 mod traffic;
 
-pub use agent::*;
-pub use capture::*;
-pub use collector::*;
-pub use files::*;
-pub use frames::*;
-pub use netns::*;
-pub use traffic::*;
+pub use self::{agent::*, capture::*, collector::*, files::*, frames::*, netns::*, traffic::*};
 
 pub const SRC_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const SINK_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);

@@ -26,9 +26,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker built against
-    /// nightly's LLVM, cargo-deb, and the Debian tools (podman, debootstrap, promtool, …) and Helm
-    /// engine the tests and the lab use.
+    /// Install what a fresh machine lacks (idempotent): nightly rust-src, rustfmt and clippy,
+    /// bpf-linker built against nightly's LLVM, cargo-deb, and the Debian tools (podman,
+    /// debootstrap, promtool, …) and Helm engine the tests and the lab use.
     Setup {
         /// Only what building the agent needs (nightly rust-src, bpf-linker): what
         /// deploy/Dockerfile runs.
@@ -191,7 +191,8 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 }
 
 fn lint() -> anyhow::Result<()> {
-    cargo(&["fmt", "--all", "--check"])?;
+    // rustfmt.toml's import options need the nightly rustfmt.
+    cargo(&["+nightly", "fmt", "--all", "--check"])?;
     cargo(&[
         "clippy",
         "--workspace",

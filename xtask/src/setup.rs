@@ -34,6 +34,7 @@ pub fn run(build_only: bool) -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     if !build_only {
+        nightly_lint_tools()?;
         debian_packages(DEBIAN_PACKAGES)?;
         helm_engine()?;
         cargo_deb()?;
@@ -83,11 +84,34 @@ fn nightly_rust_src() -> anyhow::Result<()> {
         .exists()
     {
         eprintln!("xtask setup: nightly rust-src present");
+    } else {
+        step(
+            "adding rust-src to nightly",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )?;
+    }
+    Ok(())
+}
+
+/// What `cargo xtask lint` runs with nightly: rustfmt (rustfmt.toml's import options are
+/// nightly-only) and the eBPF crate's clippy.
+fn nightly_lint_tools() -> anyhow::Result<()> {
+    if output("cargo", &["+nightly", "fmt", "--version"]).is_some()
+        && output("cargo", &["+nightly", "clippy", "--version"]).is_some()
+    {
+        eprintln!("xtask setup: nightly rustfmt and clippy present");
         return Ok(());
     }
     step(
-        "adding rust-src to nightly",
-        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "adding rustfmt and clippy to nightly",
+        Command::new("rustup").args([
+            "component",
+            "add",
+            "rustfmt",
+            "clippy",
+            "--toolchain",
+            "nightly",
+        ]),
     )
 }
 

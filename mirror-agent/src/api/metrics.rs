@@ -1,12 +1,12 @@
 //! The metrics in `OpenMetrics` text: every counter (see `mirror_common::counters`), what is
 //! watched, and the agent's own state.
+use std::time::SystemTime;
+
+use mirror_common::{CounterField, Counters, HookCounters, Metric};
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use std::time::SystemTime;
-
-use mirror_common::{CounterField, Counters, HookCounters, Metric};
 
 use super::Labels;
 use crate::state::{Applied, Shared, Stats};

@@ -13,9 +13,6 @@ mod client;
 mod listen;
 mod metrics;
 
-pub use client::{bytes_from, get_from, post_to, stream_from};
-pub use listen::{Limits, serve as serve_bounded};
-pub(crate) use metrics::counter_family;
 use std::{
     fmt::Write as _,
     net::SocketAddr,
@@ -38,6 +35,11 @@ use nix::sys::stat::{Mode, umask};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub(crate) use self::metrics::counter_family;
+pub use self::{
+    client::{bytes_from, get_from, post_to, stream_from},
+    listen::{Limits, serve as serve_bounded},
+};
 use crate::state::{Request, Shared, Stats};
 
 /// Label pairs of a metric.

@@ -7,7 +7,7 @@ use std::{fmt, net::IpAddr, path::Path};
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use values::{Cidr, ErspanSessionId, Ethertype, IpProto, PortRange, Vlan, Vni};
+pub use self::values::{Cidr, ErspanSessionId, Ethertype, IpProto, PortRange, Vlan, Vni};
 
 /// A configuration error with its place in the file.
 #[derive(Debug, thiserror::Error)]

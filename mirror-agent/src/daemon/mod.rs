@@ -4,9 +4,6 @@
 mod pod_sessions;
 mod report;
 
-pub use pod_sessions::plan;
-use pod_sessions::{plan_with_pods, pods_changed, selects_pods};
-
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -17,6 +14,8 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+pub use self::pod_sessions::plan;
+use self::pod_sessions::{plan_with_pods, pods_changed, selects_pods};
 use crate::{
     api,
     config::{ActionConfig, LoadedConfig, SessionConfig, TargetConfig},
@@ -25,8 +24,7 @@ use crate::{
     follow,
     follow::pods::{Placement, PodWatch},
     rules::{self, Plan, Target},
-    state::Follow,
-    state::{Applied, Request, Shared},
+    state::{Applied, Follow, Request, Shared},
     tunnel::{self, Targets},
     watch::AdHoc,
 };

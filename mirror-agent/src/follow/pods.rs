@@ -19,8 +19,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures_util::StreamExt as _;
-use futures_util::TryStreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use rtnetlink::{

@@ -2,9 +2,8 @@
 //! with their place, never a panic (`cargo xtask test --fuzz-cases N` for a longer hunt).
 use proptest::prelude::Strategy;
 
-use crate::config::LoadedConfig;
-
 use super::tests::{interfaces, plan};
+use crate::config::LoadedConfig;
 
 /// Values for the keys of a session, a rule and the top level: the random files have one
 /// value of each required key and maybe one of each other, and now and then a bad value, so

@@ -22,13 +22,16 @@ use mirror_common::{
     Action, AttachmentKey, Direction, FIELD_COUNT, RateLimit, RuleBitmap, RuleMeta,
 };
 
-use crate::config::{ActionConfig, PodSelector};
-use crate::encap::TunnelTarget;
-
-pub use compile::sessions_bitmap;
-pub use fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields, Header};
-pub use fingerprint::fingerprints;
-pub use validate::plan;
+pub use self::{
+    compile::sessions_bitmap,
+    fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields, Header},
+    fingerprint::fingerprints,
+    validate::plan,
+};
+use crate::{
+    config::{ActionConfig, PodSelector},
+    encap::TunnelTarget,
+};
 
 /// A network interface present on the node.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -11,14 +11,15 @@ use mirror_common::{
 
 use super::{
     Controls, Fields, FileTarget, Interface, Plan, Rule, RuleKind, Session, Target,
-    compile::compile, shadow::Shadows,
+    compile::compile, filter::Expr, shadow::Shadows,
 };
-use crate::config::{
-    ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
-    PodSelector, RateLimitConfig, SampleBy, SessionConfig, TargetConfig,
+use crate::{
+    config::{
+        ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig,
+        LoadedConfig, PodSelector, RateLimitConfig, SampleBy, SessionConfig, TargetConfig,
+    },
+    encap::{TunnelFormat, TunnelTarget},
 };
-use crate::encap::{TunnelFormat, TunnelTarget};
-use crate::rules::filter::Expr;
 
 /// Validates `loaded` against the interfaces present and compiles it.
 /// A pod-selector session watches the interfaces `pods` gives for its selector.

@@ -22,13 +22,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use configs::{agent_config, rule_set};
-use hotpath::{HotRow, hot_path, tap_path};
 use mirror_tests::{Agent, Lab, NODE_SRC_MAC, SINK_MAC, SRC_MAC, wait_for};
 use serde::Serialize;
-use traffic::{Source, Spinner, counters, generate, wait_for_idle};
-use tunnels::{PairedRow, TUNNELS, paired_tunnels};
-use validation::{ValidationRow, validation_timing};
+
+use self::{
+    configs::{agent_config, rule_set},
+    hotpath::{HotRow, hot_path, tap_path},
+    traffic::{Source, Spinner, counters, generate, wait_for_idle},
+    tunnels::{PairedRow, TUNNELS, paired_tunnels},
+    validation::{ValidationRow, validation_timing},
+};
 
 /// Where the generator sends: routed by the node to the sink, which is not this address.
 const FLOW_DST: &str = "10.10.2.99";

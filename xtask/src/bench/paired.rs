@@ -3,10 +3,11 @@
 //! steadier than ratios of medians taken minutes apart.
 use std::{path::Path, time::Duration};
 
+use anyhow::Context as _;
+
 use super::{
     Bed, Options, Scenario, activate, generate, median, program_cost, sample_once, warm_up,
 };
-use anyhow::Context as _;
 
 /// Pairs at least, whatever `--reps` says.
 const MIN_PAIRS: usize = 5;

@@ -8,11 +8,11 @@ mod decide;
 mod lex;
 mod parse;
 
+pub use self::parse::Expr;
 use crate::{
     config::ActionConfig,
     rules::{Fields, Header},
 };
-pub use parse::Expr;
 
 /// The most rules one expression may become.
 pub const MAX_FILTER_RULES: usize = 256;

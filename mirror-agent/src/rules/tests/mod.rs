@@ -2,13 +2,12 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use mirror_common::{BITMAP_WORDS, Field, MAX_RULES, SAMPLE_FLOWS, SUMMARY_WORDS, UNCONSTRAINED};
 
-use crate::config::{ConfigError, DEFAULT_COPY_RING_BYTES, LoadedConfig};
-
 use super::{
     model::{Packet, decide},
     shadow::Shadows,
     *,
 };
+use crate::config::{ConfigError, DEFAULT_COPY_RING_BYTES, LoadedConfig};
 
 /// A plan with no pods selected.
 pub(super) fn plan(loaded: &LoadedConfig, interfaces: &[Interface]) -> Result<Plan, ConfigError> {
