@@ -30,6 +30,8 @@ use pcap_file::{
     },
 };
 
+use crate::config::STDOUT;
+
 /// A packet socket that sends frames out of `interface` as they are.
 pub fn open_tap(interface: &str) -> anyhow::Result<OwnedFd> {
     let Ok(ifindex) = nix::net::if_::if_nametoindex(interface) else {
@@ -140,9 +142,6 @@ impl<W: io::Write> PcapNgStream<W> {
         self.writer.into_inner()
     }
 }
-
-/// The path that stands for standard output (pcap, for `| tshark -r -`).
-pub const STDOUT: &str = "-";
 
 /// Frames are stored whole (a tunnel datagram carries at most 64 KiB).
 const SNAPLEN: u32 = 65_535;

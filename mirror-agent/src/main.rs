@@ -432,7 +432,7 @@ fn main() -> anyhow::Result<()> {
                 kubeconfig: args.kubeconfig,
                 stop_after,
                 capture_on_stdout: plan.sessions.iter().any(|s| {
-                    matches!(&s.target, rules::Target::File(f) if f.path.as_os_str() == capture::STDOUT)
+                    matches!(&s.target, rules::Target::File(f) if f.path.as_os_str() == config::STDOUT)
                 }),
             };
             runtime()?.block_on(daemon::run(&loaded, plan, options))

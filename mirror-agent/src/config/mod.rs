@@ -62,6 +62,9 @@ pub struct Config {
     pub copy_ring_bytes: Option<Spanned<u32>>,
 }
 
+/// The file target path that stands for standard output (pcap, for `| tshark -r -`).
+pub const STDOUT: &str = "-";
+
 /// The default [`Config::copy_ring_bytes`].
 pub const DEFAULT_COPY_RING_BYTES: u32 = 8 << 20;
 

@@ -269,7 +269,7 @@ fn resolve_target(
             rotate_count,
             watch: false,
         } => {
-            if path == std::path::Path::new(crate::capture::STDOUT) && rotate_bytes.is_some() {
+            if path == std::path::Path::new(crate::config::STDOUT) && rotate_bytes.is_some() {
                 return Err(loaded.error(span, "standard output (`-`) is one stream: it is not rotated"));
             }
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
