@@ -23,13 +23,16 @@ mod watch;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Args, CommandFactory as _, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 
-use crate::config::{
-    ActionConfig, Cidr, Config, DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, DirectionConfig,
-    ErspanConfig, ErspanSessionId, Ethertype, GeneveConfig, GreConfig, HookConfig, IpProto,
-    LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig, SessionConfig,
-    TargetConfig, Vlan, Vni, VxlanConfig,
+use crate::{
+    config::{
+        ActionConfig, Cidr, Config, DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, DirectionConfig,
+        ErspanConfig, ErspanSessionId, Ethertype, GeneveConfig, GreConfig, HookConfig, IpProto,
+        LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
+        SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
+    },
+    datapath::KernelLog,
 };
 
 /// Port mirroring for Linux nodes with eBPF: copies the packets that match a session's rules from
@@ -172,6 +175,13 @@ struct RunArgs {
     /// in a cluster, else KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Log lines from the kernel programs, at this level and above, in the agent's log (target
+    /// `kernel`): rule table misses, walks cut at the step limit and failed copies (warn), and
+    /// each failed clone (debug). Every such event is counted whatever the level. The level is
+    /// fixed when the programs are loaded; `off` removes the log calls from the programs
+    /// entirely.
+    #[arg(long, value_enum, default_value_t = KernelLog::Off, value_name = "LEVEL")]
+    kernel_log: KernelLog,
 }
 
 /// The quick form: one session with one mirror rule built from these flags (default: skip).
@@ -386,15 +396,23 @@ impl QuickSession {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if let Command::Run(args) = &cli.command
+        && let Some(level) = args.kernel_log.to_possible_value()
+        && args.kernel_log != KernelLog::Off
+    {
+        // The programs' lines at the level asked for, whatever RUST_LOG says of the rest.
+        filter = filter.add_directive(format!("kernel={}", level.get_name()).parse()?);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(|| LogWriter)
         // Colours only for a person at a terminal: not into a container's log or a journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Check { config, explain } => cli::check(&config, explain),
         Command::Completions { shell } => {
             write_completions(shell, &mut std::io::stdout());
@@ -431,6 +449,7 @@ fn main() -> anyhow::Result<()> {
                 node_name: args.node_name,
                 kubeconfig: args.kubeconfig,
                 stop_after,
+                kernel_log: args.kernel_log,
                 capture_on_stdout: plan.sessions.iter().any(|s| {
                     matches!(&s.target, rules::Target::File(f) if f.path.as_os_str() == config::STDOUT)
                 }),

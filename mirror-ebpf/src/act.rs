@@ -273,7 +273,15 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
                 count::bump(copy.rule, copy.session, |c| &mut c.watch_lost);
             }
         }
-        Err(NotSent::Clone) => count::clone_error(copy.rule, copy.session),
+        Err(NotSent::Clone) => {
+            count::clone_error(copy.rule, copy.session);
+            aya_log_ebpf::debug!(
+                &ctx,
+                "session {} rule {}: the copy could not be cloned to its target",
+                copy.session,
+                copy.rule
+            );
+        }
         Err(NotSent::RingFull) => count::bump(copy.rule, copy.session, |c| &mut c.ring_full),
         Err(NotSent::NoRoute) => count::bump(copy.rule, copy.session, |c| &mut c.no_route),
     }

@@ -97,6 +97,11 @@ pub fn finish(ctx: &TcContext) -> Outcome {
         // The rule's and session's count is the mirror program's: a copy dropped here makes its
         // `bpf_clone_redirect` fail, which it counts as a clone error (once).
         count::hook_at(COPY_HOOK, |c| &mut c.copy_errors);
+        aya_log_ebpf::warn!(
+            ctx,
+            "session {}: a copy could not be cut or encapsulated, and was dropped",
+            session_index
+        );
         return Outcome::Failed;
     }
     // The mark only named the rule: the underlay and the collector must not see it.

@@ -42,6 +42,7 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
+    use aya_log_ebpf::warn;
     use mirror_common::{AttachmentKey, Direction};
 
     use crate::{act, classify, copy, count, limit, parse};
@@ -88,6 +89,12 @@ mod programs {
         count::hook(direction, |c| &mut c.packets);
         if try_mirror(ctx, direction).is_err() {
             count::hook(direction, |c| &mut c.table_errors);
+            warn!(
+                ctx,
+                "ifindex {} hook {}: a rule table lacks an entry the classifier needed",
+                ctx.ifindex(),
+                direction as u32
+            );
         }
     }
 
@@ -112,6 +119,12 @@ mod programs {
         };
         if verdict.step_limit_hit {
             count::hook(direction, |c| &mut c.step_limit);
+            warn!(
+                ctx,
+                "ifindex {} hook {}: the rule walk hit its step limit; later sessions not tried",
+                ctx.ifindex(),
+                direction as u32
+            );
         }
         if verdict.copy_count == 0 {
             return Ok(());

@@ -3,6 +3,7 @@ use std::{
     io::{BufRead, BufReader, Write as _},
     net::SocketAddr,
     process::{Child, ChildStdout, Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -33,14 +34,31 @@ pub struct Agent {
     config_file: Option<tempfile::NamedTempFile>,
     /// Holds the agent's API socket unless the configuration names one.
     _api_dir: tempfile::TempDir,
+    /// The agent's log so far, when [`Agent::start_logging`] keeps it.
+    log: Option<Arc<Mutex<String>>>,
 }
 
 impl Agent {
     /// Runs `binary` with `config` in `node` and waits until it has attached.
     pub fn start(node: &Netns, binary: &std::path::Path, config: &str) -> Self {
+        Agent::start_with(node, binary, config, &[], Stdio::inherit())
+    }
+
+    /// [`Agent::start`] with `extra` arguments, keeping the agent's log (see [`Agent::log`]).
+    pub fn start_logging(node: &Netns, config: &str, extra: &[&str]) -> Self {
+        Agent::start_with(node, &agent_binary(), config, extra, Stdio::piped())
+    }
+
+    fn start_with(
+        node: &Netns,
+        binary: &std::path::Path,
+        config: &str,
+        extra: &[&str],
+        log: Stdio,
+    ) -> Self {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         std::io::Write::write_all(&mut file, config.as_bytes()).expect("write config");
-        let mut agent = Agent::start_file(node, binary, file.path(), &[]);
+        let mut agent = Agent::spawn(node, binary, file.path(), extra, log);
         agent.config_file = Some(file);
         agent
     }
@@ -52,6 +70,16 @@ impl Agent {
         binary: &std::path::Path,
         path: &std::path::Path,
         extra: &[&str],
+    ) -> Self {
+        Agent::spawn(node, binary, path, extra, Stdio::inherit())
+    }
+
+    fn spawn(
+        node: &Netns,
+        binary: &std::path::Path,
+        path: &std::path::Path,
+        extra: &[&str],
+        log: Stdio,
     ) -> Self {
         let config = std::fs::read_to_string(path).expect("read config");
         // Agents of tests running at once each need their own API socket.
@@ -68,8 +96,25 @@ impl Agent {
                 .arg("--api-socket")
                 .arg(api_dir.path().join("agent.sock"));
         }
-        let mut child = command.stdout(Stdio::piped()).spawn().expect("spawn agent");
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        // Read as it comes, so that the agent never waits on a full pipe.
+        let log = child.stderr.take().map(|stderr| {
+            let log = Arc::new(Mutex::new(String::new()));
+            let kept = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut kept = kept.lock().expect("log");
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            });
+            log
+        });
         // The agent prints this line once every hook is attached; EOF means it failed to start.
         await_first_line(&mut child, &mut stdout, "attached to", "agent");
         Agent {
@@ -77,6 +122,7 @@ impl Agent {
             stdout,
             config_file: None,
             _api_dir: api_dir,
+            log,
         }
     }
 
@@ -128,6 +174,15 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// What the agent has logged so far (started by [`Agent::start_logging`]).
+    pub fn log(&self) -> String {
+        let log = self
+            .log
+            .as_ref()
+            .expect("an agent started with start_logging");
+        log.lock().expect("log").clone()
     }
 
     pub fn stop_with(mut self, signal: i32) -> Report {

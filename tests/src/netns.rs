@@ -416,6 +416,23 @@ pub fn tcx_programs(ns: &Netns, interface: &str) -> [Vec<String>; 2] {
     })
 }
 
+/// The size in instructions' bytes, as the verifier left it, of each program attached with TCX
+/// at the ingress of `interface`.
+pub fn tcx_ingress_sizes(ns: &Netns, interface: &str) -> Vec<u32> {
+    let interface = interface.to_owned();
+    ns.enter(move || {
+        let (_, programs) = aya::programs::SchedClassifier::query_tcx(
+            &interface,
+            aya::programs::TcAttachType::Ingress,
+        )
+        .expect("query tcx");
+        programs
+            .iter()
+            .map(|p| p.size_translated().expect("a translated size"))
+            .collect()
+    })
+}
+
 /// UDP datagrams the namespace's stack has delivered to sockets (`Udp: InDatagrams`, both IP
 /// versions).
 pub fn udp_datagrams_delivered(ns: &Netns) -> u64 {

@@ -8,9 +8,9 @@ use std::{
 };
 
 use mirror_tests::{
-    COL_V4, Capture, Counts, Flow, FrameSender, Lab, NODE_SRC_MAC, Report, SENTINEL_RULE, SINK_V4,
-    SINK_V6, SRC_MAC, SRC_V4, SRC_V6, copied, is_sentinel, pin_to_first_cpu, select, udp_socket,
-    udp_v6_frame, wait_for,
+    Agent, COL_V4, Capture, Counts, Flow, FrameSender, Lab, NODE_SRC_MAC, Report, SENTINEL_RULE,
+    SINK_V4, SINK_V6, SRC_MAC, SRC_V4, SRC_V6, copied, is_sentinel, pin_to_first_cpu, select,
+    tcx_ingress_sizes, udp_socket, udp_v6_frame, wait_for,
 };
 
 /// Session `ctl` on src0 ingress with `controls` (session keys) and one rule mirroring UDP to
@@ -336,13 +336,7 @@ fn a_copy_that_cannot_be_cut_is_counted_once() {
     let lab = Lab::new("snapfail");
     let copies = Capture::open(&lab.mon, "eth0");
     let agent = lab.start_agent(&controlled(TO_MIR0, "snaplen = 96"));
-    let mut frame = udp_v6_frame(SRC_MAC, NODE_SRC_MAC, 5555, &[1; 100]);
-    let options: Vec<u8> = [17, 7, 1, 60].into_iter().chain([0; 60]).collect();
-    frame.splice(14 + 40..14 + 40, options);
-    frame[14 + 6] = 60;
-    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + 64;
-    frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
-    FrameSender::open(&lab.src, "eth0").send(&frame);
+    FrameSender::open(&lab.src, "eth0").send(&uncuttable_frame());
     let (frames, report) = copies_and_report(&lab, &copies, agent);
     assert!(frames.is_empty(), "{} copies", frames.len());
     assert_eq!(
@@ -356,6 +350,57 @@ fn a_copy_that_cannot_be_cut_is_counted_once() {
         report.0
     );
     assert_eq!(report.hook("copy", "copy_errors"), 1);
+}
+
+/// An IPv6 UDP frame whose 64-byte destination options put its UDP header at byte 118: a copy
+/// of it cannot be cut to a snaplen of 96.
+fn uncuttable_frame() -> Vec<u8> {
+    let mut frame = udp_v6_frame(SRC_MAC, NODE_SRC_MAC, 5555, &[1; 100]);
+    let options: Vec<u8> = [17, 7, 1, 60].into_iter().chain([0; 60]).collect();
+    frame.splice(14 + 40..14 + 40, options);
+    frame[14 + 6] = 60;
+    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + 64;
+    frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
+    frame
+}
+
+/// The programs' own log lines (`--kernel-log`): at `debug`, a copy that cannot be cut logs the
+/// failed copy (warn, by session) and the failed clone (debug, by session and rule) in the
+/// agent's log. At `off`, the default, the same event is only counted, and the verifier has
+/// removed the log calls: the loaded mirror program is smaller.
+#[test]
+fn kernel_log_lines_come_only_when_asked_for() {
+    let lab = Lab::new("kernlog");
+    let copies = Capture::open(&lab.mon, "eth0");
+    let config = controlled(TO_MIR0, "snaplen = 96");
+    let mut sizes = Vec::new();
+    for level in ["off", "debug"] {
+        let agent = Agent::start_logging(&lab.node, &config, &["--kernel-log", level]);
+        sizes.push(tcx_ingress_sizes(&lab.node, "src0"));
+        FrameSender::open(&lab.src, "eth0").send(&uncuttable_frame());
+        lab.send_sentinel();
+        copies.until_sentinel();
+        let expected = [
+            "WARN kernel: session 0: a copy could not be cut or encapsulated, and was dropped",
+            "DEBUG kernel: session 0 rule 0: the copy could not be cloned to its target",
+        ];
+        if level == "off" {
+            let log = agent.log();
+            assert!(!log.contains("kernel:"), "{log}");
+        } else {
+            wait_for("the kernel's log lines", || {
+                let log = agent.log();
+                expected.iter().all(|line| log.contains(line))
+            });
+        }
+        let report = agent.stop();
+        assert_eq!(report.hook("copy", "copy_errors"), 1, "{}", report.0);
+        assert_eq!(report.rule("ctl", "10").clone_errors, 1, "{}", report.0);
+    }
+    assert!(
+        sizes[0].len() == 1 && sizes[1].len() == 1 && sizes[0][0] < sizes[1][0],
+        "the program without logging is smaller: {sizes:?}"
+    );
 }
 
 /// A packet of the node's own whose mark merely looks like a copy's (the mark's upper half is

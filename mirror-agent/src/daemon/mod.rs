@@ -19,7 +19,7 @@ use self::pod_sessions::{plan_with_pods, pods_changed, selects_pods};
 use crate::{
     api,
     config::{ActionConfig, LoadedConfig, SessionConfig, TargetConfig},
-    datapath::Datapath,
+    datapath::{Datapath, KernelLog},
     emit::{Drain, Outputs},
     follow,
     follow::pods::{Placement, PodWatch},
@@ -52,6 +52,8 @@ pub struct Options {
     pub capture_on_stdout: bool,
     /// Stop once this many copies went through the ring (`run -c`).
     pub stop_after: Option<u64>,
+    /// The programs' log lines to read into the agent's log.
+    pub kernel_log: KernelLog,
 }
 
 impl Options {
@@ -342,6 +344,7 @@ async fn prepare(
         &targets.targets.entries(),
         generation,
         options.pin_dir.as_deref(),
+        options.kernel_log,
     )?;
     // The drain runs before anything is attached: no copy waits in a full ring.
     let drain = Some(Drain::start(

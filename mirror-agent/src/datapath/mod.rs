@@ -1,6 +1,7 @@
 //! The kernel side seen from userspace: loads the eBPF object, fills the lookup maps from a
 //! [`Plan`], attaches the TC programs and reads the counters. Everything it attached is detached
 //! when the [`Datapath`] is dropped, and a failure part-way drops what was done so far.
+mod kernel_log;
 mod live;
 mod pins;
 
@@ -28,6 +29,8 @@ use mirror_common::{
     TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel, VLAN_BITMAP_MAP, XDP_PROGRAM,
 };
 
+pub use self::kernel_log::KernelLog;
+use self::kernel_log::{KERNEL_LOG_GLOBAL, KernelLogReader};
 use crate::rules::{Interface, Plan};
 
 /// Where a program is attached.
@@ -73,6 +76,8 @@ pub enum DatapathError {
     },
     #[error("the object has no {0}")]
     Missing(&'static str),
+    #[error("reading the programs' log: {0}")]
+    KernelLog(Box<dyn std::error::Error + Send + Sync>),
     #[error("listing interfaces: {0}")]
     Interfaces(std::io::Error),
     #[error("pinning or adopting links in {path}: {message}")]
@@ -121,6 +126,8 @@ pub struct Datapath {
     later_bitmaps: std::collections::HashMap<Vec<usize>, u32>,
     /// The next free entry of `RULE_BITMAPS` (entries past the plan's are kept spare).
     next_bitmap: u32,
+    /// Reads the programs' log lines, when `--kernel-log` asks for them.
+    kernel_log: Option<KernelLogReader>,
 }
 
 /// A program attached to an interface. Dropping it detaches the program, unless it is pinned.
@@ -312,6 +319,7 @@ impl Datapath {
         tunnels: &[(u32, Tunnel)],
         generation: u64,
         pin_dir: Option<&Path>,
+        kernel_log: KernelLog,
     ) -> Result<Self, DatapathError> {
         let tables = &plan.tables;
         let generation_bit = if generation % 2 == 1 {
@@ -321,6 +329,7 @@ impl Datapath {
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(GENERATION_GLOBAL, &generation_bit, true)
+            .override_global(KERNEL_LOG_GLOBAL, &kernel_log.global(), true)
             .map_max_entries(
                 RULE_BITMAPS_MAP,
                 tables.bitmaps.len() as u32 + SPARE_BITMAPS,
@@ -366,6 +375,7 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_path_buf),
             later_bitmaps: std::collections::HashMap::new(),
             next_bitmap: tables.bitmaps.len() as u32,
+            kernel_log: None,
         };
         for name in [TC_COPY_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
             datapath
@@ -380,6 +390,9 @@ impl Datapath {
                 name: XDP_PROGRAM,
                 source,
             })?;
+        if kernel_log != KernelLog::Off {
+            datapath.kernel_log = Some(KernelLogReader::start(&mut datapath.ebpf)?);
+        }
         Ok(datapath)
     }
 

@@ -1,9 +1,21 @@
 //! The unsafe code of the agent, each piece behind a safe function: raw and packet sockets and
 //! their integer options ([`socket`]), the `bpf(2)` commands aya does not offer for pinned links
-//! ([`bpf`]), `malloc_trim`, `membarrier`, and reading a kernel record's header ([`read_pod`]).
+//! ([`bpf`]), `malloc_trim`, `membarrier`, registering a descriptor with tokio ([`readable`]), and reading
+//! a kernel record's header ([`read_pod`]).
 //! Everything else goes through `nix`, `rtnetlink` and `aya`.
 pub mod bpf;
 pub mod socket;
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use tokio::io::{Interest, unix::AsyncFd};
+
+/// `owner`'s descriptor registered with the tokio reactor for readiness to read.
+pub fn readable<T: AsFd + AsRawFd>(owner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: an `AsFd` owner keeps its descriptor open, and the same, while it lives (the
+    // `BorrowedFd` it lends is tied to it), and the `AsyncFd` owns it from here on.
+    unsafe { AsyncFd::register_with_interest(owner, Interest::READABLE) }.map_err(Into::into)
+}
 
 /// The `T` at the start of `bytes` (read unaligned, as ring records are), or `None` when
 /// `bytes` is shorter.
