@@ -182,6 +182,12 @@ struct RunArgs {
     /// entirely.
     #[arg(long, value_enum, default_value_t = KernelLog::Off, value_name = "LEVEL")]
     kernel_log: KernelLog,
+    /// Print the report at the stop as one JSON document instead of the table: `stats` (as `GET
+    /// /stats`, with the targets' transmit losses), `ring` (per session, copies sent on from the
+    /// ring and failed), `tunnels` (each tunnel's last hop or problem) and `pinned` (the pin
+    /// directory left mirroring, in pinned mode).
+    #[arg(long)]
+    json: bool,
 }
 
 /// The quick form: one session with one mirror rule built from these flags (default: skip).
@@ -450,6 +456,7 @@ fn main() -> anyhow::Result<()> {
                 kubeconfig: args.kubeconfig,
                 stop_after,
                 kernel_log: args.kernel_log,
+                json_report: args.json,
                 capture_on_stdout: plan.sessions.iter().any(|s| {
                     matches!(&s.target, rules::Target::File(f) if f.path.as_os_str() == config::STDOUT)
                 }),

@@ -88,7 +88,7 @@ impl Agent {
         command
             .args(["netns", "exec", &node.name])
             .arg(binary)
-            .args(["run", "--stats-interval", "0", "--config"])
+            .args(["run", "--json", "--stats-interval", "0", "--config"])
             .arg(path)
             .args(extra);
         if !config.contains("api_socket") {
@@ -258,86 +258,87 @@ impl Drop for KilledOnDrop {
     }
 }
 
-/// The counter table the agent prints on exit.
+/// The report the agent prints on exit (`run --json`: one JSON document).
 #[derive(Debug)]
 pub struct Report(pub String);
 
 impl Report {
+    /// The report's document.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.trim())
+            .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{}", self.0))
+    }
+
     /// The counters of a rule (`"default"` for the default rule, `"guard"` for the tunnel guard).
     pub fn rule(&self, session: &str, rule: &str) -> Counts {
-        self.row("rule", session, rule)
+        let session = self.session_json(session);
+        let found = session["rules"]
+            .as_array()
+            .and_then(|rules| rules.iter().find(|r| r["rule"] == rule))
+            .unwrap_or_else(|| panic!("no rule {rule} in {session}"));
+        packet_counts(&found["counters"])
     }
 
     /// Counters of a whole session.
     pub fn session(&self, session: &str) -> Counts {
-        self.row("session", session, "-")
+        packet_counts(&self.session_json(session)["counters"])
     }
 
-    fn row(&self, kind: &str, session: &str, rule: &str) -> Counts {
-        let line = self
-            .0
-            .lines()
-            .find(|l| {
-                let mut words = l.split_whitespace();
-                words.next() == Some(kind)
-                    && words.next() == Some(session)
-                    && words.next() == Some(rule)
-            })
-            .unwrap_or_else(|| panic!("no {kind} {session} {rule} in report:\n{}", self.0));
-        // The header line names the counters' columns.
-        let header = self
-            .0
-            .lines()
-            .find(|l| l.starts_with("counter "))
-            .unwrap_or_else(|| panic!("no counter header in report:\n{}", self.0));
-        // Packet counters only: the tests compare them exactly, bytes where they check bytes.
-        let mut counts = Counts::default();
-        for (name, value) in header
-            .split_whitespace()
-            .zip(line.split_whitespace())
-            .skip(3)
-            .filter(|(name, _)| {
-                !Counts::FIELDS
-                    .iter()
-                    .any(|f| f.name == *name && f.counts_bytes())
-            })
-        {
-            assert!(
-                counts.set(name, value.parse().expect("number")),
-                "unknown counter {name}"
-            );
-        }
-        counts
+    fn session_json(&self, session: &str) -> serde_json::Value {
+        self.entry(&["stats", "sessions"], "name", session)
     }
 
-    /// A hook line's `name=value` field.
+    /// A hook's counter (`ingress`, `egress`, `xdp`, `copy`).
     pub fn hook(&self, hook: &str, field: &str) -> u64 {
-        self.field("hook", hook, field)
+        let json = self.json();
+        json["stats"][hook][field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {field} of hook {hook} in {json}"))
     }
 
-    /// A ring line's `name=value` field (copies the agent sent on, or failed to, per session).
+    /// A session's ring figure: copies the agent sent on (`sent`), or failed to (`failed`).
     pub fn ring(&self, session: &str, field: &str) -> u64 {
-        self.field("ring", session, field)
+        number(&self.entry(&["ring"], "session", session), field)
     }
 
-    /// A target line's `name=value` field.
+    /// A target interface's transmit losses (`tx_dropped`, `tx_errors`).
     pub fn target(&self, target: &str, field: &str) -> u64 {
-        self.field("target", target, field)
+        number(
+            &self.entry(&["stats", "targets"], "interface", target),
+            field,
+        )
     }
 
-    fn field(&self, kind: &str, name: &str, field: &str) -> u64 {
-        let line = self
-            .0
-            .lines()
-            .find(|l| l.starts_with(kind) && l.split_whitespace().nth(1) == Some(name));
-        let line = line.unwrap_or_else(|| panic!("no {kind} {name} in report:\n{}", self.0));
-        line.split_whitespace()
-            .find_map(|w| {
-                w.strip_prefix(&format!("{field}="))
-                    .map(|v| v.parse().expect("number"))
-            })
-            .unwrap_or_else(|| panic!("no {field} in {line}"))
+    /// A tunnel session's last hop (`interface`, `next_hop_mac`) or `problem`.
+    pub fn tunnel(&self, session: &str) -> serde_json::Value {
+        self.entry(&["tunnels"], "session", session)
     }
+
+    /// The entry of the list at `path` whose `key` is `value`.
+    fn entry(&self, path: &[&str], key: &str, value: &str) -> serde_json::Value {
+        let json = self.json();
+        let list = path.iter().fold(&json, |node, step| &node[step]);
+        list.as_array()
+            .and_then(|entries| entries.iter().find(|e| e[key] == value))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key} {value} in {path:?} of {json}"))
+    }
+}
+
+fn number(entry: &serde_json::Value, field: &str) -> u64 {
+    entry[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {entry}"))
+}
+
+/// Packet counters only: the tests compare them exactly, and bytes where they check bytes.
+fn packet_counts(counters: &serde_json::Value) -> Counts {
+    let mut counts: Counts =
+        serde_json::from_value(counters.clone()).unwrap_or_else(|e| panic!("{e}: {counters}"));
+    for field in Counts::FIELDS.iter().filter(|f| f.counts_bytes()) {
+        counts.set(field.name, 0);
+    }
+    counts
 }
 
 /// The (interface, direction) pairs `status --json` of the agent at `socket` lists as attached.

@@ -424,7 +424,7 @@ fn the_quick_form_pipes_pcap_into_tshark_and_logs_to_stderr() {
     let mut agent = quick_form(
         &lab,
         dir.path(),
-        &["-w", "-", expression].map(std::ffi::OsStr::new),
+        &["--json", "-w", "-", expression].map(std::ffi::OsStr::new),
         Stdio::piped(),
     );
     let mut tshark = KilledOnDrop(
@@ -472,8 +472,13 @@ fn the_quick_form_pipes_pcap_into_tshark_and_logs_to_stderr() {
     reader.join().expect("stderr reader");
     log.extend(lines.try_iter());
     assert!(status.success(), "agent: {status}: {log:#?}");
-    // The final counters go to stderr too.
-    let report = mirror_tests::Report(log.join("\n"));
+    // The final counters go to stderr too, among the log lines.
+    let report = mirror_tests::Report(
+        log.iter()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no JSON report in {log:#?}"))
+            .clone(),
+    );
     assert_eq!(report.session("cli").mirrored, expected.len() as u64);
     let mut tshark_errors = String::new();
     std::io::Read::read_to_string(

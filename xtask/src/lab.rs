@@ -106,7 +106,10 @@ pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
     println!("\nthe VXLAN collector's summary:\n{}", summary.text);
     println!("its file, decoded by tshark:");
     print_decoded(&summary.file)?;
-    println!("\nagent stopped; its final counters:\n{}", agent.stop().0);
+    println!(
+        "\nagent stopped; its final counters (`run --json`):\n{}",
+        serde_json::to_string_pretty(&agent.stop().json())?
+    );
     // The XDP session's file, complete once the agent has stopped.
     let xdp_file = "/tmp/mirror-lab-xdp.pcapng";
     println!("the XDP session's file ({xdp_file}, what sink0 received), decoded by tshark:");

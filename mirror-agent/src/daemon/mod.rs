@@ -54,6 +54,8 @@ pub struct Options {
     pub stop_after: Option<u64>,
     /// The programs' log lines to read into the agent's log.
     pub kernel_log: KernelLog,
+    /// The stop's report as JSON rather than a table.
+    pub json_report: bool,
 }
 
 impl Options {
@@ -595,6 +597,17 @@ impl Daemon<'_> {
             .close_unused(None)
             .context("closing capture files");
         let losses = tunnel::tx_losses(interfaces).await;
+        if options.json_report {
+            let report = report::json_report(
+                &shared.applied(),
+                emitted.as_deref(),
+                losses,
+                options.pin_dir.as_deref(),
+            );
+            closed?;
+            options.say(&report?);
+            return Ok(());
+        }
         let report = report::report(&shared.applied(), emitted.as_deref(), &losses);
         closed?;
         if let Some(dir) = &options.pin_dir {

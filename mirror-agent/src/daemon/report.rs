@@ -1,5 +1,58 @@
-//! The report a stop prints: every counter, hook, ring, tunnel and target, as a table.
-use crate::{state::Applied, tunnel};
+//! The report a stop prints: every counter, hook, ring, tunnel and target, as a table or (with
+//! `run --json`) as one JSON document.
+use serde::Serialize;
+
+use crate::{
+    state::{Applied, Stats, TunnelView},
+    tunnel,
+};
+
+/// `run --json`'s report.
+#[derive(Debug, Serialize)]
+struct JsonReport {
+    /// The final counters, as `GET /stats` gives them (with the targets' losses).
+    stats: Stats,
+    /// Per session, the copies the agent sent on from the ring, and those it failed to.
+    ring: Vec<RingSent>,
+    tunnels: Vec<TunnelView>,
+    /// In pinned mode, the directory whose programs go on mirroring.
+    pinned: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct RingSent {
+    session: String,
+    sent: u64,
+    failed: u64,
+}
+
+/// The final counters as one line of JSON (see [`JsonReport`]).
+pub(super) fn json_report(
+    applied: &Applied,
+    emitted: Option<&[(u64, u64)]>,
+    losses: Vec<tunnel::TxLosses>,
+    pinned: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    let mut stats = applied.stats()?;
+    stats.targets = losses;
+    let ring = stats
+        .sessions
+        .iter()
+        .zip(emitted.unwrap_or_default())
+        .map(|(session, &(sent, failed))| RingSent {
+            session: session.name.clone(),
+            sent,
+            failed,
+        })
+        .collect();
+    let report = JsonReport {
+        stats,
+        ring,
+        tunnels: applied.tunnels(),
+        pinned: pinned.map(std::path::Path::to_path_buf),
+    };
+    Ok(serde_json::to_string(&report)? + "\n")
+}
 
 /// The final counters as a table: one line per rule, then one per session, per hook, per tunnel
 /// (the hop its copies took last) and per target interface and underlay (copies the kernel lost

@@ -2,7 +2,9 @@
 //! API reports of it, and the counters carried across reloads.
 use mirror_common::{Counters, Direction};
 
-use super::{Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, direction_name};
+use super::{
+    Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, TunnelView, direction_name,
+};
 use crate::{
     datapath::Datapath,
     rules::{self, Plan},
@@ -176,6 +178,24 @@ impl Applied {
             }
         }
         hooks
+    }
+
+    /// Where each tunnel session's copies leave now, or why they cannot.
+    pub fn tunnels(&self) -> Vec<TunnelView> {
+        self.targets
+            .report()
+            .into_iter()
+            .map(|(session, target, hop)| TunnelView {
+                session,
+                target,
+                interface: hop.as_ref().ok().map(|h| h.interface.clone()),
+                next_hop_mac: hop
+                    .as_ref()
+                    .ok()
+                    .map(|h| crate::tunnel::mac_text(h.next_hop_mac)),
+                problem: hop.err().map(|e| e.to_string()),
+            })
+            .collect()
     }
 
     /// Every counter, summed over CPUs, plus what earlier generations carried over.

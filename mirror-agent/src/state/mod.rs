@@ -172,21 +172,7 @@ impl Shared {
                 .collect(),
             pods: applied.pods.clone(),
             captures: self.watchers.views(),
-            tunnels: applied
-                .targets
-                .report()
-                .into_iter()
-                .map(|(session, target, hop)| TunnelView {
-                    session,
-                    target,
-                    interface: hop.as_ref().ok().map(|h| h.interface.clone()),
-                    next_hop_mac: hop
-                        .as_ref()
-                        .ok()
-                        .map(|h| crate::tunnel::mac_text(h.next_hop_mac)),
-                    problem: hop.err().map(|e| e.to_string()),
-                })
-                .collect(),
+            tunnels: applied.tunnels(),
         }
     }
 }
