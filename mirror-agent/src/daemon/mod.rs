@@ -524,13 +524,13 @@ impl Daemon<'_> {
         .await?;
         let replaced = {
             let mut applied = self.shared.applied();
-            let next = applied.succeed(
+            let next = applied.succeed(Applied::new(
                 prepared.datapath,
                 prepared.drain,
                 &prepared.plan,
                 prepared.follow,
                 prepared.targets,
-            );
+            ));
             std::mem::replace(&mut *applied, next)
         };
         // The old object (programs, maps) is freed outside the lock, once its drain has sent

@@ -85,7 +85,7 @@ impl PlanView {
 }
 
 impl Applied {
-    /// The first configuration.
+    /// A configuration applied afresh (see [`Applied::succeed`] for one that replaces another).
     pub fn new(
         datapath: Datapath,
         drain: Option<crate::emit::Drain>,
@@ -104,22 +104,15 @@ impl Applied {
         }
     }
 
-    /// The configuration that replaces `self`, whose datapath `datapath` has taken over: the
-    /// counters of `self` (final: its programs are detached) go on in the sessions that did not
-    /// change.
-    pub fn succeed(
-        &self,
-        datapath: Datapath,
-        drain: Option<crate::emit::Drain>,
-        plan: &Plan,
-        follow: Option<Follow>,
-        targets: crate::tunnel::Targets,
-    ) -> Self {
+    /// `next`, the configuration that replaces `self` (its datapath has taken over), with the
+    /// counters of `self` (final: its programs are detached) going on in the sessions that did not
+    /// change, and the pods `self` found.
+    pub fn succeed(&self, next: Applied) -> Self {
         let before = self.stats().unwrap_or_else(|e| {
             tracing::warn!("reading the replaced configuration's counters: {e:#}");
             Stats::default()
         });
-        let view = PlanView::of(plan);
+        let view = &next.view;
         let mut carried = Carried {
             sessions: vec![Counters::default(); view.sessions.len()],
             rules: vec![Counters::default(); view.rules.len()],
@@ -143,13 +136,9 @@ impl Applied {
             }
         }
         Applied {
-            datapath,
-            drain,
-            view,
             carried,
-            follow,
-            targets,
             pods: self.pods.clone(),
+            ..next
         }
     }
 
