@@ -700,10 +700,19 @@ fn copies_follow_the_next_hop_and_the_route() {
         "{}",
         report.0
     );
-    assert_eq!(session.clone_errors, 0, "{}", report.0);
+    // A copy cloned while the agent rewrites or removes its session's tunnel entry can find the
+    // entry gone at the underlay: it is dropped there and counted as a clone error (and a copy
+    // error). The traffic comes from one CPU, so at most one per change of the four changes.
+    assert!(session.clone_errors <= 4, "{}", report.0);
+    assert_eq!(
+        report.hook("copy", "copy_errors"),
+        session.clone_errors,
+        "{}",
+        report.0
+    );
     assert_eq!(
         session.matched,
-        session.mirrored + session.no_route,
+        session.mirrored + session.no_route + session.clone_errors,
         "{}",
         report.0
     );
