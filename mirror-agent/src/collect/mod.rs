@@ -346,6 +346,8 @@ fn receive(
     let mut counts = Counts::default();
     let mut drops: Vec<u32> = vec![0; sockets.len()];
     let mut buffer = vec![0u8; 65_536];
+    // Room for the timestamp's and the drop count's control messages, reused for each datagram.
+    let mut control = nix::cmsg_space!(TimeSpec, u32);
     let mut ticks = Ticks::default();
     while options.count.is_none_or(|n| counts.accepted < n) {
         let draining = stop.load(Ordering::Relaxed);
@@ -362,7 +364,7 @@ fn receive(
         }
         for index in ready {
             let (socket, kind) = &sockets[index];
-            let datagram = match receive_one(socket.as_raw_fd(), &mut buffer) {
+            let datagram = match receive_one(socket.as_raw_fd(), &mut buffer, &mut control) {
                 Ok(d) => d,
                 Err(e)
                     if matches!(
@@ -559,11 +561,9 @@ fn sender_of(from: &SockaddrStorage) -> Option<IpAddr> {
         .or_else(|| from.as_sockaddr_in6().map(|v6| v6.ip().to_canonical()))
 }
 
-fn receive_one(socket: RawFd, buffer: &mut [u8]) -> io::Result<Datagram> {
-    let mut control = nix::cmsg_space!(TimeSpec, u32);
+fn receive_one(socket: RawFd, buffer: &mut [u8], control: &mut [u8]) -> io::Result<Datagram> {
     let mut iov = [io::IoSliceMut::new(buffer)];
-    let message =
-        recvmsg::<SockaddrStorage>(socket, &mut iov, Some(&mut control), MsgFlags::empty())?;
+    let message = recvmsg::<SockaddrStorage>(socket, &mut iov, Some(control), MsgFlags::empty())?;
     let mut datagram = Datagram {
         len: message.bytes,
         sender: message.address.as_ref().and_then(sender_of),
