@@ -17,14 +17,13 @@ pub fn raw_socket(
     nonblocking: bool,
 ) -> io::Result<OwnedFd> {
     let flags = if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
+    socket(family, libc::SOCK_RAW | flags, protocol)
+}
+
+/// A new socket, close-on-exec.
+fn socket(family: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
-            protocol,
-        )
-    };
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -35,13 +34,7 @@ pub fn raw_socket(
 /// A packet socket bound to the interface `ifindex`: what is sent on it leaves by that interface
 /// as it is.
 pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let packet = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
     // SAFETY: an all-zero sockaddr_ll is valid; the fields set make it a bind to the interface.
     let mut address: libc::sockaddr_ll = unsafe { MaybeUninit::zeroed().assume_init() };
     address.sll_family = libc::AF_PACKET as u16;
@@ -49,7 +42,7 @@ pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     // SAFETY: `address` is a sockaddr_ll of the size given.
     let rc = unsafe {
         libc::bind(
-            fd,
+            packet.as_raw_fd(),
             (&raw const address).cast(),
             size_of::<libc::sockaddr_ll>() as libc::socklen_t,
         )
@@ -57,7 +50,7 @@ pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(socket)
+    Ok(packet)
 }
 
 /// Sets the integer socket option `level`/`name` to `value`.
