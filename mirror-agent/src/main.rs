@@ -17,6 +17,7 @@ mod rules;
 mod state;
 #[expect(unsafe_code, reason = "the agent's unsafe code is here, and only here")]
 mod sys;
+mod task;
 mod tunnel;
 mod watch;
 

@@ -9,6 +9,7 @@ use aya::Ebpf;
 use aya_log::EbpfLogger;
 
 use super::DatapathError;
+use crate::task::AbortOnDrop;
 
 /// The programs' log level, set at load (aya-log-ebpf's read-only global).
 pub const KERNEL_LOG_GLOBAL: &str = "AYA_LOG_LEVEL";
@@ -33,30 +34,18 @@ impl KernelLog {
     }
 }
 
-/// Reads the programs' log lines into the agent's log while it lives.
-#[derive(Debug)]
-pub struct KernelLogReader(tokio::task::JoinHandle<()>);
-
-impl Drop for KernelLogReader {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl KernelLogReader {
-    /// Starts reading the log lines of `ebpf`'s programs (loaded with a level other than off).
-    pub fn start(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        let logger = EbpfLogger::init_with_logger(ebpf, Forward)
-            .map_err(|e| DatapathError::KernelLog(e.into()))?;
-        let mut lines =
-            crate::sys::readable(logger).map_err(|e| DatapathError::KernelLog(e.into()))?;
-        Ok(Self(tokio::spawn(async move {
-            while let Ok(mut ready) = lines.readable_mut().await {
-                ready.get_inner_mut().flush();
-                ready.clear_ready();
-            }
-        })))
-    }
+/// Starts reading the log lines of `ebpf`'s programs (loaded with a level other than off) into
+/// the agent's log, until the returned task is dropped.
+pub fn start_reader(ebpf: &mut Ebpf) -> Result<AbortOnDrop, DatapathError> {
+    let logger = EbpfLogger::init_with_logger(ebpf, Forward)
+        .map_err(|e| DatapathError::KernelLog(e.into()))?;
+    let mut lines = crate::sys::readable(logger).map_err(|e| DatapathError::KernelLog(e.into()))?;
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        while let Ok(mut ready) = lines.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    })))
 }
 
 /// Hands aya-log's records to `tracing`, under the target `kernel`.

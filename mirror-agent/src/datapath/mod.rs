@@ -29,8 +29,8 @@ use mirror_common::{
     TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel, VLAN_BITMAP_MAP, XDP_PROGRAM,
 };
 
+use self::kernel_log::KERNEL_LOG_GLOBAL;
 pub use self::kernel_log::KernelLog;
-use self::kernel_log::{KERNEL_LOG_GLOBAL, KernelLogReader};
 use crate::rules::{Interface, Plan};
 
 /// Where a program is attached.
@@ -127,7 +127,7 @@ pub struct Datapath {
     /// The next free entry of `RULE_BITMAPS` (entries past the plan's are kept spare).
     next_bitmap: u32,
     /// Reads the programs' log lines, when `--kernel-log` asks for them.
-    kernel_log: Option<KernelLogReader>,
+    kernel_log: Option<crate::task::AbortOnDrop>,
 }
 
 /// A program attached to an interface. Dropping it detaches the program, unless it is pinned.
@@ -391,7 +391,7 @@ impl Datapath {
                 source,
             })?;
         if kernel_log != KernelLog::Off {
-            datapath.kernel_log = Some(KernelLogReader::start(&mut datapath.ebpf)?);
+            datapath.kernel_log = Some(kernel_log::start_reader(&mut datapath.ebpf)?);
         }
         Ok(datapath)
     }

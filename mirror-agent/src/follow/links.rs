@@ -17,10 +17,10 @@ use rtnetlink::{
 };
 use tokio::sync::watch;
 
-use super::AbortOnDrop;
 use crate::{
     rules::Interface,
     state::{Applied, Shared},
+    task::AbortOnDrop,
 };
 
 /// The kernel's link events, from the moment this is made.

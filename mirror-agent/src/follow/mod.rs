@@ -4,12 +4,3 @@
 pub mod links;
 pub mod pods;
 pub mod routes;
-
-/// A task ended when this is dropped.
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}

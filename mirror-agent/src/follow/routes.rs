@@ -12,9 +12,9 @@ use futures_util::StreamExt as _;
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::watch;
 
-use super::AbortOnDrop;
 use crate::{
     state::{Applied, Shared},
+    task::AbortOnDrop,
     tunnel::{
         self,
         path::{NoHop, kick, resolve},
