@@ -154,7 +154,7 @@ impl Counters {
 counters! {
     /// Per-CPU counters of a hook (ingress, egress, XDP or the copy program), across interfaces.
     pub struct HookCounters {
-        /// Packets the program ran on (the copy program: copies).
+        /// Packets classified at the interfaces sessions watch (the copy program: copies).
         packets => "hook_packets",
         /// Packets whose headers were truncated or malformed; the fields the parser did not reach
         /// matched any rule, and the packet always passed on unchanged.

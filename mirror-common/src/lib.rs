@@ -85,18 +85,24 @@ pub const RULE_BITMAPS_MAP: &str = "RULE_BITMAPS";
 pub const FIELD_WILDCARD_MAP: &str = "FIELD_WILDCARD";
 /// A [`FIELD_WILDCARD`](FIELD_WILDCARD_MAP) entry: no rule constrains this field.
 pub const UNCONSTRAINED: u32 = u32::MAX;
-/// `ATTACHMENT_DIRECT`: `Array<u32>` of [`DIRECT_IFINDEXES`] × 4, by [`AttachmentKey::direct_index`]:
-/// the bitmap index of the rules whose sessions watch this interface in this direction, plus one;
-/// 0 when no session does. Every packet at a hook starts with this lookup, and an array's is
-/// inlined by the verifier where a hash's is a call. Interfaces of larger indices (a node that
-/// created many interfaces since boot) are in [`ATTACHMENT_BITMAP_MAP`].
+/// `ATTACHMENT_DIRECT`: `Array<AttachmentEntry>` of [`DIRECT_IFINDEXES`] × 4, by
+/// [`AttachmentKey::direct_index`]: what the programs classify a packet at this interface and
+/// direction against, and where they count it (see [`AttachmentEntry`]). Every packet at a hook
+/// starts with this lookup, and an array's is inlined by the verifier where a hash's is a call.
+/// Interfaces of larger indices (a node that created many interfaces since boot) are in
+/// [`ATTACHMENT_BITMAP_MAP`].
 pub const ATTACHMENT_DIRECT_MAP: &str = "ATTACHMENT_DIRECT";
 /// Interface indices below this are in [`ATTACHMENT_DIRECT_MAP`].
 pub const DIRECT_IFINDEXES: u32 = 16_384;
-/// `ATTACHMENT_BITMAP`: `HashMap<AttachmentKey, u32>`, as [`ATTACHMENT_DIRECT_MAP`] (without the
-/// plus one) for the interfaces whose index is [`DIRECT_IFINDEXES`] or more. A miss means no
-/// session applies.
+/// `ATTACHMENT_BITMAP`: `HashMap<AttachmentKey, AttachmentEntry>`, as [`ATTACHMENT_DIRECT_MAP`] for
+/// the interfaces whose index is [`DIRECT_IFINDEXES`] or more. A miss means no session applies.
 pub const ATTACHMENT_BITMAP_MAP: &str = "ATTACHMENT_BITMAP";
+/// `WATCH_TRAFFIC`: `PerCpuArray<Traffic>` of [`MAX_ATTACHMENTS`], by [`AttachmentEntry::group`]:
+/// the packets classified at the attachments that the same sessions watch in the same direction.
+/// A session's default rule that skips is in no attachment's bitmap, so that a packet no rule
+/// matches leaves the classifier early; the agent counts it instead, as this traffic less what
+/// the session's other rules decided.
+pub const WATCH_TRAFFIC_MAP: &str = "WATCH_TRAFFIC";
 /// The direct arrays below (ethertype, VLAN, IP protocol, ports) hold a bitmap index plus one, and
 /// zero for a value no rule names, which stands for the field's [`FIELD_WILDCARD`](FIELD_WILDCARD_MAP) bitmap: the
 /// agent then writes only the values rules name, not all 65,536 entries.
@@ -218,6 +224,33 @@ impl AttachmentKey {
     #[inline]
     pub fn direct_index(&self) -> Option<u32> {
         (self.ifindex < DIRECT_IFINDEXES).then_some(self.ifindex * 4 + (self.direction & 3))
+    }
+}
+
+/// Value of `ATTACHMENT_DIRECT` and `ATTACHMENT_BITMAP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachmentEntry {
+    /// The `RULE_BITMAPS` index of the rules of the sessions watching the attachment, plus one;
+    /// zero (an entry never written) when no session does.
+    pub bitmap: u32,
+    /// The `WATCH_TRAFFIC` entry its packets count into: one per set of sessions and direction.
+    pub group: u32,
+}
+
+/// Per-CPU value of `WATCH_TRAFFIC`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    /// From the Ethernet header on, as a rule's `matched_bytes`.
+    pub bytes: u64,
+}
+
+impl core::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
     }
 }
 
@@ -447,6 +480,8 @@ mod pod {
 
     pod!(
         AttachmentKey,
+        AttachmentEntry,
+        Traffic,
         RuleBitmap,
         RuleMeta,
         SessionMeta,

@@ -89,16 +89,16 @@ const PENDING: u32 = UNCONSTRAINED - 1;
 #[map]
 static WALK_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
-/// The bitmap of the rules of the sessions watching `attachment`; none when no session does.
+/// The sessions watching `attachment`: the bitmap of their rules and the group its packets count
+/// in; none when no session does.
 #[inline(always)]
-pub fn attachment_rules(attachment: &AttachmentKey) -> Option<u32> {
-    match attachment.direct_index() {
-        Some(index) => ATTACHMENT_DIRECT
-            .get(index)
-            .and_then(|&stored| stored.checked_sub(1)),
+pub fn watched(attachment: &AttachmentKey) -> Option<(u32, u32)> {
+    let entry = match attachment.direct_index() {
+        Some(index) => ATTACHMENT_DIRECT.get(index),
         // SAFETY: a hash lookup returns a pointer to the value or None.
-        None => unsafe { ATTACHMENT_BITMAP.get(attachment) }.copied(),
-    }
+        None => unsafe { ATTACHMENT_BITMAP.get(attachment) },
+    }?;
+    Some((entry.bitmap.checked_sub(1)?, entry.group))
 }
 
 /// Finds, for each session whose rules are `attachment_rules`, the first rule that matches the

@@ -1,7 +1,7 @@
 //! Per-CPU counters: plain increments are safe because each CPU owns its slot.
 use mirror_common::{Counters, Direction, HookCounters};
 
-use crate::maps::{HOOK_COUNTERS, RULE_COUNTERS, SESSION_COUNTERS};
+use crate::maps::{HOOK_COUNTERS, RULE_COUNTERS, SESSION_COUNTERS, WATCH_TRAFFIC};
 
 /// Changes a rule's and its session's counters alike.
 #[inline(always)]
@@ -63,5 +63,16 @@ pub fn hook_at(index: u32, field: impl Fn(&mut HookCounters) -> &mut u64) {
     if let Some(counters) = HOOK_COUNTERS.get_ptr_mut(index) {
         // SAFETY: as above.
         *field(unsafe { &mut *counters }) += 1;
+    }
+}
+
+/// Counts a packet of `len` bytes classified at an attachment of `group`.
+#[inline(always)]
+pub fn watched(group: u32, len: u32) {
+    if let Some(traffic) = WATCH_TRAFFIC.get_ptr_mut(group) {
+        // SAFETY: as above.
+        let traffic = unsafe { &mut *traffic };
+        traffic.packets += 1;
+        traffic.bytes += u64::from(len);
     }
 }

@@ -86,7 +86,6 @@ mod programs {
 
     #[inline(always)]
     fn mirror<P: act::Sender>(ctx: &P, direction: Direction) {
-        count::hook(direction, |c| &mut c.packets);
         if try_mirror(ctx, direction).is_err() {
             count::hook(direction, |c| &mut c.table_errors);
             warn!(
@@ -104,13 +103,14 @@ mod programs {
         direction: Direction,
     ) -> Result<(), classify::TableError> {
         // A hook no session watches (any more) parses nothing.
-        let Some(rules) = classify::attachment_rules(&AttachmentKey {
+        let Some((rules, group)) = classify::watched(&AttachmentKey {
             ifindex: ctx.ifindex(),
             direction: direction as u32,
         }) else {
             return Ok(());
         };
         let headers = parse::parse(ctx);
+        count::watched(group, headers.frame_len);
         if headers.malformed {
             count::hook(direction, |c| &mut c.malformed);
         }

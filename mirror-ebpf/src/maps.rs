@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use mirror_common::{
-    AttachmentKey, Counters, DIRECT_IFINDEXES, FIELD_COUNT, HOOK_COUNT, HookCounters,
-    MAX_ATTACHMENTS, MAX_FIELD_VALUES, MAX_RULES, MAX_SESSIONS, RateLimit, RateState, RuleBitmap,
-    RuleMeta, SessionMeta, Tunnel,
+    AttachmentEntry, AttachmentKey, Counters, DIRECT_IFINDEXES, FIELD_COUNT, HOOK_COUNT,
+    HookCounters, MAX_ATTACHMENTS, MAX_FIELD_VALUES, MAX_RULES, MAX_SESSIONS, RateLimit, RateState,
+    RuleBitmap, RuleMeta, SessionMeta, Traffic, Tunnel,
 };
 
 /// Every distinct rule bitmap; the lookup maps below hold indices into it. Sized by the agent.
@@ -19,16 +19,21 @@ pub static RULE_BITMAPS: Array<RuleBitmap> = Array::with_max_entries(1, 0);
 #[map]
 pub static FIELD_WILDCARD: Array<u32> = Array::with_max_entries(FIELD_COUNT as u32, 0);
 
-/// (interface, direction) → bitmap of the rules of the sessions watching it, plus one, for
+/// (interface, direction) → the rules of the sessions watching it and its traffic counter, for
 /// interface indices below `DIRECT_IFINDEXES` (see `mirror_common::ATTACHMENT_DIRECT_MAP`).
 #[map]
-pub static ATTACHMENT_DIRECT: Array<u32> = Array::with_max_entries(DIRECT_IFINDEXES * 4, 0);
+pub static ATTACHMENT_DIRECT: Array<AttachmentEntry> =
+    Array::with_max_entries(DIRECT_IFINDEXES * 4, 0);
 
-/// (interface, direction) → bitmap of the rules of the sessions watching it, for the larger
-/// interface indices.
+/// As `ATTACHMENT_DIRECT`, for the larger interface indices.
 #[map]
-pub static ATTACHMENT_BITMAP: HashMap<AttachmentKey, u32> =
+pub static ATTACHMENT_BITMAP: HashMap<AttachmentKey, AttachmentEntry> =
     HashMap::with_max_entries(MAX_ATTACHMENTS, 0);
+
+/// Per-CPU packets and bytes classified, by attachment group (see
+/// `mirror_common::WATCH_TRAFFIC_MAP`).
+#[map]
+pub static WATCH_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_ATTACHMENTS, 0);
 
 /// Innermost ethertype → bitmap (a direct array).
 #[map]

@@ -18,10 +18,10 @@ impl Datapath {
         interface: &str,
         ifindex: u32,
         direction: Direction,
-        sessions: Vec<usize>,
+        sessions: &[usize],
         bitmap: impl FnOnce() -> mirror_common::RuleBitmap,
     ) -> Result<(), DatapathError> {
-        let index = if let Some(index) = self.later_bitmaps.get(&sessions) {
+        let index = if let Some(index) = self.later_bitmaps.get(sessions) {
             *index
         } else {
             let index = self.next_bitmap;
@@ -34,14 +34,10 @@ impl Datapath {
                 .set(index, bitmap(), 0)
                 .map_err(map_err(RULE_BITMAPS_MAP))?;
             self.next_bitmap += 1;
-            self.later_bitmaps.insert(sessions, index);
+            self.later_bitmaps.insert(sessions.to_vec(), index);
             index
         };
-        let key = AttachmentKey {
-            ifindex,
-            direction: direction as u32,
-        };
-        set_attachment(&mut self.ebpf, key, Some(index))?;
+        self.watch_with(ifindex, direction, index, sessions)?;
         // Attached already (by the plan or earlier): the new entry is all that changes.
         if self
             .links

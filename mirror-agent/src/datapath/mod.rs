@@ -20,13 +20,14 @@ use aya::{
 };
 use ipnet::IpNet;
 use mirror_common::{
-    ATTACHMENT_BITMAP_MAP, ATTACHMENT_DIRECT_MAP, AttachmentKey, COPY_GENERATION_BIT,
-    COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP, DST_V6_BITMAP_MAP, Direction,
-    ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field, GENERATION_GLOBAL, HOOK_COUNT,
-    HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP,
-    RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP,
-    SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM,
-    TC_INGRESS_PROGRAM, TUNNELS_MAP, Tunnel, VLAN_BITMAP_MAP, XDP_PROGRAM,
+    ATTACHMENT_BITMAP_MAP, ATTACHMENT_DIRECT_MAP, AttachmentEntry, AttachmentKey,
+    COPY_GENERATION_BIT, COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP,
+    DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field,
+    GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP,
+    MAX_ATTACHMENTS, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP,
+    SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP,
+    SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TUNNELS_MAP, Traffic,
+    Tunnel, VLAN_BITMAP_MAP, WATCH_TRAFFIC_MAP, XDP_PROGRAM,
 };
 
 use self::kernel_log::KERNEL_LOG_GLOBAL;
@@ -82,6 +83,10 @@ pub enum DatapathError {
     Interfaces(std::io::Error),
     #[error("pinning or adopting links in {path}: {message}")]
     Pin { path: PathBuf, message: String },
+    #[error(
+        "more than {MAX_ATTACHMENTS} distinct sets of sessions watch interfaces in one direction"
+    )]
+    WatchGroups,
 }
 
 impl DatapathError {
@@ -126,8 +131,18 @@ pub struct Datapath {
     later_bitmaps: std::collections::HashMap<Vec<usize>, u32>,
     /// The next free entry of `RULE_BITMAPS` (entries past the plan's are kept spare).
     next_bitmap: u32,
+    /// The `WATCH_TRAFFIC` entry of each set of sessions and direction, by entry.
+    watch_groups: Vec<WatchGroup>,
     /// Reads the programs' log lines, when `--kernel-log` asks for them.
     kernel_log: Option<crate::task::AbortOnDrop>,
+}
+
+/// The sessions that watch some attachments in one direction: their packets count in one
+/// `WATCH_TRAFFIC` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchGroup {
+    pub sessions: Vec<usize>,
+    pub direction: Direction,
 }
 
 /// A program attached to an interface. Dropping it detaches the program, unless it is pinned.
@@ -261,24 +276,25 @@ fn fill_hash<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// Writes (`Some` bitmap index) or removes (`None`) the attachment entry of `key`, in
-/// `ATTACHMENT_DIRECT` or, for a large interface index, `ATTACHMENT_BITMAP`.
+/// Writes (`Some` entry) or removes (`None`) the attachment entry of `key`, in `ATTACHMENT_DIRECT`
+/// or, for a large interface index, `ATTACHMENT_BITMAP`.
 fn set_attachment(
     ebpf: &mut Ebpf,
     key: AttachmentKey,
-    bitmap: Option<u32>,
+    entry: Option<AttachmentEntry>,
 ) -> Result<(), DatapathError> {
     if let Some(slot) = key.direct_index() {
-        let mut array = Array::<_, u32>::try_from(map(ebpf, ATTACHMENT_DIRECT_MAP)?)
+        let mut array = Array::<_, AttachmentEntry>::try_from(map(ebpf, ATTACHMENT_DIRECT_MAP)?)
             .map_err(map_err(ATTACHMENT_DIRECT_MAP))?;
         return array
-            .set(slot, bitmap.map_or(0, |index| index + 1), 0)
+            .set(slot, entry.unwrap_or_default(), 0)
             .map_err(map_err(ATTACHMENT_DIRECT_MAP));
     }
-    let mut hash = HashMap::<_, AttachmentKey, u32>::try_from(map(ebpf, ATTACHMENT_BITMAP_MAP)?)
-        .map_err(map_err(ATTACHMENT_BITMAP_MAP))?;
-    match bitmap {
-        Some(index) => hash.insert(key, index, 0),
+    let mut hash =
+        HashMap::<_, AttachmentKey, AttachmentEntry>::try_from(map(ebpf, ATTACHMENT_BITMAP_MAP)?)
+            .map_err(map_err(ATTACHMENT_BITMAP_MAP))?;
+    match entry {
+        Some(entry) => hash.insert(key, entry, 0),
         // Absent already is what removing wants.
         None => hash.remove(&key).or(Ok(())),
     }
@@ -364,10 +380,6 @@ impl Datapath {
             DST_V6_BITMAP_MAP,
             &tables.dst_ip,
         )?;
-        // Attachments last: the programs see no session until every other table is complete.
-        for (key, index) in &tables.attachments {
-            set_attachment(&mut ebpf, *key, Some(*index))?;
-        }
         let mut datapath = Datapath {
             ebpf,
             generation,
@@ -375,8 +387,18 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_path_buf),
             later_bitmaps: std::collections::HashMap::new(),
             next_bitmap: tables.bitmaps.len() as u32,
+            watch_groups: Vec::new(),
             kernel_log: None,
         };
+        // Attachments last: the programs see no session until every other table is complete.
+        for attachment in &tables.attachments {
+            datapath.watch_with(
+                attachment.ifindex,
+                attachment.direction,
+                attachment.bitmap,
+                &attachment.sessions,
+            )?;
+        }
         for name in [TC_COPY_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
             datapath
                 .program(name)?
@@ -660,6 +682,44 @@ impl Datapath {
     /// Per-hook counters: ingress, egress, XDP, copy program.
     pub fn hook_counters(&self) -> Result<Vec<HookCounters>, DatapathError> {
         self.summed(HOOK_COUNTERS_MAP, HOOK_COUNT as usize)
+    }
+
+    /// The packets classified at the attachments of each watch group.
+    pub fn watch_traffic(&self) -> Result<Vec<(&WatchGroup, Traffic)>, DatapathError> {
+        let traffic: Vec<Traffic> = self.summed(WATCH_TRAFFIC_MAP, self.watch_groups.len())?;
+        Ok(self.watch_groups.iter().zip(traffic).collect())
+    }
+
+    /// Makes `sessions` watch `ifindex` in `direction`: its packets are classified against bitmap
+    /// `bitmap` and counted in the traffic of their watch group.
+    fn watch_with(
+        &mut self,
+        ifindex: u32,
+        direction: Direction,
+        bitmap: u32,
+        sessions: &[usize],
+    ) -> Result<(), DatapathError> {
+        let key = AttachmentKey {
+            ifindex,
+            direction: direction as u32,
+        };
+        let group = WatchGroup {
+            sessions: sessions.to_vec(),
+            direction,
+        };
+        let index = match self.watch_groups.iter().position(|g| *g == group) {
+            Some(index) => index,
+            None if self.watch_groups.len() < MAX_ATTACHMENTS as usize => {
+                self.watch_groups.push(group);
+                self.watch_groups.len() - 1
+            }
+            None => return Err(DatapathError::WatchGroups),
+        };
+        let entry = AttachmentEntry {
+            bitmap: bitmap + 1,
+            group: index as u32,
+        };
+        set_attachment(&mut self.ebpf, key, Some(entry))
     }
 }
 

@@ -6,16 +6,21 @@ use std::{
 
 use ipnet::IpNet;
 use mirror_common::{
-    AttachmentKey, BITMAP_WORDS, FIELD_COUNT, Field, RuleBitmap, RuleMeta, SUMMARY_WORDS,
-    UNCONSTRAINED,
+    BITMAP_WORDS, Direction, FIELD_COUNT, Field, RuleBitmap, RuleMeta, SUMMARY_WORDS, UNCONSTRAINED,
 };
 
-use super::{Rule, Session, Tables, action_abi};
+use super::{AttachmentTable, Rule, Session, Tables, action_abi};
 
-/// The bitmap of every rule of `sessions`: what an interface these sessions watch is classified
-/// against.
+/// The bitmap of the rules of `sessions` the kernel decides: what an interface these sessions
+/// watch is classified against.
 pub fn sessions_bitmap(rules: &[Rule], sessions: &[usize]) -> RuleBitmap {
-    Bits::of(rules, |r| sessions.contains(&r.session)).to_abi()
+    sessions_bits(rules, sessions).to_abi()
+}
+
+fn sessions_bits(rules: &[Rule], sessions: &[usize]) -> Bits {
+    Bits::of(rules, |r| {
+        sessions.contains(&r.session) && !r.counted_by_agent()
+    })
 }
 
 /// A set of rules by global index.
@@ -38,11 +43,6 @@ impl Bits {
     }
     fn clear(&mut self, i: usize) {
         self.0[i / 64] &= !(1 << (i % 64));
-    }
-    fn or(&mut self, other: &Bits) {
-        for (a, b) in self.0.iter_mut().zip(&other.0) {
-            *a |= b;
-        }
     }
     fn to_abi(&self) -> RuleBitmap {
         let mut bitmap = RuleBitmap {
@@ -80,30 +80,26 @@ impl Interner {
 
 pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
     let mut interner = Interner::default();
-    let mut attachments = Vec::new();
+    // By (interface index, direction), the sessions watching it, in order.
+    let mut watching: HashMap<(u32, Direction), Vec<usize>> = HashMap::new();
     for (s, session) in sessions.iter().enumerate() {
         for (interface, direction) in &session.attachments {
-            let key = AttachmentKey {
-                ifindex: interface.ifindex,
-                direction: *direction as u32,
-            };
-            attachments.push((key, s));
+            watching
+                .entry((interface.ifindex, *direction))
+                .or_default()
+                .push(s);
         }
     }
-    let mut attachment_bits: HashMap<(u32, u32), Bits> = HashMap::new();
-    for (key, s) in &attachments {
-        let entry = attachment_bits
-            .entry((key.ifindex, key.direction))
-            .or_insert_with(|| Bits::empty(rules.len()));
-        entry.or(&Bits::of(rules, |r| r.session == *s));
-    }
-    let mut attachment_entries: Vec<_> = attachment_bits
+    let mut attachment_entries: Vec<_> = watching
         .into_iter()
-        .map(|((ifindex, direction), bits)| {
-            (AttachmentKey { ifindex, direction }, interner.intern(&bits))
+        .map(|((ifindex, direction), sessions)| AttachmentTable {
+            ifindex,
+            direction,
+            bitmap: interner.intern(&sessions_bits(rules, &sessions)),
+            sessions,
         })
         .collect();
-    attachment_entries.sort_by_key(|(k, _)| (k.ifindex, k.direction));
+    attachment_entries.sort_by_key(|a| (a.ifindex, a.direction as u32));
 
     let (ethertype_wild, ethertype) = direct(&mut interner, rules, 65_536, |r| {
         r.fields.ethertype.map(usize::from)

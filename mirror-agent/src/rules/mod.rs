@@ -18,9 +18,7 @@ mod tests;
 mod validate;
 
 use ipnet::IpNet;
-use mirror_common::{
-    Action, AttachmentKey, Direction, FIELD_COUNT, RateLimit, RuleBitmap, RuleMeta,
-};
+use mirror_common::{Action, Direction, FIELD_COUNT, RateLimit, RuleBitmap, RuleMeta};
 
 pub use self::{
     compile::sessions_bitmap,
@@ -47,6 +45,15 @@ pub struct Rule {
     pub kind: RuleKind,
     pub action: ActionConfig,
     pub fields: Fields,
+}
+
+impl Rule {
+    /// A session's default rule that skips: in no attachment's bitmap, so that a packet no other
+    /// rule matches leaves the classifier without a walk or a counter write. The agent counts its
+    /// packets instead, from the attachments' traffic (see `mirror_common::WATCH_TRAFFIC_MAP`).
+    pub fn counted_by_agent(&self) -> bool {
+        self.kind == RuleKind::Default && self.action == ActionConfig::Skip
+    }
 }
 
 /// Where a rule comes from.
@@ -159,13 +166,23 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// An attachment's entry: the bitmap of the rules of the sessions watching it (by index), and
+/// those sessions.
+#[derive(Debug)]
+pub struct AttachmentTable {
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub bitmap: u32,
+    pub sessions: Vec<usize>,
+}
+
 /// The contents of the kernel's lookup maps. A field no rule constrains has an empty table and
 /// [`UNCONSTRAINED`] as its wildcard.
 #[derive(Debug, Default)]
 pub struct Tables {
     pub bitmaps: Vec<RuleBitmap>,
     pub wildcard: [u32; FIELD_COUNT],
-    pub attachments: Vec<(AttachmentKey, u32)>,
+    pub attachments: Vec<AttachmentTable>,
     /// Direct arrays by value; empty when no rule constrains the field.
     pub ethertype: Vec<u32>,
     pub vlan: Vec<u32>,

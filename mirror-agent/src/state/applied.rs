@@ -1,6 +1,6 @@
 //! One applied configuration: its datapath, ring drain, followers' state and targets, what the
 //! API reports of it, and the counters carried across reloads.
-use mirror_common::{Counters, Direction};
+use mirror_common::{Counters, Direction, Traffic};
 
 use super::{
     Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, TunnelView, direction_name,
@@ -27,6 +27,10 @@ pub struct Applied {
     pub targets: crate::tunnel::Targets,
     /// The pods pod-selector sessions select now, and where they were found.
     pub pods: Vec<SelectedPod>,
+    /// By session, the counters of its default rule last reported where the agent counts them:
+    /// derived from counters read one after the other under traffic, they are never reported
+    /// lower than before, so that they only grow as counters do.
+    counted_defaults: std::sync::Mutex<Vec<Counters>>,
 }
 
 /// Counters carried over from earlier generations, added to the live ones.
@@ -48,12 +52,16 @@ pub(crate) struct PlanView {
     /// Per session: what it is made of; equal fingerprints across a reload mean an unchanged
     /// session, whose counters go on.
     fingerprints: Vec<String>,
+    /// Per session, the row of its default rule when the agent counts it (see
+    /// [`rules::Rule::counted_by_agent`]).
+    counted_defaults: Vec<Option<usize>>,
 }
 
 impl PlanView {
     fn of(plan: &Plan) -> Self {
         let mut rules: Vec<(usize, String)> = Vec::new();
         let mut kernel_rules = Vec::with_capacity(plan.rules.len());
+        let mut counted_defaults = vec![None; plan.sessions.len()];
         for rule in &plan.rules {
             let row = (rule.session, rule.kind.to_string());
             // The kernel rules of one configured rule are next to each other.
@@ -61,6 +69,9 @@ impl PlanView {
                 rules.push(row);
             }
             kernel_rules.push(rules.len() - 1);
+            if rule.counted_by_agent() {
+                counted_defaults[rule.session] = Some(rules.len() - 1);
+            }
         }
         PlanView {
             sessions: plan
@@ -80,6 +91,7 @@ impl PlanView {
             rules,
             kernel_rules,
             fingerprints: rules::fingerprints(plan),
+            counted_defaults,
         }
     }
 }
@@ -101,6 +113,7 @@ impl Applied {
             follow,
             targets,
             pods: Vec::new(),
+            counted_defaults: std::sync::Mutex::default(),
         }
     }
 
@@ -189,13 +202,28 @@ impl Applied {
 
     /// Every counter, summed over CPUs, plus what earlier generations carried over.
     pub fn stats(&self) -> anyhow::Result<Stats> {
-        let sessions = self.datapath.session_counters(self.view.sessions.len())?;
+        // The traffic first: a packet counted after it is read can only be missing from the
+        // default rules' share, never counted there and again by the rule that decides it.
+        let traffic = self.datapath.watch_traffic()?;
+        let mut sessions = self.datapath.session_counters(self.view.sessions.len())?;
         let mut rules = vec![Counters::default(); self.view.rules.len()];
         let kernel = self.datapath.rule_counters(self.view.kernel_rules.len())?;
         for (counters, &row) in kernel.iter().zip(&self.view.kernel_rules) {
             rules[row] += *counters;
         }
-        let hooks = self.datapath.hook_counters()?;
+        let mut hooks = self.datapath.hook_counters()?;
+        let mut seen = vec![Traffic::default(); sessions.len()];
+        for (group, traffic) in traffic {
+            for &session in &group.sessions {
+                if let Some(seen) = seen.get_mut(session) {
+                    *seen += traffic;
+                }
+            }
+            if let Some(hook) = hooks.get_mut(group.direction as usize) {
+                hook.packets += traffic.packets;
+            }
+        }
+        self.count_defaults(&seen, &mut sessions, &mut rules);
         let hook = |i: usize| hooks.get(i).copied().unwrap_or_default();
         let carried = |list: &[Counters], i: usize| list.get(i).copied().unwrap_or_default();
         Ok(Stats {
@@ -229,5 +257,30 @@ impl Applied {
             copy: hook(mirror_common::COPY_HOOK as usize),
             targets: Vec::new(),
         })
+    }
+
+    /// The default rules the agent counts: what their sessions saw that the kernel's rules did not
+    /// decide, added to the rule's and the session's counters.
+    fn count_defaults(&self, seen: &[Traffic], sessions: &mut [Counters], rules: &mut [Counters]) {
+        let mut reported = self
+            .counted_defaults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        reported.resize(sessions.len(), Counters::default());
+        for (session, row) in self.view.counted_defaults.iter().enumerate() {
+            let (Some(row), Some(seen)) = (row, seen.get(session)) else {
+                continue;
+            };
+            let decided = sessions[session];
+            let last = &mut reported[session];
+            last.matched = last
+                .matched
+                .max(seen.packets.saturating_sub(decided.matched));
+            last.matched_bytes = last
+                .matched_bytes
+                .max(seen.bytes.saturating_sub(decided.matched_bytes));
+            rules[*row] += *last;
+            sessions[session] += *last;
+        }
     }
 }

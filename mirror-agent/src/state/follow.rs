@@ -188,7 +188,7 @@ impl Follow {
             &interface.name,
             interface.ifindex,
             direction,
-            sessions.to_vec(),
+            sessions,
             bitmap,
         )
     }
