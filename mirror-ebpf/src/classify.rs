@@ -55,6 +55,11 @@ pub struct Walk {
     bitmaps: [u32; FIELD_COUNT],
     /// Words that are non-zero in every field's bitmap and not yet visited.
     summary: [u64; SUMMARY_WORDS],
+    /// While the fields narrow the candidates: the first word of the attachment's rules, and its
+    /// candidates exactly (the summary is per word). With up to 64 rules, a packet no rule
+    /// matches then leaves before the walk.
+    focus: u64,
+    focus_index: u32,
     /// Candidate rules left in the word being visited.
     word: u64,
     word_index: u32,
@@ -114,6 +119,7 @@ pub fn classify(attachment_rules: u32, headers: &Headers) -> Result<Option<Verdi
     // Cheap and selective fields first (direct arrays), the longest-prefix lookups last; each
     // narrows the candidate words, and an empty set ends the classification.
     let narrowed = narrow(walk, Field::Attachment, attachment_rules)?
+        && focus_first_word(walk, attachment_rules)?
         && narrow(
             walk,
             Field::IpProto,
@@ -204,12 +210,42 @@ fn narrow(walk: &mut Walk, field: Field, index: u32) -> Result<bool, TableError>
         return Ok(true);
     }
     let bitmap = RULE_BITMAPS.get(index).ok_or(TableError)?;
+    walk.focus &= bitmap
+        .words
+        .get(walk.focus_index as usize)
+        .copied()
+        .ok_or(TableError)?;
+    if walk.focus == 0 {
+        clear_word(&mut walk.summary, walk.focus_index);
+    }
     let mut left = 0;
     for (summary, word) in walk.summary.iter_mut().zip(bitmap.summary) {
         *summary &= word;
         left |= *summary;
     }
     Ok(left != 0)
+}
+
+/// Focuses on the first word of the attachment's rules, `attachment_rules` (see [`Walk::focus`]);
+/// true, as narrowing goes on.
+#[inline(always)]
+fn focus_first_word(walk: &mut Walk, attachment_rules: u32) -> Result<bool, TableError> {
+    for (i, &word) in walk.summary.iter().enumerate() {
+        if word != 0 {
+            walk.focus_index = i as u32 * 64 + word.trailing_zeros();
+            walk.focus = bitmap_word(attachment_rules, walk.focus_index)?;
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// Clears the summary bit of word `word_index`: no candidate is left in it.
+#[inline(always)]
+fn clear_word(summary: &mut [u64; SUMMARY_WORDS], word_index: u32) {
+    if let Some(word) = summary.get_mut(word_index as usize / 64) {
+        *word &= !(1 << (word_index % 64));
+    }
 }
 
 /// Starts a walk over every word. The stores are volatile because LLVM otherwise merges them into
@@ -222,6 +258,8 @@ fn reset(walk: &mut Walk) {
             core::ptr::write_volatile(word, !0);
         }
         core::ptr::write_volatile(&raw mut walk.word, 0);
+        core::ptr::write_volatile(&raw mut walk.focus, !0);
+        core::ptr::write_volatile(&raw mut walk.focus_index, 0);
         core::ptr::write_volatile(&raw mut walk.word_index, 0);
         core::ptr::write_volatile(&raw mut walk.min_rule, 0);
         core::ptr::write_volatile(&raw mut walk.copy_count, 0);

@@ -1,6 +1,8 @@
 //! Hand-made frames sent with `AF_PACKET`: VLAN tags (single, double, 802.1ad), ARP by ethertype,
 //! and a table of malformed frames. For each frame: what reached the far side of the primary path
 //! (it must be the frame, unchanged) and whether exactly that frame was copied.
+use std::fmt::Write as _;
+
 use mirror_tests::{
     Capture, FrameSender, Lab, NODE_SINK_MAC, NODE_SRC_MAC, SENTINEL_RULE, SINK_MAC, SINK_V4,
     SRC_MAC, assert_same_frames, cases, copied, mac, session_config, tagged, udp_v4_frame,
@@ -176,6 +178,52 @@ fn sessions_sharing_an_interface_each_get_one_copy() {
     );
     assert_eq!(report.rule("all-udp", "10"), copied(1, 0));
     assert_eq!(report.rule("all-udp", "default"), copied(3, 3));
+}
+
+#[test]
+fn rules_past_the_first_bitmap_word_decide_and_the_agent_counts_the_default() {
+    // The egress session's 70 rules come first, so the ingress session's start in the second
+    // 64-rule word of every bitmap: the word the classifier narrows on exactly.
+    let mut wide = String::new();
+    for n in 0..70 {
+        write!(
+            wide,
+            "[[session.rule]]\nnumber = {}\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {}\n",
+            n + 10,
+            7000 + n
+        )
+        .expect("to a String");
+    }
+    let lab = Lab::new("wordtwo");
+    let agent = lab.start_agent(&format!(
+        "[[session]]\nname = \"wide\"\ninterfaces = [\"src0\"]\ndirection = \"egress\"\ntarget = {{ interface = \"mir1\" }}\n{wide}\
+         [[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n{SENTINEL_RULE}\
+         [[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5555\n"
+    ));
+    let copies = Capture::open(&lab.mon, "eth0");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    // 7000 is a port of the egress session's rules only; 5556 no rule's.
+    let frames: Vec<_> = [5555, 5556, 7000, 5555]
+        .map(|port| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, b"second word"))
+        .into();
+    for frame in &frames {
+        sender.send(frame);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    assert_same_frames(
+        "second word",
+        copies.bytes_until_sentinel(),
+        vec![frames[0].clone(), frames[3].clone()],
+    );
+    let report = agent.stop();
+    assert_eq!(report.rule("t", "10"), copied(2, 2));
+    assert_eq!(report.rule("t", "default"), copied(2, 0));
+    assert_eq!(
+        report.session("t"),
+        copied(5, 3),
+        "the sentinel is rule 1's"
+    );
+    assert_eq!(report.rule("wide", "10"), copied(0, 0));
 }
 
 #[test]
