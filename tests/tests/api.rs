@@ -369,7 +369,10 @@ fn the_metrics_listener_holds_out_against_floods_of_connections_headers_and_read
     }
     let grown = rss_kib(agent.pid()).saturating_sub(before);
     println!("agent RSS {before} KiB, grown by {grown} KiB");
-    assert!(grown < 32 * 1024, "the agent grew by {grown} KiB");
+    // The readers' documents in flight (8,000 rules' counters each) and the allocator's arenas
+    // took 25 to 37 MiB in runs on this VM; buffering the attackers' headers would take 300 ×
+    // 380 KiB, over 100 MiB.
+    assert!(grown < 64 * 1024, "the agent grew by {grown} KiB");
     stop_readers.store(true, std::sync::atomic::Ordering::Relaxed);
     let (_, took) = agent.stop_within(libc::SIGTERM, std::time::Duration::from_secs(5));
     println!("stopped {took:?} after SIGTERM");
