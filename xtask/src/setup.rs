@@ -193,9 +193,10 @@ fn helm_engine() -> anyhow::Result<()> {
     )
 }
 
-/// What `cargo xtask bench` adds: the userspace peer and the chart's font.
+/// What `cargo xtask bench` adds: the userspace peer, the chart's font and bpftool (the
+/// program's time alone, by a test run).
 pub fn bench_tools() -> anyhow::Result<()> {
-    debian_packages(&["daemonlogger", "fonts-dejavu-core", "util-linux"])
+    debian_packages(&["daemonlogger", "fonts-dejavu-core", "util-linux", "bpftool"])
 }
 
 fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {

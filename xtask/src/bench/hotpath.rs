@@ -21,13 +21,17 @@ pub struct HotRow {
     pub max_ratio: f64,
     pub completeness: Option<f64>,
     pub program_ns_per_packet: Option<f64>,
+    /// The program alone, by a test run (scenarios that copy nothing; see
+    /// `isolated_program_cost`).
+    pub isolated_ns_per_packet: Option<f64>,
     /// Where the frames came from.
     pub source: Source,
     /// The reference's forwarded pps (median over the pairs).
     pub reference_pps: f64,
     /// The paired ratio to reach at least; none for a comparison shown for reference only.
     pub target_ratio: Option<f64>,
-    /// The program time per packet to stay within, where there is such a target.
+    /// The program time per packet (alone, by a test run) to stay within, where there is such a
+    /// target.
     pub target_ns: Option<f64>,
 }
 
@@ -38,7 +42,7 @@ impl HotRow {
             && self.completeness.is_none_or(|c| c >= 1.0)
             && self
                 .target_ns
-                .is_none_or(|ns| self.program_ns_per_packet.is_some_and(|p| p <= ns))
+                .is_none_or(|ns| self.isolated_ns_per_packet.is_some_and(|p| p <= ns))
     }
 }
 
@@ -145,6 +149,7 @@ fn compare(
             ratios: paired.ratios,
             completeness: paired.completeness,
             program_ns_per_packet: paired.program_ns_per_packet,
+            isolated_ns_per_packet: paired.isolated_ns_per_packet,
             source: bed.source,
             reference_pps: paired.reference_pps,
             target_ratio,

@@ -6,7 +6,8 @@ use std::{path::Path, time::Duration};
 use anyhow::Context as _;
 
 use super::{
-    Bed, Options, Scenario, activate, generate, median, program_cost, sample_once, warm_up,
+    Bed, Options, Scenario, activate, generate, isolated_program_cost, median, program_cost,
+    sample_once, warm_up,
 };
 
 /// Pairs at least, whatever `--reps` says.
@@ -25,6 +26,8 @@ pub struct Paired {
     pub completeness: Option<f64>,
     /// The scenario's mirror program, mean run time per packet (kernel run-time stats), ns.
     pub program_ns_per_packet: Option<f64>,
+    /// The same program alone, by a test run of the frame (scenarios that copy nothing), ns.
+    pub isolated_ns_per_packet: Option<f64>,
 }
 
 /// `scenario` against `reference` in pairs of max-rate runs, then the scenario's program cost.
@@ -63,6 +66,12 @@ pub fn pair_up(
         generate(lab, lab.source, frame, duration, None, 50_000_000)?;
         program_cost()?
     };
+    let isolated_ns_per_packet = if scenario.copies_nothing() {
+        let _active = activate(lab, agent, scenario)?;
+        isolated_program_cost(lab, frame)?
+    } else {
+        None
+    };
     let mut sorted = ratios.clone();
     Ok(Paired {
         median_ratio: median(&mut sorted),
@@ -72,5 +81,6 @@ pub fn pair_up(
         reference_pps: median(&mut reference_pps),
         completeness: (!completeness.is_empty()).then(|| median(&mut completeness)),
         program_ns_per_packet,
+        isolated_ns_per_packet,
     })
 }
