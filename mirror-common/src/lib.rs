@@ -195,6 +195,11 @@ const _: () = assert!(
 /// for odd configuration generations, 0 in the others. The agent sets it at load time.
 pub const GENERATION_GLOBAL: &str = "COPY_GENERATION";
 
+/// Name of the programs' read-only global `u32`: 1 when a session of the object uses the packets'
+/// flow hash ([`SessionMeta::uses_flow_hash`]), else 0, and the programs skip hashing (a ring
+/// record's `flow_hash` is then 0). The agent sets it at load time.
+pub const FLOW_HASH_GLOBAL: &str = "FLOW_HASH_USED";
+
 /// Where a program runs.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -322,7 +327,8 @@ pub struct RingCopyHeader {
     /// The frame's length on the wire, and how many of its bytes follow the header.
     pub orig_len: u32,
     pub cap_len: u32,
-    /// The packet's symmetric flow hash (the VXLAN source port of its copies follows it).
+    /// The packet's symmetric flow hash (the VXLAN source port of its copies follows it; 0 when no
+    /// session uses it, see [`FLOW_HASH_GLOBAL`]).
     pub flow_hash: u32,
     /// [`RING_WATCH_ONLY`], or 0.
     pub flags: u32,
@@ -407,6 +413,16 @@ pub struct SessionMeta {
     pub watched: u32,
     /// This session's own limit.
     pub rate: RateLimit,
+}
+
+impl SessionMeta {
+    /// Whether this session's copies need the packet's flow hash: flow sampling, and the tunnel
+    /// and ring targets, whose outer UDP source port follows it.
+    pub fn uses_flow_hash(&self) -> bool {
+        self.sample_mode == SAMPLE_FLOWS
+            || self.target_kind == TARGET_TUNNEL
+            || self.target_kind == TARGET_RING
+    }
 }
 
 /// `TUNNELS`: `HashMap<u32, Tunnel>` of [`MAX_SESSIONS`], by session index: where a tunnel

@@ -45,7 +45,7 @@ mod programs {
     use aya_log_ebpf::warn;
     use mirror_common::{AttachmentKey, Direction};
 
-    use crate::{act, classify, copy, count, limit, parse};
+    use crate::{act, classify, copy, count, limit, maps, parse};
 
     #[classifier]
     #[expect(clippy::needless_pass_by_value, reason = "the #[classifier] signature")]
@@ -130,13 +130,12 @@ mod programs {
             return Ok(());
         }
         let copy_len = parse::copy_len(ctx, headers.ip_proto, verdict.l4_offset);
-        act::send(
-            ctx,
-            direction as u32,
-            &verdict,
-            copy_len,
-            limit::flow_hash(&headers),
-        )
+        let flow_hash = if maps::flow_hash_used() {
+            limit::flow_hash(&headers)
+        } else {
+            0
+        };
+        act::send(ctx, direction as u32, &verdict, copy_len, flow_hash)
     }
 
     #[panic_handler]

@@ -128,3 +128,14 @@ pub fn copy_generation() -> u32 {
     // SAFETY: a read of a static; volatile so that the compiler keeps the load the agent patches.
     unsafe { core::ptr::read_volatile(&raw const COPY_GENERATION) }
 }
+
+/// [`mirror_common::FLOW_HASH_GLOBAL`]: whether a session of this object uses the flow hash.
+#[unsafe(no_mangle)]
+static FLOW_HASH_USED: u32 = 0;
+
+/// Whether the packets' flow hash is needed, as the agent set it at load time.
+#[inline(always)]
+pub fn flow_hash_used() -> bool {
+    // SAFETY: as in `copy_generation`.
+    unsafe { core::ptr::read_volatile(&raw const FLOW_HASH_USED) != 0 }
+}

@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use mirror_common::{
     ATTACHMENT_BITMAP_MAP, ATTACHMENT_DIRECT_MAP, AttachmentEntry, AttachmentKey,
     COPY_GENERATION_BIT, COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP,
-    DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, Field,
+    DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_WILDCARD_MAP, FLOW_HASH_GLOBAL, Field,
     GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP,
     MAX_ATTACHMENTS, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP,
     SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP,
@@ -346,6 +346,11 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .override_global(GENERATION_GLOBAL, &generation_bit, true)
             .override_global(KERNEL_LOG_GLOBAL, &kernel_log.global(), true)
+            .override_global(
+                FLOW_HASH_GLOBAL,
+                &u32::from(sessions.iter().any(SessionMeta::uses_flow_hash)),
+                true,
+            )
             .map_max_entries(
                 RULE_BITMAPS_MAP,
                 tables.bitmaps.len() as u32 + SPARE_BITMAPS,
