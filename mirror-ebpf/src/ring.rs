@@ -3,8 +3,6 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::bpf_ktime_get_ns,
-    macros::map,
-    maps::PerCpuArray,
 };
 use mirror_common::{MAX_RING_COPY, RingCopyHeader};
 
@@ -14,16 +12,16 @@ use crate::{
     packet::{Packet, VLAN_TAG_LEN},
 };
 
-/// A ring record being built, in per-CPU map memory (too big for the stack).
+/// A ring record with room for `N` bytes of the frame. Records are reserved in the ring and the
+/// frame is loaded straight into them: one copy, where a record built aside and handed to
+/// `bpf_ringbuf_output` took two. The verifier wants a reservation's size constant, so a copy goes
+/// into the smallest of a few sizes that holds it (see [`emit`]); the agent reads the header's
+/// `cap_len` bytes of the rest.
 #[repr(C)]
-pub struct RingRecord {
+struct Record<const N: usize> {
     header: RingCopyHeader,
-    data: [u8; MAX_RING_COPY as usize],
+    data: [u8; N],
 }
-
-/// Per CPU, the ring record being built.
-#[map]
-static RING_SCRATCH: PerCpuArray<RingRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// A mask above every ring copy length (see [`MAX_RING_COPY`]).
 const LEN_MASK: u64 = 0x3fff;
@@ -47,13 +45,9 @@ pub fn emit<P: Packet>(
     flow_hash: u32,
     flags: u32,
 ) -> Result<u32, NotQueued> {
-    let record = RING_SCRATCH.get_ptr_mut(0).ok_or(NotQueued)?;
-    // SAFETY: this CPU's slot; the ring write below ends before anything else runs here.
-    let record = unsafe { &mut *record };
     let orig_len = ctx.frame_len();
     let cap_len = len.min(orig_len).min(MAX_RING_COPY);
-    load_frame(ctx, &mut record.data, cap_len)?;
-    record.header = RingCopyHeader {
+    let header = RingCopyHeader {
         // SAFETY: reads the monotonic clock, no preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         ifindex: ctx.ifindex(),
@@ -65,18 +59,35 @@ pub fn emit<P: Packet>(
         flow_hash,
         flags,
     };
-    let total = size_of::<RingCopyHeader>() + cap_len as usize;
-    // SAFETY: the record is plain bytes; `total` is at most its size (cap_len <= MAX_RING_COPY).
-    let bytes = unsafe {
-        core::slice::from_raw_parts(
-            core::ptr::from_ref::<RingRecord>(record).cast::<u8>(),
-            total.min(size_of::<RingRecord>()),
-        )
-    };
-    COPY_RING
-        .output::<[u8]>(bytes, wakeup_flags())
-        .map(|()| cap_len)
-        .map_err(|_| NotQueued)
+    // Minimum-size frames, headers cut to a snaplen, a standard MTU's frames, and the rest.
+    if cap_len <= 64 {
+        queue::<P, 64>(ctx, &header)
+    } else if cap_len <= 256 {
+        queue::<P, 256>(ctx, &header)
+    } else if cap_len <= 1536 {
+        queue::<P, 1536>(ctx, &header)
+    } else {
+        queue::<P, { MAX_RING_COPY as usize }>(ctx, &header)
+    }?;
+    Ok(cap_len)
+}
+
+/// Reserves a record of `N` bytes of frame, loads the frame's first `header.cap_len` (at most
+/// `N`) into it and submits it.
+#[inline(always)]
+fn queue<P: Packet, const N: usize>(ctx: &P, header: &RingCopyHeader) -> Result<(), NotQueued> {
+    let mut entry = COPY_RING.reserve::<Record<N>>(0).ok_or(NotQueued)?;
+    let record = entry.as_mut_ptr();
+    // SAFETY: the reservation is a `Record<N>`, valid for writes; its bytes are plain data.
+    let data = unsafe { &mut (*record).data };
+    if load_frame(ctx, data, header.cap_len).is_err() {
+        entry.discard(u64::from(BPF_RB_NO_WAKEUP));
+        return Err(NotQueued);
+    }
+    // SAFETY: as above.
+    unsafe { (&raw mut (*record).header).write(*header) };
+    entry.submit(wakeup_flags());
+    Ok(())
 }
 
 /// Whether this record wakes the agent's drain thread. A wake-up per record (the helper's
@@ -95,9 +106,9 @@ fn wakeup_flags() -> u64 {
 
 /// Copies the frame's first `len` bytes into `to`, with the tag held in metadata put back.
 #[inline(always)]
-fn load_frame<P: Packet>(
+fn load_frame<P: Packet, const N: usize>(
     ctx: &P,
-    to: &mut [u8; MAX_RING_COPY as usize],
+    to: &mut [u8; N],
     len: u32,
 ) -> Result<(), NotQueued> {
     let Some(tag) = ctx.tag_in_metadata() else {
@@ -119,10 +130,10 @@ fn load_frame<P: Packet>(
 
 /// `len` bytes of the packet from `offset` into `to[at..]`; nothing for a zero length.
 #[inline(always)]
-fn load_into<P: Packet>(
+fn load_into<P: Packet, const N: usize>(
     ctx: &P,
     offset: u32,
-    to: &mut [u8; MAX_RING_COPY as usize],
+    to: &mut [u8; N],
     at: u32,
     len: u32,
 ) -> Result<(), NotQueued> {
@@ -133,7 +144,7 @@ fn load_into<P: Packet>(
     // within the buffer from `at`. The opaque reload keeps LLVM from passing an earlier register
     // (say, `len - 16` before its checks) whose bounds the verifier does not know.
     let bounded = core::hint::black_box(u64::from(len)) & LEN_MASK;
-    if bounded == 0 || bounded + u64::from(at) > u64::from(MAX_RING_COPY) {
+    if bounded == 0 || bounded + u64::from(at) > N as u64 {
         return Err(NotQueued);
     }
     let dest = to.as_mut_ptr().wrapping_add(at as usize);

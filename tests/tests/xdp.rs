@@ -226,6 +226,38 @@ fn a_pcap_target_is_a_filtered_always_on_capture_for_tc_and_xdp() {
     }
 }
 
+/// The ring takes records in a few sizes (the copy goes into the smallest that holds it): frames
+/// on both sides of each size, up to a jumbo frame, reach the file whole and in order.
+#[test]
+fn ring_records_of_every_size_hold_their_frames_whole() {
+    let lab = Lab::new("ringsizes");
+    lab.src.ip(&["link", "set", "eth0", "mtu", "9100"]);
+    lab.node.ip(&["link", "set", "src0", "mtu", "9100"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("sizes.pcap");
+    let agent = lab.start_agent(&format!(
+        "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\nhook = \"xdp\"\ntarget = {{ file = \"{}\" }}\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\n",
+        path.display()
+    ));
+    let sender = FrameSender::open(&lab.src, "eth0");
+    // Frame lengths: 42 bytes of headers and the payload.
+    let frames: Vec<Vec<u8>> = [60, 64, 65, 256, 257, 1514, 1536, 1537, 9000]
+        .iter()
+        .zip(0u8..)
+        .map(|(len, i)| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 6000, &vec![i; len - 42]))
+        .collect();
+    for frame in &frames {
+        sender.send(frame);
+    }
+    let report = agent.stop();
+    let written: Vec<Vec<u8>> = capture_file_frames(&path)
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(written, frames, "the file, byte for byte");
+    assert_eq!(report.rule("t", "10"), copied(9, 9));
+}
+
 /// Whether every thread of process `pid` is in the stopped state (`T` in /proc).
 fn all_threads_stopped(pid: i32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/task"))
