@@ -91,7 +91,9 @@ enum Task {
         /// `tunnels` for every tunnel format paired with tc mirred into vxlan, `hotpath` for the
         /// hot path's targets in pairs (no match against no mirroring, with 1 and 10,000 rules;
         /// one rule against tc u32 with the same match; match-all against tc u32 match-all),
-        /// `validation` for how long large rule sets take to validate.
+        /// `tap` for tc mirred, the TC path and the XDP path against no mirroring on a tap
+        /// (frames written to its file descriptor meet native XDP), `validation` for how long
+        /// large rule sets take to validate.
         #[arg(long)]
         only: Option<String>,
     },
