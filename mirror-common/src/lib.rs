@@ -99,7 +99,7 @@ pub const DIRECT_IFINDEXES: u32 = 16_384;
 pub const ATTACHMENT_BITMAP_MAP: &str = "ATTACHMENT_BITMAP";
 /// `WATCH_TRAFFIC`: `PerCpuArray<Traffic>` of [`MAX_ATTACHMENTS`], by [`AttachmentEntry::group`]:
 /// the packets classified at the attachments that the same sessions watch in the same direction.
-/// A session's default rule that skips is in no attachment's bitmap, so that a packet no rule
+/// A session's default rule that skips is in no rule bitmap, so that a packet no rule
 /// matches leaves the classifier early; the agent counts it instead, as this traffic less what
 /// the session's other rules decided.
 pub const WATCH_TRAFFIC_MAP: &str = "WATCH_TRAFFIC";

@@ -44,6 +44,11 @@ impl Bits {
     fn clear(&mut self, i: usize) {
         self.0[i / 64] &= !(1 << (i % 64));
     }
+    fn remove(&mut self, other: &Bits) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a &= !b;
+        }
+    }
     fn to_abi(&self) -> RuleBitmap {
         let mut bitmap = RuleBitmap {
             summary: [0; SUMMARY_WORDS],
@@ -60,26 +65,38 @@ impl Bits {
 }
 
 /// Deduplicates bitmaps and hands out their indices.
-#[derive(Default)]
 struct Interner {
     index: HashMap<Bits, u32>,
     bitmaps: Vec<RuleBitmap>,
+    /// The rules the agent counts (see [`Rule::counted_by_agent`]): in no bitmap, so that no
+    /// field's bitmap keeps a summary word alive for them alone.
+    counted_by_agent: Bits,
 }
 
 impl Interner {
+    fn new(rules: &[Rule]) -> Self {
+        Interner {
+            index: HashMap::new(),
+            bitmaps: Vec::new(),
+            counted_by_agent: Bits::of(rules, Rule::counted_by_agent),
+        }
+    }
+
     fn intern(&mut self, bits: &Bits) -> u32 {
-        if let Some(&i) = self.index.get(bits) {
+        let mut bits = bits.clone();
+        bits.remove(&self.counted_by_agent);
+        if let Some(&i) = self.index.get(&bits) {
             return i;
         }
         let i = self.bitmaps.len() as u32;
         self.bitmaps.push(bits.to_abi());
-        self.index.insert(bits.clone(), i);
+        self.index.insert(bits, i);
         i
     }
 }
 
 pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
-    let mut interner = Interner::default();
+    let mut interner = Interner::new(rules);
     // By (interface index, direction), the sessions watching it, in order.
     let mut watching: HashMap<(u32, Direction), Vec<usize>> = HashMap::new();
     for (s, session) in sessions.iter().enumerate() {

@@ -48,7 +48,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// A session's default rule that skips: in no attachment's bitmap, so that a packet no other
+    /// A session's default rule that skips: in no rule bitmap, so that a packet no other
     /// rule matches leaves the classifier without a walk or a counter write. The agent counts its
     /// packets instead, from the attachments' traffic (see `mirror_common::WATCH_TRAFFIC_MAP`).
     pub fn counted_by_agent(&self) -> bool {
