@@ -203,17 +203,12 @@ fn rules_past_the_first_bitmap_word_decide_and_the_agent_counts_the_default() {
     let copies = Capture::open(&lab.mon, "eth0");
     let sender = FrameSender::open(&lab.src, "eth0");
     // 7000 is a port of the egress session's rules only; 5556 no rule's.
-    let frames: Vec<_> = [5555, 5556, 7000, 5555]
-        .map(|port| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, b"second word"))
-        .into();
-    for frame in &frames {
-        sender.send(frame);
-    }
-    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
-    assert_same_frames(
+    send_ports_expect_copies(
+        &sender,
+        &copies,
         "second word",
-        copies.bytes_until_sentinel(),
-        vec![frames[0].clone(), frames[3].clone()],
+        &[5555, 5556, 7000, 5555],
+        &[0, 3],
     );
     let report = agent.stop();
     assert_eq!(report.rule("t", "10"), copied(2, 2));
@@ -244,20 +239,30 @@ fn an_interface_of_a_large_index_is_watched_and_addresses_looked_up_on_demand() 
     ));
     let copies = Capture::open(&lab.mon, "eth0");
     let sender = FrameSender::open(&lab.src, "big1");
-    let frames: Vec<_> = [6000, 6001, 6002]
-        .map(|port| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, b"large index"))
-        .into();
-    for frame in &frames {
-        sender.send(frame);
-    }
-    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
-    assert_same_frames(
-        "large index",
-        copies.bytes_until_sentinel(),
-        vec![frames[0].clone()],
-    );
+    send_ports_expect_copies(&sender, &copies, "large index", &[6000, 6001, 6002], &[0]);
     let report = agent.stop();
     assert_eq!(report.rule("t", "10"), copied(1, 1));
     assert_eq!(report.rule("t", "20"), copied(0, 0));
     assert_eq!(report.rule("t", "default"), copied(2, 0));
+}
+
+/// Sends a UDP frame to each of `ports` (`name` its payload), then the sentinel, and checks that
+/// exactly the frames at the indices `copied` were copied, byte for byte.
+fn send_ports_expect_copies(
+    sender: &FrameSender,
+    copies: &Capture,
+    name: &str,
+    ports: &[u16],
+    copied: &[usize],
+) {
+    let frames: Vec<_> = ports
+        .iter()
+        .map(|&port| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, port, name.as_bytes()))
+        .collect();
+    for frame in &frames {
+        sender.send(frame);
+    }
+    sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
+    let expected = copied.iter().map(|&i| frames[i].clone()).collect();
+    assert_same_frames(name, copies.bytes_until_sentinel(), expected);
 }
