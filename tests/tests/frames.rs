@@ -247,13 +247,13 @@ fn an_interface_of_a_large_index_is_watched_and_addresses_looked_up_on_demand() 
 }
 
 /// Sends a UDP frame to each of `ports` (`name` its payload), then the sentinel, and checks that
-/// exactly the frames at the indices `copied` were copied, byte for byte.
+/// exactly the frames at the indices `mirrored` were copied, byte for byte.
 fn send_ports_expect_copies(
     sender: &FrameSender,
     copies: &Capture,
     name: &str,
     ports: &[u16],
-    copied: &[usize],
+    mirrored: &[usize],
 ) {
     let frames: Vec<_> = ports
         .iter()
@@ -263,6 +263,6 @@ fn send_ports_expect_copies(
         sender.send(frame);
     }
     sender.send_sentinel(SRC_MAC, NODE_SRC_MAC);
-    let expected = copied.iter().map(|&i| frames[i].clone()).collect();
+    let expected = mirrored.iter().map(|&i| frames[i].clone()).collect();
     assert_same_frames(name, copies.bytes_until_sentinel(), expected);
 }
