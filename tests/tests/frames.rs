@@ -219,6 +219,8 @@ fn rules_past_the_first_bitmap_word_decide_and_the_agent_counts_the_default() {
         "the sentinel is rule 1's"
     );
     assert_eq!(report.rule("wide", "10"), copied(0, 0));
+    // What the session saw is what was classified at the hook: one watch group's traffic.
+    assert_eq!(report.hook("ingress", "packets"), 5);
 }
 
 #[test]
