@@ -6,8 +6,9 @@ use std::{path::Path, time::Duration};
 use anyhow::Context as _;
 
 use super::{
-    Bed, Options, Scenario, activate, generate, isolated_program_cost, median, program_cost,
-    sample_once, warm_up,
+    Bed, Options, Scenario, activate,
+    cost::{isolated_program_cost, program_cost},
+    generate, median, sample_once, warm_up,
 };
 
 /// Pairs at least, whatever `--reps` says.
