@@ -9,7 +9,7 @@ use mirror_common::{
 };
 
 /// A tunnel to a collector, as configured.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TunnelTarget {
     pub remote: IpAddr,
     /// Source address of the outer packets; by default the route's.
@@ -18,7 +18,8 @@ pub struct TunnelTarget {
 }
 
 /// What a tunnel wraps copies in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TunnelFormat {
     /// RFC 7348, over UDP.
     Vxlan { vni: u32, port: u16 },

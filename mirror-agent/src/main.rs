@@ -4,22 +4,20 @@
 //! receives tunnelled copies into a pcap file or an interface.
 #![deny(unsafe_code)]
 mod api;
-mod capture;
 mod cli;
 mod collect;
 mod config;
 mod daemon;
 mod datapath;
-mod emit;
 mod encap;
 mod follow;
 mod rules;
 mod state;
 #[expect(unsafe_code, reason = "the agent's unsafe code is here, and only here")]
 mod sys;
+mod targets;
 mod task;
-mod tunnel;
-mod watch;
+mod values;
 
 use std::path::PathBuf;
 
@@ -28,12 +26,19 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 
 use crate::{
     config::{
-        ActionConfig, Cidr, Config, DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, DirectionConfig,
-        ErspanConfig, ErspanSessionId, Ethertype, GeneveConfig, GreConfig, HookConfig, IpProto,
-        LoadedConfig, PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig,
-        SessionConfig, TargetConfig, Vlan, Vni, VxlanConfig,
+        ActionConfig, Cidr, Config, DirectionConfig, Ethertype, HookConfig, IpProto, LoadedConfig,
+        PortRange, RateLimitConfig, RuleConfig, SampleBy, SampleConfig, SessionConfig, Vlan,
     },
     datapath::KernelLog,
+    targets::{
+        TargetConfig,
+        file::FileConfig,
+        tunnel::{
+            DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, ErspanConfig, GeneveConfig, GreConfig,
+            VxlanConfig,
+        },
+    },
+    values::{ErspanSessionId, Vni},
 };
 
 /// Port mirroring for Linux nodes with eBPF: copies the packets that match a session's rules from
@@ -305,10 +310,61 @@ struct QuickSession {
 }
 
 impl QuickSession {
+    /// The target its flags name (clap lets exactly one through).
+    fn target(&self) -> TargetConfig {
+        let file = |path: PathBuf| {
+            TargetConfig::File(FileConfig {
+                path,
+                rotate_bytes: None,
+                rotate_count: None,
+            })
+        };
+        let local = self.tunnel_local;
+        if let Some(path) = &self.write {
+            file(path.clone())
+        } else if let Some(to) = &self.to {
+            match to.strip_prefix("file:") {
+                Some(path) => file(path.into()),
+                None => TargetConfig::Interface(to.clone()),
+            }
+        } else if let Some(remote) = self.to_vxlan {
+            TargetConfig::Vxlan(VxlanConfig {
+                remote,
+                vni: self.vni,
+                port: self.tunnel_port.unwrap_or(DEFAULT_VXLAN_PORT),
+                local,
+            })
+        } else if let Some(remote) = self.to_geneve {
+            TargetConfig::Geneve(GeneveConfig {
+                remote,
+                vni: self.vni,
+                port: self.tunnel_port.unwrap_or(DEFAULT_GENEVE_PORT),
+                local,
+            })
+        } else if let Some(remote) = self.to_gre {
+            TargetConfig::Gre(GreConfig {
+                remote,
+                key: self.gre_key,
+                local,
+            })
+        } else if let Some(remote) = self.to_erspan {
+            TargetConfig::Erspan(ErspanConfig {
+                remote,
+                session_id: self.erspan_session,
+                version: self.erspan_version,
+                local,
+            })
+        } else {
+            // `target` is required with `iface`, and `iface` without a file.
+            TargetConfig::Watch
+        }
+    }
+
     fn into_config(self) -> Config {
         fn spanned<T>(value: T) -> toml::Spanned<T> {
             toml::Spanned::new(0..0, value)
         }
+        let target = spanned(self.target());
         let filter = (!self.filter.is_empty()).then(|| spanned(self.filter.join(" ")));
         let rules = if filter.is_some() {
             Vec::new()
@@ -332,39 +388,7 @@ impl QuickSession {
             pods: None,
             direction: self.direction.map(spanned),
             hook: self.hook.map(spanned),
-            target: spanned(TargetConfig {
-                file: self.write.or_else(|| {
-                    self.to
-                        .as_deref()
-                        .and_then(|to| to.strip_prefix("file:"))
-                        .map(PathBuf::from)
-                }),
-                interface: self.to.filter(|to| !to.starts_with("file:")),
-                vxlan: self.to_vxlan.map(|remote| VxlanConfig {
-                    remote,
-                    vni: self.vni,
-                    port: self.tunnel_port.unwrap_or(DEFAULT_VXLAN_PORT),
-                    local: self.tunnel_local,
-                }),
-                geneve: self.to_geneve.map(|remote| GeneveConfig {
-                    remote,
-                    vni: self.vni,
-                    port: self.tunnel_port.unwrap_or(DEFAULT_GENEVE_PORT),
-                    local: self.tunnel_local,
-                }),
-                gre: self.to_gre.map(|remote| GreConfig {
-                    remote,
-                    key: self.gre_key,
-                    local: self.tunnel_local,
-                }),
-                erspan: self.to_erspan.map(|remote| ErspanConfig {
-                    remote,
-                    session_id: self.erspan_session,
-                    version: self.erspan_version,
-                    local: self.tunnel_local,
-                }),
-                ..TargetConfig::default()
-            }),
+            target,
             default: None,
             snaplen: self.snaplen.filter(|len| *len != 0).map(spanned),
             unparsed: self.skip_unparsed.then_some(ActionConfig::Skip),
@@ -439,7 +463,7 @@ fn main() -> anyhow::Result<()> {
                 args.metrics_address.or(loaded.config.metrics_address),
                 args.metrics_ip,
             )?;
-            let plan = daemon::plan(&loaded)?;
+            let plan = rules::plan_on_host(&loaded)?;
             if args.explain {
                 eprint!("{}", cli::explain(&plan));
             }
@@ -458,8 +482,10 @@ fn main() -> anyhow::Result<()> {
                 stop_after,
                 kernel_log: args.kernel_log,
                 json_report: args.json,
-                capture_on_stdout: plan.sessions.iter().any(|s| {
-                    matches!(&s.target, rules::Target::File(f) if f.path.as_os_str() == config::STDOUT)
+                copies_on_stdout: plan.sessions.iter().any(|s| {
+                    s.target
+                        .file()
+                        .is_some_and(targets::file::FileTarget::is_stdout)
                 }),
             };
             runtime()?.block_on(daemon::run(&loaded, plan, options))
@@ -546,6 +572,106 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 #[cfg(test)]
 mod tests {
+    /// The agent's top-level modules in the order the data flows: each may use only those
+    /// before it (and `main` all of them).
+    const LAYERS: &[&str] = &[
+        "sys", "task", "values", "encap", "targets", "config", "rules", "datapath", "state",
+        "follow", "api", "daemon", "cli", "collect",
+    ];
+
+    /// The top-level modules a source file names through `crate::…`, `use crate::{a, b::…}`
+    /// included.
+    fn crate_paths(source: &str) -> Vec<String> {
+        let code: String = source
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut named = Vec::new();
+        for (at, _) in code.match_indices("crate::") {
+            let rest = code[at + "crate::".len()..].trim_start();
+            if let Some(group) = rest.strip_prefix('{') {
+                // The first name of each item at the group's own depth.
+                let mut depth = 0;
+                let mut item_start = true;
+                for (i, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => item_start = true,
+                        c if depth == 0 && item_start && (c.is_alphanumeric() || c == '_') => {
+                            let name: String = group[i..]
+                                .chars()
+                                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                                .collect();
+                            named.push(name);
+                            item_start = false;
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                named.push(
+                    rest.chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect(),
+                );
+            }
+        }
+        named
+    }
+
+    /// Every module uses only those above it in [`LAYERS`]: the tree reads as the data flow,
+    /// with no cycles.
+    #[test]
+    fn modules_import_only_those_above_them() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![root.clone()];
+        let mut checked = 0;
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(
+                    std::fs::read_dir(&path)
+                        .expect("a source folder")
+                        .map(|e| e.expect("an entry").path()),
+                );
+                continue;
+            }
+            let relative = path.strip_prefix(&root).expect("under src");
+            let module = relative
+                .components()
+                .next()
+                .and_then(|c| c.as_os_str().to_str())
+                .map(|name| name.trim_end_matches(".rs"))
+                .expect("a module");
+            if module == "main" || path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let layer = LAYERS
+                .iter()
+                .position(|m| *m == module)
+                .unwrap_or_else(|| panic!("{module} is in no layer"));
+            let source = std::fs::read_to_string(&path).expect("a source file");
+            for used in crate_paths(&source) {
+                let Some(used_layer) = LAYERS.iter().position(|m| *m == used) else {
+                    continue;
+                };
+                assert!(
+                    used_layer <= layer,
+                    "{} uses `{used}`, which comes after `{module}` in the data flow",
+                    relative.display()
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked > 40, "{checked} files");
+        assert_eq!(
+            crate_paths("use crate::{a::{b, c}, d, e::f};\nx(crate::g::h);"),
+            ["a", "d", "e", "g"]
+        );
+    }
+
     /// A session name longer than the usual column keeps the columns aligned.
     #[test]
     fn completions_and_the_manual_cover_every_command() {

@@ -28,41 +28,38 @@ impl CounterField {
     }
 }
 
-macro_rules! metric {
-    ($name:literal) => {
-        $crate::counters::Metric::Own($name)
-    };
-    (not_sent) => {
-        $crate::counters::Metric::NotSent
-    };
-}
-
-/// A `#[repr(C)]` struct of `u64` counters (no padding: all fields alike) with, for userspace,
-/// its field list ([`CounterField`]), its values in that order, field-wise sums, setting a field
-/// by name, and JSON (feature `user`).
+/// A `#[repr(C)]` struct of `u64` counters (no padding: all fields alike) with its field list
+/// ([`CounterField`]), its values in that order, field-wise sums and setting a field by name. The
+/// attributes given come first (the kernel's counters add JSON with feature `user`); the agent
+/// declares the counters it keeps in userspace with it too.
+#[macro_export]
 macro_rules! counters {
+    (@metric $name:literal) => {
+        $crate::Metric::Own($name)
+    };
+    (@metric not_sent) => {
+        $crate::Metric::NotSent
+    };
     (
         $(#[$meta:meta])*
         pub struct $name:ident {
             $( $(#[doc = $doc:literal])+ $field:ident => $metric:tt, )+
         }
     ) => {
-        $(#[$meta])*
         #[repr(C)]
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-        #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
-        #[cfg_attr(feature = "user", serde(default))]
+        $(#[$meta])*
         pub struct $name {
             $( $(#[doc = $doc])+ pub $field: u64, )+
         }
 
         impl $name {
             /// The counters, in declaration order.
-            pub const FIELDS: &'static [$crate::counters::CounterField] = &[
-                $( $crate::counters::CounterField {
+            pub const FIELDS: &'static [$crate::CounterField] = &[
+                $( $crate::CounterField {
                     name: stringify!($field),
                     help: concat!($($doc),+),
-                    metric: metric!($metric),
+                    metric: $crate::counters!(@metric $metric),
                 }, )+
             ];
 
@@ -72,7 +69,7 @@ macro_rules! counters {
             }
 
             /// The fields and their values.
-            pub fn named(&self) -> impl Iterator<Item = (&'static $crate::counters::CounterField, u64)> {
+            pub fn named(&self) -> impl Iterator<Item = (&'static $crate::CounterField, u64)> {
                 Self::FIELDS.iter().zip(self.values())
             }
 
@@ -105,6 +102,8 @@ macro_rules! counters {
 
 counters! {
     /// Per-CPU counters of a rule or a session.
+    #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+    #[cfg_attr(feature = "user", serde(default))]
     pub struct Counters {
         /// Packets this rule or session decided (mirror or skip).
         matched => "rule_matched_packets",
@@ -153,6 +152,8 @@ impl Counters {
 
 counters! {
     /// Per-CPU counters of a hook (ingress, egress, XDP or the copy program), across interfaces.
+    #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+    #[cfg_attr(feature = "user", serde(default))]
     pub struct HookCounters {
         /// Packets classified at the interfaces sessions watch (the copy program: copies).
         packets => "hook_packets",

@@ -4,7 +4,7 @@
 //! ad-hoc capture: a session of its own that the agent
 //! applies for as long as the stream lasts, the filter compiled into its kernel rules; one interface block per interface and hook, until the client goes, the count is
 //! reached or the agent stops. The session is marked watched in the kernel while anyone watches
-//! it (see [`crate::watch`]).
+//! it (see [`crate::targets::watch`]).
 use std::sync::Arc;
 
 use axum::{
@@ -15,10 +15,12 @@ use axum::{
 };
 
 use crate::{
-    capture::PcapNgStream,
     config::PodSelector,
-    state::{Request, Shared},
-    watch::{AdHoc, Watched, Watcher},
+    state::{AdHoc, Request, Shared},
+    targets::{
+        file::PcapNgStream,
+        watch::{Watched, Watcher},
+    },
 };
 
 /// What a capture asks for.
@@ -159,7 +161,8 @@ async fn start(
         Some(text) => Some((
             text.clone(),
             crate::rules::filter::compile(text)
-                .map_err(|e| (StatusCode::BAD_REQUEST, format!("filter `{text}`: {e}")))?,
+                .map_err(|e| (StatusCode::BAD_REQUEST, format!("filter `{text}`: {e}")))?
+                .into_selector(),
         )),
         None => None,
     };

@@ -9,7 +9,10 @@ use prometheus_client::{
 };
 
 use super::Labels;
-use crate::state::{Applied, Shared, Stats};
+use crate::{
+    state::{Applied, Shared, Stats},
+    targets::TargetCounters,
+};
 
 impl Shared {
     /// The counters of `stats` and the state of the agent in `OpenMetrics` text.
@@ -42,7 +45,7 @@ impl Shared {
     }
 
     /// The agent's own metrics: its build, its configuration's generation and last reload, its
-    /// tasks, and the copies its ring drain sent on.
+    /// tasks, and what it counted of the targets (see `TargetCounters`).
     fn register_agent(&self, registry: &mut Registry, stats: &Stats) {
         let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
             let gauge = Gauge::<i64>::default();
@@ -92,25 +95,12 @@ impl Shared {
                 .get_or_create(&vec![("task", (*task).to_owned())])
                 .set(1);
         }
-        let ring = self
-            .applied()
-            .drain
-            .as_ref()
-            .map(crate::emit::Drain::counts);
-        let sent = counter_family(
-            registry,
-            "ring_sent_copies",
-            "Ring copies (XDP sessions, file targets) the agent sent on, by session, in this configuration",
-        );
-        let refused = counter_family(
-            registry,
-            "ring_refused_copies",
-            "Ring copies the target refused (a full socket buffer, a write error), by session, in this configuration",
-        );
-        for (session, (s, r)) in stats.sessions.iter().zip(ring.unwrap_or_default()) {
-            let labels = vec![("session", session.name.clone())];
-            sent.get_or_create(&labels).inc_by(s);
-            refused.get_or_create(&labels).inc_by(r);
+        let targets = CounterFamilies::register(registry, TargetCounters::FIELDS);
+        for session in &stats.sessions {
+            targets.record(
+                &vec![("session", session.name.clone())],
+                session.target.named(),
+            );
         }
         let dropped = counter_family(
             registry,

@@ -215,7 +215,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> axum::response::Response {
     for (task, error) in shared.failed_tasks().iter() {
         let _ = writeln!(reasons, "{task} ended: {error}");
     }
-    for missing in shared.applied().targets.missing() {
+    for missing in shared.applied().targets.interfaces.missing() {
         let _ = writeln!(reasons, "{missing}");
     }
     if reasons.is_empty() {

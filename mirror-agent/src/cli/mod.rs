@@ -8,14 +8,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     api,
     config::{ActionConfig, LoadedConfig},
-    daemon::plan,
-    rules::{Plan, Target},
-    state, tunnel,
+    rules::{Plan, plan_on_host},
+    state,
+    targets::tunnel::TunnelPath,
 };
 
 /// `mirror-agent check`: the plan, and what each session's target allows now.
 pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<()> {
-    let plan = plan(&LoadedConfig::read(config)?)?;
+    let plan = plan_on_host(&LoadedConfig::read(config)?)?;
     if explain {
         print!("{}", self::explain(&plan));
     }
@@ -26,28 +26,12 @@ pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<(
                 session.name
             );
         }
-        if let Target::Tunnel(target) = &session.target {
-            match tunnel::max_tunnel_copy_len(target) {
-                Ok(len) => println!(
-                    "session `{}`: {}: copies up to {len} bytes fit the path",
-                    session.name, session.target
-                ),
-                Err(tunnel::TunnelError::Path { remote, source })
-                    if matches!(
-                        source.kind(),
-                        std::io::ErrorKind::NetworkUnreachable
-                            | std::io::ErrorKind::HostUnreachable
-                    ) =>
-                {
-                    println!(
-                        "session `{}`: {}: no route to {remote} now: a run counts its copies as no_route until there is one",
-                        session.name, session.target
-                    );
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("session `{}`", session.name));
-                }
-            }
+        if let Some(line) = session
+            .target
+            .check()
+            .with_context(|| format!("session `{}`", session.name))?
+        {
+            println!("session `{}`: {line}", session.name);
         }
     }
     println!(
@@ -170,7 +154,7 @@ pub(crate) async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let stream = api::bytes_from(socket, &path, |chunk| {
         let file = match &mut out {
             Some(file) => file,
-            None => out.insert(crate::capture::create_output(write)?),
+            None => out.insert(crate::targets::file::create_output(write)?),
         };
         pending.extend_from_slice(chunk);
         let whole = whole_blocks(&pending);
@@ -273,9 +257,12 @@ pub(crate) async fn show_status(socket: &std::path::Path, json: bool) -> anyhow:
         );
     }
     for tunnel in &status.tunnels {
-        let path = match (&tunnel.interface, &tunnel.next_hop_mac, &tunnel.problem) {
-            (Some(interface), Some(mac), _) => format!("leaves {interface} for {mac}"),
-            (_, _, problem) => format!("no path: {}", problem.as_deref().unwrap_or("?")),
+        let path = match &tunnel.path {
+            TunnelPath::Hop {
+                interface,
+                next_hop_mac,
+            } => format!("leaves {interface} for {next_hop_mac}"),
+            TunnelPath::None { problem } => format!("no path: {problem}"),
         };
         println!("tunnel {:<16} {} {path}", tunnel.session, tunnel.target);
     }
@@ -404,7 +391,7 @@ fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>
 mod tests {
     #[test]
     fn a_capture_is_written_in_whole_blocks() {
-        let mut pcapng = crate::capture::PcapNgStream::new(Vec::new()).expect("header");
+        let mut pcapng = crate::targets::file::PcapNgStream::new(Vec::new()).expect("header");
         let header_len = pcapng.out().len();
         for frame in [[1u8; 60], [2; 60]] {
             pcapng
@@ -439,6 +426,7 @@ mod tests {
                 matched: 12_345,
                 ..mirror_common::Counters::default()
             },
+            target: crate::targets::TargetCounters::default(),
             rules: Vec::new(),
         };
         let stats = crate::state::Stats {

@@ -35,9 +35,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use self::decode::{Decoded, Gaps, Refused, Stream};
 use crate::{
-    capture::{Sink, open_tap, send_frame},
-    config::{ErspanSessionId, Vni},
     sys::socket,
+    targets::{
+        file::PcapFile,
+        interface::{open_tap, send_frame},
+    },
+    values::{ErspanSessionId, Vni},
 };
 
 /// Receive tunnelled copies (VXLAN, GENEVE, GRE, ERSPAN) and write or forward their inner
@@ -192,7 +195,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let vxlan = if args.listen.is_empty() && args.geneve.is_empty() && args.gre.is_empty() {
         vec![SocketAddr::from((
             [0, 0, 0, 0],
-            crate::config::DEFAULT_VXLAN_PORT,
+            crate::targets::tunnel::DEFAULT_VXLAN_PORT,
         ))]
     } else {
         args.listen.clone()
@@ -219,7 +222,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let sink = args
         .write
         .as_deref()
-        .map(|path| Sink::open(path, args.rotate_bytes, args.rotate_count))
+        .map(|path| PcapFile::open(path, args.rotate_bytes, args.rotate_count))
         .transpose()?;
     // Bound before anything is received, so that a busy port fails the start.
     let metrics_listener = match args.metrics {
@@ -312,7 +315,7 @@ impl Default for Ticks {
 
 impl Ticks {
     /// Publishes the counts every [`POLL_INTERVAL`] and logs them every stats interval.
-    fn tick(&mut self, counts: &mut Counts, sink: Option<&Sink>, options: &LoopOptions) {
+    fn tick(&mut self, counts: &mut Counts, sink: Option<&PcapFile>, options: &LoopOptions) {
         if let Some(published) = &options.published
             && self.published.elapsed() >= POLL_INTERVAL
         {
@@ -338,7 +341,7 @@ impl Ticks {
 /// Receives until `stop` is set (then drains what the sockets already hold) or `count` frames.
 fn receive(
     sockets: &[(OwnedFd, Kind)],
-    mut sink: Option<Sink>,
+    mut sink: Option<PcapFile>,
     tap: Option<&OwnedFd>,
     options: &LoopOptions,
     stop: &AtomicBool,

@@ -1,13 +1,13 @@
 //! The configuration file (TOML): sessions, their interfaces, direction, target and ordered rules.
 //! Parsing checks form and values; every error names the file, line and column of the culprit.
-mod values;
-
-use std::{fmt, net::IpAddr, path::Path};
+//! Each kind of target's keys are its own (see `crate::targets`).
+use std::{fmt, path::Path};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use self::values::{Cidr, ErspanSessionId, Ethertype, IpProto, PortRange, Vlan, Vni};
+use crate::targets::TargetConfig;
+pub use crate::values::{Cidr, Ethertype, IpProto, PortRange, Vlan};
 
 /// A configuration error with its place in the file.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +61,6 @@ pub struct Config {
     /// least 4096 (default 8 MiB). A full ring drops copies (counted as `ring_full`).
     pub copy_ring_bytes: Option<Spanned<u32>>,
 }
-
-/// The file target path that stands for standard output (pcap, for `| tshark -r -`).
-pub const STDOUT: &str = "-";
 
 /// The default [`Config::copy_ring_bytes`].
 pub const DEFAULT_COPY_RING_BYTES: u32 = 8 << 20;
@@ -282,108 +279,6 @@ pub enum HookConfig {
     Xdp,
 }
 
-/// Where copies go: exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetConfig {
-    /// Copies are sent out of this interface as they are.
-    pub interface: Option<String>,
-    /// Copies are encapsulated in VXLAN and sent to a remote collector.
-    pub vxlan: Option<VxlanConfig>,
-    /// Copies are encapsulated in GENEVE and sent to a remote collector.
-    pub geneve: Option<GeneveConfig>,
-    /// Copies are encapsulated in GRE (Ethernet inside) and sent to a remote collector.
-    pub gre: Option<GreConfig>,
-    /// Copies are encapsulated in ERSPAN type II or III and sent to a remote collector.
-    pub erspan: Option<ErspanConfig>,
-    /// Copies are written to this pcap (`.pcap`) or pcapng (`.pcapng`) file.
-    pub file: Option<std::path::PathBuf>,
-    /// With `file`: start a new file (`NAME-000002.pcapng`, …) when this many bytes are written.
-    pub rotate_bytes: Option<u64>,
-    /// With `rotate_bytes`: keep only the newest this many files.
-    pub rotate_count: Option<u64>,
-    /// Copies go to `mirror-agent capture` watchers only: the session of an ad-hoc capture,
-    /// made by the agent (never from a file).
-    #[serde(skip)]
-    pub watch: bool,
-}
-
-/// A VXLAN tunnel to a collector (Zeek, Suricata, Wireshark, a packet broker, `mirror-agent
-/// collect`).
-#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct VxlanConfig {
-    /// The collector's IPv4 or IPv6 address.
-    pub remote: IpAddr,
-    /// VXLAN network identifier, 0..=16777215: tells the collector which session a copy is from.
-    pub vni: Vni,
-    /// Destination UDP port.
-    #[serde(default = "default_vxlan_port")]
-    pub port: u16,
-    /// Source address of the outer packets (same family as `remote`); by default the route's.
-    pub local: Option<IpAddr>,
-}
-
-/// The IANA VXLAN port.
-pub const DEFAULT_VXLAN_PORT: u16 = 4789;
-
-fn default_vxlan_port() -> u16 {
-    DEFAULT_VXLAN_PORT
-}
-
-/// A GENEVE tunnel (RFC 8926) to a collector.
-#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct GeneveConfig {
-    /// The collector's IPv4 or IPv6 address.
-    pub remote: IpAddr,
-    /// Virtual network identifier, 0..=16777215.
-    pub vni: Vni,
-    /// Destination UDP port.
-    #[serde(default = "default_geneve_port")]
-    pub port: u16,
-    /// Source address of the outer packets (same family as `remote`); by default the route's.
-    pub local: Option<IpAddr>,
-}
-
-/// The IANA GENEVE port.
-pub const DEFAULT_GENEVE_PORT: u16 = 6081;
-
-fn default_geneve_port() -> u16 {
-    DEFAULT_GENEVE_PORT
-}
-
-/// A GRE tunnel carrying Ethernet frames (protocol 0x6558) to a collector.
-#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct GreConfig {
-    /// The collector's IPv4 or IPv6 address.
-    pub remote: IpAddr,
-    /// The GRE key (32 bits), sent when given: tells the collector which session a copy is from.
-    pub key: Option<u32>,
-    /// Source address of the outer packets (same family as `remote`); by default the route's.
-    pub local: Option<IpAddr>,
-}
-
-/// An ERSPAN session to a collector (a switch's ERSPAN destination, a packet broker, Wireshark).
-#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ErspanConfig {
-    /// The collector's IPv4 or IPv6 address.
-    pub remote: IpAddr,
-    /// The ERSPAN session id, 0..=1023.
-    pub session_id: ErspanSessionId,
-    /// ERSPAN type: 2 (type II) or 3 (type III, with a timestamp and the direction).
-    #[serde(default = "default_erspan_version")]
-    pub version: u8,
-    /// Source address of the outer packets (same family as `remote`); by default the route's.
-    pub local: Option<IpAddr>,
-}
-
-fn default_erspan_version() -> u8 {
-    2
-}
-
 /// What a rule does.
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -501,6 +396,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::values::{ErspanSessionId, Vni};
 
     fn parse(text: &str) -> Result<LoadedConfig, ConfigError> {
         LoadedConfig::parse("t.toml".into(), text.into())

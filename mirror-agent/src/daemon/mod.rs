@@ -14,19 +14,21 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-pub use self::pod_sessions::plan;
 use self::pod_sessions::{plan_with_pods, pods_changed, selects_pods};
 use crate::{
     api,
-    config::{ActionConfig, LoadedConfig, SessionConfig, TargetConfig},
+    config::{ActionConfig, LoadedConfig, SessionConfig},
     datapath::{Datapath, KernelLog},
-    emit::{Drain, Outputs},
     follow,
     follow::pods::{Placement, PodWatch},
-    rules::{self, Plan, Target},
-    state::{Applied, Follow, Request, Shared},
-    tunnel::{self, Targets},
-    watch::AdHoc,
+    rules::{self, Plan, plan_on_host},
+    state::{AdHoc, Applied, Follow, Request, Shared},
+    targets::{
+        self, TargetConfig, Targets,
+        file::OpenFiles,
+        ring::{RingDrain, RingSession},
+        watch::Watchers,
+    },
 };
 
 /// How the agent runs, from the command line and the configuration file.
@@ -48,8 +50,8 @@ pub struct Options {
     pub node_name: Option<String>,
     /// How to reach the Kubernetes API (default: in-cluster, or `KUBECONFIG`).
     pub kubeconfig: Option<PathBuf>,
-    /// A capture is written to standard output (`-w -`): what people read goes to stderr.
-    pub capture_on_stdout: bool,
+    /// Copies are written to standard output (`-w -`): what people read goes to stderr.
+    pub copies_on_stdout: bool,
     /// Stop once this many copies went through the ring (`run -c`).
     pub stop_after: Option<u64>,
     /// The programs' log lines to read into the agent's log.
@@ -62,7 +64,7 @@ impl Options {
     /// Prints `text` for the person running the agent: on stdout, unless copies go there.
     fn say(&self, text: &str) {
         use std::io::Write as _;
-        let written = if self.capture_on_stdout {
+        let written = if self.copies_on_stdout {
             std::io::stderr().write_all(text.as_bytes())
         } else {
             std::io::stdout().write_all(text.as_bytes())
@@ -156,6 +158,14 @@ fn spawn_task(
     })
 }
 
+/// Where ring copies go besides interfaces and tunnels, kept across reloads: the files of file
+/// targets, and the watchers of live captures.
+#[derive(Debug, Default)]
+struct Outputs {
+    files: OpenFiles,
+    watchers: Arc<Watchers>,
+}
+
 /// What the agent applies now, next to what the API shares.
 struct Daemon<'a> {
     options: &'a Options,
@@ -180,7 +190,7 @@ struct Prepared {
     plan: Plan,
     targets: Targets,
     datapath: Datapath,
-    drain: Option<Drain>,
+    drain: Option<RingDrain>,
     follow: Option<Follow>,
 }
 
@@ -208,7 +218,7 @@ async fn serve(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // Room for every capture's end besides a few reloads: a capture's end is sent without
     // waiting (from a drop).
-    let (api_requests, mut requests) = tokio::sync::mpsc::channel(crate::watch::MAX_WATCHERS + 4);
+    let (api_requests, mut requests) = tokio::sync::mpsc::channel(targets::watch::MAX_WATCHERS + 4);
     let shared = Shared::new(
         Applied::new(
             prepared.datapath,
@@ -265,7 +275,7 @@ async fn serve(
             () = pods_changed(daemon.pods.as_mut()) => daemon.apply_pods().await,
             _ = pod_retry.tick(), if daemon.waits_for_pods() => daemon.apply_pods().await,
             _ = count_check.tick(), if options.stop_after.is_some() => {
-                let done = daemon.shared.applied().drain.as_ref().map_or(0, Drain::total);
+                let done = daemon.shared.applied().drain.as_ref().map_or(0, RingDrain::taken);
                 if options.stop_after.is_some_and(|count| done >= count) {
                     break;
                 }
@@ -323,7 +333,12 @@ async fn prepare(
         &[(String, u32)],
     ) -> Result<(), crate::datapath::DatapathError>,
 ) -> anyhow::Result<Prepared> {
-    let targets = tunnel::resolve(&plan.sessions)
+    let inputs: Vec<_> = plan
+        .sessions
+        .iter()
+        .map(rules::Session::target_input)
+        .collect();
+    let targets = targets::resolve(&inputs)
         .await
         .context("preparing the targets")?;
     // The copy program goes where copies need finishing (outer headers or a cut): the target
@@ -336,25 +351,19 @@ async fn prepare(
                 .iter()
                 .any(|m| m.target_ifindex == *ifindex && m.finish != 0)
         })
-        .chain(targets.targets.interfaces())
+        .chain(targets.targets.tunnels.underlays())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
     let mut datapath = Datapath::load(
         &plan,
         &targets.sessions,
-        &targets.targets.entries(),
+        &targets.targets.tunnels.entries(),
         generation,
         options.pin_dir.as_deref(),
         options.kernel_log,
     )?;
-    // The drain runs before anything is attached: no copy waits in a full ring.
-    let drain = Some(Drain::start(
-        datapath.take_ring()?,
-        &plan,
-        outputs,
-        options.stop_after,
-    )?);
+    let drain = Some(start_drain(&mut datapath, &plan, options, outputs)?);
     attach(&mut datapath, &plan, &finishing)?;
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
@@ -445,7 +454,7 @@ impl Daemon<'_> {
             },
             "the capture",
         );
-        plan(&alone).map_err(|e| format!("{e:#}"))?;
+        plan_on_host(&alone).map_err(|e| format!("{e:#}"))?;
         self.captures.insert(name.to_owned(), session);
         let applied = self
             .apply(&with_captures(&self.loaded, &self.captures))
@@ -538,7 +547,8 @@ impl Daemon<'_> {
         drop(replaced);
         // Watched sessions have new entries (and maybe other indices) now.
         self.shared.sync_watched();
-        if let Err(e) = self.outputs.files.close_unused(Some(&prepared.plan)) {
+        let used = prepared.plan.sessions.iter().map(|s| &s.target);
+        if let Err(e) = self.outputs.files.close_unused(used) {
             tracing::warn!("closing capture files no longer written: {e:#}");
         }
         self.plan = prepared.plan;
@@ -584,31 +594,28 @@ impl Daemon<'_> {
         // Detached first (or left pinned), then the drain sends what the ring still holds: the
         // counters in the report are final. (A client cut off at the stop may still hold the
         // shared state for a moment: it is used through its lock, not taken.)
-        let (emitted, interfaces) = {
+        let interfaces = {
             let mut applied = shared.applied();
             applied.datapath.stop();
-            let emitted = applied.drain.take().and_then(Drain::finish);
+            if let Some(drain) = &mut applied.drain {
+                drain.finish();
+            }
             // Where the targets are now (an interface created again has another index; one
             // that is gone has no counters to show).
-            (emitted, applied.targets.sending_interfaces())
+            applied.targets.sending_interfaces()
         };
         let closed = outputs
             .files
-            .close_unused(None)
+            .close_unused(std::iter::empty())
             .context("closing capture files");
-        let losses = tunnel::tx_losses(interfaces).await;
+        let losses = targets::tx_losses(interfaces).await;
         if options.json_report {
-            let report = report::json_report(
-                &shared.applied(),
-                emitted.as_deref(),
-                losses,
-                options.pin_dir.as_deref(),
-            );
+            let report = report::json_report(&shared.applied(), losses, options.pin_dir.as_deref());
             closed?;
             options.say(&report?);
             return Ok(());
         }
-        let report = report::report(&shared.applied(), emitted.as_deref(), &losses);
+        let report = report::report(&shared.applied(), &losses);
         closed?;
         if let Some(dir) = &options.pin_dir {
             options.say(&format!(
@@ -619,6 +626,39 @@ impl Daemon<'_> {
         options.say(&report?);
         Ok(())
     }
+}
+
+/// Starts the drain of `datapath`'s ring for `plan`: ring-fed sessions' copies to their targets,
+/// watched sessions' to their watchers. It runs before anything is attached: no copy waits in a
+/// full ring.
+fn start_drain(
+    datapath: &mut Datapath,
+    plan: &Plan,
+    options: &Options,
+    outputs: &Outputs,
+) -> anyhow::Result<RingDrain> {
+    let sessions: Vec<RingSession<'_>> = plan
+        .sessions
+        .iter()
+        .map(|s| RingSession {
+            name: &s.name,
+            target: s.through_ring.then_some(&s.target),
+        })
+        .collect();
+    let names = plan
+        .sessions
+        .iter()
+        .flat_map(|s| &s.attachments)
+        .map(|(i, _)| (i.ifindex, i.name.clone()))
+        .collect();
+    RingDrain::start(
+        datapath.take_ring()?,
+        &sessions,
+        names,
+        &outputs.files,
+        outputs.watchers.clone(),
+        options.stop_after,
+    )
 }
 
 /// `loaded` with the sessions of the ad-hoc captures after its own.
@@ -658,13 +698,7 @@ fn capture_session(name: &str, watch: AdHoc, filter: Option<String>) -> SessionC
         pods,
         direction: None,
         hook: None,
-        target: toml::Spanned::new(
-            0..0,
-            TargetConfig {
-                watch: true,
-                ..TargetConfig::default()
-            },
-        ),
+        target: toml::Spanned::new(0..0, TargetConfig::Watch),
         default: filter
             .is_none()
             .then(|| toml::Spanned::new(0..0, ActionConfig::Mirror)),
@@ -699,10 +733,8 @@ fn target_interfaces(plan: &Plan) -> Vec<(String, u32)> {
     let mut interfaces: Vec<(String, u32)> = plan
         .sessions
         .iter()
-        .filter_map(|s| match &s.target {
-            Target::Interface(i) => Some((i.name.clone(), i.ifindex)),
-            Target::Tunnel(_) | Target::File(_) | Target::Watch => None,
-        })
+        .filter_map(|s| s.target.interface())
+        .map(|i| (i.name.clone(), i.ifindex))
         .collect();
     interfaces.sort();
     interfaces.dedup();

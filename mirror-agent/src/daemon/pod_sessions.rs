@@ -10,24 +10,6 @@ use crate::{
     state::{Applied, SelectedPod},
 };
 
-/// The plan of `loaded` on this host's interfaces, its warnings logged.
-pub fn plan(loaded: &LoadedConfig) -> anyhow::Result<Plan> {
-    plan_selecting(loaded, &|_| Vec::new())
-}
-
-/// [`plan`], where pod-selector sessions watch the interfaces `pods` gives for their selector.
-pub fn plan_selecting(
-    loaded: &LoadedConfig,
-    pods: &dyn Fn(&PodSelector) -> Vec<rules::Interface>,
-) -> anyhow::Result<Plan> {
-    let interfaces = crate::datapath::interfaces()?;
-    let plan = rules::plan(loaded, &interfaces, pods)?;
-    for warning in &plan.warnings {
-        tracing::warn!("{warning}");
-    }
-    Ok(plan)
-}
-
 impl Daemon<'_> {
     /// Watches the interfaces of the pods the sessions select now, and no others.
     pub(super) async fn apply_pods(&mut self) {
@@ -135,7 +117,7 @@ pub(super) async fn plan_with_pods(
     options: &Options,
 ) -> anyhow::Result<Plan> {
     if !selects_pods(loaded) {
-        return plan(loaded);
+        return Ok(rules::plan_on_host(loaded)?);
     }
     let watch = if let Some(watch) = pods {
         watch
@@ -164,7 +146,9 @@ pub(super) async fn plan_with_pods(
             .any(|s| s.matches(&pod.namespace, &pod.labels))
     })
     .await?;
-    plan_selecting(loaded, &|selector| pods::selected(&now, &placed, selector))
+    Ok(rules::plan_selecting(loaded, &|selector| {
+        pods::selected(&now, &placed, selector)
+    })?)
 }
 
 /// Waits for a change of the node's pods; forever without a pod watch.

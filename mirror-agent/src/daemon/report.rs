@@ -1,10 +1,11 @@
 //! The report a stop prints: every counter, hook, ring, tunnel and target, as a table or (with
 //! `run --json`) as one JSON document.
+use mirror_common::CounterField;
 use serde::Serialize;
 
 use crate::{
-    state::{Applied, Stats, TunnelView},
-    tunnel,
+    state::{Applied, SessionStats, Stats},
+    targets::{TargetCounters, TunnelView, TxLosses, tunnel::TunnelPath},
 };
 
 /// `run --json`'s report.
@@ -12,25 +13,25 @@ use crate::{
 struct JsonReport {
     /// The final counters, as `GET /stats` gives them (with the targets' losses).
     stats: Stats,
-    /// Per session, the copies the agent sent on from the ring, and those it failed to.
-    ring: Vec<RingSent>,
+    /// Per session, what the agent counted of its target: the ring copies it sent on and those
+    /// it failed to, and the rest of [`TargetCounters`].
+    ring: Vec<SessionTargetCounters>,
     tunnels: Vec<TunnelView>,
     /// In pinned mode, the directory whose programs go on mirroring.
     pinned: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
-struct RingSent {
+struct SessionTargetCounters {
     session: String,
-    sent: u64,
-    failed: u64,
+    #[serde(flatten)]
+    counters: TargetCounters,
 }
 
 /// The final counters as one line of JSON (see [`JsonReport`]).
 pub(super) fn json_report(
     applied: &Applied,
-    emitted: Option<&[(u64, u64)]>,
-    losses: Vec<tunnel::TxLosses>,
+    losses: Vec<TxLosses>,
     pinned: Option<&std::path::Path>,
 ) -> anyhow::Result<String> {
     let mut stats = applied.stats()?;
@@ -38,11 +39,9 @@ pub(super) fn json_report(
     let ring = stats
         .sessions
         .iter()
-        .zip(emitted.unwrap_or_default())
-        .map(|(session, &(sent, failed))| RingSent {
+        .map(|session| SessionTargetCounters {
             session: session.name.clone(),
-            sent,
-            failed,
+            counters: session.target,
         })
         .collect();
     let report = JsonReport {
@@ -54,16 +53,13 @@ pub(super) fn json_report(
     Ok(serde_json::to_string(&report)? + "\n")
 }
 
-/// The final counters as a table: one line per rule, then one per session, per hook, per tunnel
-/// (the hop its copies took last) and per target interface and underlay (copies the kernel lost
-/// after they left the programs).
-pub(super) fn report(
-    applied: &Applied,
-    emitted: Option<&[(u64, u64)]>,
-    losses: &[tunnel::TxLosses],
-) -> anyhow::Result<String> {
+/// The final counters as a table: one line per rule, then one per session, per hook, per
+/// session's target counters, per tunnel (the hop its copies took last) and per target interface
+/// and underlay (copies the kernel lost after they left the programs).
+pub(super) fn report(applied: &Applied, losses: &[TxLosses]) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let stats = applied.stats()?;
+    let tunnels = applied.tunnels();
     let mut out = String::new();
     // Names as wide as the longest (16 at least), so that the columns stay aligned.
     let names = stats
@@ -71,18 +67,57 @@ pub(super) fn report(
         .iter()
         .map(|s| s.name.len())
         .chain(losses.iter().map(|l| l.interface.len()))
-        .chain(
-            applied
-                .targets
-                .report()
-                .iter()
-                .map(|(session, _, _)| session.len()),
-        )
+        .chain(tunnels.iter().map(|t| t.session.len()))
         .max()
         .unwrap_or(0)
         .max(16);
-    let rules = stats
-        .sessions
+    counter_rows(&mut out, &stats.sessions, names);
+    for (name, hook) in [
+        ("ingress", &stats.ingress),
+        ("egress", &stats.egress),
+        ("xdp", &stats.xdp),
+        ("copy", &stats.copy),
+    ] {
+        named_row(&mut out, "hook", name, names, hook.named());
+    }
+    for session in &stats.sessions {
+        named_row(
+            &mut out,
+            "agent",
+            &session.name,
+            names,
+            session.target.named(),
+        );
+    }
+    for tunnel in &tunnels {
+        let (session, target) = (&tunnel.session, &tunnel.target);
+        let _ = match &tunnel.path {
+            TunnelPath::Hop {
+                interface,
+                next_hop_mac,
+            } => writeln!(
+                out,
+                "tunnel   {session:<names$} {target} via {interface} to {next_hop_mac}"
+            ),
+            TunnelPath::None { problem } => {
+                writeln!(out, "tunnel   {session:<names$} {target}: {problem}")
+            }
+        };
+    }
+    for loss in losses {
+        let _ = writeln!(
+            out,
+            "target   {:<names$} tx_dropped={} tx_errors={}",
+            loss.interface, loss.tx_dropped, loss.tx_errors
+        );
+    }
+    Ok(out)
+}
+
+/// The kernel's counters in columns: a header, a line per rule, then one per session.
+fn counter_rows(out: &mut String, sessions: &[SessionStats], names: usize) {
+    use std::fmt::Write as _;
+    let rules = sessions
         .iter()
         .flat_map(|s| &s.rules)
         .map(|r| r.rule.len())
@@ -90,7 +125,7 @@ pub(super) fn report(
         .unwrap_or(0)
         .max(8);
     // One column per counter, as wide as its name.
-    let width = |field: &mirror_common::CounterField| field.name.len().max(9);
+    let width = |field: &CounterField| field.name.len().max(9);
     let row =
         |out: &mut String, kind: &str, name: &str, rule: &str, c: &mirror_common::Counters| {
             let _ = write!(out, "{kind:<8} {name:<names$} {rule:<rules$}");
@@ -108,50 +143,28 @@ pub(super) fn report(
         let _ = write!(out, " {:>width$}", field.name, width = width(field));
     }
     out.push('\n');
-    for session in &stats.sessions {
+    for session in sessions {
         for rule in &session.rules {
-            row(&mut out, "rule", &session.name, &rule.rule, &rule.counters);
+            row(out, "rule", &session.name, &rule.rule, &rule.counters);
         }
     }
-    for session in &stats.sessions {
-        row(&mut out, "session", &session.name, "-", &session.counters);
+    for session in sessions {
+        row(out, "session", &session.name, "-", &session.counters);
     }
-    for (name, hook) in [
-        ("ingress", &stats.ingress),
-        ("egress", &stats.egress),
-        ("xdp", &stats.xdp),
-        ("copy", &stats.copy),
-    ] {
-        let _ = write!(out, "hook     {name:<names$}");
-        for (field, value) in hook.named() {
-            let _ = write!(out, " {}={value}", field.name);
-        }
-        out.push('\n');
+}
+
+/// `kind name field=value …`.
+fn named_row<'a>(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    names: usize,
+    counters: impl Iterator<Item = (&'a CounterField, u64)>,
+) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "{kind:<8} {name:<names$}");
+    for (field, value) in counters {
+        let _ = write!(out, " {}={value}", field.name);
     }
-    for (session, (sent, failed)) in stats.sessions.iter().zip(emitted.unwrap_or_default()) {
-        let _ = writeln!(
-            out,
-            "ring     {:<names$} sent={sent} failed={failed}",
-            session.name
-        );
-    }
-    for (session, target, hop) in applied.targets.report() {
-        let _ = match hop {
-            Ok(hop) => writeln!(
-                out,
-                "tunnel   {session:<names$} {target} via {} to {}",
-                hop.interface,
-                tunnel::mac_text(hop.next_hop_mac)
-            ),
-            Err(why) => writeln!(out, "tunnel   {session:<names$} {target}: {why}"),
-        };
-    }
-    for loss in losses {
-        let _ = writeln!(
-            out,
-            "target   {:<names$} tx_dropped={} tx_errors={}",
-            loss.interface, loss.tx_dropped, loss.tx_errors
-        );
-    }
-    Ok(out)
+    out.push('\n');
 }

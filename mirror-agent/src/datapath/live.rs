@@ -7,6 +7,7 @@ use mirror_common::{
 };
 
 use super::{Datapath, DatapathError, Hook, fill_hash, map, map_err, release, set_attachment};
+use crate::targets::KernelEntries;
 
 impl Datapath {
     /// Watches an interface that appeared (or was selected) after the start: classifies its
@@ -108,30 +109,6 @@ impl Datapath {
             .collect()
     }
 
-    /// Makes sure the copy program finishes copies at `interface` (a tunnel's underlay that a
-    /// route change brought): attached if it is not.
-    pub fn finish_copies_at(&mut self, interface: &str) -> Result<(), DatapathError> {
-        if self
-            .links
-            .iter()
-            .any(|a| a.hook == Hook::Copy && a.interface == interface)
-        {
-            return Ok(());
-        }
-        self.attach_new(Hook::Copy, interface)
-    }
-
-    /// Rewrites a session's `SESSIONS` entry (a tunnel's size limit follows its path), keeping
-    /// its `watched` flag.
-    pub fn set_session(&mut self, session: u32, meta: &SessionMeta) -> Result<(), DatapathError> {
-        self.change_session(session, |entry| {
-            *entry = SessionMeta {
-                watched: entry.watched,
-                ..*meta
-            };
-        })
-    }
-
     /// Turns on or off the copies a session's TC path puts into the ring for `capture`
     /// watchers.
     pub fn set_watched(&mut self, session: u32, watched: bool) -> Result<(), DatapathError> {
@@ -149,14 +126,42 @@ impl Datapath {
         change(&mut entry);
         array.set(session, entry, 0).map_err(map_err(SESSIONS_MAP))
     }
+}
+
+impl KernelEntries for Datapath {
+    type Error = DatapathError;
+
+    /// Makes sure the copy program finishes copies at `interface` (a tunnel's underlay that a
+    /// route change brought): attached if it is not.
+    fn finish_copies_at(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if self
+            .links
+            .iter()
+            .any(|a| a.hook == Hook::Copy && a.interface == interface)
+        {
+            return Ok(());
+        }
+        self.attach_new(Hook::Copy, interface)
+    }
+
+    /// Rewrites a session's `SESSIONS` entry (a tunnel's size limit follows its path), keeping
+    /// its `watched` flag.
+    fn set_session(&mut self, session: u32, meta: &SessionMeta) -> Result<(), DatapathError> {
+        self.change_session(session, |entry| {
+            *entry = SessionMeta {
+                watched: entry.watched,
+                ..*meta
+            };
+        })
+    }
 
     /// Writes a tunnel session's hop and outer header (replacing the entry whole).
-    pub fn set_tunnel(&mut self, session: u32, tunnel: &Tunnel) -> Result<(), DatapathError> {
+    fn set_tunnel(&mut self, session: u32, tunnel: &Tunnel) -> Result<(), DatapathError> {
         fill_hash(&mut self.ebpf, TUNNELS_MAP, &[(session, *tunnel)])
     }
 
     /// Removes a tunnel session's hop: its copies are counted as `no_route` until it is back.
-    pub fn clear_tunnel(&mut self, session: u32) -> Result<(), DatapathError> {
+    fn clear_tunnel(&mut self, session: u32) -> Result<(), DatapathError> {
         let mut hash = HashMap::<_, u32, Tunnel>::try_from(map(&mut self.ebpf, TUNNELS_MAP)?)
             .map_err(map_err(TUNNELS_MAP))?;
         match hash.remove(&session) {

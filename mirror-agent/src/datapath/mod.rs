@@ -32,7 +32,7 @@ use mirror_common::{
 
 use self::kernel_log::KERNEL_LOG_GLOBAL;
 pub use self::kernel_log::KernelLog;
-use crate::rules::{Interface, Plan};
+use crate::rules::Plan;
 
 /// Where a program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -79,8 +79,6 @@ pub enum DatapathError {
     Missing(&'static str),
     #[error("reading the programs' log: {0}")]
     KernelLog(Box<dyn std::error::Error + Send + Sync>),
-    #[error("listing interfaces: {0}")]
-    Interfaces(std::io::Error),
     #[error("pinning or adopting links in {path}: {message}")]
     Pin { path: PathBuf, message: String },
     #[error(
@@ -200,26 +198,6 @@ impl std::fmt::Debug for Datapath {
             .field("links", &self.links.len())
             .finish_non_exhaustive()
     }
-}
-
-/// The interfaces of this network namespace. One whose name is not UTF-8 is left out (with a
-/// warning): no configuration can name it, and a lossy name would match globs it does not.
-pub fn interfaces() -> Result<Vec<Interface>, DatapathError> {
-    let list =
-        nix::net::if_::if_nameindex().map_err(|errno| DatapathError::Interfaces(errno.into()))?;
-    let mut out = Vec::new();
-    for entry in &list {
-        let ifindex = entry.index();
-        if let Ok(name) = entry.name().to_str() {
-            out.push(Interface {
-                name: name.to_owned(),
-                ifindex,
-            });
-        } else {
-            tracing::warn!("interface {ifindex} has a name that is not UTF-8: it is never watched");
-        }
-    }
-    Ok(out)
 }
 
 fn map<'a>(

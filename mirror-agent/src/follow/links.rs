@@ -110,7 +110,8 @@ async fn resync(shared: &Shared, handle: &rtnetlink::Handle) -> anyhow::Result<(
         known.extend(
             applied
                 .targets
-                .interface_indexes()
+                .interfaces
+                .indexes()
                 .into_iter()
                 .filter_map(|(name, ifindex)| Some((name, ifindex?))),
         );
@@ -143,7 +144,7 @@ fn vanished(shared: &Shared, name: &str, ifindex: u32) {
     if datapath.forget(name, ifindex) {
         tracing::info!("{name} is gone: forgotten");
     }
-    targets.interface_vanished(datapath, ifindex);
+    targets.interfaces.vanished(datapath, ifindex);
 }
 
 /// Attaches to `link` in each direction some session's glob asks for, unless it is watched
@@ -160,7 +161,7 @@ fn appeared(shared: &Shared, link: &LinkMessage) {
         targets,
         ..
     } = &mut *applied;
-    if targets.interface_appeared(datapath, &name, ifindex)
+    if targets.interfaces.appeared(datapath, &name, ifindex)
         && let Some(follow) = follow
     {
         follow.add_target(ifindex);

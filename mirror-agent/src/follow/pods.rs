@@ -297,7 +297,7 @@ pub async fn place(
     let connection = tokio::spawn(connection);
     let mut lookups = Placer {
         handle,
-        interfaces: crate::datapath::interfaces()?,
+        interfaces: crate::targets::interface::present()?,
         bridges: HashMap::new(),
     };
     let mut placed = BTreeMap::new();

@@ -14,11 +14,11 @@ use tokio::sync::watch;
 
 use crate::{
     state::{Applied, Shared},
-    task::AbortOnDrop,
-    tunnel::{
+    targets::{
         self,
-        path::{NoHop, kick, resolve},
+        tunnel::path::{NoHop, kick, resolve},
     },
+    task::AbortOnDrop,
 };
 
 /// At most one resolution request per next hop in this time.
@@ -39,7 +39,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
         MulticastGroup::Ipv6Route,
     ])?;
     let connection = AbortOnDrop(tokio::spawn(connection));
-    let handle = tunnel::netlink()?;
+    let handle = targets::netlink()?;
     let mut kicked: HashMap<(u32, IpAddr), Instant> = HashMap::new();
     let mut resync = tokio::time::interval(RESYNC_PERIOD);
     loop {
@@ -66,7 +66,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
 async fn refresh(shared: &Shared, handle: &Handle, kicked: &mut HashMap<(u32, IpAddr), Instant>) {
     let (generation, targets) = {
         let applied = shared.applied();
-        (applied.datapath.generation(), applied.targets.targets())
+        (
+            applied.datapath.generation(),
+            applied.targets.tunnels.targets(),
+        )
     };
     let mut found = Vec::with_capacity(targets.len());
     for (session, target) in targets {
@@ -95,6 +98,6 @@ async fn refresh(shared: &Shared, handle: &Handle, kicked: &mut HashMap<(u32, Ip
         datapath, targets, ..
     } = &mut *applied;
     for (session, hop) in found {
-        targets.apply(datapath, session, hop);
+        targets.tunnels.apply(datapath, session, hop);
     }
 }

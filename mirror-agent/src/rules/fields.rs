@@ -1,4 +1,4 @@
-//! What one rule matches: a conjunction of field conditions, and the set operations the shadow
+//! What one rule matches: a conjunction of field conditions, and the set operations the hidden-rule
 //! warnings and the filter compiler need (cover, overlap, intersection).
 use std::{fmt, net::IpAddr, ops::RangeInclusive};
 

@@ -1,6 +1,6 @@
 //! The validated model of a configuration (the plan), and how a configuration becomes one:
-//! [`validate`] checks it against the interfaces present, [`shadow`] warns about rules that earlier
-//! rules hide, [`compile`] turns the rules into the kernel's lookup tables (the bit-vector design
+//! [`validate`] checks it against the interfaces present (and [`host`] on this host), [`hidden`]
+//! warns about rules that earlier rules hide, [`compile`] turns the rules into the kernel's lookup tables (the bit-vector design
 //! is described in `mirror_common`), and [`fingerprint`] tells which sessions a reload left
 //! unchanged. Pure: given the interfaces present, a configuration either becomes a complete plan
 //! or an error, so nothing is applied from a configuration that fails here.
@@ -10,33 +10,29 @@ pub mod filter;
 mod fingerprint;
 #[cfg(test)]
 mod fuzz;
+mod hidden;
+mod host;
 #[cfg(test)]
 pub(crate) mod model;
-mod shadow;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 use ipnet::IpNet;
-use mirror_common::{Action, Direction, FIELD_COUNT, RateLimit, RuleBitmap, RuleMeta};
+use mirror_common::{Action, Direction, FIELD_COUNT, RateLimit, RuleBitmap, RuleMeta, SessionMeta};
 
 pub use self::{
     compile::sessions_bitmap,
     fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields, Header},
     fingerprint::fingerprints,
+    host::{plan_on_host, plan_selecting},
     validate::plan,
 };
+pub use crate::targets::Interface;
 use crate::{
     config::{ActionConfig, PodSelector},
-    encap::TunnelTarget,
+    targets::{SessionTarget, Target},
 };
-
-/// A network interface present on the node.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Interface {
-    pub name: String,
-    pub ifindex: u32,
-}
 
 /// One rule after validation; `None` fields match anything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,35 +86,6 @@ fn action_abi(action: ActionConfig) -> Action {
     }
 }
 
-/// Where a session's copies go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Interface(Interface),
-    Tunnel(TunnelTarget),
-    File(FileTarget),
-    /// `mirror-agent capture` watchers only (an ad-hoc capture's session).
-    Watch,
-}
-
-/// A pcap or pcapng file the agent writes copies to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileTarget {
-    pub path: std::path::PathBuf,
-    pub rotate_bytes: Option<u64>,
-    pub rotate_count: Option<u64>,
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Interface(i) => write!(f, "interface {}", i.name),
-            Target::Tunnel(t) => t.fmt(f),
-            Target::File(file) => write!(f, "file {}", file.path.display()),
-            Target::Watch => f.write_str("live capture"),
-        }
-    }
-}
-
 /// What a session does to the copies its rules select: sampling, then size, then rate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Controls {
@@ -131,6 +98,20 @@ pub struct Controls {
     pub rate: RateLimit,
     /// No copy of a packet the parser could not finish (see `SessionConfig::unparsed`).
     pub skip_unparsed: bool,
+}
+
+impl Controls {
+    /// The controls' fields of a session's kernel entry (the target fills in the rest).
+    fn kernel(&self) -> SessionMeta {
+        SessionMeta {
+            sample_mode: self.sample_mode,
+            sample_every: self.sample_every,
+            sample_seed: self.sample_seed,
+            skip_unparsed: u32::from(self.skip_unparsed),
+            rate: self.rate,
+            ..SessionMeta::default()
+        }
+    }
 }
 
 /// A session after validation.
@@ -148,9 +129,22 @@ pub struct Session {
     pub pods: Option<PodSelector>,
     /// The directions watched ([`Direction::XdpIngress`] alone for an XDP session).
     pub directions: Vec<Direction>,
-    /// Copies go through the ring buffer and the agent sends them on: an XDP session, or a file
-    /// target.
+    /// Copies go through the ring buffer and the agent sends them on: an XDP session, or a
+    /// ring-fed target (see [`Target::through_ring`]).
     pub through_ring: bool,
+}
+
+impl Session {
+    /// What the targets need of the session.
+    pub fn target_input(&self) -> SessionTarget<'_> {
+        SessionTarget {
+            name: &self.name,
+            target: &self.target,
+            through_ring: self.through_ring,
+            controls: self.controls.kernel(),
+            snaplen: self.controls.snaplen,
+        }
+    }
 }
 
 /// Everything the agent applies: sessions, rules in global order, and the kernel tables.

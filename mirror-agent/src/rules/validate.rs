@@ -10,15 +10,12 @@ use mirror_common::{
 };
 
 use super::{
-    Controls, Fields, FileTarget, Interface, Plan, Rule, RuleKind, Session, Target,
-    compile::compile, filter::Expr, shadow::Shadows,
+    Controls, Fields, Interface, Plan, Rule, RuleKind, Session, compile::compile, filter::Expr,
+    hidden::HiddenRules,
 };
-use crate::{
-    config::{
-        ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig,
-        LoadedConfig, PodSelector, RateLimitConfig, SampleBy, SessionConfig, TargetConfig,
-    },
-    encap::{TunnelFormat, TunnelTarget},
+use crate::config::{
+    ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
+    PodSelector, RateLimitConfig, SampleBy, SessionConfig,
 };
 
 /// Validates `loaded` against the interfaces present and compiles it.
@@ -72,7 +69,7 @@ pub fn plan(
         )));
     }
     let mut rules = Vec::new();
-    let mut shadows = Shadows::default();
+    let mut hidden = HiddenRules::default();
     for (index, spanned) in config.sessions.iter().enumerate() {
         rules.extend(guards.iter().map(|guard| Rule {
             session: index,
@@ -82,7 +79,7 @@ pub fn plan(
             loaded,
             index,
             spanned.get_ref(),
-            &mut shadows,
+            &mut hidden,
         )?);
     }
     if rules.len() > MAX_RULES as usize {
@@ -92,7 +89,7 @@ pub fn plan(
             rules.len()
         )));
     }
-    warnings.extend(shadows.into_warnings());
+    warnings.extend(hidden.into_warnings());
     refuse_watched_targets(loaded, &sessions)?;
     let tables = compile(&sessions, &rules);
     let node_rate = match &config.node_rate_limit {
@@ -124,10 +121,8 @@ pub fn plan(
 fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
     let endpoints: BTreeSet<(IpAddr, u8, Option<u16>)> = sessions
         .iter()
-        .filter_map(|s| match &s.target {
-            Target::Tunnel(t) => Some((t.remote, t.format.ip_protocol(), t.format.udp_port())),
-            Target::Interface(_) | Target::File(_) | Target::Watch => None,
-        })
+        .filter_map(|s| s.target.tunnel())
+        .map(|t| (t.remote, t.format.ip_protocol(), t.format.udp_port()))
         .collect();
     endpoints
         .into_iter()
@@ -143,153 +138,6 @@ fn tunnel_guards(sessions: &[Session]) -> Vec<Rule> {
             ..Rule::default()
         })
         .collect()
-}
-
-/// A tunnel target's format and addresses, checked.
-fn tunnel_target(target: &TargetConfig) -> Option<Result<TunnelTarget, String>> {
-    let (remote, local, format) = match target {
-        TargetConfig { vxlan: Some(v), .. } => (
-            v.remote,
-            v.local,
-            TunnelFormat::Vxlan {
-                vni: v.vni.0,
-                port: v.port,
-            },
-        ),
-        TargetConfig {
-            geneve: Some(g), ..
-        } => (
-            g.remote,
-            g.local,
-            TunnelFormat::Geneve {
-                vni: g.vni.0,
-                port: g.port,
-            },
-        ),
-        TargetConfig { gre: Some(g), .. } => (g.remote, g.local, TunnelFormat::Gre { key: g.key }),
-        TargetConfig {
-            erspan: Some(e), ..
-        } => (
-            e.remote,
-            e.local,
-            TunnelFormat::Erspan {
-                session_id: e.session_id.0,
-                version: e.version,
-            },
-        ),
-        _ => return None,
-    };
-    let name = match format {
-        TunnelFormat::Vxlan { .. } => "vxlan",
-        TunnelFormat::Geneve { .. } => "geneve",
-        TunnelFormat::Gre { .. } => "gre",
-        TunnelFormat::Erspan { .. } => "erspan",
-    };
-    let problem = if remote.is_unspecified() || remote.is_multicast() || remote.is_loopback() {
-        Some(format!(
-            "{name} remote `{remote}` must be a unicast address of another host"
-        ))
-    } else if format.udp_port() == Some(0) {
-        Some(format!("{name} port must not be 0"))
-    } else if local.is_some_and(|l| l.is_ipv4() != remote.is_ipv4()) {
-        Some(format!(
-            "{name} `local` and `remote` are of different IP versions"
-        ))
-    } else if matches!(format, TunnelFormat::Erspan { version, .. } if version != 2 && version != 3)
-    {
-        Some("erspan `version` must be 2 (type II) or 3 (type III)".to_owned())
-    } else {
-        None
-    };
-    Some(match problem {
-        Some(message) => Err(message),
-        None => Ok(TunnelTarget {
-            remote,
-            local,
-            format,
-        }),
-    })
-}
-
-/// A session's target, checked.
-fn resolve_target(
-    loaded: &LoadedConfig,
-    session: &SessionConfig,
-    interfaces: &[Interface],
-) -> Result<Target, ConfigError> {
-    let span = session.target.span();
-    let target = session.target.get_ref();
-    if target.watch {
-        return Ok(Target::Watch);
-    }
-    if target.file.is_none() && (target.rotate_bytes.is_some() || target.rotate_count.is_some()) {
-        return Err(loaded.error(
-            span,
-            "`rotate_bytes` and `rotate_count` go with a `file` target",
-        ));
-    }
-    if target.rotate_count.is_some() && target.rotate_bytes.is_none() {
-        return Err(loaded.error(span, "`rotate_count` needs `rotate_bytes`"));
-    }
-    let tunnels = [
-        target.vxlan.is_some(),
-        target.geneve.is_some(),
-        target.gre.is_some(),
-        target.erspan.is_some(),
-    ];
-    if target.interface.is_none()
-        && target.file.is_none()
-        && tunnels.into_iter().filter(|given| *given).count() == 1
-        && let Some(tunnel) = tunnel_target(target)
-    {
-        return tunnel
-            .map(Target::Tunnel)
-            .map_err(|message| loaded.error(span, message));
-    }
-    match target {
-        TargetConfig {
-            interface: Some(name),
-            vxlan: None,
-            geneve: None,
-            gre: None,
-            erspan: None,
-            file: None,
-            ..
-        } => find(interfaces, name)
-            .map(Target::Interface)
-            .ok_or_else(|| loaded.error(span, format!("target interface `{name}` does not exist"))),
-        TargetConfig {
-            interface: None,
-            vxlan: None,
-            geneve: None,
-            gre: None,
-            erspan: None,
-            file: Some(path),
-            rotate_bytes,
-            rotate_count,
-            watch: false,
-        } => {
-            if path == std::path::Path::new(crate::config::STDOUT) && rotate_bytes.is_some() {
-                return Err(loaded.error(span, "standard output (`-`) is one stream: it is not rotated"));
-            }
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-            if parent.is_some_and(|p| !p.is_dir()) {
-                return Err(loaded.error(
-                    span,
-                    format!("the directory of `{}` does not exist", path.display()),
-                ));
-            }
-            Ok(Target::File(FileTarget {
-                path: path.clone(),
-                rotate_bytes: *rotate_bytes,
-                rotate_count: *rotate_count,
-            }))
-        }
-        _ => Err(loaded.error(
-            span,
-            "a target needs exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`",
-        )),
-    }
 }
 
 /// The hooks a session's direction and hook stand for.
@@ -322,11 +170,12 @@ fn resolve_session(
     pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
     warnings: &mut Vec<String>,
 ) -> Result<Session, ConfigError> {
-    let target = resolve_target(loaded, session, interfaces)?;
-    let target_ifindex = match &target {
-        Target::Interface(i) => Some(i.ifindex),
-        Target::Tunnel(_) | Target::File(_) | Target::Watch => None,
-    };
+    let target = session
+        .target
+        .get_ref()
+        .resolve(interfaces)
+        .map_err(|message| loaded.error(session.target.span(), message))?;
+    let target_ifindex = target.interface().map(|i| i.ifindex);
     let patterns = match (&session.interfaces, &session.pods) {
         (Some(_), Some(pods)) => {
             return Err(loaded.error(
@@ -390,8 +239,7 @@ fn resolve_session(
         watched.extend(matched.into_iter().map(|i| (i.ifindex, i.name)));
     }
     let directions = directions(loaded, session)?;
-    let through_ring =
-        directions == [Direction::XdpIngress] || matches!(target, Target::File(_) | Target::Watch);
+    let through_ring = target.through_ring(directions == [Direction::XdpIngress]);
     let attachments = watched
         .into_iter()
         .flat_map(|(ifindex, name)| {
@@ -519,7 +367,7 @@ fn session_rules(
     loaded: &LoadedConfig,
     index: usize,
     session: &SessionConfig,
-    shadows: &mut Shadows,
+    hidden: &mut HiddenRules,
 ) -> Result<Vec<Rule>, ConfigError> {
     let name = session.name.get_ref();
     if let Some(filter) = &session.filter {
@@ -544,7 +392,7 @@ fn session_rules(
         let expanded = validate_rule(index, spanned_rule.get_ref())
             .map_err(|message| loaded.error(spanned_rule.span(), message))?;
         for rule in expanded {
-            shadows.check(loaded, spanned_rule.span(), &rules, &rule, name);
+            hidden.check(loaded, spanned_rule.span(), &rules, &rule, name);
             rules.push(rule);
         }
     }
@@ -606,7 +454,7 @@ fn filter_rules(
 /// are covered by the tunnel guard rules instead.)
 fn refuse_watched_targets(loaded: &LoadedConfig, sessions: &[Session]) -> Result<(), ConfigError> {
     for session in sessions {
-        let Target::Interface(target) = &session.target else {
+        let Some(target) = session.target.interface() else {
             continue;
         };
         for (index, other) in sessions.iter().enumerate() {

@@ -2,12 +2,11 @@
 //! API reports of it, and the counters carried across reloads.
 use mirror_common::{Counters, Direction, Traffic};
 
-use super::{
-    Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, TunnelView, direction_name,
-};
+use super::{Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, direction_name};
 use crate::{
     datapath::Datapath,
     rules::{self, Plan},
+    targets::{TargetCounters, Targets, TunnelView, ring::RingDrain},
 };
 
 /// One applied configuration: its datapath, what the API reports of it, and the counters its
@@ -15,16 +14,16 @@ use crate::{
 #[derive(Debug)]
 pub struct Applied {
     pub datapath: Datapath,
-    /// Sends the ring copies on (XDP sessions, file targets); stops once it has sent what is
+    /// Sends the ring copies on (XDP sessions, ring-fed targets); stops once it has sent what is
     /// queued when dropped.
-    pub drain: Option<crate::emit::Drain>,
+    pub drain: Option<RingDrain>,
     pub(crate) view: PlanView,
     carried: Carried,
     /// What the follower needs to watch interfaces that appear later.
     pub follow: Option<Follow>,
-    /// The targets as they are now: tunnels' hops (kept current by `tunnel::path::run`) and
-    /// target interfaces' indexes (by `follow::run`).
-    pub targets: crate::tunnel::Targets,
+    /// The targets as they are now: tunnels' hops (kept current by `follow::routes`) and
+    /// target interfaces' indexes (by `follow::links`).
+    pub targets: Targets,
     /// The pods pod-selector sessions select now, and where they were found.
     pub pods: Vec<SelectedPod>,
     /// By session, the counters of its default rule last reported where the agent counts them:
@@ -79,7 +78,7 @@ impl PlanView {
                 .iter()
                 .map(|s| SessionView {
                     name: s.name.clone(),
-                    target: s.target.to_string(),
+                    target: s.target.view(),
                     selects_pods: s.pods.is_some(),
                     hooks: s
                         .attachments
@@ -100,10 +99,10 @@ impl Applied {
     /// A configuration applied afresh (see [`Applied::succeed`] for one that replaces another).
     pub fn new(
         datapath: Datapath,
-        drain: Option<crate::emit::Drain>,
+        drain: Option<RingDrain>,
         plan: &Plan,
         follow: Option<Follow>,
-        targets: crate::tunnel::Targets,
+        targets: Targets,
     ) -> Self {
         Applied {
             datapath,
@@ -156,7 +155,7 @@ impl Applied {
     }
 
     /// Sets each session's `watched` flag in the kernel to whether `watchers` watch it.
-    pub fn sync_watched(&mut self, watchers: &crate::watch::Watchers) {
+    pub fn sync_watched(&mut self, watchers: &crate::targets::watch::Watchers) {
         for (index, session) in self.view.sessions.iter().enumerate() {
             let watched = watchers.watches(&session.name);
             if let Err(e) = self.datapath.set_watched(index as u32, watched) {
@@ -184,20 +183,24 @@ impl Applied {
 
     /// Where each tunnel session's copies leave now, or why they cannot.
     pub fn tunnels(&self) -> Vec<TunnelView> {
-        self.targets
-            .report()
-            .into_iter()
-            .map(|(session, target, hop)| TunnelView {
-                session,
-                target,
-                interface: hop.as_ref().ok().map(|h| h.interface.clone()),
-                next_hop_mac: hop
-                    .as_ref()
-                    .ok()
-                    .map(|h| crate::tunnel::mac_text(h.next_hop_mac)),
-                problem: hop.err().map(|e| e.to_string()),
-            })
-            .collect()
+        self.targets.tunnels.views()
+    }
+
+    /// Per session, what the agent counted of its target: the ring drain's counts and the
+    /// tunnels' hop changes.
+    fn target_counters(&self) -> Vec<TargetCounters> {
+        let mut counters = self
+            .drain
+            .as_ref()
+            .map(RingDrain::counters)
+            .unwrap_or_default();
+        counters.resize(self.view.sessions.len(), TargetCounters::default());
+        for (session, changes) in self.targets.tunnels.hop_changes() {
+            if let Some(counters) = counters.get_mut(session as usize) {
+                counters.hop_changes = changes;
+            }
+        }
+        counters
     }
 
     /// Every counter, summed over CPUs, plus what earlier generations carried over.
@@ -224,6 +227,7 @@ impl Applied {
             }
         }
         self.count_defaults(&seen, &mut sessions, &mut rules);
+        let targets = self.target_counters();
         let hook = |i: usize| hooks.get(i).copied().unwrap_or_default();
         let carried = |list: &[Counters], i: usize| list.get(i).copied().unwrap_or_default();
         Ok(Stats {
@@ -233,10 +237,12 @@ impl Applied {
                 .sessions
                 .iter()
                 .zip(&sessions)
+                .zip(targets)
                 .enumerate()
-                .map(|(index, (view, counters))| SessionStats {
+                .map(|(index, ((view, counters), target))| SessionStats {
                     name: view.name.clone(),
                     counters: *counters + carried(&self.carried.sessions, index),
+                    target,
                     rules: self
                         .view
                         .rules

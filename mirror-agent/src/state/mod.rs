@@ -17,11 +17,9 @@ use tokio::sync::watch;
 pub use self::{
     applied::Applied,
     follow::Follow,
-    views::{
-        RuleStats, SelectedPod, SessionStats, SessionView, Stats, Status, TunnelView,
-        direction_name,
-    },
+    views::{RuleStats, SelectedPod, SessionStats, SessionView, Stats, Status, direction_name},
 };
+use crate::targets::watch::Watchers;
 
 /// How old a reading of the counters may be when it is served.
 const READING_AGE: Duration = Duration::from_millis(100);
@@ -43,7 +41,7 @@ pub struct Shared {
     /// Where `POST /reload` and ad-hoc captures ask the agent for a new configuration.
     pub(crate) requests: tokio::sync::mpsc::Sender<Request>,
     /// The live captures (`GET /capture`).
-    pub(crate) watchers: Arc<crate::watch::Watchers>,
+    pub(crate) watchers: Arc<Watchers>,
 }
 
 /// What the API asks of the agent, and where the outcome goes.
@@ -55,7 +53,7 @@ pub enum Request {
     /// expression, or of every packet), applied, or why not.
     StartCapture {
         session: String,
-        watch: crate::watch::AdHoc,
+        watch: AdHoc,
         filter: Option<String>,
         answer: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
@@ -63,12 +61,21 @@ pub enum Request {
     EndCapture(String),
 }
 
+/// What an ad-hoc capture watches.
+#[derive(Debug, Clone)]
+pub enum AdHoc {
+    /// Interface names or globs.
+    Interfaces(Vec<String>),
+    /// The pods of this node a selector selects, through their host-side interfaces.
+    Pods(crate::config::PodSelector),
+}
+
 impl Shared {
     pub fn new(
         applied: Applied,
         stop: watch::Receiver<bool>,
         requests: tokio::sync::mpsc::Sender<Request>,
-        watchers: Arc<crate::watch::Watchers>,
+        watchers: Arc<Watchers>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             applied: Mutex::new(applied),
@@ -114,7 +121,7 @@ impl Shared {
             .await
             .context("reading the counters")??;
         let interfaces = self.applied().targets.sending_interfaces();
-        stats.targets = crate::tunnel::tx_losses(interfaces).await;
+        stats.targets = crate::targets::tx_losses(interfaces).await;
         let stats = Arc::new(stats);
         *last = Some((Instant::now(), stats.clone()));
         Ok(stats)

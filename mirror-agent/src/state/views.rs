@@ -3,6 +3,8 @@
 use mirror_common::{Counters, Direction, HookCounters};
 use serde::{Deserialize, Serialize};
 
+use crate::targets::{TargetCounters, TargetView, TunnelView, TxLosses, watch::WatcherView};
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RuleStats {
     pub rule: String,
@@ -13,6 +15,9 @@ pub struct RuleStats {
 pub struct SessionStats {
     pub name: String,
     pub counters: Counters,
+    /// What the agent counted of its target in userspace, in this configuration.
+    #[serde(default)]
+    pub target: TargetCounters,
     pub rules: Vec<RuleStats>,
 }
 
@@ -29,7 +34,7 @@ pub struct Stats {
     /// Copies lost after they left the programs, per interface they leave by (read with the
     /// counters by [`Shared::reading`]).
     #[serde(default)]
-    pub targets: Vec<crate::tunnel::TxLosses>,
+    pub targets: Vec<TxLosses>,
 }
 
 /// `GET /status`.
@@ -54,18 +59,7 @@ pub struct Status {
     pub tunnels: Vec<TunnelView>,
     /// The live captures (`mirror-agent capture`) running now.
     #[serde(default)]
-    pub captures: Vec<crate::watch::WatcherView>,
-}
-
-/// A tunnel session's path now: the underlay and next hop, or why there is none (its copies are
-/// then counted as `no_route`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TunnelView {
-    pub session: String,
-    pub target: String,
-    pub interface: Option<String>,
-    pub next_hop_mac: Option<String>,
-    pub problem: Option<String>,
+    pub captures: Vec<WatcherView>,
 }
 
 /// A pod that pod-selector sessions select, and the interface watched for it.
@@ -84,7 +78,7 @@ pub struct SelectedPod {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionView {
     pub name: String,
-    pub target: String,
+    pub target: TargetView,
     /// The session watches pods (`pods = {…}`), not named interfaces.
     #[serde(default)]
     pub selects_pods: bool,

@@ -59,6 +59,11 @@ impl Filter {
             .map_or(self.default, |(_, action)| *action);
         action == ActionConfig::Mirror
     }
+
+    /// A live capture's selector: whether a copy's frame passes.
+    pub fn into_selector(self) -> crate::targets::watch::Selector {
+        Box::new(move |frame| self.selects(&Header::of_frame(frame)))
+    }
 }
 
 /// Reads `text` (e.g. `tcp port 443 and not host 10.1.2.3`).

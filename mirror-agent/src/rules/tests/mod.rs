@@ -3,8 +3,8 @@ use std::{fmt::Write as _, net::IpAddr};
 use mirror_common::{BITMAP_WORDS, Field, MAX_RULES, SAMPLE_FLOWS, SUMMARY_WORDS, UNCONSTRAINED};
 
 use super::{
+    hidden::HiddenRules,
     model::{Packet, decide},
-    shadow::Shadows,
     *,
 };
 use crate::config::{ConfigError, DEFAULT_COPY_RING_BYTES, LoadedConfig};

@@ -2,8 +2,10 @@
 //! gives about rules that other rules hide.
 use super::*;
 
+/// The error of `text`, at parsing (a target's shape) or at validation.
 fn plan_error(text: &str) -> String {
-    plan(&load(text), &interfaces())
+    LoadedConfig::parse("t.toml".into(), text.into())
+        .and_then(|loaded| plan(&loaded, &interfaces()))
         .expect_err("invalid")
         .to_string()
 }
@@ -362,16 +364,16 @@ fn hidden_rule_warnings_are_capped_and_summarised() {
     // Each of the 999 later rules is hidden by every earlier one: 499,500 pairs.
     assert_eq!(
         plan.warnings.len(),
-        Shadows::SHOWN + 1,
+        HiddenRules::SHOWN + 1,
         "{:#?}",
         plan.warnings
     );
     assert_eq!(
-        plan.warnings[Shadows::SHOWN],
+        plan.warnings[HiddenRules::SHOWN],
         format!(
             "{} more warning(s) about unreachable or partly hidden rules (the first {} are shown above)",
-            499_500 - Shadows::SHOWN,
-            Shadows::SHOWN
+            499_500 - HiddenRules::SHOWN,
+            HiddenRules::SHOWN
         )
     );
 }
@@ -388,14 +390,14 @@ fn hidden_rule_checks_stop_at_their_budget() {
     let plan = plan(&load(&text), &interfaces()).expect("valid");
     // Rule n is compared with n - 1 earlier ones: the budget lasts while n(n-1)/2 fits.
     let checked = (1..=count)
-        .take_while(|n| n * (n - 1) / 2 <= Shadows::PAIR_BUDGET)
+        .take_while(|n| n * (n - 1) / 2 <= HiddenRules::PAIR_BUDGET)
         .count();
     assert_eq!(
         plan.warnings,
         [format!(
             "{} rule(s) were not checked for rules that hide them (the check stops after {} comparisons)",
             count - checked,
-            Shadows::PAIR_BUDGET
+            HiddenRules::PAIR_BUDGET
         )]
     );
 }

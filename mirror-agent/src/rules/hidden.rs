@@ -3,10 +3,10 @@ use super::{Rule, RuleKind};
 use crate::config::LoadedConfig;
 
 /// Warnings about rules that earlier rules hide, within bounds: every rule is compared with the
-/// earlier rules of its session until [`Shadows::PAIR_BUDGET`] comparisons are spent, and the
-/// first [`Shadows::SHOWN`] warnings are kept, the rest counted.
+/// earlier rules of its session until [`HiddenRules::PAIR_BUDGET`] comparisons are spent, and the
+/// first [`HiddenRules::SHOWN`] warnings are kept, the rest counted.
 #[derive(Debug, Default)]
-pub(super) struct Shadows {
+pub(super) struct HiddenRules {
     shown: Vec<String>,
     more: usize,
     pairs: usize,
@@ -14,7 +14,7 @@ pub(super) struct Shadows {
     unchecked: usize,
 }
 
-impl Shadows {
+impl HiddenRules {
     /// Comparisons for all sessions together: about 2,800 rules in one session compared pairwise,
     /// a few tens of milliseconds.
     pub(super) const PAIR_BUDGET: usize = 4_000_000;
@@ -35,7 +35,7 @@ impl Shadows {
         }
         self.pairs += earlier.len();
         for earlier in earlier {
-            let Some(warning) = shadowing(earlier, rule, session) else {
+            let Some(warning) = hiding(earlier, rule, session) else {
                 continue;
             };
             if self.shown.len() < Self::SHOWN {
@@ -67,7 +67,7 @@ impl Shadows {
 }
 
 /// A warning when `earlier` (same session, tried first) hides all or part of `later`.
-fn shadowing(earlier: &Rule, later: &Rule, session: &str) -> Option<String> {
+fn hiding(earlier: &Rule, later: &Rule, session: &str) -> Option<String> {
     let (RuleKind::Numbered(earlier_no), RuleKind::Numbered(later_no)) = (earlier.kind, later.kind)
     else {
         return None;

@@ -1,4 +1,6 @@
-//! Live captures (`mirror-agent capture`): watchers of a session's copies. The ring drain offers
+//! Watch targets and live captures (`mirror-agent capture`): watchers of a session's copies. A
+//! watch target's copies go to its watchers alone (an ad-hoc capture's session); any other
+//! session's copies go to its watchers besides its target while someone watches it. The ring drain offers
 //! each copy of a watched session to its watchers, each through a bounded queue of its own: a
 //! watcher that does not keep up loses copies (counted), and neither the drain nor the datapath
 //! ever waits for it. With no watcher, the drain checks one atomic per copy and the datapath
@@ -14,21 +16,13 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::rules::{Header, filter::Filter};
+/// Which copies a watcher takes (its filter expression, read in userspace), from their frames.
+pub type Selector = Box<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
 /// Watchers at once, across sessions.
 pub const MAX_WATCHERS: usize = 8;
 /// Copies a watcher may have waiting; more are lost (counted).
 pub const QUEUE_COPIES: usize = 4096;
-
-/// What an ad-hoc capture watches.
-#[derive(Debug, Clone)]
-pub enum AdHoc {
-    /// Interface names or globs.
-    Interfaces(Vec<String>),
-    /// The pods of this node a selector selects, through their host-side interfaces.
-    Pods(crate::config::PodSelector),
-}
 
 /// A copy for a watcher.
 #[derive(Debug)]
@@ -42,16 +36,25 @@ pub struct Watched {
 }
 
 /// One watcher: its session, its queue and what it got and lost.
-#[derive(Debug)]
 pub struct Watcher {
     pub id: u64,
     pub session: String,
-    /// Only the copies this filter selects (tcpdump's language, read in userspace).
-    filter: Option<Filter>,
+    /// Only the copies this selects (a tcpdump expression, read in userspace).
+    filter: Option<Selector>,
     filter_text: Option<String>,
     queue: mpsc::Sender<Watched>,
     sent: AtomicU64,
     lost: AtomicU64,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("id", &self.id)
+            .field("session", &self.session)
+            .field("filter", &self.filter_text)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What `/status` shows of a watcher.
@@ -85,12 +88,12 @@ pub struct Watchers {
 pub struct TooMany;
 
 impl Watchers {
-    /// A new watcher of `session` (of the copies `filter` selects), and where its copies
-    /// arrive.
+    /// A new watcher of `session` (of the copies `filter` selects, written as its text), and
+    /// where its copies arrive.
     pub fn add(
         &self,
         session: &str,
-        filter: Option<(String, Filter)>,
+        filter: Option<(String, Selector)>,
     ) -> Result<(Arc<Watcher>, mpsc::Receiver<Watched>), TooMany> {
         let mut list = self.lock();
         if list.len() >= MAX_WATCHERS {
@@ -134,23 +137,28 @@ impl Watchers {
     }
 
     /// Hands a copy of `session`, of `frame`, to each of its watchers whose filter selects it
-    /// (made by `copy` only then); a full queue loses it.
-    pub fn offer(&self, session: &str, frame: &[u8], mut copy: impl FnMut() -> Watched) {
+    /// (made by `copy` only then); a full queue loses it. Returns how many watchers lost it.
+    pub fn offer(&self, session: &str, frame: &[u8], mut copy: impl FnMut() -> Watched) -> u64 {
         if self.active.load(Ordering::Acquire) == 0 {
-            return;
+            return 0;
         }
-        let mut header = None;
+        let mut lost = 0;
         for watcher in self.lock().iter().filter(|w| w.session == session) {
-            if let Some(filter) = &watcher.filter
-                && !filter.selects(header.get_or_insert_with(|| Header::of_frame(frame)))
+            if watcher
+                .filter
+                .as_ref()
+                .is_some_and(|selects| !selects(frame))
             {
                 continue;
             }
-            match watcher.queue.try_send(copy()) {
-                Ok(()) => watcher.sent.fetch_add(1, Ordering::Relaxed),
-                Err(_) => watcher.lost.fetch_add(1, Ordering::Relaxed),
-            };
+            if watcher.queue.try_send(copy()).is_ok() {
+                watcher.sent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                watcher.lost.fetch_add(1, Ordering::Relaxed);
+                lost += 1;
+            }
         }
+        lost
     }
 
     pub fn views(&self) -> Vec<WatcherView> {
@@ -201,12 +209,14 @@ mod tests {
         let watchers = Watchers::default();
         let (slow, _unread) = watchers.add("a", None).expect("room");
         let (other, mut read) = watchers.add("b", None).expect("room");
+        let mut lost = 0;
         for _ in 0..QUEUE_COPIES + 10 {
-            watchers.offer("a", &[], copy);
-            watchers.offer("b", &[], copy);
+            lost += watchers.offer("a", &[], copy);
+            lost += watchers.offer("b", &[], copy);
             while read.try_recv().is_ok() {}
         }
         assert_eq!(slow.counts(), (QUEUE_COPIES as u64, 10));
+        assert_eq!(lost, 10, "the losses the drain counts for the session");
         assert_eq!(other.counts(), (QUEUE_COPIES as u64 + 10, 0));
         assert!(watchers.watches("a") && !watchers.watches("c"));
         assert!(watchers.remove(slow.id) && !watchers.remove(slow.id));

@@ -77,7 +77,7 @@ pub async fn resolve(handle: &Handle, target: &TunnelTarget) -> Result<Hop, NoHo
         }
     }
     let ifindex = ifindex.ok_or(NoHop::NoRoute(remote))?;
-    let link = super::link_by_index(handle, ifindex)
+    let link = crate::targets::interface::link_by_index(handle, ifindex)
         .await
         .map_err(|e| netlink(&e))?
         .ok_or(NoHop::NoRoute(remote))?;

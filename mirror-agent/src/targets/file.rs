@@ -1,6 +1,5 @@
-//! Where copies are written or sent in userspace: pcap and pcapng files (rotated by size when
-//! asked) and packet sockets that send frames out of an interface as they are. Used by the
-//! collector and by the agent for the copies that come through the ring buffer.
+//! File targets: copies written to pcap and pcapng files (rotated by size when asked), or to
+//! standard output. Also the pcapng stream live captures use, and the files the collector writes.
 //!
 //! A capture file is only ever created, never opened if it exists: `O_CREAT|O_EXCL|O_NOFOLLOW`,
 //! mode 0600. So a link someone planted at its name is not followed, a file someone made in
@@ -9,15 +8,15 @@
 //! (a full disk) is counted; the capture goes on in a new file once writing works again.
 use std::{
     borrow::Cow,
+    collections::HashMap,
     fs::File,
     io::{self, BufWriter},
-    os::fd::{AsFd, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use nix::sys::socket::MsgFlags;
 use pcap_file::{
     DataLink, TsResolution,
     pcap::{PcapHeader, PcapPacket, PcapWriter},
@@ -29,25 +28,193 @@ use pcap_file::{
         },
     },
 };
+use serde::Deserialize;
 
-use crate::config::STDOUT;
+use super::{
+    Target,
+    ring::{RingCopy, SessionCounters, Sink},
+};
 
-/// A packet socket that sends frames out of `interface` as they are.
-pub fn open_tap(interface: &str) -> anyhow::Result<OwnedFd> {
-    let Ok(ifindex) = nix::net::if_::if_nametoindex(interface) else {
-        bail!("--tap: interface `{interface}` does not exist");
-    };
-    crate::sys::socket::packet_socket(ifindex)
-        .with_context(|| format!("opening a packet socket on {interface}"))
+/// The file target path that stands for standard output (pcap, for `| tshark -r -`).
+pub const STDOUT: &str = "-";
+
+/// `file = "PATH"`, or `file = { path = "PATH", rotate_bytes = N, rotate_count = M }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileConfig {
+    /// A pcap (`.pcap`) or pcapng (`.pcapng`) file, or `-` for standard output (pcap).
+    pub path: PathBuf,
+    /// Start a new file (`NAME-000002.pcapng`, …) when this many bytes are written.
+    pub rotate_bytes: Option<u64>,
+    /// With `rotate_bytes`: keep only the newest this many files.
+    pub rotate_count: Option<u64>,
 }
 
-pub fn send_frame(socket: impl AsFd, frame: &[u8]) -> io::Result<()> {
-    nix::sys::socket::send(socket.as_fd().as_raw_fd(), frame, MsgFlags::empty())?;
-    Ok(())
+impl<'de> Deserialize<'de> for FileConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// The table form.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            path: PathBuf,
+            rotate_bytes: Option<u64>,
+            rotate_count: Option<u64>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a file's path, or a table `{ path = \"…\", rotate_bytes = …, rotate_count = … }`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, path: &str) -> Result<FileConfig, E> {
+                Ok(FileConfig {
+                    path: path.into(),
+                    rotate_bytes: None,
+                    rotate_count: None,
+                })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileConfig, A::Error> {
+                let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(FileConfig {
+                    path: table.path,
+                    rotate_bytes: table.rotate_bytes,
+                    rotate_count: table.rotate_count,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
-/// The capture files: the format follows the file name, rotated by size when asked.
-pub struct Sink {
+/// A pcap or pcapng file the agent writes copies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileTarget {
+    pub path: PathBuf,
+    pub rotate_bytes: Option<u64>,
+    pub rotate_count: Option<u64>,
+}
+
+impl FileTarget {
+    /// Whether the copies go to standard output.
+    pub fn is_stdout(&self) -> bool {
+        self.path == Path::new(STDOUT)
+    }
+}
+
+impl FileConfig {
+    pub(super) fn resolve(&self) -> Result<Target, String> {
+        let FileConfig {
+            path,
+            rotate_bytes,
+            rotate_count,
+        } = self;
+        if rotate_count.is_some() && rotate_bytes.is_none() {
+            return Err("`rotate_count` needs `rotate_bytes`".to_owned());
+        }
+        if path == Path::new(STDOUT) && rotate_bytes.is_some() {
+            return Err("standard output (`-`) is one stream: it is not rotated".to_owned());
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| !p.is_dir()) {
+            return Err(format!(
+                "the directory of `{}` does not exist",
+                path.display()
+            ));
+        }
+        Ok(Target::File(FileTarget {
+            path: path.clone(),
+            rotate_bytes: *rotate_bytes,
+            rotate_count: *rotate_count,
+        }))
+    }
+}
+
+/// The files of file targets, kept open across reloads (a reload must not start a session's file
+/// again) and closed when the agent stops.
+#[derive(Debug, Default)]
+pub struct OpenFiles(Mutex<HashMap<PathBuf, Arc<Mutex<PcapFile>>>>);
+
+impl OpenFiles {
+    /// The file of `target`: the one open already, or a new one.
+    pub(super) fn open(&self, target: &FileTarget) -> anyhow::Result<SharedFile> {
+        let mut files = lock(&self.0);
+        if let Some(file) = files.get(&target.path) {
+            return Ok(SharedFile(file.clone()));
+        }
+        let file = Arc::new(Mutex::new(PcapFile::open(
+            &target.path,
+            target.rotate_bytes,
+            target.rotate_count,
+        )?));
+        files.insert(target.path.clone(), file.clone());
+        Ok(SharedFile(file))
+    }
+
+    /// Flushes and closes the files none of `used` is any more (all of them when it is empty).
+    pub fn close_unused<'a>(
+        &self,
+        used: impl IntoIterator<Item = &'a Target>,
+    ) -> anyhow::Result<()> {
+        let used: Vec<&PathBuf> = used
+            .into_iter()
+            .filter_map(Target::file)
+            .map(|file| &file.path)
+            .collect();
+        let closing: Vec<_> = {
+            let mut files = lock(&self.0);
+            let gone: Vec<PathBuf> = files
+                .keys()
+                .filter(|path| !used.contains(path))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|path| files.remove(path)).collect()
+        };
+        for file in closing {
+            let file = Arc::try_unwrap(file)
+                .map_err(|_| anyhow::anyhow!("a capture file is still in use"))?
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            file.finish()?;
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A file target's file as the ring drain writes it (the open files keep it across reloads).
+pub(super) struct SharedFile(Arc<Mutex<PcapFile>>);
+
+impl Sink for SharedFile {
+    fn push(&mut self, copy: &RingCopy<'_>, counters: &SessionCounters) {
+        let written = lock(&self.0).write(
+            copy.interface,
+            || copy.interface_name.to_owned(),
+            copy.timestamp,
+            copy.frame,
+            copy.orig_len,
+        );
+        match written {
+            Ok(()) => counters.sent(1),
+            Err(e) => counters.refused(1, &e),
+        }
+    }
+
+    /// Frames are written as they come.
+    fn flush(&mut self, _: &SessionCounters) {}
+}
+
+/// A capture's files: the format follows the file name, rotated by size when asked.
+pub struct PcapFile {
     path: PathBuf,
     rotate_bytes: Option<u64>,
     rotate_count: Option<u64>,
@@ -64,9 +231,9 @@ pub struct Sink {
     pub write_errors: u64,
 }
 
-impl std::fmt::Debug for Sink {
+impl std::fmt::Debug for PcapFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sink")
+        f.debug_struct("PcapFile")
             .field("path", &self.path)
             .field("sequence", &self.sequence)
             .finish_non_exhaustive()
@@ -152,7 +319,7 @@ const REOPEN_PERIOD: Duration = Duration::from_secs(1);
 /// How many taken names a new file skips before it gives up (someone fills the directory).
 const NAME_TRIES: u64 = 1000;
 
-impl Sink {
+impl PcapFile {
     /// Starts a capture at `path` (rotated: `name-000001.ext` and on), or at the next free
     /// number after the highest file of this name already there.
     pub fn open(
@@ -166,7 +333,7 @@ impl Sink {
         } else {
             highest_sequence(path)
         };
-        let mut sink = Sink {
+        let mut sink = PcapFile {
             path: path.to_owned(),
             rotate_bytes,
             rotate_count,
@@ -218,7 +385,7 @@ impl Sink {
 
     /// Writes a frame seen on `interface` (a key; `name` describes it in a pcapng file) whose
     /// first `frame.len()` of `orig_len` bytes were kept. A failure is counted in
-    /// [`Sink::write_errors`]; what is in the file stays readable up to the last whole frame, and
+    /// [`PcapFile::write_errors`]; what is in the file stays readable up to the last whole frame, and
     /// the next write starts a new file.
     pub fn write(
         &mut self,
@@ -435,7 +602,7 @@ mod tests {
         std::fs::write(&victim, b"keep").expect("write");
         std::os::unix::fs::symlink(&victim, &path).expect("symlink");
         std::fs::write(dir.path().join("cap-000001.pcap"), b"someone else's").expect("write");
-        let sink = Sink::open(&path, None, None).expect("open");
+        let sink = PcapFile::open(&path, None, None).expect("open");
         sink.finish().expect("finish");
         assert_eq!(
             std::fs::read(&victim).expect("read"),
@@ -449,7 +616,7 @@ mod tests {
             0o600
         );
         // A rotated capture started again goes on after the highest number.
-        let rotated = Sink::open(&path, Some(1), Some(2)).expect("open");
+        let rotated = PcapFile::open(&path, Some(1), Some(2)).expect("open");
         assert_eq!(rotated.sequence, 3);
     }
 
@@ -459,8 +626,8 @@ mod tests {
     fn a_rotated_file_removed_by_someone_else_is_passed_over() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("cap.pcap");
-        let mut sink = Sink::open(&path, Some(1), Some(2)).expect("open");
-        let write = |sink: &mut Sink| {
+        let mut sink = PcapFile::open(&path, Some(1), Some(2)).expect("open");
+        let write = |sink: &mut PcapFile| {
             sink.write(1, String::new, Duration::ZERO, &[0; 60], 60)
                 .expect("written");
         };

@@ -1,0 +1,30 @@
+//! The plan on this host: the configuration checked against the interfaces present now.
+use super::{Interface, Plan, plan};
+use crate::config::{ConfigError, LoadedConfig, PodSelector};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostPlanError {
+    #[error("listing the interfaces: {0}")]
+    Interfaces(#[from] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// The plan of `loaded` on this host's interfaces, its warnings logged.
+pub fn plan_on_host(loaded: &LoadedConfig) -> Result<Plan, HostPlanError> {
+    plan_selecting(loaded, &|_| Vec::new())
+}
+
+/// [`plan_on_host`], where pod-selector sessions watch the interfaces `pods` gives for their
+/// selector.
+pub fn plan_selecting(
+    loaded: &LoadedConfig,
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
+) -> Result<Plan, HostPlanError> {
+    let interfaces = crate::targets::interface::present()?;
+    let plan = plan(loaded, &interfaces, pods)?;
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(plan)
+}
