@@ -450,46 +450,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man => write_manual(&mut std::io::stdout()).context("writing the manual page"),
-        Command::Run(args) => {
-            let stop_after = args.quick.count;
-            let mut loaded = match &args.config {
-                Some(path) => LoadedConfig::read(path)?,
-                None => LoadedConfig::from_config(args.quick.into_config(), "command line"),
-            };
-            if let Some(secs) = args.stats_interval {
-                loaded.config.stats_interval_secs = secs;
-            }
-            let metrics = metrics_address(
-                args.metrics_address.or(loaded.config.metrics_address),
-                args.metrics_ip,
-            )?;
-            let plan = rules::plan_on_host(&loaded)?;
-            if args.explain {
-                eprint!("{}", cli::explain(&plan));
-            }
-            let options = daemon::Options {
-                config: args.config,
-                stats_interval_secs: loaded.config.stats_interval_secs,
-                socket: args
-                    .api_socket
-                    .or_else(|| loaded.config.api_socket.clone())
-                    .unwrap_or_else(|| api::DEFAULT_SOCKET.into()),
-                metrics,
-                metrics_json: args.metrics_json_routes || loaded.config.metrics_json_routes,
-                pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),
-                node_name: args.node_name,
-                kubeconfig: args.kubeconfig,
-                stop_after,
-                kernel_log: args.kernel_log,
-                json_report: args.json,
-                copies_on_stdout: plan.sessions.iter().any(|s| {
-                    s.target
-                        .file()
-                        .is_some_and(targets::file::FileTarget::is_stdout)
-                }),
-            };
-            runtime()?.block_on(daemon::run(&loaded, plan, options))
-        }
+        Command::Run(args) => run(*args),
         Command::Collect(args) => runtime()?.block_on(collect::run(*args)),
         Command::Reload { api_socket } => runtime()?.block_on(async {
             let answer = api::post_to(&api_socket, "/reload").await?;
@@ -520,6 +481,48 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// `mirror-agent run`: the file's configuration or the quick form's, until a stop.
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let stop_after = args.quick.count;
+    let mut loaded = match &args.config {
+        Some(path) => LoadedConfig::read(path)?,
+        None => LoadedConfig::from_config(args.quick.into_config(), "command line"),
+    };
+    if let Some(secs) = args.stats_interval {
+        loaded.config.stats_interval_secs = secs;
+    }
+    let metrics = metrics_address(
+        args.metrics_address.or(loaded.config.metrics_address),
+        args.metrics_ip,
+    )?;
+    let plan = rules::plan_on_host(&loaded)?;
+    if args.explain {
+        eprint!("{}", cli::explain(&plan));
+    }
+    let options = daemon::Options {
+        config: args.config,
+        stats_interval_secs: loaded.config.stats_interval_secs,
+        socket: args
+            .api_socket
+            .or_else(|| loaded.config.api_socket.clone())
+            .unwrap_or_else(|| api::DEFAULT_SOCKET.into()),
+        metrics,
+        metrics_json: args.metrics_json_routes || loaded.config.metrics_json_routes,
+        pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),
+        node_name: args.node_name,
+        kubeconfig: args.kubeconfig,
+        stop_after,
+        kernel_log: args.kernel_log,
+        json_report: args.json,
+        copies_on_stdout: plan.sessions.iter().any(|s| {
+            s.target
+                .file()
+                .is_some_and(targets::file::FileTarget::is_stdout)
+        }),
+    };
+    runtime()?.block_on(daemon::run(&loaded, plan, options))
 }
 
 /// The shell completions of every command and flag.

@@ -84,6 +84,7 @@ pub struct SessionConfig {
     /// Where packets are examined: `tc` (default; copies are clones) or `xdp` (before the
     /// kernel's stack; copies go through the ring buffer and the agent sends them on).
     pub hook: Option<Spanned<HookConfig>>,
+    #[serde(deserialize_with = "crate::targets::one_kind")]
     pub target: Spanned<TargetConfig>,
     /// What happens to packets no rule matches (default: skip).
     pub default: Option<Spanned<ActionConfig>>,

@@ -368,7 +368,27 @@ async fn prepare(
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
     crate::sys::release_freed_memory();
-    for (session, meta) in plan.sessions.iter().zip(&targets.sessions) {
+    log_targets(&plan, &targets.sessions);
+    let follow = Follow::new(
+        &plan.sessions,
+        &plan.rules,
+        target_interfaces(&plan)
+            .iter()
+            .map(|(_, ifindex)| *ifindex)
+            .collect(),
+    );
+    Ok(Prepared {
+        plan,
+        targets: targets.targets,
+        datapath,
+        drain,
+        follow,
+    })
+}
+
+/// Says where each session's copies go, and what it watches when it selects pods.
+fn log_targets(plan: &Plan, metas: &[mirror_common::SessionMeta]) {
+    for (session, meta) in plan.sessions.iter().zip(metas) {
         // A ring record holds at most MAX_RING_COPY bytes; a file takes any length.
         let largest = match (session.through_ring, meta.max_copy_len) {
             (true, 0) => mirror_common::MAX_RING_COPY,
@@ -389,21 +409,6 @@ async fn prepare(
             tracing::info!("session `{}` watches the {selector}", session.name);
         }
     }
-    let follow = Follow::new(
-        &plan.sessions,
-        &plan.rules,
-        target_interfaces(&plan)
-            .iter()
-            .map(|(_, ifindex)| *ifindex)
-            .collect(),
-    );
-    Ok(Prepared {
-        plan,
-        targets: targets.targets,
-        datapath,
-        drain,
-        follow,
-    })
 }
 
 impl Daemon<'_> {

@@ -13,9 +13,12 @@ use super::{
     Controls, Fields, Interface, Plan, Rule, RuleKind, Session, compile::compile, filter::Expr,
     hidden::HiddenRules,
 };
-use crate::config::{
-    ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig, LoadedConfig,
-    PodSelector, RateLimitConfig, SampleBy, SessionConfig,
+use crate::{
+    config::{
+        ActionConfig, ConfigError, DEFAULT_COPY_RING_BYTES, DirectionConfig, HookConfig,
+        LoadedConfig, PodSelector, RateLimitConfig, SampleBy, SessionConfig,
+    },
+    targets::Target,
 };
 
 /// Validates `loaded` against the interfaces present and compiles it.
@@ -175,6 +178,54 @@ fn resolve_session(
         .get_ref()
         .resolve(interfaces)
         .map_err(|message| loaded.error(session.target.span(), message))?;
+    let watched = watched_interfaces(loaded, session, &target, interfaces, pods, warnings)?;
+    let directions = directions(loaded, session)?;
+    let through_ring = target.through_ring(directions == [Direction::XdpIngress]);
+    let attachments = watched
+        .interfaces
+        .into_iter()
+        .flat_map(|(ifindex, name)| {
+            directions.iter().map(move |d| {
+                (
+                    Interface {
+                        name: name.clone(),
+                        ifindex,
+                    },
+                    *d,
+                )
+            })
+        })
+        .collect();
+    Ok(Session {
+        name: session.name.get_ref().clone(),
+        target,
+        controls: controls(loaded, session)?,
+        attachments,
+        globs: watched.globs,
+        pods: watched.selector,
+        directions: directions.to_vec(),
+        through_ring,
+    })
+}
+
+/// What a session watches: interfaces by name or glob, or pods.
+struct Watched {
+    /// (ifindex, name), present now.
+    interfaces: BTreeSet<(u32, String)>,
+    globs: Vec<glob::Pattern>,
+    selector: Option<PodSelector>,
+}
+
+/// The interfaces a session watches now (never its `target`), and the globs and pod selector
+/// that may bring more.
+fn watched_interfaces(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+    target: &Target,
+    interfaces: &[Interface],
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
+    warnings: &mut Vec<String>,
+) -> Result<Watched, ConfigError> {
     let target_ifindex = target.interface().map(|i| i.ifindex);
     let patterns = match (&session.interfaces, &session.pods) {
         (Some(_), Some(pods)) => {
@@ -238,35 +289,14 @@ fn resolve_session(
         }
         watched.extend(matched.into_iter().map(|i| (i.ifindex, i.name)));
     }
-    let directions = directions(loaded, session)?;
-    let through_ring = target.through_ring(directions == [Direction::XdpIngress]);
-    let attachments = watched
-        .into_iter()
-        .flat_map(|(ifindex, name)| {
-            directions.iter().map(move |d| {
-                (
-                    Interface {
-                        name: name.clone(),
-                        ifindex,
-                    },
-                    *d,
-                )
-            })
-        })
-        .collect();
-    Ok(Session {
-        name: session.name.get_ref().clone(),
-        target,
-        controls: controls(loaded, session)?,
-        attachments,
+    Ok(Watched {
+        interfaces: watched,
         globs: patterns
             .iter()
             .filter(|p| is_glob(p.get_ref()))
             .filter_map(|p| glob::Pattern::new(p.get_ref()).ok())
             .collect(),
-        pods: selector,
-        directions: directions.to_vec(),
-        through_ring,
+        selector,
     })
 }
 

@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize, de};
 pub use self::{interface::Interface, tunnel::TunnelView};
 use crate::encap::TunnelTarget;
 
-/// `target = { KIND = … }`: where a session's copies go, as the file says it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `target = { KIND = … }`: where a session's copies go, as the file says it (read through
+/// [`one_kind`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TargetConfig {
     /// `interface = "mirror0"`: copies are sent out of this interface as they are.
     Interface(String),
@@ -39,50 +41,59 @@ pub enum TargetConfig {
     File(file::FileConfig),
     /// Copies go to `mirror-agent capture` watchers only: the session of an ad-hoc capture,
     /// made by the agent (never read from a file).
+    #[serde(skip_deserializing)]
     Watch,
 }
-
-/// The keys a target takes, one of which it has.
-const KINDS: &[&str] = &["interface", "vxlan", "geneve", "gre", "erspan", "file"];
 
 /// What a target needs: named in each error about its shape.
 const ONE_KIND: &str =
     "a target needs exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`";
 
-impl<'de> Deserialize<'de> for TargetConfig {
+/// Reads a session's `target`: a table of exactly one kind, whose keys keep their places in the
+/// file for errors. (For `#[serde(deserialize_with)]`.)
+pub fn one_kind<'de, D: de::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<toml::Spanned<TargetConfig>, D::Error> {
+    let spanned = toml::Spanned::<OneKind>::deserialize(deserializer)?;
+    let span = spanned.span();
+    Ok(toml::Spanned::new(span, spanned.into_inner().0))
+}
+
+/// A target table with one kind in it.
+struct OneKind(TargetConfig);
+
+impl<'de> Deserialize<'de> for OneKind {
     fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(TargetVisitor)
+        deserializer.deserialize_map(OneKindVisitor)
     }
 }
 
-struct TargetVisitor;
+struct OneKindVisitor;
 
-impl<'de> de::Visitor<'de> for TargetVisitor {
-    type Value = TargetConfig;
+impl<'de> de::Visitor<'de> for OneKindVisitor {
+    type Value = OneKind;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a table with one kind of target, e.g. `{ interface = \"mirror0\" }`")
     }
 
-    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TargetConfig, A::Error> {
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<OneKind, A::Error> {
         let mut kinds = Vec::new();
         // Before file options had a table of their own, they stood beside `file`.
         let mut loose_rotation = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
-            let target = match key.as_str() {
-                "interface" => TargetConfig::Interface(map.next_value()?),
-                "vxlan" => TargetConfig::Vxlan(map.next_value()?),
-                "geneve" => TargetConfig::Geneve(map.next_value()?),
-                "gre" => TargetConfig::Gre(map.next_value()?),
-                "erspan" => TargetConfig::Erspan(map.next_value()?),
-                "file" => TargetConfig::File(map.next_value()?),
-                "rotate_bytes" | "rotate_count" => {
-                    loose_rotation.push(format!("{key} = {}", map.next_value::<u64>()?));
-                    continue;
-                }
-                other => return Err(de::Error::unknown_field(other, KINDS)),
+            if matches!(key.as_str(), "rotate_bytes" | "rotate_count") {
+                loose_rotation.push(format!("{key} = {}", map.next_value::<u64>()?));
+                continue;
+            }
+            // The kind's own keys are read from the file itself: their errors keep their places.
+            let entry = FirstEntry {
+                key: Some(key),
+                map: &mut map,
             };
-            kinds.push(target);
+            kinds.push(TargetConfig::deserialize(
+                de::value::MapAccessDeserializer::new(entry),
+            )?);
         }
         if !loose_rotation.is_empty() {
             let path = match kinds.as_slice() {
@@ -96,9 +107,36 @@ impl<'de> de::Visitor<'de> for TargetVisitor {
             )));
         }
         match <[TargetConfig; 1]>::try_from(kinds) {
-            Ok([target]) => Ok(target),
+            Ok([target]) => Ok(OneKind(target)),
             Err(_) => Err(de::Error::custom(ONE_KIND)),
         }
+    }
+}
+
+/// One entry of a map whose key was read already: what an enum's variant is read from.
+struct FirstEntry<'a, A> {
+    key: Option<String>,
+    map: &'a mut A,
+}
+
+impl<'de, A: de::MapAccess<'de>> de::MapAccess<'de> for FirstEntry<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        self.key
+            .take()
+            .map(|key| seed.deserialize(de::IntoDeserializer::into_deserializer(key)))
+            .transpose()
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
     }
 }
 
@@ -463,10 +501,11 @@ mod tests {
     fn parse(text: &str) -> Result<TargetConfig, String> {
         #[derive(Deserialize)]
         struct Session {
-            target: TargetConfig,
+            #[serde(deserialize_with = "one_kind")]
+            target: toml::Spanned<TargetConfig>,
         }
         toml::from_str::<Session>(text)
-            .map(|s| s.target)
+            .map(|s| s.target.into_inner())
             .map_err(|e| e.to_string())
     }
 
@@ -500,10 +539,15 @@ mod tests {
             old.contains("`target = { file = { path = \"/tmp/c.pcap\", rotate_bytes = 10 } }`"),
             "{old}"
         );
+        // A kind's own keys keep their places, here in a table of its own.
+        let deep = parse("[target.vxlan]\nremote = \"192.0.2.9\"\nvni = 99999999\n")
+            .expect_err("VNI out of range");
+        assert!(deep.contains("line 3"), "{deep}");
         for (text, message) in [
             ("target = {}", ONE_KIND),
             ("target = { interface = \"a\", file = \"b\" }", ONE_KIND),
-            ("target = { tap = \"a\" }", "unknown field `tap`"),
+            ("target = { tap = \"a\" }", "unknown variant `tap`"),
+            ("target = { watch = true }", "unknown variant `watch`"),
             (
                 "target = { file = { path = \"a\", rotate = 1 } }",
                 "unknown field `rotate`",
