@@ -443,6 +443,11 @@ fn main() -> anyhow::Result<()> {
         // Colours only for a person at a terminal: not into a container's log or a journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The daemons handle a closed pipe themselves: `run -w -` counts its copies as refused,
+    // and their log goes on. Every other command ends quietly when its reader goes.
+    if !matches!(cli.command, Command::Run(_) | Command::Collect(_)) {
+        sys::die_on_closed_pipe();
+    }
     match cli.command {
         Command::Check { config, explain } => cli::check(&config, explain),
         Command::Completions { shell } => {

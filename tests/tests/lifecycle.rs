@@ -209,3 +209,61 @@ fn unreachable_config(dir: &tempfile::TempDir) -> String {
     .expect("write config");
     path.to_str().expect("utf-8").to_owned()
 }
+
+/// Every command that prints ends quietly when its reader goes (`| head -c1`, `| true`), as
+/// coreutils and tcpdump do: no panic, no error message; killed by SIGPIPE or done.
+#[test]
+fn commands_end_quietly_when_their_reader_goes() {
+    let lab = Lab::new("pipes");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let text = format!("api_socket = \"{socket}\"\n{CONFIG}{SENTINEL_RULE}");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, &text).expect("config");
+    let config = config.to_str().expect("utf-8");
+    let agent = lab.start_agent(&text);
+    let binary = mirror_tests::agent_binary();
+    let binary = binary.to_str().expect("utf-8");
+    let commands: [&[&str]; 9] = [
+        &["status", "--api-socket", socket],
+        &["status", "--json", "--api-socket", socket],
+        &["stats", "--api-socket", socket],
+        &["stats", "--json", "--api-socket", socket],
+        &[
+            "stats",
+            "--watch",
+            "--count",
+            "3",
+            "--interval",
+            "0.1",
+            "--api-socket",
+            socket,
+        ],
+        &["check", "--config", config, "--explain"],
+        &["completions", "bash"],
+        &["man"],
+        &["--help"],
+    ];
+    for args in commands {
+        for reader in ["head -c1 >/dev/null", "true"] {
+            // The agent's exit status, not the reader's.
+            let script = format!(
+                "\"$0\" \"$@\" 2>\"{}/stderr\" | {reader}; echo ${{PIPESTATUS[0]}}",
+                dir.path().display()
+            );
+            let status = lab
+                .node
+                .exec(&[&["bash", "-c", &script, binary][..], args].concat());
+            let stderr =
+                std::fs::read_to_string(dir.path().join("stderr")).expect("the command's stderr");
+            let status: i32 = status.trim().parse().expect("an exit status");
+            // 141: ended by SIGPIPE; 0: it had written everything before the reader went.
+            assert!(
+                [0, 141].contains(&status) && stderr.is_empty(),
+                "{args:?} | {reader}: exit {status}, stderr {stderr:?}"
+            );
+        }
+    }
+    drop(agent.stop());
+}

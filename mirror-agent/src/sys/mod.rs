@@ -1,7 +1,8 @@
 //! The unsafe code of the agent, each piece behind a safe function: raw and packet sockets and
 //! their integer options ([`socket`]), the `bpf(2)` commands aya does not offer for pinned links
-//! ([`bpf`]), `malloc_trim`, `membarrier`, registering a descriptor with tokio ([`readable`]), and reading
-//! a kernel record's header ([`read_pod`]).
+//! ([`bpf`]), `malloc_trim`, `membarrier`, registering a descriptor with tokio ([`readable`]),
+//! reading a kernel record's header ([`read_pod`]), and `SIGPIPE`'s default action
+//! ([`die_on_closed_pipe`]).
 //! Everything else goes through `nix`, `rtnetlink` and `aya`.
 pub mod bpf;
 pub mod socket;
@@ -44,5 +45,15 @@ pub fn wait_for_running_programs() {
     if rc != 0 {
         // Not available (e.g. nohz_full CPUs): a program run lasts microseconds.
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Makes the process end at once, as coreutils and tcpdump do, when the reader of what it writes
+/// goes (`| head`): Rust ignores `SIGPIPE`, so a write would fail and `println!` panic.
+pub fn die_on_closed_pipe() {
+    // SAFETY: SIG_DFL is a valid disposition, and no handler of ours is replaced: the runtime
+    // only set SIGPIPE to SIG_IGN before main.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
