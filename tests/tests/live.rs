@@ -289,3 +289,43 @@ fn an_ad_hoc_capture_is_a_session_while_it_runs() {
     let report = agent.stop();
     assert_eq!(report.session("t").mirrored, at_target.len() as u64 + 1);
 }
+
+/// A client that goes while its ad-hoc capture's session is being applied frees it all the same:
+/// the session comes and goes, and its watcher's place is free again. After more such clients
+/// than there are places, a capture still starts.
+#[test]
+fn a_client_that_goes_while_its_capture_starts_frees_it() {
+    let lab = Lab::new("adhocgone");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let agent = lab.start_agent(&config(&socket));
+    let generation = || status(&socket)["generation"].as_u64().expect("generation");
+    for round in 0..9 {
+        let before = generation();
+        let mut client = std::os::unix::net::UnixStream::connect(&socket).expect("the API");
+        write!(
+            client,
+            "GET /capture?interface=src0&filter=udp HTTP/1.1\r\nhost: agent\r\n\r\n"
+        )
+        .expect("request");
+        // Its watcher is there as soon as the agent starts applying the capture's session,
+        // which takes a while (a new generation is loaded): the client goes meanwhile.
+        wait_for("the capture's watcher", || !captures(&socket).is_empty());
+        drop(client);
+        wait_for("the capture's session to come and go", || {
+            generation() == before + 2 && sessions(&socket) == ["t"] && captures(&socket).is_empty()
+        });
+        println!("round {round}: freed");
+    }
+    let file = dir.path().join("udp.pcapng");
+    let mut watcher = [KilledOnDrop(
+        ad_hoc(&socket, "src0", &file, &["udp"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("capture"),
+    )];
+    wait_for("a capture's session", || sessions(&socket).len() == 2);
+    interrupt(&mut watcher);
+    wait_for("it to go", || sessions(&socket) == ["t"]);
+    drop(agent.stop());
+}

@@ -193,6 +193,13 @@ async fn start_ad_hoc(
         .watchers
         .add(&name, None)
         .map_err(|too_many| (StatusCode::SERVICE_UNAVAILABLE, too_many.to_string()))?;
+    // From here on, a client that goes (the handler dropped) ends the capture: the watcher
+    // goes, and the session goes after the agent has applied it (the requests are in order).
+    let watching = Watching {
+        shared: shared.clone(),
+        watcher,
+        ad_hoc: true,
+    };
     let (answer, outcome) = tokio::sync::oneshot::channel();
     let request = Request::StartCapture {
         session: name.clone(),
@@ -207,27 +214,15 @@ async fn start_ad_hoc(
         )
     };
     if shared.requests.send(request).await.is_err() {
-        shared.watchers.remove(watcher.id);
         return Err(stopping());
     }
     match outcome.await {
         Ok(Ok(())) => {
             tracing::info!("ad-hoc capture `{name}` started");
-            let watching = Watching {
-                shared: shared.clone(),
-                watcher,
-                ad_hoc: true,
-            };
             Ok((watching, copies))
         }
-        Ok(Err(why)) => {
-            shared.watchers.remove(watcher.id);
-            Err((StatusCode::UNPROCESSABLE_ENTITY, why))
-        }
-        Err(_) => {
-            shared.watchers.remove(watcher.id);
-            Err(stopping())
-        }
+        Ok(Err(why)) => Err((StatusCode::UNPROCESSABLE_ENTITY, why)),
+        Err(_) => Err(stopping()),
     }
 }
 
