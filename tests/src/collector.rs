@@ -67,6 +67,11 @@ impl Collector {
         }
     }
 
+    /// The file it writes.
+    pub fn file(&self) -> &std::path::Path {
+        &self.file
+    }
+
     /// SIGINT, wait for a clean exit, and return its summary.
     pub fn stop(mut self) -> CollectorSummary {
         // SAFETY: kill on our own child's pid.

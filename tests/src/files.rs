@@ -97,3 +97,30 @@ pub fn tshark_fields(
         .map(str::to_owned)
         .collect()
 }
+
+/// How many whole frames a capture file that is still being written holds so far (none while
+/// its header has not reached it); a block cut short would stop the count early.
+pub fn frames_so_far(file: &std::path::Path) -> usize {
+    let Ok(data) = std::fs::read(file) else {
+        return 0;
+    };
+    if file.extension().is_some_and(|e| e == "pcapng") {
+        let Ok(mut reader) = pcap_file::pcapng::PcapNgReader::new(data.as_slice()) else {
+            return 0;
+        };
+        let mut frames = 0;
+        while let Some(Ok(block)) = reader.next_block() {
+            frames += usize::from(matches!(block, pcap_file::pcapng::Block::EnhancedPacket(_)));
+        }
+        frames
+    } else {
+        let Ok(mut reader) = pcap_file::pcap::PcapReader::new(data.as_slice()) else {
+            return 0;
+        };
+        let mut frames = 0;
+        while let Some(Ok(_)) = reader.next_packet() {
+            frames += 1;
+        }
+        frames
+    }
+}

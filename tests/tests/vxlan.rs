@@ -615,3 +615,25 @@ fn the_collector_survives_a_full_disk_and_a_flood_of_vnis() {
         "the new file holds the frames sent after the disk had room"
     );
 }
+
+/// The collector's file gets the frames while it runs, in whole blocks, not only at its stop.
+#[test]
+fn the_collector_writes_its_file_while_it_runs() {
+    let lab = Lab::with_collector("colflush", 1600);
+    let collector = lab.start_collector("0.0.0.0:4789", "copies.pcap");
+    let agent = lab.start_agent(&vxlan_session(
+        "t",
+        "[\"src0\"]",
+        "ingress",
+        "192.0.2.2",
+        100,
+        "",
+    ));
+    lab.send_sentinel();
+    wait_for("the sentinel's copy in the collector's file", || {
+        mirror_tests::frames_so_far(collector.file()) == 1
+    });
+    drop(agent.stop());
+    let summary = collector.stop();
+    assert_eq!(summary.vni_frames(100), 1);
+}

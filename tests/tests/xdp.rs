@@ -258,6 +258,38 @@ fn ring_records_of_every_size_hold_their_frames_whole() {
     assert_eq!(report.rule("t", "10"), copied(9, 9));
 }
 
+/// A capture file gets its copies while the agent runs, in whole blocks, not only at the stop:
+/// a reader of a growing file (or of `-w -`) sees a few copies at once.
+#[test]
+fn capture_files_get_their_copies_while_the_agent_runs() {
+    let lab = Lab::new("fileflush");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    for name in ["live.pcap", "live.pcapng"] {
+        let path = dir.path().join(name);
+        let agent = lab.start_agent(&xdp_session(
+            "[\"src0\"]",
+            &format!("{{ file = \"{}\" }}", path.display()),
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5000\n",
+        ));
+        let frames: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5000, &[i; 40]))
+            .collect();
+        for frame in &frames {
+            sender.send(frame);
+        }
+        mirror_tests::wait_for("the three copies in the file", || {
+            mirror_tests::frames_so_far(&path) == frames.len()
+        });
+        let written: Vec<Vec<u8>> = capture_file_frames(&path)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(written, frames, "{name}, byte for byte, before the stop");
+        drop(agent.stop());
+    }
+}
+
 /// Whether every thread of process `pid` is in the stopped state (`T` in /proc).
 fn all_threads_stopped(pid: i32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/task"))

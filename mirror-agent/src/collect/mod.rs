@@ -365,6 +365,10 @@ fn receive(
         if ready.is_empty() && draining {
             break;
         }
+        // Nothing waits: what was written goes to the file now, not at the next frame.
+        if let (true, Some(sink)) = (ready.is_empty(), &mut sink) {
+            sink.flush();
+        }
         for index in ready {
             let (socket, kind) = &sockets[index];
             let datagram = match receive_one(socket.as_raw_fd(), &mut buffer, &mut control) {

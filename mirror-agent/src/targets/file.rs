@@ -13,13 +13,13 @@ use std::{
     io::{self, BufWriter},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use pcap_file::{
-    DataLink, TsResolution,
-    pcap::{PcapHeader, PcapPacket, PcapWriter},
+    DataLink, Endianness, TsResolution,
+    pcap::PcapHeader,
     pcapng::{
         PcapNgBlock as _, PcapNgWriter,
         blocks::{
@@ -209,8 +209,10 @@ impl Sink for SharedFile {
         }
     }
 
-    /// Frames are written as they come.
-    fn flush(&mut self, _: &SessionCounters) {}
+    /// The ring is empty: what was written goes to the file now.
+    fn flush(&mut self, _: &SessionCounters) {
+        lock(&self.0).flush();
+    }
 }
 
 /// A capture's files: the format follows the file name, rotated by size when asked.
@@ -240,10 +242,27 @@ impl std::fmt::Debug for PcapFile {
     }
 }
 
-enum Writer {
-    Pcap(PcapWriter<BufWriter<File>>),
-    PcapNg(PcapNgStream<BufWriter<File>>),
+/// An open capture file. Each frame's block is made whole in memory and goes into the file's
+/// buffer in one piece, so the file only ever receives whole blocks (a kill leaves none torn);
+/// the buffer reaches the file at least every [`FLUSH_PERIOD`] while frames come, and whenever
+/// the ring drain or the collector has nothing more to write.
+struct Writer {
+    file: BufWriter<File>,
+    format: Format,
+    /// The block being made.
+    block: Vec<u8>,
+    flushed: Instant,
 }
+
+enum Format {
+    /// pcap: the record headers in the byte order of the file's header.
+    Pcap(Endianness),
+    /// pcapng: the blocks as the stream makes them.
+    PcapNg(PcapNgStream<Vec<u8>>),
+}
+
+/// How long written frames may wait in a file's buffer, at most, while frames come.
+const FLUSH_PERIOD: Duration = Duration::from_millis(100);
 
 /// A pcapng stream: a section header, then an interface description block the first time an
 /// interface (by key) has a frame, and each frame in an enhanced packet block.
@@ -303,10 +322,6 @@ impl<W: io::Write> PcapNgStream<W> {
     /// Where the blocks go.
     pub fn out(&mut self) -> &mut W {
         self.writer.get_mut()
-    }
-
-    fn into_inner(self) -> W {
-        self.writer.into_inner()
     }
 }
 
@@ -446,6 +461,14 @@ impl PcapFile {
         Ok(())
     }
 
+    /// Sends the frames written so far to the file. A failure (a full disk) is left for the next
+    /// write to count: the frames stay in the buffer meanwhile.
+    pub fn flush(&mut self) {
+        if let Some(writer) = &mut self.writer {
+            let _ = writer.flush();
+        }
+    }
+
     /// Flushes the file written now.
     pub fn finish(self) -> anyhow::Result<()> {
         self.writer.map_or(Ok(()), Writer::finish)
@@ -518,13 +541,16 @@ pub fn create_output(path: &Path) -> anyhow::Result<File> {
 }
 
 impl Writer {
-    /// Creates `path` afresh (see [`create_output`]).
+    /// Creates `path` afresh (see [`create_output`]) with the format's header.
     fn create(path: &Path) -> anyhow::Result<Self> {
-        let file = BufWriter::new(create_output(path)?);
+        let mut file = BufWriter::new(create_output(path)?);
         let pcapng = path.extension().is_some_and(|e| e == "pcapng");
         let context = || format!("writing {}", path.display());
-        Ok(if pcapng {
-            Writer::PcapNg(PcapNgStream::new(file).with_context(context)?)
+        let mut block = Vec::new();
+        let format = if pcapng {
+            let mut stream = PcapNgStream::new(Vec::new()).with_context(context)?;
+            block = std::mem::take(stream.out());
+            Format::PcapNg(stream)
         } else {
             let header = PcapHeader {
                 snaplen: SNAPLEN,
@@ -532,7 +558,16 @@ impl Writer {
                 ts_resolution: TsResolution::NanoSecond,
                 ..PcapHeader::default()
             };
-            Writer::Pcap(PcapWriter::with_header(file, header).with_context(context)?)
+            header.write_to(&mut block).with_context(context)?;
+            Format::Pcap(header.endianness)
+        };
+        io::Write::write_all(&mut file, &block).with_context(context)?;
+        io::Write::flush(&mut file).with_context(context)?;
+        Ok(Writer {
+            file,
+            format,
+            block,
+            flushed: Instant::now(),
         })
     }
 
@@ -545,20 +580,56 @@ impl Writer {
         frame: &[u8],
         orig_len: u32,
     ) -> anyhow::Result<u64> {
-        let written = match self {
-            Writer::Pcap(w) => w.write_packet(&PcapPacket::new(timestamp, orig_len, frame))?,
-            Writer::PcapNg(stream) => stream.write(interface, name, timestamp, frame, orig_len)?,
-        };
-        Ok(written as u64)
+        self.block.clear();
+        match &mut self.format {
+            Format::Pcap(endianness) => {
+                pcap_record(&mut self.block, *endianness, timestamp, frame, orig_len);
+            }
+            Format::PcapNg(stream) => {
+                stream.write(interface, name, timestamp, frame, orig_len)?;
+                std::mem::swap(&mut self.block, stream.out());
+            }
+        }
+        io::Write::write_all(&mut self.file, &self.block)?;
+        if self.flushed.elapsed() >= FLUSH_PERIOD {
+            self.flush()?;
+        }
+        Ok(self.block.len() as u64)
     }
 
-    fn finish(self) -> anyhow::Result<()> {
-        let mut file = match self {
-            Writer::Pcap(w) => w.into_writer(),
-            Writer::PcapNg(stream) => stream.into_inner(),
-        };
-        io::Write::flush(&mut file).context("flushing the capture file")
+    /// Sends what the buffer holds to the file.
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.flushed = Instant::now();
+        io::Write::flush(&mut self.file).context("flushing the capture file")
     }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.flush()
+    }
+}
+
+/// A pcap record of `frame` (its header and the bytes), the header's words in `endianness`;
+/// timestamps in nanoseconds, as the file's header says.
+fn pcap_record(
+    out: &mut Vec<u8>,
+    endianness: Endianness,
+    timestamp: Duration,
+    frame: &[u8],
+    orig_len: u32,
+) {
+    let seconds = u32::try_from(timestamp.as_secs()).unwrap_or(u32::MAX);
+    for word in [
+        seconds,
+        timestamp.subsec_nanos(),
+        frame.len() as u32,
+        orig_len,
+    ] {
+        out.extend_from_slice(&match endianness {
+            Endianness::Big => word.to_be_bytes(),
+            Endianness::Little => word.to_le_bytes(),
+        });
+    }
+    out.extend_from_slice(frame);
 }
 
 #[cfg(test)]
