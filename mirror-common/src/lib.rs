@@ -85,6 +85,13 @@ pub const RULE_BITMAPS_MAP: &str = "RULE_BITMAPS";
 pub const FIELD_WILDCARD_MAP: &str = "FIELD_WILDCARD";
 /// A [`FIELD_WILDCARD`](FIELD_WILDCARD_MAP) entry: no rule constrains this field.
 pub const UNCONSTRAINED: u32 = u32::MAX;
+/// `FIELD_UNKNOWN`: `Array<u32>` of [`FIELD_COUNT`] bitmap indices, the rules that may decide a
+/// packet whose field the parser did not reach (a header before it was cut or too long to
+/// follow): the rules that accept any value of it, and the mirror rules (the field might match:
+/// a copy in doubt, counted as `unparsed`). A skip rule that constrains the field never decides
+/// such a packet, so `not port 53` cannot be evaded by a chain the parser gives up on.
+/// [`UNCONSTRAINED`] where no skip rule constrains the field (every rule may decide).
+pub const FIELD_UNKNOWN_MAP: &str = "FIELD_UNKNOWN";
 /// `ATTACHMENT_DIRECT`: `Array<AttachmentEntry>` of [`DIRECT_IFINDEXES`] × 4, by
 /// [`AttachmentKey::direct_index`]: what the programs classify a packet at this interface and
 /// direction against, and where they count it (see [`AttachmentEntry`]). Every packet at a hook

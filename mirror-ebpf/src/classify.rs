@@ -17,8 +17,8 @@ use crate::{
     count,
     maps::{
         ATTACHMENT_BITMAP, ATTACHMENT_DIRECT, DST_PORT_BITMAP, DST_V4_BITMAP, DST_V6_BITMAP,
-        ETHERTYPE_BITMAP, FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES, SRC_PORT_BITMAP,
-        SRC_V4_BITMAP, SRC_V6_BITMAP, VLAN_BITMAP,
+        ETHERTYPE_BITMAP, FIELD_UNKNOWN, FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES,
+        SRC_PORT_BITMAP, SRC_V4_BITMAP, SRC_V6_BITMAP, VLAN_BITMAP,
     },
     parse::{ABSENT, FAMILY_UNKNOWN, FAMILY_V4, FAMILY_V6, Headers, UNKNOWN},
 };
@@ -155,7 +155,14 @@ pub fn classify(attachment_rules: u32, headers: &Headers) -> Result<Option<Verdi
     // them when it first meets a candidate that constrains the address.
     let mut any_pending = false;
     for field in [Field::DstIp, Field::SrcIp] {
-        let pending = headers.family != FAMILY_UNKNOWN && wildcard(field)? != UNCONSTRAINED;
+        if headers.family == FAMILY_UNKNOWN {
+            // Not reached: no lookup, only the rules that may decide without the address.
+            if !narrow(walk, field, unknown(field)?)? {
+                return Ok(None);
+            }
+            continue;
+        }
+        let pending = wildcard(field)? != UNCONSTRAINED;
         walk.bitmaps[field as usize] = if pending { PENDING } else { UNCONSTRAINED };
         any_pending |= pending;
     }
@@ -381,6 +388,12 @@ fn wildcard(field: Field) -> Result<u32, TableError> {
     FIELD_WILDCARD.get(field as u32).copied().ok_or(TableError)
 }
 
+/// The rules that may decide a packet whose `field` the parser did not reach.
+#[inline(always)]
+fn unknown(field: Field) -> Result<u32, TableError> {
+    FIELD_UNKNOWN.get(field as u32).copied().ok_or(TableError)
+}
+
 /// Bitmap index for a field stored as a direct array over all its values.
 #[inline(always)]
 fn indexed(
@@ -389,7 +402,7 @@ fn indexed(
     lookup: impl Fn(u32) -> Option<&'static u32>,
 ) -> Result<u32, TableError> {
     if value == UNKNOWN {
-        return Ok(UNCONSTRAINED);
+        return unknown(field);
     }
     let wildcard = wildcard(field)?;
     if value == ABSENT || wildcard == UNCONSTRAINED {

@@ -19,6 +19,11 @@ pub static RULE_BITMAPS: Array<RuleBitmap> = Array::with_max_entries(1, 0);
 #[map]
 pub static FIELD_WILDCARD: Array<u32> = Array::with_max_entries(FIELD_COUNT as u32, 0);
 
+/// Per field, the bitmap of rules that may decide a packet whose field the parser did not reach
+/// (see `mirror_common::FIELD_UNKNOWN_MAP`).
+#[map]
+pub static FIELD_UNKNOWN: Array<u32> = Array::with_max_entries(FIELD_COUNT as u32, 0);
+
 /// (interface, direction) → the rules of the sessions watching it and its traffic counter, for
 /// interface indices below `DIRECT_IFINDEXES` (see `mirror_common::ATTACHMENT_DIRECT_MAP`).
 #[map]

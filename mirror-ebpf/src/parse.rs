@@ -41,8 +41,9 @@ const IPV6_DEST_OPTS: u8 = IpProto::Ipv6Opts as u8;
 /// rejects as a read of an uninitialised register.
 pub const ABSENT: u32 = u32::MAX;
 /// Marks a field the parser did not get to: the frame may well have it, but a header before it
-/// could not be read. Classification lets it match any rule (fail open: a monitor prefers a copy
-/// to a blind spot).
+/// could not be read. Classification lets it match any mirror rule (fail open: a monitor prefers
+/// a copy to a blind spot), and never lets a skip rule that constrains it decide (see
+/// `mirror_common::FIELD_UNKNOWN_MAP`).
 pub const UNKNOWN: u32 = u32::MAX - 1;
 
 /// Address family of [`Headers::src`] and [`Headers::dst`].

@@ -144,6 +144,64 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
     );
 }
 
+/// Skip rules never decide on fields the parser did not reach: a `not port 53` session copies
+/// every frame of the malformed table (none is port 53 read whole, and those the parser cannot
+/// finish might not be), counting those as unparsed; with `unparsed = "skip"`, only the frames it
+/// read whole. A DNS frame, the control, is skipped by both.
+#[test]
+fn skip_rules_never_decide_on_fields_the_parser_did_not_reach() {
+    let lab = Lab::new("notport");
+    let session = |name: &str, target: &str, unparsed: &str| {
+        format!(
+            "[[session]]\nname = \"{name}\"\ninterfaces = [\"sink0\"]\ndirection = \"egress\"\n\
+             target = {{ interface = \"{target}\" }}\n{unparsed}filter = \"not port 53\"\n"
+        )
+    };
+    let agent = lab.start_agent(&format!(
+        "{}{}",
+        session("t", "mir0", ""),
+        session("skip", "mir1", "unparsed = \"skip\"\n")
+    ));
+    let copies = Capture::open(&lab.mon, "eth0");
+    let skipping = Capture::open(&lab.mon, "eth1");
+    let sender = FrameSender::open(&lab.node, "sink0");
+    let cases = cases::malformed();
+    for case in &cases {
+        sender.send(&case.frame);
+    }
+    sender.send(&udp_v4_frame(NODE_SINK_MAC, SINK_MAC, 53, b"a dns query"));
+    sender.send_sentinel(NODE_SINK_MAC, SINK_MAC);
+    let frames = |keep: &dyn Fn(&cases::Case) -> bool| -> Vec<Vec<u8>> {
+        cases
+            .iter()
+            .filter(|c| keep(c))
+            .map(|c| c.frame.clone())
+            .collect()
+    };
+    assert_same_frames(
+        "not port 53",
+        copies.bytes_until_sentinel(),
+        frames(&|_| true),
+    );
+    assert_same_frames(
+        "not port 53, skipping unparsed frames",
+        skipping.bytes_until_sentinel(),
+        frames(&|c| !c.malformed),
+    );
+    let report = agent.stop();
+    let malformed = cases.iter().filter(|c| c.malformed).count() as u64;
+    for session in ["t", "skip"] {
+        assert_eq!(
+            report.rule(session, "default").unparsed,
+            malformed,
+            "{session}: decided by the default, as unparsed"
+        );
+        assert_eq!(report.session(session).unparsed, malformed, "{session}");
+        // The DNS frame, by the rule for its destination port.
+        assert_eq!(report.rule(session, "filter-2").matched, 1, "{session}");
+    }
+}
+
 #[test]
 fn sessions_sharing_an_interface_each_get_one_copy() {
     let lab = Lab::new("sessions");

@@ -9,7 +9,8 @@ use mirror_common::{
     BITMAP_WORDS, Direction, FIELD_COUNT, Field, RuleBitmap, RuleMeta, SUMMARY_WORDS, UNCONSTRAINED,
 };
 
-use super::{AttachmentTable, Rule, Session, Tables, action_abi};
+use super::{AttachmentTable, Fields, Rule, Session, Tables, action_abi};
+use crate::config::ActionConfig;
 
 /// The bitmap of the rules of `sessions` the kernel decides: what an interface these sessions
 /// watch is classified against.
@@ -147,6 +148,7 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
     ] {
         wildcard[field as usize] = index;
     }
+    let unknown = unknown_fields(&mut interner, rules);
     let rule_meta = rules
         .iter()
         .map(|r| RuleMeta {
@@ -162,6 +164,7 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
     Tables {
         bitmaps: interner.bitmaps,
         wildcard,
+        unknown,
         attachments: attachment_entries,
         ethertype,
         vlan,
@@ -172,6 +175,29 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
         dst_port,
         rules: rule_meta,
     }
+}
+
+/// Per field, the rules that may decide a packet whose field the parser did not reach: mirror
+/// rules (it might match) and rules that accept any value; [`UNCONSTRAINED`] where no skip rule
+/// constrains the field. The attachment is always known.
+fn unknown_fields(interner: &mut Interner, rules: &[Rule]) -> [u32; FIELD_COUNT] {
+    let constrains: [(Field, fn(&Fields) -> bool); 7] = [
+        (Field::Ethertype, |f| f.ethertype.is_some()),
+        (Field::VlanId, |f| f.vlan.is_some()),
+        (Field::IpProto, |f| f.proto.is_some()),
+        (Field::SrcIp, |f| f.src.is_some()),
+        (Field::DstIp, |f| f.dst.is_some()),
+        (Field::SrcPort, |f| f.src_port.is_some()),
+        (Field::DstPort, |f| f.dst_port.is_some()),
+    ];
+    let mut unknown = [UNCONSTRAINED; FIELD_COUNT];
+    for (field, constrains) in constrains {
+        let skips = |r: &Rule| r.action == ActionConfig::Skip && constrains(&r.fields);
+        if rules.iter().any(|r| skips(r) && !r.counted_by_agent()) {
+            unknown[field as usize] = interner.intern(&Bits::of(rules, |r| !skips(r)));
+        }
+    }
+    unknown
 }
 
 /// A direct array over every value of a field that rules match exactly (ethertype, IP protocol): each value's entry is the bitmap of the rules naming it plus those that do not

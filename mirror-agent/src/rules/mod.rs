@@ -176,6 +176,8 @@ pub struct AttachmentTable {
 pub struct Tables {
     pub bitmaps: Vec<RuleBitmap>,
     pub wildcard: [u32; FIELD_COUNT],
+    /// Per field, the rules that may decide a packet whose field was not reached.
+    pub unknown: [u32; FIELD_COUNT],
     pub attachments: Vec<AttachmentTable>,
     /// Direct arrays by value; empty when no rule constrains the field.
     pub ethertype: Vec<u32>,
