@@ -637,3 +637,53 @@ fn the_collector_writes_its_file_while_it_runs() {
     let summary = collector.stop();
     assert_eq!(summary.vni_frames(100), 1);
 }
+
+/// A flood of made-up VNIs fills the collector's stream table (sent well within the idle time),
+/// and the streams age out once idle: a stream that comes afterwards is taken again
+/// (`--stream-idle`), and the forgotten streams are counted.
+#[test]
+fn idle_collector_streams_age_out_and_make_room() {
+    let lab = Lab::with_collector("vxage", 1500);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("copies.pcap");
+    let collector = Collector::start_at(
+        lab.col(),
+        &agent_binary(),
+        "0.0.0.0:4789",
+        &file,
+        &["--stream-idle", "3"],
+    );
+    let sender = udp_socket(&lab.node, SocketAddr::new(NODE_UL_V4.into(), 0));
+    let datagram = |vni: u32| {
+        let mut d = vec![0x08, 0, 0, 0];
+        d.extend_from_slice(&(vni << 8).to_be_bytes());
+        d.extend_from_slice(&udp_v4_frame(SRC_MAC, SINK_MAC, 6000, &[7; 100]));
+        d
+    };
+    let flood = 5000;
+    for vni in 1..=flood {
+        sender
+            .send_to(&datagram(vni), (COL_V4, 4789))
+            .expect("send");
+    }
+    wait_for("the flood's frames in the file", || {
+        mirror_tests::frames_so_far(&file) == 4096
+    });
+    // The table is full: VNI 7777 is refused until the flood's streams are idle long enough.
+    wait_for("a frame of VNI 7777 in the file", || {
+        sender
+            .send_to(&datagram(7777), (COL_V4, 4789))
+            .expect("send");
+        mirror_tests::frames_so_far(&file) > 4096
+    });
+    let summary = collector.stop();
+    assert!(summary.stream_frames("vxlan:7777") >= 1, "{}", summary.text);
+    // Forgotten in sweeps a second apart: some or all of the flood's by the stop.
+    let aged_out = summary.dropped("aged_out");
+    assert!((1..=4096).contains(&aged_out), "{}", summary.text);
+    assert!(
+        summary.dropped("too_many_streams") >= u64::from(flood) - 4096,
+        "{}",
+        summary.text
+    );
+}

@@ -80,7 +80,13 @@ const ETHERNET_HEADER_LEN: usize = 14;
 const VXLAN_HEADER_LEN: usize = 8;
 const GENEVE_HEADER_LEN: usize = 8;
 const GRE_CHECKSUM: u8 = 0x80;
+/// RFC 1701's routing present, strict source route and recursion control bits, which an RFC 2784
+/// receiver discards a packet for (as Linux does): their fields would shift everything after.
+const GRE_RFC1701_ONLY: u8 = 0x40 | 0x08 | 0x07;
 const GRE_VERSION_MASK: u8 = 0x07;
+/// GENEVE (RFC 8926): a control message (`O`), whose payload is never forwarded, and critical
+/// options (`C`), which a receiver that does not process options must drop the packet for.
+const GENEVE_CONTROL_OR_CRITICAL: u8 = 0xc0;
 const ERSPAN2_HEADER_LEN: usize = 8;
 const ERSPAN3_HEADER_LEN: usize = 12;
 /// ERSPAN type III: an 8-byte platform-specific subheader follows (the `O` bit).
@@ -122,7 +128,10 @@ pub fn geneve(datagram: &[u8]) -> Result<Decoded<'_>, Refused> {
         return Err(Refused::Short);
     }
     let options = usize::from(datagram[0] & 0x3f) * 4;
-    if datagram[0] >> 6 != 0 || u16_at(datagram, 2) != PROTOCOL_ETHERNET {
+    if datagram[0] >> 6 != 0
+        || datagram[1] & GENEVE_CONTROL_OR_CRITICAL != 0
+        || u16_at(datagram, 2) != PROTOCOL_ETHERNET
+    {
         return Err(Refused::BadFlags);
     }
     Ok(Decoded {
@@ -139,7 +148,7 @@ pub fn gre(packet: &[u8]) -> Result<Decoded<'_>, Refused> {
         return Err(Refused::Short);
     }
     let flags = packet[0];
-    if packet[1] & GRE_VERSION_MASK != 0 {
+    if flags & GRE_RFC1701_ONLY != 0 || packet[1] & GRE_VERSION_MASK != 0 {
         return Err(Refused::BadFlags);
     }
     let protocol = u16_at(packet, 2);
@@ -308,8 +317,14 @@ mod tests {
             Ok((Stream::Geneve(256), &FRAME[..]))
         );
         assert_eq!(geneve(&[0, 0, 0x65]), Err(Refused::Short));
-        let cases: [(&[u8], Refused); 3] = [
+        let cases: [(&[u8], Refused); 5] = [
             (&[0x40, 0, 0x65, 0x58, 0, 0, 7, 0], Refused::BadFlags),
+            // A control message (O), critical options (C).
+            (&[0, 0x80, 0x65, 0x58, 0, 0, 7, 0], Refused::BadFlags),
+            (
+                &[1, 0x40, 0x65, 0x58, 0, 0, 7, 0, 0xee, 0xee, 0xee, 0xee],
+                Refused::BadFlags,
+            ),
             (&[0, 0, 0x08, 0x00, 0, 0, 7, 0], Refused::BadFlags),
             (&[0x3f, 0, 0x65, 0x58, 0, 0, 7, 0], Refused::Short),
         ];
@@ -325,7 +340,14 @@ mod tests {
     #[test]
     fn gre_and_erspan_packets() {
         type Expected = Result<(Stream, Option<u32>), Refused>;
-        let cases: [(&[u8], Expected); 9] = [
+        let cases: [(&[u8], Expected); 12] = [
+            // RFC 1701's routing (with its offset word), strict source route, recursion.
+            (
+                &[0x40, 0, 0x65, 0x58, 0, 0, 0, 0, 0, 0, 0, 0],
+                Err(Refused::BadFlags),
+            ),
+            (&[0x08, 0, 0x65, 0x58], Err(Refused::BadFlags)),
+            (&[0x01, 0, 0x65, 0x58], Err(Refused::BadFlags)),
             (&[0, 0, 0x65, 0x58], Ok((Stream::Gre(None), None))),
             (
                 &[0x20, 0, 0x65, 0x58, 0, 0, 0, 5],

@@ -61,11 +61,11 @@ fn encode(counts: &Counts) -> String {
             reasons.join(", ")
         ),
     );
-    for (stream, (stream_frames, stream_bytes, gaps)) in &counts.streams {
+    for (stream, tracked) in &counts.streams {
         let labels = vec![("stream", stream.label())];
-        frames.get_or_create(&labels).inc_by(*stream_frames);
-        bytes.get_or_create(&labels).inc_by(*stream_bytes);
-        lost.get_or_create(&labels).inc_by(gaps.lost);
+        frames.get_or_create(&labels).inc_by(tracked.frames);
+        bytes.get_or_create(&labels).inc_by(tracked.bytes);
+        lost.get_or_create(&labels).inc_by(tracked.gaps.lost);
     }
     for (reason, count) in counts.dropped() {
         dropped

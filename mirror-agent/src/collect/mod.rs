@@ -59,7 +59,9 @@ pub struct CollectArgs {
     #[arg(long)]
     gre: Vec<IpAddr>,
     /// Take copies only from senders in this prefix (repeatable: `10.0.0.0/8`, `fd00::/8`, or an
-    /// address); others are counted as `not_allowed` and dropped. Without it, every sender.
+    /// address); others are counted as `not_allowed` and dropped. Without it, every sender. Only
+    /// the source address is checked: with `rp_filter` off, a sender on another interface can
+    /// spoof an allowed one (keep `rp_filter` on, or firewall the listening interface).
     #[arg(long)]
     allow: Vec<crate::config::Cidr>,
     /// Keep only this VNI of VXLAN and GENEVE (repeatable); others are counted and dropped.
@@ -93,6 +95,10 @@ pub struct CollectArgs {
     /// Exit after this many frames were accepted (like tcpdump -c).
     #[arg(long)]
     count: Option<u64>,
+    /// Forget a stream that sent nothing for this many seconds (1 to 86400), so that a flood of
+    /// made-up identifiers that filled the stream table does not keep later streams out.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    stream_idle: u64,
     /// Serve Prometheus `/metrics` (frames, bytes and lost copies per stream, drops by reason)
     /// and `/healthz` on this address, e.g. `10.0.0.9:9478`, with the agent's bounds (256
     /// connections, 16 per client, 16 KiB and 5 s for a request's header).
@@ -103,8 +109,11 @@ pub struct CollectArgs {
 /// How long the receive loop waits for a datagram before it looks at the stop flag again.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Streams tracked at once: datagrams of further streams are counted, not tracked, so that a
-/// flood of made-up identifiers cannot grow the collector without bound.
+/// flood of made-up identifiers cannot grow the collector without bound; idle streams are
+/// forgotten (`--stream-idle`), which makes room again.
 const MAX_STREAMS: usize = 4096;
+/// How often idle streams are looked for.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 /// Where a socket's datagrams come from, and so how they are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,10 +126,25 @@ enum Kind {
     },
 }
 
-/// What was received, per stream: (frames, bytes of inner frames, ERSPAN gaps).
+/// What one stream sent.
+#[derive(Debug, Default, Clone)]
+struct Tracked {
+    frames: u64,
+    /// Bytes of inner frames.
+    bytes: u64,
+    /// ERSPAN's lost copies.
+    gaps: Gaps,
+    /// When it last sent a frame.
+    seen: Option<Instant>,
+}
+
+/// What was received, per stream, and what was not taken.
 #[derive(Debug, Default, Clone)]
 struct Counts {
-    streams: BTreeMap<Stream, (u64, u64, Gaps)>,
+    streams: BTreeMap<Stream, Tracked>,
+    /// Streams forgotten after `--stream-idle` seconds without a frame (their frames counted in
+    /// `accepted`, no longer per stream).
+    aged_out: u64,
     short: u64,
     bad_flags: u64,
     filtered: u64,
@@ -154,14 +178,17 @@ impl Counts {
             "{:<16} {:>12} {:>14} {:>10}\n",
             "stream", "frames", "bytes", "lost"
         );
-        for (stream, (frames, bytes, gaps)) in &self.streams {
+        for (stream, tracked) in &self.streams {
             let _ = writeln!(
                 out,
-                "{:<16} {frames:>12} {bytes:>14} {:>10}",
+                "{:<16} {:>12} {:>14} {:>10}",
                 stream.label(),
-                gaps.lost
+                tracked.frames,
+                tracked.bytes,
+                tracked.gaps.lost
             );
         }
+        let _ = writeln!(out, "streams          aged_out={}", self.aged_out);
         out.push_str("dropped         ");
         for (reason, count) in self.dropped() {
             let _ = write!(out, " {reason}={count}");
@@ -259,6 +286,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
                 session: args.session_id.iter().map(|s| u32::from(s.0)).collect(),
             },
             stats_interval: Duration::from_secs(args.stats_interval),
+            stream_idle: Duration::from_secs(args.stream_idle),
             count: args.count,
             published: server.is_some().then(|| published.clone()),
         };
@@ -294,14 +322,18 @@ struct LoopOptions {
     allow: Vec<ipnet::IpNet>,
     stats_interval: Duration,
     count: Option<u64>,
+    /// Streams idle this long are forgotten.
+    stream_idle: Duration,
     /// Where the counts go for `/metrics`, when it is served.
     published: Option<metrics::Published>,
 }
 
-/// When the receive loop last logged its counts, and last published them for `/metrics`.
+/// When the receive loop last logged its counts, published them for `/metrics` and forgot idle
+/// streams.
 struct Ticks {
     logged: Instant,
     published: Instant,
+    swept: Instant,
 }
 
 impl Default for Ticks {
@@ -309,6 +341,7 @@ impl Default for Ticks {
         Ticks {
             logged: Instant::now(),
             published: Instant::now(),
+            swept: Instant::now(),
         }
     }
 }
@@ -316,6 +349,15 @@ impl Default for Ticks {
 impl Ticks {
     /// Publishes the counts every [`POLL_INTERVAL`] and logs them every stats interval.
     fn tick(&mut self, counts: &mut Counts, sink: Option<&PcapFile>, options: &LoopOptions) {
+        if self.swept.elapsed() >= SWEEP_PERIOD {
+            self.swept = Instant::now();
+            let before = counts.streams.len();
+            counts.streams.retain(|_, t| {
+                t.seen
+                    .is_some_and(|seen| seen.elapsed() < options.stream_idle)
+            });
+            counts.aged_out += (before - counts.streams.len()) as u64;
+        }
         if let Some(published) = &options.published
             && self.published.elapsed() >= POLL_INTERVAL
         {
@@ -325,12 +367,12 @@ impl Ticks {
         }
         if !options.stats_interval.is_zero() && self.logged.elapsed() >= options.stats_interval {
             self.logged = Instant::now();
-            for (stream, (frames, bytes, gaps)) in &counts.streams {
+            for (stream, tracked) in &counts.streams {
                 tracing::info!(
                     stream = stream.label(),
-                    frames,
-                    bytes,
-                    lost = gaps.lost,
+                    frames = tracked.frames,
+                    bytes = tracked.bytes,
+                    lost = tracked.gaps.lost,
                     "received"
                 );
             }
@@ -365,6 +407,8 @@ fn receive(
         if ready.is_empty() && draining {
             break;
         }
+        // One reading of the clock for the datagrams of this wait: when their streams last sent.
+        let now = Instant::now();
         // Nothing waits: what was written goes to the file now, not at the next frame.
         if let (true, Some(sink)) = (ready.is_empty(), &mut sink) {
             sink.flush();
@@ -402,7 +446,7 @@ fn receive(
                 Kind::Gre { ipv4: true } => decode::gre_in_ipv4(packet),
                 Kind::Gre { ipv4: false } => decode::gre(packet),
             };
-            let Some((stream, frame)) = take(&mut counts, decoded, options) else {
+            let Some((stream, frame)) = take(&mut counts, decoded, options, now) else {
                 continue;
             };
             if let Some(sink) = &mut sink
@@ -452,6 +496,7 @@ fn take<'a>(
     counts: &mut Counts,
     decoded: Result<Decoded<'a>, Refused>,
     options: &LoopOptions,
+    now: Instant,
 ) -> Option<(Stream, &'a [u8])> {
     let decoded = match decoded {
         Ok(decoded) => decoded,
@@ -473,12 +518,13 @@ fn take<'a>(
         return None;
     }
     let entry = counts.streams.entry(decoded.stream).or_default();
-    entry.0 += 1;
-    entry.1 += decoded.frame.len() as u64;
+    entry.frames += 1;
+    entry.bytes += decoded.frame.len() as u64;
+    entry.seen = Some(now);
     if let Some(sequence) = decoded.sequence
         && matches!(decoded.stream, Stream::Erspan(_))
     {
-        entry.2.saw(sequence);
+        entry.gaps.saw(sequence);
     }
     counts.accepted += 1;
     Some((decoded.stream, decoded.frame))

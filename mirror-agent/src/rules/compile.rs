@@ -181,7 +181,9 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
 /// rules (it might match) and rules that accept any value; [`UNCONSTRAINED`] where no skip rule
 /// constrains the field. The attachment is always known.
 fn unknown_fields(interner: &mut Interner, rules: &[Rule]) -> [u32; FIELD_COUNT] {
-    let constrains: [(Field, fn(&Fields) -> bool); 7] = [
+    /// Whether a rule's fields constrain one field.
+    type Constrains = fn(&Fields) -> bool;
+    let constrains: [(Field, Constrains); 7] = [
         (Field::Ethertype, |f| f.ethertype.is_some()),
         (Field::VlanId, |f| f.vlan.is_some()),
         (Field::IpProto, |f| f.proto.is_some()),
