@@ -459,12 +459,16 @@ fn main() -> anyhow::Result<()> {
         Command::Collect(args) => runtime()?.block_on(collect::run(*args)),
         Command::Reload { api_socket } => runtime()?.block_on(async {
             let answer = api::post_to(&api_socket, "/reload").await?;
-            let generation: serde_json::Value =
+            let reloaded: state::Reloaded =
                 serde_json::from_str(&answer).context("the agent's answer to /reload")?;
-            println!(
-                "reloaded: configuration generation {}",
-                generation["generation"]
-            );
+            if reloaded.unchanged {
+                println!(
+                    "unchanged: the file is the applied configuration, generation {}",
+                    reloaded.generation
+                );
+            } else {
+                println!("reloaded: configuration generation {}", reloaded.generation);
+            }
             Ok(())
         }),
         Command::Capture(args) => runtime()?.block_on(cli::capture(args)),

@@ -680,3 +680,61 @@ fn an_interface_named_in_bytes_that_are_not_utf8_is_passed_over() {
     assert_eq!(tcx_programs(&lab.node, "dyn0")[0], ["mirror_tc_ingre"]);
     agent.stop();
 }
+
+/// A reload of a file whose text did not change applies nothing (the generation stays, and the
+/// CLI says so); a changed one is applied. Reloads go through while SIGHUPs keep arriving: a
+/// signal that interrupts the verifier (`EAGAIN`) makes the agent load again, not reject a
+/// valid file.
+#[test]
+fn reloads_skip_an_unchanged_file_and_survive_a_storm_of_sighups() {
+    let lab = Lab::new("sighups");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, reload_config(socket, 5001)).expect("config");
+    let agent = Agent::start_file(&lab.node, &agent_binary(), &config, &[]);
+    let reload = || agent_command(&lab.node, &["reload", "--api-socket", socket]);
+    let (code, stdout, stderr) = reload();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("unchanged"), "{stdout}");
+    assert_eq!(generation(&lab, socket), 1);
+
+    let pid = agent.pid().cast_signed();
+    let storm = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sighups = std::thread::spawn({
+        let storm = storm.clone();
+        move || {
+            let mut sent = 0u32;
+            // Bounded: a minute of signals at the most.
+            while storm.load(std::sync::atomic::Ordering::Relaxed) && sent < 12_000 {
+                // SAFETY: a signal to our own child.
+                unsafe { libc::kill(pid, libc::SIGHUP) };
+                sent += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            sent
+        }
+    });
+    for round in 0..5u16 {
+        std::fs::write(&config, reload_config(socket, 5010 + round)).expect("config");
+        let (code, stdout, stderr) = reload();
+        assert!(
+            code == 0 && (stdout.starts_with("reloaded") || stdout.starts_with("unchanged")),
+            "round {round}: {stdout}{stderr}"
+        );
+    }
+    storm.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = sighups.join().expect("the signal thread");
+    println!("{sent} SIGHUPs during the reloads");
+    // Every file was applied (by the API or by a SIGHUP before it), none rejected.
+    let metrics = mirror_tests::api_get(socket, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "mirror_config_last_reload_success 1"),
+        "{metrics}"
+    );
+    assert!(generation(&lab, socket) >= 6);
+    drop(agent.stop());
+}

@@ -81,6 +81,16 @@ impl AgentFiles {
         AgentFiles { dir, socket }
     }
 
+    /// Changes the configuration file's text, not what it says.
+    fn touch_config(&self) {
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("config.toml"))
+            .and_then(|mut file| file.write_all(b"# touched\n"))
+            .expect("config");
+    }
+
     /// Runs the agent in the lab's node with a session selecting the pods of namespace `shop`
     /// labelled `app=web`, against `api`.
     fn start(&self, lab: &Lab, api: &FakeApi, extra: &[&str]) -> Agent {
@@ -295,9 +305,12 @@ fn pods_selected_by_namespace_and_labels_are_followed_as_they_come_change_and_go
     let kept = web2.send(b"web-2 new");
     expect_copies(vec![kept], &web2, "after web-2 came");
 
-    // A reload plans the pods selected now into the new generation: nothing is let go.
+    // A reload plans the pods selected now into the new generation: nothing is let go. (The
+    // file changes, or the reload would have nothing to apply.)
+    files.touch_config();
     let (code, stdout, stderr) = agent_command(&lab.node, &["reload", "--api-socket", socket]);
     assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.starts_with("reloaded"), "{stdout}");
     assert_eq!(
         (hooks("vethweb2"), hooks("vethdb1")),
         (both.clone(), both.clone())

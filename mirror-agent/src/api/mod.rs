@@ -164,15 +164,15 @@ async fn stream(
     )
 }
 
-/// `POST /reload`: the new generation, or why the configuration was rejected (the old one keeps
-/// running).
+/// `POST /reload`: the generation applied (the same when the file is unchanged), or why the
+/// configuration was rejected (the old one keeps running).
 async fn reload(State(shared): State<Arc<Shared>>) -> axum::response::Response {
     let (answer, outcome) = tokio::sync::oneshot::channel();
     if shared.requests.send(Request::Reload(answer)).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response();
     }
     match outcome.await {
-        Ok(Ok(generation)) => Json(serde_json::json!({ "generation": generation })).into_response(),
+        Ok(Ok(reloaded)) => Json(reloaded).into_response(),
         Ok(Err(reason)) => (StatusCode::UNPROCESSABLE_ENTITY, reason + "\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response(),
     }

@@ -359,6 +359,11 @@ impl LoadedConfig {
         }
     }
 
+    /// Whether `other` was read from the same text (a reload of an unchanged file).
+    pub fn same_text(&self, other: &LoadedConfig) -> bool {
+        !self.text.is_empty() && self.text == other.text
+    }
+
     /// The place of a byte span of the file.
     pub fn location(&self, span: std::ops::Range<usize>) -> Location {
         Location {

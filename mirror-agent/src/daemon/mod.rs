@@ -22,7 +22,7 @@ use crate::{
     follow,
     follow::pods::{Placement, PodWatch},
     rules::{self, Plan, plan_on_host},
-    state::{AdHoc, Applied, Follow, Request, Shared},
+    state::{AdHoc, Applied, Follow, Reloaded, Request, Shared},
     targets::{
         self, TargetConfig, Targets,
         file::OpenFiles,
@@ -477,11 +477,19 @@ impl Daemon<'_> {
     }
 
     /// Applies the configuration file again, or keeps the running one and says why not.
-    async fn reload(&mut self, why: &str) -> anyhow::Result<u64> {
+    async fn reload(&mut self, why: &str) -> anyhow::Result<Reloaded> {
         let result = self.try_reload().await;
         self.shared.reload_tried(result.is_ok());
         match &result {
-            Ok(generation) => tracing::info!("reloaded on {why}: generation {generation}"),
+            Ok(Reloaded {
+                generation,
+                unchanged: true,
+            }) => tracing::info!(
+                "reload on {why}: the file is unchanged: generation {generation} stays"
+            ),
+            Ok(Reloaded { generation, .. }) => {
+                tracing::info!("reloaded on {why}: generation {generation}");
+            }
             Err(e) => {
                 tracing::error!("reload on {why} rejected, the running configuration stays: {e:#}");
             }
@@ -489,13 +497,19 @@ impl Daemon<'_> {
         result
     }
 
-    async fn try_reload(&mut self) -> anyhow::Result<u64> {
+    async fn try_reload(&mut self) -> anyhow::Result<Reloaded> {
         let Some(path) = &self.options.config else {
             anyhow::bail!(
                 "the agent runs a session from the command line: there is no file to reload"
             );
         };
         let loaded = LoadedConfig::read(path)?;
+        if loaded.same_text(&self.loaded) {
+            return Ok(Reloaded {
+                generation: self.shared.applied().datapath.generation(),
+                unchanged: true,
+            });
+        }
         if loaded
             .config
             .api_socket
@@ -510,7 +524,10 @@ impl Daemon<'_> {
         }
         let generation = self.apply(&with_captures(&loaded, &self.captures)).await?;
         self.loaded = loaded;
-        Ok(generation)
+        Ok(Reloaded {
+            generation,
+            unchanged: false,
+        })
     }
 
     /// Applies `loaded` (with the captures' sessions) as the next generation, or keeps the

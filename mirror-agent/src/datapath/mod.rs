@@ -200,6 +200,43 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
+/// Loads a program (`load`) with the signals the agent answers held back from this thread, so
+/// that they go to another one instead of interrupting the verifier (which then fails with
+/// `EAGAIN`: a SIGHUP during a reload, say); and loads again, up to [`LOAD_TRIES`] times, when
+/// another signal interrupted it all the same.
+fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut answered = SigSet::empty();
+    for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGTERM] {
+        answered.add(signal);
+    }
+    let mut before = SigSet::empty();
+    // Cannot fail with a valid `how`; were it to, the retries below still apply.
+    let masked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&answered), Some(&mut before));
+    let mut tries = 1;
+    let result = loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < LOAD_TRIES =>
+            {
+                tries += 1;
+                tracing::debug!("a signal interrupted the verifier: loading the program again");
+            }
+            result => break result,
+        }
+    };
+    if masked.is_ok() {
+        // Held-back signals are delivered now (tokio's handlers only note them).
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    }
+    result
+}
+
+/// Loads of one program before an interrupted verifier is an error.
+const LOAD_TRIES: u32 = 5;
+
 fn map<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -384,18 +421,15 @@ impl Datapath {
             )?;
         }
         for name in [TC_COPY_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-            datapath
-                .program(name)?
-                .load()
+            let program = datapath.program(name)?;
+            retry_interrupted(|| program.load())
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        datapath
-            .xdp_program()?
-            .load()
-            .map_err(|source| DatapathError::Program {
-                name: XDP_PROGRAM,
-                source,
-            })?;
+        let xdp = datapath.xdp_program()?;
+        retry_interrupted(|| xdp.load()).map_err(|source| DatapathError::Program {
+            name: XDP_PROGRAM,
+            source,
+        })?;
         if kernel_log != KernelLog::Off {
             datapath.kernel_log = Some(kernel_log::start_reader(&mut datapath.ebpf)?);
         }

@@ -47,8 +47,8 @@ pub struct Shared {
 /// What the API asks of the agent, and where the outcome goes.
 #[derive(Debug)]
 pub enum Request {
-    /// `POST /reload`: the new generation, or why the file was rejected.
-    Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
+    /// `POST /reload`: what the reload did, or why the file was rejected.
+    Reload(tokio::sync::oneshot::Sender<Result<Reloaded, String>>),
     /// An ad-hoc capture: a session of this name on these interfaces or pods (with a filter
     /// expression, or of every packet), applied, or why not.
     StartCapture {
@@ -59,6 +59,16 @@ pub enum Request {
     },
     /// The ad-hoc capture's watcher went: its session goes too.
     EndCapture(String),
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reloaded {
+    /// The configuration generation applied now.
+    pub generation: u64,
+    /// The file says what the applied configuration says, to the byte: nothing was reloaded.
+    #[serde(default)]
+    pub unchanged: bool,
 }
 
 /// What an ad-hoc capture watches.
