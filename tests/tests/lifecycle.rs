@@ -199,6 +199,52 @@ fn vxlan_targets_are_checked_and_an_unreachable_collector_is_counted() {
     );
 }
 
+/// Collector addresses are checked once, at validation, with `file:line:col`: the node's own
+/// address, a subnet's broadcast, a `local` that is not the node's, and addresses that are no
+/// host's anywhere (the broadcast, 240/4, IPv4-mapped, link-local) are refused by `check` and by
+/// `run`, which then attaches nothing.
+#[test]
+fn collector_addresses_are_refused_at_validation_where_they_are_written() {
+    let lab = Lab::with_collector("vxaddr", 1500);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases = [
+        ("remote = \"192.0.2.1\"", "is an address of this host"),
+        ("remote = \"192.0.2.255\"", "is a broadcast address here"),
+        (
+            "remote = \"192.0.2.2\", local = \"192.0.2.77\"",
+            "`local` 192.0.2.77 is not an address of this host",
+        ),
+        ("remote = \"255.255.255.255\"", "the broadcast address"),
+        ("remote = \"240.0.0.1\"", "a reserved address"),
+        ("remote = \"::ffff:10.77.3.2\"", "IPv4-mapped"),
+        ("remote = \"fe80::1\"", "link-local"),
+    ];
+    for (addresses, message) in cases {
+        let path = dir.path().join("collector.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[session]]\nname = \"t\"\ninterfaces = [\"src0\"]\n\
+                 target = {{ vxlan = {{ {addresses}, vni = 5 }} }}\n"
+            ),
+        )
+        .expect("write config");
+        let path = path.to_str().expect("utf-8");
+        for command in [&["check", "--config", path][..], &["run", "--config", path]] {
+            let (code, _, stderr) = agent_command(&lab.node, command);
+            assert_eq!(code, 1, "{command:?} {addresses}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{path}:4:")) && stderr.contains(message),
+                "{command:?} {addresses}: {stderr}"
+            );
+        }
+        assert_eq!(
+            tcx_programs(&lab.node, "src0"),
+            [Vec::<String>::new(), Vec::new()]
+        );
+    }
+}
+
 /// A configuration whose collector has no route from the lab's node.
 fn unreachable_config(dir: &tempfile::TempDir) -> String {
     let path = dir.path().join("unreachable.toml");

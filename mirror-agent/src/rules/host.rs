@@ -23,6 +23,21 @@ pub fn plan_selecting(
 ) -> Result<Plan, HostPlanError> {
     let interfaces = crate::targets::interface::present()?;
     let plan = plan(loaded, &interfaces, pods)?;
+    // The collectors this host cannot send to, at the target that names them.
+    for (session, config) in plan.sessions.iter().zip(&loaded.config.sessions) {
+        if let Some(why) = session
+            .target
+            .tunnel()
+            .and_then(crate::targets::tunnel::refused_on_host)
+        {
+            return Err(loaded
+                .error(
+                    config.get_ref().target.span(),
+                    format!("session `{}`: {why}", session.name),
+                )
+                .into());
+        }
+    }
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }

@@ -148,9 +148,9 @@ fn checked(
     local: Option<IpAddr>,
     format: TunnelFormat,
 ) -> Result<Target, String> {
-    if remote.is_unspecified() || remote.is_multicast() || remote.is_loopback() {
+    if let Some(why) = not_a_collector(remote) {
         Err(format!(
-            "{name} remote `{remote}` must be a unicast address of another host"
+            "{name} remote `{remote}` must be a unicast address of another host: {why}"
         ))
     } else if format.udp_port() == Some(0) {
         Err(format!("{name} port must not be 0"))
@@ -164,6 +164,59 @@ fn checked(
             local,
             format,
         }))
+    }
+}
+
+/// Why no collector can be at `remote`, whatever the host: an address that is not one host's.
+fn not_a_collector(remote: IpAddr) -> Option<&'static str> {
+    Some(match remote {
+        _ if remote.is_unspecified() => "it is unspecified",
+        _ if remote.is_loopback() => "it is a loopback address",
+        _ if remote.is_multicast() => "it is a multicast address",
+        IpAddr::V4(v4) if v4.is_broadcast() => "it is the broadcast address",
+        // 240.0.0.0/4, reserved (RFC 1112).
+        IpAddr::V4(v4) if v4.octets()[0] >= 240 => "it is a reserved address",
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            "it is an IPv4-mapped IPv6 address (give the IPv4 address)"
+        }
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            "it is link-local, which needs an interface a target cannot name"
+        }
+        _ => return None,
+    })
+}
+
+/// Why copies cannot reach a collector at `target` from this host, if they cannot: the remote is
+/// one of the host's own addresses or a subnet's broadcast, or `local` is not the host's. No
+/// route now is no reason (the copies are counted as `no_route` until there is one).
+pub fn refused_on_host(target: &TunnelTarget) -> Option<String> {
+    let remote = target.remote;
+    match max_tunnel_copy_len(target) {
+        Ok(_) => {
+            let local = target.local.unwrap_or(match remote {
+                IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+            });
+            let own = UdpSocket::bind((local, 0))
+                .and_then(|socket| {
+                    socket.connect((remote, 9))?;
+                    socket.local_addr()
+                })
+                .is_ok_and(|from| from.ip() == remote);
+            own.then(|| format!("remote `{remote}` is an address of this host"))
+        }
+        Err(TargetError::Path { source, .. }) => match source.raw_os_error() {
+            Some(libc::EACCES) => Some(format!(
+                "remote `{remote}` is a broadcast address here (copies would go to every host)"
+            )),
+            Some(libc::EADDRNOTAVAIL) => Some(format!(
+                "`local` {} is not an address of this host",
+                target.local.map_or_else(String::new, |l| l.to_string())
+            )),
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH) | None => None,
+            Some(_) => Some(format!("remote `{remote}`: {source}")),
+        },
+        Err(e) => Some(e.to_string()),
     }
 }
 
