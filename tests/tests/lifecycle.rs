@@ -245,6 +245,46 @@ fn collector_addresses_are_refused_at_validation_where_they_are_written() {
     }
 }
 
+/// A configuration file is read up to 16 MiB, and one larger is refused; a `pin_dir` that is not
+/// on a BPF file system is refused before anything is made, the directory included.
+#[test]
+fn oversized_files_and_pin_dirs_off_bpffs_are_refused() {
+    let lab = Lab::new("bounds");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big = dir.path().join("big.toml");
+    let comment = format!("# {}\n", "x".repeat(1021));
+    std::fs::write(
+        &big,
+        format!("{CONFIG}{SENTINEL_RULE}{}", comment.repeat(17 * 1024)),
+    )
+    .expect("write");
+    let big = big.to_str().expect("utf-8");
+    let (code, _, stderr) = agent_command(&lab.node, &["check", "--config", big]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("more than 16 MiB"), "{stderr}");
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, format!("{CONFIG}{SENTINEL_RULE}")).expect("write");
+    let pins = dir.path().join("not-bpffs").join("pins");
+    let (code, _, stderr) = agent_command(
+        &lab.node,
+        &[
+            "run",
+            "--config",
+            good.to_str().expect("utf-8"),
+            "--pin-dir",
+            pins.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not on a BPF file system"), "{stderr}");
+    assert!(!dir.path().join("not-bpffs").exists(), "nothing made");
+    assert_eq!(
+        tcx_programs(&lab.node, "src0"),
+        [Vec::<String>::new(), Vec::new()]
+    );
+}
+
 /// A configuration whose collector has no route from the lab's node.
 fn unreachable_config(dir: &tempfile::TempDir) -> String {
     let path = dir.path().join("unreachable.toml");

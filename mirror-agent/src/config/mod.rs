@@ -311,6 +311,9 @@ pub struct RuleConfig {
     pub port: Option<PortRange>,
 }
 
+/// The largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 /// A parsed file with what is needed to point at its lines.
 #[derive(Debug, Clone)]
 pub struct LoadedConfig {
@@ -320,16 +323,27 @@ pub struct LoadedConfig {
 }
 
 impl LoadedConfig {
-    /// Reads and parses a file.
+    /// Reads and parses a file of at most [`MAX_CONFIG_BYTES`] (read no further).
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        use std::io::Read as _;
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let error = |message: String| ConfigError {
             location: Location {
                 file: file.clone(),
                 line_col: None,
             },
-            message: format!("cannot read: {e}"),
-        })?;
+            message,
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(|e| error(format!("cannot read: {e}")))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(error(format!(
+                "more than {} MiB: a configuration is smaller (16,384 rules take about 2 MiB)",
+                MAX_CONFIG_BYTES >> 20
+            )));
+        }
         Self::parse(file, text)
     }
 

@@ -106,12 +106,17 @@ impl Datapath {
             path: dir.to_path_buf(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| pin_error(e.to_string()))?;
-        if !on_bpffs(dir) {
+        // Checked on the nearest folder there: a directory that is refused is never made.
+        let existing = dir
+            .ancestors()
+            .find(|a| a.exists())
+            .unwrap_or(Path::new("/"));
+        if !on_bpffs(existing) {
             return Err(pin_error(
                 "not on a BPF file system (mount one with `mount -t bpf bpf /sys/fs/bpf`)".into(),
             ));
         }
+        std::fs::create_dir_all(dir).map_err(|e| pin_error(e.to_string()))?;
         let mut generation = pinned_generations(dir)
             .into_iter()
             .map(|(generation, _)| generation)

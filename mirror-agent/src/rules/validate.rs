@@ -78,12 +78,19 @@ pub fn plan(
             session: index,
             ..guard.clone()
         }));
-        rules.extend(session_rules(
-            loaded,
-            index,
-            spanned.get_ref(),
-            &mut hidden,
-        )?);
+        let session = spanned.get_ref();
+        let own = session_rules(loaded, index, session, &mut hidden)?;
+        if let Some(filter) = &session.filter
+            && own.iter().all(|r| r.action == ActionConfig::Skip)
+        {
+            warnings.push(format!(
+                "{}: filter `{}` selects no packet: session `{}` copies nothing",
+                loaded.location(filter.span()),
+                filter.get_ref(),
+                session.name.get_ref()
+            ));
+        }
+        rules.extend(own);
     }
     if rules.len() > MAX_RULES as usize {
         return Err(loaded.file_error(format!(

@@ -445,3 +445,26 @@ fn filter_sessions_refuse_rules_and_a_default_with_the_place() {
         "{error}"
     );
 }
+
+/// A filter no packet can match is taken (the session copies nothing), with a warning at its
+/// place.
+#[test]
+fn warns_about_filters_that_select_nothing() {
+    let text = format!(
+        "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\nfilter = \"port 1 and port 2 and port 3\"\n"
+    );
+    let planned = plan(&load(&text), &interfaces()).expect("valid");
+    assert_eq!(
+        planned.warnings,
+        [
+            "t.toml:5:10: filter `port 1 and port 2 and port 3` selects no packet: session `a` copies nothing"
+        ]
+    );
+    let fine = text.replace("port 1 and port 2 and port 3", "port 1 or port 2");
+    assert!(
+        plan(&load(&fine), &interfaces())
+            .expect("valid")
+            .warnings
+            .is_empty()
+    );
+}
