@@ -738,3 +738,40 @@ fn reloads_skip_an_unchanged_file_and_survive_a_storm_of_sighups() {
     assert!(generation(&lab, socket) >= 6);
     drop(agent.stop());
 }
+
+/// An agent that is not pinned, or pinned elsewhere, refuses to start where a pinned agent's
+/// links still copy the hooks it would watch (every packet would be copied twice), and says
+/// how to take them over; with that pin directory it does.
+#[test]
+fn an_agent_refuses_hooks_that_another_agents_pins_still_copy() {
+    let lab = Lab::new("orphans");
+    let pinned = Pinned::new("[\"src0\"]", 5001);
+    let pins = pinned.pins.to_str().expect("utf-8");
+    drop(pinned.start(&lab).stop());
+    assert_eq!(tcx_programs(&lab.node, "src0")[0], ["mirror_tc_ingre"]);
+    let config = pinned.config.to_str().expect("utf-8");
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let elsewhere = elsewhere.path().join("pins");
+    for extra in [&[][..], &["--pin-dir", elsewhere.to_str().expect("utf-8")]] {
+        let (code, _, stderr) = agent_command(
+            &lab.node,
+            &[&["run", "--config", config][..], extra].concat(),
+        );
+        assert_eq!(code, 1, "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{pins} holds the pinned links of another mirror agent"
+            )) && stderr.contains("ingress-src0")
+                && stderr.contains(&format!("--pin-dir {pins}")),
+            "{extra:?}: {stderr}"
+        );
+        // Nothing attached beside the pinned program.
+        assert_eq!(tcx_programs(&lab.node, "src0")[0], ["mirror_tc_ingre"]);
+    }
+    let report = pinned.start(&lab).stop();
+    assert_eq!(report.json()["stats"]["generation"], 2, "taken over");
+    std::fs::remove_dir_all(&pinned.pins).expect("remove the pins");
+    wait_for("the programs to be detached", || {
+        tcx_programs(&lab.node, "src0") == [Vec::<String>::new(), Vec::new()]
+    });
+}

@@ -290,6 +290,7 @@ async fn serve(
 /// The first configuration: attached afresh, or in pinned mode taking over what an earlier agent
 /// left in the pin directory.
 async fn start(plan: Plan, options: &Options, outputs: &Outputs) -> anyhow::Result<Prepared> {
+    refuse_foreign_pins(&plan, options.pin_dir.as_deref())?;
     let (generation, previous) = match &options.pin_dir {
         Some(dir) => Datapath::adopt_pins(dir).context("taking over the pinned programs")?,
         None => (0, Vec::new()),
@@ -318,6 +319,32 @@ async fn start(plan: Plan, options: &Options, outputs: &Outputs) -> anyhow::Resu
     )
     .await
     .context("starting the datapath")
+}
+
+/// Refuses to start where another mirror agent's pinned links still copy the hooks `plan`
+/// watches (an earlier agent in pinned mode, whose pins stayed): every packet would be copied
+/// twice.
+fn refuse_foreign_pins(plan: &Plan, own: Option<&Path>) -> anyhow::Result<()> {
+    let watched: Vec<(String, mirror_common::Direction)> = plan
+        .sessions
+        .iter()
+        .flat_map(|s| &s.attachments)
+        .map(|(interface, direction)| (interface.name.clone(), *direction))
+        .collect();
+    let Some((dir, pins)) = crate::datapath::foreign_pins(own, &watched)
+        .into_iter()
+        .next()
+    else {
+        return Ok(());
+    };
+    anyhow::bail!(
+        "{} holds the pinned links of another mirror agent on hooks this configuration watches \
+         ({}), and they still copy: run with --pin-dir {} to take them over, or remove the \
+         directory to detach them",
+        dir.display(),
+        pins.join(", "),
+        dir.display()
+    )
 }
 
 /// Resolves `plan`'s targets and loads its datapath for `generation`, then lets `attach` attach

@@ -31,7 +31,7 @@ use mirror_common::{
 };
 
 use self::kernel_log::KERNEL_LOG_GLOBAL;
-pub use self::kernel_log::KernelLog;
+pub use self::{kernel_log::KernelLog, pins::foreign_pins};
 use crate::rules::Plan;
 
 /// Where a program is attached.

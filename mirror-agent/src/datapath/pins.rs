@@ -3,7 +3,10 @@
 //! agent left.
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{
+    SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
+};
 use mirror_common::Direction;
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -49,6 +52,86 @@ pub(super) fn pinned_generations(dir: &Path) -> Vec<(u64, PathBuf)> {
             Some((generation, entry.path()))
         })
         .collect()
+}
+
+/// Folders of a BPF file system looked into for another agent's pins, at the most.
+const PIN_SEARCH_ENTRIES: usize = 10_000;
+/// How deep below a BPF file system's mount point pin directories are looked for.
+const PIN_SEARCH_DEPTH: usize = 4;
+
+/// The pin directories of other mirror agents (a generation mark and link pins, outside `own`)
+/// whose links are on one of the `watched` hooks: those programs still copy, so attaching there
+/// too would copy every packet twice. Each with the pins found on those hooks.
+pub fn foreign_pins(
+    own: Option<&Path>,
+    watched: &[(String, Direction)],
+) -> Vec<(PathBuf, Vec<String>)> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut found = Vec::new();
+    let mut budget = PIN_SEARCH_ENTRIES;
+    let mut pending: Vec<(PathBuf, usize)> = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let point = fields.nth(1)?;
+            (fields.next()? == "bpf").then(|| (PathBuf::from(point.replace("\\040", " ")), 0))
+        })
+        .collect();
+    while let Some((dir, depth)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut on_watched = Vec::new();
+        let mut marked = false;
+        for entry in entries.flatten().take(budget) {
+            budget -= 1;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            marked |= name.starts_with(GENERATION_MARK);
+            match parse_pin_name(&name) {
+                Some((Hook::Mirror(direction), interface, _))
+                    if watched
+                        .iter()
+                        .any(|(i, d)| i == interface && *d == direction)
+                        && copies_here(&entry.path(), interface, direction) =>
+                {
+                    on_watched.push(name.clone());
+                }
+                _ if depth < PIN_SEARCH_DEPTH && entry.file_type().is_ok_and(|t| t.is_dir()) => {
+                    pending.push((entry.path(), depth + 1));
+                }
+                _ => {}
+            }
+        }
+        if marked && !on_watched.is_empty() && own.is_none_or(|own| !same_dir(own, &dir)) {
+            on_watched.sort();
+            found.push((dir, on_watched));
+        }
+    }
+    found
+}
+
+/// Whether the link pinned at `pin` runs its program at `interface`'s `direction` hook in this
+/// network namespace (a pin of another namespace's interface of the same name does not).
+fn copies_here(pin: &Path, interface: &str, direction: Direction) -> bool {
+    let attach = match direction {
+        Direction::Ingress => TcAttachType::Ingress,
+        Direction::Egress => TcAttachType::Egress,
+        // One XDP program per interface: attaching another fails on its own.
+        Direction::XdpIngress => return false,
+    };
+    let Some(link) = crate::sys::bpf::pinned_link(pin) else {
+        return false;
+    };
+    ifindex_of(interface) == Some(link.ifindex)
+        && SchedClassifier::query_tcx(interface, attach)
+            .is_ok_and(|(_, programs)| programs.iter().any(|p| p.id() == link.program_id))
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 pub(super) fn on_bpffs(dir: &Path) -> bool {
@@ -132,7 +215,9 @@ impl Datapath {
             generation = generation.max(pinned_generation.unwrap_or(0));
             let path = entry.path();
             let ifindex = ifindex_of(interface);
-            if ifindex.is_none() || crate::sys::bpf::pinned_link_ifindex(&path) != ifindex {
+            if ifindex.is_none()
+                || crate::sys::bpf::pinned_link(&path).map(|link| link.ifindex) != ifindex
+            {
                 tracing::info!(
                     "{interface} is gone or was created again: removing the pin {}",
                     path.display()

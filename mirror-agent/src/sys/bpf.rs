@@ -1,14 +1,22 @@
 //! The `bpf(2)` commands for pinned links that aya does not offer: opening a pin of any link type
-//! and asking the kernel which interface the link is attached to.
+//! and asking the kernel which interface the link is attached to, and which program it runs.
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
 };
 
-/// The interface the TCX or XDP link pinned at `pin` is attached to, as the kernel reports it:
-/// 0 once that interface is gone (the kernel detached the link with it), even if another of the
-/// same name has come since.
-pub fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
+/// A pinned TCX or XDP link, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedLink {
+    /// The interface it is attached to: 0 once that interface is gone (the kernel detached the
+    /// link with it), even if another of the same name has come since.
+    pub ifindex: u32,
+    /// The program it runs.
+    pub program_id: u32,
+}
+
+/// The link pinned at `pin`.
+pub fn pinned_link(pin: &Path) -> Option<PinnedLink> {
     const BPF_OBJ_GET: libc::c_long = 7;
     /// `union bpf_attr` for `BPF_OBJ_GET`.
     #[repr(C)]
@@ -36,10 +44,10 @@ pub fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
     let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
     // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
     let link = unsafe { OwnedFd::from_raw_fd(fd) };
-    link_ifindex(link.as_raw_fd())
+    link_info(link.as_raw_fd())
 }
 
-fn link_ifindex(link: RawFd) -> Option<u32> {
+fn link_info(link: RawFd) -> Option<PinnedLink> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     /// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
     #[repr(C)]
@@ -66,5 +74,9 @@ fn link_ifindex(link: RawFd) -> Option<u32> {
             std::mem::size_of::<InfoByFd>(),
         )
     };
-    (rc == 0).then(|| (info[2] & 0xffff_ffff) as u32)
+    // Little-endian words: `prog_id` is the low half of the second, the ifindex of the third.
+    (rc == 0).then(|| PinnedLink {
+        ifindex: (info[2] & 0xffff_ffff) as u32,
+        program_id: (info[1] & 0xffff_ffff) as u32,
+    })
 }
