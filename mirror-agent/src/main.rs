@@ -92,9 +92,8 @@ enum Command {
     Capture(cli::CaptureArgs),
     /// Show what the running agent watches: sessions, targets, hooks (through its API socket).
     Status {
-        /// The running agent's API socket.
-        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        socket: cli::AgentSocket,
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,
@@ -111,16 +110,14 @@ enum Command {
     /// Make the running agent apply its configuration file again; prints the new generation, or
     /// why the file was rejected (exit 1; the running configuration stays).
     Reload {
-        /// The running agent's API socket.
-        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        socket: cli::AgentSocket,
     },
     /// Show the running agent's counters per session: matched, mirrored, not sent (with --watch:
     /// a refreshing table with rates).
     Stats {
-        /// The running agent's API socket.
-        #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        socket: cli::AgentSocket,
         /// Print the API's JSON (every counter, per rule too); with --watch, one line per
         /// interval with per-session rates (NDJSON).
         #[arg(long)]
@@ -138,10 +135,18 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
+#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
 struct RunArgs {
     /// The configuration file (TOML; see examples/).
-    #[arg(long, conflicts_with_all = ["iface", "target"], required_unless_present = "target")]
+    #[arg(
+        long,
+        conflicts_with_all = ["iface", "target"],
+        required_unless_present_any = ["target", "iface", "list_interfaces"]
+    )]
     config: Option<PathBuf>,
+    /// List the interfaces the agent could watch, as `tcpdump -D` does, and exit.
+    #[arg(short = 'D', long, conflicts_with_all = ["config", "iface", "target"])]
+    list_interfaces: bool,
     #[command(flatten)]
     quick: QuickSession,
     /// Print the kernel rules each session became (on stderr) before attaching.
@@ -150,7 +155,7 @@ struct RunArgs {
     /// Seconds between counter log lines; 0 disables them (overrides the file's value).
     #[arg(long)]
     stats_interval: Option<u64>,
-    /// The API's Unix socket (default /run/mirror-agent.sock; overrides the file's `api_socket`).
+    /// The API's Unix socket (default /run/mirror/agent.sock; overrides the file's `api_socket`).
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Serve Prometheus /metrics, /healthz and /readyz here, e.g. 10.0.0.5:9477 (overrides the
@@ -201,7 +206,8 @@ struct RunArgs {
 #[command(group(clap::ArgGroup::new("udp_tunnel").args(["to_vxlan", "to_geneve"])))]
 #[command(group(clap::ArgGroup::new("tunnel").args(["to_vxlan", "to_geneve", "to_gre", "to_erspan"])))]
 struct QuickSession {
-    /// Interface name or glob to watch (repeatable).
+    /// Interface name or glob to watch (repeatable); `any`: every interface but the target (and
+    /// those that come later).
     #[arg(short = 'i', long, requires = "target")]
     iface: Vec<String>,
     /// A tcpdump filter expression, e.g. 'tcp port 443 and not host 10.1.2.3' (the words are
@@ -224,6 +230,12 @@ struct QuickSession {
         requires = "iface"
     )]
     write: Option<PathBuf>,
+    /// With -w: write each copy to the file at once, as `tcpdump -U` (else at least every
+    /// 100 ms).
+    #[arg(short = 'U', long, requires = "write")]
+    packet_buffered: bool,
+    #[command(flatten)]
+    _habits: TcpdumpHabits,
     /// With -w: stop after writing N copies, as `tcpdump -c N`.
     #[arg(short = 'c', long = "count", value_name = "N", requires = "write", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
@@ -259,8 +271,9 @@ struct QuickSession {
     /// ERSPAN type: 2 (type II) or 3 (type III: with a timestamp and the direction).
     #[arg(long, requires = "to_erspan", default_value_t = 2)]
     erspan_version: u8,
-    /// Which side of the interfaces to watch (default: both for TC, ingress for XDP).
-    #[arg(long, value_enum)]
+    /// Which side of the interfaces to watch (default: both for TC, ingress for XDP); as
+    /// tcpdump's `-Q`, also `in`, `out` or `inout`.
+    #[arg(short = 'Q', long, value_enum)]
     direction: Option<DirectionConfig>,
     /// Where packets are examined: tc, or xdp (received packets, before the kernel's stack;
     /// copies go through a ring buffer and the agent sends them on).
@@ -309,6 +322,20 @@ struct QuickSession {
     max_bps: Option<u64>,
 }
 
+/// tcpdump's flags that change nothing here, taken so that its habits work.
+#[derive(Debug, Args)]
+struct TcpdumpHabits {
+    /// Accepted for tcpdump's habits, and without effect: the agent prints no packets, so it
+    /// resolves no names (`-n`, `-nn`); it never puts an interface in promiscuous mode (`-p`);
+    /// its lines are not buffered (`-l`).
+    #[arg(short = 'n', action = clap::ArgAction::Count, hide_short_help = true)]
+    no_names: u8,
+    #[arg(short = 'p', hide = true)]
+    no_promiscuous: bool,
+    #[arg(short = 'l', hide = true)]
+    line_buffered: bool,
+}
+
 impl QuickSession {
     /// The target its flags name (clap lets exactly one through).
     fn target(&self) -> TargetConfig {
@@ -317,6 +344,7 @@ impl QuickSession {
                 path,
                 rotate_bytes: None,
                 rotate_count: None,
+                packet_buffered: self.packet_buffered,
             })
         };
         let local = self.tunnel_local;
@@ -426,8 +454,32 @@ impl QuickSession {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// A mistake in the command line (exit code 2, as clap's own).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct UsageError(anyhow::Error);
+
+fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            if let Some(advice) = tcpdump_advice(&error) {
+                eprintln!("error: {advice}");
+                return std::process::ExitCode::from(2);
+            }
+            error.exit()
+        }
+    };
+    match run_command(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:?}");
+            std::process::ExitCode::from(if error.is::<UsageError>() { 2 } else { 1 })
+        }
+    }
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     let mut filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if let Command::Run(args) = &cli.command
@@ -457,8 +509,8 @@ fn main() -> anyhow::Result<()> {
         Command::Man => write_manual(&mut std::io::stdout()).context("writing the manual page"),
         Command::Run(args) => run(*args),
         Command::Collect(args) => runtime()?.block_on(collect::run(*args)),
-        Command::Reload { api_socket } => runtime()?.block_on(async {
-            let answer = api::post_to(&api_socket, "/reload").await?;
+        Command::Reload { socket } => runtime()?.block_on(async {
+            let answer = api::post_to(&socket.path()?, "/reload").await?;
             let reloaded: state::Reloaded =
                 serde_json::from_str(&answer).context("the agent's answer to /reload")?;
             if reloaded.unchanged {
@@ -472,17 +524,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Capture(args) => runtime()?.block_on(cli::capture(args)),
-        Command::Status { api_socket, json } => {
-            runtime()?.block_on(cli::show_status(&api_socket, json))
+        Command::Status { socket, json } => {
+            runtime()?.block_on(cli::show_status(&socket.path()?, json))
         }
         Command::Stats {
-            api_socket,
+            socket,
             json,
             watch,
             interval,
             count,
         } => {
             let runtime = runtime()?;
+            let api_socket = socket.path()?;
             if watch && json {
                 runtime.block_on(cli::stream_stats(&api_socket, interval, count))
             } else {
@@ -494,6 +547,12 @@ fn main() -> anyhow::Result<()> {
 
 /// `mirror-agent run`: the file's configuration or the quick form's, until a stop.
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.list_interfaces {
+        for interface in targets::interface::present().context("listing the interfaces")? {
+            println!("{}.{}", interface.ifindex, interface.name);
+        }
+        return Ok(());
+    }
     let stop_after = args.quick.count;
     let mut loaded = match &args.config {
         Some(path) => LoadedConfig::read(path)?,
@@ -506,7 +565,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.metrics_address.or(loaded.config.metrics_address),
         args.metrics_ip,
     )?;
-    let plan = rules::plan_on_host(&loaded)?;
+    let plan = rules::plan_on_host(&loaded).map_err(|e| {
+        // The quick form's mistakes are the command line's.
+        let error = anyhow::Error::from(e);
+        if args.config.is_none() {
+            UsageError(error).into()
+        } else {
+            error
+        }
+    })?;
     if args.explain {
         eprint!("{}", cli::explain(&plan));
     }
@@ -532,6 +599,38 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
     };
     runtime()?.block_on(daemon::run(&loaded, plan, options))
+}
+
+/// What to do instead, for a tcpdump flag the agent does not take (clap would advise `-- -v`,
+/// which makes it filter text).
+fn tcpdump_advice(error: &clap::Error) -> Option<String> {
+    if error.kind() != clap::error::ErrorKind::UnknownArgument {
+        return None;
+    }
+    let clap::error::ContextValue::String(flag) =
+        error.get(clap::error::ContextKind::InvalidArg)?
+    else {
+        return None;
+    };
+    let printing = [
+        "-v", "-vv", "-vvv", "-e", "-x", "-xx", "-X", "-XX", "-A", "-t", "-tt", "-q", "-S",
+    ];
+    Some(match flag.as_str() {
+        flag if printing.contains(&flag) => format!(
+            "`{flag}` changes how tcpdump prints packets, and mirror-agent prints none: it writes \
+             them (`-w FILE`); to read them decoded, `-w - | tshark -r - -V`"
+        ),
+        "-r" => "mirror-agent does not read capture files: `tcpdump -r IN -w OUT FILTER` selects \
+                 from one"
+            .to_owned(),
+        "-C" => "`-C` (rotation by size) is `target = { file = { path = \"…\", rotate_bytes = \
+                 N, rotate_count = M } }` in a configuration file (`--config`)"
+            .to_owned(),
+        "-G" => "`-G` (rotation by time) is not offered: rotate by size with `rotate_bytes` in a \
+                 configuration file (`--config`)"
+            .to_owned(),
+        _ => return None,
+    })
 }
 
 /// The shell completions of every command and flag.

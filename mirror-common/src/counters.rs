@@ -115,9 +115,11 @@ counters! {
         mirrored_bytes => "rule_copied_bytes",
         /// Copies the kernel failed to clone or redirect.
         clone_errors => not_sent,
-        /// Copies not made because the packet already had `MAX_COPIES_PER_PACKET` copies.
+        /// Copies not made because the packet already had 8 copies at this hook (more sessions
+        /// than that selected it).
         copy_limit => not_sent,
-        /// Copies not made because they exceed the target's `SessionMeta::max_copy_len`.
+        /// Copies not made because they are larger than the target carries (its MTU, or a tunnel's
+        /// path MTU less the outer headers) and the session sets no snaplen.
         too_big => not_sent,
         /// Copies not made because sampling left them out.
         sampled_out => not_sent,
@@ -135,7 +137,7 @@ counters! {
         watch_lost => "rule_watch_lost_copies",
         /// Copies decided of packets the parser could not finish (a truncated header, an IPv6
         /// extension chain longer than it follows): the fields it did not reach match any rule.
-        /// Sent unless the session skips them (`SessionMeta::skip_unparsed`).
+        /// Sent unless the session skips them (`unparsed = "skip"`).
         unparsed => "rule_unparsed_packets",
     }
 }
@@ -160,7 +162,8 @@ counters! {
         /// Packets whose headers were truncated or malformed; the fields the parser did not reach
         /// matched any rule, and the packet always passed on unchanged.
         malformed => "hook_malformed_packets",
-        /// Packets on which classification stopped at `MAX_CLASSIFY_STEPS` (never expected).
+        /// Packets whose classification stopped at its step limit, the rules plus their words
+        /// (never expected).
         step_limit => "hook_step_limit_packets",
         /// Packets met with a rule-table inconsistency (never expected; the packet still passes).
         table_errors => "hook_table_error_packets",

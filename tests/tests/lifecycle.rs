@@ -353,3 +353,94 @@ fn commands_end_quietly_when_their_reader_goes() {
     }
     drop(agent.stop());
 }
+
+/// The quick form takes tcpdump's habits: `-D` lists the interfaces; `-n`/`-nn`, `-p` and `-l`
+/// are taken without effect; `-Q in` is the direction; `-U` writes each copy at once; `-i any`
+/// watches every interface; tcpdump's printing flags, `-r`, `-C` and `-G` are refused with what
+/// to do instead; its mistakes are usage errors (exit 2), and a missing target is named as such.
+#[test]
+fn the_quick_form_takes_tcpdumps_habits() {
+    let lab = Lab::new("habits");
+    let (code, stdout, stderr) = agent_command(&lab.node, &["run", "-D"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        ["src0", "lo"].iter().all(|name| stdout
+            .lines()
+            .any(|l| l.split_once('.').is_some_and(|(_, n)| n == *name))),
+        "{stdout}"
+    );
+    for (args, advice) in [
+        (&["-vv"][..], "changes how tcpdump prints packets"),
+        (&["-X"], "changes how tcpdump prints packets"),
+        (&["-r", "in.pcap"], "does not read capture files"),
+        (&["-C", "10"], "rotate_bytes"),
+        (&["-G", "60"], "not offered"),
+    ] {
+        let (code, _, stderr) = agent_command(
+            &lab.node,
+            &[&["run", "-i", "src0", "-w", "/tmp/never.pcap"][..], args].concat(),
+        );
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(advice) && !stderr.contains("-- "),
+            "{args:?}: {stderr}"
+        );
+    }
+    for (args, message) in [
+        (&["-i", "src0", "--to", "mir0", "-s", "64"][..], "snaplen"),
+        (&["-i", "eth9", "--to", "mir0"], "`eth9` does not exist"),
+        (&["-i", "src0", "tcp", "port", "80"], "--write"),
+    ] {
+        let (code, _, stderr) = agent_command(&lab.node, &[&["run"][..], args].concat());
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(message) && !stderr.contains("--config"),
+            "{args:?}: {stderr}"
+        );
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let file = dir.path().join("habits.pcap");
+    let mut agent = mirror_tests::KilledOnDrop(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.node.name])
+            .arg(mirror_tests::agent_binary())
+            .args([
+                "run", "-i", "any", "-nn", "-p", "-l", "-Q", "in", "-U", "-w",
+            ])
+            .arg(&file)
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(["udp", "port", "5000"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
+    let socket = socket.to_str().expect("utf-8");
+    mirror_tests::wait_for("the agent's API", || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    });
+    let hooks = mirror_tests::attached(&lab.node, socket);
+    for interface in ["src0", "sink0", "mir0", "lo"] {
+        assert!(
+            hooks.contains(&(interface.to_owned(), "ingress".to_owned())),
+            "{interface} in {hooks:?}"
+        );
+    }
+    assert!(hooks.iter().all(|(_, d)| d == "ingress"), "{hooks:?}");
+    let frame = mirror_tests::udp_v4_frame(
+        mirror_tests::SRC_MAC,
+        mirror_tests::NODE_SRC_MAC,
+        5000,
+        b"habits",
+    );
+    mirror_tests::FrameSender::open(&lab.src, "eth0").send(&frame);
+    mirror_tests::wait_for("the copy in the file", || {
+        mirror_tests::frames_so_far(&file) == 1
+    });
+    assert_eq!(mirror_tests::pcap_frames(&file), [frame]);
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(agent.0.id().cast_signed(), libc::SIGINT) };
+    assert!(agent.0.wait().expect("agent").success());
+}

@@ -16,7 +16,7 @@ mod metrics;
 use std::{
     fmt::Write as _,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -46,7 +46,7 @@ use crate::state::{Request, Shared, Stats};
 pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// Where the API socket is unless configured otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/mirror-agent.sock";
+pub const DEFAULT_SOCKET: &str = "/run/mirror/agent.sock";
 
 fn internal(error: &anyhow::Error) -> (StatusCode, String) {
     (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n"))
@@ -242,6 +242,17 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
             path.display()
         ),
         Err(_) => {}
+    }
+    // The default's folder (/run/mirror) is made when missing, root-only; one that exists is
+    // used as it is.
+    if path == Path::new(DEFAULT_SOCKET)
+        && let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     // Created root-only: at no moment can another user connect before the mode is set. (The
     // mask is the process's: no other thread creates files yet.)

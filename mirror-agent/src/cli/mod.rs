@@ -71,6 +71,32 @@ pub(crate) fn explain(plan: &Plan) -> String {
     out
 }
 
+/// Where the running agent's API socket is: named, or found in the configuration file it runs.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AgentSocket {
+    /// The running agent's API socket.
+    #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+    /// Or the configuration file the agent runs: its `api_socket` (the default when it names
+    /// none).
+    #[arg(long, value_name = "FILE", conflicts_with = "api_socket")]
+    config: Option<PathBuf>,
+}
+
+impl AgentSocket {
+    /// The socket's path.
+    pub(crate) fn path(&self) -> anyhow::Result<PathBuf> {
+        let Some(config) = &self.config else {
+            return Ok(self.api_socket.clone());
+        };
+        let loaded = LoadedConfig::read(config)?;
+        Ok(loaded
+            .config
+            .api_socket
+            .unwrap_or_else(|| api::DEFAULT_SOCKET.into()))
+    }
+}
+
 /// `mirror-agent capture`'s arguments.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").args(["session", "iface", "namespace", "label"]).required(true).multiple(true)))]
@@ -106,9 +132,8 @@ pub(crate) struct CaptureArgs {
     /// Stop after N copies.
     #[arg(short = 'c', long = "count", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
-    /// The running agent's API socket.
-    #[arg(long, env = "MIRROR_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
-    api_socket: PathBuf,
+    #[command(flatten)]
+    socket: AgentSocket,
 }
 
 /// `mirror-agent capture`: the live pcapng stream of a session or of an ad-hoc capture into its
@@ -123,9 +148,10 @@ pub(crate) async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         filter,
         write,
         count,
-        api_socket,
+        socket,
     } = args;
-    let (socket, write, filter) = (api_socket.as_path(), write.as_path(), filter.join(" "));
+    let socket = socket.path()?;
+    let (socket, write, filter) = (socket.as_path(), write.as_path(), filter.join(" "));
     let mut query = form_urlencoded::Serializer::new(String::new());
     if let Some(session) = &session {
         query.append_pair("session", session);
@@ -329,11 +355,14 @@ pub(crate) async fn show_stats(
             () = tokio::time::sleep(period) => {}
         }
         let (_, stats) = fetch().await?;
-        // Clear the screen and redraw.
-        print!(
-            "\x1b[2J\x1b[H{}",
-            stats_table(&stats, Some((&previous, period)))
-        );
+        let table = stats_table(&stats, Some((&previous, period)));
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            // Clear the screen and redraw.
+            print!("\x1b[2J\x1b[H{table}");
+        } else {
+            // Into a file or a pipe: one table after the other, no terminal codes.
+            print!("\n{table}");
+        }
         previous = stats;
     }
     Ok(())

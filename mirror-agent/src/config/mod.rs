@@ -263,9 +263,15 @@ pub struct RateLimitConfig {
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DirectionConfig {
+    /// Received packets (tcpdump's `-Q in`).
+    #[value(alias = "in")]
     Ingress,
+    /// Sent packets (`-Q out`).
+    #[value(alias = "out")]
     Egress,
+    /// Both (`-Q inout`).
     #[default]
+    #[value(alias = "inout")]
     Both,
 }
 

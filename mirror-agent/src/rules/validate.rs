@@ -215,6 +215,10 @@ fn resolve_session(
     })
 }
 
+/// As in tcpdump, every interface (but the session's target interface, and the interfaces that
+/// come later too).
+const ANY_INTERFACE: &str = "any";
+
 /// What a session watches: interfaces by name or glob, or pods.
 struct Watched {
     /// (ifindex, name), present now.
@@ -275,6 +279,15 @@ fn watched_interfaces(
         );
     }
     for pattern in patterns {
+        if pattern.get_ref() == ANY_INTERFACE {
+            watched.extend(
+                interfaces
+                    .iter()
+                    .filter(|i| Some(i.ifindex) != target_ifindex)
+                    .map(|i| (i.ifindex, i.name.clone())),
+            );
+            continue;
+        }
         let matched = resolve(pattern.get_ref(), interfaces)
             .map_err(|message| loaded.error(pattern.span(), message))?;
         if matched.is_empty() {
@@ -300,8 +313,13 @@ fn watched_interfaces(
         interfaces: watched,
         globs: patterns
             .iter()
-            .filter(|p| is_glob(p.get_ref()))
-            .filter_map(|p| glob::Pattern::new(p.get_ref()).ok())
+            .map(|p| match p.get_ref().as_str() {
+                // Interfaces that come later too (never the target: it is never watched).
+                ANY_INTERFACE => "*",
+                pattern => pattern,
+            })
+            .filter(|p| is_glob(p))
+            .filter_map(|p| glob::Pattern::new(p).ok())
             .collect(),
         selector,
     })

@@ -38,7 +38,8 @@ use super::{
 /// The file target path that stands for standard output (pcap, for `| tshark -r -`).
 pub const STDOUT: &str = "-";
 
-/// `file = "PATH"`, or `file = { path = "PATH", rotate_bytes = N, rotate_count = M }`.
+/// `file = "PATH"`, or `file = { path = "PATH", rotate_bytes = N, rotate_count = M,
+/// packet_buffered = true }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileConfig {
     /// A pcap (`.pcap`) or pcapng (`.pcapng`) file, or `-` for standard output (pcap).
@@ -47,6 +48,8 @@ pub struct FileConfig {
     pub rotate_bytes: Option<u64>,
     /// With `rotate_bytes`: keep only the newest this many files.
     pub rotate_count: Option<u64>,
+    /// Each copy goes to the file at once (tcpdump's `-U`), not at least every 100 ms.
+    pub packet_buffered: bool,
 }
 
 impl<'de> Deserialize<'de> for FileConfig {
@@ -58,6 +61,8 @@ impl<'de> Deserialize<'de> for FileConfig {
             path: PathBuf,
             rotate_bytes: Option<u64>,
             rotate_count: Option<u64>,
+            #[serde(default)]
+            packet_buffered: bool,
         }
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
@@ -72,6 +77,7 @@ impl<'de> Deserialize<'de> for FileConfig {
                     path: path.into(),
                     rotate_bytes: None,
                     rotate_count: None,
+                    packet_buffered: false,
                 })
             }
 
@@ -84,6 +90,7 @@ impl<'de> Deserialize<'de> for FileConfig {
                     path: table.path,
                     rotate_bytes: table.rotate_bytes,
                     rotate_count: table.rotate_count,
+                    packet_buffered: table.packet_buffered,
                 })
             }
         }
@@ -97,6 +104,7 @@ pub struct FileTarget {
     pub path: PathBuf,
     pub rotate_bytes: Option<u64>,
     pub rotate_count: Option<u64>,
+    pub packet_buffered: bool,
 }
 
 impl FileTarget {
@@ -112,6 +120,7 @@ impl FileConfig {
             path,
             rotate_bytes,
             rotate_count,
+            packet_buffered,
         } = self;
         if rotate_count.is_some() && rotate_bytes.is_none() {
             return Err("`rotate_count` needs `rotate_bytes`".to_owned());
@@ -130,6 +139,7 @@ impl FileConfig {
             path: path.clone(),
             rotate_bytes: *rotate_bytes,
             rotate_count: *rotate_count,
+            packet_buffered: *packet_buffered,
         }))
     }
 }
@@ -146,11 +156,9 @@ impl OpenFiles {
         if let Some(file) = files.get(&target.path) {
             return Ok(SharedFile(file.clone()));
         }
-        let file = Arc::new(Mutex::new(PcapFile::open(
-            &target.path,
-            target.rotate_bytes,
-            target.rotate_count,
-        )?));
+        let mut file = PcapFile::open(&target.path, target.rotate_bytes, target.rotate_count)?;
+        file.packet_buffered = target.packet_buffered;
+        let file = Arc::new(Mutex::new(file));
         files.insert(target.path.clone(), file.clone());
         Ok(SharedFile(file))
     }
@@ -231,6 +239,8 @@ pub struct PcapFile {
     written: u64,
     /// Frames not written because writing failed.
     pub write_errors: u64,
+    /// Each frame goes to the file at once (tcpdump's `-U`).
+    pub packet_buffered: bool,
 }
 
 impl std::fmt::Debug for PcapFile {
@@ -358,6 +368,7 @@ impl PcapFile {
             last_open: std::time::Instant::now(),
             written: 0,
             write_errors: 0,
+            packet_buffered: false,
         };
         if rotate_bytes.is_some() && sink.sequence == 0 {
             sink.sequence = 1;
@@ -415,6 +426,9 @@ impl PcapFile {
             .and_then(|writer| writer.write(interface, name, timestamp, frame, orig_len));
         if let Ok(bytes) = written {
             self.written += bytes;
+            if self.packet_buffered {
+                self.flush();
+            }
         } else {
             self.write_errors += 1;
             if let Some(broken) = self.writer.take() {

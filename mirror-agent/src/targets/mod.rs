@@ -522,6 +522,7 @@ mod tests {
                 path: "/tmp/c.pcap".into(),
                 rotate_bytes,
                 rotate_count,
+                packet_buffered: false,
             }))
         };
         assert_eq!(
