@@ -574,6 +574,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             error
         }
     })?;
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
     if args.explain {
         eprint!("{}", cli::explain(&plan));
     }

@@ -16,6 +16,9 @@ use crate::{
 /// `mirror-agent check`: the plan, and what each session's target allows now.
 pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<()> {
     let plan = plan_on_host(&LoadedConfig::read(config)?)?;
+    for warning in &plan.warnings {
+        eprintln!("warning: {warning}");
+    }
     if explain {
         print!("{}", self::explain(&plan));
     }
@@ -35,7 +38,7 @@ pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<(
         }
     }
     println!(
-        "{}: ok: {} session(s), {} rule(s), {} hook(s), {} bitmap(s)",
+        "{}: ok: {} session(s), {} rule(s), {} hook(s)",
         config.display(),
         plan.sessions.len(),
         plan.rules.len() - plan.sessions.len(),
@@ -43,13 +46,12 @@ pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<(
             .iter()
             .map(|s| s.attachments.len())
             .sum::<usize>(),
-        plan.tables.bitmaps.len()
     );
     Ok(())
 }
 
-/// The kernel rules of each session in the order they are tried, one line each:
-/// `  filter-1  skip    src 10.1.2.3/32`.
+/// The kernel rules of each session in the order they are tried, one line each, in tcpdump's
+/// words: `  filter-1  skip    src host 10.1.2.3`.
 pub(crate) fn explain(plan: &Plan) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -64,7 +66,7 @@ pub(crate) fn explain(plan: &Plan) -> String {
                 out,
                 "  {:<10} {action:<6} {}",
                 rule.kind.to_string(),
-                rule.fields
+                crate::rules::InTcpdumpWords(&rule.fields)
             );
         }
     }

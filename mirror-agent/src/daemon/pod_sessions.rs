@@ -116,6 +116,19 @@ pub(super) async fn plan_with_pods(
     pods: &mut Option<PodWatch>,
     options: &Options,
 ) -> anyhow::Result<Plan> {
+    let plan = planned_with_pods(loaded, pods, options).await?;
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(plan)
+}
+
+/// [`plan_with_pods`] without the log of its warnings.
+async fn planned_with_pods(
+    loaded: &LoadedConfig,
+    pods: &mut Option<PodWatch>,
+    options: &Options,
+) -> anyhow::Result<Plan> {
     if !selects_pods(loaded) {
         return Ok(rules::plan_on_host(loaded)?);
     }

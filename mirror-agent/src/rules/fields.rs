@@ -256,6 +256,94 @@ impl fmt::Display for Fields {
     }
 }
 
+/// A rule's fields in tcpdump's words (`check --explain`): `tcp and src net 10.0.0.0/8 and dst
+/// port 443`.
+#[derive(Debug)]
+pub struct InTcpdumpWords<'a>(pub &'a Fields);
+
+impl fmt::Display for InTcpdumpWords<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields = self.0;
+        let port_words = |side: &str, r: &RangeInclusive<u16>| {
+            if r.start() == r.end() {
+                format!("{side} port {}", r.start())
+            } else {
+                format!("{side} portrange {}-{}", r.start(), r.end())
+            }
+        };
+        let net = |side: &str, n: &IpNet| {
+            if n.prefix_len() == n.max_prefix_len() {
+                format!("{side} host {}", n.addr())
+            } else {
+                format!("{side} net {n}")
+            }
+        };
+        let parts: Vec<String> = [
+            fields.ethertype.map(|e| match e {
+                ETHERTYPE_IPV4 => "ip".to_owned(),
+                ETHERTYPE_IPV6 => "ip6".to_owned(),
+                0x0806 => "arp".to_owned(),
+                other => format!("ether proto {other:#06x}"),
+            }),
+            fields.vlan.as_ref().map(|v| {
+                if *v == ANY_VLAN {
+                    "vlan".to_owned()
+                } else if v.start() == v.end() {
+                    format!("vlan {}", v.start())
+                } else {
+                    format!("vlan {}-{}", v.start(), v.end())
+                }
+            }),
+            fields.proto.map(|p| match p {
+                1 => "icmp".to_owned(),
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                58 => "icmp6".to_owned(),
+                132 => "sctp".to_owned(),
+                other => format!("proto {other}"),
+            }),
+            fields.src.map(|n| net("src", &n)),
+            fields.dst.map(|n| net("dst", &n)),
+            fields.src_port.as_ref().map(|p| port_words("src", p)),
+            fields.dst_port.as_ref().map(|p| port_words("dst", p)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if parts.is_empty() {
+            f.write_str("any packet")
+        } else {
+            f.write_str(&parts.join(" and "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tcpdump_words {
+    use super::*;
+
+    #[test]
+    fn rules_read_as_tcpdump_expressions() {
+        let fields = Fields {
+            proto: Some(6),
+            src: Some("10.0.0.0/8".parse().expect("net")),
+            dst: Some("10.1.2.3/32".parse().expect("host")),
+            dst_port: Some(1024..=65535),
+            ..Fields::default()
+        };
+        assert_eq!(
+            InTcpdumpWords(&fields).to_string(),
+            "tcp and src net 10.0.0.0/8 and dst host 10.1.2.3 and dst portrange 1024-65535"
+        );
+        let arp = Fields {
+            ethertype: Some(0x0806),
+            ..Fields::default()
+        };
+        assert_eq!(InTcpdumpWords(&arp).to_string(), "arp");
+        assert_eq!(InTcpdumpWords(&Fields::default()).to_string(), "any packet");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use etherparse::PacketBuilder;

@@ -10,7 +10,7 @@ pub enum HostPlanError {
     Config(#[from] ConfigError),
 }
 
-/// The plan of `loaded` on this host's interfaces, its warnings logged.
+/// The plan of `loaded` on this host's interfaces (its warnings for the caller to show).
 pub fn plan_on_host(loaded: &LoadedConfig) -> Result<Plan, HostPlanError> {
     plan_selecting(loaded, &|_| Vec::new())
 }
@@ -37,9 +37,6 @@ pub fn plan_selecting(
                 )
                 .into());
         }
-    }
-    for warning in &plan.warnings {
-        tracing::warn!("{warning}");
     }
     Ok(plan)
 }

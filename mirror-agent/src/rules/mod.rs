@@ -23,7 +23,7 @@ use mirror_common::{Action, Direction, FIELD_COUNT, RateLimit, RuleBitmap, RuleM
 
 pub use self::{
     compile::sessions_bitmap,
-    fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields, Header},
+    fields::{ANY_VLAN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fields, Header, InTcpdumpWords},
     fingerprint::fingerprints,
     host::{plan_on_host, plan_selecting},
     validate::plan,
