@@ -113,7 +113,7 @@ enum Command {
         #[command(flatten)]
         socket: cli::AgentSocket,
     },
-    /// Show the running agent's counters per session: matched, mirrored, not sent (with --watch:
+    /// Show the running agent's counters per session: seen, skipped, mirrored, not sent (with --watch:
     /// a refreshing table with rates).
     Stats {
         #[command(flatten)]

@@ -479,3 +479,54 @@ fn wait_for_no_xdp(lab: &Lab) {
         link[0]["xdp"].is_null()
     });
 }
+
+/// The counters the agent keeps in userspace (ring copies sent) and the hooks' go on across a
+/// reload, as the rules' do: the report at the stop counts every copy the file got.
+#[test]
+fn ring_and_hook_counters_go_on_across_reloads() {
+    let lab = Lab::new("xdp-carry");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("config.toml");
+    let path = dir.path().join("copies.pcap");
+    let text = format!(
+        "api_socket = \"{}\"\n{}",
+        socket.display(),
+        xdp_session(
+            "[\"src0\"]",
+            &format!("{{ file = \"{}\" }}", path.display()),
+            "[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = 5000\n",
+        )
+    );
+    std::fs::write(&config, &text).expect("write config");
+    let agent =
+        mirror_tests::Agent::start_file(&lab.node, &mirror_tests::agent_binary(), &config, &[]);
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let send = |n: u8| {
+        for i in 0..n {
+            sender.send(&udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 5000, &[i; 40]));
+        }
+    };
+    send(3);
+    mirror_tests::wait_for("three copies in the file", || {
+        mirror_tests::frames_so_far(&path) == 3
+    });
+    // The same session in a changed file: a new generation, the session's counters going on.
+    std::fs::write(&config, format!("{text}# changed\n")).expect("write config");
+    let (code, stdout, stderr) = mirror_tests::agent_command(
+        &lab.node,
+        &["reload", "--api-socket", socket.to_str().expect("utf-8")],
+    );
+    assert!(
+        code == 0 && stdout.contains("generation 2"),
+        "{stdout}{stderr}"
+    );
+    send(2);
+    mirror_tests::wait_for("five copies in the file", || {
+        mirror_tests::frames_so_far(&path) == 5
+    });
+    let report = agent.stop();
+    assert_eq!(report.ring("t", "sent"), 5, "{}", report.0);
+    assert_eq!(report.session("t").mirrored, 5, "{}", report.0);
+    assert!(report.hook("xdp", "packets") >= 5, "{}", report.0);
+}

@@ -370,7 +370,9 @@ pub(crate) async fn show_stats(
     Ok(())
 }
 
-/// Sessions × matched / mirrored / not sent, with per-second rates against `previous`.
+/// Sessions × seen (every packet the session decided) / skipped (by a skip rule or the default) /
+/// mirrored / not sent (copies selected but not made, for any reason), with per-second rates
+/// against `previous`.
 #[expect(
     clippy::cast_precision_loss,
     reason = "a rate on screen needs no more than 52 bits"
@@ -386,11 +388,17 @@ fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>
         .unwrap_or(0)
         .max(16);
     let mut out = format!(
-        "{:<width$} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
-        "session", "matched", "mirrored", "not_sent", "matched/s", "mirrored/s", "not_sent/s"
+        "{:<width$} {:>14} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
+        "session", "seen", "skipped", "mirrored", "not_sent", "seen/s", "mirrored/s", "not_sent/s"
     );
     for session in &stats.sessions {
         let c = &session.counters;
+        let skipped: u64 = session
+            .rules
+            .iter()
+            .filter(|r| r.action == ActionConfig::Skip)
+            .map(|r| r.counters.matched)
+            .sum();
         let before = previous
             .and_then(|(p, _)| p.sessions.iter().find(|s| s.name == session.name))
             .map(|s| s.counters);
@@ -405,9 +413,10 @@ fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>
         };
         let _ = writeln!(
             out,
-            "{:<width$} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}",
+            "{:<width$} {:>14} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}",
             session.name,
             c.matched,
+            skipped,
             c.mirrored,
             c.not_sent(),
             rate(c.matched, before.map(|b| b.matched)),
@@ -465,10 +474,34 @@ mod tests {
             ..crate::state::Stats::default()
         };
         let table = super::stats_table(&stats, None);
+        // What the skip rules (the default among them) decided reads as skipped, not lost.
+        let mut dns = session("dns");
+        dns.rules = vec![crate::state::RuleStats {
+            rule: "default".into(),
+            action: crate::config::ActionConfig::Skip,
+            counters: mirror_common::Counters {
+                matched: 19,
+                ..mirror_common::Counters::default()
+            },
+        }];
+        let skipping = super::stats_table(
+            &crate::state::Stats {
+                sessions: vec![dns],
+                ..crate::state::Stats::default()
+            },
+            None,
+        );
+        let row: Vec<&str> = skipping
+            .lines()
+            .nth(1)
+            .expect("a row")
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[..5], ["dns", "12345", "19", "0", "0"], "{skipping}");
         let ends: Vec<usize> = table
             .lines()
             .map(|line| {
-                let (at, token) = ["matched", "12345"]
+                let (at, token) = ["seen", "12345"]
                     .iter()
                     .find_map(|t| Some((line.find(t)?, t)))
                     .expect("the column");

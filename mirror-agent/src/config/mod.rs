@@ -287,7 +287,7 @@ pub enum HookConfig {
 }
 
 /// What a rule does.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ActionConfig {
     Mirror,

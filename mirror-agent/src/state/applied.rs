@@ -1,6 +1,6 @@
 //! One applied configuration: its datapath, ring drain, followers' state and targets, what the
 //! API reports of it, and the counters carried across reloads.
-use mirror_common::{Counters, Direction, Traffic};
+use mirror_common::{Counters, Direction, HOOK_COUNT, HookCounters, Traffic};
 
 use super::{Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, direction_name};
 use crate::{
@@ -37,6 +37,10 @@ pub struct Applied {
 struct Carried {
     sessions: Vec<Counters>,
     rules: Vec<Counters>,
+    /// Per session, what the agent counted of its target.
+    targets: Vec<TargetCounters>,
+    /// The hooks' counters, of every generation before (whatever changed).
+    hooks: [HookCounters; HOOK_COUNT as usize],
 }
 
 /// The parts of a plan the API reports (the compiled tables are gone by then).
@@ -45,6 +49,8 @@ pub(crate) struct PlanView {
     pub(crate) sessions: Vec<SessionView>,
     /// (session index, rule label) of each configured rule, in global order.
     rules: Vec<(usize, String)>,
+    /// By row of `rules`, its action.
+    actions: Vec<crate::config::ActionConfig>,
     /// By kernel rule index, the configured rule it belongs to (an index into `rules`): a rule
     /// with `host` or `port` is one kernel rule per direction, counted as one.
     kernel_rules: Vec<usize>,
@@ -59,6 +65,7 @@ pub(crate) struct PlanView {
 impl PlanView {
     fn of(plan: &Plan) -> Self {
         let mut rules: Vec<(usize, String)> = Vec::new();
+        let mut actions = Vec::new();
         let mut kernel_rules = Vec::with_capacity(plan.rules.len());
         let mut counted_defaults = vec![None; plan.sessions.len()];
         for rule in &plan.rules {
@@ -66,6 +73,7 @@ impl PlanView {
             // The kernel rules of one configured rule are next to each other.
             if rules.last() != Some(&row) {
                 rules.push(row);
+                actions.push(rule.action);
             }
             kernel_rules.push(rules.len() - 1);
             if rule.counted_by_agent() {
@@ -88,6 +96,7 @@ impl PlanView {
                 })
                 .collect(),
             rules,
+            actions,
             kernel_rules,
             fingerprints: rules::fingerprints(plan),
             counted_defaults,
@@ -128,6 +137,8 @@ impl Applied {
         let mut carried = Carried {
             sessions: vec![Counters::default(); view.sessions.len()],
             rules: vec![Counters::default(); view.rules.len()],
+            targets: vec![TargetCounters::default(); view.sessions.len()],
+            hooks: hook_array(&before),
         };
         for (index, fingerprint) in view.fingerprints.iter().enumerate() {
             let Some(old) = self.view.fingerprints.iter().position(|f| f == fingerprint) else {
@@ -137,6 +148,7 @@ impl Applied {
                 continue;
             };
             carried.sessions[index] = old_stats.counters;
+            carried.targets[index] = old_stats.target;
             // An unchanged session has the same rules in the same order.
             let rules = view
                 .rules
@@ -228,7 +240,10 @@ impl Applied {
         }
         self.count_defaults(&seen, &mut sessions, &mut rules);
         let targets = self.target_counters();
-        let hook = |i: usize| hooks.get(i).copied().unwrap_or_default();
+        let hook = |i: usize| {
+            hooks.get(i).copied().unwrap_or_default()
+                + self.carried.hooks.get(i).copied().unwrap_or_default()
+        };
         let carried = |list: &[Counters], i: usize| list.get(i).copied().unwrap_or_default();
         Ok(Stats {
             generation: self.datapath.generation(),
@@ -242,7 +257,7 @@ impl Applied {
                 .map(|(index, ((view, counters), target))| SessionStats {
                     name: view.name.clone(),
                     counters: *counters + carried(&self.carried.sessions, index),
-                    target,
+                    target: target + self.carried.targets.get(index).copied().unwrap_or_default(),
                     rules: self
                         .view
                         .rules
@@ -252,6 +267,7 @@ impl Applied {
                         .filter(|(_, ((session, _), _))| *session == index)
                         .map(|(rule, ((_, label), counters))| RuleStats {
                             rule: label.clone(),
+                            action: self.view.actions[rule],
                             counters: *counters + carried(&self.carried.rules, rule),
                         })
                         .collect(),
@@ -289,4 +305,20 @@ impl Applied {
             sessions[session] += *last;
         }
     }
+}
+
+/// The hooks' counters of `stats`, by hook index.
+fn hook_array(stats: &Stats) -> [HookCounters; HOOK_COUNT as usize] {
+    let mut hooks = [HookCounters::default(); HOOK_COUNT as usize];
+    for (index, counters) in [
+        (Direction::Ingress as usize, stats.ingress),
+        (Direction::Egress as usize, stats.egress),
+        (Direction::XdpIngress as usize, stats.xdp),
+        (mirror_common::COPY_HOOK as usize, stats.copy),
+    ] {
+        if let Some(hook) = hooks.get_mut(index) {
+            *hook = counters;
+        }
+    }
+    hooks
 }

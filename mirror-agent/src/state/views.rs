@@ -3,11 +3,17 @@
 use mirror_common::{Counters, Direction, HookCounters};
 use serde::{Deserialize, Serialize};
 
-use crate::targets::{TargetCounters, TargetView, TunnelView, TxLosses, watch::WatcherView};
+use crate::{
+    config::ActionConfig,
+    targets::{TargetCounters, TargetView, TunnelView, TxLosses, watch::WatcherView},
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RuleStats {
     pub rule: String,
+    /// What the rule does with the packets it decides.
+    #[serde(default)]
+    pub action: ActionConfig,
     pub counters: Counters,
 }
 
