@@ -598,7 +598,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         copies_on_stdout: plan.sessions.iter().any(|s| {
             s.target
                 .file()
-                .is_some_and(targets::file::FileTarget::is_stdout)
+                .is_some_and(targets::file::FileConfig::is_stdout)
         }),
     };
     runtime()?.block_on(daemon::run(&loaded, plan, options))

@@ -40,6 +40,15 @@ pub struct Case {
     pub malformed: bool,
 }
 
+/// The frames of the `cases` that `keep` keeps, in order.
+pub fn frames_of(cases: &[Case], keep: impl Fn(&Case) -> bool) -> Vec<Vec<u8>> {
+    cases
+        .iter()
+        .filter(|c| keep(c))
+        .map(|c| c.frame.clone())
+        .collect()
+}
+
 impl Case {
     /// Copied by a session that copies unparsed packets (the default).
     pub fn copied_failing_open(&self) -> bool {

@@ -112,22 +112,15 @@ fn malformed_and_edge_frames_pass_unchanged_and_copy_only_what_matches() {
         );
     }
     assert_eq!(delivered.len(), cases.len());
-    let expected = |keep: &dyn Fn(&cases::Case) -> bool| {
-        cases
-            .iter()
-            .filter(|c| keep(c))
-            .map(|c| c.frame.clone())
-            .collect()
-    };
     assert_same_frames(
         "malformed table, failing open",
         copies,
-        expected(&cases::Case::copied_failing_open),
+        cases::frames_of(&cases, cases::Case::copied_failing_open),
     );
     assert_same_frames(
         "malformed table, skipping unparsed frames",
         skipping.bytes_until_sentinel(),
-        expected(&|c| c.copied),
+        cases::frames_of(&cases, |c| c.copied),
     );
     let report = agent.stop();
     let malformed = cases.iter().filter(|c| c.malformed).count() as u64;
@@ -171,22 +164,15 @@ fn skip_rules_never_decide_on_fields_the_parser_did_not_reach() {
     }
     sender.send(&udp_v4_frame(NODE_SINK_MAC, SINK_MAC, 53, b"a dns query"));
     sender.send_sentinel(NODE_SINK_MAC, SINK_MAC);
-    let frames = |keep: &dyn Fn(&cases::Case) -> bool| -> Vec<Vec<u8>> {
-        cases
-            .iter()
-            .filter(|c| keep(c))
-            .map(|c| c.frame.clone())
-            .collect()
-    };
     assert_same_frames(
         "not port 53",
         copies.bytes_until_sentinel(),
-        frames(&|_| true),
+        cases::frames_of(&cases, |_| true),
     );
     assert_same_frames(
         "not port 53, skipping unparsed frames",
         skipping.bytes_until_sentinel(),
-        frames(&|c| !c.malformed),
+        cases::frames_of(&cases, |c| !c.malformed),
     );
     let report = agent.stop();
     let malformed = cases.iter().filter(|c| c.malformed).count() as u64;

@@ -98,29 +98,19 @@ impl<'de> Deserialize<'de> for FileConfig {
     }
 }
 
-/// A pcap or pcapng file the agent writes copies to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileTarget {
-    pub path: PathBuf,
-    pub rotate_bytes: Option<u64>,
-    pub rotate_count: Option<u64>,
-    pub packet_buffered: bool,
-}
-
-impl FileTarget {
+impl FileConfig {
     /// Whether the copies go to standard output.
     pub fn is_stdout(&self) -> bool {
         self.path == Path::new(STDOUT)
     }
-}
 
-impl FileConfig {
+    /// The file target, its values checked.
     pub(super) fn resolve(&self) -> Result<Target, String> {
         let FileConfig {
             path,
             rotate_bytes,
             rotate_count,
-            packet_buffered,
+            ..
         } = self;
         if rotate_count.is_some() && rotate_bytes.is_none() {
             return Err("`rotate_count` needs `rotate_bytes`".to_owned());
@@ -135,12 +125,7 @@ impl FileConfig {
                 path.display()
             ));
         }
-        Ok(Target::File(FileTarget {
-            path: path.clone(),
-            rotate_bytes: *rotate_bytes,
-            rotate_count: *rotate_count,
-            packet_buffered: *packet_buffered,
-        }))
+        Ok(Target::File(self.clone()))
     }
 }
 
@@ -151,7 +136,7 @@ pub struct OpenFiles(Mutex<HashMap<PathBuf, Arc<Mutex<PcapFile>>>>);
 
 impl OpenFiles {
     /// The file of `target`: the one open already, or a new one.
-    pub(super) fn open(&self, target: &FileTarget) -> anyhow::Result<SharedFile> {
+    pub(super) fn open(&self, target: &FileConfig) -> anyhow::Result<SharedFile> {
         let mut files = lock(&self.0);
         if let Some(file) = files.get(&target.path) {
             return Ok(SharedFile(file.clone()));

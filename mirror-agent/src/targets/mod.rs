@@ -160,7 +160,8 @@ impl TargetConfig {
 pub enum Target {
     Interface(Interface),
     Tunnel(TunnelTarget),
-    File(file::FileTarget),
+    /// A file, as configured (its values are checked in place).
+    File(file::FileConfig),
     /// `mirror-agent capture` watchers only (an ad-hoc capture's session).
     Watch,
 }
@@ -252,7 +253,7 @@ impl Target {
     }
 
     /// The capture file it writes, if any.
-    pub fn file(&self) -> Option<&file::FileTarget> {
+    pub fn file(&self) -> Option<&file::FileConfig> {
         match self {
             Target::File(file) => Some(file),
             Target::Interface(_) | Target::Tunnel(_) | Target::Watch => None,
