@@ -105,8 +105,15 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the manual page, in roff (e.g. `mirror-agent man >
-    /// /usr/local/share/man/man8/mirror-agent.8`).
-    Man,
+    /// /usr/local/share/man/man8/mirror-agent.8`), or a command's (`mirror-agent man run`, the
+    /// page mirror-agent-run(8)).
+    Man {
+        /// The command whose page to print; none: the page of mirror-agent itself.
+        command: Option<String>,
+        /// List the commands that have a page of their own, one a line.
+        #[arg(long, conflicts_with = "command")]
+        list: bool,
+    },
     /// Make the running agent apply its configuration file again; prints the new generation, or
     /// why the file was rejected (exit 1; the running configuration stays).
     Reload {
@@ -506,7 +513,13 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             write_completions(shell, &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => write_manual(&mut std::io::stdout()).context("writing the manual page"),
+        Command::Man { list: true, .. } => {
+            for command in Cli::command().get_subcommands() {
+                println!("{}", command.get_name());
+            }
+            Ok(())
+        }
+        Command::Man { command, .. } => write_manual(command.as_deref(), &mut std::io::stdout()),
         Command::Run(args) => run(*args),
         Command::Collect(args) => runtime()?.block_on(collect::run(*args)),
         Command::Reload { socket } => runtime()?.block_on(async {
@@ -641,11 +654,30 @@ fn write_completions(shell: clap_complete::Shell, out: &mut impl std::io::Write)
     clap_complete::generate(shell, &mut Cli::command(), "mirror-agent", out);
 }
 
-/// The manual page (section 8: a system administration command), in roff.
-fn write_manual(out: &mut impl std::io::Write) -> std::io::Result<()> {
-    clap_mangen::Man::new(Cli::command())
+/// The manual page (section 8: a system administration command) of mirror-agent, or of one of
+/// its commands (`mirror-agent-run`), in roff.
+fn write_manual(command: Option<&str>, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let mut cli = Cli::command();
+    cli.build();
+    let page = match command {
+        None => cli,
+        Some(name) => {
+            let Some(sub) = cli.find_subcommand(name) else {
+                let names: Vec<&str> = cli.get_subcommands().map(clap::Command::get_name).collect();
+                return Err(UsageError(anyhow::anyhow!(
+                    "no command `{name}` (commands: {})",
+                    names.join(", ")
+                ))
+                .into());
+            };
+            // Named as the main page's SEE ALSO names it.
+            sub.clone().name(format!("mirror-agent-{name}"))
+        }
+    };
+    clap_mangen::Man::new(page)
         .section("8")
         .render(out)
+        .context("writing the manual page")
 }
 
 /// Standard error for the log, whose failures are ignored: the agent and the collector must not
@@ -794,7 +826,7 @@ mod tests {
         super::write_completions(clap_complete::Shell::Bash, &mut bash);
         let bash = String::from_utf8(bash).expect("UTF-8");
         let mut manual = Vec::new();
-        super::write_manual(&mut manual).expect("rendered");
+        super::write_manual(None, &mut manual).expect("rendered");
         let manual = String::from_utf8(manual).expect("UTF-8");
         assert!(
             manual.starts_with(".ie") && manual.contains(".TH mirror-agent 8"),
@@ -817,6 +849,14 @@ mod tests {
             assert!(
                 manual.contains(&format!("mirror\\-agent\\-{command}(8)")),
                 "{command} in {manual}"
+            );
+            // And the page it names exists.
+            let mut page = Vec::new();
+            super::write_manual(Some(command), &mut page).expect("rendered");
+            let page = String::from_utf8(page).expect("UTF-8");
+            assert!(
+                page.contains(&format!(".TH mirror-agent-{command} 8")),
+                "{command}: {page}"
             );
         }
     }

@@ -470,7 +470,8 @@ fn the_image_holds_the_base_and_the_binary_only() {
 }
 
 /// The host install's package installs into a bare Debian (the bootstrapped base) and runs
-/// there: the binary, the systemd unit, completions and the manual page in their places.
+/// there: the binary, the systemd unit, completions and the manual pages (one per command too)
+/// in their places.
 #[test]
 fn the_debian_package_installs_and_runs_in_a_bare_debian() {
     let package =
@@ -487,7 +488,8 @@ fn the_debian_package_installs_and_runs_in_a_bare_debian() {
            /usr/share/bash-completion/completions/mirror-agent \
            /usr/share/zsh/vendor-completions/_mirror-agent \
            /usr/share/fish/vendor_completions.d/mirror-agent.fish \
-           /usr/share/man/man8/mirror-agent.8.gz; do test -s $f || echo missing $f; done && \
+           /usr/share/man/man8/mirror-agent.8.gz /usr/share/man/man8/mirror-agent-run.8.gz \
+           /usr/share/man/man8/mirror-agent-capture.8.gz; do test -s $f || echo missing $f; done && \
          zcat /usr/share/man/man8/mirror-agent.8.gz | head -c 200"
     );
     let output = podman_run()

@@ -267,11 +267,20 @@ fn deb(binary: &Path) -> anyhow::Result<PathBuf> {
     ] {
         std::fs::write(assets.join(file), generated(&["completions", shell])?)?;
     }
-    let manual = assets.join("mirror-agent.8");
-    std::fs::write(&manual, generated(&["man"])?)?;
-    // Debian keeps manual pages compressed; -n leaves out the time, so the package is the same
-    // for the same binary.
-    run(Command::new("gzip").args(["-9nf"]).arg(&manual))?;
+    // mirror-agent(8) and a page per command, mirror-agent-run(8) and on, as the first names them.
+    let commands = String::from_utf8(generated(&["man", "--list"])?)?;
+    let pages = std::iter::once(None).chain(commands.lines().map(Some));
+    for command in pages {
+        let (name, args) = match command {
+            None => ("mirror-agent".to_owned(), vec!["man"]),
+            Some(command) => (format!("mirror-agent-{command}"), vec!["man", command]),
+        };
+        let manual = assets.join(format!("{name}.8"));
+        std::fs::write(&manual, generated(&args)?)?;
+        // Debian keeps manual pages compressed; -n leaves out the time, so the package is the
+        // same for the same binary.
+        run(Command::new("gzip").args(["-9nf"]).arg(&manual))?;
+    }
     let out_dir = root().join("target/debian");
     run(Command::new("cargo")
         .args(["deb", "--package", "mirror-agent", "--no-build", "--output"])
