@@ -13,9 +13,11 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 /// `systemd-analyze verify` checks the host install's unit, and the Python Prometheus client,
 /// whose strict `OpenMetrics` parser checks the metrics, Prometheus (its `promtool` checks and
 /// unit-tests the chart's alerts), and podman, runc and debootstrap, which build the image on a
-/// bootstrapped base and run it (tests/tests/image.rs).
+/// bootstrapped base and run it (tests/tests/image.rs), and ping, which the README's five-minute
+/// start uses (`tests/tests/first_use.rs`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
+    "iputils-ping",
     "tcpdump",
     "python3-dpkt",
     "tshark",

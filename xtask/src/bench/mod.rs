@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: what mirroring costs the primary path, measured side by side with the
-//! tools users would use instead, in one invocation (see the README's "Benchmarks").
+//! tools users would use instead, in one invocation (see docs/benchmarks.md).
 //!
 //! Topology: the test lab (source → node → sink, monitor behind mir0). The generator sends one UDP
 //! flow from the source namespace to an address the node routes to the sink, which drops it (it is
