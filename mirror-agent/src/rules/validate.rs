@@ -36,29 +36,7 @@ pub fn plan(
         return Err(loaded.error(extra.span(), format!("more than {MAX_SESSIONS} sessions")));
     }
     let mut warnings = Vec::new();
-    let mut sessions = Vec::new();
-    let mut names = HashMap::new();
-    for spanned in &config.sessions {
-        let session = spanned.get_ref();
-        let name = session.name.get_ref();
-        if name.is_empty() {
-            return Err(loaded.error(session.name.span(), "a session name must not be empty"));
-        }
-        if let Some(first) = names.insert(name.clone(), session.name.span()) {
-            let at = loaded.location(first);
-            return Err(loaded.error(
-                session.name.span(),
-                format!("session name `{name}` is already used at {at}"),
-            ));
-        }
-        sessions.push(resolve_session(
-            loaded,
-            session,
-            interfaces,
-            pods,
-            &mut warnings,
-        )?);
-    }
+    let sessions = resolve_sessions(loaded, interfaces, pods, &mut warnings)?;
     let guards = tunnel_guards(&sessions);
     // Counted before any rule is looked at: an oversized file is refused at once.
     let count = config
@@ -124,6 +102,35 @@ pub fn plan(
         tables,
         warnings,
     })
+}
+
+/// Every session, its name unique, its target and what it watches checked.
+fn resolve_sessions(
+    loaded: &LoadedConfig,
+    interfaces: &[Interface],
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Session>, ConfigError> {
+    let mut sessions = Vec::new();
+    let mut names = HashMap::new();
+    for spanned in &loaded.config.sessions {
+        let session = spanned.get_ref();
+        let name = session.name.get_ref();
+        if name.is_empty() {
+            return Err(loaded.error(session.name.span(), "a session name must not be empty"));
+        }
+        if let Some(first) = names.insert(name.clone(), session.name.span()) {
+            let at = loaded.location(first);
+            return Err(loaded.error(
+                session.name.span(),
+                format!("session name `{name}` is already used at {at}"),
+            ));
+        }
+        sessions.push(resolve_session(
+            loaded, session, interfaces, pods, warnings,
+        )?);
+    }
+    Ok(sessions)
 }
 
 /// The rules that keep the outer packets of every tunnel target (UDP to the collector's address
@@ -227,17 +234,11 @@ struct Watched {
     selector: Option<PodSelector>,
 }
 
-/// The interfaces a session watches now (never its `target`), and the globs and pod selector
-/// that may bring more.
-fn watched_interfaces(
+/// What a session names to watch: interface names and globs, or a pod selector, checked.
+fn what_is_watched<'a>(
     loaded: &LoadedConfig,
-    session: &SessionConfig,
-    target: &Target,
-    interfaces: &[Interface],
-    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
-    warnings: &mut Vec<String>,
-) -> Result<Watched, ConfigError> {
-    let target_ifindex = target.interface().map(|i| i.ifindex);
+    session: &'a SessionConfig,
+) -> Result<(&'a [toml::Spanned<String>], Option<PodSelector>), ConfigError> {
     let patterns = match (&session.interfaces, &session.pods) {
         (Some(_), Some(pods)) => {
             return Err(loaded.error(
@@ -269,6 +270,21 @@ fn watched_interfaces(
             .map_or(session.name.span(), toml::Spanned::span);
         return Err(loaded.error(span, problem));
     }
+    Ok((patterns, selector))
+}
+
+/// The interfaces a session watches now (never its `target`), and the globs and pod selector
+/// that may bring more.
+fn watched_interfaces(
+    loaded: &LoadedConfig,
+    session: &SessionConfig,
+    target: &Target,
+    interfaces: &[Interface],
+    pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
+    warnings: &mut Vec<String>,
+) -> Result<Watched, ConfigError> {
+    let target_ifindex = target.interface().map(|i| i.ifindex);
+    let (patterns, selector) = what_is_watched(loaded, session)?;
     let mut watched = BTreeSet::new();
     if let Some(selector) = &selector {
         watched.extend(
