@@ -191,7 +191,7 @@ impl Sink for SharedFile {
     fn push(&mut self, copy: &RingCopy<'_>, counters: &SessionCounters) {
         let written = lock(&self.0).write(
             copy.interface,
-            || copy.interface_name.to_owned(),
+            copy.interface_name,
             copy.timestamp,
             copy.frame,
             copy.orig_len,

@@ -37,17 +37,27 @@ use crate::sys::socket::send_many;
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 /// One copy taken from the ring.
-#[derive(Debug)]
 pub struct RingCopy<'a> {
     pub frame: &'a [u8],
     /// The packet's length; more than the frame's when the copy was cut.
     pub orig_len: u32,
     pub flow_hash: u32,
-    /// The watched interface and hook, as a key and in words (a pcapng interface's name).
+    /// The watched interface and hook, as a key and in words (a pcapng interface's name, made
+    /// only when a file describes the interface).
     pub interface: u64,
-    pub interface_name: &'a str,
+    pub interface_name: &'a dyn Fn() -> String,
     /// Wall-clock time.
     pub timestamp: Duration,
+}
+
+impl std::fmt::Debug for RingCopy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingCopy")
+            .field("len", &self.frame.len())
+            .field("orig_len", &self.orig_len)
+            .field("interface", &self.interface)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a ring-fed session's copies go: one per kind that takes them.
@@ -254,7 +264,7 @@ impl Outbox {
 
 fn drain(mut ring: RingBuf<MapData>, mut to: Destinations, stop: &AtomicBool) {
     let clock = WallClock::now();
-    // Interface descriptions for watchers and files, made once each.
+    // Interface descriptions for watchers, made once each.
     let mut described: HashMap<u64, Arc<str>> = HashMap::new();
     let counters = to.counters.clone();
     loop {
@@ -269,14 +279,15 @@ fn drain(mut ring: RingBuf<MapData>, mut to: Destinations, stop: &AtomicBool) {
                 continue;
             };
             let interface = interface_key(header.ifindex, header.direction);
-            let interface_name: &Arc<str> = described
-                .entry(interface)
-                .or_insert_with(|| describe(&to.names, header.ifindex, header.direction).into());
+            let interface_name = || describe(&to.names, header.ifindex, header.direction);
             let timestamp = clock.wall(header.timestamp_ns);
             if let Some(name) = to.sessions.get(session) {
                 let lost = to.watchers.offer(name, frame, || Watched {
                     interface,
-                    interface_name: interface_name.clone(),
+                    interface_name: described
+                        .entry(interface)
+                        .or_insert_with(|| interface_name().into())
+                        .clone(),
                     timestamp,
                     orig_len: header.orig_len,
                     frame: frame.to_vec(),
@@ -303,7 +314,7 @@ fn drain(mut ring: RingBuf<MapData>, mut to: Destinations, stop: &AtomicBool) {
                 orig_len: header.orig_len,
                 flow_hash: header.flow_hash,
                 interface,
-                interface_name,
+                interface_name: &interface_name,
                 timestamp,
             };
             sink.push(&copy, count);
