@@ -337,13 +337,24 @@ pub struct RingCopyHeader {
     /// The packet's symmetric flow hash (the VXLAN source port of its copies follows it; 0 when no
     /// session uses it, see [`FLOW_HASH_GLOBAL`]).
     pub flow_hash: u32,
-    /// [`RING_WATCH_ONLY`], or 0.
+    /// [`RING_WATCH_ONLY`] and [`RING_AFTER_LOSS`], and a whole frame's chunk index from
+    /// [`RING_CHUNK_SHIFT`].
     pub flags: u32,
 }
 
 /// [`RingCopyHeader::flags`]: a copy for `mirror-agent capture` watchers alone; the session's
 /// target got its own (a clone) from the kernel.
 pub const RING_WATCH_ONLY: u32 = 1;
+/// [`RingCopyHeader::flags`]: the ring refused one of this session's copies since its last
+/// record (the agent's shadow tells lost copies from a gap in what the peers sent).
+pub const RING_AFTER_LOSS: u32 = 2;
+/// [`RingCopyHeader::flags`] from this bit: a whole-frame session's chunk index. A frame longer
+/// than [`MAX_RING_COPY`] goes into the ring as up to [`MAX_RING_CHUNKS`] records, chunk `k`
+/// holding the frame's bytes from `k * MAX_RING_COPY`; every chunk has the first's header fields
+/// (timestamp, interface, direction, session, `orig_len`), `cap_len` its own.
+pub const RING_CHUNK_SHIFT: u32 = 8;
+/// Chunks of one frame at most: a GSO or GRO packet of 64 KiB and its headers.
+pub const MAX_RING_CHUNKS: u32 = 8;
 
 /// [`SessionMeta::sample_mode`]: every packet is a candidate.
 pub const SAMPLE_ALL: u32 = 0;
@@ -416,8 +427,13 @@ pub struct SessionMeta {
     pub skip_unparsed: u32,
     /// 1 while `mirror-agent capture` watches the session: each copy the TC path clones is also
     /// put into the ring, marked [`RING_WATCH_ONLY`] (ring targets' copies are there anyway).
-    /// Also keeps [`SessionMeta::rate`] 8-aligned without implicit padding.
     pub watched: u32,
+    /// 1: copies go into the ring whole, in chunks (see [`RING_CHUNK_SHIFT`]), a GSO packet's
+    /// payload included (a shadow target reassembles the streams); 0: a GSO packet's copy is its
+    /// first segment's length.
+    pub whole_frames: u32,
+    /// Keeps [`SessionMeta::rate`] 8-aligned without implicit padding.
+    pub reserved: u32,
     /// This session's own limit.
     pub rate: RateLimit,
 }

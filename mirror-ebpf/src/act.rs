@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use mirror_common::{
     COPY_COOKIE, COPY_COOKIE_CB, COPY_EGRESS_BIT, COPY_MARK, Direction, FLOW_HASH_CB,
-    MAX_COPIES_PER_PACKET, MAX_NESTING, MAX_RING_COPY, RING_WATCH_ONLY, SessionMeta, TARGET_RING,
-    TARGET_TUNNEL,
+    MAX_COPIES_PER_PACKET, MAX_NESTING, MAX_RING_CHUNKS, MAX_RING_COPY, RING_WATCH_ONLY,
+    SessionMeta, TARGET_RING, TARGET_TUNNEL,
 };
 
 use crate::{
@@ -233,10 +233,25 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
         count::bump(copy.rule, copy.session, |c| &mut c.sampled_out);
         return 0;
     }
+    // SAFETY: `sending.ctx` is this program's context pointer, stored by `send`.
+    let ctx = unsafe { P::from_raw(sending.ctx) };
+    if session.whole_frames != 0 {
+        return send_whole(&ctx, copy, session, sending.direction, batch.flow_hash);
+    }
+    // A ring record holds MAX_RING_COPY bytes; the snaplen may cut a copy shorter.
+    let ring_cut = if session.snaplen != 0 {
+        session.snaplen.min(MAX_RING_COPY)
+    } else {
+        MAX_RING_COPY
+    };
     let truncated = session.snaplen != 0 && batch.copy_len > session.snaplen
         || session.target_kind == TARGET_RING && batch.copy_len > MAX_RING_COPY;
     let len = if truncated {
-        session.snaplen
+        if session.target_kind == TARGET_RING {
+            ring_cut
+        } else {
+            session.snaplen
+        }
     } else {
         if session.max_copy_len != 0 && batch.copy_len > session.max_copy_len {
             count::bump(copy.rule, copy.session, |c| &mut c.too_big);
@@ -248,8 +263,6 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
         count::bump(copy.rule, copy.session, |c| &mut c.rate_limited);
         return 0;
     }
-    // SAFETY: `sending.ctx` is this program's context pointer, stored by `send`.
-    let ctx = unsafe { P::from_raw(sending.ctx) };
     match ctx.deliver(copy, session, sending.direction, len, batch.flow_hash) {
         Ok(()) => {
             count::mirrored(copy.rule, copy.session, len);
@@ -284,6 +297,35 @@ extern "C" fn send_step<P: Sender>(index: u64, context: *mut c_void) -> i64 {
         }
         Err(NotSent::RingFull) => count::bump(copy.rule, copy.session, |c| &mut c.ring_full),
         Err(NotSent::NoRoute) => count::bump(copy.rule, copy.session, |c| &mut c.no_route),
+    }
+    0
+}
+
+/// A whole-frame session's copy (a shadow's): the whole frame, a GSO packet's payload included,
+/// into the ring in chunks; longer than the chunks hold, it is cut (`truncated`). The snaplen and
+/// the target's size do not apply. Returns `bpf_loop`'s "go on".
+#[inline(always)]
+fn send_whole<P: Sender>(
+    ctx: &P,
+    copy: Copy,
+    session: &SessionMeta,
+    direction: u32,
+    flow_hash: u32,
+) -> i64 {
+    let frame_len = ctx.frame_len();
+    let len = frame_len.min(MAX_RING_COPY * MAX_RING_CHUNKS);
+    if !limit::admit(copy.session, session, len) {
+        count::bump(copy.rule, copy.session, |c| &mut c.rate_limited);
+        return 0;
+    }
+    match ring::emit_whole(ctx, copy, direction, len, flow_hash) {
+        Ok(()) => {
+            count::mirrored(copy.rule, copy.session, len);
+            if len < frame_len {
+                count::bump(copy.rule, copy.session, |c| &mut c.truncated);
+            }
+        }
+        Err(ring::NotQueued) => count::bump(copy.rule, copy.session, |c| &mut c.ring_full),
     }
     0
 }

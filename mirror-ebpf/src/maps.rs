@@ -123,6 +123,11 @@ pub static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static COPY_RING: RingBuf = RingBuf::with_byte_size(4096, 0);
 
+/// `Array<u32>` of `MAX_SESSIONS`, by session index: 1 when the ring refused one of the session's
+/// copies since its last record, which then carries `RING_AFTER_LOSS` (and clears it).
+#[map]
+pub static RING_LOST: Array<u32> = Array::with_max_entries(MAX_SESSIONS, 0);
+
 /// [`mirror_common::GENERATION_GLOBAL`]: the generation bit of this object's copy marks.
 #[unsafe(no_mangle)]
 static COPY_GENERATION: u32 = 0;

@@ -4,11 +4,13 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::bpf_ktime_get_ns,
 };
-use mirror_common::{MAX_RING_COPY, RingCopyHeader};
+use mirror_common::{
+    MAX_RING_CHUNKS, MAX_RING_COPY, RING_AFTER_LOSS, RING_CHUNK_SHIFT, RingCopyHeader,
+};
 
 use crate::{
     classify::Copy,
-    maps::COPY_RING,
+    maps::{COPY_RING, RING_LOST},
     packet::{Packet, VLAN_TAG_LEN},
 };
 
@@ -45,42 +47,106 @@ pub fn emit<P: Packet>(
     flow_hash: u32,
     flags: u32,
 ) -> Result<u32, NotQueued> {
-    let orig_len = ctx.frame_len();
-    let cap_len = len.min(orig_len).min(MAX_RING_COPY);
-    let header = RingCopyHeader {
+    let mut header = header(ctx, copy, direction, flow_hash, flags);
+    header.cap_len = len.min(header.orig_len).min(MAX_RING_COPY);
+    // Minimum-size frames, headers cut to a snaplen, a standard MTU's frames, and the rest.
+    if header.cap_len <= 64 {
+        queue::<P, 64>(ctx, &header, 0)
+    } else if header.cap_len <= 256 {
+        queue::<P, 256>(ctx, &header, 0)
+    } else if header.cap_len <= 1536 {
+        queue::<P, 1536>(ctx, &header, 0)
+    } else {
+        queue::<P, { MAX_RING_COPY as usize }>(ctx, &header, 0)
+    }?;
+    Ok(header.cap_len)
+}
+
+/// A record's header for a copy of this packet now, its `cap_len` still to be set.
+#[inline(always)]
+fn header<P: Packet>(
+    ctx: &P,
+    copy: Copy,
+    direction: u32,
+    flow_hash: u32,
+    flags: u32,
+) -> RingCopyHeader {
+    RingCopyHeader {
         // SAFETY: reads the monotonic clock, no preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         ifindex: ctx.ifindex(),
         direction,
         session: copy.session,
         rule: copy.rule,
-        orig_len,
-        cap_len,
+        orig_len: ctx.frame_len(),
+        cap_len: 0,
         flow_hash,
         flags,
-    };
-    // Minimum-size frames, headers cut to a snaplen, a standard MTU's frames, and the rest.
-    if cap_len <= 64 {
-        queue::<P, 64>(ctx, &header)
-    } else if cap_len <= 256 {
-        queue::<P, 256>(ctx, &header)
-    } else if cap_len <= 1536 {
-        queue::<P, 1536>(ctx, &header)
-    } else {
-        queue::<P, { MAX_RING_COPY as usize }>(ctx, &header)
-    }?;
-    Ok(cap_len)
+    }
 }
 
-/// Reserves a record of `N` bytes of frame, loads the frame's first `header.cap_len` (at most
-/// `N`) into it and submits it.
+/// Queues the frame's first `len` bytes whole, as chunks of up to [`MAX_RING_COPY`] (see
+/// `mirror_common::RING_CHUNK_SHIFT`); `len` is at most `MAX_RING_CHUNKS * MAX_RING_COPY`. A
+/// chunk the ring refuses ends the copy (the agent sees the rest missing) and marks the session's
+/// next record with `RING_AFTER_LOSS`.
 #[inline(always)]
-fn queue<P: Packet, const N: usize>(ctx: &P, header: &RingCopyHeader) -> Result<(), NotQueued> {
+pub fn emit_whole<P: Packet>(
+    ctx: &P,
+    copy: Copy,
+    direction: u32,
+    len: u32,
+    flow_hash: u32,
+) -> Result<(), NotQueued> {
+    let lost = RING_LOST.get_ptr_mut(copy.session);
+    // SAFETY: an element of an array map: valid, and a plain u32 (racy updates lose nothing but
+    // a flag that a later loss sets again).
+    let after_loss = lost.is_some_and(|lost| unsafe { *lost } != 0);
+    let flags = if after_loss { RING_AFTER_LOSS } else { 0 };
+    let queued = emit_chunks(ctx, copy, direction, len, flow_hash, flags);
+    if let Some(lost) = lost {
+        // SAFETY: as above.
+        unsafe { *lost = u32::from(queued.is_err()) };
+    }
+    queued
+}
+
+/// The frame's first `len` bytes as chunks with one header (the agent joins a frame's chunks by
+/// its timestamp, interface and session).
+#[inline(always)]
+fn emit_chunks<P: Packet>(
+    ctx: &P,
+    copy: Copy,
+    direction: u32,
+    len: u32,
+    flow_hash: u32,
+    flags: u32,
+) -> Result<(), NotQueued> {
+    let mut header = header(ctx, copy, direction, flow_hash, flags);
+    for chunk in 0..MAX_RING_CHUNKS {
+        let start = chunk * MAX_RING_COPY;
+        if start >= len {
+            break;
+        }
+        header.cap_len = (len - start).min(MAX_RING_COPY);
+        header.flags = flags | chunk << RING_CHUNK_SHIFT;
+        queue::<P, { MAX_RING_COPY as usize }>(ctx, &header, start)?;
+    }
+    Ok(())
+}
+
+/// Reserves a record of `N` bytes of frame, loads the frame's `header.cap_len` bytes (at most
+/// `N`) from `start` into it and submits it.
+#[inline(always)]
+fn queue<P: Packet, const N: usize>(
+    ctx: &P,
+    header: &RingCopyHeader,
+    start: u32,
+) -> Result<(), NotQueued> {
     let mut entry = COPY_RING.reserve::<Record<N>>(0).ok_or(NotQueued)?;
     let record = entry.as_mut_ptr();
     // SAFETY: the reservation is a `Record<N>`, valid for writes; its bytes are plain data.
     let data = unsafe { &mut (*record).data };
-    if load_frame(ctx, data, header.cap_len).is_err() {
+    if load_frame(ctx, data, start, header.cap_len).is_err() {
         entry.discard(u64::from(BPF_RB_NO_WAKEUP));
         return Err(NotQueued);
     }
@@ -104,16 +170,21 @@ fn wakeup_flags() -> u64 {
     }
 }
 
-/// Copies the frame's first `len` bytes into `to`, with the tag held in metadata put back.
+/// Copies `len` bytes of the frame from `start` into `to`, with the tag held in metadata put
+/// back (the frame's bytes after it are the packet's from 4 bytes earlier).
 #[inline(always)]
 fn load_frame<P: Packet, const N: usize>(
     ctx: &P,
     to: &mut [u8; N],
+    start: u32,
     len: u32,
 ) -> Result<(), NotQueued> {
     let Some(tag) = ctx.tag_in_metadata() else {
-        return load_into(ctx, 0, to, 0, len);
+        return load_into(ctx, start, to, 0, len);
     };
+    if start != 0 {
+        return load_into(ctx, start - VLAN_TAG_LEN, to, 0, len);
+    }
     if len < MACS_LEN + VLAN_TAG_LEN {
         return load_into(ctx, 0, to, 0, len);
     }
