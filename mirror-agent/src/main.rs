@@ -33,6 +33,7 @@ use crate::{
     targets::{
         TargetConfig,
         file::FileConfig,
+        shadow::ShadowConfig,
         tunnel::{
             DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, ErspanConfig, GeneveConfig, GreConfig,
             VxlanConfig,
@@ -212,6 +213,7 @@ struct RunArgs {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("udp_tunnel").args(["to_vxlan", "to_geneve"])))]
 #[command(group(clap::ArgGroup::new("tunnel").args(["to_vxlan", "to_geneve", "to_gre", "to_erspan"])))]
+#[expect(clippy::struct_excessive_bools, reason = "each is a flag of its own")]
 struct QuickSession {
     /// Interface name or glob to watch (repeatable); `any`: every interface but the target (and
     /// those that come later).
@@ -246,6 +248,14 @@ struct QuickSession {
     /// With -w: stop after writing N copies, as `tcpdump -c N`.
     #[arg(short = 'c', long = "count", value_name = "N", requires = "write", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
+    /// Shadow a service: the HTTP/1.x requests in the copies are replayed to this
+    /// `http://HOST:PORT` and its answers dropped (the filter then defaults to `tcp`; give the
+    /// live service's, e.g. 'tcp port 8080').
+    #[arg(long, group = "target", requires = "iface", value_name = "URL")]
+    shadow: Option<String>,
+    /// With --shadow: compare each shadow answer with the live one (see `status`).
+    #[arg(long, requires = "shadow")]
+    compare: bool,
     /// Target collector: copies are sent in VXLAN (RFC 7348) to this IPv4 or IPv6 address.
     #[arg(long, group = "target", requires = "iface")]
     to_vxlan: Option<std::net::IpAddr>,
@@ -362,6 +372,11 @@ impl QuickSession {
                 Some(path) => file(path.into()),
                 None => TargetConfig::Interface(to.clone()),
             }
+        } else if let Some(url) = &self.shadow {
+            TargetConfig::Shadow(ShadowConfig {
+                compare: self.compare,
+                ..ShadowConfig::of_url(url)
+            })
         } else if let Some(remote) = self.to_vxlan {
             TargetConfig::Vxlan(VxlanConfig {
                 remote,
@@ -409,7 +424,11 @@ impl QuickSession {
                 action: ActionConfig::Mirror,
                 ethertype: self.ethertype,
                 vlan: self.vlan,
-                proto: self.proto,
+                // A shadow reads TCP alone.
+                proto: self.proto.or(self
+                    .shadow
+                    .as_ref()
+                    .map(|_| IpProto(libc::IPPROTO_TCP as u8))),
                 src: self.src,
                 dst: self.dst,
                 src_port: self.src_port,

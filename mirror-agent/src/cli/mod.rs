@@ -467,6 +467,7 @@ mod tests {
                 ..mirror_common::Counters::default()
             },
             target: crate::targets::TargetCounters::default(),
+            shadow: None,
             rules: Vec::new(),
         };
         let stats = crate::state::Stats {

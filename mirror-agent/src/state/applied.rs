@@ -240,6 +240,12 @@ impl Applied {
         }
         self.count_defaults(&seen, &mut sessions, &mut rules);
         let targets = self.target_counters();
+        let mut shadows = self
+            .drain
+            .as_ref()
+            .map(RingDrain::shadow_stats)
+            .unwrap_or_default()
+            .into_iter();
         let hook = |i: usize| {
             hooks.get(i).copied().unwrap_or_default()
                 + self.carried.hooks.get(i).copied().unwrap_or_default()
@@ -258,6 +264,7 @@ impl Applied {
                     name: view.name.clone(),
                     counters: *counters + carried(&self.carried.sessions, index),
                     target: target + self.carried.targets.get(index).copied().unwrap_or_default(),
+                    shadow: shadows.next().flatten(),
                     rules: self
                         .view
                         .rules

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::ActionConfig,
-    targets::{TargetCounters, TargetView, TunnelView, TxLosses, watch::WatcherView},
+    targets::{
+        TargetCounters, TargetView, TunnelView, TxLosses, shadow::ShadowStats, watch::WatcherView,
+    },
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,6 +26,9 @@ pub struct SessionStats {
     /// What the agent counted of its target in userspace, in this configuration.
     #[serde(default)]
     pub target: TargetCounters,
+    /// A shadow target's requests: replayed, lost by reason, compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStats>,
     pub rules: Vec<RuleStats>,
 }
 

@@ -2,7 +2,8 @@
 //! kernel entry, what it follows while the agent runs, how it takes ring copies and its view:
 //! [`interface`] (sent out of an interface as they are), [`tunnel`] (to a collector, with the next
 //! hop), [`file`] (pcap and pcapng files) and [`watch`] (live captures' watchers only); [`ring`]
-//! is the drain that hands ring copies to the kinds' sinks.
+//! is the drain that hands ring copies to the kinds' sinks; [`shadow`] replays the HTTP requests
+//! in a session's copies to a mirror service.
 //!
 //! This file names every kind, in [`TargetConfig`] (as written) and [`Target`] (as checked); each
 //! of their methods matches every kind, and nothing outside this folder matches over them, so a
@@ -11,6 +12,7 @@
 pub mod file;
 pub mod interface;
 pub mod ring;
+pub mod shadow;
 pub mod tunnel;
 pub mod watch;
 
@@ -39,6 +41,9 @@ pub enum TargetConfig {
     Erspan(tunnel::ErspanConfig),
     /// `file = "copies.pcapng"` or `file = { path, rotate_bytes, rotate_count }`.
     File(file::FileConfig),
+    /// `shadow = { url = "http://HOST:PORT", compare, … }`: the HTTP requests in the copies are
+    /// replayed to this service.
+    Shadow(shadow::ShadowConfig),
     /// Copies go to `mirror-agent capture` watchers only: the session of an ad-hoc capture,
     /// made by the agent (never read from a file).
     #[serde(skip_deserializing)]
@@ -46,8 +51,7 @@ pub enum TargetConfig {
 }
 
 /// What a target needs: named in each error about its shape.
-const ONE_KIND: &str =
-    "a target needs exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`";
+const ONE_KIND: &str = "a target needs exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan`, `file` or `shadow`";
 
 /// Reads a session's `target`: a table of exactly one kind, whose keys keep their places in the
 /// file for errors. (For `#[serde(deserialize_with)]`.)
@@ -150,6 +154,7 @@ impl TargetConfig {
             TargetConfig::Gre(gre) => gre.resolve(),
             TargetConfig::Erspan(erspan) => erspan.resolve(),
             TargetConfig::File(file) => file.resolve(),
+            TargetConfig::Shadow(shadow) => shadow.resolve(),
             TargetConfig::Watch => Ok(Target::Watch),
         }
     }
@@ -162,6 +167,8 @@ pub enum Target {
     Tunnel(TunnelTarget),
     /// A file, as configured (its values are checked in place).
     File(file::FileConfig),
+    /// A service the session's HTTP requests are replayed to.
+    Shadow(Box<shadow::ShadowTarget>),
     /// `mirror-agent capture` watchers only (an ad-hoc capture's session).
     Watch,
 }
@@ -177,6 +184,9 @@ pub enum TargetView {
     File {
         path: PathBuf,
     },
+    Shadow {
+        url: String,
+    },
     /// Live captures' watchers only.
     Watch,
 }
@@ -187,6 +197,7 @@ impl fmt::Display for TargetView {
             TargetView::Interface { name } => format!("interface {name}"),
             TargetView::Tunnel(tunnel) => tunnel.to_string(),
             TargetView::File { path } => format!("file {}", path.display()),
+            TargetView::Shadow { url } => format!("shadow {url}"),
             TargetView::Watch => "live capture".to_owned(),
         };
         // As one piece, so that a width pads it.
@@ -224,6 +235,7 @@ impl Target {
             Target::File(file) => TargetView::File {
                 path: file.path.clone(),
             },
+            Target::Shadow(shadow) => TargetView::Shadow { url: shadow.url() },
             Target::Watch => TargetView::Watch,
         }
     }
@@ -232,7 +244,7 @@ impl Target {
     pub fn through_ring(&self, xdp: bool) -> bool {
         match self {
             Target::Interface(_) | Target::Tunnel(_) => xdp,
-            Target::File(_) | Target::Watch => true,
+            Target::File(_) | Target::Shadow(_) | Target::Watch => true,
         }
     }
 
@@ -240,7 +252,7 @@ impl Target {
     pub fn interface(&self) -> Option<&Interface> {
         match self {
             Target::Interface(interface) => Some(interface),
-            Target::Tunnel(_) | Target::File(_) | Target::Watch => None,
+            Target::Tunnel(_) | Target::File(_) | Target::Shadow(_) | Target::Watch => None,
         }
     }
 
@@ -248,7 +260,7 @@ impl Target {
     pub fn tunnel(&self) -> Option<&TunnelTarget> {
         match self {
             Target::Tunnel(tunnel) => Some(tunnel),
-            Target::Interface(_) | Target::File(_) | Target::Watch => None,
+            Target::Interface(_) | Target::File(_) | Target::Shadow(_) | Target::Watch => None,
         }
     }
 
@@ -256,7 +268,7 @@ impl Target {
     pub fn file(&self) -> Option<&file::FileConfig> {
         match self {
             Target::File(file) => Some(file),
-            Target::Interface(_) | Target::Tunnel(_) | Target::Watch => None,
+            Target::Interface(_) | Target::Tunnel(_) | Target::Shadow(_) | Target::Watch => None,
         }
     }
 
@@ -264,6 +276,10 @@ impl Target {
     pub fn check(&self) -> Result<Option<String>, TargetError> {
         match self {
             Target::Tunnel(tunnel) => tunnel::check(tunnel).map(Some),
+            Target::Shadow(shadow) => Ok(Some(format!(
+                "the HTTP/1.x requests in its copies are replayed to {}",
+                shadow.url()
+            ))),
             Target::Interface(_) | Target::File(_) | Target::Watch => Ok(None),
         }
     }
@@ -273,11 +289,16 @@ impl Target {
     pub fn ring_sink(
         &self,
         files: &file::OpenFiles,
+        shadow_stats: &shadow::Shared,
     ) -> anyhow::Result<Option<Box<dyn ring::Sink>>> {
         Ok(match self {
             Target::Interface(interface) => Some(Box::new(interface::PacketSink::open(interface)?)),
             Target::Tunnel(tunnel) => Some(Box::new(tunnel::TunnelSink::open(tunnel)?)),
             Target::File(file) => Some(Box::new(files.open(file)?)),
+            Target::Shadow(shadow) => Some(Box::new(shadow::ShadowSink::open(
+                shadow,
+                shadow_stats.clone(),
+            )?)),
             Target::Watch => None,
         })
     }
@@ -312,6 +333,11 @@ impl Target {
             )),
             Target::Tunnel(tunnel) => Ok(targets.tunnels.add(index, session, tunnel, handle).await),
             Target::File(_) | Target::Watch => Ok(entry(TARGET_RING, 0, 0, session)),
+            // Whole frames, GSO packets included: the shadow reads the streams.
+            Target::Shadow(_) => Ok(SessionMeta {
+                whole_frames: 1,
+                ..entry(TARGET_RING, 0, 0, session)
+            }),
         }
     }
 }

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use mirror_common::{Direction, RING_WATCH_ONLY, RingCopyHeader};
+use mirror_common::{Direction, RING_CHUNK_SHIFT, RING_WATCH_ONLY, RingCopyHeader};
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
     sys::socket::SockaddrStorage,
@@ -27,6 +27,7 @@ use nix::{
 use super::{
     Target, TargetCounters,
     file::OpenFiles,
+    shadow::{self, ShadowStats},
     watch::{Watched, Watchers},
 };
 use crate::sys::socket::send_many;
@@ -48,6 +49,8 @@ pub struct RingCopy<'a> {
     pub interface_name: &'a dyn Fn() -> String,
     /// Wall-clock time.
     pub timestamp: Duration,
+    /// [`RingCopyHeader::flags`].
+    pub flags: u32,
 }
 
 impl std::fmt::Debug for RingCopy<'_> {
@@ -111,6 +114,8 @@ pub struct RingDrain {
     counters: Arc<Vec<SessionCounters>>,
     /// Copies handed to the sinks so far (`run -c`).
     taken: Arc<std::sync::atomic::AtomicU64>,
+    /// By session index: what a shadow target counted.
+    shadows: Vec<Option<shadow::Shared>>,
 }
 
 /// A session as the drain sees it: its name (for its watchers), and its target when its copies
@@ -148,9 +153,18 @@ impl RingDrain {
         watchers: Arc<Watchers>,
         limit: Option<u64>,
     ) -> anyhow::Result<Self> {
+        let shadows: Vec<Option<shadow::Shared>> = sessions
+            .iter()
+            .map(|s| matches!(s.target, Some(Target::Shadow(_))).then(shadow::Shared::default))
+            .collect();
         let sinks = sessions
             .iter()
-            .map(|s| s.target.map_or(Ok(None), |t| t.ring_sink(files)))
+            .zip(&shadows)
+            .map(|(s, stats)| {
+                s.target.map_or(Ok(None), |t| {
+                    t.ring_sink(files, stats.as_ref().unwrap_or(&shadow::Shared::default()))
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()
             .context("opening the targets of ring copies")?;
         let counters: Arc<Vec<SessionCounters>> = Arc::new(
@@ -182,6 +196,7 @@ impl RingDrain {
             thread: Some(thread),
             counters,
             taken,
+            shadows,
         })
     }
 
@@ -198,6 +213,14 @@ impl RingDrain {
     /// Per session, what the drain counted.
     pub fn counters(&self) -> Vec<TargetCounters> {
         self.counters.iter().map(SessionCounters::read).collect()
+    }
+
+    /// Per session, what its shadow target counted (`None` for other kinds).
+    pub fn shadow_stats(&self) -> Vec<Option<ShadowStats>> {
+        self.shadows
+            .iter()
+            .map(|s| s.as_ref().map(shadow::Shared::read))
+            .collect()
     }
 
     fn stop_thread(&mut self) {
@@ -281,7 +304,9 @@ fn drain(mut ring: RingBuf<MapData>, mut to: Destinations, stop: &AtomicBool) {
             let interface = interface_key(header.ifindex, header.direction);
             let interface_name = || describe(&to.names, header.ifindex, header.direction);
             let timestamp = clock.wall(header.timestamp_ns);
-            if let Some(name) = to.sessions.get(session) {
+            // A whole frame's later chunks are the shadow's alone.
+            let first_chunk = header.flags >> RING_CHUNK_SHIFT == 0;
+            if first_chunk && let Some(name) = to.sessions.get(session) {
                 let lost = to.watchers.offer(name, frame, || Watched {
                     interface,
                     interface_name: described
@@ -316,6 +341,7 @@ fn drain(mut ring: RingBuf<MapData>, mut to: Destinations, stop: &AtomicBool) {
                 interface,
                 interface_name: &interface_name,
                 timestamp,
+                flags: header.flags,
             };
             sink.push(&copy, count);
         }

@@ -165,12 +165,12 @@ fn refuses_bad_vxlan_targets() {
                 "{HEAD}interfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\", vxlan = {{ remote = \"192.0.2.9\", vni = 1 }} }}\n"
             ),
             "t.toml:4:",
-            "exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`",
+            "exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan`, `file` or `shadow`",
         ),
         (
             format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{}}\n"),
             "t.toml:4:",
-            "exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan` or `file`",
+            "exactly one of `interface`, `vxlan`, `geneve`, `gre`, `erspan`, `file` or `shadow`",
         ),
         (
             format!(

@@ -1,0 +1,600 @@
+//! The connections a shadow session sees, from the ring drain's thread: each direction's stream
+//! put back in order ([`super::tcp`]), read as HTTP/1.x ([`super::http`]), and every request
+//! decided at its head: replayed (handed to the [`Replay`] side), or lost with a reason. The
+//! answers seen on the wire are paired with their requests by TCP itself: a response belongs to
+//! the oldest request not yet answered that the server had received when it began to answer.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use super::{
+    Limits, Reason, Shared,
+    compare::Answer,
+    http::{Event, Framing, Head, LostWhy, Parser, Side},
+    tcp::{Piece, Segment, Stream},
+};
+
+/// What the flows hand to the replay side, per connection (`conn`) and request (`id`). Once
+/// [`Replay::start`] has taken a request, the replay side counts its outcome.
+pub trait Replay {
+    /// A request to replay; false when it cannot be taken now (counted `busy` by the caller).
+    fn start(&mut self, conn: u64, id: u64, head: &Head) -> bool;
+    /// Body bytes of the request being read; false when they cannot be queued (the request is
+    /// then aborted as `busy`).
+    fn body(&mut self, conn: u64, id: u64, data: &[u8]) -> bool;
+    fn end(&mut self, conn: u64, id: u64, trailers: Vec<(String, Vec<u8>)>);
+    /// The request cannot be completed: its outcome is `why`.
+    fn abort(&mut self, conn: u64, id: u64, why: Reason);
+    /// The answer the live service gave to request `id` (with compare on).
+    fn live_answer(&mut self, conn: u64, id: u64, answer: Answer);
+    /// The client connection ended: its shadow connection ends once its requests are done.
+    fn close(&mut self, conn: u64);
+}
+
+/// A request counted on a connection, waiting for its answer on the wire.
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    /// The client's stream position once its head was read: a response to it comes from a
+    /// server that had at least this much.
+    start: u64,
+    head_request: bool,
+    /// Replayed with compare on: the live answer is wanted.
+    compare: bool,
+    /// When its last byte was seen.
+    ended: Option<Duration>,
+}
+
+/// The request being read.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    id: u64,
+    /// Handed to the replay side.
+    replaying: bool,
+}
+
+/// The live answer being read, for compare.
+#[derive(Debug)]
+struct Answering {
+    id: u64,
+    answer: Answer,
+    compare: bool,
+}
+
+#[derive(Debug)]
+struct Connection {
+    id: u64,
+    client: SocketAddr,
+    /// 0: client to server; 1: server to client.
+    streams: [Stream; 2],
+    parsers: [Parser; 2],
+    /// Where the client's stream was first seen (requests before it are not this agent's).
+    first_client_offset: Option<u64>,
+    /// The connection is in the session's `percent`.
+    selected: bool,
+    reading: Option<Reading>,
+    pending: VecDeque<Pending>,
+    answering: Option<Answering>,
+    last_seen: Instant,
+    /// [`Flows::loss_epoch`] after its last segment.
+    loss_epoch: u64,
+    /// A FIN or reset, per stream.
+    ended: [bool; 2],
+}
+
+/// Every connection of one session.
+#[derive(Debug)]
+pub struct Flows {
+    limits: Limits,
+    shared: Shared,
+    connections: HashMap<(SocketAddr, SocketAddr), Connection>,
+    next_connection: u64,
+    next_request: u64,
+    /// Ring records marked `RING_AFTER_LOSS` so far: a gap after one is `ring_full`.
+    loss_epoch: u64,
+    /// The request rate limit's bucket: requests it can take now, and when it was filled.
+    tokens: f64,
+    filled: Instant,
+    last_sweep: Instant,
+}
+
+/// A connection's key: its two ends, the lower first.
+fn key(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
+    if a <= b { (a, b) } else { (b, a) }
+}
+
+impl Flows {
+    pub fn new(limits: Limits, shared: Shared) -> Self {
+        let now = Instant::now();
+        Flows {
+            tokens: f64::from(limits.requests_per_second.unwrap_or(0)),
+            limits,
+            shared,
+            connections: HashMap::new(),
+            next_connection: 1,
+            next_request: 1,
+            loss_epoch: 0,
+            filled: now,
+            last_sweep: now,
+        }
+    }
+
+    /// The ring refused copies of the session before this one.
+    pub fn ring_lost(&mut self) {
+        self.loss_epoch += 1;
+    }
+
+    /// One segment, seen at wall-clock `at`.
+    pub fn segment(&mut self, segment: &Segment<'_>, at: Duration, replay: &mut dyn Replay) {
+        let now = Instant::now();
+        let key = key(segment.from, segment.to);
+        if !self.connections.contains_key(&key) {
+            let Some(client) = client_of(segment) else {
+                return;
+            };
+            if self.connections.len() >= self.limits.max_connections {
+                self.evict_oldest(replay);
+            }
+            let synced = segment.syn;
+            let conn = self.new_connection(client, synced);
+            self.shared.update(|s| {
+                s.connections += 1;
+                if !synced {
+                    s.joined_mid_stream += 1;
+                }
+            });
+            self.connections.insert(key, conn);
+        }
+        let Some(mut conn) = self.connections.remove(&key) else {
+            return;
+        };
+        conn.last_seen = now;
+        let side = usize::from(segment.from != conn.client);
+        let mut ctx = Context {
+            flows: self,
+            replay,
+            at,
+        };
+        if segment.syn {
+            conn.streams[side].syn(segment.seq);
+            if side == 0 {
+                conn.first_client_offset.get_or_insert(0);
+            }
+        }
+        if let Some(ack) = segment.ack {
+            // The peer's acknowledgment: bytes of the other stream before it are final.
+            ctx.stream_pieces(&mut conn, 1 - side, ack, None);
+        }
+        ctx.stream_pieces(&mut conn, side, segment.seq, Some(segment));
+        if segment.fin || segment.rst {
+            conn.ended[side] = true;
+            conn.streams[side].fin();
+        }
+        conn.loss_epoch = ctx.flows.loss_epoch;
+        if segment.rst || conn.ended == [true, true] {
+            ctx.close(&mut conn);
+        } else {
+            self.connections.insert(key, conn);
+        }
+    }
+
+    /// Ends the connections idle for longer than the idle timeout (at most once a second).
+    pub fn sweep(&mut self, replay: &mut dyn Replay) {
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) < Duration::from_secs(1) {
+            return;
+        }
+        self.last_sweep = now;
+        let idle = self.limits.idle_timeout;
+        let stale: Vec<_> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_seen) > idle)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            self.evict(key, replay);
+        }
+    }
+
+    /// Ends every connection: what is in progress is lost as `evicted` (the agent stops).
+    pub fn finish(&mut self, replay: &mut dyn Replay) {
+        let keys: Vec<_> = self.connections.keys().copied().collect();
+        for key in keys {
+            self.evict(key, replay);
+        }
+    }
+
+    fn evict_oldest(&mut self, replay: &mut dyn Replay) {
+        if let Some(key) = self
+            .connections
+            .iter()
+            .min_by_key(|(_, c)| c.last_seen)
+            .map(|(k, _)| *k)
+        {
+            self.evict(key, replay);
+        }
+    }
+
+    fn evict(&mut self, key: (SocketAddr, SocketAddr), replay: &mut dyn Replay) {
+        let Some(mut conn) = self.connections.remove(&key) else {
+            return;
+        };
+        self.shared.update(|s| s.evicted_connections += 1);
+        let mut ctx = Context {
+            flows: self,
+            replay,
+            at: Duration::ZERO,
+        };
+        if let Some(reading) = conn.reading.take() {
+            ctx.lost(&conn, reading, Reason::Evicted);
+        }
+        ctx.close(&mut conn);
+    }
+
+    fn new_connection(&mut self, client: SocketAddr, synced: bool) -> Connection {
+        let id = self.next_connection;
+        self.next_connection += 1;
+        Connection {
+            id,
+            client,
+            streams: [Stream::default(), Stream::default()],
+            parsers: [
+                Parser::new(Side::Request, synced),
+                Parser::new(Side::Response, synced),
+            ],
+            first_client_offset: None,
+            selected: self.limits.selects(client),
+            reading: None,
+            pending: VecDeque::new(),
+            answering: None,
+            last_seen: Instant::now(),
+            loss_epoch: self.loss_epoch,
+            ended: [false; 2],
+        }
+    }
+
+    /// Whether the request rate limit lets one more request through now.
+    fn admit(&mut self) -> bool {
+        let Some(rate) = self.limits.requests_per_second else {
+            return true;
+        };
+        let now = Instant::now();
+        let rate = f64::from(rate);
+        self.tokens =
+            (self.tokens + now.duration_since(self.filled).as_secs_f64() * rate).min(rate.max(1.0));
+        self.filled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Which end of a connection first seen with this segment is the client: the sender of a SYN,
+/// the receiver of a SYN-ACK, or whoever sends a request line (a status line: the server);
+/// `None` while it cannot be told.
+fn client_of(segment: &Segment<'_>) -> Option<SocketAddr> {
+    match (segment.syn, segment.ack.is_some()) {
+        (true, false) => Some(segment.from),
+        (true, true) => Some(segment.to),
+        _ if super::http::has_start(segment.payload, Side::Request) => Some(segment.from),
+        _ if super::http::has_start(segment.payload, Side::Response) => Some(segment.to),
+        _ => None,
+    }
+}
+
+/// What handling one segment needs besides its connection.
+struct Context<'a> {
+    flows: &'a mut Flows,
+    replay: &'a mut dyn Replay,
+    at: Duration,
+}
+
+impl Context<'_> {
+    /// Hands stream `side`'s new pieces to its parser: from `segment`, or (without one) those
+    /// the peer's acknowledgment `seq` proves lost.
+    fn stream_pieces(
+        &mut self,
+        conn: &mut Connection,
+        side: usize,
+        seq: u32,
+        segment: Option<&Segment<'_>>,
+    ) {
+        let mut pieces: Vec<Piece<'_>> = Vec::new();
+        let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
+        let limit = self.flows.limits.max_connection_bytes;
+        {
+            // Pieces borrow the stream's buffers only while it hands them on: keep copies.
+            let mut collect = |piece: Piece<'_>| match piece {
+                Piece::Data(d) => owned.push((0, d.to_vec())),
+                Piece::Gap(n) => owned.push((n, Vec::new())),
+            };
+            match segment {
+                Some(s) => {
+                    conn.streams[side].segment(seq, s.payload, s.missing, limit, &mut collect);
+                }
+                None => conn.streams[side].acknowledged(seq, &mut collect),
+            }
+        }
+        if side == 0 && conn.first_client_offset.is_none() && conn.streams[0].started() {
+            conn.first_client_offset = conn.streams[0].offset_of(seq);
+        }
+        // The client's stream position the server had when it sent this segment.
+        let acked = if side == 1 {
+            segment
+                .and_then(|s| s.ack)
+                .and_then(|ack| conn.streams[0].offset_of(ack))
+        } else {
+            None
+        };
+        for (gap, data) in &owned {
+            pieces.push(if data.is_empty() {
+                Piece::Gap(*gap)
+            } else {
+                Piece::Data(data)
+            });
+        }
+        for piece in pieces {
+            match piece {
+                Piece::Data(data) => self.read(conn, side, data, acked),
+                Piece::Gap(_) => {
+                    let mut events = Vec::new();
+                    conn.parsers[side].gap(&mut |e| {
+                        if let Event::Lost(why) = e {
+                            events.push(why);
+                        }
+                    });
+                    for why in events {
+                        self.message_lost(conn, side, why);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads stream bytes on `side`.
+    fn read(&mut self, conn: &mut Connection, side: usize, data: &[u8], acked: Option<u64>) {
+        let mut parser =
+            std::mem::replace(&mut conn.parsers[side], Parser::new(Side::Request, false));
+        parser.feed(data, &mut |event| match side {
+            0 => self.request_event(conn, event),
+            _ => self.response_event(conn, event, acked),
+        });
+        conn.parsers[side] = parser;
+    }
+
+    fn request_event(&mut self, conn: &mut Connection, event: Event<'_>) -> Option<Framing> {
+        match event {
+            Event::Head(head) => self.request_head(conn, &head),
+            Event::Body(data) => {
+                if let Some(reading) = conn.reading.filter(|r| r.replaying)
+                    && !self.replay.body(conn.id, reading.id, data)
+                {
+                    self.replay.abort(conn.id, reading.id, Reason::Busy);
+                    conn.reading = Some(Reading {
+                        replaying: false,
+                        ..reading
+                    });
+                }
+                None
+            }
+            Event::End(trailers) => {
+                if let Some(reading) = conn.reading.take() {
+                    if reading.replaying {
+                        self.replay.end(conn.id, reading.id, trailers);
+                    }
+                    if let Some(pending) = conn.pending.iter_mut().find(|p| p.id == reading.id) {
+                        pending.ended = Some(self.at);
+                    }
+                }
+                None
+            }
+            Event::Lost(why) => {
+                self.message_lost(conn, 0, why);
+                None
+            }
+        }
+    }
+
+    /// A request's head: counted, and replayed or lost with a reason.
+    fn request_head(&mut self, conn: &mut Connection, head: &Head) -> Option<Framing> {
+        let id = self.flows.next_request;
+        self.flows.next_request += 1;
+        self.flows.shared.update(|s| s.requests += 1);
+        let framing = head.framing(Side::Request);
+        let upgrade = head.method.eq_ignore_ascii_case("CONNECT")
+            || head.header("upgrade").is_some() && head.has_token("connection", "upgrade");
+        let why = if !conn.selected {
+            Some(Reason::SampledOut)
+        } else if upgrade {
+            Some(Reason::Upgrade)
+        } else if framing.is_err() {
+            Some(Reason::Unreadable)
+        } else if !self.flows.limits.matches(head) {
+            Some(Reason::FilteredOut)
+        } else if !self.flows.admit() {
+            Some(Reason::RateLimited)
+        } else {
+            None
+        };
+        let replaying = match why {
+            Some(why) => {
+                self.flows.shared.lost(why);
+                false
+            }
+            None if self.replay.start(conn.id, id, head) => true,
+            None => {
+                self.flows.shared.lost(Reason::Busy);
+                false
+            }
+        };
+        conn.pending.push_back(Pending {
+            id,
+            start: conn.streams[0].position(),
+            head_request: head.method.eq_ignore_ascii_case("HEAD"),
+            compare: replaying && self.flows.limits.compare,
+            ended: None,
+        });
+        // Keep the queue of unanswered requests bounded.
+        if conn.pending.len() > 1024 {
+            conn.pending.pop_front();
+        }
+        conn.reading = Some(Reading { id, replaying });
+        if upgrade {
+            // The rest of the connection is another protocol.
+            conn.parsers[1].stop();
+            return None;
+        }
+        framing.ok()
+    }
+
+    fn response_event(
+        &mut self,
+        conn: &mut Connection,
+        event: Event<'_>,
+        acked: Option<u64>,
+    ) -> Option<Framing> {
+        match event {
+            Event::Head(head) => Some(self.response_head(conn, head, acked)),
+            Event::Body(data) => {
+                if let Some(answering) = conn.answering.as_mut().filter(|a| a.compare) {
+                    answering
+                        .answer
+                        .add_body(data, self.flows.limits.compare_body_bytes);
+                }
+                None
+            }
+            Event::End(_) => {
+                if let Some(answering) = conn.answering.take()
+                    && answering.compare
+                {
+                    self.replay
+                        .live_answer(conn.id, answering.id, answering.answer);
+                }
+                None
+            }
+            Event::Lost(_) => {
+                conn.answering = None;
+                None
+            }
+        }
+    }
+
+    /// A response's head: paired with its request, and its body's framing (which depends on
+    /// the request's method and the status).
+    fn response_head(&mut self, conn: &mut Connection, head: Head, acked: Option<u64>) -> Framing {
+        let interim = (100..200).contains(&head.status) && head.status != 101;
+        let framing = |head_request: bool| {
+            if head_request || head.status < 200 || head.status == 204 || head.status == 304 {
+                Framing::Length(0)
+            } else {
+                head.framing(Side::Response).unwrap_or(Framing::UntilClose)
+            }
+        };
+        if interim {
+            return Framing::Length(0);
+        }
+        // The request it answers: the oldest unanswered one the server had received.
+        let answers_front = conn
+            .pending
+            .front()
+            .is_some_and(|p| acked.is_none_or(|acked| acked >= p.start));
+        if !answers_front {
+            // No request of it was seen: one lost in a gap, unless it came before the agent
+            // joined the connection.
+            let after_join = acked
+                .zip(conn.first_client_offset)
+                .is_some_and(|(acked, first)| acked > first);
+            if after_join {
+                self.flows.shared.update(|s| s.requests += 1);
+                self.flows.shared.lost(self.gap_reason(conn));
+            }
+            return framing(false);
+        }
+        let Some(pending) = conn.pending.pop_front() else {
+            return framing(false);
+        };
+        if let Some(ended) = pending.ended {
+            self.flows
+                .shared
+                .update(|s| s.live_latency.observe(self.at.saturating_sub(ended)));
+        }
+        if head.status == 101 {
+            conn.parsers[0].stop();
+            return Framing::UntilClose;
+        }
+        let body = framing(pending.head_request);
+        conn.answering = Some(Answering {
+            id: pending.id,
+            compare: pending.compare,
+            answer: Answer::new(head.status, head.headers),
+        });
+        body
+    }
+
+    /// A message of `side` cut short.
+    fn message_lost(&mut self, conn: &mut Connection, side: usize, why: LostWhy) {
+        if side == 1 {
+            conn.answering = None;
+            return;
+        }
+        let reason = match why {
+            LostWhy::Gap => self.gap_reason(conn),
+            LostWhy::Unreadable => Reason::Unreadable,
+        };
+        if let Some(reading) = conn.reading.take() {
+            self.lost(conn, reading, reason);
+        } else {
+            // A head cut before it was complete: a request all the same.
+            self.flows.shared.update(|s| s.requests += 1);
+            self.flows.shared.lost(reason);
+        }
+    }
+
+    /// The request being read is lost: counted here, or by the replay side if it took it.
+    fn lost(&mut self, conn: &Connection, reading: Reading, why: Reason) {
+        if reading.replaying {
+            self.replay.abort(conn.id, reading.id, why);
+        }
+    }
+
+    /// A gap after the ring refused copies is theirs; otherwise the bytes never came.
+    fn gap_reason(&self, conn: &Connection) -> Reason {
+        if self.flows.loss_epoch == conn.loss_epoch {
+            Reason::Gap
+        } else {
+            Reason::RingFull
+        }
+    }
+
+    fn close(&mut self, conn: &mut Connection) {
+        for side in 0..2 {
+            let mut pieces = Vec::new();
+            conn.streams[side].finish(&mut |p| {
+                if let Piece::Gap(n) = p {
+                    pieces.push(n);
+                }
+            });
+            let mut events = Vec::new();
+            let mut parser =
+                std::mem::replace(&mut conn.parsers[side], Parser::new(Side::Request, false));
+            parser.close(&mut |e| events.push(matches!(e, Event::End(_))));
+            for complete in events {
+                if complete {
+                    self.response_event(conn, Event::End(Vec::new()), None);
+                } else {
+                    self.message_lost(conn, side, LostWhy::Gap);
+                }
+            }
+        }
+        self.replay.close(conn.id);
+    }
+}
+
+#[cfg(test)]
+mod tests;

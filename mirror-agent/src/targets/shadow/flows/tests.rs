@@ -1,0 +1,304 @@
+//! The flows on made-up connections: what reaches the replay side, and what is counted lost.
+use super::*;
+use crate::targets::shadow::ShadowConfig;
+
+/// What the replay side was told, in words.
+#[derive(Debug, Default)]
+struct Told {
+    lines: Vec<String>,
+    /// Bodies by request.
+    bodies: HashMap<u64, Vec<u8>>,
+    refuse: bool,
+}
+
+impl Replay for Told {
+    fn start(&mut self, _conn: u64, id: u64, head: &Head) -> bool {
+        if self.refuse {
+            return false;
+        }
+        self.lines
+            .push(format!("start {id} {} {}", head.method, head.target));
+        true
+    }
+    fn body(&mut self, _conn: u64, id: u64, data: &[u8]) -> bool {
+        self.bodies.entry(id).or_default().extend_from_slice(data);
+        true
+    }
+    fn end(&mut self, _conn: u64, id: u64, trailers: Vec<(String, Vec<u8>)>) {
+        self.lines
+            .push(format!("end {id} trailers={}", trailers.len()));
+    }
+    fn abort(&mut self, _conn: u64, id: u64, why: Reason) {
+        self.lines.push(format!("abort {id} {why:?}"));
+    }
+    fn live_answer(&mut self, _conn: u64, id: u64, answer: Answer) {
+        self.lines.push(format!(
+            "live {id} {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        ));
+    }
+    fn close(&mut self, conn: u64) {
+        self.lines.push(format!("close {conn}"));
+    }
+}
+
+const CLIENT: &str = "10.0.0.1:40000";
+const SERVER: &str = "10.0.0.2:80";
+
+/// A connection's packets, by sequence offsets from each side's first byte.
+struct Wire {
+    flows: Flows,
+    told: Told,
+    client_isn: u32,
+    server_isn: u32,
+}
+
+impl Wire {
+    fn new(config: &str) -> Self {
+        let config: ShadowConfig =
+            toml::from_str(&format!("url = \"http://s:1\"\n{config}")).expect("config");
+        Wire {
+            flows: Flows::new(Limits::of(&config), Shared::default()),
+            told: Told::default(),
+            client_isn: 1000,
+            server_isn: u32::MAX - 10,
+        }
+    }
+
+    fn packet(&mut self, from_client: bool, syn: bool, seq: u32, ack: Option<u32>, data: &[u8]) {
+        let (from, to) = if from_client {
+            (CLIENT, SERVER)
+        } else {
+            (SERVER, CLIENT)
+        };
+        let segment = Segment {
+            from: from.parse().expect("addr"),
+            to: to.parse().expect("addr"),
+            seq,
+            ack,
+            syn,
+            fin: false,
+            rst: false,
+            payload: data,
+            missing: 0,
+        };
+        self.flows.segment(&segment, Duration::ZERO, &mut self.told);
+    }
+
+    fn handshake(&mut self) {
+        self.packet(true, true, self.client_isn, None, b"");
+        self.packet(false, true, self.server_isn, Some(self.client_isn + 1), b"");
+    }
+
+    /// Client bytes at offset `at` of its stream, acknowledging `acked` server bytes.
+    fn client(&mut self, at: u32, acked: u32, data: &[u8]) {
+        let (seq, ack) = (
+            self.client_isn.wrapping_add(1 + at),
+            self.server_isn.wrapping_add(1 + acked),
+        );
+        self.packet(true, false, seq, Some(ack), data);
+    }
+
+    fn server(&mut self, at: u32, acked: u32, data: &[u8]) {
+        let (seq, ack) = (
+            self.server_isn.wrapping_add(1 + at),
+            self.client_isn.wrapping_add(1 + acked),
+        );
+        self.packet(false, false, seq, Some(ack), data);
+    }
+
+    fn stats(&self) -> super::super::ShadowStats {
+        self.flows.shared.read()
+    }
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+#[test]
+fn keep_alive_requests_are_handed_over_in_order() {
+    let mut wire = Wire::new("compare = true");
+    wire.handshake();
+    let first = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    wire.client(0, 0, first);
+    wire.server(0, first.len() as u32, OK);
+    let second = b"POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+    let at = first.len() as u32;
+    wire.client(at, OK.len() as u32, &second[..20]);
+    wire.client(at + 20, OK.len() as u32, &second[20..]);
+    wire.server(OK.len() as u32, at + second.len() as u32, OK);
+    assert_eq!(
+        wire.told.lines,
+        [
+            "start 1 GET /a",
+            "end 1 trailers=0",
+            "live 1 200 ok",
+            "start 2 POST /b",
+            "end 2 trailers=0",
+            "live 2 200 ok"
+        ]
+    );
+    assert_eq!(wire.told.bodies[&2], b"hello");
+    let stats = wire.stats();
+    assert_eq!(
+        (stats.requests, stats.lost.total(), stats.connections),
+        (2, 0, 1)
+    );
+}
+
+#[test]
+fn pipelined_requests_pair_with_their_answers() {
+    let mut wire = Wire::new("compare = true");
+    wire.handshake();
+    let requests = b"GET /1 HTTP/1.1\r\n\r\nHEAD /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n";
+    wire.client(0, 0, requests);
+    // A HEAD answer has no body whatever its Content-Length says; a 304 neither.
+    let answers = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nHTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n";
+    wire.server(0, requests.len() as u32, answers);
+    let lives: Vec<_> = wire
+        .told
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("live"))
+        .collect();
+    assert_eq!(lives, ["live 1 200 a", "live 2 200 ", "live 3 304 "]);
+}
+
+#[test]
+fn segments_out_of_order_and_twice_read_as_one_stream() {
+    let mut wire = Wire::new("");
+    wire.handshake();
+    let request =
+        b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n";
+    wire.client(30, 0, &request[30..]);
+    wire.client(10, 0, &request[10..40]);
+    wire.client(0, 0, &request[..12]);
+    wire.client(0, 0, &request[..12]);
+    assert_eq!(wire.told.lines, ["start 1 PUT /x", "end 1 trailers=1"]);
+    assert_eq!(wire.told.bodies[&1], b"abc");
+}
+
+#[test]
+fn lost_bytes_lose_their_request_with_the_reason() {
+    let body = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789";
+    for (ring_lost, reason) in [(false, "Gap"), (true, "RingFull")] {
+        let mut wire = Wire::new("");
+        wire.handshake();
+        wire.client(0, 0, &body[..45]);
+        if ring_lost {
+            wire.flows.ring_lost();
+        }
+        // The server acknowledged the whole request: the bytes between never reach the agent.
+        wire.server(0, body.len() as u32, OK);
+        let next = b"GET /next HTTP/1.1\r\n\r\n";
+        wire.client(body.len() as u32, OK.len() as u32, next);
+        assert_eq!(
+            wire.told.lines,
+            [
+                "start 1 POST /up".to_owned(),
+                format!("abort 1 {reason}"),
+                "start 2 GET /next".to_owned(),
+                "end 2 trailers=0".to_owned()
+            ],
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+fn an_answer_to_a_request_never_seen_counts_it_lost() {
+    let mut wire = Wire::new("");
+    wire.handshake();
+    let first = b"GET /1 HTTP/1.1\r\n\r\n";
+    wire.client(0, 0, first);
+    wire.server(0, first.len() as u32, OK);
+    // The second request's copies were lost, whole; its answer shows it was there.
+    let lost = 20;
+    wire.server(OK.len() as u32, first.len() as u32 + lost, OK);
+    let stats = wire.stats();
+    assert_eq!((stats.requests, stats.lost.gap), (2, 1));
+}
+
+#[test]
+fn a_connection_joined_in_the_middle_starts_at_the_next_request() {
+    let mut wire = Wire::new("");
+    // No handshake: the agent started while the connection was open, in a body.
+    wire.client(5, 0, b"tail of a body\r\nGET /after HTTP/1.1\r\n\r\n");
+    // The answer to the request before the agent joined is not counted.
+    wire.server(0, 5, OK);
+    assert_eq!(wire.told.lines, ["start 1 GET /after", "end 1 trailers=0"]);
+    let stats = wire.stats();
+    assert_eq!((stats.requests, stats.joined_mid_stream), (1, 1));
+}
+
+#[test]
+fn requests_not_replayed_are_counted_by_reason() {
+    let cases = [
+        (
+            "methods = [\"POST\"]",
+            "GET /a HTTP/1.1\r\n\r\n",
+            "filtered_out",
+        ),
+        (
+            "paths = [\"/api/\"]",
+            "GET /a HTTP/1.1\r\n\r\n",
+            "filtered_out",
+        ),
+        (
+            "",
+            "GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "upgrade",
+        ),
+        ("", "CONNECT a:443 HTTP/1.1\r\n\r\n", "upgrade"),
+        (
+            "requests_per_second = 1",
+            "GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            "rate_limited",
+        ),
+        (
+            "",
+            "GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            "unreadable",
+        ),
+    ];
+    for (config, requests, reason) in cases {
+        let mut wire = Wire::new(config);
+        wire.handshake();
+        wire.client(0, 0, requests.as_bytes());
+        let stats = wire.stats();
+        let lost: Vec<_> = stats.lost.named().filter(|(_, n)| *n != 0).collect();
+        assert_eq!(lost.len(), 1, "{config} {requests:?}: {lost:?}");
+        assert_eq!(lost[0].0.name, reason, "{config}");
+        assert_eq!(lost[0].1, 1, "{config}");
+    }
+    let mut wire = Wire::new("");
+    wire.told.refuse = true;
+    wire.handshake();
+    wire.client(0, 0, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(wire.stats().lost.busy, 1);
+}
+
+#[test]
+fn connections_past_the_limit_evict_the_idlest() {
+    let mut wire = Wire::new("max_connections = 1");
+    wire.handshake();
+    wire.client(0, 0, b"POST /a HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc");
+    // Another client's connection takes its place.
+    let segment = Segment {
+        from: "10.0.0.3:1".parse().expect("addr"),
+        to: SERVER.parse().expect("addr"),
+        seq: 1,
+        ack: None,
+        syn: true,
+        fin: false,
+        rst: false,
+        payload: b"",
+        missing: 0,
+    };
+    wire.flows.segment(&segment, Duration::ZERO, &mut wire.told);
+    assert_eq!(
+        wire.told.lines,
+        ["start 1 POST /a", "abort 1 Evicted", "close 1"]
+    );
+    assert_eq!(wire.stats().evicted_connections, 1);
+}
