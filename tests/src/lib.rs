@@ -34,8 +34,11 @@ mod frames;
 pub mod kube_api;
 mod netns;
 mod traffic;
+mod web;
 
-pub use self::{agent::*, capture::*, collector::*, files::*, frames::*, netns::*, traffic::*};
+pub use self::{
+    agent::*, capture::*, collector::*, files::*, frames::*, netns::*, traffic::*, web::*,
+};
 
 pub const SRC_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const SINK_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);

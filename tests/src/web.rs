@@ -1,0 +1,182 @@
+//! HTTP peers for the shadow tests: a recording origin (the shadow, or the live service) that
+//! answers every request and keeps what it received, byte for byte.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use super::Netns;
+
+/// A request as an origin received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub method: String,
+    pub target: String,
+    /// Lowercase names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A recording HTTP/1.1 origin in a namespace, stopped on drop. It answers `200` with a JSON
+/// body naming the path (`"v2"` in it where the path starts with `/changed`, when `changed` is
+/// set), after `delay`.
+#[derive(Debug)]
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Origin {
+    pub fn start(ns: &Netns, addr: SocketAddr, changed: bool, delay: Duration) -> Self {
+        let listener = ns.enter(move || TcpListener::bind(addr).expect("origin bind"));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (kept, stopping) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let kept = kept.clone();
+                std::thread::spawn(move || serve(stream, &kept, changed, delay));
+            }
+        });
+        Origin {
+            addr,
+            received,
+            stop,
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("received").clone()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accepting thread (the listener lives in its namespace; a refused connect
+        // from here is fine: the flag is read at the next one anyway).
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(100));
+    }
+}
+
+fn serve(stream: TcpStream, kept: &Mutex<Vec<Received>>, changed: bool, delay: Duration) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(method), Some(target)) = (words.next(), words.next()) else {
+            return;
+        };
+        let (method, target) = (method.to_owned(), target.to_owned());
+        let http10 = words.next() == Some("HTTP/1.0");
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            }
+        }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        if header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
+            let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let keep_alive_asked =
+            header("connection").is_some_and(|c| c.eq_ignore_ascii_case("keep-alive"));
+        let mut body = Vec::new();
+        if header("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+            loop {
+                let mut size = String::new();
+                reader.read_line(&mut size).expect("chunk size");
+                let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                    .expect("chunk size");
+                if size == 0 {
+                    // Trailers, up to the empty line.
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line).expect("trailer");
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + size, 0);
+                reader.read_exact(&mut body[start..]).expect("chunk");
+                let mut crlf = [0; 2];
+                reader.read_exact(&mut crlf).expect("chunk end");
+            }
+        } else if let Some(len) = header("content-length").and_then(|l| l.parse::<usize>().ok()) {
+            body.resize(len, 0);
+            // A client that gives up mid-body (the replay of a lost request) ends its exchange.
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+        }
+        kept.lock().expect("received").push(Received {
+            method: method.clone(),
+            target: target.clone(),
+            headers,
+            body,
+        });
+        std::thread::sleep(delay);
+        let version = if changed && target.starts_with("/changed") {
+            "v2"
+        } else {
+            "v1"
+        };
+        let json = format!("{{\"path\":\"{target}\",\"version\":\"{version}\"}}");
+        let head_only = method == "HEAD";
+        // HTTP/1.0 keeps the connection only when asked to (ab -k), and says so.
+        let keep = !http10 || keep_alive_asked;
+        let connection = match (http10, keep) {
+            (true, true) => "Connection: keep-alive\r\n",
+            (_, false) => "Connection: close\r\n",
+            (false, true) => "",
+        };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{connection}X-Origin: test\r\n\r\n{}",
+            json.len(),
+            if head_only { "" } else { &json }
+        );
+        if writer.write_all(answer.as_bytes()).is_err() || !keep {
+            return;
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Shadow targets: real clients (curl, ab, a raw pipelining client) against a live origin in one
+//! namespace, the agent beside it replaying what it sees to a recording shadow, and the shadow's
+//! requests compared with the live ones byte for byte.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use mirror_tests::{Agent, Netns, Origin, Received, Report, agent_binary, require_root, wait_for};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+const LIVE: &str = "10.77.0.2:8080";
+const SHADOW: &str = "127.0.0.1:9090";
+
+/// A client namespace and a server namespace on one veth (`c0` ── `s0`); the live origin listens
+/// in the server's, where the agent watches `s0` and the shadow listens on its loopback.
+struct ShadowLab {
+    client: Netns,
+    server: Netns,
+    /// Holds the agent's API socket.
+    dir: tempfile::TempDir,
+}
+
+impl ShadowLab {
+    fn new(test: &str) -> Self {
+        require_root();
+        let id = format!(
+            "s{}-{}-{test}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let client = Netns::new(format!("{id}-cli"));
+        let server = Netns::new(format!("{id}-srv"));
+        client.ip(&[
+            "link",
+            "add",
+            "c0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "s0",
+            "netns",
+            &server.name,
+        ]);
+        client.ip(&["addr", "add", "10.77.0.1/24", "dev", "c0"]);
+        server.ip(&["addr", "add", "10.77.0.2/24", "dev", "s0"]);
+        client.ip(&["link", "set", "c0", "up"]);
+        server.ip(&["link", "set", "s0", "up"]);
+        ShadowLab {
+            client,
+            server,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn agent(&self, shadow: &str, top: &str) -> Agent {
+        let api = self.api();
+        let config = format!(
+            "api_socket = \"{api}\"\n{top}\n[[session]]\nname = \"web\"\ninterfaces = [\"s0\"]\nfilter = \"tcp port 8080\"\ntarget = {{ shadow = {{ url = \"http://{SHADOW}\", {shadow} }} }}\n"
+        );
+        Agent::start(&self.server, &agent_binary(), &config)
+    }
+
+    /// A recording origin at `addr` in the server's namespace (see [`Origin::start`]).
+    fn origin(&self, addr: &str, changed: bool, delay: Duration) -> Origin {
+        Origin::start(&self.server, addr.parse().expect("addr"), changed, delay)
+    }
+
+    /// Writes `bytes` to a file and gives curl's `--data-binary` argument for it.
+    fn upload(&self, bytes: &[u8]) -> String {
+        let path = self.dir.path().join("upload.bin");
+        std::fs::write(&path, bytes).expect("upload");
+        format!("@{}", path.display())
+    }
+
+    fn api(&self) -> String {
+        self.dir.path().join("agent.sock").display().to_string()
+    }
+
+    /// Runs a client program in the client namespace; its stdout.
+    fn client(&self, program: &[&str]) -> String {
+        self.client.exec(program)
+    }
+}
+
+/// The session's shadow figures, with the invariant every test checks: each request seen was
+/// replayed or lost with a reason.
+fn shadow_stats(report: &Report) -> serde_json::Value {
+    let json = report.json();
+    let session = json["stats"]["sessions"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .expect("session web")
+        .clone();
+    let shadow = session["shadow"].clone();
+    let lost: u64 = shadow["lost"]
+        .as_object()
+        .expect("lost")
+        .values()
+        .map(|v| v.as_u64().expect("count"))
+        .sum();
+    assert_eq!(
+        shadow["requests"].as_u64(),
+        Some(shadow["replayed"].as_u64().expect("replayed") + lost),
+        "requests == replayed + lost: {shadow}"
+    );
+    shadow
+}
+
+/// The session's shadow figures now, from the agent's API.
+fn shadow_now(api: &str) -> serde_json::Value {
+    let stats: serde_json::Value =
+        serde_json::from_str(&mirror_tests::api_get(api, "/stats")).expect("stats");
+    stats["sessions"][0]["shadow"].clone()
+}
+
+/// What the shadow got, with the headers the replay rewrites taken out and checked.
+fn as_live(received: &[Received]) -> Vec<Received> {
+    received
+        .iter()
+        .map(|r| {
+            assert_eq!(r.header("x-mirror-shadow"), Some("1"), "{r:?}");
+            assert_eq!(r.header("host"), Some(SHADOW), "{r:?}");
+            let mut r = r.clone();
+            r.headers.retain(|(n, _)| {
+                !matches!(n.as_str(), "x-mirror-shadow" | "host" | "transfer-encoding")
+            });
+            r
+        })
+        .collect()
+}
+
+/// What the live origin got, but the headers of its own hop (which the replay does not repeat:
+/// its connection to the shadow is its own) and the `Host`.
+fn without_hop_headers(received: &[Received]) -> Vec<Received> {
+    received
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.headers.retain(|(n, _)| {
+                !matches!(
+                    n.as_str(),
+                    "host" | "transfer-encoding" | "connection" | "keep-alive"
+                )
+            });
+            r
+        })
+        .collect()
+}
+
+/// Writes `count` requests at once on one connection and reads their answers.
+fn pipeline(lab: &ShadowLab, count: usize) {
+    let live: SocketAddr = LIVE.parse().expect("addr");
+    lab.client.enter(move || {
+        let mut stream = TcpStream::connect(live).expect("connect");
+        let requests = (0..count)
+            .map(|i| {
+                [
+                    "GET /pipelined/",
+                    &i.to_string(),
+                    " HTTP/1.1\r\nHost: live\r\n\r\n",
+                ]
+                .concat()
+            })
+            .collect::<String>();
+        stream.write_all(requests.as_bytes()).expect("write");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut answers = Vec::new();
+        let mut chunk = [0; 4096];
+        while answers.windows(8).filter(|w| w == b"HTTP/1.1").count() < count {
+            let n = stream.read(&mut chunk).expect("read");
+            assert_ne!(n, 0, "the live origin closed early");
+            answers.extend_from_slice(&chunk[..n]);
+        }
+    });
+}
+
+#[test]
+fn the_shadow_receives_what_the_live_service_received() {
+    let lab = ShadowLab::new("same");
+    let live = lab.origin(LIVE, false, Duration::ZERO);
+    let shadow = lab.origin(SHADOW, false, Duration::ZERO);
+    let agent = lab.agent("compare = true", "");
+    let bytes: Vec<u8> = (0..8 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let data = lab.upload(&bytes);
+    let at = |path: &str| format!("http://{LIVE}{path}");
+    // A keep-alive series, mixed methods and HEAD (curl reuses one connection for its URLs).
+    lab.client(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        &at("/a"),
+        &at("/b?x=1"),
+        &at("/c"),
+    ]);
+    lab.client(&["curl", "-sf", "-I", &at("/head")]);
+    lab.client(&["curl", "-sf", "-X", "DELETE", &at("/item/7")]);
+    // 8 MiB with Expect: 100-continue (curl asks for it past 1 MiB), then chunked.
+    lab.client(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        "--data-binary",
+        &data,
+        &at("/upload"),
+    ]);
+    lab.client(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &data,
+        &at("/chunked"),
+    ]);
+    // ab with keep-alive, and a pipelining client.
+    lab.client(&["ab", "-q", "-k", "-n", "200", "-c", "4", &at("/ab")]);
+    pipeline(&lab, 10);
+    let expected = live.received().len();
+    assert_eq!(expected, 3 + 1 + 1 + 1 + 1 + 200 + 10);
+    let api = lab.api();
+    wait_for("every request to be replayed and compared", || {
+        let now = shadow_now(&api);
+        now["compared"]["same"].as_u64().unwrap_or(0)
+            + now["compared"]["differ"].as_u64().unwrap_or(0)
+            == expected as u64
+    });
+    let report = agent.stop();
+    let stats = shadow_stats(&report);
+    assert_eq!(stats["requests"], expected as u64, "{stats}");
+    assert_eq!(stats["replayed"], expected as u64, "{stats}");
+    assert_eq!(stats["compared"]["same"], expected as u64, "{stats}");
+    let mut got = as_live(&shadow.received());
+    let mut sent = without_hop_headers(&live.received());
+    // Connections run at once (ab's four): order within each connection is what matters, and
+    // the multiset of requests must be the same.
+    let key = |r: &Received| (r.target.clone(), r.method.clone(), r.body.len());
+    got.sort_by_key(key);
+    sent.sort_by_key(key);
+    assert_eq!(got.len(), sent.len());
+    for (got, sent) in got.iter().zip(&sent) {
+        assert_eq!(got, sent);
+    }
+    let upload = shadow
+        .received()
+        .into_iter()
+        .filter(|r| r.target == "/upload" || r.target == "/chunked")
+        .map(|r| r.body)
+        .collect::<Vec<_>>();
+    assert_eq!(upload, [bytes.clone(), bytes]);
+}
+
+#[test]
+fn compare_finds_exactly_the_paths_that_differ() {
+    let lab = ShadowLab::new("cmp");
+    let _live = lab.origin(LIVE, false, Duration::ZERO);
+    let _shadow = lab.origin(SHADOW, true, Duration::ZERO);
+    let agent = lab.agent("compare = true", "");
+    let at = |path: &str| format!("http://{LIVE}{path}");
+    lab.client(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        &at("/same/1"),
+        &at("/changed/1"),
+        &at("/same/2"),
+        &at("/changed/2"),
+        &at("/same/3"),
+    ]);
+    let api = lab.api();
+    wait_for("every exchange to be compared", || {
+        let shadow = shadow_now(&api);
+        shadow["compared"]["same"].as_u64().unwrap_or(0)
+            + shadow["compared"]["differ"].as_u64().unwrap_or(0)
+            == 5
+    });
+    let stats = shadow_stats(&agent.stop());
+    assert_eq!(stats["compared"]["same"], 3, "{stats}");
+    assert_eq!(stats["compared"]["differ"], 2, "{stats}");
+    let paths: Vec<_> = stats["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| d["path"].as_str().expect("path").to_owned())
+        .collect();
+    assert_eq!(paths, ["/changed/1", "/changed/2"]);
+    assert!(
+        stats["differences"][0]["differences"][0]
+            .as_str()
+            .is_some_and(|d| d.contains("/version")),
+        "{stats}"
+    );
+}
+
+#[test]
+fn a_connection_open_before_the_agent_starts_is_joined_at_its_next_request() {
+    let lab = ShadowLab::new("join");
+    let _live = lab.origin(LIVE, false, Duration::ZERO);
+    let shadow = lab.origin(SHADOW, false, Duration::ZERO);
+    let live: SocketAddr = LIVE.parse().expect("addr");
+    let (to_client, requests) = std::sync::mpsc::channel::<String>();
+    let (answered, answers) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn({
+        let path = format!("/run/netns/{}", lab.client.name);
+        move || {
+            let file = std::fs::File::open(&path).expect("netns");
+            // SAFETY: setns on this thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0);
+            let mut stream = TcpStream::connect(live).expect("connect");
+            for path in requests {
+                let request = format!("GET {path} HTTP/1.1\r\nHost: live\r\n\r\n");
+                stream.write_all(request.as_bytes()).expect("write");
+                let mut answer = [0; 4096];
+                let n = stream.read(&mut answer).expect("read");
+                assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+                answered.send(()).expect("answered");
+            }
+        }
+    });
+    to_client.send("/before".into()).expect("send");
+    answers.recv().expect("answer");
+    let agent = lab.agent("", "");
+    for path in ["/after/1", "/after/2"] {
+        to_client.send(path.into()).expect("send");
+        answers.recv().expect("answer");
+    }
+    drop(to_client);
+    client.join().expect("client");
+    wait_for("the shadow to get both", || shadow.received().len() == 2);
+    let stats = shadow_stats(&agent.stop());
+    let paths: Vec<_> = shadow.received().into_iter().map(|r| r.target).collect();
+    assert_eq!(paths, ["/after/1", "/after/2"]);
+    assert_eq!(
+        (
+            stats["requests"].as_u64(),
+            stats["joined_mid_stream"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{stats}"
+    );
+}
+
+#[test]
+fn a_shadow_down_or_slow_costs_the_live_path_nothing_and_is_counted() {
+    let lab = ShadowLab::new("down");
+    let live = lab.origin(LIVE, false, Duration::ZERO);
+    let at = |path: &str| format!("http://{LIVE}{path}");
+    // No shadow listens: every request is a shadow error, and the live answers all come.
+    let agent = lab.agent("timeout_ms = 300", "");
+    lab.client(&["ab", "-q", "-k", "-n", "50", "-c", "2", &at("/down")]);
+    assert_eq!(live.received().len(), 50);
+    let api = lab.api();
+    wait_for("every request to be counted", || {
+        let shadow = shadow_now(&api);
+        shadow["in_flight"] == 0 && shadow["requests"] == 50
+    });
+    let stats = shadow_stats(&agent.stop());
+    assert_eq!(stats["lost"]["shadow_error"], 50, "{stats}");
+    // A shadow that answers after 2 s: each request times out at 300 ms, and the agent still
+    // stops at once.
+    let _slow = lab.origin(SHADOW, false, Duration::from_secs(2));
+    let agent = lab.agent("timeout_ms = 300", "");
+    lab.client(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        &at("/slow/1"),
+        &at("/slow/2"),
+    ]);
+    assert_eq!(live.received().len(), 52);
+    let api = lab.api();
+    wait_for("both to time out", || {
+        let shadow = shadow_now(&api);
+        shadow["lost"]["timeout"] == 2
+    });
+    let (report, _took) = agent.stop_within(libc::SIGTERM, Duration::from_secs(5));
+    let stats = shadow_stats(&report);
+    assert_eq!(stats["replayed"], 0, "{stats}");
+}
+
+#[test]
+fn copies_the_ring_refuses_are_counted_as_lost_requests() {
+    let lab = ShadowLab::new("ring");
+    let live = lab.origin(LIVE, false, Duration::ZERO);
+    let shadow = lab.origin(SHADOW, false, Duration::ZERO);
+    // A ring of 16 KiB holds a frame or two of an upload's: most of each is refused.
+    let agent = lab.agent("", "copy_ring_bytes = 16384");
+    let data = lab.upload(&vec![7; 2 << 20]);
+    for i in 0..4 {
+        lab.client(&[
+            "curl",
+            "-sf",
+            "-o",
+            "/dev/null",
+            "--data-binary",
+            &data,
+            &format!("http://{LIVE}/up/{i}"),
+        ]);
+    }
+    assert_eq!(live.received().len(), 4);
+    let report = agent.stop();
+    let kernel = report.session("web");
+    assert!(kernel.ring_full > 0, "{kernel:?}");
+    let stats = shadow_stats(&report);
+    // Whatever was replayed reached the shadow whole; the rest is lost to the ring, by name.
+    assert_eq!(
+        stats["replayed"].as_u64(),
+        Some(shadow.received().len() as u64),
+        "{stats}"
+    );
+    assert!(shadow.received().iter().all(|r| r.body.len() == 2 << 20));
+    assert!(stats["lost"]["ring_full"].as_u64() >= Some(1), "{stats}");
+    assert!(stats["requests"].as_u64() <= Some(4), "{stats}");
+}
