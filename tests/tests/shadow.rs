@@ -265,7 +265,7 @@ fn compare_finds_exactly_the_paths_that_differ() {
     let lab = ShadowLab::new("cmp");
     let _live = lab.origin(LIVE, false, Duration::ZERO);
     let _shadow = lab.origin(SHADOW, true, Duration::ZERO);
-    let agent = lab.agent("compare = true", "");
+    let agent = lab.agent("compare = true", "metrics_address = \"127.0.0.1:9464\"");
     let at = |path: &str| format!("http://{LIVE}{path}");
     lab.client(&[
         "curl",
@@ -285,6 +285,20 @@ fn compare_finds_exactly_the_paths_that_differ() {
             + shadow["compared"]["differ"].as_u64().unwrap_or(0)
             == 5
     });
+    let metrics = lab
+        .server
+        .exec(&["curl", "-sf", "http://127.0.0.1:9464/metrics"]);
+    for line in [
+        "mirror_shadow_requests_total{session=\"web\",outcome=\"replayed\"} 5",
+        "mirror_shadow_requests_total{session=\"web\",outcome=\"gap\"} 0",
+        "mirror_shadow_compared_total{session=\"web\",result=\"same\"} 3",
+        "mirror_shadow_compared_total{session=\"web\",result=\"differ\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
     let stats = shadow_stats(&agent.stop());
     assert_eq!(stats["compared"]["same"], 3, "{stats}");
     assert_eq!(stats["compared"]["differ"], 2, "{stats}");

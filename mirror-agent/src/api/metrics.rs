@@ -39,6 +39,7 @@ impl Shared {
         }
         self.applied().register_watching(&mut registry);
         self.register_agent(&mut registry, stats);
+        register_shadows(&mut registry, stats);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)
@@ -206,6 +207,47 @@ impl CounterFamilies {
 }
 
 /// Registers a family of counters labelled alike.
+/// What shadow targets did with the requests they saw, and what compare found.
+fn register_shadows(registry: &mut Registry, stats: &Stats) {
+    let requests = counter_family(
+        registry,
+        "shadow_requests",
+        "Requests a shadow session saw, by outcome: replayed (the shadow answered), or the reason it was lost (see the README's Shadow a service)",
+    );
+    let compared = counter_family(
+        registry,
+        "shadow_compared",
+        "Replayed exchanges compared with the live answer, by result: same, differ, or error (no whole live answer)",
+    );
+    for session in &stats.sessions {
+        let Some(shadow) = &session.shadow else {
+            continue;
+        };
+        let outcomes = std::iter::once(("replayed", shadow.replayed))
+            .chain(shadow.lost.named().map(|(field, n)| (field.name, n)));
+        for (outcome, n) in outcomes {
+            requests
+                .get_or_create(&vec![
+                    ("session", session.name.clone()),
+                    ("outcome", outcome.to_owned()),
+                ])
+                .inc_by(n);
+        }
+        for (result, n) in [
+            ("same", shadow.compared.same),
+            ("differ", shadow.compared.differ),
+            ("error", shadow.compared.errors),
+        ] {
+            compared
+                .get_or_create(&vec![
+                    ("session", session.name.clone()),
+                    ("result", result.to_owned()),
+                ])
+                .inc_by(n);
+        }
+    }
+}
+
 pub(crate) fn counter_family(
     registry: &mut Registry,
     name: &str,
