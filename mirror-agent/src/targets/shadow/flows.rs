@@ -305,21 +305,17 @@ impl Context<'_> {
         seq: u32,
         segment: Option<&Segment<'_>>,
     ) {
-        let mut pieces: Vec<Piece<'_>> = Vec::new();
-        let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Pieces borrow the stream's buffers only while it hands them on: keep copies (`None`
+        // for a gap).
+        let mut pieces: Vec<Option<Vec<u8>>> = Vec::new();
         let limit = self.flows.limits.max_connection_bytes;
-        {
-            // Pieces borrow the stream's buffers only while it hands them on: keep copies.
-            let mut collect = |piece: Piece<'_>| match piece {
-                Piece::Data(d) => owned.push((0, d.to_vec())),
-                Piece::Gap(n) => owned.push((n, Vec::new())),
-            };
-            match segment {
-                Some(s) => {
-                    conn.streams[side].segment(seq, s.payload, s.missing, limit, &mut collect);
-                }
-                None => conn.streams[side].acknowledged(seq, &mut collect),
-            }
+        let mut collect = |piece: Piece<'_>| match piece {
+            Piece::Data(d) => pieces.push(Some(d.to_vec())),
+            Piece::Gap(_) => pieces.push(None),
+        };
+        match segment {
+            Some(s) => conn.streams[side].segment(seq, s.payload, s.missing, limit, &mut collect),
+            None => conn.streams[side].acknowledged(seq, &mut collect),
         }
         if side == 0 && conn.first_client_offset.is_none() && conn.streams[0].started() {
             conn.first_client_offset = conn.streams[0].offset_of(seq);
@@ -332,27 +328,19 @@ impl Context<'_> {
         } else {
             None
         };
-        for (gap, data) in &owned {
-            pieces.push(if data.is_empty() {
-                Piece::Gap(*gap)
-            } else {
-                Piece::Data(data)
-            });
-        }
-        for piece in pieces {
-            match piece {
-                Piece::Data(data) => self.read(conn, side, data, acked),
-                Piece::Gap(_) => {
-                    let mut events = Vec::new();
-                    conn.parsers[side].gap(&mut |e| {
-                        if let Event::Lost(why) = e {
-                            events.push(why);
-                        }
-                    });
-                    for why in events {
-                        self.message_lost(conn, side, why);
-                    }
+        for piece in &pieces {
+            if let Some(data) = piece {
+                self.read(conn, side, data, acked);
+                continue;
+            }
+            let mut events = Vec::new();
+            conn.parsers[side].gap(&mut |e| {
+                if let Event::Lost(why) = e {
+                    events.push(why);
                 }
+            });
+            for why in events {
+                self.message_lost(conn, side, why);
             }
         }
     }
@@ -574,12 +562,8 @@ impl Context<'_> {
 
     fn close(&mut self, conn: &mut Connection) {
         for side in 0..2 {
-            let mut pieces = Vec::new();
-            conn.streams[side].finish(&mut |p| {
-                if let Piece::Gap(n) = p {
-                    pieces.push(n);
-                }
-            });
+            // What was held ahead is dropped: the parser's close decides what is lost.
+            conn.streams[side].finish(&mut |_| {});
             let mut events = Vec::new();
             let mut parser =
                 std::mem::replace(&mut conn.parsers[side], Parser::new(Side::Request, false));
