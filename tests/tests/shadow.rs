@@ -438,5 +438,7 @@ fn copies_the_ring_refuses_are_counted_as_lost_requests() {
     );
     assert!(shadow.received().iter().all(|r| r.body.len() == 2 << 20));
     assert!(stats["lost"]["ring_full"].as_u64() >= Some(1), "{stats}");
+    // The ring refused every byte that went missing: none is blamed on the network.
+    assert_eq!(stats["lost"]["gap"], 0, "{stats}");
     assert!(stats["requests"].as_u64() <= Some(4), "{stats}");
 }

@@ -78,8 +78,15 @@ struct Connection {
     pending: VecDeque<Pending>,
     answering: Option<Answering>,
     last_seen: Instant,
-    /// [`Flows::loss_epoch`] after its last segment.
+    /// [`Flows::loss_epoch`] at its last segment.
     loss_epoch: u64,
+    /// Per stream: the ring refused copies since its last segment, so the next one's reach
+    /// bounds what they could have held.
+    ring_armed: [bool; 2],
+    /// Per stream: the offset below which a gap is the ring's.
+    ring_reach: [u64; 2],
+    /// Per stream: where its latest gap began.
+    gap_at: [u64; 2],
     /// A FIN or reset, per stream.
     ended: [bool; 2],
 }
@@ -151,6 +158,10 @@ impl Flows {
             return;
         };
         conn.last_seen = now;
+        if conn.loss_epoch != self.loss_epoch {
+            conn.loss_epoch = self.loss_epoch;
+            conn.ring_armed = [true; 2];
+        }
         let side = usize::from(segment.from != conn.client);
         let mut ctx = Context {
             flows: self,
@@ -172,7 +183,6 @@ impl Flows {
             conn.ended[side] = true;
             conn.streams[side].fin();
         }
-        conn.loss_epoch = ctx.flows.loss_epoch;
         if segment.rst || conn.ended == [true, true] {
             ctx.close(&mut conn);
         } else {
@@ -252,6 +262,9 @@ impl Flows {
             answering: None,
             last_seen: Instant::now(),
             loss_epoch: self.loss_epoch,
+            ring_armed: [false; 2],
+            ring_reach: [0; 2],
+            gap_at: [0; 2],
             ended: [false; 2],
         }
     }
@@ -306,12 +319,19 @@ impl Context<'_> {
         segment: Option<&Segment<'_>>,
     ) {
         // Pieces borrow the stream's buffers only while it hands them on: keep copies (`None`
-        // for a gap).
-        let mut pieces: Vec<Option<Vec<u8>>> = Vec::new();
+        // for a gap), each with its stream offset.
+        let mut pieces: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let mut at = conn.streams[side].position();
         let limit = self.flows.limits.max_connection_bytes;
         let mut collect = |piece: Piece<'_>| match piece {
-            Piece::Data(d) => pieces.push(Some(d.to_vec())),
-            Piece::Gap(_) => pieces.push(None),
+            Piece::Data(d) => {
+                pieces.push((at, Some(d.to_vec())));
+                at += d.len() as u64;
+            }
+            Piece::Gap(n) => {
+                pieces.push((at, None));
+                at += n;
+            }
         };
         match segment {
             Some(s) => conn.streams[side].segment(seq, s.payload, s.missing, limit, &mut collect),
@@ -319,6 +339,15 @@ impl Context<'_> {
         }
         if side == 0 && conn.first_client_offset.is_none() && conn.streams[0].started() {
             conn.first_client_offset = conn.streams[0].offset_of(seq);
+        }
+        if conn.ring_armed[side] {
+            // Copies the ring refused were queued before this one: of this stream, they held
+            // bytes before the end of what this segment (or acknowledgment) reaches.
+            let length = segment.map_or(0, |s| s.payload.len() as u64 + u64::from(s.missing));
+            if let Some(start) = conn.streams[side].offset_of(seq) {
+                conn.ring_reach[side] = conn.ring_reach[side].max(start + length);
+                conn.ring_armed[side] = false;
+            }
         }
         // The client's stream position the server had when it sent this segment.
         let acked = if side == 1 {
@@ -328,11 +357,12 @@ impl Context<'_> {
         } else {
             None
         };
-        for piece in &pieces {
+        for (offset, piece) in &pieces {
             if let Some(data) = piece {
                 self.read(conn, side, data, acked);
                 continue;
             }
+            conn.gap_at[side] = *offset;
             let mut events = Vec::new();
             conn.parsers[side].gap(&mut |e| {
                 if let Event::Lost(why) = e {
@@ -500,7 +530,7 @@ impl Context<'_> {
                 .is_some_and(|(acked, first)| acked > first);
             if after_join {
                 self.flows.shared.update(|s| s.requests += 1);
-                self.flows.shared.lost(self.gap_reason(conn));
+                self.flows.shared.lost(self.gap_reason(conn, 0));
             }
             return framing(false);
         }
@@ -532,7 +562,7 @@ impl Context<'_> {
             return;
         }
         let reason = match why {
-            LostWhy::Gap => self.gap_reason(conn),
+            LostWhy::Gap => self.gap_reason(conn, side),
             LostWhy::Unreadable => Reason::Unreadable,
         };
         if let Some(reading) = conn.reading.take() {
@@ -551,12 +581,13 @@ impl Context<'_> {
         }
     }
 
-    /// A gap after the ring refused copies is theirs; otherwise the bytes never came.
-    fn gap_reason(&self, conn: &Connection) -> Reason {
-        if self.flows.loss_epoch == conn.loss_epoch {
-            Reason::Gap
-        } else {
+    /// Stream `side`'s latest gap: the ring's if it began below what the ring could have
+    /// refused; otherwise the bytes never came.
+    fn gap_reason(&self, conn: &Connection, side: usize) -> Reason {
+        if conn.gap_at[side] < conn.ring_reach[side] {
             Reason::RingFull
+        } else {
+            Reason::Gap
         }
     }
 
@@ -564,6 +595,7 @@ impl Context<'_> {
         for side in 0..2 {
             // What was held ahead is dropped: the parser's close decides what is lost.
             conn.streams[side].finish(&mut |_| {});
+            conn.gap_at[side] = conn.streams[side].position();
             let mut events = Vec::new();
             let mut parser =
                 std::mem::replace(&mut conn.parsers[side], Parser::new(Side::Request, false));

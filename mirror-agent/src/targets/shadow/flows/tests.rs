@@ -181,11 +181,25 @@ fn segments_out_of_order_and_twice_read_as_one_stream() {
 #[test]
 fn lost_bytes_lose_their_request_with_the_reason() {
     let body = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789";
-    for (ring_lost, reason) in [(false, "Gap"), (true, "RingFull")] {
+    // When the ring refused copies: never, before the server's acknowledgment shows the hole,
+    // before a later copy of the body that is held until then, or only once the hole is past.
+    for (ring_lost_at, reason) in [
+        (None, "Gap"),
+        (Some("ack"), "RingFull"),
+        (Some("held"), "RingFull"),
+        (Some("after"), "Gap"),
+    ] {
         let mut wire = Wire::new("");
         wire.handshake();
+        if ring_lost_at == Some("after") {
+            wire.flows.ring_lost();
+        }
         wire.client(0, 0, &body[..45]);
-        if ring_lost {
+        if ring_lost_at == Some("held") {
+            wire.flows.ring_lost();
+            wire.client(48, 0, &body[48..]);
+        }
+        if ring_lost_at == Some("ack") {
             wire.flows.ring_lost();
         }
         // The server acknowledged the whole request: the bytes between never reach the agent.
@@ -200,7 +214,7 @@ fn lost_bytes_lose_their_request_with_the_reason() {
                 "start 2 GET /next".to_owned(),
                 "end 2 trailers=0".to_owned()
             ],
-            "{reason}"
+            "{ring_lost_at:?}"
         );
     }
 }
