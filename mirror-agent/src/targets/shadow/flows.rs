@@ -91,6 +91,18 @@ struct Connection {
     ended: [bool; 2],
 }
 
+impl Connection {
+    /// Stream `side`'s latest gap: the ring's if it began below what the ring could have
+    /// refused; otherwise the bytes never came.
+    fn gap_reason(&self, side: usize) -> Reason {
+        if self.gap_at[side] < self.ring_reach[side] {
+            Reason::RingFull
+        } else {
+            Reason::Gap
+        }
+    }
+}
+
 /// Every connection of one session.
 #[derive(Debug)]
 pub struct Flows {
@@ -530,7 +542,7 @@ impl Context<'_> {
                 .is_some_and(|(acked, first)| acked > first);
             if after_join {
                 self.flows.shared.update(|s| s.requests += 1);
-                self.flows.shared.lost(self.gap_reason(conn, 0));
+                self.flows.shared.lost(conn.gap_reason(0));
             }
             return framing(false);
         }
@@ -562,7 +574,7 @@ impl Context<'_> {
             return;
         }
         let reason = match why {
-            LostWhy::Gap => self.gap_reason(conn, side),
+            LostWhy::Gap => conn.gap_reason(side),
             LostWhy::Unreadable => Reason::Unreadable,
         };
         if let Some(reading) = conn.reading.take() {
@@ -578,16 +590,6 @@ impl Context<'_> {
     fn lost(&mut self, conn: &Connection, reading: Reading, why: Reason) {
         if reading.replaying {
             self.replay.abort(conn.id, reading.id, why);
-        }
-    }
-
-    /// Stream `side`'s latest gap: the ring's if it began below what the ring could have
-    /// refused; otherwise the bytes never came.
-    fn gap_reason(&self, conn: &Connection, side: usize) -> Reason {
-        if conn.gap_at[side] < conn.ring_reach[side] {
-            Reason::RingFull
-        } else {
-            Reason::Gap
         }
     }
 
