@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use mirror_common::{MAX_RING_CHUNKS, MAX_RING_COPY, RING_AFTER_LOSS, RING_CHUNK_SHIFT};
 use serde::{Deserialize, Serialize};
 
@@ -262,7 +263,7 @@ mirror_common::counters! {
         ring_full => "shadow_lost_ring_full",
         /// Bytes of the request never reached the agent (lost before the hook, or the agent joined the connection in the middle of it).
         gap => "shadow_lost_gap",
-        /// Its connection was forgotten (idle, too many connections, or the agent stopped) before it was whole.
+        /// Its connection was forgotten (idle, too many connections, or the agent stopped) before it was whole, or the agent stopped before the shadow answered it.
         evicted => "shadow_lost_evicted",
         /// The session's methods, paths or headers did not select it.
         filtered_out => "shadow_lost_filtered_out",
@@ -532,14 +533,12 @@ pub struct ShadowSink {
 }
 
 impl ShadowSink {
-    /// A sink replaying to `target` from tasks on the current tokio runtime.
+    /// A sink replaying to `target` from tasks on a runtime of its own.
     pub fn open(target: &ShadowTarget, stats: Shared) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| anyhow::anyhow!("a shadow target needs the agent's runtime"))?;
         stats.update(|s| s.url = target.url());
         Ok(ShadowSink {
             flows: Flows::new(Limits::of(&target.config), stats.clone()),
-            replay: Replayer::new(runtime, target, stats),
+            replay: Replayer::new(target, stats).context("starting the shadow's runtime")?,
             partials: Vec::new(),
         })
     }
@@ -608,7 +607,7 @@ impl Drop for ShadowSink {
     /// The session ends: connections are closed and requests in flight get a moment to finish.
     fn drop(&mut self) {
         self.flows.finish(&mut self.replay);
-        self.replay.wait_for_in_flight(Duration::from_secs(3));
+        self.replay.stop(Duration::from_secs(3));
     }
 }
 

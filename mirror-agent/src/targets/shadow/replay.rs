@@ -76,7 +76,9 @@ struct Queue {
 /// The replay side of one shadow session.
 #[derive(Debug)]
 pub struct Replayer {
-    runtime: tokio::runtime::Handle,
+    /// The shadow's own runtime, so that replays never wait on the agent's control tasks (nor
+    /// those on them), and a stop can let them finish; gone once stopped.
+    runtime: Option<tokio::runtime::Runtime>,
     settings: Arc<Settings>,
     queues: HashMap<u64, Queue>,
 }
@@ -93,7 +95,12 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 impl Replayer {
-    pub fn new(runtime: tokio::runtime::Handle, target: &ShadowTarget, stats: Shared) -> Self {
+    pub fn new(target: &ShadowTarget, stats: Shared) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("mirror-shadow")
+            .enable_all()
+            .build()?;
         let config = &target.config;
         let names = |list: &[String]| -> Vec<HeaderName> {
             list.iter()
@@ -125,21 +132,36 @@ impl Replayer {
             in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
         };
-        Replayer {
-            runtime,
+        Ok(Replayer {
+            runtime: Some(runtime),
             settings: Arc::new(settings),
             queues: HashMap::new(),
-        }
+        })
     }
 
-    /// Waits (this thread) up to `limit` for the requests in flight to finish.
-    pub fn wait_for_in_flight(&mut self, limit: Duration) {
+    /// Waits (this thread) up to `limit` for the requests in flight to finish, then ends the
+    /// replays: those still unanswered are lost, `evicted`.
+    pub fn stop(&mut self, limit: Duration) {
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
         self.queues.clear();
         let deadline = std::time::Instant::now() + limit;
         while self.settings.in_flight.load(Ordering::Acquire) != 0
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Not the drain's thread: a sink dropped before it ran, with nothing in flight.
+            runtime.shutdown_background();
+        } else {
+            // Tasks are dropped at their next await; the worker is gone when this returns.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+        let unanswered = self.settings.in_flight.swap(0, Ordering::AcqRel) as u64;
+        if unanswered != 0 {
+            self.settings.stats.update(|s| s.lost.evicted += unanswered);
         }
     }
 
@@ -150,16 +172,25 @@ impl Replayer {
     }
 }
 
+impl Drop for Replayer {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
 impl Replay for Replayer {
     fn start(&mut self, conn: u64, id: u64, head: &Head) -> bool {
         let settings = &self.settings;
         if settings.in_flight.load(Ordering::Acquire) >= settings.max_in_flight {
             return false;
         }
+        let Some(runtime) = &self.runtime else {
+            return false;
+        };
         let queue = self.queues.entry(conn).or_insert_with(|| {
             let (commands, receiver) = mpsc::unbounded_channel();
             let queued = Arc::new(AtomicUsize::new(0));
-            self.runtime.spawn(connection(
+            runtime.spawn(connection(
                 receiver,
                 Arc::clone(&self.settings),
                 Arc::clone(&queued),
