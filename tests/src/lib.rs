@@ -110,6 +110,27 @@ pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Polls `sample` every 10 ms until `done` holds for what it gives, and returns that; fails the
+/// test after [`DEADLINE`], showing the last sample.
+pub fn wait_for_state<T: std::fmt::Display>(
+    what: &str,
+    mut sample: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = sample();
+        if done(&state) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Keeps the calling thread on CPU 0, so the packets it sends are processed there in order.
 pub fn pin_to_first_cpu() {
     pin_to_cpu(0);

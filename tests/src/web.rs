@@ -1,7 +1,7 @@
 //! HTTP peers for the shadow tests: a recording origin (the shadow, or the live service) that
 //! answers every request and keeps what it received, byte for byte.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
@@ -120,27 +120,10 @@ fn serve(stream: TcpStream, kept: &Mutex<Vec<Received>>, changed: bool, delay: D
             header("connection").is_some_and(|c| c.eq_ignore_ascii_case("keep-alive"));
         let mut body = Vec::new();
         if header("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-            loop {
-                let mut size = String::new();
-                reader.read_line(&mut size).expect("chunk size");
-                let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
-                    .expect("chunk size");
-                if size == 0 {
-                    // Trailers, up to the empty line.
-                    loop {
-                        let mut line = String::new();
-                        reader.read_line(&mut line).expect("trailer");
-                        if line.trim_end().is_empty() {
-                            break;
-                        }
-                    }
-                    break;
-                }
-                let start = body.len();
-                body.resize(start + size, 0);
-                reader.read_exact(&mut body[start..]).expect("chunk");
-                let mut crlf = [0; 2];
-                reader.read_exact(&mut crlf).expect("chunk end");
+            // A client that gives up mid-body (the replay of a lost request) ends its exchange.
+            match read_chunked(&mut reader) {
+                Some(whole) => body = whole,
+                None => return,
             }
         } else if let Some(len) = header("content-length").and_then(|l| l.parse::<usize>().ok()) {
             body.resize(len, 0);
@@ -178,5 +161,32 @@ fn serve(stream: TcpStream, kept: &Mutex<Vec<Received>>, changed: bool, delay: D
         if writer.write_all(answer.as_bytes()).is_err() || !keep {
             return;
         }
+    }
+}
+
+/// A chunked body, trailers read and dropped; `None` if the message breaks off or is malformed.
+fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).ok()?;
+        let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).ok()? == 0 {
+                    return None;
+                }
+                if line.trim_end().is_empty() {
+                    return Some(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..]).ok()?;
+        let mut crlf = [0; 2];
+        reader.read_exact(&mut crlf).ok()?;
     }
 }
