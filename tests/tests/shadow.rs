@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use mirror_tests::{Agent, Netns, Origin, Received, Report, agent_binary, require_root, wait_for};
+use mirror_tests::{
+    Agent, Netns, Origin, Received, Report, agent_binary, require_root, wait_for, wait_for_state,
+};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -119,6 +121,14 @@ fn shadow_now(api: &str) -> serde_json::Value {
 }
 
 /// What the shadow got, with the headers the replay rewrites taken out and checked.
+/// Exchanges compared so far, same or not.
+fn compared(shadow: &serde_json::Value) -> u64 {
+    ["same", "differ"]
+        .iter()
+        .filter_map(|k| shadow["compared"][k].as_u64())
+        .sum()
+}
+
 fn as_live(received: &[Received]) -> Vec<Received> {
     received
         .iter()
@@ -186,7 +196,9 @@ fn the_shadow_receives_what_the_live_service_received() {
     let lab = ShadowLab::new("same");
     let live = lab.origin(LIVE, false, Duration::ZERO);
     let shadow = lab.origin(SHADOW, false, Duration::ZERO);
-    let agent = lab.agent("compare = true", "");
+    // Two 8 MiB uploads cross the veth faster than a drain on a busy machine may read them: a
+    // ring that holds both, so that nothing is lost here (losses are the tiny ring's test).
+    let agent = lab.agent("compare = true", "copy_ring_bytes = 67108864");
     let bytes: Vec<u8> = (0..8 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
     let data = lab.upload(&bytes);
     let at = |path: &str| format!("http://{LIVE}{path}");
@@ -229,12 +241,11 @@ fn the_shadow_receives_what_the_live_service_received() {
     let expected = live.received().len();
     assert_eq!(expected, 3 + 1 + 1 + 1 + 1 + 200 + 10);
     let api = lab.api();
-    wait_for("every request to be replayed and compared", || {
-        let now = shadow_now(&api);
-        now["compared"]["same"].as_u64().unwrap_or(0)
-            + now["compared"]["differ"].as_u64().unwrap_or(0)
-            == expected as u64
-    });
+    wait_for_state(
+        "every request to be replayed and compared",
+        || shadow_now(&api),
+        |now| compared(now) == expected as u64,
+    );
     let report = agent.stop();
     let stats = shadow_stats(&report);
     assert_eq!(stats["requests"], expected as u64, "{stats}");
@@ -279,12 +290,11 @@ fn compare_finds_exactly_the_paths_that_differ() {
         &at("/same/3"),
     ]);
     let api = lab.api();
-    wait_for("every exchange to be compared", || {
-        let shadow = shadow_now(&api);
-        shadow["compared"]["same"].as_u64().unwrap_or(0)
-            + shadow["compared"]["differ"].as_u64().unwrap_or(0)
-            == 5
-    });
+    wait_for_state(
+        "every exchange to be compared",
+        || shadow_now(&api),
+        |now| compared(now) == 5,
+    );
     let metrics = lab
         .server
         .exec(&["curl", "-sf", "http://127.0.0.1:9464/metrics"]);
@@ -293,12 +303,32 @@ fn compare_finds_exactly_the_paths_that_differ() {
         "mirror_shadow_requests_total{session=\"web\",outcome=\"gap\"} 0",
         "mirror_shadow_compared_total{session=\"web\",result=\"same\"} 3",
         "mirror_shadow_compared_total{session=\"web\",result=\"differ\"} 2",
+        "mirror_shadow_latency_seconds_count{session=\"web\",answer=\"live\"} 5",
+        "mirror_shadow_latency_seconds_count{session=\"web\",answer=\"shadow\"} 5",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
             "{line} not in:\n{metrics}"
         );
     }
+    // Every answer in the histograms' last bucket, and the text a strict parser takes.
+    let families = mirror_tests::check_openmetrics(&metrics, "mirror_");
+    assert!(
+        families
+            .iter()
+            .any(|f| f == "mirror_shadow_latency_seconds"),
+        "{families:?}"
+    );
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mirror_shadow_latency_seconds_bucket")
+                && l.contains("le=\"+Inf\"")
+                && l.ends_with(" 5"))
+            .count(),
+        2,
+        "{metrics}"
+    );
     let stats = shadow_stats(&agent.stop());
     assert_eq!(stats["compared"]["same"], 3, "{stats}");
     assert_eq!(stats["compared"]["differ"], 2, "{stats}");
@@ -377,10 +407,11 @@ fn a_shadow_down_or_slow_costs_the_live_path_nothing_and_is_counted() {
     lab.client(&["ab", "-q", "-k", "-n", "50", "-c", "2", &at("/down")]);
     assert_eq!(live.received().len(), 50);
     let api = lab.api();
-    wait_for("every request to be counted", || {
-        let shadow = shadow_now(&api);
-        shadow["in_flight"] == 0 && shadow["requests"] == 50
-    });
+    wait_for_state(
+        "every request to be counted",
+        || shadow_now(&api),
+        |now| now["in_flight"] == 0 && now["requests"] == 50,
+    );
     let stats = shadow_stats(&agent.stop());
     assert_eq!(stats["lost"]["shadow_error"], 50, "{stats}");
     // A shadow that answers after 2 s: each request times out at 300 ms, and the agent still
@@ -397,10 +428,11 @@ fn a_shadow_down_or_slow_costs_the_live_path_nothing_and_is_counted() {
     ]);
     assert_eq!(live.received().len(), 52);
     let api = lab.api();
-    wait_for("both to time out", || {
-        let shadow = shadow_now(&api);
-        shadow["lost"]["timeout"] == 2
-    });
+    wait_for_state(
+        "both to time out",
+        || shadow_now(&api),
+        |now| now["lost"]["timeout"] == 2,
+    );
     let (report, _took) = agent.stop_within(libc::SIGTERM, Duration::from_secs(5));
     let stats = shadow_stats(&report);
     assert_eq!(stats["replayed"], 0, "{stats}");

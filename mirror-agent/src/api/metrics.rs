@@ -4,14 +4,18 @@ use std::time::SystemTime;
 
 use mirror_common::{CounterField, Counters, HookCounters, Metric};
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+    encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
 };
 
 use super::Labels;
 use crate::{
     state::{Applied, Shared, Stats},
-    targets::TargetCounters,
+    targets::{
+        TargetCounters,
+        shadow::{LATENCY_BUCKETS, Latency},
+    },
 };
 
 impl Shared {
@@ -219,6 +223,13 @@ fn register_shadows(registry: &mut Registry, stats: &Stats) {
         "shadow_compared",
         "Replayed exchanges compared with the live answer, by result: same, differ, or error (no whole live answer)",
     );
+    let latencies = Family::<Labels, CountedHistogram>::default();
+    registry.register_with_unit(
+        "shadow_latency",
+        "From a request's last byte to its answer's first, by answer: live (as seen on the wire) or shadow (the replay's)",
+        Unit::Seconds,
+        latencies.clone(),
+    );
     for session in &stats.sessions {
         let Some(shadow) = &session.shadow else {
             continue;
@@ -245,6 +256,48 @@ fn register_shadows(registry: &mut Registry, stats: &Stats) {
                 ])
                 .inc_by(n);
         }
+        for (answer, latency) in [
+            ("live", &shadow.live_latency),
+            ("shadow", &shadow.shadow_latency),
+        ] {
+            latencies
+                .get_or_create(&vec![
+                    ("session", session.name.clone()),
+                    ("answer", answer.to_owned()),
+                ])
+                .set(latency);
+        }
+    }
+}
+
+/// A histogram the shadow session filled: its buckets are given whole, not observed here.
+#[derive(Debug, Default)]
+struct CountedHistogram(std::sync::Mutex<Latency>);
+
+impl CountedHistogram {
+    fn set(&self, latency: &Latency) {
+        if let Ok(mut mine) = self.0.lock() {
+            mine.clone_from(latency);
+        }
+    }
+}
+
+impl TypedMetric for CountedHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for CountedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let latency = self.0.lock().map_err(|_| std::fmt::Error)?;
+        let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        // A session that has seen no answer has no buckets yet: all of them empty.
+        let counts = latency.buckets.iter().copied().chain(std::iter::repeat(0));
+        let buckets: Vec<(f64, u64)> = bounds.zip(counts).collect();
+        encoder.encode_histogram::<NoLabelSet>(latency.sum_seconds, latency.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 
