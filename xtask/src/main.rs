@@ -93,7 +93,8 @@ enum Task {
         /// one rule against tc u32 with the same match; match-all against tc u32 match-all),
         /// `tap` for tc mirred, the TC path and the XDP path against no mirroring on a tap
         /// (frames written to its file descriptor meet native XDP), `validation` for how long
-        /// large rule sets take to validate.
+        /// large rule sets take to validate, `shadow` for the primary path of an HTTP service with
+        /// no shadowing, mirror's shadow and nginx's `mirror` in the path, at rising rates.
         #[arg(long)]
         only: Option<String>,
     },
@@ -130,6 +131,7 @@ fn main() -> anyhow::Result<()> {
                     attach_counts: vec![1, 50],
                     pod_counts: vec![10],
                     frame_sizes: vec![60],
+                    shadow_rates: vec![1000, 10_000],
                     only,
                 }
             } else {
@@ -141,6 +143,7 @@ fn main() -> anyhow::Result<()> {
                     attach_counts: vec![1, 100, 500],
                     pod_counts: vec![10, 100, 250],
                     frame_sizes: vec![60, 1400],
+                    shadow_rates: vec![1000, 5000, 10_000, 20_000, 30_000],
                     only,
                 }
             };

@@ -198,10 +198,53 @@ fn helm_engine() -> anyhow::Result<()> {
     )
 }
 
-/// What `cargo xtask bench` adds: the userspace peer, the chart's font and bpftool (the
-/// program's time alone, by a test run).
+/// What `cargo xtask bench` adds: the userspace peer, the chart's font, bpftool (the program's
+/// time alone, by a test run), and for the shadow runs nginx (the origin, and its `mirror` module
+/// as the in-path peer) and h2load (nghttp2-client), installed without starting nginx's service.
 pub fn bench_tools() -> anyhow::Result<()> {
-    debian_packages(&["daemonlogger", "fonts-dejavu-core", "util-linux", "bpftool"])
+    let _no_service_starts = NoServiceStarts::new()?;
+    debian_packages(&[
+        "daemonlogger",
+        "fonts-dejavu-core",
+        "util-linux",
+        "bpftool",
+        "nginx-light",
+        "nghttp2-client",
+    ])
+}
+
+/// Debian's policy-rc.d hook saying no to every service start while it lives (installing nginx
+/// would otherwise start it on port 80 of the host); one already there is left as it is.
+struct NoServiceStarts(Option<&'static str>);
+
+impl NoServiceStarts {
+    const PATH: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn new() -> anyhow::Result<Self> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(Self::PATH);
+        match created {
+            Ok(mut file) => {
+                file.write_all(b"#!/bin/sh\n# cargo xtask setup: no service starts\nexit 101\n")
+                    .with_context(|| Self::PATH)?;
+                Ok(NoServiceStarts(Some(Self::PATH)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(NoServiceStarts(None)),
+            Err(e) => Err(e).with_context(|| format!("creating {}", Self::PATH)),
+        }
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
@@ -216,7 +259,7 @@ fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         eprintln!(
             "xtask setup: Debian packages present: {}",
-            DEBIAN_PACKAGES.join(" ")
+            packages.join(" ")
         );
         return Ok(());
     }

@@ -11,6 +11,7 @@ mod cost;
 mod hotpath;
 mod paired;
 mod report;
+mod shadow;
 mod traffic;
 mod tunnels;
 mod validation;
@@ -30,6 +31,7 @@ use self::{
     configs::{agent_config, rule_set},
     cost::program_cost,
     hotpath::{HotRow, hot_path, tap_path},
+    shadow::{ShadowRow, shadow_bench},
     traffic::{Source, Spinner, counters, generate, wait_for_idle},
     tunnels::{PairedRow, TUNNELS, paired_tunnels},
     validation::{ValidationRow, validation_timing},
@@ -56,9 +58,11 @@ pub struct Options {
     /// Pod counts for the pod-selector runs.
     pub pod_counts: Vec<usize>,
     pub frame_sizes: Vec<usize>,
+    /// Offered request rates of the shadow runs, requests per second.
+    pub shadow_rates: Vec<u64>,
     /// Run only the scenarios whose name contains one of these comma-separated parts (attach
     /// scaling only with the part "attach", pod scaling with "pods", validation timing with
-    /// "validation"); ratios need their reference scenarios in the run.
+    /// "validation", the shadow with "shadow"); ratios need their reference scenarios in the run.
     pub only: Option<String>,
 }
 
@@ -279,43 +283,7 @@ pub struct PodRow {
 pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let lab = Bed::veth();
-    let mut scenarios = vec![
-        Scenario::Baseline,
-        Scenario::TcMirred,
-        Scenario::TcMirredVxlan,
-        Scenario::Daemonlogger,
-        Scenario::Mirror {
-            rules: 1,
-            matching: true,
-        },
-        Scenario::Mirror {
-            rules: 1,
-            matching: false,
-        },
-        Scenario::MirrorTunnel("vxlan"),
-        Scenario::MirrorXdp { vxlan: false },
-        Scenario::MirrorXdp { vxlan: true },
-        Scenario::MirrorControlled {
-            name: "sampled 1/100",
-            control: "sample = { every = 100 }",
-        },
-        Scenario::MirrorControlled {
-            name: "rate-limited 1000 pps",
-            control: "rate_limit = { packets_per_second = 1000 }",
-        },
-    ];
-    for &rules in &options.rule_counts {
-        if rules > 1 {
-            scenarios.push(Scenario::Mirror {
-                rules,
-                matching: true,
-            });
-        }
-        scenarios.push(Scenario::TcU32 { rules });
-    }
-    if let Some(only) = &options.only {
-        scenarios.retain(|s| only.split(',').any(|part| s.name().contains(part)));
-    }
+    let scenarios = scenarios(options);
     let mut rows = Vec::new();
     for &size in &options.frame_sizes {
         let frame = flow_frame(size);
@@ -368,7 +336,13 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
         Vec::new()
     };
     drop(lab);
+    let shadow: Vec<ShadowRow> = if only_has("shadow") {
+        shadow_bench(agent, &options.shadow_rates, options)?
+    } else {
+        Vec::new()
+    };
     let extra = report::Extra {
+        shadow: &shadow,
         hot: &hot,
         attach: &attach,
         pods: &pods,
@@ -376,6 +350,48 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
         validation: &validation,
     };
     report::write(&rows, &extra, options, started.elapsed())
+}
+
+/// The throughput scenarios `options` asks for.
+fn scenarios(options: &Options) -> Vec<Scenario> {
+    let mut scenarios = vec![
+        Scenario::Baseline,
+        Scenario::TcMirred,
+        Scenario::TcMirredVxlan,
+        Scenario::Daemonlogger,
+        Scenario::Mirror {
+            rules: 1,
+            matching: true,
+        },
+        Scenario::Mirror {
+            rules: 1,
+            matching: false,
+        },
+        Scenario::MirrorTunnel("vxlan"),
+        Scenario::MirrorXdp { vxlan: false },
+        Scenario::MirrorXdp { vxlan: true },
+        Scenario::MirrorControlled {
+            name: "sampled 1/100",
+            control: "sample = { every = 100 }",
+        },
+        Scenario::MirrorControlled {
+            name: "rate-limited 1000 pps",
+            control: "rate_limit = { packets_per_second = 1000 }",
+        },
+    ];
+    for &rules in &options.rule_counts {
+        if rules > 1 {
+            scenarios.push(Scenario::Mirror {
+                rules,
+                matching: true,
+            });
+        }
+        scenarios.push(Scenario::TcU32 { rules });
+    }
+    if let Some(only) = &options.only {
+        scenarios.retain(|s| only.split(',').any(|part| s.name().contains(part)));
+    }
+    scenarios
 }
 
 /// Routes and devices every scenario may use.

@@ -39,6 +39,7 @@ pub struct Extra<'a> {
     pub tunnels: &'a [PairedRow],
     pub hot: &'a [HotRow],
     pub validation: &'a [super::ValidationRow],
+    pub shadow: &'a [super::ShadowRow],
 }
 
 fn command(program: &str, args: &[&str]) -> String {
@@ -185,6 +186,7 @@ pub fn write(
         tunnels,
         hot,
         validation,
+        shadow,
     } = *extra;
     let machine = machine();
     let dir = crate::root().join("bench/results");
@@ -211,14 +213,16 @@ pub fn write(
     tunnel_table(&mut md, tunnels)?;
     hot_table(&mut md, hot)?;
     super::validation::validation_table(&mut md, validation)?;
+    super::shadow::shadow_table(&mut md, shadow)?;
     writeln!(
         md,
-        "\n## Targets\n\n{}{}{}{}{}",
+        "\n## Targets\n\n{}{}{}{}{}{}",
         targets(rows, attach, pods, options),
         hot_targets(hot),
         tap_targets(hot),
         tunnel_targets(tunnels),
-        super::validation::validation_targets(validation)
+        super::validation::validation_targets(validation),
+        super::shadow::shadow_targets(shadow)
     )?;
     if !rows.is_empty() {
         writeln!(
