@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use mirror_tests::{Agent, KilledOnDrop, Netns, wait_for};
+use mirror_tests::{Agent, Netns, wait_for};
 use serde::Serialize;
 
 use super::{Options, median, rss_kib};
@@ -123,12 +123,30 @@ pub struct ShadowRow {
     pub rss_kib: Option<u64>,
 }
 
+/// nginx's master process: stopped with SIGTERM on drop, so that it ends its workers too (a
+/// killed master leaves them running).
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid (`ip netns exec` runs nginx in its place).
+        unsafe { libc::kill(self.0.id().cast_signed(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The namespaces and the one nginx every way uses; deleted and stopped on drop.
 struct ShadowBed {
+    /// First, so that nginx stops before its namespace and files go.
+    _nginx: Nginx,
     client: Netns,
     server: Netns,
     dir: tempfile::TempDir,
-    _nginx: KilledOnDrop,
 }
 
 impl ShadowBed {
@@ -163,7 +181,7 @@ impl ShadowBed {
             .stdout(Stdio::null())
             .spawn()
             .context("starting nginx (cargo xtask bench installs nginx-light)")?;
-        let nginx = KilledOnDrop(nginx);
+        let nginx = Nginx(nginx);
         for port in [LIVE_PORT, PROXY_PORT, MIRRORING_PROXY_PORT] {
             let address = format!("{SERVER_V4}:{port}");
             wait_for("nginx to listen", || {
