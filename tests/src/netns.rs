@@ -47,6 +47,25 @@ impl Netns {
         run("ip", &full)
     }
 
+    /// A veth pair up between this namespace (`here`, address `here_addr`, with its prefix) and
+    /// `peer` (`there`, `there_addr`).
+    pub fn veth_to(
+        &self,
+        here: &str,
+        here_addr: &str,
+        peer: &Netns,
+        there: &str,
+        there_addr: &str,
+    ) {
+        self.ip(&[
+            "link", "add", here, "type", "veth", "peer", "name", there, "netns", &peer.name,
+        ]);
+        self.ip(&["addr", "add", here_addr, "dev", here]);
+        peer.ip(&["addr", "add", there_addr, "dev", there]);
+        self.ip(&["link", "set", here, "up"]);
+        peer.ip(&["link", "set", there, "up"]);
+    }
+
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> String {
         let mut full = vec!["netns", "exec", &self.name];

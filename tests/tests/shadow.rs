@@ -36,22 +36,7 @@ impl ShadowLab {
         );
         let client = Netns::new(format!("{id}-cli"));
         let server = Netns::new(format!("{id}-srv"));
-        client.ip(&[
-            "link",
-            "add",
-            "c0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "s0",
-            "netns",
-            &server.name,
-        ]);
-        client.ip(&["addr", "add", "10.77.0.1/24", "dev", "c0"]);
-        server.ip(&["addr", "add", "10.77.0.2/24", "dev", "s0"]);
-        client.ip(&["link", "set", "c0", "up"]);
-        server.ip(&["link", "set", "s0", "up"]);
+        client.veth_to("c0", "10.77.0.1/24", &server, "s0", "10.77.0.2/24");
         ShadowLab {
             client,
             server,

@@ -153,22 +153,13 @@ impl ShadowBed {
     fn new() -> anyhow::Result<Self> {
         let client = Netns::new(format!("mb{}-cli", std::process::id()));
         let server = Netns::new(format!("mb{}-srv", std::process::id()));
-        client.ip(&[
-            "link",
-            "add",
+        client.veth_to(
             "c0",
-            "type",
-            "veth",
-            "peer",
-            "name",
+            &format!("{CLIENT_V4}/24"),
+            &server,
             "s0",
-            "netns",
-            &server.name,
-        ]);
-        client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "c0"]);
-        server.ip(&["addr", "add", &format!("{SERVER_V4}/24"), "dev", "s0"]);
-        client.ip(&["link", "set", "c0", "up"]);
-        server.ip(&["link", "set", "s0", "up"]);
+            &format!("{SERVER_V4}/24"),
+        );
         let dir = tempfile::tempdir()?;
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, nginx_config(dir.path()))?;
