@@ -397,7 +397,9 @@ impl Task<'_> {
         };
         let response = sender.send_request(request);
         tokio::pin!(response);
-        let mut ended = None;
+        // A request without a body is whole once sent: its answer may come before the flows'
+        // end of it reaches this task, and is no early answer then.
+        let mut ended = (!has_body).then(Instant::now);
         // The body, as it comes, until its end (or an early answer).
         let answer = loop {
             if ended.is_some() {
@@ -645,4 +647,77 @@ fn header_map(fields: &Fields) -> HeaderMap {
         }
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// A shadow on loopback that answers `requests` requests without bodies, then ends; it
+    /// returns how many connections they came on.
+    fn shadow(requests: usize) -> (u16, std::thread::JoinHandle<usize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = std::thread::spawn(move || {
+            let (mut answered, mut connections) = (0, 0);
+            while answered < requests {
+                let (mut stream, _) = listener.accept().expect("accept");
+                connections += 1;
+                let mut seen = Vec::new();
+                let mut buffer = [0; 4096];
+                while answered < requests {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        answered += 1;
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    }
+                }
+            }
+            connections
+        });
+        (port, server)
+    }
+
+    fn replayed(stats: &Shared, count: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stats.read().replayed < count {
+            assert!(std::time::Instant::now() < deadline, "{:?}", stats.read());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_body_is_answered_before_its_end_is_read() {
+        let (port, server) = shadow(2);
+        let config = super::super::ShadowConfig::of_url(&format!("http://127.0.0.1:{port}"));
+        let Ok(crate::targets::Target::Shadow(target)) = config.resolve() else {
+            panic!("a good URL");
+        };
+        let stats = Shared::default();
+        let mut replayer = Replayer::new(&target, stats.clone()).expect("runtime");
+        let get = |target: &str| Head {
+            method: "GET".into(),
+            target: target.into(),
+            minor_version: 1,
+            ..Head::default()
+        };
+        // The flows' end of the first request comes only after the shadow answered it: the
+        // answer counts, with its latency, and the connection to the shadow is kept.
+        assert!(replayer.start(1, 1, &get("/a")));
+        replayed(&stats, 1);
+        replayer.end(1, 1, Vec::new());
+        assert!(replayer.start(1, 2, &get("/b")));
+        replayer.end(1, 2, Vec::new());
+        replayed(&stats, 2);
+        replayer.stop(Duration::from_secs(1));
+        let stats = stats.read();
+        assert_eq!((stats.shadow_latency.count, stats.lost.total()), (2, 0));
+        assert_eq!(server.join().expect("server"), 1);
+    }
 }
