@@ -140,6 +140,9 @@ pub const SESSIONS_MAP: &str = "SESSIONS";
 pub const RULE_COUNTERS_MAP: &str = "RULE_COUNTERS";
 /// `SESSION_COUNTERS`: `PerCpuArray<Counters>` of [`MAX_SESSIONS`], by session index.
 pub const SESSION_COUNTERS_MAP: &str = "SESSION_COUNTERS";
+/// `RING_LOST`: `Array<u32>` of [`MAX_SESSIONS`], by session index: 1 while the ring has refused
+/// a copy of the session since its last record (which then carries [`RING_AFTER_LOSS`]).
+pub const RING_LOST_MAP: &str = "RING_LOST";
 /// `HOOK_COUNTERS`: `PerCpuArray<HookCounters>` of [`HOOK_COUNT`]: one per [`Direction`], then
 /// [`COPY_HOOK`].
 pub const HOOK_COUNTERS_MAP: &str = "HOOK_COUNTERS";

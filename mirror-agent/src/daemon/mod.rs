@@ -701,7 +701,7 @@ fn start_drain(
         .map(|(i, _)| (i.ifindex, i.name.clone()))
         .collect();
     RingDrain::start(
-        datapath.take_ring()?,
+        (datapath.take_ring()?, datapath.take_ring_lost()?),
         &sessions,
         names,
         &outputs.files,

@@ -24,10 +24,11 @@ use mirror_common::{
     COPY_GENERATION_BIT, COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP,
     DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_UNKNOWN_MAP, FIELD_WILDCARD_MAP,
     FLOW_HASH_GLOBAL, Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters,
-    IP_PROTO_BITMAP_MAP, MAX_ATTACHMENTS, NODE_RATE_LIMIT_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP,
-    RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP,
-    SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM,
-    TUNNELS_MAP, Traffic, Tunnel, VLAN_BITMAP_MAP, WATCH_TRAFFIC_MAP, XDP_PROGRAM,
+    IP_PROTO_BITMAP_MAP, MAX_ATTACHMENTS, NODE_RATE_LIMIT_MAP, RING_LOST_MAP, RULE_BITMAPS_MAP,
+    RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP,
+    SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM,
+    TC_INGRESS_PROGRAM, TUNNELS_MAP, Traffic, Tunnel, VLAN_BITMAP_MAP, WATCH_TRAFFIC_MAP,
+    XDP_PROGRAM,
 };
 
 use self::kernel_log::KERNEL_LOG_GLOBAL;
@@ -606,6 +607,16 @@ impl Datapath {
             .take_map(COPY_RING_MAP)
             .ok_or(DatapathError::Missing(COPY_RING_MAP))?;
         RingBuf::try_from(map).map_err(map_err(COPY_RING_MAP))
+    }
+
+    /// Per session, whether the ring refused a copy since its last record (see
+    /// `mirror_common::RING_LOST_MAP`): the drain reads it once the ring is empty at a stop.
+    pub fn take_ring_lost(&mut self) -> Result<Array<MapData, u32>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(RING_LOST_MAP)
+            .ok_or(DatapathError::Missing(RING_LOST_MAP))?;
+        Array::try_from(map).map_err(map_err(RING_LOST_MAP))
     }
 
     /// The links, for the datapath that replaces this one.

@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
 use mirror_common::{Direction, RING_CHUNK_SHIFT, RING_WATCH_ONLY, RingCopyHeader};
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -70,6 +70,9 @@ pub trait Sink: Send {
     fn push(&mut self, copy: &RingCopy<'_>, counters: &SessionCounters);
     /// Sends what is queued.
     fn flush(&mut self, counters: &SessionCounters);
+    /// At a stop, with the ring empty: the ring refused copies of the session after the last
+    /// one it queued, so no record will say so.
+    fn lost_at_end(&mut self) {}
 }
 
 /// A session's [`TargetCounters`] as the drain updates them and the API reads them.
@@ -134,6 +137,8 @@ struct Destinations {
     sessions: Vec<String>,
     /// Interface names by index.
     names: HashMap<u32, String>,
+    /// The ring's loss flags by session index (`mirror_common::RING_LOST_MAP`).
+    ring_lost: Array<MapData, u32>,
     counters: Arc<Vec<SessionCounters>>,
     limit: Option<u64>,
     taken: Arc<std::sync::atomic::AtomicU64>,
@@ -146,7 +151,7 @@ impl RingDrain {
     /// interfaces' names by index. With a `limit`, target copies past the first `limit` are
     /// dropped (`run -c`).
     pub fn start(
-        ring: RingBuf<MapData>,
+        (ring, ring_lost): (RingBuf<MapData>, Array<MapData, u32>),
         sessions: &[RingSession<'_>],
         names: HashMap<u32, String>,
         files: &OpenFiles,
@@ -179,6 +184,7 @@ impl RingDrain {
             sinks,
             sessions: sessions.iter().map(|s| s.name.to_owned()).collect(),
             names,
+            ring_lost,
             counters: counters.clone(),
             limit,
             taken: Arc::clone(&taken),
@@ -352,6 +358,14 @@ fn drain(mut ring: RingBuf<MapData>, mut to: Destinations, stop: &AtomicBool) {
             }
         }
         if stopping {
+            for (index, sink) in to.sinks.iter_mut().enumerate() {
+                if let Some(sink) = sink
+                    && u32::try_from(index)
+                        .is_ok_and(|i| to.ring_lost.get(&i, 0).is_ok_and(|lost| lost != 0))
+                {
+                    sink.lost_at_end();
+                }
+            }
             return;
         }
         // Woken by a record, or after IDLE_WAIT in any case (an error included): the loop reads

@@ -113,6 +113,8 @@ pub struct Flows {
     next_request: u64,
     /// Ring records marked `RING_AFTER_LOSS` so far: a gap after one is `ring_full`.
     loss_epoch: u64,
+    /// The ring refused copies after the last it queued (known at a stop).
+    tail_lost: bool,
     /// The request rate limit's bucket: requests it can take now, and when it was filled.
     tokens: f64,
     filled: Instant,
@@ -135,6 +137,7 @@ impl Flows {
             next_connection: 1,
             next_request: 1,
             loss_epoch: 0,
+            tail_lost: false,
             filled: now,
             last_sweep: now,
         }
@@ -143,6 +146,12 @@ impl Flows {
     /// The ring refused copies of the session before this one.
     pub fn ring_lost(&mut self) {
         self.loss_epoch += 1;
+    }
+
+    /// The ring refused copies of the session after the last one: whatever [`Flows::finish`]
+    /// finds missing may have been in them.
+    pub fn ring_lost_at_end(&mut self) {
+        self.tail_lost = true;
     }
 
     /// One segment, seen at wall-clock `at`.
@@ -221,7 +230,8 @@ impl Flows {
         }
     }
 
-    /// Ends every connection: what is in progress is lost as `evicted` (the agent stops).
+    /// Ends every connection: what is in progress is lost as `evicted` (the agent stops), or as
+    /// `ring_full` when the ring refused copies at the end.
     pub fn finish(&mut self, replay: &mut dyn Replay) {
         let keys: Vec<_> = self.connections.keys().copied().collect();
         for key in keys {
@@ -245,13 +255,21 @@ impl Flows {
             return;
         };
         self.shared.update(|s| s.evicted_connections += 1);
+        // The rest of what was in progress never came: the ring's, if it refused copies at the
+        // end (a stop), else the connection's idleness or the table's room.
+        let why = if self.tail_lost {
+            conn.ring_reach = [u64::MAX; 2];
+            Reason::RingFull
+        } else {
+            Reason::Evicted
+        };
         let mut ctx = Context {
             flows: self,
             replay,
             at: Duration::ZERO,
         };
         if let Some(reading) = conn.reading.take() {
-            ctx.lost(&conn, reading, Reason::Evicted);
+            ctx.lost(&conn, reading, why);
         }
         ctx.close(&mut conn);
     }

@@ -136,6 +136,12 @@ impl ShadowConfig {
 
     /// The checked target; the message says what is wrong.
     pub fn resolve(&self) -> Result<super::Target, String> {
+        self.checked()
+            .map(|target| super::Target::Shadow(Box::new(target)))
+    }
+
+    /// The config checked, as a target of its own.
+    pub fn checked(&self) -> Result<ShadowTarget, String> {
         let (host, port) = parse_url(&self.url)?;
         if !(1..=100).contains(&self.percent) {
             return Err(format!("percent = {}: a share from 1 to 100", self.percent));
@@ -184,7 +190,7 @@ impl ShadowConfig {
             }
             glob::Pattern::new(path).map_err(|e| format!("paths: {path:?}: {e}"))?;
         }
-        Ok(super::Target::Shadow(Box::new(ShadowTarget {
+        Ok(ShadowTarget {
             config: self.clone(),
             authority: if port == 80 {
                 host.clone()
@@ -193,7 +199,7 @@ impl ShadowConfig {
             },
             host,
             port,
-        })))
+        })
     }
 }
 
@@ -391,6 +397,31 @@ pub struct ShadowStats {
     pub shadow_latency: Latency,
 }
 
+impl ShadowStats {
+    /// The counts on one line of `name=count` fields, for a summary on exit.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut line = format!(
+            "shadow {}  requests={} replayed={} in_flight={} lost={}",
+            self.url,
+            self.requests,
+            self.replayed,
+            self.in_flight,
+            self.lost.total()
+        );
+        for (field, n) in self.lost.named() {
+            let _ = write!(line, " {}={n}", field.name);
+        }
+        let Compared {
+            same,
+            differ,
+            errors,
+        } = self.compared;
+        let _ = write!(line, "  same={same} differ={differ} errors={errors}");
+        line
+    }
+}
+
 /// A session's [`ShadowStats`], shared by its sink, its replay tasks and the API.
 #[derive(Debug, Clone, Default)]
 pub struct Shared(Arc<Mutex<ShadowStats>>);
@@ -543,10 +574,17 @@ impl ShadowSink {
         })
     }
 
-    fn frame(&mut self, frame: &[u8], orig_len: u32, at: Duration) {
+    /// Takes one frame (Ethernet first; `orig_len` its length on the wire) seen at `at`.
+    pub fn frame(&mut self, frame: &[u8], orig_len: u32, at: Duration) {
         if let Some(segment) = tcp::segment(frame, orig_len) {
             self.flows.segment(&segment, at, &mut self.replay);
         }
+    }
+
+    /// Ends the connections idle for longer than the idle timeout; call it at least once a
+    /// second.
+    pub fn sweep(&mut self) {
+        self.flows.sweep(&mut self.replay);
     }
 }
 
@@ -594,12 +632,16 @@ impl Sink for ShadowSink {
         }
     }
 
+    fn lost_at_end(&mut self) {
+        self.flows.ring_lost_at_end();
+    }
+
     fn flush(&mut self, _counters: &SessionCounters) {
         // Frames whose last chunks never came go on as they are (cut).
         for partial in std::mem::take(&mut self.partials) {
             self.frame(&partial.frame, partial.orig_len, partial.key.0);
         }
-        self.flows.sweep(&mut self.replay);
+        self.sweep();
     }
 }
 

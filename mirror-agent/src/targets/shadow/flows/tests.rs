@@ -316,3 +316,21 @@ fn connections_past_the_limit_evict_the_idlest() {
     );
     assert_eq!(wire.stats().evicted_connections, 1);
 }
+
+#[test]
+fn a_request_cut_at_a_stop_is_the_rings_when_it_refused_copies_at_the_end() {
+    for (tail_lost, told) in [(false, "abort 1 Evicted"), (true, "abort 1 RingFull")] {
+        let mut wire = Wire::new("");
+        wire.handshake();
+        wire.client(0, 0, b"POST /a HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc");
+        if tail_lost {
+            wire.flows.ring_lost_at_end();
+        }
+        wire.flows.finish(&mut wire.told);
+        assert_eq!(
+            wire.told.lines,
+            ["start 1 POST /a", told, "close 1"],
+            "tail lost: {tail_lost}"
+        );
+    }
+}
