@@ -136,12 +136,27 @@ impl CollectorSummary {
             .unwrap_or(0)
     }
 
-    /// A `dropped` line's `name=value` field.
+    /// A `name=value` field of the `streams` or the `dropped` line.
     pub fn dropped(&self, field: &str) -> u64 {
+        ["streams ", "dropped "]
+            .iter()
+            .find_map(|line| self.field(line, field))
+            .unwrap_or_else(|| panic!("no {field} in {}", self.text))
+    }
+
+    /// A `shadow` line's `name=value` field (`requests`, `replayed`, a reason lost, `same`…).
+    pub fn shadow(&self, field: &str) -> u64 {
+        self.field("shadow ", field)
+            .unwrap_or_else(|| panic!("no shadow {field} in {}", self.text))
+    }
+
+    /// The `name=value` field of the line starting with `line`.
+    fn field(&self, line: &str, field: &str) -> Option<u64> {
         self.text
-            .split_whitespace()
+            .lines()
+            .filter(|l| l.starts_with(line))
+            .flat_map(str::split_whitespace)
             .find_map(|w| w.strip_prefix(&format!("{field}=")))
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in {}", self.text))
     }
 }

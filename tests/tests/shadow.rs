@@ -9,7 +9,8 @@ use std::{
 };
 
 use mirror_tests::{
-    Agent, Netns, Origin, Received, Report, agent_binary, require_root, wait_for, wait_for_state,
+    Agent, Collector, Netns, Origin, Received, Report, agent_binary, require_root, wait_for,
+    wait_for_state,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -20,6 +21,7 @@ const SHADOW: &str = "127.0.0.1:9090";
 /// A client namespace and a server namespace on one veth (`c0` ── `s0`); the live origin listens
 /// in the server's, where the agent watches `s0` and the shadow listens on its loopback.
 struct ShadowLab {
+    id: String,
     client: Netns,
     server: Netns,
     /// Holds the agent's API socket.
@@ -38,6 +40,7 @@ impl ShadowLab {
         let server = Netns::new(format!("{id}-srv"));
         client.veth_to("c0", "10.77.0.1/24", &server, "s0", "10.77.0.2/24");
         ShadowLab {
+            id,
             client,
             server,
             dir: tempfile::tempdir().expect("temp dir"),
@@ -45,11 +48,28 @@ impl ShadowLab {
     }
 
     fn agent(&self, shadow: &str, top: &str) -> Agent {
+        self.agent_to(
+            &format!("shadow = {{ url = \"http://{SHADOW}\", {shadow} }}"),
+            top,
+        )
+    }
+
+    /// The agent watching the live service, its session's target `target`.
+    fn agent_to(&self, target: &str, top: &str) -> Agent {
         let api = self.api();
         let config = format!(
-            "api_socket = \"{api}\"\n{top}\n[[session]]\nname = \"web\"\ninterfaces = [\"s0\"]\nfilter = \"tcp port 8080\"\ntarget = {{ shadow = {{ url = \"http://{SHADOW}\", {shadow} }} }}\n"
+            "api_socket = \"{api}\"\n{top}\n[[session]]\nname = \"web\"\ninterfaces = [\"s0\"]\nfilter = \"tcp port 8080\"\ntarget = {{ {target} }}\n"
         );
         Agent::start(&self.server, &agent_binary(), &config)
+    }
+
+    /// A third namespace, the collector's node: `s1` (10.78.0.1) in the server's, `k0`
+    /// (10.78.0.2) in it.
+    fn collector_node(&self) -> Netns {
+        let node = Netns::new(format!("{}-col", self.id));
+        self.server
+            .veth_to("s1", "10.78.0.1/24", &node, "k0", "10.78.0.2/24");
+        node
     }
 
     /// A recording origin at `addr` in the server's namespace (see [`Origin::start`]).
@@ -147,6 +167,21 @@ fn without_hop_headers(received: &[Received]) -> Vec<Received> {
         .collect()
 }
 
+/// The shadow got the live origin's requests: each the same but the headers the replay rewrites.
+fn assert_same_requests(shadow: &Origin, live: &Origin) {
+    let mut got = as_live(&shadow.received());
+    let mut sent = without_hop_headers(&live.received());
+    // Connections run at once (ab's four): order within each connection is what matters, and
+    // the multiset of requests must be the same.
+    let key = |r: &Received| (r.target.clone(), r.method.clone(), r.body.len());
+    got.sort_by_key(key);
+    sent.sort_by_key(key);
+    assert_eq!(got.len(), sent.len());
+    for (got, sent) in got.iter().zip(&sent) {
+        assert_eq!(got, sent);
+    }
+}
+
 /// Writes `count` requests at once on one connection and reads their answers.
 fn pipeline(lab: &ShadowLab, count: usize) {
     let live: SocketAddr = LIVE.parse().expect("addr");
@@ -236,17 +271,7 @@ fn the_shadow_receives_what_the_live_service_received() {
     assert_eq!(stats["requests"], expected as u64, "{stats}");
     assert_eq!(stats["replayed"], expected as u64, "{stats}");
     assert_eq!(stats["compared"]["same"], expected as u64, "{stats}");
-    let mut got = as_live(&shadow.received());
-    let mut sent = without_hop_headers(&live.received());
-    // Connections run at once (ab's four): order within each connection is what matters, and
-    // the multiset of requests must be the same.
-    let key = |r: &Received| (r.target.clone(), r.method.clone(), r.body.len());
-    got.sort_by_key(key);
-    sent.sort_by_key(key);
-    assert_eq!(got.len(), sent.len());
-    for (got, sent) in got.iter().zip(&sent) {
-        assert_eq!(got, sent);
-    }
+    assert_same_requests(&shadow, &live);
     let upload = shadow
         .received()
         .into_iter()
@@ -458,4 +483,49 @@ fn copies_the_ring_refuses_are_counted_as_lost_requests() {
     // The ring refused every byte that went missing: none is blamed on the network.
     assert_eq!(stats["lost"]["gap"], 0, "{stats}");
     assert!(stats["requests"].as_u64() <= Some(4), "{stats}");
+}
+
+/// `collect --shadow`: the node's agent sends its copies in VXLAN to a collector on another
+/// node, which replays the requests in them, comparing the answers it sees in them too.
+#[test]
+fn the_collector_replays_the_requests_that_arrive_in_tunnels() {
+    let lab = ShadowLab::new("col");
+    let node = lab.collector_node();
+    let live = lab.origin(LIVE, false, Duration::ZERO);
+    let shadow = Origin::start(&node, SHADOW.parse().expect("addr"), false, Duration::ZERO);
+    let collector = Collector::start(
+        &node,
+        &agent_binary(),
+        "10.78.0.2:4789",
+        "copies.pcap",
+        &["--shadow", &format!("http://{SHADOW}"), "--compare"],
+    );
+    let _agent = lab.agent_to(
+        "vxlan = { remote = \"10.78.0.2\", vni = 7 }",
+        "copy_ring_bytes = 67108864",
+    );
+    let at = |path: &str| format!("http://{LIVE}{path}");
+    lab.client(&["curl", "-sf", "-o", "/dev/null", &at("/a"), &at("/b?x=1")]);
+    lab.client(&["curl", "-sf", "-d", "name=value", &at("/form")]);
+    lab.client(&["ab", "-q", "-k", "-n", "50", "-c", "2", &at("/ab")]);
+    let expected = live.received().len();
+    assert_eq!(expected, 2 + 1 + 50);
+    wait_for("the shadow to get every request", || {
+        shadow.received().len() >= expected
+    });
+    let summary = collector.stop();
+    for (field, count) in [
+        ("requests", expected),
+        ("replayed", expected),
+        ("lost", 0),
+        ("same", expected),
+    ] {
+        assert_eq!(
+            summary.shadow(field),
+            count as u64,
+            "{field}: {}",
+            summary.text
+        );
+    }
+    assert_same_requests(&shadow, &live);
 }

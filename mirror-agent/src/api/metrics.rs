@@ -14,7 +14,7 @@ use crate::{
     state::{Applied, Shared, Stats},
     targets::{
         TargetCounters,
-        shadow::{LATENCY_BUCKETS, Latency},
+        shadow::{LATENCY_BUCKETS, Latency, ShadowStats},
     },
 };
 
@@ -43,7 +43,13 @@ impl Shared {
         }
         self.applied().register_watching(&mut registry);
         self.register_agent(&mut registry, stats);
-        register_shadows(&mut registry, stats);
+        register_shadows(
+            &mut registry,
+            stats.sessions.iter().filter_map(|session| {
+                let labels = vec![("session", session.name.clone())];
+                session.shadow.as_ref().map(|shadow| (labels, shadow))
+            }),
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)
@@ -211,8 +217,12 @@ impl CounterFamilies {
 }
 
 /// Registers a family of counters labelled alike.
-/// What shadow targets did with the requests they saw, and what compare found.
-fn register_shadows(registry: &mut Registry, stats: &Stats) {
+/// What shadow targets did with the requests they saw, and what compare found; each labelled
+/// with its labels (the agent's by session, the collector's by shadow).
+pub(crate) fn register_shadows<'a>(
+    registry: &mut Registry,
+    shadows: impl Iterator<Item = (Labels, &'a ShadowStats)>,
+) {
     let requests = counter_family(
         registry,
         "shadow_requests",
@@ -230,18 +240,17 @@ fn register_shadows(registry: &mut Registry, stats: &Stats) {
         Unit::Seconds,
         latencies.clone(),
     );
-    for session in &stats.sessions {
-        let Some(shadow) = &session.shadow else {
-            continue;
-        };
+    let with = |labels: &Labels, name: &'static str, value: &str| {
+        let mut labels = labels.clone();
+        labels.push((name, value.to_owned()));
+        labels
+    };
+    for (labels, shadow) in shadows {
         let outcomes = std::iter::once(("replayed", shadow.replayed))
             .chain(shadow.lost.named().map(|(field, n)| (field.name, n)));
         for (outcome, n) in outcomes {
             requests
-                .get_or_create(&vec![
-                    ("session", session.name.clone()),
-                    ("outcome", outcome.to_owned()),
-                ])
+                .get_or_create(&with(&labels, "outcome", outcome))
                 .inc_by(n);
         }
         for (result, n) in [
@@ -250,10 +259,7 @@ fn register_shadows(registry: &mut Registry, stats: &Stats) {
             ("error", shadow.compared.errors),
         ] {
             compared
-                .get_or_create(&vec![
-                    ("session", session.name.clone()),
-                    ("result", result.to_owned()),
-                ])
+                .get_or_create(&with(&labels, "result", result))
                 .inc_by(n);
         }
         for (answer, latency) in [
@@ -261,10 +267,7 @@ fn register_shadows(registry: &mut Registry, stats: &Stats) {
             ("shadow", &shadow.shadow_latency),
         ] {
             latencies
-                .get_or_create(&vec![
-                    ("session", session.name.clone()),
-                    ("answer", answer.to_owned()),
-                ])
+                .get_or_create(&with(&labels, "answer", answer))
                 .set(latency);
         }
     }

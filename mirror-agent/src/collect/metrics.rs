@@ -1,5 +1,6 @@
 //! `collect --metrics ADDRESS`: the receiver's counts as Prometheus metrics (`/metrics`, and
-//! `/healthz`), served with the agent's bounds on connections, header size and time.
+//! `/healthz`; with `--shadow`, its requests' outcomes as the agent's shadow sessions count them),
+//! served with the agent's bounds on connections, header size and time.
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::{Router, extract::State, response::IntoResponse, routing::get};
@@ -10,7 +11,7 @@ use prometheus_client::{
 use tokio::sync::watch;
 
 use super::Counts;
-use crate::api::{Labels, Limits, counter_family, serve_bounded};
+use crate::api::{Labels, Limits, counter_family, register_shadows, serve_bounded};
 
 /// The counts as the receive loop last published them (every 100 ms at most, and at the end).
 pub(super) type Published = Arc<Mutex<Counts>>;
@@ -72,6 +73,13 @@ fn encode(counts: &Counts) -> String {
             .get_or_create(&vec![("reason", reason.to_owned())])
             .inc_by(count);
     }
+    register_shadows(
+        &mut registry,
+        counts
+            .shadow
+            .iter()
+            .map(|shadow| (vec![("shadow", shadow.url.clone())], shadow)),
+    );
     let build = Family::<Labels, Gauge>::default();
     registry.register(
         "build_info",

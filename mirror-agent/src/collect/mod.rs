@@ -2,7 +2,8 @@
 //! and ERSPAN (types II and III) on a raw IP protocol 47 socket. Each datagram is checked
 //! ([`decode`]) and filtered by VNI, GRE key or ERSPAN session id, and its inner Ethernet frame
 //! is written with the kernel's receive timestamp to a pcap or pcapng file (one interface per
-//! stream; rotated by size when asked) and/or sent out of an interface for an IDS. Bad datagrams
+//! stream; rotated by size when asked), sent out of an interface for an IDS and/or read for the
+//! HTTP requests in them, replayed to a shadow (`--shadow`, as a shadow target). Bad datagrams
 //! are counted, never fatal; ERSPAN sequence gaps are counted as lost copies. Counts per stream
 //! are logged as it runs and printed on exit, together with the datagrams the sockets dropped.
 mod decode;
@@ -39,6 +40,7 @@ use crate::{
     targets::{
         file::PcapFile,
         interface::{open_tap, send_frame},
+        shadow::{ShadowConfig, ShadowSink, ShadowStats, Shared},
     },
     values::{ErspanSessionId, Vni},
 };
@@ -104,6 +106,15 @@ pub struct CollectArgs {
     /// connections, 16 per client, 16 KiB and 5 s for a request's header).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Shadow a service from here: the HTTP/1.x requests in the inner frames, from any number
+    /// of nodes' tunnels, are replayed to this `http://HOST:PORT` and its answers dropped
+    /// (counts in the summary and `/metrics`). The senders' filters choose the live service's
+    /// traffic, both directions (e.g. 'tcp port 8080').
+    #[arg(long, value_name = "URL")]
+    shadow: Option<String>,
+    /// With --shadow: compare each shadow answer with the live one in the tunnels.
+    #[arg(long, requires = "shadow")]
+    compare: bool,
 }
 
 /// How long the receive loop waits for a datagram before it looks at the stop flag again.
@@ -155,6 +166,8 @@ struct Counts {
     /// Frames not written to the capture file (a full disk, say).
     write_errors: u64,
     accepted: u64,
+    /// With --shadow: what it did with the requests.
+    shadow: Option<ShadowStats>,
 }
 
 impl Counts {
@@ -194,6 +207,9 @@ impl Counts {
             let _ = write!(out, " {reason}={count}");
         }
         out.push('\n');
+        if let Some(shadow) = &self.shadow {
+            let _ = writeln!(out, "{}", shadow.summary());
+        }
         out
     }
 }
@@ -218,6 +234,100 @@ impl Filters {
 }
 
 pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
+    // Checked before any socket is bound.
+    let shadow = args
+        .shadow
+        .as_deref()
+        .map(|url| open_shadow(url, args.compare))
+        .transpose()?;
+    let (sockets, described) = open_sockets(&args)?;
+    let tap = args.tap.as_deref().map(open_tap).transpose()?;
+    let sink = args
+        .write
+        .as_deref()
+        .map(|path| PcapFile::open(path, args.rotate_bytes, args.rotate_count))
+        .transpose()?;
+    // Bound before anything is received, so that a busy port fails the start.
+    let metrics_listener = match args.metrics {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening on {address} for metrics"))?,
+        ),
+        None => None,
+    };
+    eprintln!(
+        "mirror-agent collect: listening on {}{}{}{}",
+        described.join(", "),
+        args.write
+            .as_ref()
+            .map(|p| format!(", writing {}", p.display()))
+            .unwrap_or_default(),
+        args.metrics
+            .map(|a| format!(", metrics on {a}"))
+            .unwrap_or_default(),
+        shadow
+            .as_ref()
+            .map(|(_, stats)| format!(", replaying HTTP requests to {}", stats.read().url))
+            .unwrap_or_default()
+    );
+    let published = metrics::Published::default();
+    let (stop_serving, serving) = tokio::sync::watch::channel(false);
+    let server = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, published.clone(), serving)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let stop = stop.clone();
+        let options = LoopOptions {
+            allow: args.allow.iter().map(|c| c.0).collect(),
+            filters: Filters {
+                vni: args.vni.iter().map(|v| v.0).collect(),
+                key: args.key.iter().copied().collect(),
+                session: args.session_id.iter().map(|s| u32::from(s.0)).collect(),
+            },
+            stats_interval: Duration::from_secs(args.stats_interval),
+            stream_idle: Duration::from_secs(args.stream_idle),
+            count: args.count,
+            published: server.is_some().then(|| published.clone()),
+        };
+        tokio::task::spawn_blocking(move || {
+            let outputs = Outputs {
+                sink,
+                tap: tap.as_ref(),
+                shadow,
+            };
+            receive(&sockets, outputs, &options, &stop)
+        })
+    };
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let waiter = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = sigint.recv() => {},
+                _ = sigterm.recv() => {},
+            }
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let counts = receiver.await.context("the receive loop");
+    waiter.abort();
+    let _ = stop_serving.send(true);
+    if let Some(server) = server {
+        // Within the listener's grace period.
+        let _ = server.await;
+    }
+    let counts = counts??;
+    print!("{}", counts.summary());
+    Ok(())
+}
+
+/// The receiving sockets, each with the format it reads.
+type Sockets = Vec<(OwnedFd, Kind)>;
+
+/// The sockets asked for (VXLAN on 0.0.0.0:4789 when none is), and what they listen on.
+fn open_sockets(args: &CollectArgs) -> anyhow::Result<(Sockets, Vec<String>)> {
     let mut sockets = Vec::new();
     let vxlan = if args.listen.is_empty() && args.geneve.is_empty() && args.gre.is_empty() {
         vec![SocketAddr::from((
@@ -245,75 +355,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         ));
         described.push(format!("GRE/ERSPAN {address}"));
     }
-    let tap = args.tap.as_deref().map(open_tap).transpose()?;
-    let sink = args
-        .write
-        .as_deref()
-        .map(|path| PcapFile::open(path, args.rotate_bytes, args.rotate_count))
-        .transpose()?;
-    // Bound before anything is received, so that a busy port fails the start.
-    let metrics_listener = match args.metrics {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("listening on {address} for metrics"))?,
-        ),
-        None => None,
-    };
-    eprintln!(
-        "mirror-agent collect: listening on {}{}{}",
-        described.join(", "),
-        args.write
-            .as_ref()
-            .map(|p| format!(", writing {}", p.display()))
-            .unwrap_or_default(),
-        args.metrics
-            .map(|a| format!(", metrics on {a}"))
-            .unwrap_or_default()
-    );
-    let published = metrics::Published::default();
-    let (stop_serving, serving) = tokio::sync::watch::channel(false);
-    let server = metrics_listener
-        .map(|listener| tokio::spawn(metrics::serve(listener, published.clone(), serving)));
-    let stop = Arc::new(AtomicBool::new(false));
-    let receiver = {
-        let stop = stop.clone();
-        let options = LoopOptions {
-            allow: args.allow.iter().map(|c| c.0).collect(),
-            filters: Filters {
-                vni: args.vni.iter().map(|v| v.0).collect(),
-                key: args.key.iter().copied().collect(),
-                session: args.session_id.iter().map(|s| u32::from(s.0)).collect(),
-            },
-            stats_interval: Duration::from_secs(args.stats_interval),
-            stream_idle: Duration::from_secs(args.stream_idle),
-            count: args.count,
-            published: server.is_some().then(|| published.clone()),
-        };
-        tokio::task::spawn_blocking(move || receive(&sockets, sink, tap.as_ref(), &options, &stop))
-    };
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let waiter = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = sigint.recv() => {},
-                _ = sigterm.recv() => {},
-            }
-            stop.store(true, Ordering::Relaxed);
-        })
-    };
-    let counts = receiver.await.context("the receive loop");
-    waiter.abort();
-    let _ = stop_serving.send(true);
-    if let Some(server) = server {
-        // Within the listener's grace period.
-        let _ = server.await;
-    }
-    let counts = counts??;
-    print!("{}", counts.summary());
-    Ok(())
+    Ok((sockets, described))
 }
 
 struct LoopOptions {
@@ -326,6 +368,54 @@ struct LoopOptions {
     stream_idle: Duration,
     /// Where the counts go for `/metrics`, when it is served.
     published: Option<metrics::Published>,
+}
+
+/// Where the inner frames go: a capture file, an interface, a shadow (with its counts).
+struct Outputs<'a> {
+    sink: Option<PcapFile>,
+    tap: Option<&'a OwnedFd>,
+    shadow: Option<(ShadowSink, Shared)>,
+}
+
+impl Outputs<'_> {
+    /// Writes, forwards and replays one inner frame, received at `timestamp`.
+    fn pass(&mut self, counts: &mut Counts, stream: Stream, frame: &[u8], timestamp: Duration) {
+        if let Some(sink) = &mut self.sink
+            && let Err(e) = sink.write(
+                stream.key(),
+                || stream.interface_name(),
+                timestamp,
+                frame,
+                frame.len() as u32,
+            )
+        {
+            // Counted; the capture goes on in a new file once writing works again.
+            if sink.write_errors == 1 {
+                tracing::warn!("{e:#} (further failures are only counted)");
+            }
+        }
+        if let Some(tap) = self.tap
+            && send_frame(tap, frame).is_err()
+        {
+            counts.tap_errors += 1;
+        }
+        if let Some((shadow, _)) = &mut self.shadow {
+            shadow.frame(frame, frame.len() as u32, timestamp);
+        }
+    }
+}
+
+/// The sink replaying to `url`, and its counts.
+fn open_shadow(url: &str, compare: bool) -> anyhow::Result<(ShadowSink, Shared)> {
+    let config = ShadowConfig {
+        compare,
+        ..ShadowConfig::of_url(url)
+    };
+    let target = config
+        .checked()
+        .map_err(|e| anyhow::anyhow!("--shadow: {e}"))?;
+    let stats = Shared::default();
+    Ok((ShadowSink::open(&target, stats.clone())?, stats))
 }
 
 /// When the receive loop last logged its counts, published them for `/metrics` and forgot idle
@@ -348,7 +438,13 @@ impl Default for Ticks {
 
 impl Ticks {
     /// Publishes the counts every [`POLL_INTERVAL`] and logs them every stats interval.
-    fn tick(&mut self, counts: &mut Counts, sink: Option<&PcapFile>, options: &LoopOptions) {
+    fn tick(
+        &mut self,
+        counts: &mut Counts,
+        sink: Option<&PcapFile>,
+        shadow: Option<&Shared>,
+        options: &LoopOptions,
+    ) {
         if self.swept.elapsed() >= SWEEP_PERIOD {
             self.swept = Instant::now();
             let before = counts.streams.len();
@@ -363,6 +459,7 @@ impl Ticks {
         {
             self.published = Instant::now();
             counts.write_errors = sink.map_or(0, |sink| sink.write_errors);
+            counts.shadow = shadow.map(Shared::read);
             *published.lock().unwrap_or_else(PoisonError::into_inner) = counts.clone();
         }
         if !options.stats_interval.is_zero() && self.logged.elapsed() >= options.stats_interval {
@@ -383,11 +480,11 @@ impl Ticks {
 /// Receives until `stop` is set (then drains what the sockets already hold) or `count` frames.
 fn receive(
     sockets: &[(OwnedFd, Kind)],
-    mut sink: Option<PcapFile>,
-    tap: Option<&OwnedFd>,
+    outputs: Outputs<'_>,
     options: &LoopOptions,
     stop: &AtomicBool,
 ) -> anyhow::Result<Counts> {
+    let mut outputs = outputs;
     let mut counts = Counts::default();
     let mut drops: Vec<u32> = vec![0; sockets.len()];
     let mut buffer = vec![0u8; 65_536];
@@ -410,7 +507,7 @@ fn receive(
         // One reading of the clock for the datagrams of this wait: when their streams last sent.
         let now = Instant::now();
         // Nothing waits: what was written goes to the file now, not at the next frame.
-        if let (true, Some(sink)) = (ready.is_empty(), &mut sink) {
+        if let (true, Some(sink)) = (ready.is_empty(), &mut outputs.sink) {
             sink.flush();
         }
         for index in ready {
@@ -449,27 +546,19 @@ fn receive(
             let Some((stream, frame)) = take(&mut counts, decoded, options, now) else {
                 continue;
             };
-            if let Some(sink) = &mut sink
-                && let Err(e) = sink.write(
-                    stream.key(),
-                    || stream.interface_name(),
-                    datagram.timestamp,
-                    frame,
-                    frame.len() as u32,
-                )
-            {
-                // Counted; the capture goes on in a new file once writing works again.
-                if sink.write_errors == 1 {
-                    tracing::warn!("{e:#} (further failures are only counted)");
-                }
-            }
-            if let Some(tap) = tap
-                && send_frame(tap, frame).is_err()
-            {
-                counts.tap_errors += 1;
-            }
+            outputs.pass(&mut counts, stream, frame, datagram.timestamp);
         }
-        ticks.tick(&mut counts, sink.as_ref(), options);
+        if let Some((shadow, _)) = &mut outputs.shadow {
+            shadow.sweep();
+        }
+        let shadow_stats = outputs.shadow.as_ref().map(|(_, stats)| stats);
+        ticks.tick(&mut counts, outputs.sink.as_ref(), shadow_stats, options);
+    }
+    let Outputs { sink, shadow, .. } = outputs;
+    if let Some((shadow, stats)) = shadow {
+        // Its connections end, and the requests in flight get their moment to finish.
+        drop(shadow);
+        counts.shadow = Some(stats.read());
     }
     if let Some(sink) = sink {
         counts.write_errors = sink.write_errors;
