@@ -14,7 +14,7 @@ mod tcp;
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -543,24 +543,83 @@ impl Limits {
     }
 }
 
-/// Frames longer than one ring record, being joined from their chunks.
+/// A frame longer than one ring record, being joined from its chunks.
 #[derive(Debug)]
 struct Partial {
     /// The frame's wall-clock timestamp and interface, shared by its chunks.
     key: (Duration, u64),
     frame: Vec<u8>,
     orig_len: u32,
+    /// When its first chunk was read.
+    since: Instant,
 }
 
 /// Partial frames held at once (chunks of frames from other CPUs come between a frame's own).
 const MAX_PARTIALS: usize = 8;
+
+/// How long a frame's first chunks wait for the rest before it goes on cut. The kernel writes a
+/// frame's chunks one after another, so a drain that finds the ring empty may be between two of
+/// them: only a frame whose later chunks the ring refused waits this long.
+const CHUNK_WAIT: Duration = Duration::from_millis(200);
+
+/// The frames being joined from their chunks.
+#[derive(Debug, Default)]
+struct Chunks(Vec<Partial>);
+
+impl Chunks {
+    /// Takes chunk `chunk` of a frame (`whole` bytes in all): the frames done, whole or (the
+    /// oldest, when too many are held) cut.
+    fn push(
+        &mut self,
+        copy: &RingCopy<'_>,
+        chunk: u32,
+        whole: usize,
+        now: Instant,
+    ) -> Vec<Partial> {
+        let key = (copy.timestamp, copy.interface);
+        let mut done = Vec::new();
+        if chunk == 0 {
+            if self.0.len() == MAX_PARTIALS {
+                done.push(self.0.remove(0));
+            }
+            self.0.push(Partial {
+                key,
+                frame: copy.frame.to_vec(),
+                orig_len: copy.orig_len,
+                since: now,
+            });
+            return done;
+        }
+        // A chunk whose first ones were lost is dropped: the frame's headers went with them.
+        if let Some(at) = self.0.iter().position(|p| p.key == key) {
+            let partial = &mut self.0[at];
+            if partial.frame.len() == chunk as usize * MAX_RING_COPY as usize {
+                partial.frame.extend_from_slice(copy.frame);
+            }
+            if partial.frame.len() >= whole {
+                done.push(self.0.remove(at));
+            }
+        }
+        done
+    }
+
+    /// The frames whose later chunks have not come within [`CHUNK_WAIT`] (all of them with
+    /// `everything`), oldest first.
+    fn overdue(&mut self, now: Instant, everything: bool) -> Vec<Partial> {
+        let (due, waiting) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|p| everything || now.duration_since(p.since) >= CHUNK_WAIT);
+        self.0 = waiting;
+        due
+    }
+}
 
 /// The ring drain's side of a shadow session.
 #[derive(Debug)]
 pub struct ShadowSink {
     flows: Flows,
     replay: Replayer,
-    partials: Vec<Partial>,
+    chunks: Chunks,
 }
 
 impl ShadowSink {
@@ -570,7 +629,7 @@ impl ShadowSink {
         Ok(ShadowSink {
             flows: Flows::new(Limits::of(&target.config), stats.clone()),
             replay: Replayer::new(target, stats).context("starting the shadow's runtime")?,
-            partials: Vec::new(),
+            chunks: Chunks::default(),
         })
     }
 
@@ -578,6 +637,13 @@ impl ShadowSink {
     pub fn frame(&mut self, frame: &[u8], orig_len: u32, at: Duration) {
         if let Some(segment) = tcp::segment(frame, orig_len) {
             self.flows.segment(&segment, at, &mut self.replay);
+        }
+    }
+
+    /// Frames joined from chunks (cut when some never came).
+    fn frames(&mut self, joined: Vec<Partial>) {
+        for partial in joined {
+            self.frame(&partial.frame, partial.orig_len, partial.key.0);
         }
     }
 
@@ -600,36 +666,13 @@ impl Sink for ShadowSink {
             self.flows.ring_lost();
         }
         let chunk = (copy.flags >> RING_CHUNK_SHIFT) & 0xff;
-        let key = (copy.timestamp, copy.interface);
         let whole = whole_len(copy.orig_len);
-        if chunk == 0 {
-            if copy.frame.len() >= whole {
-                self.frame(copy.frame, copy.orig_len, copy.timestamp);
-                return;
-            }
-            if self.partials.len() == MAX_PARTIALS {
-                let oldest = self.partials.remove(0);
-                self.frame(&oldest.frame, oldest.orig_len, oldest.key.0);
-            }
-            self.partials.push(Partial {
-                key,
-                frame: copy.frame.to_vec(),
-                orig_len: copy.orig_len,
-            });
+        if chunk == 0 && copy.frame.len() >= whole {
+            self.frame(copy.frame, copy.orig_len, copy.timestamp);
             return;
         }
-        let Some(at) = self.partials.iter().position(|p| p.key == key) else {
-            // Its first chunks were lost: the frame's headers with them.
-            return;
-        };
-        let partial = &mut self.partials[at];
-        if partial.frame.len() == chunk as usize * MAX_RING_COPY as usize {
-            partial.frame.extend_from_slice(copy.frame);
-        }
-        if partial.frame.len() >= whole {
-            let done = self.partials.remove(at);
-            self.frame(&done.frame, done.orig_len, done.key.0);
-        }
+        let done = self.chunks.push(copy, chunk, whole, Instant::now());
+        self.frames(done);
     }
 
     fn lost_at_end(&mut self) {
@@ -637,10 +680,8 @@ impl Sink for ShadowSink {
     }
 
     fn flush(&mut self, _counters: &SessionCounters) {
-        // Frames whose last chunks never came go on as they are (cut).
-        for partial in std::mem::take(&mut self.partials) {
-            self.frame(&partial.frame, partial.orig_len, partial.key.0);
-        }
+        let due = self.chunks.overdue(Instant::now(), false);
+        self.frames(due);
         self.sweep();
     }
 }
@@ -648,6 +689,8 @@ impl Sink for ShadowSink {
 impl Drop for ShadowSink {
     /// The session ends: connections are closed and requests in flight get a moment to finish.
     fn drop(&mut self) {
+        let held = self.chunks.overdue(Instant::now(), true);
+        self.frames(held);
         self.flows.finish(&mut self.replay);
         self.replay.stop(Duration::from_secs(3));
     }
@@ -736,6 +779,41 @@ mod tests {
         assert!((450..750).contains(&kept), "{kept} of 2000");
         let client = SocketAddr::from(([10, 0, 0, 1], 40000));
         assert_eq!(limits.selects(client), limits.selects(client));
+    }
+
+    #[test]
+    fn a_frame_is_joined_from_its_chunks_across_an_empty_ring() {
+        let chunk_len = MAX_RING_COPY as usize;
+        let frame: Vec<u8> = (0..chunk_len * 2 + 100).map(|i| (i % 251) as u8).collect();
+        let whole = frame.len();
+        let copy = |at: u64, chunk: usize| RingCopy {
+            frame: &frame[chunk * chunk_len..((chunk + 1) * chunk_len).min(whole)],
+            orig_len: u32::try_from(whole).expect("length"),
+            flow_hash: 0,
+            interface: 1,
+            interface_name: &String::new,
+            timestamp: Duration::from_secs(at),
+            flags: 0,
+        };
+        let start = Instant::now();
+        let mut chunks = Chunks::default();
+        assert!(chunks.push(&copy(1, 0), 0, whole, start).is_empty());
+        // The drain finds the ring empty between two chunks: nothing is due yet.
+        assert!(chunks.overdue(start, false).is_empty());
+        assert!(chunks.push(&copy(1, 1), 1, whole, start).is_empty());
+        let done = chunks.push(&copy(1, 2), 2, whole, start);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].frame, frame);
+        // A frame whose last chunk the ring refused goes on cut once it waited long enough...
+        assert!(chunks.push(&copy(2, 0), 0, whole, start).is_empty());
+        assert!(chunks.push(&copy(2, 1), 1, whole, start).is_empty());
+        assert!(chunks.overdue(start + CHUNK_WAIT / 2, false).is_empty());
+        let cut = chunks.overdue(start + CHUNK_WAIT, false);
+        assert_eq!(cut.len(), 1);
+        assert_eq!(cut[0].frame, frame[..chunk_len * 2]);
+        // ...and a chunk whose first was refused is dropped.
+        assert!(chunks.push(&copy(3, 1), 1, whole, start).is_empty());
+        assert!(chunks.overdue(start, true).is_empty());
     }
 
     #[test]
