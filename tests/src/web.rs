@@ -33,7 +33,8 @@ impl Received {
 
 /// A recording HTTP/1.1 origin in a namespace, stopped on drop. It answers `200` with a JSON
 /// body naming the path (`"v2"` in it where the path starts with `/changed`, when `changed` is
-/// set), after `delay`.
+/// set), after `delay`; but `/status/204` gets `204 No Content`, and `/status/304` gets `304 Not
+/// Modified` with the `Content-Length` a `200` would have had, as RFC 9110 lets it, and no body.
 #[derive(Debug)]
 pub struct Origin {
     pub addr: SocketAddr,
@@ -145,7 +146,11 @@ fn serve(stream: TcpStream, kept: &Mutex<Vec<Received>>, changed: bool, delay: D
             "v1"
         };
         let json = format!("{{\"path\":\"{target}\",\"version\":\"{version}\"}}");
-        let head_only = method == "HEAD";
+        let (status, head_only) = match target.as_str() {
+            "/status/204" => ("204 No Content", true),
+            "/status/304" => ("304 Not Modified", true),
+            _ => ("200 OK", method == "HEAD"),
+        };
         // HTTP/1.0 keeps the connection only when asked to (ab -k), and says so.
         let keep = !http10 || keep_alive_asked;
         let connection = match (http10, keep) {
@@ -153,9 +158,13 @@ fn serve(stream: TcpStream, kept: &Mutex<Vec<Received>>, changed: bool, delay: D
             (_, false) => "Connection: close\r\n",
             (false, true) => "",
         };
+        let length = if status.starts_with("204") {
+            String::new()
+        } else {
+            format!("Content-Length: {}\r\n", json.len())
+        };
         let answer = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{connection}X-Origin: test\r\n\r\n{}",
-            json.len(),
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{length}{connection}X-Origin: test\r\n\r\n{}",
             if head_only { "" } else { &json }
         );
         if writer.write_all(answer.as_bytes()).is_err() || !keep {

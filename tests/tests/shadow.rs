@@ -79,9 +79,14 @@ impl ShadowLab {
 
     /// Writes `bytes` to a file and gives curl's `--data-binary` argument for it.
     fn upload(&self, bytes: &[u8]) -> String {
-        let path = self.dir.path().join("upload.bin");
-        std::fs::write(&path, bytes).expect("upload");
-        format!("@{}", path.display())
+        format!("@{}", self.file("upload.bin", bytes))
+    }
+
+    /// Writes `bytes` to file `name` in the lab's directory; its path.
+    fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, bytes).expect("lab file");
+        path.display().to_string()
     }
 
     fn api(&self) -> String {
@@ -211,6 +216,15 @@ fn pipeline(lab: &ShadowLab, count: usize) {
     });
 }
 
+/// A wrk script: one connection's thread stops after its 100th answer, so that no request is
+/// left unanswered when wrk closes the connection (at the end of its `-d`, which it waits out).
+const WRK_STOP_AFTER_100: &str = "local answers = 0
+function response()
+  answers = answers + 1
+  if answers == 100 then wrk.thread:stop() end
+end
+";
+
 #[test]
 fn the_shadow_receives_what_the_live_service_received() {
     let lab = ShadowLab::new("same");
@@ -255,11 +269,25 @@ fn the_shadow_receives_what_the_live_service_received() {
         &data,
         &at("/chunked"),
     ]);
-    // ab with keep-alive, and a pipelining client.
+    // 204 and 304 end without a body (the 304 with the length a 200 would have had), and the
+    // connection goes on.
+    lab.client(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        &at("/status/204"),
+        &at("/status/304"),
+        &at("/after-304"),
+    ]);
+    // ab and wrk with keep-alive (wrk's script stops it after 100 answers), and a pipelining
+    // client.
     lab.client(&["ab", "-q", "-k", "-n", "200", "-c", "4", &at("/ab")]);
+    let stop = lab.file("stop.lua", WRK_STOP_AFTER_100.as_bytes());
+    lab.client(&["wrk", "-t1", "-c1", "-d3s", "-s", &stop, &at("/wrk")]);
     pipeline(&lab, 10);
     let expected = live.received().len();
-    assert_eq!(expected, 3 + 1 + 1 + 1 + 1 + 200 + 10);
+    assert_eq!(expected, 3 + 1 + 1 + 1 + 1 + 3 + 200 + 100 + 10);
     let api = lab.api();
     wait_for_state(
         "every request to be replayed and compared",

@@ -14,13 +14,14 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 /// whose strict `OpenMetrics` parser checks the metrics, Prometheus (its `promtool` checks and
 /// unit-tests the chart's alerts), and podman, runc and debootstrap, which build the image on a
 /// bootstrapped base and run it (tests/tests/image.rs), and ping, which the README's five-minute
-/// start uses (`tests/tests/first_use.rs`), and curl and ab (apache2-utils), the real clients of
-/// the shadow tests (`tests/tests/shadow.rs`).
+/// start uses (`tests/tests/first_use.rs`), and curl, ab (apache2-utils) and wrk, the real clients
+/// of the shadow tests (`tests/tests/shadow.rs`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "curl",
     "apache2-utils",
+    "wrk",
     "tcpdump",
     "python3-dpkt",
     "tshark",
