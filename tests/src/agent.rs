@@ -284,6 +284,24 @@ impl Report {
         packet_counts(&self.session_json(session)["counters"])
     }
 
+    /// A shadow session's figures, with the invariant every shadow test checks: each request
+    /// seen was replayed or lost with a reason.
+    pub fn shadow(&self, session: &str) -> serde_json::Value {
+        let shadow = self.session_json(session)["shadow"].clone();
+        let lost: u64 = shadow["lost"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no shadow figures: {shadow}"))
+            .values()
+            .map(|v| v.as_u64().expect("count"))
+            .sum();
+        assert_eq!(
+            shadow["requests"].as_u64(),
+            Some(shadow["replayed"].as_u64().expect("replayed") + lost),
+            "requests == replayed + lost: {shadow}"
+        );
+        shadow
+    }
+
     fn session_json(&self, session: &str) -> serde_json::Value {
         self.entry(&["stats", "sessions"], "name", session)
     }

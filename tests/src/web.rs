@@ -68,6 +68,44 @@ impl Origin {
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().expect("received").clone()
     }
+
+    /// This origin, a shadow, got the `live` origin's requests: each the same but the headers
+    /// the replay rewrites (`Host` to this origin's address, and its mark `x-mirror-shadow: 1`)
+    /// and those of the live connection's own hop.
+    pub fn assert_replayed_from(&self, live: &Origin) {
+        // The URL's authority, without HTTP's default port.
+        let host = match self.addr.port() {
+            80 => self.addr.ip().to_string(),
+            _ => self.addr.to_string(),
+        };
+        let mut got = self.received();
+        for r in &mut got {
+            assert_eq!(r.header("x-mirror-shadow"), Some("1"), "{r:?}");
+            assert_eq!(r.header("host"), Some(host.as_str()), "{r:?}");
+            r.headers.retain(|(n, _)| {
+                !matches!(n.as_str(), "x-mirror-shadow" | "host" | "transfer-encoding")
+            });
+        }
+        // The replay's connection to the shadow is its own: it repeats none of these.
+        let mut sent = live.received();
+        for r in &mut sent {
+            r.headers.retain(|(n, _)| {
+                !matches!(
+                    n.as_str(),
+                    "host" | "transfer-encoding" | "connection" | "keep-alive"
+                )
+            });
+        }
+        // Connections run at once (ab's four): order within each connection is what matters,
+        // and the multiset of requests must be the same.
+        let key = |r: &Received| (r.target.clone(), r.method.clone(), r.body.len());
+        got.sort_by_key(key);
+        sent.sort_by_key(key);
+        assert_eq!(got.len(), sent.len());
+        for (got, sent) in got.iter().zip(&sent) {
+            assert_eq!(got, sent);
+        }
+    }
 }
 
 impl Drop for Origin {

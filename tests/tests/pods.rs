@@ -4,8 +4,8 @@
 //! Cilium set them up, or a port on a bridge, as flannel does. Not covered: authentication, TLS,
 //! paging (kube-rs's, against a real server).
 use mirror_tests::{
-    Agent, BpfFs, Capture, FrameSender, KilledOnDrop, Lab, Netns, SENTINEL_RULE, TrafficLoop,
-    agent_binary, agent_command, api_get, attached, capture_file_frames,
+    Agent, BpfFs, Capture, FrameSender, KilledOnDrop, Lab, Netns, Origin, SENTINEL_RULE,
+    TrafficLoop, agent_binary, agent_command, api_get, attached, capture_file_frames,
     kube_api::{FakeApi, NODE, pod},
     session_hooks, tcx_programs, udp_v4_frame, wait_for,
 };
@@ -33,6 +33,17 @@ impl PodNet {
     fn on_bridge(lab: &Lab, host_name: &str, ip_prefix: &str, bridge: &str) -> Self {
         let pod = Self::veth(lab, host_name, ip_prefix);
         lab.node.ip(&["link", "set", host_name, "master", bridge]);
+        pod
+    }
+
+    /// [`PodNet::new`] with the pod's own route too: everything on its link, which the host side
+    /// answers for by proxy ARP (for every address the node routes elsewhere), so the pod can
+    /// talk to other pods through the node.
+    fn reachable(lab: &Lab, host_name: &str, ip: &str) -> Self {
+        let pod = Self::new(lab, host_name, ip);
+        lab.node
+            .sysctl(&format!("net.ipv4.conf.{host_name}.proxy_arp"), "1");
+        pod.ns.ip(&["route", "add", "default", "dev", "eth0"]);
         pod
     }
 
@@ -99,14 +110,26 @@ impl AgentFiles {
 
     /// [`AgentFiles::start`] with `session_keys` added to the session.
     fn start_with(&self, lab: &Lab, api: &FakeApi, session_keys: &str, extra: &[&str]) -> Agent {
+        self.start_session(
+            lab,
+            api,
+            &format!(
+                "{session_keys}target = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {PORT}\n{SENTINEL_RULE}"
+            ),
+            extra,
+        )
+    }
+
+    /// The agent with a session selecting the pods of namespace `shop` labelled `app=web`, the
+    /// rest of the session (target, rules) `session`.
+    fn start_session(&self, lab: &Lab, api: &FakeApi, session: &str, extra: &[&str]) -> Agent {
         let kubeconfig = self.dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
         let config = self.dir.path().join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "api_socket = \"{}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\n{session_keys}\
-                 target = {{ interface = \"mir0\" }}\n[[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\ndst_port = {PORT}\n{SENTINEL_RULE}",
+                "api_socket = \"{}\"\n[[session]]\nname = \"web\"\npods = {{ namespace = \"shop\", labels = {{ app = \"web\" }} }}\n{session}",
                 self.socket
             ),
         )
@@ -559,4 +582,77 @@ fn an_ad_hoc_capture_of_pods_watches_them_while_it_runs() {
         hooks_of(&lab, &files.socket, "vethdb1").is_empty()
     });
     agent.stop();
+}
+
+/// A pod selected by labels shadowed to a Service's address: what a client pod sends the live
+/// pod is copied at the live pod's veth, in both directions, and replayed to the shadow, whose
+/// requests equal the live pod's. (No kube-proxy here to DNAT a cluster IP: the Service's
+/// address is the node's own.)
+#[test]
+fn a_pod_selected_by_labels_is_shadowed_to_a_service_address() {
+    let lab = Lab::new("podshadow");
+    let api = FakeApi::start(&lab.node);
+    let web1 = PodNet::reachable(&lab, "vethweb1", "10.244.0.10");
+    let client = PodNet::reachable(&lab, "vethcli1", "10.244.0.11");
+    api.apply(pod("shop", "web-1", "web", NODE, &["10.244.0.10"]));
+    api.apply(pod("shop", "client-1", "client", NODE, &["10.244.0.11"]));
+    let zero = std::time::Duration::ZERO;
+    let live = Origin::start(
+        &web1.ns,
+        "10.244.0.10:8080".parse().expect("addr"),
+        false,
+        zero,
+    );
+    lab.node.ip(&["addr", "add", "10.96.0.20/32", "dev", "lo"]);
+    let shadow = Origin::start(
+        &lab.node,
+        "10.96.0.20:80".parse().expect("addr"),
+        false,
+        zero,
+    );
+    let files = AgentFiles::new();
+    let agent = files.start_session(
+        &lab,
+        &api,
+        "filter = \"tcp port 8080\"\ntarget = { shadow = { url = \"http://10.96.0.20:80\", compare = true } }\n",
+        &[],
+    );
+    wait_for("web-1's interface watched", || {
+        hooks_of(&lab, &files.socket, "vethweb1") == ["egress", "ingress"]
+    });
+    let at = |path: &str| format!("http://10.244.0.10:8080{path}");
+    client.ns.exec(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        &at("/cart"),
+        &at("/cart?item=7"),
+    ]);
+    client.ns.exec(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        "-d",
+        "qty=2",
+        &at("/order"),
+    ]);
+    client
+        .ns
+        .exec(&["ab", "-q", "-k", "-n", "40", "-c", "2", &at("/ab")]);
+    let expected = live.received().len();
+    assert_eq!(expected, 2 + 1 + 40);
+    wait_for("the shadow to get every request", || {
+        shadow.received().len() >= expected
+    });
+    let stats = agent.stop().shadow("web");
+    for (field, count) in [
+        (&stats["requests"], expected),
+        (&stats["replayed"], expected),
+        (&stats["compared"]["same"], expected),
+    ] {
+        assert_eq!(field.as_u64(), Some(count as u64), "{stats}");
+    }
+    shadow.assert_replayed_from(&live);
 }

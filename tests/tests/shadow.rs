@@ -9,8 +9,7 @@ use std::{
 };
 
 use mirror_tests::{
-    Agent, Collector, Netns, Origin, Received, Report, agent_binary, require_root, wait_for,
-    wait_for_state,
+    Agent, Collector, Netns, Origin, agent_binary, require_root, wait_for, wait_for_state,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -99,30 +98,6 @@ impl ShadowLab {
     }
 }
 
-/// The session's shadow figures, with the invariant every test checks: each request seen was
-/// replayed or lost with a reason.
-fn shadow_stats(report: &Report) -> serde_json::Value {
-    let json = report.json();
-    let session = json["stats"]["sessions"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
-        .expect("session web")
-        .clone();
-    let shadow = session["shadow"].clone();
-    let lost: u64 = shadow["lost"]
-        .as_object()
-        .expect("lost")
-        .values()
-        .map(|v| v.as_u64().expect("count"))
-        .sum();
-    assert_eq!(
-        shadow["requests"].as_u64(),
-        Some(shadow["replayed"].as_u64().expect("replayed") + lost),
-        "requests == replayed + lost: {shadow}"
-    );
-    shadow
-}
-
 /// The session's shadow figures now, from the agent's API.
 fn shadow_now(api: &str) -> serde_json::Value {
     let stats: serde_json::Value =
@@ -130,61 +105,12 @@ fn shadow_now(api: &str) -> serde_json::Value {
     stats["sessions"][0]["shadow"].clone()
 }
 
-/// What the shadow got, with the headers the replay rewrites taken out and checked.
 /// Exchanges compared so far, same or not.
 fn compared(shadow: &serde_json::Value) -> u64 {
     ["same", "differ"]
         .iter()
         .filter_map(|k| shadow["compared"][k].as_u64())
         .sum()
-}
-
-fn as_live(received: &[Received]) -> Vec<Received> {
-    received
-        .iter()
-        .map(|r| {
-            assert_eq!(r.header("x-mirror-shadow"), Some("1"), "{r:?}");
-            assert_eq!(r.header("host"), Some(SHADOW), "{r:?}");
-            let mut r = r.clone();
-            r.headers.retain(|(n, _)| {
-                !matches!(n.as_str(), "x-mirror-shadow" | "host" | "transfer-encoding")
-            });
-            r
-        })
-        .collect()
-}
-
-/// What the live origin got, but the headers of its own hop (which the replay does not repeat:
-/// its connection to the shadow is its own) and the `Host`.
-fn without_hop_headers(received: &[Received]) -> Vec<Received> {
-    received
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r.headers.retain(|(n, _)| {
-                !matches!(
-                    n.as_str(),
-                    "host" | "transfer-encoding" | "connection" | "keep-alive"
-                )
-            });
-            r
-        })
-        .collect()
-}
-
-/// The shadow got the live origin's requests: each the same but the headers the replay rewrites.
-fn assert_same_requests(shadow: &Origin, live: &Origin) {
-    let mut got = as_live(&shadow.received());
-    let mut sent = without_hop_headers(&live.received());
-    // Connections run at once (ab's four): order within each connection is what matters, and
-    // the multiset of requests must be the same.
-    let key = |r: &Received| (r.target.clone(), r.method.clone(), r.body.len());
-    got.sort_by_key(key);
-    sent.sort_by_key(key);
-    assert_eq!(got.len(), sent.len());
-    for (got, sent) in got.iter().zip(&sent) {
-        assert_eq!(got, sent);
-    }
 }
 
 /// Writes `count` requests at once on one connection and reads their answers.
@@ -295,11 +221,11 @@ fn the_shadow_receives_what_the_live_service_received() {
         |now| compared(now) == expected as u64,
     );
     let report = agent.stop();
-    let stats = shadow_stats(&report);
+    let stats = report.shadow("web");
     assert_eq!(stats["requests"], expected as u64, "{stats}");
     assert_eq!(stats["replayed"], expected as u64, "{stats}");
     assert_eq!(stats["compared"]["same"], expected as u64, "{stats}");
-    assert_same_requests(&shadow, &live);
+    shadow.assert_replayed_from(&live);
     let upload = shadow
         .received()
         .into_iter()
@@ -367,7 +293,7 @@ fn compare_finds_exactly_the_paths_that_differ() {
         2,
         "{metrics}"
     );
-    let stats = shadow_stats(&agent.stop());
+    let stats = agent.stop().shadow("web");
     assert_eq!(stats["compared"]["same"], 3, "{stats}");
     assert_eq!(stats["compared"]["differ"], 2, "{stats}");
     let paths: Vec<_> = stats["differences"]
@@ -422,7 +348,7 @@ fn a_connection_open_before_the_agent_starts_is_joined_at_its_next_request() {
     drop(to_client);
     client.join().expect("client");
     wait_for("the shadow to get both", || shadow.received().len() == 2);
-    let stats = shadow_stats(&agent.stop());
+    let stats = agent.stop().shadow("web");
     let paths: Vec<_> = shadow.received().into_iter().map(|r| r.target).collect();
     assert_eq!(paths, ["/after/1", "/after/2"]);
     assert_eq!(
@@ -450,7 +376,7 @@ fn a_shadow_down_or_slow_costs_the_live_path_nothing_and_is_counted() {
         || shadow_now(&api),
         |now| now["in_flight"] == 0 && now["requests"] == 50,
     );
-    let stats = shadow_stats(&agent.stop());
+    let stats = agent.stop().shadow("web");
     assert_eq!(stats["lost"]["shadow_error"], 50, "{stats}");
     // A shadow that answers after 2 s: each request times out at 300 ms, and the agent still
     // stops at once.
@@ -472,7 +398,7 @@ fn a_shadow_down_or_slow_costs_the_live_path_nothing_and_is_counted() {
         |now| now["lost"]["timeout"] == 2,
     );
     let (report, _took) = agent.stop_within(libc::SIGTERM, Duration::from_secs(5));
-    let stats = shadow_stats(&report);
+    let stats = report.shadow("web");
     assert_eq!(stats["replayed"], 0, "{stats}");
 }
 
@@ -499,7 +425,7 @@ fn copies_the_ring_refuses_are_counted_as_lost_requests() {
     let report = agent.stop();
     let kernel = report.session("web");
     assert!(kernel.ring_full > 0, "{kernel:?}");
-    let stats = shadow_stats(&report);
+    let stats = report.shadow("web");
     // Whatever was replayed reached the shadow whole; the rest is lost to the ring, by name.
     assert_eq!(
         stats["replayed"].as_u64(),
@@ -555,5 +481,5 @@ fn the_collector_replays_the_requests_that_arrive_in_tunnels() {
             summary.text
         );
     }
-    assert_same_requests(&shadow, &live);
+    shadow.assert_replayed_from(&live);
 }
