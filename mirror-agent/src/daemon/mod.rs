@@ -416,10 +416,16 @@ async fn prepare(
 /// Says where each session's copies go, and what it watches when it selects pods.
 fn log_targets(plan: &Plan, metas: &[mirror_common::SessionMeta]) {
     for (session, meta) in plan.sessions.iter().zip(metas) {
-        // A ring record holds at most MAX_RING_COPY bytes; a file takes any length.
+        // A ring record holds at most MAX_RING_COPY bytes, a whole frame (a shadow's) up to
+        // MAX_RING_CHUNKS of them; a file takes any length.
+        let ring_most = if meta.whole_frames == 0 {
+            mirror_common::MAX_RING_COPY
+        } else {
+            mirror_common::MAX_RING_COPY * mirror_common::MAX_RING_CHUNKS
+        };
         let largest = match (session.through_ring, meta.max_copy_len) {
-            (true, 0) => mirror_common::MAX_RING_COPY,
-            (true, len) => len.min(mirror_common::MAX_RING_COPY),
+            (true, 0) => ring_most,
+            (true, len) => len.min(ring_most),
             (false, len) => len,
         };
         tracing::info!(
