@@ -36,9 +36,10 @@ pub trait Replay {
 /// A request counted on a connection, waiting for its answer on the wire.
 #[derive(Debug)]
 struct Pending {
+    /// 0 for a request lost whole in a hole (see [`Context::lost_whole`]).
     id: u64,
-    /// The client's stream position once its head was read: a response to it comes from a
-    /// server that had at least this much.
+    /// The client's stream position once its head was read (or where the hole that held it
+    /// began): a response to it comes from a server that had at least this much.
     start: u64,
     head_request: bool,
     /// Replayed with compare on: the live answer is wanted.
@@ -76,6 +77,10 @@ struct Connection {
     selected: bool,
     reading: Option<Reading>,
     pending: VecDeque<Pending>,
+    /// Answers lost whole in holes of the server's stream, not yet matched to their requests:
+    /// for each, how much of the client's stream had been read when the hole showed (its
+    /// request was in that).
+    answers_lost: VecDeque<u64>,
     answering: Option<Answering>,
     last_seen: Instant,
     /// [`Flows::loss_epoch`] at its last segment.
@@ -120,6 +125,14 @@ pub struct Flows {
     filled: Instant,
     last_sweep: Instant,
 }
+
+/// The shortest message: a hole at a message boundary at least this long held one
+/// (`GET / HTTP/1.1` and its line end; a status line is longer), and a shorter one is taken for
+/// the line ends some clients send between requests.
+const MIN_MESSAGE: u64 = 16;
+
+/// Unanswered requests (and answers lost whole) kept per connection.
+const MAX_PENDING: usize = 1024;
 
 /// A connection's key: its two ends, the lower first.
 fn key(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -289,6 +302,7 @@ impl Flows {
             selected: self.limits.selects(client),
             reading: None,
             pending: VecDeque::new(),
+            answers_lost: VecDeque::new(),
             answering: None,
             last_seen: Instant::now(),
             loss_epoch: self.loss_epoch,
@@ -348,18 +362,18 @@ impl Context<'_> {
         seq: u32,
         segment: Option<&Segment<'_>>,
     ) {
-        // Pieces borrow the stream's buffers only while it hands them on: keep copies (`None`
-        // for a gap), each with its stream offset.
-        let mut pieces: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        // Pieces borrow the stream's buffers only while it hands them on: keep copies (a gap's
+        // length for a gap), each with its stream offset.
+        let mut pieces: Vec<(u64, Result<Vec<u8>, u64>)> = Vec::new();
         let mut at = conn.streams[side].position();
         let limit = self.flows.limits.max_connection_bytes;
         let mut collect = |piece: Piece<'_>| match piece {
             Piece::Data(d) => {
-                pieces.push((at, Some(d.to_vec())));
+                pieces.push((at, Ok(d.to_vec())));
                 at += d.len() as u64;
             }
             Piece::Gap(n) => {
-                pieces.push((at, None));
+                pieces.push((at, Err(n)));
                 at += n;
             }
         };
@@ -387,12 +401,18 @@ impl Context<'_> {
         } else {
             None
         };
-        for (offset, piece) in &pieces {
-            if let Some(data) = piece {
-                self.read(conn, side, data, acked);
-                continue;
+        for (offset, piece) in pieces {
+            let length = match piece {
+                Ok(data) => {
+                    self.read(conn, side, &data, acked);
+                    continue;
+                }
+                Err(length) => length,
+            };
+            conn.gap_at[side] = offset;
+            if conn.parsers[side].between_messages() && length >= MIN_MESSAGE {
+                self.lost_whole(conn, side, offset);
             }
-            conn.gap_at[side] = *offset;
             let mut events = Vec::new();
             conn.parsers[side].gap(&mut |e| {
                 if let Event::Lost(why) = e {
@@ -489,7 +509,7 @@ impl Context<'_> {
             ended: None,
         });
         // Keep the queue of unanswered requests bounded.
-        if conn.pending.len() > 1024 {
+        if conn.pending.len() > MAX_PENDING {
             conn.pending.pop_front();
         }
         conn.reading = Some(Reading { id, replaying });
@@ -547,6 +567,12 @@ impl Context<'_> {
         if interim {
             return Framing::Length(0);
         }
+        // Answers lost whole before this one took the oldest requests the server had then.
+        while let Some(had) = conn.answers_lost.pop_front() {
+            if conn.pending.front().is_some_and(|p| p.start <= had) {
+                conn.pending.pop_front();
+            }
+        }
         // The request it answers: the oldest unanswered one the server had received.
         let answers_front = conn
             .pending
@@ -583,6 +609,32 @@ impl Context<'_> {
             answer: Answer::new(head.status, head.headers),
         });
         body
+    }
+
+    /// A hole in stream `side` at `offset`, where a message would begin: it held one at least,
+    /// since a client sends nothing but requests and a server nothing but answers. A request
+    /// lost whole is counted, and waits in line for its answer as any other; an answer lost
+    /// whole was the oldest unanswered request's, which then waits no more (see
+    /// [`Connection::answers_lost`]).
+    fn lost_whole(&mut self, conn: &mut Connection, side: usize, offset: u64) {
+        if side == 1 {
+            // Its request is known once the next answer comes (the hole may show before the
+            // hole in the client's stream that held the request): one the server had then.
+            if conn.answers_lost.len() == MAX_PENDING {
+                conn.answers_lost.pop_front();
+            }
+            conn.answers_lost.push_back(conn.streams[0].position());
+            return;
+        }
+        self.flows.shared.update(|s| s.requests += 1);
+        self.flows.shared.lost(conn.gap_reason(0));
+        conn.pending.push_back(Pending {
+            id: 0,
+            start: offset,
+            head_request: false,
+            compare: false,
+            ended: None,
+        });
     }
 
     /// A message of `side` cut short.

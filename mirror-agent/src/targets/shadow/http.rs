@@ -152,6 +152,11 @@ impl Parser {
         }
     }
 
+    /// Whether the parser is between two messages it read whole: the next byte begins one.
+    pub fn between_messages(&self) -> bool {
+        matches!(self.state, State::Head) && self.head.is_empty()
+    }
+
     /// Reads no more: the connection was upgraded to another protocol.
     pub fn stop(&mut self) {
         self.state = State::Stopped;

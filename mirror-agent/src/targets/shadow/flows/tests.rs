@@ -233,6 +233,54 @@ fn an_answer_to_a_request_never_seen_counts_it_lost() {
     assert_eq!((stats.requests, stats.lost.gap), (2, 1));
 }
 
+/// Messages lost whole, with the ring's copies of them: `lost` of client requests 1-3 and server
+/// answers a-c, on a keep-alive connection with (`pipelined`) or without pipelining.
+#[test]
+fn messages_lost_whole_are_counted_and_the_rest_pair_right() {
+    let request = |n: u32| format!("GET /{n} HTTP/1.1\r\n\r\n").into_bytes();
+    let answer = |b: char| format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{b}").into_bytes();
+    let (rl, al) = (request(1).len() as u32, answer('a').len() as u32);
+    for (pipelined, lost, lives, requests) in [
+        // A request and its answer: the hole in the client's stream held a request (the third
+        // is the second the replay side is told of).
+        (false, "2b", ["live 1 200 a", "live 2 200 c"], 3),
+        // A request: its answer goes with the hole's request, not the next one's.
+        (true, "2", ["live 1 200 a", "live 2 200 c"], 3),
+        // An answer: the hole in the server's stream held the second request's.
+        (false, "b", ["live 1 200 a", "live 3 200 c"], 3),
+    ] {
+        let mut wire = Wire::new("compare = true");
+        wire.handshake();
+        for (i, (n, b)) in [(1, 'a'), (2, 'b'), (3, 'c')].into_iter().enumerate() {
+            let i = i as u32;
+            if !lost.contains(char::from_digit(n, 10).expect("digit")) {
+                wire.client(i * rl, if pipelined { 0 } else { i * al }, &request(n));
+            }
+            if !pipelined && !lost.contains(b) {
+                wire.server(i * al, (i + 1) * rl, &answer(b));
+            }
+        }
+        if pipelined {
+            let answers = [answer('a'), answer('b'), answer('c')].concat();
+            wire.server(0, 3 * rl, &answers);
+        }
+        let told: Vec<_> = wire
+            .told
+            .lines
+            .iter()
+            .filter(|l| l.starts_with("live"))
+            .collect();
+        assert_eq!(told, lives, "lost {lost}, pipelined {pipelined}");
+        let stats = wire.stats();
+        let lost_requests = u64::from(lost.chars().any(|c| c.is_ascii_digit()));
+        assert_eq!(
+            (stats.requests, stats.lost.gap),
+            (requests, lost_requests),
+            "lost {lost}, pipelined {pipelined}"
+        );
+    }
+}
+
 #[test]
 fn a_connection_joined_in_the_middle_starts_at_the_next_request() {
     let mut wire = Wire::new("");
