@@ -345,6 +345,30 @@ fn client_of(segment: &Segment<'_>) -> Option<SocketAddr> {
     }
 }
 
+/// A stream's pieces with their stream offsets, copied (a gap's length for a gap): pieces borrow
+/// the stream's buffers only while it hands them on.
+type Pieces = Vec<(u64, Result<Vec<u8>, u64>)>;
+
+/// The pieces `hand_on` makes `stream` hand on.
+fn held_pieces(
+    stream: &mut Stream,
+    hand_on: impl FnOnce(&mut Stream, &mut dyn FnMut(Piece<'_>)),
+) -> Pieces {
+    let mut pieces = Vec::new();
+    let mut at = stream.position();
+    hand_on(stream, &mut |piece| match piece {
+        Piece::Data(d) => {
+            pieces.push((at, Ok(d.to_vec())));
+            at += d.len() as u64;
+        }
+        Piece::Gap(n) => {
+            pieces.push((at, Err(n)));
+            at += n;
+        }
+    });
+    pieces
+}
+
 /// What handling one segment needs besides its connection.
 struct Context<'a> {
     flows: &'a mut Flows,
@@ -362,25 +386,11 @@ impl Context<'_> {
         seq: u32,
         segment: Option<&Segment<'_>>,
     ) {
-        // Pieces borrow the stream's buffers only while it hands them on: keep copies (a gap's
-        // length for a gap), each with its stream offset.
-        let mut pieces: Vec<(u64, Result<Vec<u8>, u64>)> = Vec::new();
-        let mut at = conn.streams[side].position();
         let limit = self.flows.limits.max_connection_bytes;
-        let mut collect = |piece: Piece<'_>| match piece {
-            Piece::Data(d) => {
-                pieces.push((at, Ok(d.to_vec())));
-                at += d.len() as u64;
-            }
-            Piece::Gap(n) => {
-                pieces.push((at, Err(n)));
-                at += n;
-            }
-        };
-        match segment {
-            Some(s) => conn.streams[side].segment(seq, s.payload, s.missing, limit, &mut collect),
-            None => conn.streams[side].acknowledged(seq, &mut collect),
-        }
+        let pieces = held_pieces(&mut conn.streams[side], |stream, out| match segment {
+            Some(s) => stream.segment(seq, s.payload, s.missing, limit, out),
+            None => stream.acknowledged(seq, out),
+        });
         if side == 0 && conn.first_client_offset.is_none() && conn.streams[0].started() {
             conn.first_client_offset = conn.streams[0].offset_of(seq);
         }
@@ -401,6 +411,18 @@ impl Context<'_> {
         } else {
             None
         };
+        self.take_pieces(conn, side, pieces, acked);
+    }
+
+    /// Hands stream `side`'s pieces to its parser; `acked`: the client's stream position the
+    /// server had when it sent them (for answers).
+    fn take_pieces(
+        &mut self,
+        conn: &mut Connection,
+        side: usize,
+        pieces: Pieces,
+        acked: Option<u64>,
+    ) {
         for (offset, piece) in pieces {
             let length = match piece {
                 Ok(data) => {
@@ -665,8 +687,10 @@ impl Context<'_> {
 
     fn close(&mut self, conn: &mut Connection) {
         for side in 0..2 {
-            // What was held ahead is dropped: the parser's close decides what is lost.
-            conn.streams[side].finish(&mut |_| {});
+            // What was held ahead of a hole is read after it; then the parser's close decides
+            // what is lost.
+            let held = held_pieces(&mut conn.streams[side], Stream::finish);
+            self.take_pieces(conn, side, held, None);
             conn.gap_at[side] = conn.streams[side].position();
             let mut events = Vec::new();
             let mut parser =

@@ -67,6 +67,18 @@ impl Wire {
     }
 
     fn packet(&mut self, from_client: bool, syn: bool, seq: u32, ack: Option<u32>, data: &[u8]) {
+        self.packet_with(from_client, (syn, false), seq, ack, data);
+    }
+
+    /// A packet with SYN and RST (`flags`) as given.
+    fn packet_with(
+        &mut self,
+        from_client: bool,
+        (syn, rst): (bool, bool),
+        seq: u32,
+        ack: Option<u32>,
+        data: &[u8],
+    ) {
         let (from, to) = if from_client {
             (CLIENT, SERVER)
         } else {
@@ -79,7 +91,7 @@ impl Wire {
             ack,
             syn,
             fin: false,
-            rst: false,
+            rst,
             payload: data,
             missing: 0,
         };
@@ -98,6 +110,12 @@ impl Wire {
             self.server_isn.wrapping_add(1 + acked),
         );
         self.packet(true, false, seq, Some(ack), data);
+    }
+
+    /// The client resets the connection at offset `at` of its stream.
+    fn client_reset(&mut self, at: u32) {
+        let seq = self.client_isn.wrapping_add(1 + at);
+        self.packet_with(true, (false, true), seq, None, b"");
     }
 
     fn server(&mut self, at: u32, acked: u32, data: &[u8]) {
@@ -279,6 +297,32 @@ fn messages_lost_whole_are_counted_and_the_rest_pair_right() {
             "lost {lost}, pipelined {pipelined}"
         );
     }
+}
+
+#[test]
+fn requests_held_after_a_hole_are_read_when_the_connection_ends() {
+    let mut wire = Wire::new("");
+    wire.handshake();
+    let request = |n: u32| format!("GET /{n} HTTP/1.1\r\n\r\n").into_bytes();
+    let length = request(1).len() as u32;
+    wire.client(0, 0, &request(1));
+    // The second request's copy was lost; the third's is held behind the hole...
+    wire.client(2 * length, 0, &request(3));
+    assert_eq!(wire.told.lines, ["start 1 GET /1", "end 1 trailers=0"]);
+    // ...until the connection ends: then the hole counts its request, and the third goes on.
+    wire.client_reset(3 * length);
+    assert_eq!(
+        wire.told.lines,
+        [
+            "start 1 GET /1",
+            "end 1 trailers=0",
+            "start 2 GET /3",
+            "end 2 trailers=0",
+            "close 1"
+        ]
+    );
+    let stats = wire.stats();
+    assert_eq!((stats.requests, stats.lost.gap), (3, 1));
 }
 
 #[test]
