@@ -126,6 +126,20 @@ impl Agent {
         }
     }
 
+    /// Changes the text of the configuration file [`Agent::start`] wrote, not what it says (a
+    /// reload applies a file that changed).
+    pub fn touch_config(&self) {
+        let file = self
+            .config_file
+            .as_ref()
+            .expect("a configuration Agent::start wrote");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(file.path())
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"# touched\n"))
+            .expect("config");
+    }
+
     /// SIGKILL: the agent dies without a chance to clean up.
     pub fn kill(mut self) {
         self.child.kill().expect("kill agent");

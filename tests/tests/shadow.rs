@@ -362,6 +362,52 @@ fn a_connection_open_before_the_agent_starts_is_joined_at_its_next_request() {
 }
 
 #[test]
+fn a_reload_keeps_the_shadow_counts_of_an_unchanged_session() {
+    let lab = ShadowLab::new("reload");
+    let live = lab.origin(LIVE, false, Duration::ZERO);
+    let shadow = lab.origin(SHADOW, false, Duration::ZERO);
+    let agent = lab.agent("compare = true", "");
+    let at = |path: &str| format!("http://{LIVE}{path}");
+    let api = lab.api();
+    lab.client(&["curl", "-sf", "-o", "/dev/null", &at("/1"), &at("/2")]);
+    wait_for_state(
+        "both to be compared",
+        || shadow_now(&api),
+        |now| compared(now) == 2,
+    );
+    agent.touch_config();
+    let (code, stdout, stderr) =
+        mirror_tests::agent_command(&lab.server, &["reload", "--api-socket", &api]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    lab.client(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        &at("/3"),
+        &at("/4"),
+        &at("/5"),
+    ]);
+    wait_for_state(
+        "the counts to go on",
+        || shadow_now(&api),
+        |now| compared(now) == 5,
+    );
+    let stats = agent.stop().shadow("web");
+    assert_eq!(live.received().len(), 5);
+    for (field, count) in [
+        (&stats["requests"], 5),
+        (&stats["replayed"], 5),
+        (&stats["compared"]["same"], 5),
+        (&stats["connections"], 2),
+        (&stats["live_latency"]["count"], 5),
+    ] {
+        assert_eq!(field.as_u64(), Some(count), "{stats}");
+    }
+    shadow.assert_replayed_from(&live);
+}
+
+#[test]
 fn a_shadow_down_or_slow_costs_the_live_path_nothing_and_is_counted() {
     let lab = ShadowLab::new("down");
     let live = lab.origin(LIVE, false, Duration::ZERO);

@@ -6,7 +6,11 @@ use super::{Follow, RuleStats, SelectedPod, SessionStats, SessionView, Stats, di
 use crate::{
     datapath::Datapath,
     rules::{self, Plan},
-    targets::{TargetCounters, Targets, TunnelView, ring::RingDrain},
+    targets::{
+        TargetCounters, Targets, TunnelView,
+        ring::RingDrain,
+        shadow::{ShadowStats, Shared},
+    },
 };
 
 /// One applied configuration: its datapath, what the API reports of it, and the counters its
@@ -41,6 +45,20 @@ struct Carried {
     targets: Vec<TargetCounters>,
     /// The hooks' counters, of every generation before (whatever changed).
     hooks: [HookCounters; HOOK_COUNT as usize],
+    /// Per session, what its shadow counted in the generation just replaced (read as it goes
+    /// on: its replays may still be finishing), and in those before it (final by then: a
+    /// generation's drain and replays end when it is dropped, after its successor took over).
+    shadows: Vec<(Option<Shared>, ShadowStats)>,
+}
+
+impl Carried {
+    /// What session `index`'s shadow counted before this generation.
+    fn shadow(&self, index: usize) -> Option<ShadowStats> {
+        let (last, before) = self.shadows.get(index)?;
+        let mut stats = last.as_ref().map(Shared::read).unwrap_or_default();
+        stats.absorb(before);
+        Some(stats)
+    }
 }
 
 /// The parts of a plan the API reports (the compiled tables are gone by then).
@@ -139,7 +157,9 @@ impl Applied {
             rules: vec![Counters::default(); view.rules.len()],
             targets: vec![TargetCounters::default(); view.sessions.len()],
             hooks: hook_array(&before),
+            shadows: vec![(None, ShadowStats::default()); view.sessions.len()],
         };
+        let live_shadows = self.drain.as_ref().map_or(&[][..], |d| d.shadows());
         for (index, fingerprint) in view.fingerprints.iter().enumerate() {
             let Some(old) = self.view.fingerprints.iter().position(|f| f == fingerprint) else {
                 continue;
@@ -149,6 +169,10 @@ impl Applied {
             };
             carried.sessions[index] = old_stats.counters;
             carried.targets[index] = old_stats.target;
+            carried.shadows[index] = (
+                live_shadows.get(old).cloned().flatten(),
+                self.carried.shadow(old).unwrap_or_default(),
+            );
             // An unchanged session has the same rules in the same order.
             let rules = view
                 .rules
@@ -240,12 +264,14 @@ impl Applied {
         }
         self.count_defaults(&seen, &mut sessions, &mut rules);
         let targets = self.target_counters();
-        let mut shadows = self
-            .drain
-            .as_ref()
-            .map(RingDrain::shadow_stats)
-            .unwrap_or_default()
-            .into_iter();
+        let live_shadows = self.drain.as_ref().map_or(&[][..], |d| d.shadows());
+        let shadow = |index: usize| {
+            let mut stats = live_shadows.get(index)?.as_ref()?.read();
+            if let Some(earlier) = self.carried.shadow(index) {
+                stats.absorb(&earlier);
+            }
+            Some(stats)
+        };
         let hook = |i: usize| {
             hooks.get(i).copied().unwrap_or_default()
                 + self.carried.hooks.get(i).copied().unwrap_or_default()
@@ -264,7 +290,7 @@ impl Applied {
                     name: view.name.clone(),
                     counters: *counters + carried(&self.carried.sessions, index),
                     target: target + self.carried.targets.get(index).copied().unwrap_or_default(),
-                    shadow: shadows.next().flatten(),
+                    shadow: shadow(index),
                     rules: self
                         .view
                         .rules

@@ -27,7 +27,7 @@ use nix::{
 use super::{
     Target, TargetCounters,
     file::OpenFiles,
-    shadow::{self, ShadowStats},
+    shadow,
     watch::{Watched, Watchers},
 };
 use crate::sys::socket::send_many;
@@ -221,12 +221,9 @@ impl RingDrain {
         self.counters.iter().map(SessionCounters::read).collect()
     }
 
-    /// Per session, what its shadow target counted (`None` for other kinds).
-    pub fn shadow_stats(&self) -> Vec<Option<ShadowStats>> {
-        self.shadows
-            .iter()
-            .map(|s| s.as_ref().map(shadow::Shared::read))
-            .collect()
+    /// Per session, what its shadow target counts (`None` for other kinds), read as it goes on.
+    pub fn shadows(&self) -> &[Option<shadow::Shared>] {
+        &self.shadows
     }
 
     fn stop_thread(&mut self) {

@@ -353,6 +353,18 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// Adds `other`'s observations to these.
+    fn absorb(&mut self, other: &Latency) {
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (bucket, n) in self.buckets.iter_mut().zip(&other.buckets) {
+            *bucket += n;
+        }
+        self.sum_seconds += other.sum_seconds;
+        self.count += other.count;
+    }
+
     pub fn observe(&mut self, took: Duration) {
         let seconds = took.as_secs_f64();
         if self.buckets.is_empty() {
@@ -398,6 +410,26 @@ pub struct ShadowStats {
 }
 
 impl ShadowStats {
+    /// Adds what an earlier configuration of the same session counted (`earlier`) to these.
+    pub fn absorb(&mut self, earlier: &ShadowStats) {
+        self.requests += earlier.requests;
+        self.replayed += earlier.replayed;
+        self.lost += earlier.lost;
+        self.in_flight += earlier.in_flight;
+        self.compared.same += earlier.compared.same;
+        self.compared.differ += earlier.compared.differ;
+        self.compared.errors += earlier.compared.errors;
+        // The first differing exchanges: the earlier ones first.
+        let later = std::mem::replace(&mut self.differences, earlier.differences.clone());
+        self.differences.extend(later);
+        self.differences.truncate(MAX_SAMPLES);
+        self.connections += earlier.connections;
+        self.joined_mid_stream += earlier.joined_mid_stream;
+        self.evicted_connections += earlier.evicted_connections;
+        self.live_latency.absorb(&earlier.live_latency);
+        self.shadow_latency.absorb(&earlier.shadow_latency);
+    }
+
     /// The counts on one line of `name=count` fields, for a summary on exit.
     pub fn summary(&self) -> String {
         use std::fmt::Write as _;
