@@ -97,6 +97,10 @@ enum Task {
         /// no shadowing, mirror's shadow and nginx's `mirror` in the path, at rising rates.
         #[arg(long)]
         only: Option<String>,
+        /// Offered request rates of the shadow runs, comma-separated (default 1000 to 30000
+        /// rps; 1000 and 10000 with --quick).
+        #[arg(long, value_delimiter = ',')]
+        shadow_rates: Option<Vec<u64>>,
     },
 }
 
@@ -118,11 +122,12 @@ fn main() -> anyhow::Result<()> {
             fixed_rate,
             quick,
             only,
+            shadow_rates,
         } => {
             require_root("the benchmarks")?;
             setup::run(false)?;
             setup::bench_tools()?;
-            let options = if quick {
+            let mut options = if quick {
                 bench::Options {
                     reps: 2,
                     seconds: 0.5,
@@ -147,6 +152,9 @@ fn main() -> anyhow::Result<()> {
                     only,
                 }
             };
+            if let Some(rates) = shadow_rates {
+                options.shadow_rates = rates;
+            }
             bench::run(&build(true)?, &options)
         }
         Task::Lab => {
