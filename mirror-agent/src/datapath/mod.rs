@@ -238,6 +238,64 @@ fn retry_interrupted(
 /// Loads of one program before an interrupted verifier is an error.
 const LOAD_TRIES: u32 = 5;
 
+/// The programs `plan` attaches: the copy program (cheap to verify, and a reload's new tunnel
+/// or file target needs it), and the mirror program of each hook a session watches. Each
+/// mirror program takes the verifier about a second, so a quick-form run of one direction loads
+/// one, and a TC plan no XDP program. Interfaces found later are watched at the sessions' own
+/// hooks, so these stay enough until the next plan, which loads its own.
+fn programs_used(plan: &Plan) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = plan
+        .sessions
+        .iter()
+        .flat_map(|s| &s.directions)
+        .map(|&direction| program_name(Hook::Mirror(direction)))
+        .chain([TC_COPY_PROGRAM])
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Loads the programs named `names`, each on a thread of its own: the verifier works on one
+/// program per thread, so the mirror programs of both directions take the time of one.
+fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), DatapathError> {
+    let programs: Vec<(&'static str, &mut aya::programs::Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, program)| Some((*names.iter().find(|n| **n == name)?, program)))
+        .collect();
+    if let Some(missing) = names
+        .iter()
+        .find(|name| !programs.iter().any(|(found, _)| found == *name))
+    {
+        return Err(DatapathError::Missing(missing));
+    }
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = programs
+            .into_iter()
+            .map(|(name, program)| {
+                scope.spawn(move || {
+                    let result = match program {
+                        aya::programs::Program::SchedClassifier(tc) => {
+                            retry_interrupted(|| tc.load())
+                        }
+                        aya::programs::Program::Xdp(xdp) => retry_interrupted(|| xdp.load()),
+                        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+                    };
+                    result.map_err(|source| DatapathError::Program { name, source })
+                })
+            })
+            .collect();
+        // Every load is waited for; the first failure is the answer.
+        loads
+            .into_iter()
+            .map(|load| {
+                load.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .fold(Ok(()), Result::and)
+    })
+}
+
 fn map<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -421,16 +479,7 @@ impl Datapath {
                 &attachment.sessions,
             )?;
         }
-        for name in [TC_COPY_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-            let program = datapath.program(name)?;
-            retry_interrupted(|| program.load())
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        let xdp = datapath.xdp_program()?;
-        retry_interrupted(|| xdp.load()).map_err(|source| DatapathError::Program {
-            name: XDP_PROGRAM,
-            source,
-        })?;
+        load_programs(&mut datapath.ebpf, &programs_used(plan))?;
         if kernel_log != KernelLog::Off {
             datapath.kernel_log = Some(kernel_log::start_reader(&mut datapath.ebpf)?);
         }
@@ -756,6 +805,14 @@ impl Datapath {
 enum AttachPoint {
     Tc(&'static str, TcAttachType),
     Xdp,
+}
+
+/// The program serving a hook.
+fn program_name(hook: Hook) -> &'static str {
+    match attach_point(hook) {
+        AttachPoint::Tc(name, _) => name,
+        AttachPoint::Xdp => XDP_PROGRAM,
+    }
 }
 
 /// The program and attach point serving a hook.
