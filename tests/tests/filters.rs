@@ -504,6 +504,7 @@ fn count_stops_the_quick_form_after_that_many_copies() {
         &lab,
         dir.path(),
         &[
+            "--json".as_ref(),
             "-c".as_ref(),
             "5".as_ref(),
             "-w".as_ref(),
@@ -535,4 +536,60 @@ fn count_stops_the_quick_form_after_that_many_copies() {
     let udp = tcpdump_selects(&all, "udp", &dir.path().join("tcpdump.pcap"));
     assert!(udp.len() > 5, "{} UDP frames", udp.len());
     assert_eq!(pcap_frames(&written), udp[..5]);
+    // What the file holds is what was mirrored; the copies the ring held past the count are
+    // counted as such.
+    let report = mirror_tests::Report(
+        report
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no JSON report in {report}"))
+            .to_owned(),
+    );
+    assert_eq!(report.session("cli").mirrored, 5, "{}", report.0);
+    assert_eq!(report.rule("cli", "filter-1").mirrored, 5, "{}", report.0);
+    assert_eq!(report.ring("cli", "sent"), 5);
+    let past = report.ring("cli", "past_count");
+    assert!(past <= (udp.len() - 5) as u64, "{past}");
+}
+
+#[test]
+fn a_taken_file_is_left_alone_and_the_log_names_the_file_written() {
+    let lab = Lab::new("taken");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let named = dir.path().join("web.pcap");
+    std::fs::write(&named, b"someone else's").expect("the taken file");
+    let mut agent = quick_form(
+        &lab,
+        dir.path(),
+        &[
+            "-c".as_ref(),
+            "1".as_ref(),
+            "-w".as_ref(),
+            named.as_os_str(),
+            "udp".as_ref(),
+        ],
+        Stdio::piped(),
+    );
+    let (lines, reader) = collect_lines(agent.0.stderr.take().expect("agent stderr"));
+    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
+    assert!(line.contains("attached to"), "{line:?}");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    for frame in shipped_capture("dns_icmp.pcap") {
+        sender.send(&frame);
+    }
+    mirror_tests::wait_for("the agent to stop after 1 copy", || {
+        agent.0.try_wait().expect("agent status").is_some()
+    });
+    reader.join().expect("stderr reader");
+    let log: Vec<String> = lines.try_iter().collect();
+    let written = dir.path().join("web-000001.pcap");
+    assert_eq!(
+        std::fs::read(&named).expect("the taken file"),
+        b"someone else's"
+    );
+    assert_eq!(mirror_tests::pcap_frames(&written).len(), 1);
+    let says = format!("writing {}", written.display());
+    assert!(log.iter().any(|l| l.contains(&says)), "{says} in {log:#?}");
 }

@@ -395,7 +395,7 @@ async fn prepare(
     // The kernel has its copy of the tables (tens of MB for 10,000 rules): free ours.
     plan.tables = rules::Tables::default();
     crate::sys::release_freed_memory();
-    log_targets(&plan, &targets.sessions);
+    log_targets(&plan, &targets.sessions, &outputs.files);
     let follow = Follow::new(
         &plan.sessions,
         &plan.rules,
@@ -414,7 +414,7 @@ async fn prepare(
 }
 
 /// Says where each session's copies go, and what it watches when it selects pods.
-fn log_targets(plan: &Plan, metas: &[mirror_common::SessionMeta]) {
+fn log_targets(plan: &Plan, metas: &[mirror_common::SessionMeta], files: &OpenFiles) {
     for (session, meta) in plan.sessions.iter().zip(metas) {
         // A ring record holds at most MAX_RING_COPY bytes, a whole frame (a shadow's) up to
         // MAX_RING_CHUNKS of them; a file takes any length.
@@ -428,8 +428,14 @@ fn log_targets(plan: &Plan, metas: &[mirror_common::SessionMeta]) {
             (true, len) => len.min(ring_most),
             (false, len) => len,
         };
+        let writing = session
+            .target
+            .file()
+            .and_then(|file| files.writing(file))
+            .map(|now| format!(" (writing {})", now.display()))
+            .unwrap_or_default();
         tracing::info!(
-            "session `{}` -> {}{} (copies up to {largest} bytes)",
+            "session `{}` -> {}{writing}{} (copies up to {largest} bytes)",
             session.name,
             session.target,
             if session.through_ring {

@@ -246,7 +246,24 @@ impl Applied {
         let traffic = self.datapath.watch_traffic()?;
         let mut sessions = self.datapath.session_counters(self.view.sessions.len())?;
         let mut rules = vec![Counters::default(); self.view.rules.len()];
-        let kernel = self.datapath.rule_counters(self.view.kernel_rules.len())?;
+        let mut kernel = self.datapath.rule_counters(self.view.kernel_rules.len())?;
+        let past_count = self
+            .drain
+            .as_ref()
+            .map(RingDrain::past_count)
+            .unwrap_or_default();
+        for (&(session, rule), &(copies, bytes)) in &past_count {
+            for counters in [
+                kernel.get_mut(rule as usize),
+                sessions.get_mut(session as usize),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                counters.mirrored = counters.mirrored.saturating_sub(copies);
+                counters.mirrored_bytes = counters.mirrored_bytes.saturating_sub(bytes);
+            }
+        }
         for (counters, &row) in kernel.iter().zip(&self.view.kernel_rules) {
             rules[row] += *counters;
         }

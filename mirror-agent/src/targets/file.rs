@@ -148,6 +148,15 @@ impl OpenFiles {
         Ok(SharedFile(file))
     }
 
+    /// The file the target's copies go into now, when it is not the path it names: a numbered
+    /// one beside it (that path was taken, or the target rotates).
+    pub fn writing(&self, target: &FileConfig) -> Option<PathBuf> {
+        let files = lock(&self.0);
+        let file = lock(files.get(&target.path)?);
+        let now = file_name(&file.path, file.sequence);
+        (now != target.path).then_some(now)
+    }
+
     /// Flushes and closes the files none of `used` is any more (all of them when it is empty).
     pub fn close_unused<'a>(
         &self,

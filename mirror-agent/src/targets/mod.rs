@@ -467,6 +467,9 @@ mirror_common::counters! {
         watcher_lost => "watcher_lost_copies",
         /// Times a tunnel session's path changed: another underlay or next hop, or none.
         hop_changes => "tunnel_hop_changes",
+        /// Ring copies that came after `run -c N` had written its N: not written, and not
+        /// counted as mirrored.
+        past_count => "ring_copies_past_count",
     }
 }
 

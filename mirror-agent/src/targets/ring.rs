@@ -117,9 +117,15 @@ pub struct RingDrain {
     counters: Arc<Vec<SessionCounters>>,
     /// Copies handed to the sinks so far (`run -c`).
     taken: Arc<std::sync::atomic::AtomicU64>,
+    past_count: Arc<Mutex<PastCount>>,
     /// By session index: what a shadow target counted.
     shadows: Vec<Option<shadow::Shared>>,
 }
+
+/// The copies the kernel made after `run -c N` had its N, which the drain dropped: by session
+/// and kernel rule index, how many and their bytes. The agent stops at once, but copies already
+/// in the ring are not written, so they are not mirrored either.
+pub type PastCount = std::collections::BTreeMap<(u32, u32), (u64, u64)>;
 
 /// A session as the drain sees it: its name (for its watchers), and its target when its copies
 /// come through the ring.
@@ -142,6 +148,7 @@ struct Destinations {
     counters: Arc<Vec<SessionCounters>>,
     limit: Option<u64>,
     taken: Arc<std::sync::atomic::AtomicU64>,
+    past_count: Arc<Mutex<PastCount>>,
     watchers: Arc<Watchers>,
 }
 
@@ -180,6 +187,7 @@ impl RingDrain {
         );
         let stop = Arc::new(AtomicBool::new(false));
         let taken = Arc::default();
+        let past_count = Arc::default();
         let destinations = Destinations {
             sinks,
             sessions: sessions.iter().map(|s| s.name.to_owned()).collect(),
@@ -188,6 +196,7 @@ impl RingDrain {
             counters: counters.clone(),
             limit,
             taken: Arc::clone(&taken),
+            past_count: Arc::clone(&past_count),
             watchers,
         };
         let thread = std::thread::Builder::new()
@@ -202,6 +211,7 @@ impl RingDrain {
             thread: Some(thread),
             counters,
             taken,
+            past_count,
             shadows,
         })
     }
@@ -214,6 +224,14 @@ impl RingDrain {
     /// Copies handed to the targets so far, all sessions together.
     pub fn taken(&self) -> u64 {
         self.taken.load(Ordering::Relaxed)
+    }
+
+    /// The copies dropped after `run -c` had its count.
+    pub fn past_count(&self) -> PastCount {
+        self.past_count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Per session, what the drain counted.
@@ -334,6 +352,14 @@ fn drain(mut ring: RingBuf<MapData>, mut to: Destinations, stop: &AtomicBool) {
                 .limit
                 .is_some_and(|limit| to.taken.load(Ordering::Relaxed) >= limit)
             {
+                let mut past = to
+                    .past_count
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (copies, bytes) = past.entry((header.session, header.rule)).or_default();
+                *copies += 1;
+                *bytes += u64::from(header.cap_len);
+                count.lock().past_count += 1;
                 continue;
             }
             to.taken.fetch_add(1, Ordering::Relaxed);
