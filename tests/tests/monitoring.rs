@@ -138,6 +138,24 @@ fn the_alerts_are_valid_fire_as_meant_and_name_exported_metrics() {
         })
         .collect();
     assert!(named.len() >= 8, "{named:?}");
+    // The README's table of metrics names every family the agent exports.
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let table: Vec<&str> = readme
+        .lines()
+        .filter(|line| line.starts_with("| `mirror_"))
+        .collect();
+    for family in &families {
+        assert!(
+            table.iter().any(|row| {
+                row.split('|').nth(1).is_some_and(|names| {
+                    names.contains(&format!("`{family}`"))
+                        || names.contains(&format!("`{family}_total`"))
+                        || names.contains(&format!("`{family}_seconds`"))
+                })
+            }),
+            "{family} is not in the README's table of metrics"
+        );
+    }
     for family in &named {
         assert!(
             families.contains(family) || SOMETIMES_EXPORTED.contains(&family.as_str()),

@@ -52,7 +52,7 @@ impl Shared {
         );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
-        Ok(out)
+        Ok(in_stable_order(&out))
     }
 
     /// The agent's own metrics: its build, its configuration's generation and last reload, its
@@ -304,6 +304,49 @@ impl EncodeMetric for CountedHistogram {
     }
 }
 
+/// `OpenMetrics` text with each family's series sorted by their labels: prometheus-client keeps
+/// them in hash order, which changes from one scrape to the next. A histogram's lines of one
+/// label set (its buckets, sum and count) stay together, in their order.
+pub(crate) fn in_stable_order(text: &str) -> String {
+    fn flush(series: &mut Vec<(String, Vec<&str>)>, out: &mut String) {
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        for line in series.drain(..).flat_map(|(_, lines)| lines) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut series: Vec<(String, Vec<&str>)> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut series, &mut out);
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let key = series_labels(line);
+        match series.last_mut() {
+            Some((last, lines)) if *last == key => lines.push(line),
+            _ => series.push((key, vec![line])),
+        }
+    }
+    flush(&mut series, &mut out);
+    out
+}
+
+/// A sample line's labels, a bucket's `le` left out: what its series is known by.
+fn series_labels(line: &str) -> String {
+    let Some((_, labels)) = line.split_once('{') else {
+        return String::new();
+    };
+    let labels = labels.rsplit_once('}').map_or(labels, |(labels, _)| labels);
+    labels
+        .split(',')
+        .filter(|pair| !pair.starts_with("le="))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub(crate) fn counter_family(
     registry: &mut Registry,
     name: &str,
@@ -312,4 +355,55 @@ pub(crate) fn counter_family(
     let family = Family::<Labels, Counter>::default();
     registry.register(name, help, family.clone());
     family
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn series_come_out_sorted_by_their_labels_with_histograms_whole() {
+        let text = "\
+# HELP mirror_rule_copies Copies.
+# TYPE mirror_rule_copies counter
+mirror_rule_copies_total{session=\"web\",rule=\"filter-1\"} 3
+mirror_rule_copies_total{session=\"dns\",rule=\"default\"} 0
+mirror_rule_copies_total{session=\"dns\",rule=\"filter-1\"} 7
+# HELP mirror_shadow_latency_seconds Latency.
+# TYPE mirror_shadow_latency_seconds histogram
+mirror_shadow_latency_seconds_sum{session=\"web\"} 0.5
+mirror_shadow_latency_seconds_count{session=\"web\"} 2
+mirror_shadow_latency_seconds_bucket{le=\"0.1\",session=\"web\"} 1
+mirror_shadow_latency_seconds_bucket{le=\"+Inf\",session=\"web\"} 2
+mirror_shadow_latency_seconds_sum{session=\"api\"} 0
+mirror_shadow_latency_seconds_count{session=\"api\"} 0
+mirror_shadow_latency_seconds_bucket{le=\"0.1\",session=\"api\"} 0
+mirror_shadow_latency_seconds_bucket{le=\"+Inf\",session=\"api\"} 0
+# EOF
+";
+        let sorted = super::in_stable_order(text);
+        let lines: Vec<&str> = sorted.lines().collect();
+        assert_eq!(lines.len(), text.lines().count());
+        assert_eq!(
+            lines[2..5],
+            [
+                "mirror_rule_copies_total{session=\"dns\",rule=\"default\"} 0",
+                "mirror_rule_copies_total{session=\"dns\",rule=\"filter-1\"} 7",
+                "mirror_rule_copies_total{session=\"web\",rule=\"filter-1\"} 3",
+            ]
+        );
+        assert!(
+            lines[7].contains("api") && lines[7].contains("_sum"),
+            "{sorted}"
+        );
+        assert!(
+            lines[10].contains("api") && lines[10].contains("+Inf"),
+            "{sorted}"
+        );
+        assert!(
+            lines[11].contains("web") && lines[11].contains("_sum"),
+            "{sorted}"
+        );
+        assert_eq!(lines.last(), Some(&"# EOF"));
+        // Already sorted, it is unchanged.
+        assert_eq!(super::in_stable_order(&sorted), sorted);
+    }
 }

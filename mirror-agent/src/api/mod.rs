@@ -35,7 +35,7 @@ use nix::sys::stat::{Mode, umask};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub(crate) use self::metrics::{counter_family, register_shadows};
+pub(crate) use self::metrics::{counter_family, in_stable_order, register_shadows};
 pub use self::{
     client::{bytes_from, get_from, post_to, stream_from},
     listen::{Limits, serve as serve_bounded},

@@ -92,5 +92,5 @@ fn encode(counts: &Counts) -> String {
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
+    crate::api::in_stable_order(&out)
 }
