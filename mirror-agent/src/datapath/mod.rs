@@ -673,15 +673,20 @@ impl Datapath {
         std::mem::take(&mut self.links)
     }
 
-    /// The kernel's ids of the three programs (as `bpftool prog show id N` lists them).
+    /// The kernel's ids of the programs loaded (as `bpftool prog show id N` lists them).
     pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
-        [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM, TC_COPY_PROGRAM]
-            .into_iter()
-            .filter_map(|name| {
-                let program = self.ebpf.program(name)?;
-                Some((name, program.info().ok()?.id()))
-            })
-            .collect()
+        [
+            TC_INGRESS_PROGRAM,
+            TC_EGRESS_PROGRAM,
+            XDP_PROGRAM,
+            TC_COPY_PROGRAM,
+        ]
+        .into_iter()
+        .filter_map(|name| {
+            let program = self.ebpf.program(name)?;
+            Some((name, program.info().ok()?.id()))
+        })
+        .collect()
     }
 
     /// The configuration generation this datapath was loaded for.
