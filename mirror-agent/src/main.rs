@@ -95,7 +95,12 @@ enum Command {
     Status {
         #[command(flatten)]
         socket: cli::AgentSocket,
-        /// Print the API's JSON.
+        /// Every agent answering in /run/mirror: the one on the default socket and each
+        /// quick-form run (`run -i …`), which has a socket of its own.
+        #[arg(long, conflicts_with_all = ["api_socket", "config"])]
+        all: bool,
+        /// Print the API's JSON (with --all: one object per socket, `socket` and `status` or
+        /// `error`).
         #[arg(long)]
         json: bool,
     },
@@ -163,7 +168,9 @@ struct RunArgs {
     /// Seconds between counter log lines; 0 disables them (overrides the file's value).
     #[arg(long)]
     stats_interval: Option<u64>,
-    /// The API's Unix socket (default /run/mirror/agent.sock; overrides the file's `api_socket`).
+    /// The API's Unix socket (overrides the file's `api_socket`; default /run/mirror/agent.sock
+    /// with --config, and a socket of the run's own, /run/mirror/run-PID.sock, for the quick
+    /// form, so that several run at once: `mirror-agent status --all` lists them).
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Serve Prometheus /metrics, /healthz and /readyz here, e.g. 10.0.0.5:9477 (overrides the
@@ -556,7 +563,10 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Capture(args) => runtime()?.block_on(cli::capture(args)),
-        Command::Status { socket, json } => {
+        Command::Status {
+            all: true, json, ..
+        } => runtime()?.block_on(cli::show_every_status(json)),
+        Command::Status { socket, json, .. } => {
             runtime()?.block_on(cli::show_status(&socket.path()?, json))
         }
         Command::Stats {
@@ -586,6 +596,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let stop_after = args.quick.count;
+    let quick_form = args.config.is_none();
     let mut loaded = match &args.config {
         Some(path) => LoadedConfig::read(path)?,
         None => LoadedConfig::from_config(args.quick.into_config(), "command line"),
@@ -618,7 +629,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         socket: args
             .api_socket
             .or_else(|| loaded.config.api_socket.clone())
-            .unwrap_or_else(|| api::DEFAULT_SOCKET.into()),
+            .unwrap_or_else(|| {
+                if quick_form {
+                    api::run_socket(std::process::id())
+                } else {
+                    api::DEFAULT_SOCKET.into()
+                }
+            }),
         metrics,
         metrics_json: args.metrics_json_routes || loaded.config.metrics_json_routes,
         pin_dir: args.pin_dir.or_else(|| loaded.config.pin_dir.clone()),

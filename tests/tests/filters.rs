@@ -593,3 +593,62 @@ fn a_taken_file_is_left_alone_and_the_log_names_the_file_written() {
     let says = format!("writing {}", written.display());
     assert!(log.iter().any(|l| l.contains(&says)), "{says} in {log:#?}");
 }
+
+/// Two quick-form runs at once, as two tcpdumps would be: each answers on a socket of its own,
+/// and `status --all` lists both.
+#[test]
+fn quick_form_runs_get_sockets_of_their_own_and_status_all_lists_them() {
+    let labs = [Lab::new("sock-a"), Lab::new("sock-b")];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agents: Vec<KilledOnDrop> = labs
+        .iter()
+        .map(|lab| {
+            let mut agent = KilledOnDrop(
+                Command::new("ip")
+                    .args(["netns", "exec", &lab.node.name])
+                    .arg(mirror_tests::agent_binary())
+                    .args(["run", "-i", "src0", "-w"])
+                    .arg(dir.path().join(format!("{}.pcap", lab.node.name)))
+                    .arg("udp")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("agent"),
+            );
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(agent.0.stdout.as_mut().expect("stdout")),
+                &mut line,
+            )
+            .expect("agent output");
+            assert!(line.contains("attached to"), "{line:?}");
+            agent
+        })
+        .collect();
+    let output = Command::new(mirror_tests::agent_binary())
+        .args(["status", "--all", "--json"])
+        .output()
+        .expect("status --all");
+    assert!(output.status.success(), "{output:?}");
+    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    for agent in &agents {
+        let socket = format!("/run/mirror/run-{}.sock", agent.0.id());
+        let entry = listed
+            .iter()
+            .find(|entry| entry["socket"] == socket.as_str())
+            .unwrap_or_else(|| panic!("{socket} in {listed:#?}"));
+        assert_eq!(entry["status"]["hooks_attached"], 2, "{entry}");
+    }
+    // A run that stops takes its socket with it.
+    for mut agent in agents {
+        let socket = format!("/run/mirror/run-{}.sock", agent.0.id());
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(i32::try_from(agent.0.id()).expect("pid"), libc::SIGINT) };
+        let status = agent.0.wait().expect("agent exit");
+        assert!(status.success(), "{status}");
+        assert!(!std::path::Path::new(&socket).exists(), "{socket} is left");
+    }
+}

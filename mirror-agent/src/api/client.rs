@@ -30,7 +30,8 @@ async fn request(
         .await
         .with_context(|| {
             format!(
-                "connecting to {} (is the agent running? --api-socket sets the path)",
+                "connecting to {} (is the agent running? --api-socket sets the path; quick-form \
+                 runs answer on sockets of their own: `mirror-agent status --all` lists them)",
                 socket.display()
             )
         })?;

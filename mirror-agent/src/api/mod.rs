@@ -47,6 +47,33 @@ pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// Where the API socket is unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mirror/agent.sock";
+/// The folder of the default socket and of the quick-form runs' sockets.
+pub const SOCKET_DIR: &str = "/run/mirror";
+
+/// A quick-form run's own socket, so that several run at once (`status --all` finds them).
+pub fn run_socket(pid: u32) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("run-{pid}.sock"))
+}
+
+/// The sockets in [`SOCKET_DIR`], sorted: the default one and the quick-form runs'.
+pub fn sockets_in_default_dir() -> anyhow::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(SOCKET_DIR) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {SOCKET_DIR}")),
+    };
+    let mut sockets: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_type()
+                .is_ok_and(|kind| std::os::unix::fs::FileTypeExt::is_socket(&kind))
+        })
+        .map(|entry| entry.path())
+        .collect();
+    sockets.sort();
+    Ok(sockets)
+}
 
 fn internal(error: &anyhow::Error) -> (StatusCode, String) {
     (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n"))
@@ -243,10 +270,10 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         ),
         Err(_) => {}
     }
-    // The default's folder (/run/mirror) is made when missing, root-only; one that exists is
+    // The default folder (/run/mirror) is made when missing, root-only; one that exists is
     // used as it is.
-    if path == Path::new(DEFAULT_SOCKET)
-        && let Some(dir) = path.parent()
+    if let Some(dir) = path.parent()
+        && dir == Path::new(SOCKET_DIR)
         && !dir.exists()
     {
         std::fs::DirBuilder::new()

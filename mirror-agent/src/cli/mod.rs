@@ -234,6 +234,36 @@ fn whole_blocks(stream: &[u8]) -> usize {
     whole
 }
 
+/// `mirror-agent status --all`: each socket in the default folder, and its agent's status (or
+/// why it does not answer: a killed agent's socket stays until the next one on it).
+pub(crate) async fn show_every_status(json: bool) -> anyhow::Result<()> {
+    let sockets = api::sockets_in_default_dir()?;
+    if sockets.is_empty() && !json {
+        println!("no agent socket in {}", api::SOCKET_DIR);
+    }
+    for socket in sockets {
+        let answer = api::get_from(&socket, "/status").await;
+        if json {
+            let line = match answer {
+                Ok(body) => serde_json::json!({
+                    "socket": socket,
+                    "status": serde_json::from_str::<serde_json::Value>(&body)
+                        .context("the agent's /status")?,
+                }),
+                Err(e) => serde_json::json!({ "socket": socket, "error": format!("{e:#}") }),
+            };
+            println!("{line}");
+            continue;
+        }
+        println!("{}:", socket.display());
+        match answer {
+            Ok(body) => print_status(&body)?,
+            Err(e) => println!("not answering: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
 /// `mirror-agent status`.
 pub(crate) async fn show_status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let body = api::get_from(socket, "/status").await?;
@@ -241,7 +271,12 @@ pub(crate) async fn show_status(socket: &std::path::Path, json: bool) -> anyhow:
         println!("{body}");
         return Ok(());
     }
-    let status: state::Status = serde_json::from_str(&body).context("the agent's /status")?;
+    print_status(&body)
+}
+
+/// A `/status` answer in lines.
+fn print_status(body: &str) -> anyhow::Result<()> {
+    let status: state::Status = serde_json::from_str(body).context("the agent's /status")?;
     println!(
         "mirror-agent {}: up {} s, configuration generation {}, {} hook(s) attached",
         status.version, status.uptime_seconds, status.generation, status.hooks_attached

@@ -85,6 +85,10 @@ const POD_RETRY_PERIOD: Duration = Duration::from_secs(2);
 pub async fn run(loaded: &LoadedConfig, plan: Plan, options: Options) -> anyhow::Result<()> {
     // Bound before anything is attached: a busy socket or port fails the start cleanly.
     let socket = api::bind_socket(&options.socket)?;
+    tracing::info!(
+        "API on {} (`mirror-agent status --api-socket {0}`)",
+        options.socket.display()
+    );
     let result = serve(loaded, plan, &options, socket).await;
     // Removed by the server when it ran; here when the start failed before it did.
     let _ = std::fs::remove_file(&options.socket);
