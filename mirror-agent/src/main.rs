@@ -165,6 +165,11 @@ struct RunArgs {
     /// Print the kernel rules each session became (on stderr) before attaching.
     #[arg(long)]
     explain: bool,
+    /// Check the sessions and print their kernel rules, as `mirror-agent check --explain`
+    /// does, then exit without attaching anything: a dry run of a filter, e.g. `run --check
+    /// -i eth0 -w x.pcap 'tcp port 443 and not net 10.0.0.0/8'`.
+    #[arg(long, conflicts_with = "explain")]
+    check: bool,
     /// Seconds between counter log lines; 0 disables them (overrides the file's value).
     #[arg(long)]
     stats_interval: Option<u64>,
@@ -248,12 +253,12 @@ struct QuickSession {
     write: Option<PathBuf>,
     /// With -w: write each copy to the file at once, as `tcpdump -U` (else at least every
     /// 100 ms).
-    #[arg(short = 'U', long, requires = "write")]
+    #[arg(short = 'U', long)]
     packet_buffered: bool,
     #[command(flatten)]
     _habits: TcpdumpHabits,
     /// With -w: stop after writing N copies, as `tcpdump -c N`.
-    #[arg(short = 'c', long = "count", value_name = "N", requires = "write", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(short = 'c', long = "count", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Shadow a service: the HTTP/1.x requests in the copies are replayed to this
     /// `http://HOST:PORT` and its answers dropped (the filter then defaults to `tcp`; give the
@@ -597,6 +602,29 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let stop_after = args.quick.count;
     let quick_form = args.config.is_none();
+    // clap's `requires` does not hold across the flattened flags: said here, with the reason.
+    if args.quick.write.is_none() {
+        for (given, flag, why) in [
+            (
+                stop_after.is_some(),
+                "-c",
+                "it counts the copies written to a file",
+            ),
+            (
+                args.quick.packet_buffered,
+                "-U",
+                "it flushes the file after each copy",
+            ),
+        ] {
+            if given {
+                return Err(UsageError(anyhow::anyhow!(
+                    "{flag} needs -w FILE: {why} (copies sent out of an interface or a tunnel \
+                     are not counted one by one)"
+                ))
+                .into());
+            }
+        }
+    }
     let mut loaded = match &args.config {
         Some(path) => LoadedConfig::read(path)?,
         None => LoadedConfig::from_config(args.quick.into_config(), "command line"),
@@ -617,6 +645,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             error
         }
     })?;
+    if args.check {
+        let source = args
+            .config
+            .as_deref()
+            .map_or_else(|| "command line".to_owned(), |c| c.display().to_string());
+        return cli::check_plan(&plan, &source, true);
+    }
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }

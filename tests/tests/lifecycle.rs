@@ -390,6 +390,11 @@ fn the_quick_form_takes_tcpdumps_habits() {
         (&["-i", "src0", "--to", "mir0", "-s", "64"][..], "snaplen"),
         (&["-i", "eth9", "--to", "mir0"], "`eth9` does not exist"),
         (&["-i", "src0", "tcp", "port", "80"], "--write"),
+        (
+            &["-i", "src0", "--to", "mir0", "-c", "3"],
+            "-c needs -w FILE",
+        ),
+        (&["-i", "src0", "--to", "mir0", "-U"], "-U needs -w FILE"),
     ] {
         let (code, _, stderr) = agent_command(&lab.node, &[&["run"][..], args].concat());
         assert_eq!(code, 2, "{args:?}: {stderr}");
@@ -443,4 +448,38 @@ fn the_quick_form_takes_tcpdumps_habits() {
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(agent.0.id().cast_signed(), libc::SIGINT) };
     assert!(agent.0.wait().expect("agent").success());
+}
+
+/// `run --check`: a dry run of the quick form's filter, in tcpdump's words; nothing attached or
+/// written, and its mistakes usage errors.
+#[test]
+fn run_check_is_a_dry_run() {
+    let lab = Lab::new("dry-run");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("never.pcap");
+    let dry_run = |filter: &str| {
+        agent_command(
+            &lab.node,
+            &[
+                "run",
+                "--check",
+                "-i",
+                "src0",
+                "-w",
+                file.to_str().expect("utf-8"),
+                filter,
+            ],
+        )
+    };
+    let (code, stdout, stderr) = dry_run("tcp port 443");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("mirror tcp and dst port 443")
+            && stdout.contains("command line: ok: 1 session(s), 2 rule(s), 2 hook(s)"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = dry_run("tcp port 443 and");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("column 17"), "{stderr}");
+    assert!(!file.exists());
 }

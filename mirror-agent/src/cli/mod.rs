@@ -16,11 +16,17 @@ use crate::{
 /// `mirror-agent check`: the plan, and what each session's target allows now.
 pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<()> {
     let plan = plan_on_host(&LoadedConfig::read(config)?)?;
+    check_plan(&plan, &config.display().to_string(), explain)
+}
+
+/// What `check` and `run --check` print of a plan made from `source`: its warnings, with
+/// `explain` its kernel rules, what each target allows now, and a summary line.
+pub(crate) fn check_plan(plan: &Plan, source: &str, explain: bool) -> anyhow::Result<()> {
     for warning in &plan.warnings {
         eprintln!("warning: {warning}");
     }
     if explain {
-        print!("{}", self::explain(&plan));
+        print!("{}", self::explain(plan));
     }
     for session in &plan.sessions {
         if let Some(selector) = &session.pods {
@@ -38,8 +44,7 @@ pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<(
         }
     }
     println!(
-        "{}: ok: {} session(s), {} rule(s), {} hook(s)",
-        config.display(),
+        "{source}: ok: {} session(s), {} rule(s), {} hook(s)",
         plan.sessions.len(),
         plan.rules.len() - plan.sessions.len(),
         plan.sessions
