@@ -257,6 +257,13 @@ struct QuickSession {
     packet_buffered: bool,
     #[command(flatten)]
     _habits: TcpdumpHabits,
+    /// With -w: start a new file once this one holds `FILE_SIZE` million bytes (1,000,000), as
+    /// `tcpdump -C`: FILE-000001.pcap, FILE-000002.pcap, …
+    #[arg(short = 'C', value_name = "FILE_SIZE", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rotate_millions: Option<u64>,
+    /// With -C: keep only the newest N files, as `tcpdump -W N`.
+    #[arg(short = 'W', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    rotate_count: Option<u64>,
     /// With -w: stop after writing N copies, as `tcpdump -c N`.
     #[arg(short = 'c', long = "count", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
@@ -366,13 +373,45 @@ struct TcpdumpHabits {
 }
 
 impl QuickSession {
+    /// The file flags without `-w`, or `-W` without `-C`: usage errors, with the reason (clap's
+    /// `requires` does not hold across the flattened flags).
+    fn check_file_flags(&self) -> anyhow::Result<()> {
+        if self.rotate_count.is_some() && self.rotate_millions.is_none() {
+            return Err(UsageError(anyhow::anyhow!(
+                "-W needs -C FILE_SIZE: it is how many of the rotated files to keep"
+            ))
+            .into());
+        }
+        if self.write.is_none() {
+            for (given, flag, why) in [
+                (
+                    self.count.is_some(),
+                    "-c",
+                    "it counts the copies written to a file (copies sent out of an interface \
+                     or a tunnel are not counted one by one)",
+                ),
+                (
+                    self.packet_buffered,
+                    "-U",
+                    "it flushes the file after each copy",
+                ),
+                (self.rotate_millions.is_some(), "-C", "it rotates the file"),
+            ] {
+                if given {
+                    return Err(UsageError(anyhow::anyhow!("{flag} needs -w FILE: {why}")).into());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The target its flags name (clap lets exactly one through).
     fn target(&self) -> TargetConfig {
         let file = |path: PathBuf| {
             TargetConfig::File(FileConfig {
                 path,
-                rotate_bytes: None,
-                rotate_count: None,
+                rotate_bytes: self.rotate_millions.map(|millions| millions * 1_000_000),
+                rotate_count: self.rotate_count,
                 packet_buffered: self.packet_buffered,
             })
         };
@@ -602,29 +641,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let stop_after = args.quick.count;
     let quick_form = args.config.is_none();
-    // clap's `requires` does not hold across the flattened flags: said here, with the reason.
-    if args.quick.write.is_none() {
-        for (given, flag, why) in [
-            (
-                stop_after.is_some(),
-                "-c",
-                "it counts the copies written to a file",
-            ),
-            (
-                args.quick.packet_buffered,
-                "-U",
-                "it flushes the file after each copy",
-            ),
-        ] {
-            if given {
-                return Err(UsageError(anyhow::anyhow!(
-                    "{flag} needs -w FILE: {why} (copies sent out of an interface or a tunnel \
-                     are not counted one by one)"
-                ))
-                .into());
-            }
-        }
-    }
+    args.quick.check_file_flags()?;
     let mut loaded = match &args.config {
         Some(path) => LoadedConfig::read(path)?,
         None => LoadedConfig::from_config(args.quick.into_config(), "command line"),
@@ -710,11 +727,8 @@ fn tcpdump_advice(error: &clap::Error) -> Option<String> {
         "-r" => "mirror-agent does not read capture files: `tcpdump -r IN -w OUT FILTER` selects \
                  from one"
             .to_owned(),
-        "-C" => "`-C` (rotation by size) is `target = { file = { path = \"…\", rotate_bytes = \
-                 N, rotate_count = M } }` in a configuration file (`--config`)"
-            .to_owned(),
-        "-G" => "`-G` (rotation by time) is not offered: rotate by size with `rotate_bytes` in a \
-                 configuration file (`--config`)"
+        "-G" => "`-G` (rotation by time) is not offered: rotate by size with `-C FILE_SIZE` \
+                 (millions of bytes) and `-W N`"
             .to_owned(),
         _ => return None,
     })

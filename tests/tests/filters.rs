@@ -652,3 +652,64 @@ fn quick_form_runs_get_sockets_of_their_own_and_status_all_lists_them() {
         assert!(!std::path::Path::new(&socket).exists(), "{socket} is left");
     }
 }
+
+/// `-C 1 -W 2`, as tcpdump's: a new file after each million bytes, the newest two kept.
+#[test]
+fn the_quick_form_rotates_by_size_and_keeps_the_newest_files() {
+    let lab = Lab::new("rotate");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let named = dir.path().join("r.pcap");
+    let payload = [0x5a; 1000];
+    let frame = mirror_tests::udp_v4_frame(
+        mirror_tests::SRC_MAC,
+        mirror_tests::NODE_SRC_MAC,
+        5000,
+        &payload,
+    );
+    // Four files' worth: a pcap record is the frame and 16 bytes.
+    let per_file = 1_000_000usize.div_ceil(frame.len() + 16);
+    let count = 4 * per_file - 10;
+    let mut agent = quick_form(
+        &lab,
+        dir.path(),
+        &[
+            "-C".as_ref(),
+            "1".as_ref(),
+            "-W".as_ref(),
+            "2".as_ref(),
+            "-c".as_ref(),
+            count.to_string().as_ref(),
+            "-w".as_ref(),
+            named.as_os_str(),
+            "udp port 5000".as_ref(),
+        ],
+        Stdio::null(),
+    );
+    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
+    assert!(line.contains("attached to"), "{line:?}");
+    let sender = FrameSender::open(&lab.src, "eth0");
+    for _ in 0..count {
+        sender.send(&frame);
+    }
+    mirror_tests::wait_for("the agent to stop after its count", || {
+        agent.0.try_wait().expect("agent status").is_some()
+    });
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("the folder")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("r-"))
+        .collect();
+    files.sort();
+    assert_eq!(files, ["r-000003.pcap", "r-000004.pcap"]);
+    let newest = mirror_tests::pcap_frames(&dir.path().join(&files[1]));
+    let full = mirror_tests::pcap_frames(&dir.path().join(&files[0]));
+    assert_eq!(
+        full.len(),
+        per_file,
+        "a file ends at its first record past a million bytes"
+    );
+    assert_eq!(newest.len(), count - 3 * per_file);
+    assert!(full.iter().chain(&newest).all(|copy| *copy == frame));
+}

@@ -373,7 +373,6 @@ fn the_quick_form_takes_tcpdumps_habits() {
         (&["-vv"][..], "changes how tcpdump prints packets"),
         (&["-X"], "changes how tcpdump prints packets"),
         (&["-r", "in.pcap"], "does not read capture files"),
-        (&["-C", "10"], "rotate_bytes"),
         (&["-G", "60"], "not offered"),
     ] {
         let (code, _, stderr) = agent_command(
