@@ -154,7 +154,7 @@ struct RunArgs {
     #[arg(
         long,
         conflicts_with_all = ["iface", "target"],
-        required_unless_present_any = ["target", "iface", "list_interfaces"]
+        required_unless_present_any = ["target", "iface", "list_interfaces", "read"]
     )]
     config: Option<PathBuf>,
     /// List the interfaces the agent could watch, as `tcpdump -D` does, and exit.
@@ -257,6 +257,14 @@ struct QuickSession {
     packet_buffered: bool,
     #[command(flatten)]
     _habits: TcpdumpHabits,
+    /// Read the frames of this capture file (pcap or pcapng) instead of watching interfaces, and
+    /// write those the FILTER selects to -w, as `tcpdump -r IN -w OUT FILTER`; nothing is
+    /// attached.
+    #[arg(short = 'r', long = "read", value_name = "FILE", conflicts_with_all = [
+        "iface", "to", "shadow", "to_vxlan", "to_geneve", "to_gre", "to_erspan", "ethertype",
+        "vlan", "proto", "src", "dst", "src_port", "dst_port", "direction", "hook",
+    ])]
+    read: Option<PathBuf>,
     /// With -w: start a new file once this one holds `FILE_SIZE` million bytes (1,000,000), as
     /// `tcpdump -C`: FILE-000001.pcap, FILE-000002.pcap, …
     #[arg(short = 'C', value_name = "FILE_SIZE", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -639,6 +647,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(input) = &args.quick.read {
+        return select_from_file(input, &args.quick);
+    }
     let stop_after = args.quick.count;
     let quick_form = args.config.is_none();
     args.quick.check_file_flags()?;
@@ -705,6 +716,35 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime()?.block_on(daemon::run(&loaded, plan, options))
 }
 
+/// `run -r IN -w OUT [FILTER]`: the frames of IN that FILTER selects, into OUT.
+fn select_from_file(input: &std::path::Path, quick: &QuickSession) -> anyhow::Result<()> {
+    quick.check_file_flags()?;
+    if quick.write.is_none() {
+        return Err(UsageError(anyhow::anyhow!(
+            "-r needs -w FILE: it writes the frames the filter selects"
+        ))
+        .into());
+    }
+    let filter = quick.filter.join(" ");
+    let selector = (!filter.trim().is_empty())
+        .then(|| rules::filter::compile(&filter).map(rules::filter::Filter::into_selector))
+        .transpose()
+        .map_err(|e| UsageError(anyhow::anyhow!("filter `{filter}`: {e}")))?;
+    let TargetConfig::File(file) = quick.target() else {
+        unreachable!("-w is a file target");
+    };
+    let mut out = targets::file::PcapFile::open(&file.path, file.rotate_bytes, file.rotate_count)?;
+    out.packet_buffered = file.packet_buffered;
+    let selection = cli::read::select(input, selector.as_ref(), out, quick.count)?;
+    eprintln!(
+        "mirror-agent: {} of {} frame(s) of {} selected",
+        selection.selected,
+        selection.read,
+        input.display()
+    );
+    Ok(())
+}
+
 /// What to do instead, for a tcpdump flag the agent does not take (clap would advise `-- -v`,
 /// which makes it filter text).
 fn tcpdump_advice(error: &clap::Error) -> Option<String> {
@@ -724,9 +764,6 @@ fn tcpdump_advice(error: &clap::Error) -> Option<String> {
             "`{flag}` changes how tcpdump prints packets, and mirror-agent prints none: it writes \
              them (`-w FILE`); to read them decoded, `-w - | tshark -r - -V`"
         ),
-        "-r" => "mirror-agent does not read capture files: `tcpdump -r IN -w OUT FILTER` selects \
-                 from one"
-            .to_owned(),
         "-G" => "`-G` (rotation by time) is not offered: rotate by size with `-C FILE_SIZE` \
                  (millions of bytes) and `-W N`"
             .to_owned(),

@@ -713,3 +713,57 @@ fn the_quick_form_rotates_by_size_and_keeps_the_newest_files() {
     assert_eq!(newest.len(), count - 3 * per_file);
     assert!(full.iter().chain(&newest).all(|copy| *copy == frame));
 }
+
+/// `run -r IN -w OUT FILTER` selects from a file what tcpdump selects from it, from pcap and from
+/// pcapng, with nothing attached.
+#[test]
+fn reading_a_file_selects_what_tcpdump_selects() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let frames = replayed();
+    let all = dir.path().join("replayed.pcap");
+    write_pcap(&all, &frames);
+    let select = |input: &Path, output: &Path, expression: &str| {
+        let output = Command::new(mirror_tests::agent_binary())
+            .arg("run")
+            .arg("-r")
+            .arg(input)
+            .arg("-w")
+            .arg(output)
+            .arg(expression)
+            .output()
+            .expect("the agent");
+        assert!(output.status.success(), "`{expression}`: {output:?}");
+    };
+    // The same frames as pcapng, written by `-r` itself: every frame, with no filter.
+    let as_pcapng = dir.path().join("replayed.pcapng");
+    select(&all, &as_pcapng, "");
+    let read_back: Vec<Vec<u8>> = mirror_tests::capture_file_frames(&as_pcapng)
+        .into_iter()
+        .map(|(_, frame)| frame)
+        .collect();
+    assert_eq!(read_back, frames);
+    let mut expressions: Vec<String> = WRITTEN.iter().map(ToString::to_string).collect();
+    expressions.extend(random_expressions(&frames, 100));
+    for (index, expression) in expressions.iter().enumerate() {
+        let selected = tcpdump_selects(
+            &all,
+            expression,
+            &dir.path().join(format!("tcpdump-{index}.pcap")),
+        );
+        for (input, kind) in [(&all, "pcap"), (&as_pcapng, "pcapng")] {
+            let output = dir.path().join(format!("agent-{index}-{kind}.pcap"));
+            select(input, &output, expression);
+            let (ours, theirs) = if names_address(expression) {
+                let without_arp =
+                    |frames: Vec<Vec<u8>>| frames.into_iter().filter(|f| !is_arp(f)).collect();
+                (
+                    without_arp(pcap_frames(&output)),
+                    without_arp(selected.clone()),
+                )
+            } else {
+                (pcap_frames(&output), selected.clone())
+            };
+            assert_same_frames(&format!("`{expression}` from {kind}"), ours, theirs);
+        }
+    }
+}

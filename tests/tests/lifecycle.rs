@@ -372,7 +372,6 @@ fn the_quick_form_takes_tcpdumps_habits() {
     for (args, advice) in [
         (&["-vv"][..], "changes how tcpdump prints packets"),
         (&["-X"], "changes how tcpdump prints packets"),
-        (&["-r", "in.pcap"], "does not read capture files"),
         (&["-G", "60"], "not offered"),
     ] {
         let (code, _, stderr) = agent_command(
@@ -394,6 +393,7 @@ fn the_quick_form_takes_tcpdumps_habits() {
             "-c needs -w FILE",
         ),
         (&["-i", "src0", "--to", "mir0", "-U"], "-U needs -w FILE"),
+        (&["-r", "in.pcap", "udp"], "-r needs -w FILE"),
     ] {
         let (code, _, stderr) = agent_command(&lab.node, &[&["run"][..], args].concat());
         assert_eq!(code, 2, "{args:?}: {stderr}");

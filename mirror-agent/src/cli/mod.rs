@@ -1,5 +1,7 @@
 //! What the command line prints: `check`'s plan, and the running agent's status and counters
 //! (`status`, `stats`, `stats --watch`) read through its API socket.
+pub(crate) mod read;
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
