@@ -9,12 +9,38 @@ use toml::Spanned;
 use crate::targets::TargetConfig;
 pub use crate::values::{Cidr, Ethertype, IpProto, PortRange, Vlan};
 
-/// A configuration error with its place in the file.
+/// A configuration error with its place in the file, and the others the same pass found.
 #[derive(Debug, thiserror::Error)]
-#[error("{location}: {message}")]
 pub struct ConfigError {
     pub location: Location,
     pub message: String,
+    /// Further errors of the file, one line each after this one.
+    pub also: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)?;
+        self.also
+            .iter()
+            .try_for_each(|error| write!(f, "\n{error}"))
+    }
+}
+
+impl ConfigError {
+    /// The errors of one pass over a file as one error, in the order found; `Ok` when there is
+    /// none.
+    pub fn gather(errors: Vec<ConfigError>) -> Result<(), ConfigError> {
+        let mut errors = errors.into_iter().flat_map(|mut error| {
+            let also = std::mem::take(&mut error.also);
+            std::iter::once(error).chain(also)
+        });
+        let Some(mut first) = errors.next() else {
+            return Ok(());
+        };
+        first.also.extend(errors);
+        Err(first)
+    }
 }
 
 /// `file:line:column`, or just the file when the place is unknown.
@@ -339,6 +365,7 @@ impl LoadedConfig {
                 line_col: None,
             },
             message,
+            also: Vec::new(),
         };
         let mut text = String::new();
         std::fs::File::open(path)
@@ -353,21 +380,32 @@ impl LoadedConfig {
         Self::parse(file, text)
     }
 
-    /// Parses text that came from `file`.
+    /// Parses text that came from `file`. A file that does not parse is read again for every
+    /// error it has: its syntax errors, or else the top level's and each session's on their own
+    /// (serde stops at the first).
     pub fn parse(file: String, text: String) -> Result<Self, ConfigError> {
-        match toml::from_str::<Config>(&text) {
-            Ok(config) => Ok(Self { config, file, text }),
-            Err(e) => {
-                let location = Location {
+        let first = match toml::from_str::<Config>(&text) {
+            Ok(config) => return Ok(Self { config, file, text }),
+            Err(e) => e,
+        };
+        let error = |e: &toml::de::Error| {
+            let span = e.span();
+            ConfigError {
+                location: Location {
                     file: file.clone(),
-                    line_col: e.span().map(|span| line_col(&text, span.start)),
-                };
-                Err(ConfigError {
-                    location,
-                    message: e.message().to_owned(),
-                })
+                    line_col: span.clone().map(|span| line_col(&text, span.start)),
+                },
+                message: in_words(e.message(), span.map(|span| (text.as_str(), span))),
+                also: Vec::new(),
             }
+        };
+        let mut errors: Vec<ConfigError> = every_error(&text).iter().map(error).collect();
+        if errors.is_empty() {
+            errors.push(error(&first));
         }
+        errors.sort_by_key(|error| error.location.line_col);
+        ConfigError::gather(errors)?;
+        unreachable!("a failed parse has an error")
     }
 
     /// A configuration built in memory (the CLI's quick form): errors point at the command line.
@@ -400,6 +438,7 @@ impl LoadedConfig {
                 line_col: None,
             },
             message: message.into(),
+            also: Vec::new(),
         }
     }
 
@@ -408,7 +447,99 @@ impl LoadedConfig {
         ConfigError {
             location: self.location(span),
             message: message.into(),
+            also: Vec::new(),
         }
+    }
+}
+
+/// The errors of a file that does not parse, each part on its own: the syntax errors, or else
+/// the top level's (without its sessions), each session's (without its rules) and each rule's.
+fn every_error(text: &str) -> Vec<toml::de::Error> {
+    let (document, syntax) = toml::de::DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        return syntax;
+    }
+    let mut errors = Vec::new();
+    for session in errors_apart::<Config>(document, "session", &mut errors) {
+        let Some(table) = session.get_ref().as_table() else {
+            continue;
+        };
+        let table = Spanned::new(session.span(), table.clone());
+        for rule in errors_apart::<SessionConfig>(table, "rule", &mut errors) {
+            errors.extend(RuleConfig::deserialize(toml::de::ValueDeserializer::from(rule)).err());
+        }
+    }
+    errors
+}
+
+/// Deserializes `table` as a `T` without its list `key`, adding the error, if any, to `errors`;
+/// the list's items, for their own checks.
+fn errors_apart<'i, T: serde::de::DeserializeOwned>(
+    table: Spanned<toml::de::DeTable<'i>>,
+    key: &str,
+    errors: &mut Vec<toml::de::Error>,
+) -> Vec<Spanned<toml::de::DeValue<'i>>> {
+    let span = table.span();
+    let mut table = table.into_inner();
+    let found = table
+        .iter()
+        .map(|(k, _)| k)
+        .find(|k| k.get_ref() == key)
+        .cloned();
+    let items = found.and_then(|found| table.remove(&found));
+    errors.extend(T::deserialize(toml::de::Deserializer::from(Spanned::new(span, table))).err());
+    match items.map(Spanned::into_inner) {
+        Some(toml::de::DeValue::Array(items)) => items.into_iter().collect(),
+        // Not a list: the whole file's parse said so.
+        _ => Vec::new(),
+    }
+}
+
+/// serde's words for the types a key takes, in the words of the file's reader.
+const EXPECTED: &[(&str, &str)] = &[
+    ("u8", "a whole number from 0 to 255"),
+    ("u16", "a whole number from 0 to 65535"),
+    ("u32", "a whole number from 0 to 4294967295"),
+    ("u64", "a whole number from 0 up"),
+    ("i64", "a whole number"),
+    ("a boolean", "true or false"),
+    ("a sequence", "a list, `[…]`"),
+];
+
+/// A parse error's message with the key it is about (the key at `span`, or the key whose value
+/// is there) and the expected type in words: "`snaplen`: invalid type: string \"big\", expected
+/// a whole number from 0 to 4294967295".
+fn in_words(message: &str, at: Option<(&str, std::ops::Range<usize>)>) -> String {
+    let mut message = EXPECTED
+        .iter()
+        .fold(message.to_owned(), |message, (code, words)| {
+            message.replace(&format!("expected {code}"), &format!("expected {words}"))
+        });
+    let Some((text, span)) = at else {
+        return message;
+    };
+    let here = text.get(span.clone()).unwrap_or("").trim();
+    if message == "duplicate key" {
+        let _ = std::fmt::Write::write_fmt(&mut message, format_args!(" `{here}`"));
+        return message;
+    }
+    // The key whose value starts at the span: `key = value`, also inside an inline table.
+    let line_start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |at| at + 1);
+    let key = text[line_start..span.start.min(text.len())]
+        .trim_end()
+        .strip_suffix('=')
+        .and_then(|before| {
+            before
+                .trim_end()
+                .rsplit(|c: char| c == '{' || c == ',' || c.is_whitespace())
+                .next()
+        })
+        .filter(|key| !key.is_empty() && !message.contains(&format!("`{key}`")));
+    match key {
+        Some(key) => format!("`{key}`: {message}"),
+        None => message,
     }
 }
 

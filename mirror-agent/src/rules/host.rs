@@ -24,19 +24,18 @@ pub fn plan_selecting(
     let interfaces = crate::targets::interface::present()?;
     let plan = plan(loaded, &interfaces, pods)?;
     // The collectors this host cannot send to, at the target that names them.
-    for (session, config) in plan.sessions.iter().zip(&loaded.config.sessions) {
-        if let Some(why) = session
-            .target
-            .tunnel()
-            .and_then(crate::targets::tunnel::refused_on_host)
-        {
-            return Err(loaded
-                .error(
-                    config.get_ref().target.span(),
-                    format!("session `{}`: {why}", session.name),
-                )
-                .into());
-        }
-    }
+    let refused = plan
+        .sessions
+        .iter()
+        .zip(&loaded.config.sessions)
+        .filter_map(|(session, config)| {
+            let why = crate::targets::tunnel::refused_on_host(session.target.tunnel()?)?;
+            Some(loaded.error(
+                config.get_ref().target.span(),
+                format!("session `{}`: {why}", session.name),
+            ))
+        })
+        .collect();
+    crate::config::ConfigError::gather(refused)?;
     Ok(plan)
 }

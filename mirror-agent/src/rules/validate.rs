@@ -36,7 +36,10 @@ pub fn plan(
         return Err(loaded.error(extra.span(), format!("more than {MAX_SESSIONS} sessions")));
     }
     let mut warnings = Vec::new();
-    let sessions = resolve_sessions(loaded, interfaces, pods, &mut warnings)?;
+    // Every error of the file in one pass: each session and rule is checked even after one
+    // failed.
+    let mut errors = Vec::new();
+    let sessions = resolve_sessions(loaded, interfaces, pods, &mut warnings, &mut errors);
     let guards = tunnel_guards(&sessions);
     // Counted before any rule is looked at: an oversized file is refused at once.
     let count = config
@@ -57,7 +60,13 @@ pub fn plan(
             ..guard.clone()
         }));
         let session = spanned.get_ref();
-        let own = session_rules(loaded, index, session, &mut hidden)?;
+        let own = match session_rules(loaded, index, session, &mut hidden) {
+            Ok(own) => own,
+            Err(error) => {
+                errors.push(error);
+                continue;
+            }
+        };
         if let Some(filter) = &session.filter
             && own.iter().all(|r| r.action == ActionConfig::Skip)
         {
@@ -78,22 +87,34 @@ pub fn plan(
         )));
     }
     warnings.extend(hidden.into_warnings());
-    refuse_watched_targets(loaded, &sessions)?;
-    let tables = compile(&sessions, &rules);
+    // The loop check reads every session's place: only when all of them resolved.
+    if sessions.len() == config.sessions.len()
+        && let Err(error) = refuse_watched_targets(loaded, &sessions)
+    {
+        errors.push(error);
+    }
     let node_rate = match &config.node_rate_limit {
-        Some(limit) => rate_limit(loaded, limit)?,
+        Some(limit) => rate_limit(loaded, limit).unwrap_or_else(|error| {
+            errors.push(error);
+            RateLimit::default()
+        }),
         None => RateLimit::default(),
     };
     let copy_ring_bytes = match &config.copy_ring_bytes {
         Some(bytes) if !bytes.get_ref().is_power_of_two() || *bytes.get_ref() < 4096 => {
-            return Err(loaded.error(
+            errors.push(loaded.error(
                 bytes.span(),
                 "copy_ring_bytes must be a power of two of at least 4096",
             ));
+            DEFAULT_COPY_RING_BYTES
         }
         Some(bytes) => *bytes.get_ref(),
         None => DEFAULT_COPY_RING_BYTES,
     };
+    // In the file's order.
+    errors.sort_by_key(|error| error.location.line_col);
+    ConfigError::gather(errors)?;
+    let tables = compile(&sessions, &rules);
     Ok(Plan {
         sessions,
         node_rate,
@@ -104,33 +125,38 @@ pub fn plan(
     })
 }
 
-/// Every session, its name unique, its target and what it watches checked.
+/// Every session, its name unique, its target and what it watches checked: those that pass,
+/// and the errors of the others.
 fn resolve_sessions(
     loaded: &LoadedConfig,
     interfaces: &[Interface],
     pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
     warnings: &mut Vec<String>,
-) -> Result<Vec<Session>, ConfigError> {
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Session> {
     let mut sessions = Vec::new();
     let mut names = HashMap::new();
     for spanned in &loaded.config.sessions {
         let session = spanned.get_ref();
         let name = session.name.get_ref();
         if name.is_empty() {
-            return Err(loaded.error(session.name.span(), "a session name must not be empty"));
+            errors.push(loaded.error(session.name.span(), "a session name must not be empty"));
+            continue;
         }
         if let Some(first) = names.insert(name.clone(), session.name.span()) {
             let at = loaded.location(first);
-            return Err(loaded.error(
+            errors.push(loaded.error(
                 session.name.span(),
                 format!("session name `{name}` is already used at {at}"),
             ));
+            continue;
         }
-        sessions.push(resolve_session(
-            loaded, session, interfaces, pods, warnings,
-        )?);
+        match resolve_session(loaded, session, interfaces, pods, warnings) {
+            Ok(resolved) => sessions.push(resolved),
+            Err(error) => errors.push(error),
+        }
     }
-    Ok(sessions)
+    sessions
 }
 
 /// The rules that keep the outer packets of every tunnel target (UDP to the collector's address
@@ -446,9 +472,10 @@ fn session_rules(
     }
     let mut ordered: Vec<_> = session.rules.iter().collect();
     ordered.sort_by_key(|r| r.get_ref().number);
+    let mut errors = Vec::new();
     for pair in ordered.windows(2) {
         if pair[0].get_ref().number == pair[1].get_ref().number {
-            return Err(loaded.error(
+            errors.push(loaded.error(
                 pair[1].span(),
                 format!(
                     "rule number {} is used twice in session `{name}` (also at {})",
@@ -460,13 +487,19 @@ fn session_rules(
     }
     let mut rules: Vec<Rule> = Vec::with_capacity(ordered.len() + 1);
     for spanned_rule in ordered {
-        let expanded = validate_rule(index, spanned_rule.get_ref())
-            .map_err(|message| loaded.error(spanned_rule.span(), message))?;
+        let expanded = match validate_rule(index, spanned_rule.get_ref()) {
+            Ok(expanded) => expanded,
+            Err(message) => {
+                errors.push(loaded.error(spanned_rule.span(), message));
+                continue;
+            }
+        };
         for rule in expanded {
             hidden.check(loaded, spanned_rule.span(), &rules, &rule, name);
             rules.push(rule);
         }
     }
+    ConfigError::gather(errors)?;
     rules.push(Rule {
         session: index,
         action: session

@@ -225,7 +225,10 @@ fn refuses_out_of_range_tunnel_ids_where_they_are_written() {
             "erspan = { remote = \"192.0.2.9\", session_id = 1024 }",
             "`1024` is not an ERSPAN session id (0..1023)",
         ),
-        ("gre = { remote = \"192.0.2.9\", key = -1 }", "u32"),
+        (
+            "gre = { remote = \"192.0.2.9\", key = -1 }",
+            "`key`: invalid value: integer `-1`, expected a whole number from 0 to 4294967295",
+        ),
     ] {
         let text = format!("{HEAD}interfaces = [\"eth0\"]\ntarget = {{ {target} }}\n");
         let error = LoadedConfig::parse("t.toml".into(), text)
@@ -466,5 +469,55 @@ fn warns_about_filters_that_select_nothing() {
             .expect("valid")
             .warnings
             .is_empty()
+    );
+}
+
+/// `check` gives every error of a file in one pass, in the file's order, each at its place and
+/// naming its key; types in words.
+#[test]
+fn every_error_of_a_file_comes_in_one_pass() {
+    // Errors serde finds: one per session and one per rule, not only the first of the file.
+    let parse_errors = plan_error(
+        "[[session]]\nname = \"a\"\ninterfaces = [\"eth0\"]\ntarget = { interface = \"mir0\" }\n\
+         snaplen = \"big\"\n[[session.rule]]\nnumber = 1\naction = \"mirror\"\ndst_port = 70000\n\
+         [[session.rule]]\nnumber = -1\naction = \"mirror\"\n\
+         [[session]]\ninterfaces = [\"eth0\"]\ntarget = { interface = \"mir0\" }\n",
+    );
+    let lines: Vec<&str> = parse_errors.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "t.toml:5:11: `snaplen`: invalid type: string \"big\", expected a whole number from 0 to 4294967295",
+            "t.toml:9:12: `dst_port`: `70000` is not a port or port range (0..65535, `low-high` with low <= high)",
+            "t.toml:11:10: `number`: invalid value: integer `-1`, expected a whole number from 0 to 4294967295",
+            "t.toml:13:1: missing field `name`",
+        ],
+        "{parse_errors}"
+    );
+    assert_eq!(
+        plan_error("[[session]]\nname = \"a\"\nname = \"b\"\n"),
+        "t.toml:3:1: duplicate key `name`"
+    );
+    // Errors validation finds: every session and rule is checked.
+    let plan_errors = plan_error(&format!(
+        "{HEAD}interfaces = [\"eth9\"]\ntarget = {{ interface = \"mir0\" }}\n\
+         [[session]]\nname = \"b\"\ninterfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n\
+         [[session.rule]]\nnumber = 1\naction = \"mirror\"\n\
+         [[session.rule]]\nnumber = 1\naction = \"skip\"\n\
+         [[session]]\nname = \"b\"\ninterfaces = [\"eth0\"]\ntarget = {{ interface = \"mir0\" }}\n"
+    ));
+    let lines: Vec<&str> = plan_errors.lines().collect();
+    assert_eq!(lines.len(), 3, "{plan_errors}");
+    assert!(
+        lines[0].starts_with("t.toml:3:") && lines[0].contains("`eth9`"),
+        "{plan_errors}"
+    );
+    assert!(
+        lines[1].starts_with("t.toml:12:") && lines[1].contains("used twice"),
+        "{plan_errors}"
+    );
+    assert!(
+        lines[2].starts_with("t.toml:16:") && lines[2].contains("already used"),
+        "{plan_errors}"
     );
 }
