@@ -16,7 +16,7 @@ use mirror_tests::{
     Agent, Capture, Collector, Lab, SINK_V4, SINK_V6, SRC_V4, SRC_V6, is_sentinel, udp_socket,
 };
 
-pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
+pub fn run(agent_binary: &Path, json: bool) -> anyhow::Result<()> {
     let config_path = crate::root().join("examples/lab.toml");
     let config = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
@@ -46,6 +46,56 @@ pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
     let agent = Agent::start(&lab.node, agent_binary, &config);
     println!("agent running in {}", lab.node.name);
 
+    let (mut tcpdump, lines) = start_tcpdump(&lab)?;
+
+    println!(
+        "\nsending: UDP to ports 5552, 5553 (skipped by a skip rule), 5554 over IPv4 and IPv6, 5600 (no rule); a TCP exchange on port 8443"
+    );
+    send_traffic(&lab)?;
+    println!(
+        "\ncopies seen by tcpdump on the mirror side ({}/eth0):",
+        lab.mon.name
+    );
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .context("tcpdump went quiet before the end-of-demo marker")?;
+        println!("  {line}");
+        if line.contains(".9: UDP") {
+            break;
+        }
+    }
+    let _ = tcpdump.kill();
+    let _ = tcpdump.wait();
+    // The collector handles datagrams in order: once the marker is out of its tap, it has all.
+    collected.until_nth(1, is_sentinel);
+    let summary = collector.stop();
+    println!("\nthe VXLAN collector's summary:\n{}", summary.text);
+    println!("its file, decoded by tshark:");
+    print_decoded(&summary.file)?;
+    let report = agent.stop().json();
+    if json {
+        println!(
+            "\nagent stopped; its final counters (`run --json`):\n{}",
+            serde_json::to_string_pretty(&report)?
+        );
+    } else {
+        println!(
+            "\nagent stopped; its counters per session (`cargo xtask lab --json`: all of them):\n{}",
+            session_table(&report)
+        );
+    }
+    // The XDP session's file, complete once the agent has stopped.
+    let xdp_file = "/tmp/mirror-lab-xdp.pcapng";
+    println!("the XDP session's file ({xdp_file}, what sink0 received), decoded by tshark:");
+    print_decoded(Path::new(xdp_file))?;
+    let _ = std::fs::remove_file(xdp_file);
+    println!("namespaces removed. Run `mirror-agent run --help` for the quick CLI form.");
+    Ok(())
+}
+
+/// tcpdump on the mirror side, listening once this returns; its lines as they come.
+fn start_tcpdump(lab: &Lab) -> anyhow::Result<(std::process::Child, mpsc::Receiver<String>)> {
     let mut tcpdump = Command::new("ip")
         .args([
             "netns",
@@ -80,43 +130,43 @@ pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
             }
         }
     });
+    Ok((tcpdump, lines))
+}
 
-    println!(
-        "\nsending: UDP to ports 5552, 5553 (skipped by rule 20), 5554 over IPv4 and IPv6, 5600 (no rule); a TCP exchange on port 8443"
+/// The report's sessions as `mirror-agent stats` shows them: packets seen (decided), skipped (by
+/// a skip rule or the default), mirrored, and copies not sent.
+fn session_table(report: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "  {:<12} {:>6} {:>8} {:>9} {:>9}\n",
+        "session", "seen", "skipped", "mirrored", "not_sent"
     );
-    send_traffic(&lab)?;
-    println!(
-        "\ncopies seen by tcpdump on the mirror side ({}/eth0):",
-        lab.mon.name
-    );
-    loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(10))
-            .context("tcpdump went quiet before the end-of-demo marker")?;
-        println!("  {line}");
-        if line.contains(".9: UDP") {
-            break;
-        }
+    let count = |value: &serde_json::Value| value.as_u64().unwrap_or(0);
+    for session in report["stats"]["sessions"].as_array().into_iter().flatten() {
+        let counters = &session["counters"];
+        let skipped: u64 = session["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|rule| rule["action"] == "skip")
+            .map(|rule| count(&rule["counters"]["matched"]))
+            .sum();
+        let not_sent: u64 = mirror_common::Counters::FIELDS
+            .iter()
+            .filter(|field| field.metric == mirror_common::Metric::NotSent)
+            .map(|field| count(&counters[field.name]))
+            .sum();
+        let _ = writeln!(
+            out,
+            "  {:<12} {:>6} {:>8} {:>9} {:>9}",
+            session["name"].as_str().unwrap_or("?"),
+            count(&counters["matched"]),
+            skipped,
+            count(&counters["mirrored"]),
+            not_sent
+        );
     }
-    let _ = tcpdump.kill();
-    let _ = tcpdump.wait();
-    // The collector handles datagrams in order: once the marker is out of its tap, it has all.
-    collected.until_nth(1, is_sentinel);
-    let summary = collector.stop();
-    println!("\nthe VXLAN collector's summary:\n{}", summary.text);
-    println!("its file, decoded by tshark:");
-    print_decoded(&summary.file)?;
-    println!(
-        "\nagent stopped; its final counters (`run --json`):\n{}",
-        serde_json::to_string_pretty(&agent.stop().json())?
-    );
-    // The XDP session's file, complete once the agent has stopped.
-    let xdp_file = "/tmp/mirror-lab-xdp.pcapng";
-    println!("the XDP session's file ({xdp_file}, what sink0 received), decoded by tshark:");
-    print_decoded(Path::new(xdp_file))?;
-    let _ = std::fs::remove_file(xdp_file);
-    println!("namespaces removed. Run `mirror-agent run --help` for the quick CLI form.");
-    Ok(())
+    out
 }
 
 /// Prints a capture file as tshark decodes it, one packet a line.

@@ -70,7 +70,12 @@ enum Task {
     },
     /// A demo in network namespaces: start the agent on examples/lab.toml, send real traffic,
     /// show the copies as tcpdump sees them on the mirror side, then the agent's counters (root).
-    Lab,
+    /// Installs only what it needs (the toolchain, iproute2, tcpdump, tshark).
+    Lab {
+        /// Print the agent's final report in full (`run --json`) instead of the summary table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks: the cost of mirroring to the primary path, beside tc mirred and daemonlogger;
     /// rule and attach scaling. Writes bench/results/ (root; takes about 10 minutes).
     Bench {
@@ -157,10 +162,10 @@ fn main() -> anyhow::Result<()> {
             }
             bench::run(&build(true)?, &options)
         }
-        Task::Lab => {
+        Task::Lab { json } => {
             require_root("the lab")?;
-            setup::run(false)?;
-            lab::run(&build(true)?)
+            setup::for_lab()?;
+            lab::run(&build_quietly()?, json)
         }
     }
 }
@@ -201,6 +206,22 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join("target")
         .join(if release { "release" } else { "debug" })
         .join("mirror-agent"))
+}
+
+/// Builds the release agent with cargo's output kept back unless the build fails: the lab shows
+/// the demo, not the replayed build-script lines of a build that had nothing to do.
+fn build_quietly() -> anyhow::Result<PathBuf> {
+    eprintln!("xtask: building the agent (the first build takes a few minutes)");
+    let output = Command::new("cargo")
+        .args(["build", "--quiet", "--package", "mirror-agent", "--release"])
+        .current_dir(root())
+        .output()
+        .context("starting cargo")?;
+    if !output.status.success() {
+        std::io::Write::write_all(&mut std::io::stderr(), &output.stderr)?;
+        bail!("building the agent failed: {}", output.status);
+    }
+    Ok(root().join("target/release/mirror-agent"))
 }
 
 fn lint() -> anyhow::Result<()> {

@@ -32,6 +32,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "runc",
     "debootstrap",
 ];
+/// What the lab needs besides the toolchain: its namespaces, tcpdump on the mirror side and tshark
+/// for the files.
+const LAB_PACKAGES: &[&str] = &["iproute2", "tcpdump", "tshark"];
 /// Helm's own Go engine in a Python wheel (no helm binary is packaged for these machines): the
 /// deploy tests render the chart with it (deploy/helm/render.py). Pinned: an alpha project.
 const HELM_PYTHON: &str = "helm-python-sdk==0.2.2";
@@ -47,6 +50,13 @@ pub fn run(build_only: bool) -> anyhow::Result<()> {
     }
     eprintln!("xtask: setup complete");
     Ok(())
+}
+
+/// The lab's setup: the toolchain that builds the agent, and [`LAB_PACKAGES`].
+pub fn for_lab() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_packages(LAB_PACKAGES)
 }
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
