@@ -269,7 +269,11 @@ struct QuickSession {
     /// `tcpdump -C`: FILE-000001.pcap, FILE-000002.pcap, …
     #[arg(short = 'C', value_name = "FILE_SIZE", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     rotate_millions: Option<u64>,
-    /// With -C: keep only the newest N files, as `tcpdump -W N`.
+    /// With -w: start a new file with the first copy SECONDS after this one was started, as
+    /// `tcpdump -G` (the files are numbered as with -C; no strftime names).
+    #[arg(short = 'G', value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    rotate_seconds: Option<u64>,
+    /// With -C or -G: keep only the newest N files, as `tcpdump -W N`.
     #[arg(short = 'W', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     rotate_count: Option<u64>,
     /// With -w: stop after writing N copies, as `tcpdump -c N`.
@@ -384,9 +388,12 @@ impl QuickSession {
     /// The file flags without `-w`, or `-W` without `-C`: usage errors, with the reason (clap's
     /// `requires` does not hold across the flattened flags).
     fn check_file_flags(&self) -> anyhow::Result<()> {
-        if self.rotate_count.is_some() && self.rotate_millions.is_none() {
+        if self.rotate_count.is_some()
+            && self.rotate_millions.is_none()
+            && self.rotate_seconds.is_none()
+        {
             return Err(UsageError(anyhow::anyhow!(
-                "-W needs -C FILE_SIZE: it is how many of the rotated files to keep"
+                "-W needs -C FILE_SIZE or -G SECONDS: it is how many of the rotated files to keep"
             ))
             .into());
         }
@@ -404,6 +411,7 @@ impl QuickSession {
                     "it flushes the file after each copy",
                 ),
                 (self.rotate_millions.is_some(), "-C", "it rotates the file"),
+                (self.rotate_seconds.is_some(), "-G", "it rotates the file"),
             ] {
                 if given {
                     return Err(UsageError(anyhow::anyhow!("{flag} needs -w FILE: {why}")).into());
@@ -419,6 +427,7 @@ impl QuickSession {
             TargetConfig::File(FileConfig {
                 path,
                 rotate_bytes: self.rotate_millions.map(|millions| millions * 1_000_000),
+                rotate_seconds: self.rotate_seconds,
                 rotate_count: self.rotate_count,
                 packet_buffered: self.packet_buffered,
             })
@@ -733,7 +742,7 @@ fn select_from_file(input: &std::path::Path, quick: &QuickSession) -> anyhow::Re
     let TargetConfig::File(file) = quick.target() else {
         unreachable!("-w is a file target");
     };
-    let mut out = targets::file::PcapFile::open(&file.path, file.rotate_bytes, file.rotate_count)?;
+    let mut out = targets::file::PcapFile::open(&file.path, file.rotation())?;
     out.packet_buffered = file.packet_buffered;
     let selection = cli::read::select(input, selector.as_ref(), out, quick.count)?;
     eprintln!(
@@ -764,9 +773,6 @@ fn tcpdump_advice(error: &clap::Error) -> Option<String> {
             "`{flag}` changes how tcpdump prints packets, and mirror-agent prints none: it writes \
              them (`-w FILE`); to read them decoded, `-w - | tshark -r - -V`"
         ),
-        "-G" => "`-G` (rotation by time) is not offered: rotate by size with `-C FILE_SIZE` \
-                 (millions of bytes) and `-W N`"
-            .to_owned(),
         _ => return None,
     })
 }

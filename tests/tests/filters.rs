@@ -767,3 +767,56 @@ fn reading_a_file_selects_what_tcpdump_selects() {
         }
     }
 }
+
+/// `-G 1`, as tcpdump's: the first copy a second after a file was started begins the next one.
+#[test]
+fn the_quick_form_rotates_by_time() {
+    let lab = Lab::new("rotate-time");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let named = dir.path().join("t.pcap");
+    let mut agent = quick_form(
+        &lab,
+        dir.path(),
+        &[
+            "-G".as_ref(),
+            "1".as_ref(),
+            "-U".as_ref(),
+            "-c".as_ref(),
+            "3".as_ref(),
+            "-w".as_ref(),
+            named.as_os_str(),
+            "udp port 5000".as_ref(),
+        ],
+        Stdio::null(),
+    );
+    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
+    assert!(line.contains("attached to"), "{line:?}");
+    let frames: Vec<Vec<u8>> = [b"first", b"later", b"again"]
+        .iter()
+        .map(|payload| {
+            mirror_tests::udp_v4_frame(
+                mirror_tests::SRC_MAC,
+                mirror_tests::NODE_SRC_MAC,
+                5000,
+                *payload,
+            )
+        })
+        .collect();
+    let sender = FrameSender::open(&lab.src, "eth0");
+    let first_file = dir.path().join("t-000001.pcap");
+    sender.send(&frames[0]);
+    mirror_tests::wait_for("the first copy", || {
+        mirror_tests::frames_so_far(&first_file) == 1
+    });
+    // The period itself: a clock, not a condition to poll.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    sender.send(&frames[1]);
+    sender.send(&frames[2]);
+    mirror_tests::wait_for("the agent to stop after its count", || {
+        agent.0.try_wait().expect("agent status").is_some()
+    });
+    assert_eq!(pcap_frames(&first_file), frames[..1]);
+    assert_eq!(pcap_frames(&dir.path().join("t-000002.pcap")), frames[1..]);
+}

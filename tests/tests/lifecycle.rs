@@ -356,8 +356,8 @@ fn commands_end_quietly_when_their_reader_goes() {
 
 /// The quick form takes tcpdump's habits: `-D` lists the interfaces; `-n`/`-nn`, `-p` and `-l`
 /// are taken without effect; `-Q in` is the direction; `-U` writes each copy at once; `-i any`
-/// watches every interface; tcpdump's printing flags, `-r`, `-C` and `-G` are refused with what
-/// to do instead; its mistakes are usage errors (exit 2), and a missing target is named as such.
+/// watches every interface; tcpdump's printing flags are refused with what to do instead; its
+/// mistakes are usage errors (exit 2), and a missing target is named as such.
 #[test]
 fn the_quick_form_takes_tcpdumps_habits() {
     let lab = Lab::new("habits");
@@ -372,7 +372,6 @@ fn the_quick_form_takes_tcpdumps_habits() {
     for (args, advice) in [
         (&["-vv"][..], "changes how tcpdump prints packets"),
         (&["-X"], "changes how tcpdump prints packets"),
-        (&["-G", "60"], "not offered"),
     ] {
         let (code, _, stderr) = agent_command(
             &lab.node,

@@ -245,7 +245,14 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let sink = args
         .write
         .as_deref()
-        .map(|path| PcapFile::open(path, args.rotate_bytes, args.rotate_count))
+        .map(|path| {
+            let rotation = crate::targets::file::Rotation {
+                bytes: args.rotate_bytes,
+                seconds: None,
+                count: args.rotate_count,
+            };
+            PcapFile::open(path, rotation)
+        })
         .transpose()?;
     // Bound before anything is received, so that a busy port fails the start.
     let metrics_listener = match args.metrics {

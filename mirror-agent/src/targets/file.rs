@@ -38,15 +38,18 @@ use super::{
 /// The file target path that stands for standard output (pcap, for `| tshark -r -`).
 pub const STDOUT: &str = "-";
 
-/// `file = "PATH"`, or `file = { path = "PATH", rotate_bytes = N, rotate_count = M,
-/// packet_buffered = true }`.
+/// `file = "PATH"`, or `file = { path = "PATH", rotate_bytes = N, rotate_seconds = S,
+/// rotate_count = M, packet_buffered = true }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileConfig {
     /// A pcap (`.pcap`) or pcapng (`.pcapng`) file, or `-` for standard output (pcap).
     pub path: PathBuf,
     /// Start a new file (`NAME-000002.pcapng`, …) when this many bytes are written.
     pub rotate_bytes: Option<u64>,
-    /// With `rotate_bytes`: keep only the newest this many files.
+    /// Start a new file with the first copy this many seconds after the file was started
+    /// (tcpdump's `-G`).
+    pub rotate_seconds: Option<u64>,
+    /// With `rotate_bytes` or `rotate_seconds`: keep only the newest this many files.
     pub rotate_count: Option<u64>,
     /// Each copy goes to the file at once (tcpdump's `-U`), not at least every 100 ms.
     pub packet_buffered: bool,
@@ -60,6 +63,7 @@ impl<'de> Deserialize<'de> for FileConfig {
         struct Table {
             path: PathBuf,
             rotate_bytes: Option<u64>,
+            rotate_seconds: Option<u64>,
             rotate_count: Option<u64>,
             #[serde(default)]
             packet_buffered: bool,
@@ -69,13 +73,14 @@ impl<'de> Deserialize<'de> for FileConfig {
             type Value = FileConfig;
 
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a file's path, or a table `{ path = \"…\", rotate_bytes = …, rotate_count = … }`")
+                f.write_str("a file's path, or a table `{ path = \"…\", rotate_bytes = …, rotate_seconds = …, rotate_count = … }`")
             }
 
             fn visit_str<E: serde::de::Error>(self, path: &str) -> Result<FileConfig, E> {
                 Ok(FileConfig {
                     path: path.into(),
                     rotate_bytes: None,
+                    rotate_seconds: None,
                     rotate_count: None,
                     packet_buffered: false,
                 })
@@ -89,6 +94,7 @@ impl<'de> Deserialize<'de> for FileConfig {
                 Ok(FileConfig {
                     path: table.path,
                     rotate_bytes: table.rotate_bytes,
+                    rotate_seconds: table.rotate_seconds,
                     rotate_count: table.rotate_count,
                     packet_buffered: table.packet_buffered,
                 })
@@ -104,18 +110,26 @@ impl FileConfig {
         self.path == Path::new(STDOUT)
     }
 
+    /// When its capture goes on in a new file.
+    pub fn rotation(&self) -> Rotation {
+        Rotation {
+            bytes: self.rotate_bytes,
+            seconds: self.rotate_seconds,
+            count: self.rotate_count,
+        }
+    }
+
     /// The file target, its values checked.
     pub(super) fn resolve(&self) -> Result<Target, String> {
-        let FileConfig {
-            path,
-            rotate_bytes,
-            rotate_count,
-            ..
-        } = self;
-        if rotate_count.is_some() && rotate_bytes.is_none() {
-            return Err("`rotate_count` needs `rotate_bytes`".to_owned());
+        let path = &self.path;
+        let rotation = self.rotation();
+        if rotation.count.is_some() && !rotation.rotates() {
+            return Err("`rotate_count` needs `rotate_bytes` or `rotate_seconds`".to_owned());
         }
-        if path == Path::new(STDOUT) && rotate_bytes.is_some() {
+        if rotation.seconds == Some(0) {
+            return Err("`rotate_seconds` must be at least 1".to_owned());
+        }
+        if path == Path::new(STDOUT) && rotation.rotates() {
             return Err("standard output (`-`) is one stream: it is not rotated".to_owned());
         }
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
@@ -141,7 +155,7 @@ impl OpenFiles {
         if let Some(file) = files.get(&target.path) {
             return Ok(SharedFile(file.clone()));
         }
-        let mut file = PcapFile::open(&target.path, target.rotate_bytes, target.rotate_count)?;
+        let mut file = PcapFile::open(&target.path, target.rotation())?;
         file.packet_buffered = target.packet_buffered;
         let file = Arc::new(Mutex::new(file));
         files.insert(target.path.clone(), file.clone());
@@ -217,11 +231,27 @@ impl Sink for SharedFile {
     }
 }
 
-/// A capture's files: the format follows the file name, rotated by size when asked.
+/// When a capture goes on in a new file: by size, by time or both; and how many files it keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rotation {
+    pub bytes: Option<u64>,
+    pub seconds: Option<u64>,
+    pub count: Option<u64>,
+}
+
+impl Rotation {
+    /// Whether the capture has more than one file.
+    pub fn rotates(&self) -> bool {
+        self.bytes.is_some() || self.seconds.is_some()
+    }
+}
+
+/// A capture's files: the format follows the file name, rotated by size or time when asked.
 pub struct PcapFile {
     path: PathBuf,
-    rotate_bytes: Option<u64>,
-    rotate_count: Option<u64>,
+    rotation: Rotation,
+    /// When the file written now was started (for `Rotation::seconds`).
+    started: std::time::Instant,
     /// The number of the file written now (0: the path itself).
     sequence: u64,
     /// The numbers of this capture's files still on disk, oldest first (for `rotate_count`).
@@ -341,11 +371,7 @@ const NAME_TRIES: u64 = 1000;
 impl PcapFile {
     /// Starts a capture at `path` (rotated: `name-000001.ext` and on), or at the next free
     /// number after the highest file of this name already there.
-    pub fn open(
-        path: &Path,
-        rotate_bytes: Option<u64>,
-        rotate_count: Option<u64>,
-    ) -> anyhow::Result<Self> {
+    pub fn open(path: &Path, rotation: Rotation) -> anyhow::Result<Self> {
         // Standard output is one stream: no numbered files beside it.
         let highest = if path == Path::new(STDOUT) {
             None
@@ -354,8 +380,8 @@ impl PcapFile {
         };
         let mut sink = PcapFile {
             path: path.to_owned(),
-            rotate_bytes,
-            rotate_count,
+            rotation,
+            started: std::time::Instant::now(),
             sequence: highest.map_or(0, |n| n + 1),
             kept: std::collections::VecDeque::new(),
             writer: None,
@@ -364,7 +390,7 @@ impl PcapFile {
             write_errors: 0,
             packet_buffered: false,
         };
-        if rotate_bytes.is_some() && sink.sequence == 0 {
+        if rotation.rotates() && sink.sequence == 0 {
             sink.sequence = 1;
         }
         sink.writer = Some(sink.create()?);
@@ -387,6 +413,7 @@ impl PcapFile {
                 Ok(writer) => {
                     self.kept.push_back(self.sequence);
                     self.written = 0;
+                    self.started = std::time::Instant::now();
                     return Ok(writer);
                 }
                 Err(e)
@@ -434,8 +461,15 @@ impl PcapFile {
 
     /// The file to write to now: a new one when this one is full or writing failed.
     fn current(&mut self) -> anyhow::Result<&mut Writer> {
-        let full = self.rotate_bytes.is_some_and(|limit| self.written >= limit);
-        if full || self.writer.is_none() {
+        let full = self
+            .rotation
+            .bytes
+            .is_some_and(|limit| self.written >= limit);
+        let old = self
+            .rotation
+            .seconds
+            .is_some_and(|seconds| self.started.elapsed() >= Duration::from_secs(seconds));
+        if full || old || self.writer.is_none() {
             self.next_file()?;
         }
         self.writer.as_mut().context("no capture file is open")
@@ -454,7 +488,7 @@ impl PcapFile {
         }
         self.sequence += 1;
         self.writer = Some(self.create()?);
-        while let Some(keep) = self.rotate_count
+        while let Some(keep) = self.rotation.count
             && self.kept.len() as u64 > keep
             && let Some(old) = self.kept.pop_front()
         {
@@ -672,6 +706,14 @@ mod tests {
     }
 
     /// Files are created root-only, never over an existing name or through a link, and the
+    fn by_size(bytes: u64, count: u64) -> Rotation {
+        Rotation {
+            bytes: Some(bytes),
+            seconds: None,
+            count: Some(count),
+        }
+    }
+
     /// numbering goes on after what is there.
     #[test]
     fn files_are_created_afresh_and_numbered_on() {
@@ -681,7 +723,7 @@ mod tests {
         std::fs::write(&victim, b"keep").expect("write");
         std::os::unix::fs::symlink(&victim, &path).expect("symlink");
         std::fs::write(dir.path().join("cap-000001.pcap"), b"someone else's").expect("write");
-        let sink = PcapFile::open(&path, None, None).expect("open");
+        let sink = PcapFile::open(&path, Rotation::default()).expect("open");
         sink.finish().expect("finish");
         assert_eq!(
             std::fs::read(&victim).expect("read"),
@@ -695,7 +737,7 @@ mod tests {
             0o600
         );
         // A rotated capture started again goes on after the highest number.
-        let rotated = PcapFile::open(&path, Some(1), Some(2)).expect("open");
+        let rotated = PcapFile::open(&path, by_size(1, 2)).expect("open");
         assert_eq!(rotated.sequence, 3);
     }
 
@@ -705,7 +747,7 @@ mod tests {
     fn a_rotated_file_removed_by_someone_else_is_passed_over() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("cap.pcap");
-        let mut sink = PcapFile::open(&path, Some(1), Some(2)).expect("open");
+        let mut sink = PcapFile::open(&path, by_size(1, 2)).expect("open");
         let write = |sink: &mut PcapFile| {
             sink.write(1, String::new, Duration::ZERO, &[0; 60], 60)
                 .expect("written");

@@ -551,6 +551,7 @@ mod tests {
             Ok(TargetConfig::File(file::FileConfig {
                 path: "/tmp/c.pcap".into(),
                 rotate_bytes,
+                rotate_seconds: None,
                 rotate_count,
                 packet_buffered: false,
             }))
