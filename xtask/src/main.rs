@@ -98,7 +98,8 @@ enum Task {
         /// one rule against tc u32 with the same match; match-all against tc u32 match-all),
         /// `tap` for tc mirred, the TC path and the XDP path against no mirroring on a tap
         /// (frames written to its file descriptor meet native XDP), `validation` for how long
-        /// large rule sets take to validate, `shadow` for the primary path of an HTTP service with
+        /// large rule sets take to validate, `startup` for the quick form's time to attach beside
+        /// tcpdump's time to listen, `shadow` for the primary path of an HTTP service with
         /// no shadowing, mirror's shadow and nginx's `mirror` in the path, at rising rates.
         #[arg(long)]
         only: Option<String>,

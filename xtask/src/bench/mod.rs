@@ -12,6 +12,7 @@ mod hotpath;
 mod paired;
 mod report;
 mod shadow;
+mod startup;
 mod traffic;
 mod tunnels;
 mod validation;
@@ -32,6 +33,7 @@ use self::{
     cost::program_cost,
     hotpath::{HotRow, hot_path, tap_path},
     shadow::{ShadowRow, shadow_bench},
+    startup::{StartupRow, startup_timing},
     traffic::{Source, Spinner, counters, generate, wait_for_idle},
     tunnels::{PairedRow, TUNNELS, paired_tunnels},
     validation::{ValidationRow, validation_timing},
@@ -62,7 +64,8 @@ pub struct Options {
     pub shadow_rates: Vec<u64>,
     /// Run only the scenarios whose name contains one of these comma-separated parts (attach
     /// scaling only with the part "attach", pod scaling with "pods", validation timing with
-    /// "validation", the shadow with "shadow"); ratios need their reference scenarios in the run.
+    /// "validation", the time to capture with "startup", the shadow with "shadow"); ratios need
+    /// their reference scenarios in the run.
     pub only: Option<String>,
 }
 
@@ -335,6 +338,11 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let startup: Vec<StartupRow> = if only_has("startup") {
+        startup_timing(&lab, agent)?
+    } else {
+        Vec::new()
+    };
     drop(lab);
     let shadow: Vec<ShadowRow> = if only_has("shadow") {
         shadow_bench(agent, &options.shadow_rates, options)?
@@ -348,6 +356,7 @@ pub fn run(agent: &Path, options: &Options) -> anyhow::Result<()> {
         pods: &pods,
         tunnels: &tunnels,
         validation: &validation,
+        startup: &startup,
     };
     report::write(&rows, &extra, options, started.elapsed())
 }

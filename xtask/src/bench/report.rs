@@ -39,6 +39,7 @@ pub struct Extra<'a> {
     pub tunnels: &'a [PairedRow],
     pub hot: &'a [HotRow],
     pub validation: &'a [super::ValidationRow],
+    pub startup: &'a [super::StartupRow],
     pub shadow: &'a [super::ShadowRow],
 }
 
@@ -186,6 +187,7 @@ pub fn write(
         tunnels,
         hot,
         validation,
+        startup,
         shadow,
     } = *extra;
     let machine = machine();
@@ -213,15 +215,17 @@ pub fn write(
     tunnel_table(&mut md, tunnels)?;
     hot_table(&mut md, hot)?;
     super::validation::validation_table(&mut md, validation)?;
+    super::startup::startup_table(&mut md, startup)?;
     super::shadow::shadow_table(&mut md, shadow)?;
     writeln!(
         md,
-        "\n## Targets\n\n{}{}{}{}{}{}",
+        "\n## Targets\n\n{}{}{}{}{}{}{}",
         targets(rows, attach, pods, options),
         hot_targets(hot),
         tap_targets(hot),
         tunnel_targets(tunnels),
         super::validation::validation_targets(validation),
+        super::startup::startup_targets(startup),
         super::shadow::shadow_targets(shadow)
     )?;
     if !rows.is_empty() {
