@@ -313,6 +313,11 @@ fn the_chart_refuses_values_its_schema_does_not_allow() {
         ("pined=true", "additional properties 'pined' not allowed"),
         (r#"seccompProfile={"type":"Unconfinde"}"#, "seccompProfile"),
         (r#"collector={"port":"4789"}"#, "got string, want integer"),
+        (r#"collector={"formats":["gre"]}"#, "formats"),
+        (
+            r#"sessions="[[session]]\nname = \"a\"\ninterfaces = [\"veth*\"]\ntarget = { vxlan = { remote = \"@collector\" } }\n""#,
+            "collector.service.clusterIP",
+        ),
         (
             r#"prometheusRule={"for":"ten minutes"}"#,
             "does not match pattern",
@@ -479,6 +484,49 @@ fn the_default_configuration_is_valid_for_the_agent() {
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("ok: 1 session(s)"), "{stdout}");
+}
+
+/// A session that names `"@collector"` gets the chart's collector's fixed address, the Service
+/// has it, and the agent takes the result (the lab's collector subnet is the underlay's).
+#[test]
+fn the_chart_fills_its_collectors_address_into_the_sessions() {
+    let objects = objects(&render(&[
+        "--set-json",
+        r#"collector={"enabled":true,"formats":["geneve"],"service":{"clusterIP":"192.0.2.2"}}"#,
+        "--set-json",
+        r#"sessions="[[session]]\nname = \"to-collector\"\ninterfaces = [\"src0\"]\ntarget = { geneve = { remote = \"@collector\", vni = 7 } }\n""#,
+    ]));
+    let (_, config) = agent_and_config(&objects);
+    assert!(
+        config.contains(r#"target = { geneve = { remote = "192.0.2.2", vni = 7 } }"#),
+        "{config}"
+    );
+    let service = objects
+        .services
+        .iter()
+        .find_map(|s| s.spec.as_ref().filter(|spec| spec.cluster_ip.is_some()))
+        .expect("the collector's Service");
+    assert_eq!(service.cluster_ip.as_deref(), Some("192.0.2.2"));
+    let ports: Vec<(i32, Option<&str>)> = service
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.port, p.name.as_deref()))
+        .collect();
+    assert!(ports.contains(&(6081, Some("geneve"))), "{ports:?}");
+    assert!(
+        !ports.iter().any(|(_, name)| *name == Some("vxlan")),
+        "{ports:?}"
+    );
+    let lab = Lab::with_collector("collector-ip", 1500);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, config).expect("write config");
+    let (code, stdout, stderr) = agent_command(
+        &lab.node,
+        &["check", "--config", file.to_str().expect("utf-8")],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
 }
 
 #[test]

@@ -236,14 +236,14 @@ fn check_collector_objects(objects: &Objects) -> (&Container, String) {
 }
 
 /// The collector's `Deployment` and `Service` ([`check_collector_objects`]), and the collector
-/// run here as they run it (its arguments, its user, no capabilities): it takes a session's
-/// VXLAN copies from the node, writes them into its captures volume and counts them on its
-/// metrics port, which its probes use.
+/// run here as they run it (its arguments, its user, no capabilities): it takes VXLAN and GENEVE
+/// copies from the node, writes them into its captures volume and counts them on its metrics
+/// port, which its probes use.
 #[test]
 fn the_collector_deployment_receives_as_nobody_without_capabilities() {
     let objects = objects(&render(&[
         "--set-json",
-        r#"collector={"enabled":true,"allow":["192.0.2.0/24"],"vni":[7]}"#,
+        r#"collector={"enabled":true,"allow":["192.0.2.0/24"],"vni":[7],"formats":["vxlan","geneve"]}"#,
     ]));
     let (collector, captures) = check_collector_objects(&objects);
 
@@ -299,19 +299,32 @@ fn the_collector_deployment_receives_as_nobody_without_capabilities() {
     );
 
     let inner = udp_v4_frame(SRC_MAC, NODE_SRC_MAC, 7000, &[7; 64]);
-    let mut datagram = vec![0x08, 0, 0, 0, 0, 0, 7, 0];
-    datagram.extend_from_slice(&inner);
+    // VNI 7 in VXLAN (RFC 7348) and in GENEVE (RFC 8926: no options, Ethernet inside).
+    let datagrams = [
+        (vec![0x08, 0, 0, 0, 0, 0, 7, 0], 4789),
+        (vec![0, 0, 0x65, 0x58, 0, 0, 7, 0], 6081),
+    ]
+    .map(|(mut datagram, port)| {
+        datagram.extend_from_slice(&inner);
+        (datagram, port)
+    });
     let sender = mirror_tests::udp_socket(
         &lab.node,
         SocketAddr::new(mirror_tests::NODE_UL_V4.into(), 0),
     );
     let deadline = std::time::Instant::now() + mirror_tests::DEADLINE;
     let body = loop {
-        sender
-            .send_to(&datagram, (mirror_tests::COL_V4, 4789))
-            .expect("send");
+        for (datagram, port) in &datagrams {
+            sender
+                .send_to(datagram, (mirror_tests::COL_V4, *port))
+                .expect("send");
+        }
         let (_, body) = mirror_tests::http_get(lab.col(), metrics, "/metrics");
-        if body.contains("mirror_collect_frames_total{stream=\"vxlan:7\"}") {
+        if ["vxlan:7", "geneve:7"].iter().all(|stream| {
+            body.contains(&format!(
+                "mirror_collect_frames_total{{stream=\"{stream}\"}}"
+            ))
+        }) {
             break body;
         }
         assert!(std::time::Instant::now() < deadline, "{body}");
