@@ -100,6 +100,12 @@ pub fn agent_and_config(objects: &Objects) -> (&Container, &str) {
     (&pod.containers[0], config)
 }
 
+/// The image `cargo xtask image` builds by default, and the chart's default image.
+pub const DEFAULT_IMAGE: &str = concat!(
+    "ghcr.io/mirror-project/mirror-agent:",
+    env!("CARGO_PKG_VERSION")
+);
+
 /// The value of a `key = "value"` line of a TOML text.
 pub fn toml_string<'a>(config: &'a str, key: &str) -> Option<&'a str> {
     config

@@ -472,7 +472,12 @@ fn the_chart_takes_the_usual_overrides() {
 #[test]
 fn the_default_configuration_is_valid_for_the_agent() {
     let objects = objects(&render(&[]));
-    let (_, config) = agent_and_config(&objects);
+    let (agent, config) = agent_and_config(&objects);
+    // The image is the one `cargo xtask image` builds.
+    assert_eq!(
+        agent.image.as_deref(),
+        Some(mirror_tests::chart::DEFAULT_IMAGE)
+    );
     // `check` on a node whose underlay reaches the collector's subnet (the lab's 192.0.2.0/24).
     let lab = Lab::with_collector("deploy", 1500);
     let dir = tempfile::tempdir().expect("temp dir");

@@ -41,7 +41,7 @@ enum Task {
     /// present), with the release binary alone in the build context.
     Image {
         /// The image's name.
-        #[arg(long, default_value = concat!("ghcr.io/mirror-project/mirror-agent:", env!("CARGO_PKG_VERSION")))]
+        #[arg(long, default_value = mirror_tests::chart::DEFAULT_IMAGE)]
         tag: String,
         /// The base image (a build argument; the Dockerfile's default is a registry's
         /// debian:bookworm-slim). `bootstrap`: a Debian bookworm base made with debootstrap
