@@ -43,7 +43,8 @@ impl Drop for DemoNamespace {
 fn the_readmes_five_minutes_work_as_written() {
     require_root();
     let (first, then) = five_minutes();
-    let waited_for = "mirror-agent: attached to 2 hook(s) for 1 session(s)";
+    let waited_for =
+        "mirror-agent: attached to 2 hook(s) for 1 session(s) on demo0 (ingress, egress)";
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
     assert!(readme.contains(&format!("Wait for `{waited_for}`")));

@@ -249,8 +249,10 @@ async fn serve(
     drop(shared);
     // The selected pods (attached with the plan) are reported before the start is.
     daemon.apply_pods().await;
+    let watched = watched_in_words(&daemon.shared.applied().datapath.attached());
     options.say(&format!(
-        "mirror-agent: attached to {} hook(s) for {} session(s); mirroring until SIGINT/SIGTERM\n",
+        "mirror-agent: attached to {} hook(s) for {} session(s){watched}; mirroring until \
+         SIGINT/SIGTERM\n",
         daemon.shared.applied().datapath.hook_count(),
         daemon.plan.sessions.len()
     ));
@@ -289,6 +291,34 @@ async fn serve(
     let _ = stop.send(true);
     stop_tasks(tasks).await;
     daemon.finish().await
+}
+
+/// What the start line says is watched, as tcpdump's "listening on" does: ` on src0 (ingress,
+/// egress), lo (ingress)`, the first few interfaces and how many more.
+fn watched_in_words(hooks: &[(String, mirror_common::Direction)]) -> String {
+    const NAMED: usize = 4;
+    let mut by_interface: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (interface, direction) in hooks {
+        by_interface
+            .entry(interface)
+            .or_default()
+            .push(crate::state::direction_name(*direction));
+    }
+    if by_interface.is_empty() {
+        return String::new();
+    }
+    let named: Vec<String> = by_interface
+        .iter()
+        .take(NAMED)
+        .map(|(interface, directions)| format!("{interface} ({})", directions.join(", ")))
+        .collect();
+    let more = by_interface.len().saturating_sub(NAMED);
+    let more = if more > 0 {
+        format!(" and {more} more interface(s)")
+    } else {
+        String::new()
+    };
+    format!(" on {}{more}", named.join(", "))
 }
 
 /// The first configuration: attached afresh, or in pinned mode taking over what an earlier agent
