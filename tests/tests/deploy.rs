@@ -478,8 +478,14 @@ fn the_default_configuration_is_valid_for_the_agent() {
         agent.image.as_deref(),
         Some(mirror_tests::chart::DEFAULT_IMAGE)
     );
-    // `check` on a node whose underlay reaches the collector's subnet (the lab's 192.0.2.0/24).
-    let lab = Lab::with_collector("deploy", 1500);
+    let stdout = checked_on_a_node("deploy", config);
+    assert!(stdout.contains("ok: 1 session(s)"), "{stdout}");
+}
+
+/// What `check` says of `config` on a node whose underlay reaches the collector's subnet (the
+/// lab's 192.0.2.0/24); it must pass.
+fn checked_on_a_node(name: &str, config: &str) -> String {
+    let lab = Lab::with_collector(name, 1500);
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("config.toml");
     std::fs::write(&file, config).expect("write config");
@@ -488,11 +494,11 @@ fn the_default_configuration_is_valid_for_the_agent() {
         &["check", "--config", file.to_str().expect("utf-8")],
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("ok: 1 session(s)"), "{stdout}");
+    stdout
 }
 
 /// A session that names `"@collector"` gets the chart's collector's fixed address, the Service
-/// has it, and the agent takes the result (the lab's collector subnet is the underlay's).
+/// has it, and the agent takes the result.
 #[test]
 fn the_chart_fills_its_collectors_address_into_the_sessions() {
     let objects = objects(&render(&[
@@ -523,15 +529,7 @@ fn the_chart_fills_its_collectors_address_into_the_sessions() {
         !ports.iter().any(|(_, name)| *name == Some("vxlan")),
         "{ports:?}"
     );
-    let lab = Lab::with_collector("collector-ip", 1500);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("config.toml");
-    std::fs::write(&file, config).expect("write config");
-    let (code, stdout, stderr) = agent_command(
-        &lab.node,
-        &["check", "--config", file.to_str().expect("utf-8")],
-    );
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    checked_on_a_node("collector-ip", config);
 }
 
 #[test]

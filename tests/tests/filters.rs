@@ -396,6 +396,16 @@ fn quick_form(lab: &Lab, dir: &Path, args: &[&std::ffi::OsStr], stderr: Stdio) -
     )
 }
 
+/// The quick form's standard output, once it said it is attached (kept open: the agent writes
+/// its report there at the end).
+fn attached_output(agent: &mut KilledOnDrop) -> std::io::BufReader<std::process::ChildStdout> {
+    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
+    assert!(line.contains("attached to"), "{line:?}");
+    stdout
+}
+
 /// The agent's stderr lines, read on a thread (the agent must never block on a full pipe).
 fn collect_lines(
     stderr: std::process::ChildStderr,
@@ -513,10 +523,7 @@ fn count_stops_the_quick_form_after_that_many_copies() {
         ],
         Stdio::null(),
     );
-    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
-    assert!(line.contains("attached to"), "{line:?}");
+    let mut stdout = attached_output(&mut agent);
     let frames = shipped_capture("dns_icmp.pcap");
     let sender = FrameSender::open(&lab.src, "eth0");
     for frame in &frames {
@@ -571,10 +578,7 @@ fn a_taken_file_is_left_alone_and_the_log_names_the_file_written() {
         Stdio::piped(),
     );
     let (lines, reader) = collect_lines(agent.0.stderr.take().expect("agent stderr"));
-    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
-    assert!(line.contains("attached to"), "{line:?}");
+    let _stdout = attached_output(&mut agent);
     let sender = FrameSender::open(&lab.src, "eth0");
     for frame in shipped_capture("dns_icmp.pcap") {
         sender.send(&frame);
@@ -685,10 +689,7 @@ fn the_quick_form_rotates_by_size_and_keeps_the_newest_files() {
         ],
         Stdio::null(),
     );
-    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
-    assert!(line.contains("attached to"), "{line:?}");
+    let _stdout = attached_output(&mut agent);
     let sender = FrameSender::open(&lab.src, "eth0");
     for _ in 0..count {
         sender.send(&frame);
@@ -789,10 +790,7 @@ fn the_quick_form_rotates_by_time() {
         ],
         Stdio::null(),
     );
-    let mut stdout = std::io::BufReader::new(agent.0.stdout.take().expect("agent stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("agent output");
-    assert!(line.contains("attached to"), "{line:?}");
+    let _stdout = attached_output(&mut agent);
     let frames: Vec<Vec<u8>> = [b"first", b"later", b"again"]
         .iter()
         .map(|payload| {
