@@ -225,6 +225,11 @@ struct RunArgs {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("udp_tunnel").args(["to_vxlan", "to_geneve"])))]
 #[command(group(clap::ArgGroup::new("tunnel").args(["to_vxlan", "to_geneve", "to_gre", "to_erspan"])))]
+// One-flag groups for the flags that go with one target: clap's `requires` of a flag of the
+// `target` group is met by any target, that of a group only by its own.
+#[command(group(clap::ArgGroup::new("shadow_target").args(["shadow"])))]
+#[command(group(clap::ArgGroup::new("gre_target").args(["to_gre"])))]
+#[command(group(clap::ArgGroup::new("erspan_target").args(["to_erspan"])))]
 #[expect(clippy::struct_excessive_bools, reason = "each is a flag of its own")]
 struct QuickSession {
     /// Interface name or glob to watch (repeatable); `any`: every interface but the target (and
@@ -285,7 +290,7 @@ struct QuickSession {
     #[arg(long, group = "target", requires = "iface", value_name = "URL")]
     shadow: Option<String>,
     /// With --shadow: compare each shadow answer with the live one (see `status`).
-    #[arg(long, requires = "shadow")]
+    #[arg(long, requires = "shadow_target")]
     compare: bool,
     /// Target collector: copies are sent in VXLAN (RFC 7348) to this IPv4 or IPv6 address.
     #[arg(long, group = "target", requires = "iface")]
@@ -311,13 +316,13 @@ struct QuickSession {
     #[arg(long, alias = "vxlan-local", requires = "tunnel")]
     tunnel_local: Option<std::net::IpAddr>,
     /// GRE key of the GRE copies (none by default).
-    #[arg(long, requires = "to_gre")]
+    #[arg(long, requires = "gre_target")]
     gre_key: Option<u32>,
     /// ERSPAN session id of the ERSPAN copies (0..1023).
-    #[arg(long, requires = "to_erspan", default_value = "0")]
+    #[arg(long, requires = "erspan_target", default_value = "0")]
     erspan_session: ErspanSessionId,
     /// ERSPAN type: 2 (type II) or 3 (type III: with a timestamp and the direction).
-    #[arg(long, requires = "to_erspan", default_value_t = 2)]
+    #[arg(long, requires = "erspan_target", default_value_t = 2)]
     erspan_version: u8,
     /// Which side of the interfaces to watch (default: both for TC, ingress for XDP); as
     /// tcpdump's `-Q`, also `in`, `out` or `inout`.

@@ -393,6 +393,19 @@ fn the_quick_form_takes_tcpdumps_habits() {
         ),
         (&["-i", "src0", "--to", "mir0", "-U"], "-U needs -w FILE"),
         (&["-r", "in.pcap", "udp"], "-r needs -w FILE"),
+        // A flag of one target with another target.
+        (
+            &["-i", "src0", "--to", "mir0", "--compare"],
+            "--shadow <URL>",
+        ),
+        (
+            &["-i", "src0", "--to", "mir0", "--gre-key", "3"],
+            "--to-gre",
+        ),
+        (
+            &["-i", "src0", "--to", "mir0", "--erspan-version", "3"],
+            "--to-erspan",
+        ),
     ] {
         let (code, _, stderr) = agent_command(&lab.node, &[&["run"][..], args].concat());
         assert_eq!(code, 2, "{args:?}: {stderr}");
