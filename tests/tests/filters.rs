@@ -110,6 +110,11 @@ fn made_frames() -> Vec<Vec<u8>> {
         frame
     };
     frames.push(ipv4(132, 0, &[0, 80, 0x13, 0x88, 0, 0, 0, 1, 0, 0, 0, 0]));
+    // IGMP (a v2 report), IGRP, PIM and VRRP: protocols with tcpdump keywords of their own.
+    frames.push(ipv4(2, 0, &[0x16, 0, 0, 0, 239, 1, 2, 3]));
+    frames.push(ipv4(9, 0, &[0x11, 0, 0, 0]));
+    frames.push(ipv4(103, 0, &[0x20, 0, 0, 0]));
+    frames.push(ipv4(112, 0, &[0x21, 1, 100, 0]));
     frames.push(ipv4(17, 185, &[0, 53, 0, 53, 0, 8, 0, 0]));
     let mut lldp = vec![0x01, 0x80, 0xc2, 0, 0, 0x0e, 2, 0, 0, 0, 0, 1, 0x88, 0xcc];
     lldp.extend_from_slice(&[2, 7, 4, 2, 0, 0, 0, 0, 1, 0, 0]);
@@ -190,6 +195,13 @@ const WRITTEN: &[&str] = &[
     "tcp",
     "udp",
     "sctp",
+    "igmp",
+    "icmp or igmp",
+    "igrp",
+    "pim",
+    "vrrp",
+    "not igmp and not pim",
+    "ip proto \\igmp",
     "icmp",
     "icmp6",
     "ip",

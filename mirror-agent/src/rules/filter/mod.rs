@@ -19,7 +19,8 @@ pub const MAX_FILTER_RULES: usize = 256;
 
 /// What the error messages list as supported.
 pub const SUPPORTED: &str = "supported: host, net (CIDR or `mask`), port, portrange, each with \
-    src, dst, `src or dst`, `src and dst`; ip, ip6, arp, tcp, udp, sctp, icmp, icmp6, vlan [N], \
+    src, dst, `src or dst`, `src and dst`; ip, ip6, arp, tcp, udp, sctp, icmp, icmp6, igmp, igrp, \
+     pim, vrrp, vlan [N], \
     ether proto, proto, ip proto, ip6 proto; and (&&), or (||), not (!), parentheses";
 
 /// Where an expression is wrong and why.

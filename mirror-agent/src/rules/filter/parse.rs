@@ -180,6 +180,11 @@ impl Parser {
             match word.0.as_str() {
                 "icmp" => return Ok(fields(Some(ETHERTYPE_IPV4), Some(1))),
                 "icmp6" => return Ok(fields(Some(ETHERTYPE_IPV6), Some(58))),
+                // IPv4's alone, as tcpdump's; PIM over both.
+                "igmp" => return Ok(fields(Some(ETHERTYPE_IPV4), Some(2))),
+                "igrp" => return Ok(fields(Some(ETHERTYPE_IPV4), Some(9))),
+                "vrrp" => return Ok(fields(Some(ETHERTYPE_IPV4), Some(112))),
+                "pim" => return Ok(fields(None, Some(103))),
                 "proto" => return self.protocol_number(None, "proto"),
                 "vlan" => return Ok(self.vlan()),
                 _ => {}
