@@ -1,5 +1,6 @@
 //! What the command line prints: `check`'s plan, and the running agent's status and counters
 //! (`status`, `stats`, `stats --watch`) read through its API socket.
+pub(crate) mod quick;
 pub(crate) mod read;
 
 use std::{path::PathBuf, time::Duration};
@@ -14,6 +15,11 @@ use crate::{
     state,
     targets::tunnel::TunnelPath,
 };
+
+/// A mistake in the command line (exit code 2, as clap's own).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub(crate) struct UsageError(pub(crate) anyhow::Error);
 
 /// `mirror-agent check`: the plan, and what each session's target allows now.
 pub(crate) fn check(config: &std::path::Path, explain: bool) -> anyhow::Result<()> {
