@@ -400,12 +400,11 @@ impl LoadedConfig {
             }
         };
         let mut errors: Vec<ConfigError> = every_error(&text).iter().map(error).collect();
-        if errors.is_empty() {
-            errors.push(error(&first));
-        }
         errors.sort_by_key(|error| error.location.line_col);
-        ConfigError::gather(errors)?;
-        unreachable!("a failed parse has an error")
+        // Should no part fail on its own, the whole file's error stands.
+        Err(ConfigError::gather(errors)
+            .err()
+            .unwrap_or_else(|| error(&first)))
     }
 
     /// A configuration built in memory (the CLI's quick form): errors point at the command line.
