@@ -27,9 +27,13 @@
 //! expanded into prefixes.
 #![no_std]
 
+pub mod cbpf;
 mod counters;
 
-pub use self::counters::{CounterField, Counters, HookCounters, Metric};
+pub use self::{
+    cbpf::{CbpfInsn, FILTER_PROGRAMS_MAP, FilterProgram, MAX_PROGRAM_INSNS, MAX_PROGRAMS},
+    counters::{CounterField, Counters, HookCounters, Metric},
+};
 
 /// Largest number of rules across all sessions, including one implicit default rule per session.
 pub const MAX_RULES: u32 = 16_384;
@@ -299,8 +303,9 @@ pub struct RuleMeta {
     pub action: u32,
     /// Global index of the first rule of the next session (rules of a session are contiguous).
     pub next_session_rule: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// The `FILTER_PROGRAMS` index plus one of the program that must also accept the packet; zero:
+    /// the rule's fields decide alone.
+    pub program: u32,
 }
 
 /// [`SessionMeta::target_kind`]: copies leave through an interface as they are.
@@ -532,6 +537,7 @@ mod pod {
         RateState,
         Counters,
         HookCounters,
-        Tunnel
+        Tunnel,
+        FilterProgram
     );
 }
