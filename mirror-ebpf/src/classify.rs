@@ -20,7 +20,9 @@ use crate::{
         ETHERTYPE_BITMAP, FIELD_UNKNOWN, FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES,
         SRC_PORT_BITMAP, SRC_V4_BITMAP, SRC_V6_BITMAP, VLAN_BITMAP,
     },
+    packet::Packet,
     parse::{ABSENT, FAMILY_UNKNOWN, FAMILY_V4, FAMILY_V6, Headers, UNKNOWN},
+    program,
 };
 
 /// A copy to make: the rule that decided it (its session holds the target).
@@ -110,7 +112,11 @@ pub fn watched(attachment: &AttachmentKey) -> Option<(u32, u32)> {
 /// packet. None when no rule can match: a packet most rules rule out leaves after the first
 /// fields, without the address lookups or the walk.
 #[inline(always)]
-pub fn classify(attachment_rules: u32, headers: &Headers) -> Result<Option<Verdict>, TableError> {
+pub fn classify<P: Packet>(
+    ctx: &P,
+    attachment_rules: u32,
+    headers: &Headers,
+) -> Result<Option<Verdict>, TableError> {
     let walk = WALK_SCRATCH.get_ptr_mut(0).ok_or(TableError)?;
     // SAFETY: this CPU's scratch slot; a program runs to completion on one CPU without preemption
     // by another program that uses the slot (TC programs do not nest).
@@ -185,16 +191,18 @@ pub fn classify(attachment_rules: u32, headers: &Headers) -> Result<Option<Verdi
     // Most packets are decided in the first steps (load the first candidate word, decide a rule,
     // find nothing left): take those inline, and pay for bpf_loop only when more remain.
     for _ in 0..INLINE_STEPS {
-        if try_walk_step(walk)? {
+        if try_walk_step(ctx, walk)? {
             return Ok(Some(verdict(walk, false, headers.malformed)));
         }
     }
-    // SAFETY: `walk_step` has the callback signature bpf_loop expects.
+    let mut carried = Carried { ctx: ctx.raw() };
+    // SAFETY: `walk_step` has the callback signature bpf_loop expects; `carried` outlives the
+    // call.
     let steps = unsafe {
         bpf_loop(
             MAX_CLASSIFY_STEPS - INLINE_STEPS,
-            walk_step as *const () as *mut c_void,
-            core::ptr::null_mut(),
+            walk_step::<P> as *const () as *mut c_void,
+            (&raw mut carried).cast(),
             0,
         )
     };
@@ -289,14 +297,24 @@ fn verdict(walk: &'static Walk, step_limit_hit: bool, unparsed: bool) -> Verdict
     }
 }
 
+/// What each walk step gets, on the stack (a context pointer cannot go into a map): the packet,
+/// for the rules with a filter program.
+#[repr(C)]
+struct Carried {
+    ctx: *mut c_void,
+}
+
 /// One step of the walk: load the next candidate word, or decide one rule. Returns 1 to stop.
-extern "C" fn walk_step(_step: u64, _ctx: *mut c_void) -> i64 {
+extern "C" fn walk_step<P: Packet>(_step: u64, carried: *mut c_void) -> i64 {
     let Some(walk) = WALK_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: as in `classify`.
     let walk = unsafe { &mut *walk };
-    let stop = try_walk_step(walk).unwrap_or_else(|TableError| {
+    // SAFETY: `carried` is the `Carried` that `classify` passed to bpf_loop, holding this
+    // program's context pointer.
+    let ctx = unsafe { P::from_raw((*carried.cast::<Carried>()).ctx) };
+    let stop = try_walk_step(&ctx, walk).unwrap_or_else(|TableError| {
         walk.table_error = 1;
         true
     });
@@ -304,7 +322,7 @@ extern "C" fn walk_step(_step: u64, _ctx: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn try_walk_step(walk: &mut Walk) -> Result<bool, TableError> {
+fn try_walk_step<P: Packet>(ctx: &P, walk: &mut Walk) -> Result<bool, TableError> {
     if walk.word == 0 {
         let Some(word_index) = take_lowest_bit(&mut walk.summary) else {
             return Ok(true);
@@ -328,6 +346,11 @@ fn try_walk_step(walk: &mut Walk) -> Result<bool, TableError> {
     let bit = walk.word.trailing_zeros();
     let rule = walk.word_index * 64 + bit;
     let meta = RULES.get(rule).ok_or(TableError)?;
+    if meta.program != 0 && !program::accepts(ctx, meta.program - 1) {
+        // The rule's program turns the packet down: the session's later rules stay candidates.
+        walk.word &= walk.word - 1;
+        return Ok(false);
+    }
     count::rule_matched(rule, meta.session, walk.frame_len);
     if meta.action == Action::Mirror as u32 {
         let slot = walk.copy_count as usize;

@@ -33,6 +33,8 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod program;
+#[cfg(target_arch = "bpf")]
 mod ring;
 
 #[cfg(target_arch = "bpf")]
@@ -114,7 +116,7 @@ mod programs {
         if headers.malformed {
             count::hook(direction, |c| &mut c.malformed);
         }
-        let Some(verdict) = classify::classify(rules, &headers)? else {
+        let Some(verdict) = classify::classify(ctx, rules, &headers)? else {
             return Ok(());
         };
         if verdict.step_limit_hit {

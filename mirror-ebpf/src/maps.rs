@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use mirror_common::{
-    AttachmentEntry, AttachmentKey, Counters, DIRECT_IFINDEXES, FIELD_COUNT, HOOK_COUNT,
-    HookCounters, MAX_ATTACHMENTS, MAX_FIELD_VALUES, MAX_RULES, MAX_SESSIONS, RateLimit, RateState,
-    RuleBitmap, RuleMeta, SessionMeta, Traffic, Tunnel,
+    AttachmentEntry, AttachmentKey, Counters, DIRECT_IFINDEXES, FIELD_COUNT, FilterProgram,
+    HOOK_COUNT, HookCounters, MAX_ATTACHMENTS, MAX_FIELD_VALUES, MAX_RULES, MAX_SESSIONS,
+    RateLimit, RateState, RuleBitmap, RuleMeta, SessionMeta, Traffic, Tunnel,
 };
 
 /// Every distinct rule bitmap; the lookup maps below hold indices into it. Sized by the agent.
@@ -79,6 +79,12 @@ pub static DST_PORT_BITMAP: Array<u32> = Array::with_max_entries(65_536, 0);
 /// Global rule index → its session, action and the next session's first rule.
 #[map]
 pub static RULES: Array<RuleMeta> = Array::with_max_entries(MAX_RULES, 0);
+
+/// Program index → a filter program, which rules that name it run over the packet (see
+/// `mirror_common::FILTER_PROGRAMS_MAP`).
+#[map]
+pub static FILTER_PROGRAMS: Array<FilterProgram> =
+    Array::with_max_entries(mirror_common::MAX_PROGRAMS, 0);
 
 /// Session index → its target.
 #[map]

@@ -10,6 +10,8 @@ use network_types::vlan::VlanHdr;
 
 /// A VLAN tag's length.
 pub const VLAN_TAG_LEN: u32 = VlanHdr::LEN as u32;
+/// Bytes of a frame before its first VLAN tag (the two MAC addresses).
+pub const MACS_LEN: u32 = 12;
 
 /// Reading a packet, whichever hook it is at.
 pub trait Packet {

@@ -11,7 +11,7 @@ use mirror_common::{
 use crate::{
     classify::Copy,
     maps::{COPY_RING, RING_LOST},
-    packet::{Packet, VLAN_TAG_LEN},
+    packet::{MACS_LEN, Packet, VLAN_TAG_LEN},
 };
 
 /// A ring record with room for `N` bytes of the frame. Records are reserved in the ring and the
@@ -28,9 +28,6 @@ struct Record<const N: usize> {
 /// A mask above every ring copy length (see [`MAX_RING_COPY`]).
 const LEN_MASK: u64 = 0x3fff;
 const _: () = assert!(MAX_RING_COPY as u64 <= LEN_MASK);
-
-/// Bytes of a frame before its first VLAN tag.
-const MACS_LEN: u32 = 12;
 
 /// The copy could not go into the ring (full, or the packet could not be read).
 pub struct NotQueued;
