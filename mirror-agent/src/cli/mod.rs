@@ -75,12 +75,16 @@ pub(crate) fn explain(plan: &Plan) -> String {
                 ActionConfig::Mirror => "mirror",
                 ActionConfig::Skip => "skip",
             };
-            let _ = writeln!(
-                out,
-                "  {:<10} {action:<6} {}",
-                rule.kind.to_string(),
-                crate::rules::InTcpdumpWords(&rule.fields)
-            );
+            let matches = match &rule.program {
+                // Such a rule's fields are all "any": the program decides.
+                Some(program) => format!(
+                    "what libpcap's program for the filter accepts ({} instructions, as \
+                     `tcpdump -d` prints them)",
+                    program.insns.len()
+                ),
+                None => crate::rules::InTcpdumpWords(&rule.fields).to_string(),
+            };
+            let _ = writeln!(out, "  {:<10} {action:<6} {matches}", rule.kind.to_string());
         }
     }
     out
@@ -138,7 +142,7 @@ pub(crate) struct CaptureArgs {
     /// Only the packets this tcpdump filter expression selects, e.g. 'tcp port 443' (the
     /// words are joined). With --session, read by the agent in userspace from the session's
     /// copies (its target is unchanged); with -i or -n/-l, compiled into the capture's kernel
-    /// rules.
+    /// rules (or, beyond them, libpcap's program).
     #[arg(value_name = "FILTER")]
     filter: Vec<String>,
     /// Where the pcapng stream goes: a new file, or `-` for standard output.

@@ -38,8 +38,9 @@ pub(crate) struct QuickSession {
     #[arg(short = 'i', long, requires = "target")]
     iface: Vec<String>,
     /// A tcpdump filter expression, e.g. 'tcp port 443 and not host 10.1.2.3' (the words are
-    /// joined, as tcpdump does): compiled into ordered rules (see --explain). Without it, the
-    /// field flags below make one rule.
+    /// joined, as tcpdump does): compiled into ordered rules, or what the rules cannot hold
+    /// (`tcp[13] & 2 != 0`, `less 100`, …) by libpcap into one rule that runs its program (see
+    /// --explain). Without it, the field flags below make one rule.
     #[arg(value_name = "FILTER", conflicts_with_all = ["ethertype", "vlan", "proto", "src", "dst", "src_port", "dst_port"])]
     filter: Vec<String>,
     /// Target interface the copies are sent out of, or `file:PATH` to write them to a pcap

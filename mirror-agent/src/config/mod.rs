@@ -115,7 +115,8 @@ pub struct SessionConfig {
     /// What happens to packets no rule matches (default: skip).
     pub default: Option<Spanned<ActionConfig>>,
     /// A tcpdump filter expression (`tcp port 443 and not host 10.1.2.3`) instead of rules:
-    /// compiled into ordered rules, which `check --explain` shows.
+    /// compiled into ordered rules, or what the rules cannot hold into one rule running
+    /// libpcap's program; `check --explain` shows them.
     pub filter: Option<Spanned<String>>,
     /// Copies are cut to this many bytes (from the Ethernet header); the original is untouched.
     pub snaplen: Option<Spanned<u32>>,

@@ -23,12 +23,12 @@ use mirror_common::{
     ATTACHMENT_BITMAP_MAP, ATTACHMENT_DIRECT_MAP, AttachmentEntry, AttachmentKey,
     COPY_GENERATION_BIT, COPY_RING_MAP, Counters, DST_PORT_BITMAP_MAP, DST_V4_BITMAP_MAP,
     DST_V6_BITMAP_MAP, Direction, ETHERTYPE_BITMAP_MAP, FIELD_UNKNOWN_MAP, FIELD_WILDCARD_MAP,
-    FLOW_HASH_GLOBAL, Field, GENERATION_GLOBAL, HOOK_COUNT, HOOK_COUNTERS_MAP, HookCounters,
-    IP_PROTO_BITMAP_MAP, MAX_ATTACHMENTS, NODE_RATE_LIMIT_MAP, RING_LOST_MAP, RULE_BITMAPS_MAP,
-    RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP, SESSIONS_MAP, SRC_PORT_BITMAP_MAP,
-    SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta, TC_COPY_PROGRAM, TC_EGRESS_PROGRAM,
-    TC_INGRESS_PROGRAM, TUNNELS_MAP, Traffic, Tunnel, VLAN_BITMAP_MAP, WATCH_TRAFFIC_MAP,
-    XDP_PROGRAM,
+    FILTER_PROGRAMS_MAP, FLOW_HASH_GLOBAL, Field, FilterProgram, GENERATION_GLOBAL, HOOK_COUNT,
+    HOOK_COUNTERS_MAP, HookCounters, IP_PROTO_BITMAP_MAP, MAX_ATTACHMENTS, NODE_RATE_LIMIT_MAP,
+    RING_LOST_MAP, RULE_BITMAPS_MAP, RULE_COUNTERS_MAP, RULES_MAP, SESSION_COUNTERS_MAP,
+    SESSIONS_MAP, SRC_PORT_BITMAP_MAP, SRC_V4_BITMAP_MAP, SRC_V6_BITMAP_MAP, SessionMeta,
+    TC_COPY_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TUNNELS_MAP, Traffic, Tunnel,
+    VLAN_BITMAP_MAP, WATCH_TRAFFIC_MAP, XDP_PROGRAM,
 };
 
 use self::kernel_log::KERNEL_LOG_GLOBAL;
@@ -445,6 +445,8 @@ impl Datapath {
             fill_direct(&mut ebpf, name, table, tables.wildcard[field as usize])?;
         }
         fill_array(&mut ebpf, RULES_MAP, &tables.rules)?;
+        let programs: Vec<FilterProgram> = tables.programs.iter().map(|p| p.kernel()).collect();
+        fill_array(&mut ebpf, FILTER_PROGRAMS_MAP, &programs)?;
         fill_array(&mut ebpf, SESSIONS_MAP, sessions)?;
         fill_hash(&mut ebpf, TUNNELS_MAP, tunnels)?;
         fill_array(&mut ebpf, NODE_RATE_LIMIT_MAP, &[plan.node_rate])?;

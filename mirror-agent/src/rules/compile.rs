@@ -149,6 +149,7 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
         wildcard[field as usize] = index;
     }
     let unknown = unknown_fields(&mut interner, rules);
+    let mut programs: Vec<std::sync::Arc<super::filter::Program>> = Vec::new();
     let rule_meta = rules
         .iter()
         .map(|r| RuleMeta {
@@ -158,7 +159,16 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
                 .iter()
                 .position(|x| x.session > r.session)
                 .unwrap_or(rules.len()) as u32,
-            reserved: 0,
+            program: r.program.as_ref().map_or(0, |program| {
+                let index = programs
+                    .iter()
+                    .position(|p| p == program)
+                    .unwrap_or_else(|| {
+                        programs.push(program.clone());
+                        programs.len() - 1
+                    });
+                index as u32 + 1
+            }),
         })
         .collect();
     Tables {
@@ -174,6 +184,7 @@ pub(super) fn compile(sessions: &[Session], rules: &[Rule]) -> Tables {
         src_port,
         dst_port,
         rules: rule_meta,
+        programs,
     }
 }
 

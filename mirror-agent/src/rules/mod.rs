@@ -41,6 +41,8 @@ pub struct Rule {
     pub kind: RuleKind,
     pub action: ActionConfig,
     pub fields: Fields,
+    /// A filter program that must also accept the packet (an expression beyond the rule tables).
+    pub program: Option<std::sync::Arc<filter::Program>>,
 }
 
 impl Rule {
@@ -188,4 +190,6 @@ pub struct Tables {
     pub src_port: Vec<u32>,
     pub dst_port: Vec<u32>,
     pub rules: Vec<RuleMeta>,
+    /// The distinct filter programs, by the index the rules' `program` names (less one).
+    pub programs: Vec<std::sync::Arc<filter::Program>>,
 }

@@ -6,7 +6,8 @@ use std::{
 
 use ipnet::IpNet;
 use mirror_common::{
-    Direction, MAX_RULES, MAX_SESSIONS, RateLimit, SAMPLE_ALL, SAMPLE_FLOWS, SAMPLE_PACKETS,
+    Direction, MAX_PROGRAMS, MAX_RULES, MAX_SESSIONS, RateLimit, SAMPLE_ALL, SAMPLE_FLOWS,
+    SAMPLE_PACKETS,
 };
 
 use super::{
@@ -84,6 +85,14 @@ pub fn plan(
             "the rules become {} kernel rules (a `host` or `port` rule is one per direction, a \
              filter several), over the limit of {MAX_RULES}",
             rules.len()
+        )));
+    }
+    let programs: std::collections::HashSet<_> =
+        rules.iter().filter_map(|r| r.program.as_deref()).collect();
+    if programs.len() > MAX_PROGRAMS as usize {
+        return Err(loaded.file_error(format!(
+            "{} filters need libpcap's compiler (beyond the rule tables), over the limit of              {MAX_PROGRAMS} distinct ones",
+            programs.len()
         )));
     }
     warnings.extend(hidden.into_warnings());
@@ -544,6 +553,7 @@ fn filter_rules(
             kind: RuleKind::Filter(number),
             action,
             fields,
+            program: compiled.program.clone(),
         })
         .collect();
     rules.push(Rule {
@@ -665,6 +675,7 @@ fn validate_rule(session: usize, rule: &crate::config::RuleConfig) -> Result<Vec
             kind: RuleKind::Numbered(rule.number),
             action: rule.action,
             fields,
+            program: None,
         })
         .collect())
 }

@@ -2,9 +2,10 @@
 //! their integer options ([`socket`]), the `bpf(2)` commands aya does not offer for pinned links
 //! ([`bpf`]), `malloc_trim`, `membarrier`, registering a descriptor with tokio ([`readable`]),
 //! reading a kernel record's header ([`read_pod`]), and `SIGPIPE`'s default action
-//! ([`die_on_closed_pipe`]).
+//! ([`die_on_closed_pipe`]), and libpcap's filter compiler, loaded when needed ([`pcap`]).
 //! Everything else goes through `nix`, `rtnetlink` and `aya`.
 pub mod bpf;
+pub mod pcap;
 pub mod socket;
 
 use std::os::fd::{AsFd, AsRawFd};

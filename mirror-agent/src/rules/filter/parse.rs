@@ -78,6 +78,7 @@ pub fn parse(tokens: Vec<Located>, len: usize) -> Result<Expr, FilterError> {
         len,
         last: None,
         depth: 0,
+        vlan_seen: false,
     };
     let expr = parser.expr()?;
     match parser.peek() {
@@ -98,6 +99,8 @@ struct Parser {
     last: Option<Qualifiers>,
     /// Parentheses and `not`s open around the term being read.
     depth: usize,
+    /// Whether a `vlan` was read: libpcap reads the next tag for each one after it.
+    vlan_seen: bool,
 }
 
 impl Parser {
@@ -186,7 +189,7 @@ impl Parser {
                 "vrrp" => return Ok(fields(Some(ETHERTYPE_IPV4), Some(112))),
                 "pim" => return Ok(fields(None, Some(103))),
                 "proto" => return self.protocol_number(None, "proto"),
-                "vlan" => return Ok(self.vlan()),
+                "vlan" => return self.vlan(word.1),
                 _ => {}
             }
         }
@@ -267,7 +270,14 @@ impl Parser {
     }
 
     /// `vlan` or `vlan N`.
-    fn vlan(&mut self) -> Expr {
+    fn vlan(&mut self, at: usize) -> Result<Expr, FilterError> {
+        if std::mem::replace(&mut self.vlan_seen, true) {
+            return Err(FilterError::at(
+                at,
+                "a second `vlan` reads the next tag (a VLAN stack), which the rule tables cannot \
+                 hold",
+            ));
+        }
         let id = self
             .peek_word()
             .and_then(|w| w.parse::<u16>().ok())
@@ -275,10 +285,10 @@ impl Parser {
         if id.is_some() {
             self.advance();
         }
-        Expr::Fields(Fields {
+        Ok(Expr::Fields(Fields {
             vlan: Some(id.map_or(ANY_VLAN, |id| id..=id)),
             ..Fields::default()
-        })
+        }))
     }
 
     /// The number after `ether proto`, `ip proto`, `ip6 proto` or `proto`.
