@@ -14,6 +14,9 @@ use std::{
     process::{Command, Stdio},
 };
 
+#[path = "filters/programs.rs"]
+mod programs;
+
 use mirror_tests::{
     Capture, Flow, FrameSender, KilledOnDrop, Lab, NODE_SRC_MAC, SRC_MAC, assert_same_frames,
     is_sentinel, pcap_frames, shipped_capture, write_pcap,
@@ -727,6 +730,20 @@ fn the_quick_form_rotates_by_size_and_keeps_the_newest_files() {
     assert!(full.iter().chain(&newest).all(|copy| *copy == frame));
 }
 
+/// `run -r INPUT -w OUTPUT EXPRESSION`: the frames of a file the expression selects.
+fn read_selecting(input: &Path, output: &Path, expression: &str) {
+    let output = Command::new(mirror_tests::agent_binary())
+        .arg("run")
+        .arg("-r")
+        .arg(input)
+        .arg("-w")
+        .arg(output)
+        .arg(expression)
+        .output()
+        .expect("the agent");
+    assert!(output.status.success(), "`{expression}`: {output:?}");
+}
+
 /// `run -r IN -w OUT FILTER` selects from a file what tcpdump selects from it, from pcap and from
 /// pcapng, with nothing attached.
 #[test]
@@ -735,21 +752,9 @@ fn reading_a_file_selects_what_tcpdump_selects() {
     let frames = replayed();
     let all = dir.path().join("replayed.pcap");
     write_pcap(&all, &frames);
-    let select = |input: &Path, output: &Path, expression: &str| {
-        let output = Command::new(mirror_tests::agent_binary())
-            .arg("run")
-            .arg("-r")
-            .arg(input)
-            .arg("-w")
-            .arg(output)
-            .arg(expression)
-            .output()
-            .expect("the agent");
-        assert!(output.status.success(), "`{expression}`: {output:?}");
-    };
     // The same frames as pcapng, written by `-r` itself: every frame, with no filter.
     let as_pcapng = dir.path().join("replayed.pcapng");
-    select(&all, &as_pcapng, "");
+    read_selecting(&all, &as_pcapng, "");
     let read_back: Vec<Vec<u8>> = mirror_tests::capture_file_frames(&as_pcapng)
         .into_iter()
         .map(|(_, frame)| frame)
@@ -765,7 +770,7 @@ fn reading_a_file_selects_what_tcpdump_selects() {
         );
         for (input, kind) in [(&all, "pcap"), (&as_pcapng, "pcapng")] {
             let output = dir.path().join(format!("agent-{index}-{kind}.pcap"));
-            select(input, &output, expression);
+            read_selecting(input, &output, expression);
             let (ours, theirs) = if names_address(expression) {
                 let without_arp =
                     |frames: Vec<Vec<u8>>| frames.into_iter().filter(|f| !is_arp(f)).collect();
