@@ -54,13 +54,14 @@ fn podman_run() -> Command {
 }
 
 /// The sessions of the test: copies of UDP at the node's `src0` ingress to an interface and to a
-/// capture file, and at `sink0` (XDP) to a VXLAN collector.
+/// capture file (by a filter only libpcap compiles: the image must hold it), and at `sink0` (XDP)
+/// to a VXLAN collector.
 fn sessions() -> String {
     format!(
         "[[session]]\nname = \"tc\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n{SENTINEL_RULE}\
          [[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\n\
-         [[session]]\nname = \"file\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ file = \"/var/lib/mirror/captures/copies.pcap\" }}\n{SENTINEL_RULE}\
-         [[session.rule]]\nnumber = 10\naction = \"mirror\"\nproto = \"udp\"\n\
+         [[session]]\nname = \"file\"\ninterfaces = [\"src0\"]\ndirection = \"ingress\"\ntarget = {{ file = \"/var/lib/mirror/captures/copies.pcap\" }}\n\
+         filter = \"udp dst port 9 or (udp and ip[2:2] > 100)\"\n\
          [[session]]\nname = \"xdp\"\ninterfaces = [\"sink0\"]\nhook = \"xdp\"\ntarget = {{ vxlan = {{ remote = \"{COL_V4}\", vni = 5 }} }}\n{SENTINEL_RULE}"
     )
 }
@@ -471,7 +472,7 @@ fn the_image_holds_the_base_and_the_binary_only() {
 
 /// The host install's package installs into a bare Debian (the bootstrapped base) and runs
 /// there: the binary, the systemd unit, completions and the manual pages (one per command too)
-/// in their places.
+/// in their places, and libpcap found for a filter beyond the rule tables.
 #[test]
 fn the_debian_package_installs_and_runs_in_a_bare_debian() {
     let package =
@@ -490,7 +491,10 @@ fn the_debian_package_installs_and_runs_in_a_bare_debian() {
            /usr/share/fish/vendor_completions.d/mirror-agent.fish \
            /usr/share/man/man8/mirror-agent.8.gz /usr/share/man/man8/mirror-agent-run.8.gz \
            /usr/share/man/man8/mirror-agent-capture.8.gz; do test -s $f || echo missing $f; done && \
-         zcat /usr/share/man/man8/mirror-agent.8.gz | head -c 200"
+         zcat /usr/share/man/man8/mirror-agent.8.gz | head -c 200 && \
+         printf '[[session]]\\nname = \"f\"\\ninterfaces = [\"lo\"]\\nfilter = \"less 100\"\\n\
+           target = {{ file = \"/tmp/f.pcap\" }}\\n' > /tmp/f.toml && \
+         mirror-agent check --config /tmp/f.toml"
     );
     let output = podman_run()
         .arg("--volume")
@@ -513,4 +517,6 @@ fn the_debian_package_installs_and_runs_in_a_bare_debian() {
     );
     assert!(!stdout.contains("missing"), "{stdout}");
     assert!(stdout.contains(".TH mirror-agent 8"), "{stdout}");
+    // A filter only libpcap compiles: the package's recommended libpcap is found.
+    assert!(stdout.contains("/tmp/f.toml: ok: 1 session(s)"), "{stdout}");
 }

@@ -9,9 +9,10 @@ use anyhow::{Context as _, bail};
 
 use crate::{root, run};
 
-/// What `--base bootstrap` builds and uses: Debian bookworm by debootstrap, for machines that
-/// reach Debian's packages but no container registry.
-pub const BOOTSTRAPPED_BASE: &str = "localhost/mirror-base:bookworm";
+/// What `--base bootstrap` builds and uses: Debian bookworm by debootstrap, with libpcap (which
+/// compiles the filters beyond the rule tables), for machines that reach Debian's packages but
+/// no container registry.
+pub const BOOTSTRAPPED_BASE: &str = "localhost/mirror-base:bookworm-libpcap";
 
 /// The container engine: podman or docker, with the global flags it needs here.
 pub struct Engine {
@@ -106,8 +107,8 @@ pub fn build(binary: &Path, tag: &str, base: Option<&str>) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Makes [`BOOTSTRAPPED_BASE`] unless the engine has it: a minimal Debian bookworm root by
-/// debootstrap, without documentation, manuals, locales and apt's lists, imported as an image.
+/// Makes [`BOOTSTRAPPED_BASE`] unless the engine has it: a minimal Debian bookworm root with
+/// libpcap by debootstrap, without documentation, manuals, locales and apt's lists, imported as an image.
 fn bootstrap(engine: &Engine) -> anyhow::Result<()> {
     if engine.has_image(BOOTSTRAPPED_BASE) {
         eprintln!("xtask: {BOOTSTRAPPED_BASE} present");
@@ -116,7 +117,7 @@ fn bootstrap(engine: &Engine) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("a directory for debootstrap")?;
     let rootfs: PathBuf = dir.path().join("bookworm");
     run(Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
+        .args(["--variant=minbase", "--include=libpcap0.8", "bookworm"])
         .arg(&rootfs))?;
     for unneeded in [
         "usr/share/doc",

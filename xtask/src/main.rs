@@ -45,7 +45,7 @@ enum Task {
         tag: String,
         /// The base image (a build argument; the Dockerfile's default is a registry's
         /// debian:bookworm-slim). `bootstrap`: a Debian bookworm base made with debootstrap
-        /// and kept as localhost/mirror-base:bookworm, for machines without a registry.
+        /// and kept as localhost/mirror-base:bookworm-libpcap, for machines without a registry.
         #[arg(long)]
         base: Option<String>,
     },
