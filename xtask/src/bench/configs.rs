@@ -62,6 +62,13 @@ pub(super) fn agent_config(scenario: &Scenario) -> anyhow::Result<String> {
             "{SESSION}direction = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n\
              filter = \"udp and dst net {FLOW_DST}/32 and dst port {FLOW_DST_PORT}\"\n"
         ),
+        Scenario::MirrorAccessor => {
+            let dst = u32::from(FLOW_DST.parse::<std::net::Ipv4Addr>().expect("address"));
+            format!(
+                "{SESSION}direction = \"ingress\"\ntarget = {{ interface = \"mir0\" }}\n\
+                 filter = \"udp and ip[16:4] = {dst:#x} and udp[2:2] = {FLOW_DST_PORT}\"\n"
+            )
+        }
         Scenario::MirrorControlled { control, .. } => format!(
             "{SESSION}direction = \"ingress\"\ndefault = \"mirror\"\ntarget = {{ interface = \"mir0\" }}\n{control}\n"
         ),

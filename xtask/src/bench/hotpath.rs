@@ -1,8 +1,10 @@
 //! The hot path's targets, each measured in pairs against its reference (see [`pair_up`]):
 //! traffic no rule matches against no mirroring at all, with one rule and with 10,000; one
 //! matching rule against `tc u32` matching the same fields; match-all against `tc u32
-//! match-all`; that rule written as a filter expression against the rule itself; and, on a tap (frames written to its file descriptor, tun's native XDP), `tc
-//! mirred`, the TC path and the XDP path each against no mirroring.
+//! match-all`; that rule written as a filter expression, and with byte accessors (a filter
+//! program in the kernel's interpreter), against the rule itself; and, on a tap (frames written
+//! to its file descriptor, tun's native XDP), `tc mirred`, the TC path and the XDP path each
+//! against no mirroring.
 use std::path::Path;
 
 use serde::Serialize;
@@ -81,6 +83,16 @@ fn comparisons() -> Vec<Comparison> {
                 matching: true,
             },
             Scenario::MirrorFilter,
+            None,
+            None,
+        ),
+        // Shown, not a target: what running libpcap's program costs beside the rule tables.
+        (
+            Scenario::Mirror {
+                rules: 1,
+                matching: true,
+            },
+            Scenario::MirrorAccessor,
             None,
             None,
         ),

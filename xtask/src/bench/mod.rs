@@ -99,6 +99,9 @@ enum Scenario {
     /// mirror with the one matching rule of `Mirror { rules: 1, matching: true }` written as a
     /// filter expression.
     MirrorFilter,
+    /// mirror with the same selection written with byte accessors, which the rule tables cannot
+    /// hold: one rule that runs libpcap's program in the kernel's interpreter.
+    MirrorAccessor,
     /// mirror, one match-all rule, with a session control (a TOML line) that makes few copies.
     MirrorControlled {
         name: &'static str,
@@ -133,6 +136,7 @@ impl Scenario {
             Scenario::MirrorXdp { vxlan: true } => "mirror XDP into vxlan".into(),
             Scenario::MirrorControlled { name, .. } => format!("mirror TC, {name}"),
             Scenario::MirrorFilter => "mirror TC, 100% match, filter expression".into(),
+            Scenario::MirrorAccessor => "mirror TC, 100% match, accessor expression".into(),
         }
     }
 
@@ -544,6 +548,7 @@ fn activate<'a>(lab: &'a Lab, agent: &Path, scenario: &Scenario) -> anyhow::Resu
         Scenario::Mirror { .. }
         | Scenario::MirrorAll
         | Scenario::MirrorFilter
+        | Scenario::MirrorAccessor
         | Scenario::MirrorControlled { .. }
         | Scenario::MirrorTunnel(_)
         | Scenario::MirrorXdp { .. } => {
