@@ -46,17 +46,25 @@ pub fn emit<P: Packet>(
 ) -> Result<u32, NotQueued> {
     let mut header = header(ctx, copy, direction, flow_hash, flags);
     header.cap_len = len.min(header.orig_len).min(MAX_RING_COPY);
-    // Minimum-size frames, headers cut to a snaplen, a standard MTU's frames, and the rest.
-    if header.cap_len <= 64 {
-        queue::<P, 64>(ctx, &header, 0)
-    } else if header.cap_len <= 256 {
-        queue::<P, 256>(ctx, &header, 0)
-    } else if header.cap_len <= 1536 {
-        queue::<P, 1536>(ctx, &header, 0)
-    } else {
-        queue::<P, { MAX_RING_COPY as usize }>(ctx, &header, 0)
-    }?;
+    queue_fitted(ctx, &header)?;
     Ok(header.cap_len)
+}
+
+/// Queues the frame's first `header.cap_len` bytes (at most [`MAX_RING_COPY`]) in the smallest
+/// record that holds them: minimum-size frames, headers cut to a snaplen, a standard MTU's
+/// frames, and the rest. (A ring of 8 MiB holds about 900 records of the largest size, but
+/// 100,000 of the smallest: an ACK never takes 9 KiB of it.)
+#[inline(always)]
+fn queue_fitted<P: Packet>(ctx: &P, header: &RingCopyHeader) -> Result<(), NotQueued> {
+    if header.cap_len <= 64 {
+        queue::<P, 64>(ctx, header, 0)
+    } else if header.cap_len <= 256 {
+        queue::<P, 256>(ctx, header, 0)
+    } else if header.cap_len <= 1536 {
+        queue::<P, 1536>(ctx, header, 0)
+    } else {
+        queue::<P, { MAX_RING_COPY as usize }>(ctx, header, 0)
+    }
 }
 
 /// A record's header for a copy of this packet now, its `cap_len` still to be set.
@@ -119,6 +127,11 @@ fn emit_chunks<P: Packet>(
     flags: u32,
 ) -> Result<(), NotQueued> {
     let mut header = header(ctx, copy, direction, flow_hash, flags);
+    // One chunk: a record that fits it.
+    if len <= MAX_RING_COPY {
+        header.cap_len = len;
+        return queue_fitted(ctx, &header);
+    }
     for chunk in 0..MAX_RING_CHUNKS {
         let start = chunk * MAX_RING_COPY;
         if start >= len {
