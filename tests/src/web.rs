@@ -1,8 +1,10 @@
 //! HTTP peers for the shadow tests: a recording origin (the shadow, or the live service) that
-//! answers every request and keeps what it received, byte for byte.
+//! answers every request and keeps what it received, byte for byte; and nginx, a real origin.
 use std::{
     io::{BufRead, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -235,5 +237,69 @@ fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
         reader.read_exact(&mut body[start..]).ok()?;
         let mut crlf = [0; 2];
         reader.read_exact(&mut crlf).ok()?;
+    }
+}
+
+/// nginx (Debian's nginx-light, from `cargo xtask setup`) in a namespace: its master process,
+/// stopped with SIGTERM on drop, so that it ends its workers too (a killed master leaves them
+/// running).
+#[derive(Debug)]
+pub struct Nginx(Child);
+
+impl Nginx {
+    /// Starts nginx in `ns` with `http` (its `http { … }` block) after a preamble that keeps it
+    /// in the foreground with its pid and error log in `dir`/`name`; waits until it accepts
+    /// connections at each of `listening` (addresses in `ns`).
+    pub fn start(
+        ns: &Netns,
+        dir: &Path,
+        name: &str,
+        http: &str,
+        listening: &[SocketAddr],
+    ) -> std::io::Result<Self> {
+        let prefix = dir.join(name);
+        std::fs::create_dir_all(&prefix)?;
+        let conf = prefix.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nworker_processes auto;\npid {}/nginx.pid;\nevents {{ worker_connections 4096; }}\n{http}",
+                prefix.display()
+            ),
+        )?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nginx", "-p"])
+            .arg(format!("{}/", prefix.display()))
+            .arg("-e")
+            .arg(prefix.join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let nginx = Nginx(child);
+        for &address in listening {
+            super::wait_for("nginx to listen", || {
+                ns.enter(move || TcpStream::connect(address).is_ok())
+            });
+        }
+        Ok(nginx)
+    }
+
+    /// Its master's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid (`ip netns exec` runs nginx in its place).
+        unsafe { libc::kill(self.0.id().cast_signed(), libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -45,6 +45,7 @@ pub fn run(build_only: bool) -> anyhow::Result<()> {
     if !build_only {
         nightly_lint_tools()?;
         debian_packages(DEBIAN_PACKAGES)?;
+        origin_server()?;
         helm_engine()?;
         cargo_deb()?;
     }
@@ -207,6 +208,13 @@ fn helm_engine() -> anyhow::Result<()> {
             HELM_PYTHON,
         ]),
     )
+}
+
+/// nginx, the real origin whose own log the observe tests check the agent's counts against
+/// (`tests/tests/observe.rs`), installed without starting its service.
+fn origin_server() -> anyhow::Result<()> {
+    let _no_service_starts = NoServiceStarts::new()?;
+    debian_packages(&["nginx-light"])
 }
 
 /// What `cargo xtask bench` adds: the userspace peer, the chart's font, bpftool (the program's

@@ -10,14 +10,14 @@
 //! `s0`. Each run is made in two CPU layouts ([`Layout`]), interleaved.
 use std::{
     fmt::Write as _,
-    net::TcpStream,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, ensure};
-use mirror_tests::{Agent, Netns, wait_for};
+use mirror_tests::{Agent, Netns, Nginx};
 use serde::Serialize;
 
 use super::{Options, median, rss_kib};
@@ -195,23 +195,6 @@ pub struct ShadowRow {
     pub rss_kib: Option<u64>,
 }
 
-/// nginx's master process: stopped with SIGTERM on drop, so that it ends its workers too (a
-/// killed master leaves them running).
-struct Nginx(std::process::Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SAFETY: kill on our own child's pid (`ip netns exec` runs nginx in its place).
-        unsafe { libc::kill(self.0.id().cast_signed(), libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The namespaces and the two nginx every way uses; deleted and stopped on drop.
 struct ShadowBed {
     /// First, so that nginx stops before its namespace and files go: the live origin and the
@@ -235,18 +218,25 @@ impl ShadowBed {
             &format!("{SERVER_V4}/24"),
         );
         let dir = tempfile::tempdir()?;
-        let front = start_nginx(&server, dir.path(), "front", &front_config(dir.path()))?;
-        let shadow = start_nginx(&server, dir.path(), "shadow", &shadow_config(dir.path()))?;
-        let listening = [LIVE_PORT, PROXY_PORT, MIRRORING_PROXY_PORT]
-            .map(|port| format!("{SERVER_V4}:{port}"))
-            .into_iter()
-            .chain([SHADOW.to_owned()]);
-        for address in listening {
-            wait_for("nginx to listen", || {
-                let address = address.clone();
-                server.enter(move || TcpStream::connect(address).is_ok())
-            });
-        }
+        let front_ports = [LIVE_PORT, PROXY_PORT, MIRRORING_PROXY_PORT].map(|port| {
+            SocketAddr::from((SERVER_V4.parse::<Ipv4Addr>().expect("an address"), port))
+        });
+        let front = Nginx::start(
+            &server,
+            dir.path(),
+            "front",
+            &front_config(dir.path()),
+            &front_ports,
+        )
+        .context("starting nginx (cargo xtask bench installs nginx-light)")?;
+        let shadow = Nginx::start(
+            &server,
+            dir.path(),
+            "shadow",
+            &shadow_config(dir.path()),
+            &[SHADOW.parse().expect("an address")],
+        )
+        .context("starting the shadow's nginx")?;
         Ok(ShadowBed {
             front,
             shadow,
@@ -259,8 +249,8 @@ impl ShadowBed {
     /// Pins the live side's nginx and the shadow's to the CPUs of `layout`.
     fn lay_out(&self, layout: Layout) -> anyhow::Result<()> {
         let (live, shadow) = layout.cpus();
-        pin(self.front.0.id(), live)?;
-        pin(self.shadow.0.id(), shadow)
+        pin(self.front.pid(), live)?;
+        pin(self.shadow.pid(), shadow)
     }
 
     /// Requests the shadow has logged so far.
@@ -332,47 +322,14 @@ fn clients(rate: u64) -> u64 {
     rate.div_ceil(PER_CLIENT_RPS).max(MIN_CLIENTS)
 }
 
-/// Starts nginx in `server` with `config`, its files in `dir`/`name`.
-fn start_nginx(server: &Netns, dir: &Path, name: &str, config: &str) -> anyhow::Result<Nginx> {
-    let prefix = dir.join(name);
-    std::fs::create_dir_all(&prefix)?;
-    let conf = prefix.join("nginx.conf");
-    std::fs::write(&conf, config)?;
-    let nginx = Command::new("ip")
-        .args(["netns", "exec", &server.name, "nginx", "-p"])
-        .arg(format!("{}/", prefix.display()))
-        .arg("-e")
-        .arg(prefix.join("error.log"))
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting nginx (cargo xtask bench installs nginx-light)")?;
-    Ok(Nginx(nginx))
-}
-
-/// What both nginx start with: files in `dir`/`name`.
-fn nginx_preamble(dir: &Path, name: &str) -> String {
-    let dir = dir.join(name);
-    let dir = dir.display();
-    format!(
-        "daemon off;
-worker_processes auto;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-"
-    )
-}
-
 /// The live origin and the two proxies in front of it, the mirroring one as nginx's
 /// `ngx_http_mirror_module` documentation shows it, with the upstream keep-alive recipe of
 /// `ngx_http_upstream_module` on both upstreams.
 fn front_config(dir: &Path) -> String {
-    let preamble = nginx_preamble(dir, "front");
     let dir = dir.join("front");
     let dir = dir.display();
     format!(
-        r#"{preamble}http {{
+        r#"http {{
     access_log off;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
@@ -412,12 +369,11 @@ fn front_config(dir: &Path) -> String {
 
 /// The shadow: the live origin's answer, and a log line for each request it gets.
 fn shadow_config(dir: &Path) -> String {
-    let preamble = nginx_preamble(dir, "shadow");
     let log = dir.join("shadow.log");
     let dir = dir.join("shadow");
     let (dir, log) = (dir.display(), log.display());
     format!(
-        r#"{preamble}http {{
+        r#"http {{
     access_log off;
     client_body_temp_path {dir}/body;
     log_format count "$request_uri";
