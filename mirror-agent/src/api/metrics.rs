@@ -14,6 +14,7 @@ use crate::{
     state::{Applied, Shared, Stats},
     targets::{
         TargetCounters,
+        observe::HttpStats,
         shadow::{LATENCY_BUCKETS, Latency, ShadowStats},
     },
 };
@@ -49,6 +50,13 @@ impl Shared {
                 let labels = vec![("session", session.name.clone())];
                 session.shadow.as_ref().map(|shadow| (labels, shadow))
             }),
+        );
+        register_http(
+            &mut registry,
+            stats
+                .sessions
+                .iter()
+                .filter_map(|session| Some((session.name.as_str(), session.http.as_ref()?))),
         );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
@@ -269,6 +277,61 @@ pub(crate) fn register_shadows<'a>(
             latencies
                 .get_or_create(&with(&labels, "answer", answer))
                 .set(latency);
+        }
+    }
+}
+
+/// What observed sessions counted of their services: requests by method, status class (and
+/// route, with routes set), and their durations.
+fn register_http<'a>(
+    registry: &mut Registry,
+    sessions: impl Iterator<Item = (&'a str, &'a HttpStats)>,
+) {
+    let requests = counter_family(
+        registry,
+        "http_requests",
+        "HTTP requests an observed session saw, by service (its destination), method, status class (unanswered: no whole answer seen) and route (with routes set)",
+    );
+    let unread = counter_family(
+        registry,
+        "http_unread_requests",
+        "HTTP requests an observed session knows only by the bytes they left missing, so of no service, by reason: ring_full, gap, unreadable",
+    );
+    let durations = Family::<Labels, CountedHistogram>::default();
+    registry.register_with_unit(
+        "http_request_duration",
+        "From a request's first byte to its answer's last, as the wire saw them, by service",
+        Unit::Seconds,
+        durations.clone(),
+    );
+    for (session, http) in sessions {
+        for (reason, n) in [
+            ("ring_full", http.unread.ring_full),
+            ("gap", http.unread.gap),
+            ("unreadable", http.unread.unreadable),
+        ] {
+            unread
+                .get_or_create(&vec![
+                    ("session", session.to_owned()),
+                    ("reason", reason.to_owned()),
+                ])
+                .inc_by(n);
+        }
+        for service in &http.services {
+            let labels = vec![
+                ("session", session.to_owned()),
+                ("service", service.service.clone()),
+            ];
+            for series in &service.requests {
+                let mut labels = labels.clone();
+                labels.push(("method", series.method.clone()));
+                labels.push(("status_class", series.status_class.clone()));
+                if let Some(route) = &series.route {
+                    labels.push(("route", route.clone()));
+                }
+                requests.get_or_create(&labels).inc_by(series.count);
+            }
+            durations.get_or_create(&labels).set(&service.duration);
         }
     }
 }

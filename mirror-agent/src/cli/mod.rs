@@ -13,7 +13,7 @@ use crate::{
     config::{ActionConfig, LoadedConfig},
     rules::{Plan, plan_on_host},
     state,
-    targets::tunnel::TunnelPath,
+    targets::{observe::ServiceView, tunnel::TunnelPath},
 };
 
 /// A mistake in the command line (exit code 2, as clap's own).
@@ -476,6 +476,77 @@ fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>
             rate(c.not_sent(), before.map(|b| b.not_sent())),
         );
     }
+    out + &service_table(stats, previous)
+}
+
+/// Observed sessions × services: requests and errors (5xx or unanswered) with their rates, and
+/// the median and 99th percentile of their durations (over the last period when watching).
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "a rate on screen needs no more than 52 bits"
+)]
+fn service_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>) -> String {
+    use std::fmt::Write as _;
+    let observed: Vec<_> = stats
+        .sessions
+        .iter()
+        .filter_map(|s| Some((s, s.http.as_ref()?)))
+        .collect();
+    if observed.is_empty() {
+        return String::new();
+    }
+    let width = observed
+        .iter()
+        .flat_map(|(s, http)| {
+            std::iter::once(s.name.len()).chain(http.services.iter().map(|v| v.service.len()))
+        })
+        .max()
+        .unwrap_or(0)
+        .max(16);
+    let mut out = format!(
+        "\n{:<width$} {:<width$} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "session", "service", "requests", "errors", "req/s", "errors/s", "p50_ms", "p99_ms"
+    );
+    for (session, http) in observed {
+        let earlier = previous.and_then(|(p, period)| {
+            let then = p.sessions.iter().find(|s| s.name == session.name)?;
+            Some((then.http.as_ref()?, period))
+        });
+        for service in &http.services {
+            let before = earlier.map(|(then, period)| {
+                let then = then.services.iter().find(|s| s.service == service.service);
+                (then.cloned().unwrap_or_default(), period)
+            });
+            let rate = |now: u64, then: fn(&ServiceView) -> u64| match &before {
+                Some((b, period)) => format!(
+                    "{:.0}",
+                    now.saturating_sub(then(b)) as f64 / period.as_secs_f64()
+                ),
+                None => "-".to_owned(),
+            };
+            let latency = match &before {
+                Some((b, _)) => service.duration.since(&b.duration),
+                None => service.duration.clone(),
+            };
+            let ms = |q: f64| {
+                latency
+                    .quantile(q)
+                    .map_or_else(|| "-".to_owned(), |s| format!("{:.2}", s * 1e3))
+            };
+            let _ = writeln!(
+                out,
+                "{:<width$} {:<width$} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                session.name,
+                service.service,
+                service.total(),
+                service.errors(),
+                rate(service.total(), ServiceView::total),
+                rate(service.errors(), ServiceView::errors),
+                ms(0.5),
+                ms(0.99),
+            );
+        }
+    }
     out
 }
 
@@ -520,6 +591,7 @@ mod tests {
             },
             target: crate::targets::TargetCounters::default(),
             shadow: None,
+            http: None,
             rules: Vec::new(),
         };
         let stats = crate::state::Stats {
@@ -562,6 +634,74 @@ mod tests {
             })
             .collect();
         assert!(ends.windows(2).all(|w| w[0] == w[1]), "{table}");
+    }
+
+    /// Watching an observed session: per service, its rates and errors over the period, and its
+    /// quantiles of the period's durations alone.
+    #[test]
+    fn the_stats_table_shows_each_observed_service() {
+        use std::time::Duration;
+
+        use crate::targets::observe::{HttpStats, RequestSeries, ServiceView};
+        let reading = |ok: u64, failed: u64, slow: u64| {
+            let mut duration = crate::targets::shadow::Latency::default();
+            for _ in 0..ok + failed {
+                duration.observe(Duration::from_micros(50));
+            }
+            for _ in 0..slow {
+                duration.observe(Duration::from_millis(20));
+            }
+            let series = |class: &str, count| RequestSeries {
+                method: "GET".into(),
+                status_class: class.into(),
+                route: None,
+                count,
+            };
+            crate::state::Stats {
+                sessions: vec![crate::state::SessionStats {
+                    name: "web".into(),
+                    counters: mirror_common::Counters::default(),
+                    target: crate::targets::TargetCounters::default(),
+                    shadow: None,
+                    http: Some(HttpStats {
+                        services: vec![ServiceView {
+                            service: "10.0.0.2:8080".into(),
+                            requests: vec![series("2xx", ok + slow), series("5xx", failed)],
+                            duration,
+                        }],
+                        ..HttpStats::default()
+                    }),
+                    rules: Vec::new(),
+                }],
+                ..crate::state::Stats::default()
+            }
+        };
+        let before = reading(100, 0, 0);
+        let after = reading(100, 20, 100);
+        let table = super::stats_table(&after, Some((&before, Duration::from_secs(2))));
+        let row: Vec<&str> = table
+            .lines()
+            .find(|l| l.contains("10.0.0.2:8080"))
+            .expect("the service's row")
+            .split_whitespace()
+            .collect();
+        // 120 new requests in 2 s, 20 of them errors; 100 took 20 ms (in the 10-25 ms bucket).
+        assert_eq!(
+            row,
+            [
+                "web",
+                "10.0.0.2:8080",
+                "220",
+                "20",
+                "60",
+                "10",
+                "16.00",
+                "24.82"
+            ],
+            "{table}"
+        );
+        let first = super::stats_table(&after, None);
+        assert!(first.contains("p99_ms"), "{first}");
     }
 
     /// The completions and the manual come from the command line's own definition, every command

@@ -13,6 +13,7 @@ use crate::{
     targets::{
         self, TargetConfig,
         file::FileConfig,
+        observe::{ObserveConfig, Protocol},
         shadow::ShadowConfig,
         tunnel::{
             DEFAULT_GENEVE_PORT, DEFAULT_VXLAN_PORT, ErspanConfig, GeneveConfig, GreConfig,
@@ -29,13 +30,17 @@ use crate::{
 // One-flag groups for the flags that go with one target: clap's `requires` of a flag of the
 // `target` group is met by any target, that of a group only by its own.
 #[command(group(clap::ArgGroup::new("shadow_target").args(["shadow"])))]
+// What may follow the copies: one target, or observe (alone or with a shadow).
+#[command(group(clap::ArgGroup::new("output").multiple(true).args([
+    "to", "write", "shadow", "to_vxlan", "to_geneve", "to_gre", "to_erspan", "observe",
+])))]
 #[command(group(clap::ArgGroup::new("gre_target").args(["to_gre"])))]
 #[command(group(clap::ArgGroup::new("erspan_target").args(["to_erspan"])))]
 #[expect(clippy::struct_excessive_bools, reason = "each is a flag of its own")]
 pub(crate) struct QuickSession {
     /// Interface name or glob to watch (repeatable); `any`: every interface but the target (and
     /// those that come later).
-    #[arg(short = 'i', long, requires = "target")]
+    #[arg(short = 'i', long, requires = "output")]
     iface: Vec<String>,
     /// A tcpdump filter expression, e.g. 'tcp port 443 and not host 10.1.2.3' (the words are
     /// joined, as tcpdump does): compiled into ordered rules, or what the rules cannot hold
@@ -94,6 +99,13 @@ pub(crate) struct QuickSession {
     /// With --shadow: compare each shadow answer with the live one (see `status`).
     #[arg(long, requires = "shadow_target")]
     compare: bool,
+    /// Count the HTTP/1.x exchanges in the copies of both directions by service (requests by
+    /// method and status class, durations: `stats --watch`, the metrics), alone or with
+    /// --shadow (the filter then defaults to `tcp`).
+    #[arg(long, value_enum, value_name = "PROTOCOL", requires = "iface", conflicts_with_all = [
+        "to", "write", "to_vxlan", "to_geneve", "to_gre", "to_erspan",
+    ])]
+    observe: Option<Protocol>,
     /// Target collector: copies are sent in VXLAN (RFC 7348) to this IPv4 or IPv6 address.
     #[arg(long, group = "target", requires = "iface")]
     to_vxlan: Option<std::net::IpAddr>,
@@ -279,6 +291,8 @@ impl QuickSession {
                 version: self.erspan_version,
                 local,
             })
+        } else if self.observe.is_some() {
+            TargetConfig::Observe
         } else {
             // `target` is required with `iface`, and `iface` without a file.
             TargetConfig::Watch
@@ -299,11 +313,11 @@ impl QuickSession {
                 action: ActionConfig::Mirror,
                 ethertype: self.ethertype,
                 vlan: self.vlan,
-                // A shadow reads TCP alone.
-                proto: self.proto.or(self
-                    .shadow
-                    .as_ref()
-                    .map(|_| IpProto(libc::IPPROTO_TCP as u8))),
+                // A shadow and an observer read TCP alone.
+                proto: self
+                    .proto
+                    .or((self.shadow.is_some() || self.observe.is_some())
+                        .then_some(IpProto(libc::IPPROTO_TCP as u8))),
                 src: self.src,
                 dst: self.dst,
                 src_port: self.src_port,
@@ -318,6 +332,7 @@ impl QuickSession {
             direction: self.direction.map(spanned),
             hook: self.hook.map(spanned),
             target,
+            observe: self.observe.map(|p| spanned(ObserveConfig::of(p))),
             default: None,
             snaplen: self.snaplen.filter(|len| *len != 0).map(spanned),
             unparsed: self.skip_unparsed.then_some(ActionConfig::Skip),

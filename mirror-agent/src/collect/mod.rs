@@ -422,7 +422,7 @@ fn open_shadow(url: &str, compare: bool) -> anyhow::Result<(ShadowSink, Shared)>
         .checked()
         .map_err(|e| anyhow::anyhow!("--shadow: {e}"))?;
     let stats = Shared::default();
-    Ok((ShadowSink::open(&target, stats.clone())?, stats))
+    Ok((ShadowSink::open(&target, stats.clone(), None)?, stats))
 }
 
 /// When the receive loop last logged its counts, published them for `/metrics` and forgot idle

@@ -110,8 +110,15 @@ pub struct SessionConfig {
     /// Where packets are examined: `tc` (default; copies are clones) or `xdp` (before the
     /// kernel's stack; copies go through the ring buffer and the agent sends them on).
     pub hook: Option<Spanned<HookConfig>>,
-    #[serde(deserialize_with = "crate::targets::one_kind")]
+    /// Where the copies go; left out, the session is observed only (it needs `observe`).
+    #[serde(
+        default = "crate::targets::no_target",
+        deserialize_with = "crate::targets::one_kind"
+    )]
     pub target: Spanned<TargetConfig>,
+    /// `"http"`: the HTTP/1.x exchanges in the copies of both directions are counted by service
+    /// (requests, status classes, durations), with a shadow target or with none.
+    pub observe: Option<Spanned<crate::targets::observe::ObserveConfig>>,
     /// What happens to packets no rule matches (default: skip).
     pub default: Option<Spanned<ActionConfig>>,
     /// A tcpdump filter expression (`tcp port 443 and not host 10.1.2.3`) instead of rules:

@@ -794,6 +794,7 @@ fn capture_session(name: &str, watch: AdHoc, filter: Option<String>) -> SessionC
         direction: None,
         hook: None,
         target: toml::Spanned::new(0..0, TargetConfig::Watch),
+        observe: None,
         default: filter
             .is_none()
             .then(|| toml::Spanned::new(0..0, ActionConfig::Mirror)),

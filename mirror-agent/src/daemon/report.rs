@@ -89,6 +89,29 @@ pub(super) fn report(applied: &Applied, losses: &[TxLosses]) -> anyhow::Result<S
             session.target.named(),
         );
     }
+    for session in &stats.sessions {
+        if let Some(unread) = session.http.as_ref().map(|http| http.unread)
+            && unread.total() > 0
+        {
+            let _ = writeln!(
+                out,
+                "http     {:<names$} unread requests={} ring_full={} gap={} unreadable={}",
+                session.name,
+                unread.total(),
+                unread.ring_full,
+                unread.gap,
+                unread.unreadable
+            );
+        }
+        for service in session.http.iter().flat_map(|http| &http.services) {
+            let _ = writeln!(
+                out,
+                "http     {:<names$} {}",
+                session.name,
+                service.summary()
+            );
+        }
+    }
     for tunnel in &tunnels {
         let (session, target) = (&tunnel.session, &tunnel.target);
         let _ = match &tunnel.path {

@@ -222,11 +222,20 @@ fn resolve_session(
     pods: &dyn Fn(&PodSelector) -> Vec<Interface>,
     warnings: &mut Vec<String>,
 ) -> Result<Session, ConfigError> {
+    let observe = session.observe.as_ref();
     let target = session
         .target
         .get_ref()
-        .resolve(interfaces)
-        .map_err(|message| loaded.error(session.target.span(), message))?;
+        .resolve_observed(observe.map(toml::Spanned::get_ref), interfaces)
+        .map_err(|(of_target, message)| {
+            let span = match observe {
+                Some(observe) if !of_target => observe.span(),
+                // A session without a target: its name's place.
+                _ if session.target.span().is_empty() => session.name.span(),
+                _ => session.target.span(),
+            };
+            loaded.error(span, message)
+        })?;
     let watched = watched_interfaces(loaded, session, &target, interfaces, pods, warnings)?;
     let directions = directions(loaded, session)?;
     let through_ring = target.through_ring(directions == [Direction::XdpIngress]);

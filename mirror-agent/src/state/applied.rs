@@ -8,6 +8,7 @@ use crate::{
     rules::{self, Plan},
     targets::{
         TargetCounters, Targets, TunnelView,
+        observe::{HttpStats, Observed},
         ring::RingDrain,
         shadow::{ShadowStats, Shared},
     },
@@ -45,18 +46,79 @@ struct Carried {
     targets: Vec<TargetCounters>,
     /// The hooks' counters, of every generation before (whatever changed).
     hooks: [HookCounters; HOOK_COUNT as usize],
-    /// Per session, what its shadow counted in the generation just replaced (read as it goes
-    /// on: its replays may still be finishing), and in those before it (final by then: a
-    /// generation's drain and replays end when it is dropped, after its successor took over).
-    shadows: Vec<(Option<Shared>, ShadowStats)>,
+    /// Per session, what its shadow counted before this generation.
+    shadows: Vec<Earlier<Shared>>,
+    /// Per session, what it observed of its services before this generation.
+    observed: Vec<Earlier<Observed>>,
 }
 
-impl Carried {
-    /// What session `index`'s shadow counted before this generation.
-    fn shadow(&self, index: usize) -> Option<ShadowStats> {
-        let (last, before) = self.shadows.get(index)?;
-        let mut stats = last.as_ref().map(Shared::read).unwrap_or_default();
-        stats.absorb(before);
+/// What a session's stream reader (a shadow, an observer) counts, read as it goes on.
+trait Live: Clone {
+    type Stats: Default + Clone;
+    fn read(&self) -> Self::Stats;
+    /// Adds `earlier` to `stats`.
+    fn absorb(stats: &mut Self::Stats, earlier: &Self::Stats);
+}
+
+impl Live for Shared {
+    type Stats = ShadowStats;
+    fn read(&self) -> ShadowStats {
+        Shared::read(self)
+    }
+    fn absorb(stats: &mut ShadowStats, earlier: &ShadowStats) {
+        stats.absorb(earlier);
+    }
+}
+
+impl Live for Observed {
+    type Stats = HttpStats;
+    fn read(&self) -> HttpStats {
+        Observed::read(self)
+    }
+    fn absorb(stats: &mut HttpStats, earlier: &HttpStats) {
+        stats.absorb(earlier);
+    }
+}
+
+/// What a session's reader counted in the generation just replaced (read as it goes on: its
+/// replays may still be finishing), and in those before it (final by then: a generation's drain
+/// and replays end when it is dropped, after its successor took over).
+#[derive(Debug, Clone)]
+struct Earlier<L: Live> {
+    last: Option<L>,
+    before: L::Stats,
+}
+
+impl<L: Live> Default for Earlier<L> {
+    fn default() -> Self {
+        Earlier {
+            last: None,
+            before: L::Stats::default(),
+        }
+    }
+}
+
+impl<L: Live> Earlier<L> {
+    fn read(&self) -> L::Stats {
+        let mut stats = self.last.as_ref().map(L::read).unwrap_or_default();
+        L::absorb(&mut stats, &self.before);
+        stats
+    }
+
+    /// What session `old` of the replaced generation counted until now, `live` its reader then.
+    fn of(carried: &[Earlier<L>], live: &[Option<L>], old: usize) -> Self {
+        Earlier {
+            last: live.get(old).cloned().flatten(),
+            before: carried.get(old).map(Earlier::read).unwrap_or_default(),
+        }
+    }
+
+    /// Session `index`'s count now: its `live` reader's, and what it counted before.
+    fn with_live(carried: &[Earlier<L>], live: &[Option<L>], index: usize) -> Option<L::Stats> {
+        let mut stats = live.get(index)?.as_ref()?.read();
+        if let Some(earlier) = carried.get(index) {
+            L::absorb(&mut stats, &earlier.read());
+        }
         Some(stats)
     }
 }
@@ -157,9 +219,11 @@ impl Applied {
             rules: vec![Counters::default(); view.rules.len()],
             targets: vec![TargetCounters::default(); view.sessions.len()],
             hooks: hook_array(&before),
-            shadows: vec![(None, ShadowStats::default()); view.sessions.len()],
+            shadows: vec![Earlier::default(); view.sessions.len()],
+            observed: vec![Earlier::default(); view.sessions.len()],
         };
         let live_shadows = self.drain.as_ref().map_or(&[][..], |d| d.shadows());
+        let live_observed = self.drain.as_ref().map_or(&[][..], |d| d.observed());
         for (index, fingerprint) in view.fingerprints.iter().enumerate() {
             let Some(old) = self.view.fingerprints.iter().position(|f| f == fingerprint) else {
                 continue;
@@ -169,10 +233,8 @@ impl Applied {
             };
             carried.sessions[index] = old_stats.counters;
             carried.targets[index] = old_stats.target;
-            carried.shadows[index] = (
-                live_shadows.get(old).cloned().flatten(),
-                self.carried.shadow(old).unwrap_or_default(),
-            );
+            carried.shadows[index] = Earlier::of(&self.carried.shadows, live_shadows, old);
+            carried.observed[index] = Earlier::of(&self.carried.observed, live_observed, old);
             // An unchanged session has the same rules in the same order.
             let rules = view
                 .rules
@@ -282,13 +344,7 @@ impl Applied {
         self.count_defaults(&seen, &mut sessions, &mut rules);
         let targets = self.target_counters();
         let live_shadows = self.drain.as_ref().map_or(&[][..], |d| d.shadows());
-        let shadow = |index: usize| {
-            let mut stats = live_shadows.get(index)?.as_ref()?.read();
-            if let Some(earlier) = self.carried.shadow(index) {
-                stats.absorb(&earlier);
-            }
-            Some(stats)
-        };
+        let live_observed = self.drain.as_ref().map_or(&[][..], |d| d.observed());
         let hook = |i: usize| {
             hooks.get(i).copied().unwrap_or_default()
                 + self.carried.hooks.get(i).copied().unwrap_or_default()
@@ -307,7 +363,8 @@ impl Applied {
                     name: view.name.clone(),
                     counters: *counters + carried(&self.carried.sessions, index),
                     target: target + self.carried.targets.get(index).copied().unwrap_or_default(),
-                    shadow: shadow(index),
+                    shadow: Earlier::with_live(&self.carried.shadows, live_shadows, index),
+                    http: Earlier::with_live(&self.carried.observed, live_observed, index),
                     rules: self
                         .view
                         .rules

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::ActionConfig,
     targets::{
-        TargetCounters, TargetView, TunnelView, TxLosses, shadow::ShadowStats, watch::WatcherView,
+        TargetCounters, TargetView, TunnelView, TxLosses, observe::HttpStats, shadow::ShadowStats,
+        watch::WatcherView,
     },
 };
 
@@ -29,6 +30,9 @@ pub struct SessionStats {
     /// A shadow target's requests: replayed, lost by reason, compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowStats>,
+    /// An observed session's services: requests by method and status class, durations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpStats>,
     pub rules: Vec<RuleStats>,
 }
 

@@ -3,7 +3,8 @@
 //! [`interface`] (sent out of an interface as they are), [`tunnel`] (to a collector, with the next
 //! hop), [`file`] (pcap and pcapng files) and [`watch`] (live captures' watchers only); [`ring`]
 //! is the drain that hands ring copies to the kinds' sinks; [`shadow`] replays the HTTP requests
-//! in a session's copies to a mirror service.
+//! in a session's copies to a mirror service; [`observe`] counts them as services' (a session
+//! with `observe` and no target).
 //!
 //! This file names every kind, in [`TargetConfig`] (as written) and [`Target`] (as checked); each
 //! of their methods matches every kind, and nothing outside this folder matches over them, so a
@@ -11,6 +12,7 @@
 //! handle it.
 pub mod file;
 pub mod interface;
+pub mod observe;
 pub mod ring;
 pub mod shadow;
 pub mod tunnel;
@@ -48,6 +50,15 @@ pub enum TargetConfig {
     /// made by the agent (never read from a file).
     #[serde(skip_deserializing)]
     Watch,
+    /// No `target`: the session's copies are only observed (its `observe`), as
+    /// [`TargetConfig::resolve_observed`] makes it.
+    #[serde(skip_deserializing)]
+    Observe,
+}
+
+/// A session without `target`: [`TargetConfig::Observe`], at no place in the file.
+pub fn no_target() -> toml::Spanned<TargetConfig> {
+    toml::Spanned::new(0..0, TargetConfig::Observe)
 }
 
 /// What a target needs: named in each error about its shape.
@@ -145,6 +156,35 @@ impl<'de, A: de::MapAccess<'de>> de::MapAccess<'de> for FirstEntry<'_, A> {
 }
 
 impl TargetConfig {
+    /// The target of a session with `observe` (or none) checked against the interfaces present;
+    /// the message says what is wrong and whether it is the target's (`Err((true, _))`) or
+    /// observe's.
+    pub fn resolve_observed(
+        &self,
+        observe: Option<&observe::ObserveConfig>,
+        interfaces: &[Interface],
+    ) -> Result<Target, (bool, String)> {
+        let Some(observe) = observe else {
+            return self.resolve(interfaces).map_err(|e| (true, e));
+        };
+        observe.check().map_err(|e| (false, e))?;
+        if *self == TargetConfig::Observe {
+            return Ok(Target::Observe(observe.clone()));
+        }
+        match self.resolve(interfaces).map_err(|e| (true, e))? {
+            Target::Shadow(mut shadow) => {
+                shadow.observe = Some(observe.clone());
+                Ok(Target::Shadow(shadow))
+            }
+            other => Err((
+                false,
+                format!(
+                    "observe reads the copies in the agent: it goes with a shadow target or                      with none, not yet beside {other} (give the session no target, and a                      second session for the copies)"
+                ),
+            )),
+        }
+    }
+
     /// The target checked against the interfaces present; the message says what is wrong.
     pub fn resolve(&self, interfaces: &[Interface]) -> Result<Target, String> {
         match self {
@@ -156,6 +196,9 @@ impl TargetConfig {
             TargetConfig::File(file) => file.resolve(),
             TargetConfig::Shadow(shadow) => shadow.resolve(),
             TargetConfig::Watch => Ok(Target::Watch),
+            TargetConfig::Observe => Err(format!(
+                "no target: {ONE_KIND}, or the session needs `observe = \"http\"`"
+            )),
         }
     }
 }
@@ -171,6 +214,8 @@ pub enum Target {
     Shadow(Box<shadow::ShadowTarget>),
     /// `mirror-agent capture` watchers only (an ad-hoc capture's session).
     Watch,
+    /// Observed only: the exchanges in the copies are counted, and the copies go nowhere.
+    Observe(observe::ObserveConfig),
 }
 
 /// A target as `/status` shows it.
@@ -189,6 +234,8 @@ pub enum TargetView {
     },
     /// Live captures' watchers only.
     Watch,
+    /// Observed only.
+    Observe,
 }
 
 impl fmt::Display for TargetView {
@@ -199,6 +246,7 @@ impl fmt::Display for TargetView {
             TargetView::File { path } => format!("file {}", path.display()),
             TargetView::Shadow { url } => format!("shadow {url}"),
             TargetView::Watch => "live capture".to_owned(),
+            TargetView::Observe => "observed only".to_owned(),
         };
         // As one piece, so that a width pads it.
         f.pad(&text)
@@ -237,6 +285,16 @@ impl Target {
             },
             Target::Shadow(shadow) => TargetView::Shadow { url: shadow.url() },
             Target::Watch => TargetView::Watch,
+            Target::Observe(_) => TargetView::Observe,
+        }
+    }
+
+    /// What is observed of the session's exchanges, if anything.
+    pub fn observes(&self) -> Option<&observe::ObserveConfig> {
+        match self {
+            Target::Shadow(shadow) => shadow.observe.as_ref(),
+            Target::Observe(observe) => Some(observe),
+            Target::Interface(_) | Target::Tunnel(_) | Target::File(_) | Target::Watch => None,
         }
     }
 
@@ -244,7 +302,7 @@ impl Target {
     pub fn through_ring(&self, xdp: bool) -> bool {
         match self {
             Target::Interface(_) | Target::Tunnel(_) => xdp,
-            Target::File(_) | Target::Shadow(_) | Target::Watch => true,
+            Target::File(_) | Target::Shadow(_) | Target::Watch | Target::Observe(_) => true,
         }
     }
 
@@ -252,7 +310,11 @@ impl Target {
     pub fn interface(&self) -> Option<&Interface> {
         match self {
             Target::Interface(interface) => Some(interface),
-            Target::Tunnel(_) | Target::File(_) | Target::Shadow(_) | Target::Watch => None,
+            Target::Tunnel(_)
+            | Target::File(_)
+            | Target::Shadow(_)
+            | Target::Watch
+            | Target::Observe(_) => None,
         }
     }
 
@@ -260,7 +322,11 @@ impl Target {
     pub fn tunnel(&self) -> Option<&TunnelTarget> {
         match self {
             Target::Tunnel(tunnel) => Some(tunnel),
-            Target::Interface(_) | Target::File(_) | Target::Shadow(_) | Target::Watch => None,
+            Target::Interface(_)
+            | Target::File(_)
+            | Target::Shadow(_)
+            | Target::Watch
+            | Target::Observe(_) => None,
         }
     }
 
@@ -268,7 +334,11 @@ impl Target {
     pub fn file(&self) -> Option<&file::FileConfig> {
         match self {
             Target::File(file) => Some(file),
-            Target::Interface(_) | Target::Tunnel(_) | Target::Shadow(_) | Target::Watch => None,
+            Target::Interface(_)
+            | Target::Tunnel(_)
+            | Target::Shadow(_)
+            | Target::Watch
+            | Target::Observe(_) => None,
         }
     }
 
@@ -277,9 +347,19 @@ impl Target {
         match self {
             Target::Tunnel(tunnel) => tunnel::check(tunnel).map(Some),
             Target::Shadow(shadow) => Ok(Some(format!(
-                "the HTTP/1.x requests in its copies are replayed to {}",
-                shadow.url()
+                "the HTTP/1.x requests in its copies are replayed to {}{}",
+                shadow.url(),
+                if shadow.observe.is_some() {
+                    ", and counted by service"
+                } else {
+                    ""
+                }
             ))),
+            Target::Observe(_) => Ok(Some(
+                "the HTTP/1.x exchanges in its copies are counted by service; the copies go \
+                 nowhere else"
+                    .to_owned(),
+            )),
             Target::Interface(_) | Target::File(_) | Target::Watch => Ok(None),
         }
     }
@@ -290,6 +370,7 @@ impl Target {
         &self,
         files: &file::OpenFiles,
         shadow_stats: &shadow::Shared,
+        observed: Option<&observe::Observed>,
     ) -> anyhow::Result<Option<Box<dyn ring::Sink>>> {
         Ok(match self {
             Target::Interface(interface) => Some(Box::new(interface::PacketSink::open(interface)?)),
@@ -298,7 +379,13 @@ impl Target {
             Target::Shadow(shadow) => Some(Box::new(shadow::ShadowSink::open(
                 shadow,
                 shadow_stats.clone(),
+                observed.cloned(),
             )?)),
+            Target::Observe(config) => Some(Box::new(shadow::ShadowSink::observing(
+                observed
+                    .cloned()
+                    .unwrap_or_else(|| observe::Observed::new(config)),
+            ))),
             Target::Watch => None,
         })
     }
@@ -334,7 +421,7 @@ impl Target {
             Target::Tunnel(tunnel) => Ok(targets.tunnels.add(index, session, tunnel, handle).await),
             Target::File(_) | Target::Watch => Ok(entry(TARGET_RING, 0, 0, session)),
             // Whole frames, GSO packets included: the shadow reads the streams.
-            Target::Shadow(_) => Ok(SessionMeta {
+            Target::Shadow(_) | Target::Observe(_) => Ok(SessionMeta {
                 whole_frames: 1,
                 ..entry(TARGET_RING, 0, 0, session)
             }),

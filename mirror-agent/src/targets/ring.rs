@@ -27,7 +27,7 @@ use nix::{
 use super::{
     Target, TargetCounters,
     file::OpenFiles,
-    shadow,
+    observe, shadow,
     watch::{Watched, Watchers},
 };
 use crate::sys::socket::send_many;
@@ -120,6 +120,8 @@ pub struct RingDrain {
     past_count: Arc<Mutex<PastCount>>,
     /// By session index: what a shadow target counted.
     shadows: Vec<Option<shadow::Shared>>,
+    /// By session index: what an observed session counted of its services.
+    observed: Vec<Option<observe::Observed>>,
 }
 
 /// The copies the kernel made after `run -c N` had its N, which the drain dropped: by session
@@ -169,12 +171,24 @@ impl RingDrain {
             .iter()
             .map(|s| matches!(s.target, Some(Target::Shadow(_))).then(shadow::Shared::default))
             .collect();
+        let observed: Vec<Option<observe::Observed>> = sessions
+            .iter()
+            .map(|s| {
+                s.target
+                    .and_then(Target::observes)
+                    .map(observe::Observed::new)
+            })
+            .collect();
         let sinks = sessions
             .iter()
-            .zip(&shadows)
-            .map(|(s, stats)| {
+            .zip(shadows.iter().zip(&observed))
+            .map(|(s, (stats, observed))| {
                 s.target.map_or(Ok(None), |t| {
-                    t.ring_sink(files, stats.as_ref().unwrap_or(&shadow::Shared::default()))
+                    t.ring_sink(
+                        files,
+                        stats.as_ref().unwrap_or(&shadow::Shared::default()),
+                        observed.as_ref(),
+                    )
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()
@@ -213,6 +227,7 @@ impl RingDrain {
             taken,
             past_count,
             shadows,
+            observed,
         })
     }
 
@@ -242,6 +257,11 @@ impl RingDrain {
     /// Per session, what its shadow target counts (`None` for other kinds), read as it goes on.
     pub fn shadows(&self) -> &[Option<shadow::Shared>] {
         &self.shadows
+    }
+
+    /// Per session, what it observed of its services (`None` when not observed).
+    pub fn observed(&self) -> &[Option<observe::Observed>] {
+        &self.observed
     }
 
     fn stop_thread(&mut self) {

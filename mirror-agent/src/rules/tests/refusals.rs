@@ -218,6 +218,44 @@ fn refuses_bad_vxlan_targets() {
     assert_refused(&cases);
 }
 
+/// `observe` goes with a shadow or with no target; a session with neither a target nor
+/// `observe` is refused at its name.
+#[test]
+fn observe_goes_with_a_shadow_or_no_target() {
+    let session = |rest: &str| format!("{HEAD}interfaces = [\"eth0\"]\n{rest}");
+    assert_refused(&[
+        (
+            session("default = \"mirror\"\n"),
+            "t.toml:2:",
+            "no target: a target needs exactly one of",
+        ),
+        (
+            session("observe = \"http\"\ntarget = { interface = \"mir0\" }\n"),
+            "t.toml:4:",
+            "not yet beside interface mir0",
+        ),
+        (
+            session("observe = { protocol = \"http\", routes = [\"x\"] }\n"),
+            "t.toml:4:",
+            "must start with /",
+        ),
+    ]);
+    for (rest, view) in [
+        ("observe = \"http\"\n", "observed only"),
+        (
+            "observe = \"http\"\ntarget = { shadow = { url = \"http://127.0.0.1:9\" } }\n",
+            "shadow http://127.0.0.1:9",
+        ),
+    ] {
+        let loaded = LoadedConfig::parse("t.toml".into(), session(rest)).expect("parses");
+        let plan = plan(&loaded, &interfaces()).expect("valid");
+        let target = &plan.sessions[0].target;
+        assert_eq!(target.to_string(), view);
+        assert!(target.observes().is_some(), "{rest}");
+        assert!(plan.sessions[0].through_ring);
+    }
+}
+
 #[test]
 fn refuses_out_of_range_tunnel_ids_where_they_are_written() {
     for (target, message) in [

@@ -3,6 +3,7 @@
 //! decided at its head: replayed (handed to the [`Replay`] side), or lost with a reason. The
 //! answers seen on the wire are paired with their requests by TCP itself: a response belongs to
 //! the oldest request not yet answered that the server had received when it began to answer.
+//! With `observe`, every exchange read is also counted as a service's ([`Observed`]).
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
@@ -10,6 +11,7 @@ use std::{
 };
 
 use super::{
+    super::observe::{Exchange, Observed},
     Limits, Reason, Shared,
     compare::Answer,
     http::{Event, Framing, Head, LostWhy, Parser, Side},
@@ -33,6 +35,36 @@ pub trait Replay {
     fn close(&mut self, conn: u64);
 }
 
+/// No replay side at all (an observed session without a shadow): nothing is taken.
+impl<R: Replay> Replay for Option<R> {
+    fn start(&mut self, conn: u64, id: u64, head: &Head) -> bool {
+        self.as_mut().is_some_and(|r| r.start(conn, id, head))
+    }
+    fn body(&mut self, conn: u64, id: u64, data: &[u8]) -> bool {
+        self.as_mut().is_some_and(|r| r.body(conn, id, data))
+    }
+    fn end(&mut self, conn: u64, id: u64, trailers: Vec<(String, Vec<u8>)>) {
+        if let Some(r) = self {
+            r.end(conn, id, trailers);
+        }
+    }
+    fn abort(&mut self, conn: u64, id: u64, why: Reason) {
+        if let Some(r) = self {
+            r.abort(conn, id, why);
+        }
+    }
+    fn live_answer(&mut self, conn: u64, id: u64, answer: Answer) {
+        if let Some(r) = self {
+            r.live_answer(conn, id, answer);
+        }
+    }
+    fn close(&mut self, conn: u64) {
+        if let Some(r) = self {
+            r.close(conn);
+        }
+    }
+}
+
 /// A request counted on a connection, waiting for its answer on the wire.
 #[derive(Debug)]
 struct Pending {
@@ -46,6 +78,8 @@ struct Pending {
     compare: bool,
     /// When its last byte was seen.
     ended: Option<Duration>,
+    /// Observed: its labels and when it began.
+    exchange: Option<Exchange>,
 }
 
 /// The request being read.
@@ -62,12 +96,15 @@ struct Answering {
     id: u64,
     answer: Answer,
     compare: bool,
+    /// Observed: its request's labels, and its status.
+    exchange: Option<(Exchange, u16)>,
 }
 
 #[derive(Debug)]
 struct Connection {
     id: u64,
     client: SocketAddr,
+    server: SocketAddr,
     /// 0: client to server; 1: server to client.
     streams: [Stream; 2],
     parsers: [Parser; 2],
@@ -82,7 +119,11 @@ struct Connection {
     /// request was in that).
     answers_lost: VecDeque<u64>,
     answering: Option<Answering>,
+    /// When the client's stream began the request being read, as the wire saw it.
+    began: Option<Duration>,
     last_seen: Instant,
+    /// Its last segment's wall-clock time.
+    last_at: Duration,
     /// [`Flows::loss_epoch`] at its last segment.
     loss_epoch: u64,
     /// Per stream: the ring refused copies since its last segment, so the next one's reach
@@ -113,6 +154,7 @@ impl Connection {
 pub struct Flows {
     limits: Limits,
     shared: Shared,
+    observed: Option<Observed>,
     connections: HashMap<(SocketAddr, SocketAddr), Connection>,
     next_connection: u64,
     next_request: u64,
@@ -140,12 +182,13 @@ fn key(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
 }
 
 impl Flows {
-    pub fn new(limits: Limits, shared: Shared) -> Self {
+    pub fn new(limits: Limits, shared: Shared, observed: Option<Observed>) -> Self {
         let now = Instant::now();
         Flows {
             tokens: f64::from(limits.requests_per_second.unwrap_or(0)),
             limits,
             shared,
+            observed,
             connections: HashMap::new(),
             next_connection: 1,
             next_request: 1,
@@ -179,7 +222,12 @@ impl Flows {
                 self.evict_oldest(replay);
             }
             let synced = segment.syn;
-            let conn = self.new_connection(client, synced);
+            let server = if client == segment.from {
+                segment.to
+            } else {
+                segment.from
+            };
+            let conn = self.new_connection(client, server, synced);
             self.shared.update(|s| {
                 s.connections += 1;
                 if !synced {
@@ -192,6 +240,7 @@ impl Flows {
             return;
         };
         conn.last_seen = now;
+        conn.last_at = at;
         if conn.loss_epoch != self.loss_epoch {
             conn.loss_epoch = self.loss_epoch;
             conn.ring_armed = [true; 2];
@@ -279,7 +328,7 @@ impl Flows {
         let mut ctx = Context {
             flows: self,
             replay,
-            at: Duration::ZERO,
+            at: conn.last_at,
         };
         if let Some(reading) = conn.reading.take() {
             ctx.lost(&conn, reading, why);
@@ -287,12 +336,18 @@ impl Flows {
         ctx.close(&mut conn);
     }
 
-    fn new_connection(&mut self, client: SocketAddr, synced: bool) -> Connection {
+    fn new_connection(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        synced: bool,
+    ) -> Connection {
         let id = self.next_connection;
         self.next_connection += 1;
         Connection {
             id,
             client,
+            server,
             streams: [Stream::default(), Stream::default()],
             parsers: [
                 Parser::new(Side::Request, synced),
@@ -304,7 +359,9 @@ impl Flows {
             pending: VecDeque::new(),
             answers_lost: VecDeque::new(),
             answering: None,
+            began: None,
             last_seen: Instant::now(),
+            last_at: Duration::ZERO,
             loss_epoch: self.loss_epoch,
             ring_armed: [false; 2],
             ring_reach: [0; 2],
@@ -449,6 +506,9 @@ impl Context<'_> {
 
     /// Reads stream bytes on `side`.
     fn read(&mut self, conn: &mut Connection, side: usize, data: &[u8], acked: Option<u64>) {
+        if side == 0 && conn.parsers[0].between_messages() {
+            conn.began.get_or_insert(self.at);
+        }
         let mut parser =
             std::mem::replace(&mut conn.parsers[side], Parser::new(Side::Request, false));
         parser.feed(data, &mut |event| match side {
@@ -513,6 +573,8 @@ impl Context<'_> {
             None
         };
         let replaying = match why {
+            // An observed session without a shadow replays nothing and loses nothing.
+            _ if !self.flows.limits.replays => false,
             Some(why) => {
                 self.flows.shared.lost(why);
                 false
@@ -523,16 +585,22 @@ impl Context<'_> {
                 false
             }
         };
+        let began = conn.began.take().unwrap_or(self.at);
         conn.pending.push_back(Pending {
             id,
             start: conn.streams[0].position(),
             head_request: head.method.eq_ignore_ascii_case("HEAD"),
             compare: replaying && self.flows.limits.compare,
             ended: None,
+            exchange: self
+                .flows
+                .observed
+                .as_ref()
+                .map(|o| o.request(&head.method, &head.target, began)),
         });
         // Keep the queue of unanswered requests bounded.
         if conn.pending.len() > MAX_PENDING {
-            conn.pending.pop_front();
+            self.unanswered(conn, 1);
         }
         conn.reading = Some(Reading { id, replaying });
         if upgrade {
@@ -560,16 +628,19 @@ impl Context<'_> {
                 None
             }
             Event::End(_) => {
-                if let Some(answering) = conn.answering.take()
-                    && answering.compare
-                {
-                    self.replay
-                        .live_answer(conn.id, answering.id, answering.answer);
+                if let Some(answering) = conn.answering.take() {
+                    if let Some((exchange, status)) = answering.exchange {
+                        self.observe(conn, exchange, Some(status));
+                    }
+                    if answering.compare {
+                        self.replay
+                            .live_answer(conn.id, answering.id, answering.answer);
+                    }
                 }
                 None
             }
             Event::Lost(_) => {
-                conn.answering = None;
+                self.answer_lost(conn);
                 None
             }
         }
@@ -592,7 +663,7 @@ impl Context<'_> {
         // Answers lost whole before this one took the oldest requests the server had then.
         while let Some(had) = conn.answers_lost.pop_front() {
             if conn.pending.front().is_some_and(|p| p.start <= had) {
-                conn.pending.pop_front();
+                self.unanswered(conn, 1);
             }
         }
         // The request it answers: the oldest unanswered one the server had received.
@@ -607,8 +678,7 @@ impl Context<'_> {
                 .zip(conn.first_client_offset)
                 .is_some_and(|(acked, first)| acked > first);
             if after_join {
-                self.flows.shared.update(|s| s.requests += 1);
-                self.flows.shared.lost(conn.gap_reason(0));
+                self.unread(conn.gap_reason(0));
             }
             return framing(false);
         }
@@ -621,6 +691,10 @@ impl Context<'_> {
                 .update(|s| s.live_latency.observe(self.at.saturating_sub(ended)));
         }
         if head.status == 101 {
+            // Its answer is the switch: what follows is another protocol.
+            if let Some(exchange) = pending.exchange {
+                self.observe(conn, exchange, Some(head.status));
+            }
             conn.parsers[0].stop();
             return Framing::UntilClose;
         }
@@ -629,6 +703,7 @@ impl Context<'_> {
             id: pending.id,
             compare: pending.compare,
             answer: Answer::new(head.status, head.headers),
+            exchange: pending.exchange.map(|e| (e, head.status)),
         });
         body
     }
@@ -648,21 +723,21 @@ impl Context<'_> {
             conn.answers_lost.push_back(conn.streams[0].position());
             return;
         }
-        self.flows.shared.update(|s| s.requests += 1);
-        self.flows.shared.lost(conn.gap_reason(0));
+        self.unread(conn.gap_reason(0));
         conn.pending.push_back(Pending {
             id: 0,
             start: offset,
             head_request: false,
             compare: false,
             ended: None,
+            exchange: None,
         });
     }
 
     /// A message of `side` cut short.
     fn message_lost(&mut self, conn: &mut Connection, side: usize, why: LostWhy) {
         if side == 1 {
-            conn.answering = None;
+            self.answer_lost(conn);
             return;
         }
         let reason = match why {
@@ -673,8 +748,7 @@ impl Context<'_> {
             self.lost(conn, reading, reason);
         } else {
             // A head cut before it was complete: a request all the same.
-            self.flows.shared.update(|s| s.requests += 1);
-            self.flows.shared.lost(reason);
+            self.unread(reason);
         }
     }
 
@@ -704,7 +778,42 @@ impl Context<'_> {
                 }
             }
         }
+        let waiting = conn.pending.len();
+        self.unanswered(conn, waiting);
         self.replay.close(conn.id);
+    }
+
+    /// A request known only by the bytes it left missing (lost whole in a hole, or its head cut):
+    /// counted, and lost for `why`.
+    fn unread(&mut self, why: Reason) {
+        self.flows.shared.update(|s| s.requests += 1);
+        self.flows.shared.lost(why);
+        if let Some(observed) = &self.flows.observed {
+            observed.unread(why);
+        }
+    }
+
+    /// An observed exchange ended now: answered with `status`, or not (`None`).
+    fn observe(&self, conn: &Connection, exchange: Exchange, status: Option<u16>) {
+        if let Some(observed) = &self.flows.observed {
+            observed.ended(conn.server, exchange, status.map(|s| (s, self.at)));
+        }
+    }
+
+    /// The live answer being read was cut short.
+    fn answer_lost(&mut self, conn: &mut Connection) {
+        if let Some((exchange, _)) = conn.answering.take().and_then(|a| a.exchange) {
+            self.observe(conn, exchange, None);
+        }
+    }
+
+    /// The `n` oldest requests waiting for an answer will not see one.
+    fn unanswered(&mut self, conn: &mut Connection, n: usize) {
+        for _ in 0..n {
+            if let Some(exchange) = conn.pending.pop_front().and_then(|p| p.exchange) {
+                self.observe(conn, exchange, None);
+            }
+        }
     }
 }
 

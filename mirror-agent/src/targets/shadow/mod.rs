@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::compare::Difference;
 use self::{flows::Flows, http::Head, replay::Replayer};
-use super::ring::{RingCopy, SessionCounters, Sink};
+use super::{
+    observe::Observed,
+    ring::{RingCopy, SessionCounters, Sink},
+};
 
 /// `shadow = { url = "http://HOST:PORT", … }`: what a shadow target says.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -192,6 +195,7 @@ impl ShadowConfig {
         }
         Ok(ShadowTarget {
             config: self.clone(),
+            observe: None,
             authority: if port == 80 {
                 host.clone()
             } else {
@@ -248,6 +252,8 @@ fn header_line(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShadowTarget {
     pub config: ShadowConfig,
+    /// The session's `observe`: its exchanges are also counted by service.
+    pub observe: Option<super::observe::ObserveConfig>,
     /// The URL's host and port, and the two as a `Host` header.
     pub host: String,
     pub port: u16,
@@ -339,8 +345,11 @@ pub struct Compared {
 }
 
 /// Upper bounds of the latency histograms' buckets, in seconds.
+/// Prometheus's 1-2.5-5 steps, from 100 µs: an answer between two pods of one node often takes
+/// less than a millisecond.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 /// A latency histogram: counts per bucket of [`LATENCY_BUCKETS`] (one more for the rest).
@@ -354,7 +363,7 @@ pub struct Latency {
 
 impl Latency {
     /// Adds `other`'s observations to these.
-    fn absorb(&mut self, other: &Latency) {
+    pub fn absorb(&mut self, other: &Latency) {
         if self.buckets.len() < other.buckets.len() {
             self.buckets.resize(other.buckets.len(), 0);
         }
@@ -363,6 +372,45 @@ impl Latency {
         }
         self.sum_seconds += other.sum_seconds;
         self.count += other.count;
+    }
+
+    /// The observations since `earlier` (an earlier reading of the same histogram).
+    pub fn since(&self, earlier: &Latency) -> Latency {
+        let at = |buckets: &[u64], i: usize| buckets.get(i).copied().unwrap_or(0);
+        Latency {
+            buckets: (0..self.buckets.len())
+                .map(|i| at(&self.buckets, i).saturating_sub(at(&earlier.buckets, i)))
+                .collect(),
+            sum_seconds: (self.sum_seconds - earlier.sum_seconds).max(0.0),
+            count: self.count.saturating_sub(earlier.count),
+        }
+    }
+
+    /// The `q` quantile (0 to 1) in seconds, as Prometheus's `histogram_quantile` estimates it:
+    /// linearly within its bucket; in the last (unbounded) bucket, the largest bound. `None`
+    /// without observations.
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "counts far below 2^52 observations"
+    )]
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * self.count as f64;
+        let mut below = 0u64;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let Some(&upper) = LATENCY_BUCKETS.get(i) else {
+                    return LATENCY_BUCKETS.last().copied();
+                };
+                let lower = if i == 0 { 0.0 } else { LATENCY_BUCKETS[i - 1] };
+                let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+                return Some(lower + (upper - lower) * within);
+            }
+            below += n;
+        }
+        LATENCY_BUCKETS.last().copied()
     }
 
     pub fn observe(&mut self, took: Duration) {
@@ -504,6 +552,8 @@ impl Shared {
 /// The limits and selections the flows apply, from the config.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Requests go to a shadow (false: the session is observed only).
+    pub replays: bool,
     pub compare: bool,
     pub compare_body_bytes: usize,
     pub max_connections: usize,
@@ -524,6 +574,7 @@ impl Limits {
             .iter()
             .partition(|p| p.contains(['*', '?', '[']));
         Limits {
+            replays: true,
             compare: config.compare,
             compare_body_bytes: config.compare_body_bytes as usize,
             max_connections: config.max_connections as usize,
@@ -545,6 +596,25 @@ impl Limits {
                     None => (line.trim().to_owned(), None),
                 })
                 .collect(),
+        }
+    }
+
+    /// An observed session's without a shadow: every connection and request is read, within the
+    /// shadow's default bounds.
+    fn observing() -> Self {
+        Limits {
+            replays: false,
+            compare: false,
+            compare_body_bytes: 0,
+            max_connections: default_max_connections() as usize,
+            max_connection_bytes: default_max_connection_bytes() as usize,
+            idle_timeout: Duration::from_secs(u64::from(default_idle_timeout_s())),
+            requests_per_second: None,
+            percent: 100,
+            methods: Vec::new(),
+            paths: Vec::new(),
+            prefixes: Vec::new(),
+            headers: Vec::new(),
         }
     }
 
@@ -646,23 +716,38 @@ impl Chunks {
     }
 }
 
-/// The ring drain's side of a shadow session.
+/// The ring drain's side of a shadow session, or of an observed one (`replay` is `None`).
 #[derive(Debug)]
 pub struct ShadowSink {
     flows: Flows,
-    replay: Replayer,
+    replay: Option<Replayer>,
     chunks: Chunks,
 }
 
 impl ShadowSink {
-    /// A sink replaying to `target` from tasks on a runtime of its own.
-    pub fn open(target: &ShadowTarget, stats: Shared) -> anyhow::Result<Self> {
+    /// A sink replaying to `target` from tasks on a runtime of its own, and counting the
+    /// exchanges as services' with `observed`.
+    pub fn open(
+        target: &ShadowTarget,
+        stats: Shared,
+        observed: Option<Observed>,
+    ) -> anyhow::Result<Self> {
         stats.update(|s| s.url = target.url());
         Ok(ShadowSink {
-            flows: Flows::new(Limits::of(&target.config), stats.clone()),
-            replay: Replayer::new(target, stats).context("starting the shadow's runtime")?,
+            flows: Flows::new(Limits::of(&target.config), stats.clone(), observed),
+            replay: Some(Replayer::new(target, stats).context("starting the shadow's runtime")?),
             chunks: Chunks::default(),
         })
+    }
+
+    /// A sink that only counts the exchanges as services' (an observed session without a
+    /// shadow).
+    pub fn observing(observed: Observed) -> Self {
+        ShadowSink {
+            flows: Flows::new(Limits::observing(), Shared::default(), Some(observed)),
+            replay: None,
+            chunks: Chunks::default(),
+        }
     }
 
     /// Takes one frame (Ethernet first; `orig_len` its length on the wire) seen at `at`.
@@ -724,7 +809,9 @@ impl Drop for ShadowSink {
         let held = self.chunks.overdue(Instant::now(), true);
         self.frames(held);
         self.flows.finish(&mut self.replay);
-        self.replay.stop(Duration::from_secs(3));
+        if let Some(replay) = &mut self.replay {
+            replay.stop(Duration::from_secs(3));
+        }
     }
 }
 
@@ -855,8 +942,23 @@ mod tests {
         latency.observe(Duration::from_millis(30));
         latency.observe(Duration::from_mins(1));
         assert_eq!(latency.count, 3);
-        assert_eq!(latency.buckets[0], 1);
-        assert_eq!(latency.buckets[6], 1);
+        assert_eq!(latency.buckets[2], 1);
+        assert_eq!(latency.buckets[8], 1);
         assert_eq!(latency.buckets[LATENCY_BUCKETS.len()], 1);
+        // Ranks 1.5 and 2.97 of 3: in the 25-50 ms bucket, and in the last.
+        let median = latency.quantile(0.5).expect("observed");
+        assert!((0.025..=0.05).contains(&median), "{median}");
+        assert_eq!(latency.quantile(0.99), LATENCY_BUCKETS.last().copied());
+        assert_eq!(
+            latency.quantile(0.0),
+            Some(0.000_25),
+            "its bucket's lower bound"
+        );
+        let mut later = latency.clone();
+        later.observe(Duration::from_micros(80));
+        let since = later.since(&latency);
+        assert_eq!((since.count, since.buckets[0]), (1, 1));
+        assert_eq!(since.quantile(0.5), Some(0.000_05));
+        assert_eq!(Latency::default().quantile(0.5), None);
     }
 }

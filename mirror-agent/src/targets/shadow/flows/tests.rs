@@ -52,6 +52,8 @@ struct Wire {
     told: Told,
     client_isn: u32,
     server_isn: u32,
+    /// The wall-clock time the next packets are seen at.
+    at: Duration,
 }
 
 impl Wire {
@@ -59,10 +61,23 @@ impl Wire {
         let config: ShadowConfig =
             toml::from_str(&format!("url = \"http://s:1\"\n{config}")).expect("config");
         Wire {
-            flows: Flows::new(Limits::of(&config), Shared::default()),
+            flows: Flows::new(Limits::of(&config), Shared::default(), None),
             told: Told::default(),
             client_isn: 1000,
             server_isn: u32::MAX - 10,
+            at: Duration::ZERO,
+        }
+    }
+
+    /// A session observed only, counting into `observed`.
+    fn observing(observed: &Observed) -> Self {
+        Wire {
+            flows: Flows::new(
+                Limits::observing(),
+                Shared::default(),
+                Some(observed.clone()),
+            ),
+            ..Wire::new("")
         }
     }
 
@@ -95,7 +110,7 @@ impl Wire {
             payload: data,
             missing: 0,
         };
-        self.flows.segment(&segment, Duration::ZERO, &mut self.told);
+        self.flows.segment(&segment, self.at, &mut self.told);
     }
 
     fn handshake(&mut self) {
@@ -425,4 +440,67 @@ fn a_request_cut_at_a_stop_is_the_rings_when_it_refused_copies_at_the_end() {
             "tail lost: {tail_lost}"
         );
     }
+}
+
+/// An observed session counts each exchange by service, method and status class, timed from its
+/// request's first byte to its answer's last; a request without an answer is `unanswered`; and
+/// nothing is replayed or lost.
+#[test]
+fn observed_exchanges_are_counted_and_timed() {
+    use crate::targets::observe::{ObserveConfig, Protocol};
+    let observed = Observed::new(&ObserveConfig::of(Protocol::Http));
+    let mut wire = Wire::observing(&observed);
+    let ms = Duration::from_millis;
+    wire.handshake();
+    let head = b"GET /a HTTP/1.1\r\nHost: x\r\n";
+    wire.at = ms(10);
+    wire.client(0, 0, head);
+    wire.at = ms(12);
+    wire.client(head.len() as u32, 0, b"\r\n");
+    let asked = head.len() as u32 + 2;
+    let answer_head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n";
+    wire.at = ms(15);
+    wire.server(0, asked, answer_head);
+    wire.at = ms(20);
+    wire.server(answer_head.len() as u32, asked, b"ok");
+    let answered = answer_head.len() as u32 + 2;
+    let post = b"POST /b HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+    wire.at = ms(30);
+    wire.client(asked, answered, post);
+    let failed = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n";
+    wire.at = ms(31);
+    wire.server(answered, asked + post.len() as u32, failed);
+    wire.at = ms(40);
+    wire.client(
+        asked + post.len() as u32,
+        answered,
+        b"GET /c HTTP/1.1\r\n\r\n",
+    );
+    wire.client_reset(asked + post.len() as u32 + 19);
+    let stats = observed.read();
+    let [service] = stats.services.as_slice() else {
+        panic!("one service: {stats:?}");
+    };
+    assert_eq!(service.service, SERVER);
+    let series: Vec<(&str, &str, u64)> = service
+        .requests
+        .iter()
+        .map(|r| (r.method.as_str(), r.status_class.as_str(), r.count))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            ("GET", "2xx", 1),
+            ("POST", "5xx", 1),
+            ("GET", "unanswered", 1)
+        ]
+    );
+    assert_eq!(service.duration.count, 2);
+    assert!(
+        (service.duration.sum_seconds - 0.011).abs() < 1e-9,
+        "10 ms and 1 ms: {}",
+        service.duration.sum_seconds
+    );
+    assert_eq!(wire.told.lines, ["close 1"]);
+    assert_eq!(wire.stats().lost.total(), 0);
 }
