@@ -58,11 +58,54 @@ tests:
             exp_annotations:
               summary: 'mirror: session web on n1 loses copies (no_route)'
               description: 'DESCRIPTION(MirrorCopiesNotSent)'
+  # Observed services: one steady and then flooded (10 a minute for 70 minutes, then 3,000),
+  # one failing 1 in 11 at about 2 a second, one failing half of its few requests.
+  - interval: 1m
+    input_series:
+      - series: 'mirror_http_requests_total{instance="n1",session="web",service="10.0.0.2:80",method="GET",status_class="2xx"}'
+        values: '0+10x70 3700+3000x15'
+      - series: 'mirror_http_requests_total{instance="n1",session="web",service="10.0.0.3:80",method="GET",status_class="2xx"}'
+        values: '0+100x85'
+      - series: 'mirror_http_requests_total{instance="n1",session="web",service="10.0.0.3:80",method="POST",status_class="5xx"}'
+        values: '0+10x85'
+      - series: 'mirror_http_requests_total{instance="n1",session="web",service="10.0.0.4:80",method="GET",status_class="2xx"}'
+        values: '0+1x85'
+      - series: 'mirror_http_requests_total{instance="n1",session="web",service="10.0.0.4:80",method="GET",status_class="unanswered"}'
+        values: '0+1x85'
+    alert_rule_test:
+      - eval_time: 70m
+        alertname: MirrorRequestSurge
+        exp_alerts: []
+      - eval_time: 74m
+        alertname: MirrorRequestSurge
+        exp_alerts: []
+      - eval_time: 80m
+        alertname: MirrorRequestSurge
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: n1, session: web, service: '10.0.0.2:80'}
+            exp_annotations:
+              summary: 'mirror: 10.0.0.2:80 (session web, on n1) gets 50 requests a second, over 3 times its usual rate'
+              description: 'DESCRIPTION(MirrorRequestSurge)'
+      - eval_time: 4m
+        alertname: MirrorServiceErrors
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: MirrorServiceErrors
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: n1, session: web, service: '10.0.0.3:80'}
+            exp_annotations:
+              summary: 'mirror: 10.0.0.3:80 (session web, on n1) fails 9.091% of its requests'
+              description: 'DESCRIPTION(MirrorServiceErrors)'
 "#;
 
 /// Families the agent exports only in some situations: pod-selector sessions
-/// (tests/tests/pods.rs checks it) and a task that ended with an error.
-const SOMETIMES_EXPORTED: &[&str] = &["mirror_selected_pods", "mirror_task_failed"];
+/// (tests/tests/pods.rs checks it), a task that ended with an error and observed sessions.
+const SOMETIMES_EXPORTED: &[&str] = &[
+    "mirror_selected_pods",
+    "mirror_task_failed",
+    // Observed sessions (tests/tests/observe.rs checks them).
+    "mirror_http_requests",
+];
 
 /// The chart's `PrometheusRule`: Prometheus' own checker takes its rules, its unit tests fire
 /// them as meant ([`ALERT_TESTS`]), and every metric they name is one the agent exports (scraped
@@ -96,22 +139,8 @@ fn the_alerts_are_valid_fire_as_meant_and_name_exported_metrics() {
         );
     }
     std::fs::write(dir.path().join("tests.yaml"), tests).expect("tests");
-    for args in [
-        ["check", "rules", "rules.yaml"],
-        ["test", "rules", "tests.yaml"],
-    ] {
-        let output = std::process::Command::new("promtool")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .expect("promtool (Debian's prometheus, from `cargo xtask setup`)");
-        assert!(
-            output.status.success(),
-            "promtool {args:?}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    promtool(dir.path(), &["check", "rules", "rules.yaml"]);
+    promtool(dir.path(), &["test", "rules", "tests.yaml"]);
 
     let lab = Lab::new("alerts");
     let capture = dir.path().join("copies.pcap");
@@ -162,6 +191,72 @@ fn the_alerts_are_valid_fire_as_meant_and_name_exported_metrics() {
             "{family} is not among the agent's metrics: {families:?}"
         );
     }
+}
+
+/// The Grafana dashboard (deploy/grafana): every query is valid `PromQL` (promtool checks it as a
+/// recording rule), and names only metrics of the README's table.
+#[test]
+fn the_grafana_dashboard_queries_are_valid_and_name_documented_metrics() {
+    use std::fmt::Write as _;
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/mirror-services.json"
+    )))
+    .expect("the dashboard's JSON");
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .map(|target| {
+            target["expr"]
+                .as_str()
+                .expect("an expression")
+                .replace("$session", ".*")
+        })
+        .collect();
+    assert!(queries.len() >= 4, "{queries:?}");
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let documented = |metric: &str| {
+        readme
+            .lines()
+            .filter(|line| line.starts_with("| `mirror_"))
+            .any(|row| row.contains(&format!("`{metric}`")))
+    };
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, query) in queries.iter().enumerate() {
+        for metric in query
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("mirror_"))
+        {
+            let family = metric.strip_suffix("_bucket").unwrap_or(metric);
+            assert!(documented(family), "{family} is not in the README's table");
+        }
+        let _ = writeln!(
+            rules,
+            "      - record: dashboard:query_{i}\n        expr: '{}'",
+            query.replace('\'', "''")
+        );
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("dashboard.yaml"), &rules).expect("rules");
+    promtool(dir.path(), &["check", "rules", "dashboard.yaml"]);
+}
+
+/// Runs Prometheus' promtool with `args` in `dir`; fails the test with its output unless it
+/// succeeds.
+fn promtool(dir: &std::path::Path, args: &[&str]) {
+    let output = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool (Debian's prometheus, from `cargo xtask setup`)");
+    assert!(
+        output.status.success(),
+        "promtool {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The collector's objects: the Service reaches the container's ports by name and selects its
