@@ -12,6 +12,7 @@
 //! handle it.
 pub mod file;
 pub mod interface;
+pub mod latency;
 pub mod observe;
 pub mod ring;
 pub mod shadow;
