@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use spent::{Spent, SpentConnections};
+
 use super::{
     super::observe::{Exchange, Observed},
     Limits, Reason, Shared,
@@ -135,6 +137,10 @@ struct Connection {
     gap_at: [u64; 2],
     /// A FIN or reset, per stream.
     ended: [bool; 2],
+    /// First seen without its handshake after the ring refused copies (and not counted by
+    /// [`Flows::headless`]): an answer to a request from before the first client byte seen
+    /// answers one the ring refused.
+    start_refused: bool,
 }
 
 impl Connection {
@@ -156,6 +162,8 @@ pub struct Flows {
     shared: Shared,
     observed: Option<Observed>,
     connections: HashMap<(SocketAddr, SocketAddr), Connection>,
+    /// Connections that ended, or were counted by [`Flows::headless`].
+    spent: SpentConnections,
     next_connection: u64,
     next_request: u64,
     /// Ring records marked `RING_AFTER_LOSS` so far: a gap after one is `ring_full`.
@@ -186,6 +194,7 @@ impl Flows {
         let now = Instant::now();
         Flows {
             tokens: f64::from(limits.requests_per_second.unwrap_or(0)),
+            spent: SpentConnections::new(limits.max_connections),
             limits,
             shared,
             observed,
@@ -215,7 +224,13 @@ impl Flows {
         let now = Instant::now();
         let key = key(segment.from, segment.to);
         if !self.connections.contains_key(&key) {
+            let spent = self.spent.get(&key);
+            if spent == Some(Spent::Closed) && !segment.syn {
+                // A late copy of a connection that ended.
+                return;
+            }
             let Some(client) = client_of(segment) else {
+                self.headless(key, segment, spent.is_some(), now);
                 return;
             };
             if self.connections.len() >= self.limits.max_connections {
@@ -227,7 +242,9 @@ impl Flows {
             } else {
                 segment.from
             };
-            let conn = self.new_connection(client, server, synced);
+            let counted = self.spent.remove(&key) == Some(Spent::Counted);
+            let mut conn = self.new_connection(client, server, synced);
+            conn.start_refused = !synced && !counted && self.loss_epoch > 0;
             self.shared.update(|s| {
                 s.connections += 1;
                 if !synced {
@@ -273,6 +290,45 @@ impl Flows {
         }
     }
 
+    /// A segment of a connection not open, with no handshake or start line to tell its client
+    /// (`counted` once this was done before). Once the ring has refused copies, its start may
+    /// have been among them: the first such segment with payload counts one request lost to the
+    /// ring, and the connection is remembered so that its later segments count nothing more.
+    /// Before any refusal it is a connection older than the agent, left alone until a start
+    /// line shows.
+    fn headless(
+        &mut self,
+        key: (SocketAddr, SocketAddr),
+        segment: &Segment<'_>,
+        counted: bool,
+        now: Instant,
+    ) {
+        // A pure ACK or FIN may be the last of a connection already forgotten.
+        let counts =
+            !counted && self.loss_epoch > 0 && (!segment.payload.is_empty() || segment.missing > 0);
+        if counts {
+            self.shared.update(|s| s.connections += 1);
+            self.unread(Reason::RingFull);
+        }
+        if segment.fin || segment.rst {
+            self.spent.insert(key, Spent::Closed, now);
+        } else if counts {
+            self.spent.insert(key, Spent::Counted, now);
+        } else {
+            self.spent.touch(key, now);
+        }
+    }
+
+    /// A request known only by the bytes it left missing (lost whole in a hole, or its head cut):
+    /// counted, and lost for `why`.
+    fn unread(&self, why: Reason) {
+        self.shared.update(|s| s.requests += 1);
+        self.shared.lost(why);
+        if let Some(observed) = &self.observed {
+            observed.unread(why);
+        }
+    }
+
     /// Ends the connections idle for longer than the idle timeout (at most once a second).
     pub fn sweep(&mut self, replay: &mut dyn Replay) {
         let now = Instant::now();
@@ -281,6 +337,7 @@ impl Flows {
         }
         self.last_sweep = now;
         let idle = self.limits.idle_timeout;
+        self.spent.expire(now, idle);
         let stale: Vec<_> = self
             .connections
             .iter()
@@ -367,6 +424,7 @@ impl Flows {
             ring_reach: [0; 2],
             gap_at: [0; 2],
             ended: [false; 2],
+            start_refused: false,
         }
     }
 
@@ -679,6 +737,8 @@ impl Context<'_> {
                 .is_some_and(|(acked, first)| acked > first);
             if after_join {
                 self.unread(conn.gap_reason(0));
+            } else if conn.start_refused {
+                self.unread(Reason::RingFull);
             }
             return framing(false);
         }
@@ -781,16 +841,13 @@ impl Context<'_> {
         let waiting = conn.pending.len();
         self.unanswered(conn, waiting);
         self.replay.close(conn.id);
+        self.flows
+            .spent
+            .insert(key(conn.client, conn.server), Spent::Closed, Instant::now());
     }
 
-    /// A request known only by the bytes it left missing (lost whole in a hole, or its head cut):
-    /// counted, and lost for `why`.
-    fn unread(&mut self, why: Reason) {
-        self.flows.shared.update(|s| s.requests += 1);
-        self.flows.shared.lost(why);
-        if let Some(observed) = &self.flows.observed {
-            observed.unread(why);
-        }
+    fn unread(&self, why: Reason) {
+        self.flows.unread(why);
     }
 
     /// An observed exchange ended now: answered with `status`, or not (`None`).
@@ -817,5 +874,6 @@ impl Context<'_> {
     }
 }
 
+mod spent;
 #[cfg(test)]
 mod tests;

@@ -353,6 +353,81 @@ fn a_connection_joined_in_the_middle_starts_at_the_next_request() {
 }
 
 #[test]
+fn a_connection_whose_start_the_ring_refused_counts_its_request() {
+    // (ring refused copies first, what is seen of a connection with no handshake, requests
+    // counted, lost to the ring)
+    type Seen = fn(&mut Wire);
+    let cases: [(bool, Seen, u64, u64); 7] = [
+        // Body bytes only: one request, whose head the ring refused.
+        (
+            true,
+            |w| {
+                w.client(500, 0, b"body");
+                w.client(504, 0, b"more");
+            },
+            1,
+            1,
+        ),
+        // The same before any refusal: a connection older than the agent, not counted.
+        (false, |w| w.client(500, 0, b"body"), 0, 0),
+        // Only an answer: its request was refused.
+        (true, |w| w.server(0, 500, OK), 1, 1),
+        // The last ACK of a connection already closed counts nothing.
+        (true, |w| w.client(500, 2, b""), 0, 0),
+        // A body, then the next request and the answer to the first: that answer's request was
+        // counted once already, and the next one is read.
+        (
+            true,
+            |w| {
+                w.client(500, 0, b"body");
+                w.client(504, 0, b"GET /next HTTP/1.1\r\n\r\n");
+                w.server(0, 504, OK);
+                w.server(OK.len() as u32, 526, OK);
+            },
+            2,
+            1,
+        ),
+        // The next request's head first, then the answer to the one before it.
+        (
+            true,
+            |w| {
+                w.client(500, 0, b"GET /next HTTP/1.1\r\n\r\n");
+                w.server(0, 500, OK);
+                w.server(OK.len() as u32, 522, OK);
+            },
+            2,
+            1,
+        ),
+        // A copy of a connection that ended, held by the drain until then, counts nothing.
+        (
+            true,
+            |w| {
+                w.handshake();
+                w.client(0, 0, b"GET /1 HTTP/1.1\r\n\r\n");
+                w.server(0, 19, OK);
+                w.client_reset(19);
+                w.client(10, 0, b"late");
+            },
+            1,
+            0,
+        ),
+    ];
+    for (i, (refused, seen, requests, ring_full)) in cases.into_iter().enumerate() {
+        let mut wire = Wire::new("");
+        if refused {
+            wire.flows.ring_lost();
+        }
+        seen(&mut wire);
+        let stats = wire.stats();
+        assert_eq!(
+            (stats.requests, stats.lost.ring_full),
+            (requests, ring_full),
+            "case {i}: {stats:?}"
+        );
+    }
+}
+
+#[test]
 fn requests_not_replayed_are_counted_by_reason() {
     let cases = [
         (
