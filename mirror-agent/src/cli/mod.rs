@@ -422,13 +422,27 @@ pub(crate) async fn show_stats(
     Ok(())
 }
 
-/// Sessions × seen (every packet the session decided) / skipped (by a skip rule or the default) /
-/// mirrored / not sent (copies selected but not made, for any reason), with per-second rates
-/// against `previous`.
+/// The per-second rate of a counter that went from `then` to `now` over `period`, for a table
+/// cell: `-` without an earlier reading.
 #[expect(
     clippy::cast_precision_loss,
     reason = "a rate on screen needs no more than 52 bits"
 )]
+fn per_second(now: u64, then: Option<(u64, Duration)>) -> String {
+    then.map_or_else(
+        || "-".to_owned(),
+        |(then, period)| {
+            format!(
+                "{:.0}",
+                now.saturating_sub(then) as f64 / period.as_secs_f64()
+            )
+        },
+    )
+}
+
+/// Sessions × seen (every packet the session decided) / skipped (by a skip rule or the default) /
+/// mirrored / not sent (copies selected but not made, for any reason), with per-second rates
+/// against `previous`.
 fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>) -> String {
     use std::fmt::Write as _;
     // As wide as the longest session name: columns stay aligned.
@@ -454,15 +468,7 @@ fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>
         let before = previous
             .and_then(|(p, _)| p.sessions.iter().find(|s| s.name == session.name))
             .map(|s| s.counters);
-        let rate = |now: u64, then: Option<u64>| match (then, previous) {
-            (Some(then), Some((_, period))) => {
-                format!(
-                    "{:.0}",
-                    now.saturating_sub(then) as f64 / period.as_secs_f64()
-                )
-            }
-            _ => "-".to_owned(),
-        };
+        let rate = |now: u64, then: Option<u64>| per_second(now, then.zip(previous.map(|p| p.1)));
         let _ = writeln!(
             out,
             "{:<width$} {:>14} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12}",
@@ -481,10 +487,6 @@ fn stats_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>
 
 /// Observed sessions × services: requests and errors (5xx or unanswered) with their rates, and
 /// the median and 99th percentile of their durations (over the last period when watching).
-#[expect(
-    clippy::cast_precision_loss,
-    reason = "a rate on screen needs no more than 52 bits"
-)]
 fn service_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration)>) -> String {
     use std::fmt::Write as _;
     let observed: Vec<_> = stats
@@ -517,12 +519,8 @@ fn service_table(stats: &state::Stats, previous: Option<(&state::Stats, Duration
                 let then = then.services.iter().find(|s| s.service == service.service);
                 (then.cloned().unwrap_or_default(), period)
             });
-            let rate = |now: u64, then: fn(&ServiceView) -> u64| match &before {
-                Some((b, period)) => format!(
-                    "{:.0}",
-                    now.saturating_sub(then(b)) as f64 / period.as_secs_f64()
-                ),
-                None => "-".to_owned(),
+            let rate = |now: u64, then: fn(&ServiceView) -> u64| {
+                per_second(now, before.as_ref().map(|(b, period)| (then(b), *period)))
             };
             let latency = match &before {
                 Some((b, _)) => service.duration.since(&b.duration),
