@@ -20,7 +20,7 @@ use crate::{
         ETHERTYPE_BITMAP, FIELD_UNKNOWN, FIELD_WILDCARD, IP_PROTO_BITMAP, RULE_BITMAPS, RULES,
         SRC_PORT_BITMAP, SRC_V4_BITMAP, SRC_V6_BITMAP, VLAN_BITMAP,
     },
-    packet::Packet,
+    packet::{Carried, Packet},
     parse::{ABSENT, FAMILY_UNKNOWN, FAMILY_V4, FAMILY_V6, Headers, UNKNOWN},
     program,
 };
@@ -295,13 +295,6 @@ fn verdict(walk: &'static Walk, step_limit_hit: bool, unparsed: bool) -> Verdict
         l4_offset: unsafe { core::ptr::read_volatile(&raw const walk.l4_offset) },
         unparsed,
     }
-}
-
-/// What each walk step gets, on the stack (a context pointer cannot go into a map): the packet,
-/// for the rules with a filter program.
-#[repr(C)]
-struct Carried {
-    ctx: *mut c_void,
 }
 
 /// One step of the walk: load the next candidate word, or decide one rule. Returns 1 to stop.

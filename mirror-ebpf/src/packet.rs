@@ -13,6 +13,13 @@ pub const VLAN_TAG_LEN: u32 = VlanHdr::LEN as u32;
 /// Bytes of a frame before its first VLAN tag (the two MAC addresses).
 pub const MACS_LEN: u32 = 12;
 
+/// What each `bpf_loop` step gets, on the stack (a context pointer cannot go into a map): the
+/// program's context, for [`Packet::from_raw`].
+#[repr(C)]
+pub struct Carried {
+    pub ctx: *mut c_void,
+}
+
 /// Reading a packet, whichever hook it is at.
 pub trait Packet {
     /// Start and end of the directly readable packet data.

@@ -8,7 +8,7 @@ use mirror_common::cbpf::{CBPF_MEMWORDS, CbpfMachine, MAX_PROGRAM_STEPS, Step};
 
 use crate::{
     maps::FILTER_PROGRAMS,
-    packet::{MACS_LEN, Packet, VLAN_TAG_LEN},
+    packet::{Carried, MACS_LEN, Packet, VLAN_TAG_LEN},
 };
 
 /// A program's run: its registers, which program, and its verdict once it returned.
@@ -22,12 +22,6 @@ pub struct Run {
 /// Per CPU, the filter program running now.
 #[map]
 static PROGRAM_SCRATCH: PerCpuArray<Run> = PerCpuArray::with_max_entries(1, 0);
-
-/// What each step gets, on the stack (a context pointer cannot go into a map).
-#[repr(C)]
-struct Carried {
-    ctx: *mut c_void,
-}
 
 /// Whether program `index` (of `FILTER_PROGRAMS`) accepts the packet.
 #[inline(always)]
