@@ -290,12 +290,12 @@ fn register_http<'a>(
     let requests = counter_family(
         registry,
         "http_requests",
-        "HTTP requests an observed session saw, by service (its destination), method, status class (unanswered: no whole answer seen) and route (with routes set)",
+        "HTTP requests an observed session saw, by service (its destination), method, status class (unanswered: no whole answer seen), route (with routes set), and for gRPC calls grpc_method and grpc_code",
     );
     let unread = counter_family(
         registry,
         "http_unread_requests",
-        "HTTP requests an observed session knows only by the bytes they left missing, so of no service, by reason: ring_full, gap, unreadable",
+        "HTTP requests an observed session knows only by the bytes they left missing, so of no service, by reason: ring_full, gap, unreadable, undecodable",
     );
     let durations = Family::<Labels, CountedHistogram>::default();
     registry.register_with_unit(
@@ -309,6 +309,7 @@ fn register_http<'a>(
             ("ring_full", http.unread.ring_full),
             ("gap", http.unread.gap),
             ("unreadable", http.unread.unreadable),
+            ("undecodable", http.unread.undecodable),
         ] {
             unread
                 .get_or_create(&vec![
@@ -326,8 +327,14 @@ fn register_http<'a>(
                 let mut labels = labels.clone();
                 labels.push(("method", series.method.clone()));
                 labels.push(("status_class", series.status_class.clone()));
-                if let Some(route) = &series.route {
-                    labels.push(("route", route.clone()));
+                for (name, value) in [
+                    ("route", &series.route),
+                    ("grpc_method", &series.grpc_method),
+                    ("grpc_code", &series.grpc_code),
+                ] {
+                    if let Some(value) = value {
+                        labels.push((name, value.clone()));
+                    }
                 }
                 requests.get_or_create(&labels).inc_by(series.count);
             }

@@ -653,6 +653,8 @@ mod tests {
                 method: "GET".into(),
                 status_class: class.into(),
                 route: None,
+                grpc_method: None,
+                grpc_code: None,
                 count,
             };
             crate::state::Stats {

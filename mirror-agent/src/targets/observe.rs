@@ -189,8 +189,35 @@ pub struct RequestSeries {
     /// The route template that matched (with routes set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+    /// gRPC calls: the method (`/package.Service/Method`) and the status code's name (`OK`,
+    /// `NOT_FOUND`, …; `none` when the answer had no `grpc-status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_code: Option<String>,
     pub count: u64,
 }
+
+impl RequestSeries {
+    /// Its labels besides the service, for telling series apart.
+    fn key(&self) -> SeriesKey<'_> {
+        (
+            &self.method,
+            &self.status_class,
+            self.route.as_deref(),
+            self.grpc_method.as_deref(),
+            self.grpc_code.as_deref(),
+        )
+    }
+}
+
+type SeriesKey<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
 
 /// What one service answered.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -265,11 +292,13 @@ pub struct Unread {
     pub ring_full: u64,
     pub gap: u64,
     pub unreadable: u64,
+    /// HTTP/2 requests on a connection whose header compression state is unknown.
+    pub undecodable: u64,
 }
 
 impl Unread {
     pub fn total(&self) -> u64 {
-        self.ring_full + self.gap + self.unreadable
+        self.ring_full + self.gap + self.unreadable + self.undecodable
     }
 }
 
@@ -290,10 +319,7 @@ impl HttpStats {
                 });
             let mine = &mut self.services[at];
             for series in &service.requests {
-                match mine.requests.iter_mut().find(|r| {
-                    (&r.method, &r.status_class, &r.route)
-                        == (&series.method, &series.status_class, &series.route)
-                }) {
+                match mine.requests.iter_mut().find(|r| r.key() == series.key()) {
                     Some(r) => r.count += series.count,
                     None => mine.requests.push(series.clone()),
                 }
@@ -304,6 +330,7 @@ impl HttpStats {
         self.unread.ring_full += earlier.unread.ring_full;
         self.unread.gap += earlier.unread.gap;
         self.unread.unreadable += earlier.unread.unreadable;
+        self.unread.undecodable += earlier.unread.undecodable;
         self.services.sort_by(|a, b| a.service.cmp(&b.service));
     }
 }
@@ -313,7 +340,61 @@ impl HttpStats {
 pub struct Exchange {
     method: &'static str,
     route: Option<String>,
+    /// A gRPC call's method, and its status code once the answer's trailers told it.
+    grpc: Option<(String, Option<u32>)>,
     began: Duration,
+}
+
+impl Exchange {
+    /// The exchange is a gRPC call (its path is the method).
+    pub fn grpc(mut self, path: &str) -> Self {
+        self.grpc = Some((path.to_owned(), None));
+        self
+    }
+
+    /// The answer's `grpc-status`.
+    pub fn grpc_status(&mut self, code: u32) {
+        if let Some((_, status)) = &mut self.grpc {
+            *status = Some(code);
+        }
+    }
+
+    fn grpc_labels(&self) -> (Option<String>, Option<String>) {
+        match &self.grpc {
+            Some((method, code)) => (
+                Some(method.clone()),
+                Some(code.map_or_else(|| "none".to_owned(), grpc_code_name)),
+            ),
+            None => (None, None),
+        }
+    }
+}
+
+/// gRPC's status codes by name, as its docs spell them; others by number.
+fn grpc_code_name(code: u32) -> String {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .map_or_else(|| code.to_string(), |name| (*name).to_owned())
 }
 
 /// The counts of one observed session, shared by its sink (which counts) and the API (which
@@ -353,6 +434,7 @@ impl Observed {
         Exchange {
             method: method_label(method),
             route: self.lock().config.route_of(target),
+            grpc: None,
             began,
         }
     }
@@ -364,6 +446,7 @@ impl Observed {
         *match why {
             Reason::RingFull => &mut unread.ring_full,
             Reason::Unreadable => &mut unread.unreadable,
+            Reason::Undecodable => &mut unread.undecodable,
             // The rest are the replay's; a gap is what remains.
             _ => &mut unread.gap,
         } += 1;
@@ -380,11 +463,15 @@ impl Observed {
         } = &mut *tally;
         let class = status_class(answer.map(|(status, _)| status));
         let name = server.to_string();
-        let find = |service: &ServiceView| {
-            service.requests.iter().position(|r| {
-                r.method == exchange.method && r.status_class == class && r.route == exchange.route
-            })
-        };
+        let (grpc_method, grpc_code) = exchange.grpc_labels();
+        let key = (
+            exchange.method,
+            class,
+            exchange.route.as_deref(),
+            grpc_method.as_deref(),
+            grpc_code.as_deref(),
+        );
+        let find = |service: &ServiceView| service.requests.iter().position(|r| r.key() == key);
         let known = at
             .get(&name)
             .is_some_and(|&i| find(&stats.services[i]).is_some());
@@ -415,6 +502,8 @@ impl Observed {
                 method: exchange.method.to_owned(),
                 status_class: class.to_owned(),
                 route: exchange.route,
+                grpc_method,
+                grpc_code,
                 count: 1,
             });
         }

@@ -141,6 +141,8 @@ struct Connection {
     /// [`Flows::headless`]): an answer to a request from before the first client byte seen
     /// answers one the ring refused.
     start_refused: bool,
+    /// Read as HTTP/2 (its parsers stopped).
+    h2: Option<Box<h2::Conversation>>,
 }
 
 impl Connection {
@@ -229,9 +231,15 @@ impl Flows {
                 // A late copy of a connection that ended.
                 return;
             }
-            let Some(client) = client_of(segment) else {
-                self.headless(key, segment, spent.is_some(), now);
-                return;
+            let (client, framed) = match client_of(segment) {
+                Some(client) => (client, false),
+                None if spent.is_none() && super::h2::looks_like_frames(segment.payload) => {
+                    (h2_client(segment), true)
+                }
+                None => {
+                    self.headless(key, segment, spent.is_some(), now);
+                    return;
+                }
             };
             if self.connections.len() >= self.limits.max_connections {
                 self.evict_oldest(replay);
@@ -245,6 +253,11 @@ impl Flows {
             let counted = self.spent.remove(&key) == Some(Spent::Counted);
             let mut conn = self.new_connection(client, server, synced);
             conn.start_refused = !synced && !counted && self.loss_epoch > 0;
+            if framed {
+                // HTTP/2 in the middle: its requests are counted by their frames alone.
+                conn.h2 = Some(Box::new(h2::Conversation::joined()));
+                conn.parsers.iter_mut().for_each(Parser::stop);
+            }
             self.shared.update(|s| {
                 s.connections += 1;
                 if !synced {
@@ -425,6 +438,7 @@ impl Flows {
             gap_at: [0; 2],
             ended: [false; 2],
             start_refused: false,
+            h2: None,
         }
     }
 
@@ -454,9 +468,24 @@ fn client_of(segment: &Segment<'_>) -> Option<SocketAddr> {
     match (segment.syn, segment.ack.is_some()) {
         (true, false) => Some(segment.from),
         (true, true) => Some(segment.to),
-        _ if super::http::has_start(segment.payload, Side::Request) => Some(segment.from),
+        _ if super::http::has_start(segment.payload, Side::Request)
+            || segment.payload.starts_with(super::h2::PREFACE) =>
+        {
+            Some(segment.from)
+        }
         _ if super::http::has_start(segment.payload, Side::Response) => Some(segment.to),
         _ => None,
+    }
+}
+
+/// The client of an HTTP/2 connection first seen in the middle, where neither a handshake nor
+/// the frames tell it: the end with the higher port, as clients' ports are ephemeral and
+/// services' are not.
+fn h2_client(segment: &Segment<'_>) -> SocketAddr {
+    if segment.from.port() >= segment.to.port() {
+        segment.from
+    } else {
+        segment.to
     }
 }
 
@@ -541,7 +570,24 @@ impl Context<'_> {
         for (offset, piece) in pieces {
             let length = match piece {
                 Ok(data) => {
-                    self.read(conn, side, &data, acked);
+                    if conn.h2.is_none()
+                        && offset == 0
+                        && (conn.parsers[side].between_messages()
+                            || side == 0 && data.starts_with(super::h2::PREFACE))
+                        && h2::begins(side == 0, &data)
+                    {
+                        conn.h2 = Some(Box::new(h2::Conversation::new()));
+                        conn.parsers.iter_mut().for_each(Parser::stop);
+                    }
+                    if conn.h2.is_some() {
+                        self.h2_read(conn, side, &data);
+                    } else {
+                        self.read(conn, side, &data, acked);
+                    }
+                    continue;
+                }
+                Err(_) if conn.h2.is_some() => {
+                    self.h2_gap(conn, side);
                     continue;
                 }
                 Err(length) => length,
@@ -840,6 +886,7 @@ impl Context<'_> {
         }
         let waiting = conn.pending.len();
         self.unanswered(conn, waiting);
+        self.h2_close(conn);
         self.replay.close(conn.id);
         self.flows
             .spent
@@ -874,6 +921,7 @@ impl Context<'_> {
     }
 }
 
+mod h2;
 mod spent;
 #[cfg(test)]
 mod tests;

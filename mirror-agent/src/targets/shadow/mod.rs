@@ -7,6 +7,7 @@
 //! seen ends up replayed or lost with a reason ([`LostRequests`]); nothing waits for the shadow.
 mod compare;
 mod flows;
+mod h2;
 mod http;
 mod replay;
 mod tcp;
@@ -292,8 +293,12 @@ mirror_common::counters! {
         shadow_error => "shadow_lost_shadow_error",
         /// It upgraded the connection to another protocol (WebSocket, h2c), or was a CONNECT.
         upgrade => "shadow_lost_upgrade",
-        /// It could not be read as HTTP/1.x.
+        /// It could not be read as HTTP/1.x, or its HTTP/2 header list was over the bound.
         unreadable => "shadow_lost_unreadable",
+        /// An HTTP/2 request (h2c or gRPC): read and observed, not replayed (replay over HTTP/2 is not built yet).
+        http2 => "shadow_lost_http2",
+        /// An HTTP/2 request on a connection whose header compression state is unknown (first seen in the middle, or bytes of it lost): counted by its frames, never guessed at.
+        undecodable => "shadow_lost_undecodable",
     }
 }
 
@@ -311,6 +316,8 @@ pub enum Reason {
     ShadowError,
     Upgrade,
     Unreadable,
+    Http2,
+    Undecodable,
 }
 
 impl LostRequests {
@@ -327,6 +334,8 @@ impl LostRequests {
             Reason::ShadowError => &mut self.shadow_error,
             Reason::Upgrade => &mut self.upgrade,
             Reason::Unreadable => &mut self.unreadable,
+            Reason::Http2 => &mut self.http2,
+            Reason::Undecodable => &mut self.undecodable,
         } += 1;
     }
 

@@ -43,21 +43,21 @@ impl Replay for Told {
     }
 }
 
-const CLIENT: &str = "10.0.0.1:40000";
-const SERVER: &str = "10.0.0.2:80";
+pub(super) const CLIENT: &str = "10.0.0.1:40000";
+pub(super) const SERVER: &str = "10.0.0.2:80";
 
 /// A connection's packets, by sequence offsets from each side's first byte.
-struct Wire {
-    flows: Flows,
+pub(super) struct Wire {
+    pub(super) flows: Flows,
     told: Told,
     client_isn: u32,
     server_isn: u32,
     /// The wall-clock time the next packets are seen at.
-    at: Duration,
+    pub(super) at: Duration,
 }
 
 impl Wire {
-    fn new(config: &str) -> Self {
+    pub(super) fn new(config: &str) -> Self {
         let config: ShadowConfig =
             toml::from_str(&format!("url = \"http://s:1\"\n{config}")).expect("config");
         Wire {
@@ -70,7 +70,7 @@ impl Wire {
     }
 
     /// A session observed only, counting into `observed`.
-    fn observing(observed: &Observed) -> Self {
+    pub(super) fn observing(observed: &Observed) -> Self {
         Wire {
             flows: Flows::new(
                 Limits::observing(),
@@ -113,13 +113,13 @@ impl Wire {
         self.flows.segment(&segment, self.at, &mut self.told);
     }
 
-    fn handshake(&mut self) {
+    pub(super) fn handshake(&mut self) {
         self.packet(true, true, self.client_isn, None, b"");
         self.packet(false, true, self.server_isn, Some(self.client_isn + 1), b"");
     }
 
     /// Client bytes at offset `at` of its stream, acknowledging `acked` server bytes.
-    fn client(&mut self, at: u32, acked: u32, data: &[u8]) {
+    pub(super) fn client(&mut self, at: u32, acked: u32, data: &[u8]) {
         let (seq, ack) = (
             self.client_isn.wrapping_add(1 + at),
             self.server_isn.wrapping_add(1 + acked),
@@ -128,12 +128,12 @@ impl Wire {
     }
 
     /// The client resets the connection at offset `at` of its stream.
-    fn client_reset(&mut self, at: u32) {
+    pub(super) fn client_reset(&mut self, at: u32) {
         let seq = self.client_isn.wrapping_add(1 + at);
         self.packet_with(true, (false, true), seq, None, b"");
     }
 
-    fn server(&mut self, at: u32, acked: u32, data: &[u8]) {
+    pub(super) fn server(&mut self, at: u32, acked: u32, data: &[u8]) {
         let (seq, ack) = (
             self.server_isn.wrapping_add(1 + at),
             self.client_isn.wrapping_add(1 + acked),
@@ -141,7 +141,7 @@ impl Wire {
         self.packet(false, false, seq, Some(ack), data);
     }
 
-    fn stats(&self) -> super::super::ShadowStats {
+    pub(super) fn stats(&self) -> super::super::ShadowStats {
         self.flows.shared.read()
     }
 }
