@@ -35,6 +35,16 @@ struct ObserveLab {
 
 impl ObserveLab {
     fn new(test: &str, ports: &[u16]) -> Self {
+        Self::serving(test, ports, "")
+    }
+
+    /// nginx speaking HTTP/2 with prior knowledge (h2c) on `ports`.
+    fn http2(test: &str, ports: &[u16]) -> Self {
+        Self::serving(test, ports, " http2")
+    }
+
+    /// nginx on `ports`, each `listen` with `options`.
+    fn serving(test: &str, ports: &[u16], options: &str) -> Self {
         require_root();
         let id = format!(
             "o{}-{}-{test}",
@@ -51,7 +61,7 @@ impl ObserveLab {
             let _ = write!(
                 servers,
                 "server {{
-        listen {SERVER}:{port};
+        listen {SERVER}:{port}{options};
         keepalive_requests 1000000;
         location /missing {{ return 404; }}
         location /fail {{ return 503; }}
@@ -626,4 +636,223 @@ fn the_quick_form_observes_and_reports_its_services() {
         fields[6].starts_with("p50_ms=") && fields[7].starts_with("p99_ms="),
         "{line}"
     );
+}
+
+/// HTTP/2 with prior knowledge: h2load (nghttp2, Huffman and the dynamic table) and curl
+/// against nginx; every stream counted as nginx logged it.
+#[test]
+fn http2_exchanges_are_counted_as_nginx_logged_them() {
+    let lab = ObserveLab::http2("h2", &[PORT]);
+    let _agent = lab.agent("filter = \"tcp port 8080\"\nobserve = \"http\"");
+    let at = |path: &str| format!("http://{SERVER}:{PORT}{path}");
+    // 3 connections, 10 streams at once on each, over three paths in turn.
+    let report = lab.client(&[
+        "h2load",
+        "-n",
+        "300",
+        "-c",
+        "3",
+        "-m",
+        "10",
+        &at("/ok"),
+        &at("/missing"),
+        &at("/fail"),
+    ]);
+    assert!(report.contains("300 done"), "{report}");
+    // POSTs with bodies (nginx answers before it reads them, then resets the stream, as
+    // RFC 9113 lets it), a PUT and a HEAD.
+    let order = lab.dir.path().join("order");
+    std::fs::write(&order, vec![b'o'; 20_000]).expect("order");
+    let posted = lab.client(&[
+        "h2load",
+        "-n",
+        "20",
+        "-c",
+        "2",
+        "-d",
+        &order.display().to_string(),
+        &at("/orders"),
+    ]);
+    assert!(posted.contains("20 done"), "{posted}");
+    let h2c = ["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null"];
+    lab.client(&[&h2c[..], &["-X", "PUT", &at("/fail")]].concat());
+    lab.client(&[&h2c[..], &["-I", &at("/ok")]].concat());
+    let logged = lab.logged_all(300 + 20 + 1 + 1);
+    let api = lab.api();
+    let http = wait_for_state(
+        "every stream nginx logged to be counted",
+        || http_now(&api),
+        |now| total(&counted(now)) >= total(&logged),
+    );
+    assert_eq!(counted(&http), logged, "{http}");
+    assert_eq!(http["services"][0]["duration"]["count"], total(&logged));
+    assert_eq!(
+        http["unread"],
+        serde_json::json!({"ring_full": 0, "gap": 0, "unreadable": 0, "undecodable": 0})
+    );
+}
+
+/// Python's gRPC server and client, in the two namespaces; stopped on drop.
+struct GrpcPeer(std::process::Child);
+
+const GRPC: &str = "10.78.0.2:50051";
+
+impl GrpcPeer {
+    fn peer() -> String {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpc_peer.py").to_owned()
+    }
+
+    /// `grpc_peer.py MODE ARGS` in `ns`, its stdin and stdout piped; once it printed `first`,
+    /// when given.
+    fn start(
+        ns: &Netns,
+        args: &[&str],
+        first: Option<&str>,
+    ) -> (Self, std::io::BufReader<std::process::ChildStdout>) {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "/usr/bin/python3", &Self::peer()])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (python3-grpcio, from `cargo xtask setup`)");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        if let Some(first) = first {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("its first line");
+            assert_eq!(line.trim(), first, "grpc_peer.py {args:?}");
+        }
+        (GrpcPeer(child), out)
+    }
+
+    /// The client's tally of codes by method.
+    fn tally(out: &mut impl std::io::Read) -> BTreeMap<(String, String), u64> {
+        let mut text = String::new();
+        out.read_to_string(&mut text).expect("its tally");
+        let tally: BTreeMap<String, BTreeMap<String, u64>> =
+            serde_json::from_str(&text).expect("JSON");
+        tally
+            .into_iter()
+            .flat_map(|(method, codes)| {
+                codes
+                    .into_iter()
+                    .map(move |(code, n)| ((method.clone(), code), n))
+            })
+            .collect()
+    }
+}
+
+impl Drop for GrpcPeer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// gRPC calls by method and code, as the service's own series.
+fn grpc_counted(http: &serde_json::Value) -> BTreeMap<(String, String), u64> {
+    let mut by = BTreeMap::new();
+    for series in http["services"][0]["requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let key = (
+            series["grpc_method"].as_str().unwrap_or("none").to_owned(),
+            series["grpc_code"].as_str().unwrap_or("none").to_owned(),
+        );
+        assert_eq!(
+            (&series["method"], &series["status_class"]),
+            (&serde_json::json!("POST"), &serde_json::json!("2xx")),
+            "{series}"
+        );
+        *by.entry(key).or_default() += series["count"].as_u64().expect("count");
+    }
+    by
+}
+
+/// gRPC unary and server-streaming calls, succeeding and failing: counted by `grpc_method` and
+/// `grpc_code` as the client saw them.
+#[test]
+fn grpc_calls_are_counted_by_method_and_code() {
+    let lab = ObserveLab::new("grpc", &[PORT]);
+    let _server = GrpcPeer::start(&lab.server, &["serve", GRPC], Some("serving"));
+    let _agent = lab.agent("filter = \"tcp port 50051\"\nobserve = \"http\"");
+    let (_client, mut out) = GrpcPeer::start(&lab.client, &["call", GRPC, "20"], None);
+    let seen = GrpcPeer::tally(&mut out);
+    assert_eq!(seen.values().sum::<u64>(), 60, "{seen:?}");
+    let api = lab.api();
+    let http = wait_for_state(
+        "every call to be counted",
+        || http_now(&api),
+        |now| total(&counted(now)) >= 60,
+    );
+    assert_eq!(grpc_counted(&http), seen, "{http}");
+    let metrics = lab.metrics();
+    let line = format!(
+        "mirror_http_requests_total{{session=\"web\",service=\"{GRPC}\",method=\"POST\",status_class=\"2xx\",grpc_method=\"/shop.Cart/Missing\",grpc_code=\"NOT_FOUND\"}} 20"
+    );
+    assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    check_openmetrics(&metrics, "mirror_");
+}
+
+/// A gRPC connection opened before the agent started: its HPACK state is unknown, so each of
+/// its later calls is counted `undecodable` by its frames, and none is replayed or labelled.
+#[test]
+fn a_connection_older_than_the_agent_is_undecodable() {
+    use std::io::Write as _;
+    let lab = ObserveLab::new("old", &[PORT]);
+    let _server = GrpcPeer::start(&lab.server, &["serve", GRPC], Some("serving"));
+    let (mut client, mut out) = GrpcPeer::start(&lab.client, &["hold", GRPC, "5"], Some("ready"));
+    let _shadow = Origin::start(
+        &lab.server,
+        "127.0.0.1:9090".parse().expect("addr"),
+        false,
+        Duration::ZERO,
+    );
+    let agent = lab.agent(
+        "filter = \"tcp port 50051\"\nobserve = \"http\"\ntarget = { shadow = { url = \"http://127.0.0.1:9090\" } }",
+    );
+    client
+        .0
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    let seen = GrpcPeer::tally(&mut out);
+    assert_eq!(seen.values().sum::<u64>(), 5, "{seen:?}");
+    let api = lab.api();
+    let session = wait_for_state(
+        "the calls to be counted",
+        || {
+            let stats: serde_json::Value =
+                serde_json::from_str(&api_get(&api, "/stats")).expect("stats");
+            stats["sessions"][0].clone()
+        },
+        |s| s["http"]["unread"]["undecodable"] == 5,
+    );
+    assert_eq!(
+        session["http"]["services"],
+        serde_json::json!([]),
+        "{session}"
+    );
+    let shadow = &session["shadow"];
+    assert_eq!(
+        (
+            &shadow["requests"],
+            &shadow["replayed"],
+            &shadow["lost"]["undecodable"]
+        ),
+        (
+            &serde_json::json!(5),
+            &serde_json::json!(0),
+            &serde_json::json!(5)
+        ),
+        "{session}"
+    );
+    assert_eq!(shadow["joined_mid_stream"], 1, "{session}");
+    let report = agent.stop();
+    assert_eq!(report.shadow("web")["lost"]["undecodable"], 5);
 }

@@ -45,7 +45,7 @@ pub fn run(build_only: bool) -> anyhow::Result<()> {
     if !build_only {
         nightly_lint_tools()?;
         debian_packages(DEBIAN_PACKAGES)?;
-        origin_server()?;
+        origin_servers()?;
         helm_engine()?;
         cargo_deb()?;
     }
@@ -210,11 +210,17 @@ fn helm_engine() -> anyhow::Result<()> {
     )
 }
 
-/// nginx, the real origin whose own log the observe tests check the agent's counts against
-/// (`tests/tests/observe.rs`), installed without starting its service.
-fn origin_server() -> anyhow::Result<()> {
+/// The real servers and clients of the observe tests (`tests/tests/observe.rs`, `h2.rs`),
+/// installed without starting any service: nginx, whose own log the counts are checked against;
+/// nghttpd and h2load for HTTP/2; and Python's gRPC for gRPC calls both ways.
+fn origin_servers() -> anyhow::Result<()> {
     let _no_service_starts = NoServiceStarts::new()?;
-    debian_packages(&["nginx-light"])
+    debian_packages(&[
+        "nginx-light",
+        "nghttp2-client",
+        "nghttp2-server",
+        "python3-grpcio",
+    ])
 }
 
 /// What `cargo xtask bench` adds: the userspace peer, the chart's font, bpftool (the program's
