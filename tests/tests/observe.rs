@@ -856,3 +856,67 @@ fn a_connection_older_than_the_agent_is_undecodable() {
     let report = agent.stop();
     assert_eq!(report.shadow("web")["lost"]["undecodable"], 5);
 }
+
+/// What a peer printed until it was stopped, sorted by line.
+fn printed(peer: GrpcPeer, mut out: impl std::io::Read) -> Vec<String> {
+    drop(peer);
+    let mut text = String::new();
+    out.read_to_string(&mut text).expect("its lines");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+/// gRPC unary and server-streaming calls shadowed over HTTP/2 to a second server, whose
+/// `Missing` succeeds: each call reaches it with the same message bytes, and compare finds the
+/// calls whose `grpc-status` differs, and no other.
+#[test]
+fn grpc_calls_are_shadowed_and_compared() {
+    let lab = ObserveLab::new("gshadow", &[PORT]);
+    let (live, live_log) = GrpcPeer::start(&lab.server, &["serve", GRPC], Some("serving"));
+    let shadow_at = "10.78.0.2:50052";
+    let (shadow_peer, shadow_log) =
+        GrpcPeer::start(&lab.server, &["serve", shadow_at, "v2"], Some("serving"));
+    let agent = lab.agent(&format!(
+        "filter = \"tcp port 50051\"\nobserve = \"http\"\ntarget = {{ shadow = {{ url = \"http://{shadow_at}\", compare = true }} }}"
+    ));
+    let (_client, mut out) = GrpcPeer::start(&lab.client, &["call", GRPC, "20"], None);
+    assert_eq!(GrpcPeer::tally(&mut out).values().sum::<u64>(), 60);
+    let api = lab.api();
+    let shadow = wait_for_state(
+        "every call to be replayed and compared",
+        || {
+            let stats: serde_json::Value =
+                serde_json::from_str(&api_get(&api, "/stats")).expect("stats");
+            stats["sessions"][0]["shadow"].clone()
+        },
+        |s| {
+            let compared = &s["compared"];
+            compared["same"].as_u64().unwrap_or(0)
+                + compared["differ"].as_u64().unwrap_or(0)
+                + compared["errors"].as_u64().unwrap_or(0)
+                >= 60
+        },
+    );
+    let calls = printed(live, live_log);
+    assert_eq!(calls.len(), 60);
+    assert_eq!(printed(shadow_peer, shadow_log), calls);
+    assert_eq!(
+        (&shadow["requests"], &shadow["replayed"]),
+        (&serde_json::json!(60), &serde_json::json!(60)),
+        "{shadow}"
+    );
+    assert_eq!(
+        shadow["compared"],
+        serde_json::json!({"same": 40, "differ": 20, "errors": 0}),
+        "{shadow}"
+    );
+    let difference = shadow["differences"][0].to_string();
+    assert!(
+        difference.contains("/shop.Cart/Missing")
+            && difference.contains("grpc-status: 5 (shadow 0)"),
+        "{difference}"
+    );
+    let report = agent.stop();
+    assert_eq!(report.shadow("web")["replayed"], 60);
+}

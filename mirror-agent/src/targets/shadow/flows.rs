@@ -663,32 +663,13 @@ impl Context<'_> {
         let framing = head.framing(Side::Request);
         let upgrade = head.method.eq_ignore_ascii_case("CONNECT")
             || head.header("upgrade").is_some() && head.has_token("connection", "upgrade");
-        let why = if !conn.selected {
-            Some(Reason::SampledOut)
-        } else if upgrade {
+        let problem = if upgrade {
             Some(Reason::Upgrade)
-        } else if framing.is_err() {
-            Some(Reason::Unreadable)
-        } else if !self.flows.limits.matches(head) {
-            Some(Reason::FilteredOut)
-        } else if !self.flows.admit() {
-            Some(Reason::RateLimited)
         } else {
-            None
+            framing.is_err().then_some(Reason::Unreadable)
         };
-        let replaying = match why {
-            // An observed session without a shadow replays nothing and loses nothing.
-            _ if !self.flows.limits.replays => false,
-            Some(why) => {
-                self.flows.shared.lost(why);
-                false
-            }
-            None if self.replay.start(conn.id, id, head) => true,
-            None => {
-                self.flows.shared.lost(Reason::Busy);
-                false
-            }
-        };
+        let why = self.not_replayed(conn, head, problem);
+        let replaying = self.hand_over(conn.id, id, head, why);
         let began = conn.began.take().unwrap_or(self.at);
         conn.pending.push_back(Pending {
             id,
@@ -713,6 +694,45 @@ impl Context<'_> {
             return None;
         }
         framing.ok()
+    }
+
+    /// Why a request read whole at its head is not replayed (`None`: it is), given what is
+    /// wrong with it as a message (`problem`).
+    fn not_replayed(
+        &mut self,
+        conn: &Connection,
+        head: &Head,
+        problem: Option<Reason>,
+    ) -> Option<Reason> {
+        if !conn.selected {
+            Some(Reason::SampledOut)
+        } else if problem.is_some() {
+            problem
+        } else if !self.flows.limits.matches(head) {
+            Some(Reason::FilteredOut)
+        } else if !self.flows.admit() {
+            Some(Reason::RateLimited)
+        } else {
+            None
+        }
+    }
+
+    /// Hands request `id` to the replay side unless `why`; whether it took it. A request not
+    /// taken is counted lost (`busy` when the replay side refused it).
+    fn hand_over(&mut self, conn: u64, id: u64, head: &Head, why: Option<Reason>) -> bool {
+        match why {
+            // An observed session without a shadow replays nothing and loses nothing.
+            _ if !self.flows.limits.replays => false,
+            Some(why) => {
+                self.flows.shared.lost(why);
+                false
+            }
+            None if self.replay.start(conn, id, head) => true,
+            None => {
+                self.flows.shared.lost(Reason::Busy);
+                false
+            }
+        }
     }
 
     fn response_event(

@@ -23,9 +23,23 @@ pub struct Head {
     pub target: String,
     /// A response's status, or 0 for a request.
     pub status: u16,
-    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
-    pub minor_version: u8,
+    pub version: Version,
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The version a head was read in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// HTTP/1.x, with its minor version.
+    Http1(u8),
+    /// HTTP/2: `body` when its HEADERS did not end the stream.
+    Http2 { body: bool },
+}
+
+impl Default for Version {
+    fn default() -> Self {
+        Version::Http1(1)
+    }
 }
 
 impl Head {
@@ -374,7 +388,7 @@ fn parse_head(bytes: &[u8], side: Side) -> Result<Option<(Head, usize)>, ()> {
                         method: request.method.unwrap_or_default().to_owned(),
                         target: request.path.unwrap_or_default().to_owned(),
                         status: 0,
-                        minor_version: request.version.unwrap_or(1),
+                        version: Version::Http1(request.version.unwrap_or(1)),
                         headers: head(request.headers),
                     },
                     len,
@@ -389,7 +403,7 @@ fn parse_head(bytes: &[u8], side: Side) -> Result<Option<(Head, usize)>, ()> {
                 Ok(httparse::Status::Complete(len)) => Ok(Some((
                     Head {
                         status: response.code.unwrap_or_default(),
-                        minor_version: response.version.unwrap_or(1),
+                        version: Version::Http1(response.version.unwrap_or(1)),
                         headers: head(response.headers),
                         ..Head::default()
                     },

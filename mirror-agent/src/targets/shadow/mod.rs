@@ -295,8 +295,8 @@ mirror_common::counters! {
         upgrade => "shadow_lost_upgrade",
         /// It could not be read as HTTP/1.x, or its HTTP/2 header list was over the bound.
         unreadable => "shadow_lost_unreadable",
-        /// An HTTP/2 request (h2c or gRPC): read and observed, not replayed (replay over HTTP/2 is not built yet).
-        http2 => "shadow_lost_http2",
+        /// Its HTTP/2 stream was reset (`RST_STREAM`), or answered and closed, before the request was whole.
+        reset => "shadow_lost_reset",
         /// An HTTP/2 request on a connection whose header compression state is unknown (first seen in the middle, or bytes of it lost): counted by its frames, never guessed at.
         undecodable => "shadow_lost_undecodable",
     }
@@ -316,7 +316,7 @@ pub enum Reason {
     ShadowError,
     Upgrade,
     Unreadable,
-    Http2,
+    Reset,
     Undecodable,
 }
 
@@ -334,7 +334,7 @@ impl LostRequests {
             Reason::ShadowError => &mut self.shadow_error,
             Reason::Upgrade => &mut self.upgrade,
             Reason::Unreadable => &mut self.unreadable,
-            Reason::Http2 => &mut self.http2,
+            Reason::Reset => &mut self.reset,
             Reason::Undecodable => &mut self.undecodable,
         } += 1;
     }

@@ -1,5 +1,7 @@
 //! The replay side: one task per client connection on the agent's runtime, with one keep-alive
 //! connection to the shadow (hyper), so that a client's requests reach the shadow in its order.
+//! An HTTP/2 client connection gets one HTTP/2 connection to the shadow, and each of its streams
+//! a task of its own on it, as the client multiplexed them.
 //! The flows hand requests over through an unbounded queue whose bytes are counted against the
 //! limits, so the drain never waits, and a shadow that is slow or down only loses requests
 //! (counted), never slows the capture.
@@ -13,6 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::future;
 use http_body_util::{BodyExt as _, Either, Empty, channel::Channel};
 use hyper::{
     HeaderMap, Request,
@@ -27,7 +30,7 @@ use super::{
     Reason, ShadowTarget, Shared,
     compare::{self, Answer, Ignore},
     flows::Replay,
-    http::{Framing, Head, Side},
+    http::{Framing, Head, Side, Version},
 };
 
 type ReplayBody = Either<Empty<Bytes>, Channel<Bytes>>;
@@ -190,11 +193,15 @@ impl Replay for Replayer {
         let queue = self.queues.entry(conn).or_insert_with(|| {
             let (commands, receiver) = mpsc::unbounded_channel();
             let queued = Arc::new(AtomicUsize::new(0));
-            runtime.spawn(connection(
-                receiver,
-                Arc::clone(&self.settings),
-                Arc::clone(&queued),
-            ));
+            let settings = Arc::clone(&self.settings);
+            match head.version {
+                Version::Http1(_) => {
+                    runtime.spawn(connection(receiver, settings, Arc::clone(&queued)))
+                }
+                Version::Http2 { .. } => {
+                    runtime.spawn(multiplexed(receiver, settings, Arc::clone(&queued)))
+                }
+            };
             Queue { commands, queued }
         });
         settings.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -290,20 +297,159 @@ async fn connection(
             Command::End { .. } | Command::Abort { .. } => {}
         }
     }
-    // Replayed exchanges whose live answer never came whole cannot be compared.
-    let unmatched = task.shadow_answers.len() as u64;
-    if unmatched != 0 {
-        settings.stats.update(|s| s.compared.errors += unmatched);
+    task.unmatched();
+}
+
+/// The task of an HTTP/2 client connection: one HTTP/2 connection to the shadow, made when the
+/// first request comes (again once it closed), and each request on a [`stream`] task of its
+/// own, which gets the commands of its request as the flows saw them.
+async fn multiplexed(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    settings: Arc<Settings>,
+    queued: Arc<AtomicUsize>,
+) {
+    let mut shadow: Option<Http2Sender> = None;
+    let mut streams: HashMap<u64, mpsc::UnboundedSender<Command>> = HashMap::new();
+    let dequeued = |len: usize| {
+        queued.fetch_sub(len, Ordering::AcqRel);
+        settings.queued.fetch_sub(len, Ordering::AcqRel);
+    };
+    while let Some(command) = commands.recv().await {
+        let id = match command {
+            Command::Start { id, head } => {
+                streams.retain(|_, stream| !stream.is_closed());
+                match connect_http2(&settings, &mut shadow).await {
+                    Ok(sender) => {
+                        let (to_stream, stream_commands) = mpsc::unbounded_channel();
+                        streams.insert(id, to_stream);
+                        tokio::spawn(stream(
+                            stream_commands,
+                            Arc::clone(&settings),
+                            Arc::clone(&queued),
+                            sender,
+                            id,
+                            head,
+                        ));
+                    }
+                    Err(why) => {
+                        // Its later commands find no stream, and are dropped.
+                        settings.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        settings.stats.lost(why);
+                    }
+                }
+                continue;
+            }
+            Command::Body { id, .. }
+            | Command::End { id, .. }
+            | Command::Abort { id, .. }
+            | Command::Live { id, .. } => id,
+        };
+        let unsent = match streams.get(&id) {
+            Some(stream) => stream.send(command).err().map(|e| e.0),
+            None => Some(command),
+        };
+        if let Some(Command::Body { data, .. }) = unsent {
+            dequeued(data.len());
+        }
     }
+}
+
+/// The HTTP/2 connection to the shadow, made (again) when there is none or it closed.
+async fn connect_http2(
+    settings: &Settings,
+    shadow: &mut Option<Http2Sender>,
+) -> Result<Http2Sender, Reason> {
+    if let Some(sender) = shadow.as_ref().filter(|s| !s.is_closed()) {
+        return Ok(sender.clone());
+    }
+    let deadline = Instant::now() + settings.timeout;
+    let stream = connect_tcp(settings, deadline).await?;
+    let handshake = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    );
+    let (sender, connection) = match timeout_at(deadline, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(_)) => return Err(Reason::ShadowError),
+        Err(_) => return Err(Reason::Timeout),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("shadow connection: {e}");
+        }
+    });
+    Ok(shadow.insert(sender).clone())
+}
+
+/// A TCP connection to the shadow, by `deadline`.
+async fn connect_tcp(
+    settings: &Settings,
+    deadline: Instant,
+) -> Result<tokio::net::TcpStream, Reason> {
+    let connect = tokio::net::TcpStream::connect((settings.host.as_str(), settings.port));
+    let stream = match timeout_at(deadline, connect).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!("shadow {}:{}: {e}", settings.host, settings.port);
+            return Err(Reason::ShadowError);
+        }
+        Err(_) => return Err(Reason::Timeout),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// One request of an HTTP/2 client connection, on the connection's shadow connection; then,
+/// with compare on, its live answer.
+async fn stream(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    settings: Arc<Settings>,
+    queued: Arc<AtomicUsize>,
+    shadow: Http2Sender,
+    id: u64,
+    head: Head,
+) {
+    let mut task = Task {
+        settings: &settings,
+        queued: &queued,
+        shadow: Some(Shadow::Http2(shadow)),
+        shadow_answers: HashMap::new(),
+        live_answers: HashMap::new(),
+        heads: HashMap::new(),
+    };
+    let mut next = None;
+    let outcome = task.exchange(id, &head, &mut commands, &mut next).await;
+    let waits = settings.compare && matches!(outcome, Outcome::Answered(_));
+    task.finished(id, head, outcome);
+    // The live answer, or word that it will not come whole (an abort).
+    while waits && !task.shadow_answers.is_empty() {
+        match commands.recv().await {
+            Some(Command::Live { id, answer }) => task.live(id, answer),
+            Some(Command::Body { data, .. }) => task.dequeued(data.len()),
+            Some(Command::Abort { .. }) | None => break,
+            Some(_) => {}
+        }
+    }
+    task.unmatched();
 }
 
 /// Live answers or shadow answers waiting for the other, at most, per connection.
 const MAX_WAITING: usize = 256;
 
+type Http1Sender = hyper::client::conn::http1::SendRequest<ReplayBody>;
+type Http2Sender = hyper::client::conn::http2::SendRequest<ReplayBody>;
+
+/// A task's connection to the shadow.
+enum Shadow {
+    Http1(Http1Sender),
+    /// Shared with the connection's other streams; made by [`multiplexed`].
+    Http2(Http2Sender),
+}
+
 struct Task<'a> {
     settings: &'a Settings,
     queued: &'a AtomicUsize,
-    shadow: Option<hyper::client::conn::http1::SendRequest<ReplayBody>>,
+    shadow: Option<Shadow>,
     /// With compare on: answers waiting for the other side's, by request.
     shadow_answers: HashMap<u64, Answer>,
     live_answers: HashMap<u64, Answer>,
@@ -311,6 +457,16 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
+    /// Replayed exchanges whose live answer never came whole cannot be compared.
+    fn unmatched(&self) {
+        let unmatched = self.shadow_answers.len() as u64;
+        if unmatched != 0 {
+            self.settings
+                .stats
+                .update(|s| s.compared.errors += unmatched);
+        }
+    }
+
     fn dequeued(&self, len: usize) {
         self.queued.fetch_sub(len, Ordering::AcqRel);
         self.settings.queued.fetch_sub(len, Ordering::AcqRel);
@@ -375,7 +531,10 @@ impl Task<'_> {
         next: &mut Option<Command>,
     ) -> Outcome {
         let deadline = Instant::now() + self.settings.timeout;
-        let has_body = !matches!(head.framing(Side::Request), Ok(Framing::Length(0)));
+        let has_body = match head.version {
+            Version::Http1(_) => !matches!(head.framing(Side::Request), Ok(Framing::Length(0))),
+            Version::Http2 { body } => body,
+        };
         let (mut body, request_body) = if has_body {
             let (sender, body) = Channel::new(8);
             (Some(sender), Either::Right(body))
@@ -391,11 +550,11 @@ impl Task<'_> {
                     .await;
             }
         };
-        let sender = match self.ready(deadline).await {
-            Ok(sender) => sender,
+        let response = match self.ready(deadline).await {
+            Ok(Shadow::Http1(sender)) => future::Either::Left(sender.send_request(request)),
+            Ok(Shadow::Http2(sender)) => future::Either::Right(sender.send_request(request)),
             Err(why) => return self.skip_request(id, commands, next, why).await,
         };
-        let response = sender.send_request(request);
         tokio::pin!(response);
         // A request without a body is whole once sent: its answer may come before the flows'
         // end of it reaches this task, and is no early answer then.
@@ -480,6 +639,14 @@ impl Task<'_> {
                     if let Some(data) = frame.data_ref() {
                         answer.add_body(data, self.keep_body());
                     }
+                    // Trailers (gRPC's status) are compared as headers are.
+                    if let Some(trailers) = frame.trailers_ref() {
+                        answer.headers.extend(
+                            trailers
+                                .iter()
+                                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
+                        );
+                    }
                 }
                 Ok(None) => break,
                 Ok(Some(Err(_))) => {
@@ -551,30 +718,23 @@ impl Task<'_> {
         Outcome::Lost(why)
     }
 
-    /// The connection to the shadow, made (again) when there is none or it closed.
-    async fn ready(
-        &mut self,
-        deadline: Instant,
-    ) -> Result<&mut hyper::client::conn::http1::SendRequest<ReplayBody>, Reason> {
-        if let Some(sender) = self.shadow.as_mut()
-            && timeout_at(deadline, sender.ready())
-                .await
-                .is_ok_and(|r| r.is_ok())
-        {
-            return self.shadow.as_mut().ok_or(Reason::ShadowError);
+    /// The connection to the shadow, ready for a request: an HTTP/1 one is made (again) when
+    /// there is none or it closed; an HTTP/2 one is the client connection's ([`multiplexed`]).
+    async fn ready(&mut self, deadline: Instant) -> Result<&mut Shadow, Reason> {
+        let ready = match self.shadow.as_mut() {
+            Some(Shadow::Http1(sender)) => timeout_at(deadline, sender.ready()).await,
+            Some(Shadow::Http2(sender)) => timeout_at(deadline, sender.ready()).await,
+            None => Ok(Ok(())),
+        };
+        match (&self.shadow, ready) {
+            (Some(_), Ok(Ok(()))) => return self.shadow.as_mut().ok_or(Reason::ShadowError),
+            (Some(Shadow::Http2(_)), Ok(Err(_))) => return Err(Reason::ShadowError),
+            (Some(Shadow::Http2(_)), Err(_)) => return Err(Reason::Timeout),
+            _ => {}
         }
         self.shadow = None;
         let settings = self.settings;
-        let connect = tokio::net::TcpStream::connect((settings.host.as_str(), settings.port));
-        let stream = match timeout_at(deadline, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::debug!("shadow {}:{}: {e}", settings.host, settings.port);
-                return Err(Reason::ShadowError);
-            }
-            Err(_) => return Err(Reason::Timeout),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(settings, deadline).await?;
         let handshake = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream));
         let (sender, connection) = match timeout_at(deadline, handshake).await {
             Ok(Ok(pair)) => pair,
@@ -586,7 +746,7 @@ impl Task<'_> {
                 tracing::debug!("shadow connection: {e}");
             }
         });
-        Ok(self.shadow.insert(sender))
+        Ok(self.shadow.insert(Shadow::Http1(sender)))
     }
 
     /// The request the shadow gets: the live one's method, target and headers, but the hop's own
@@ -600,15 +760,36 @@ impl Task<'_> {
                 .map_or_else(|| "/".to_owned(), ToString::to_string),
             _ => head.target.clone(),
         };
+        let host = match head.header("host") {
+            Some(host) if settings.keep_host => {
+                HeaderValue::from_bytes(host).map_err(|e| e.to_string())?
+            }
+            _ => settings.authority.clone(),
+        };
+        let http2 = matches!(head.version, Version::Http2 { .. });
+        // HTTP/2 names the authority in the target (`:authority`), not in a Host header.
+        let target = if http2 {
+            let host = host.to_str().map_err(|e| e.to_string())?;
+            format!("http://{host}{target}")
+        } else {
+            target
+        };
         let mut request = Request::builder()
             .method(head.method.as_str())
             .uri(target)
+            .version(if http2 {
+                hyper::Version::HTTP_2
+            } else {
+                hyper::Version::HTTP_11
+            })
             .body(body)
             .map_err(|e| e.to_string())?;
         let headers = request.headers_mut();
         for (name, value) in &head.headers {
             let lower = name.to_ascii_lowercase();
-            if HOP_BY_HOP.contains(&lower.as_str()) {
+            // HTTP/2 keeps one value of TE, `trailers`: gRPC requires it.
+            let trailers_te = http2 && lower == "te" && value.eq_ignore_ascii_case(b"trailers");
+            if HOP_BY_HOP.contains(&lower.as_str()) && !trailers_te {
                 continue;
             }
             let (Ok(name), Ok(value)) = (
@@ -622,13 +803,9 @@ impl Task<'_> {
             }
             headers.append(name, value);
         }
-        let host = match head.header("host") {
-            Some(host) if settings.keep_host => {
-                HeaderValue::from_bytes(host).map_err(|e| e.to_string())?
-            }
-            _ => settings.authority.clone(),
-        };
-        headers.insert(hyper::header::HOST, host);
+        if !http2 {
+            headers.insert(hyper::header::HOST, host);
+        }
         if let Some((name, value)) = &settings.mark {
             headers.insert(name.clone(), value.clone());
         }
@@ -704,7 +881,6 @@ mod tests {
         let get = |target: &str| Head {
             method: "GET".into(),
             target: target.into(),
-            minor_version: 1,
             ..Head::default()
         };
         // The flows' end of the first request comes only after the shadow answered it: the

@@ -1,5 +1,6 @@
 //! HTTP/2 connections (h2c with prior knowledge, gRPC's usual form) in the flows: each stream a
-//! request opens is one exchange, from its HEADERS to the answer's `END_STREAM` or a reset. A
+//! request opens is one exchange, from its HEADERS to the answer's `END_STREAM` or a reset, and
+//! is replayed as a stream of the client connection's own HTTP/2 connection to the shadow. A
 //! connection first seen in the middle has unknown HPACK state: its requests are counted by
 //! their HEADERS frames alone, as `undecodable`, and nothing of them is read or guessed.
 use std::collections::HashMap;
@@ -8,7 +9,9 @@ use super::{
     super::{
         super::observe::Exchange,
         Reason,
+        compare::Answer,
         h2::{Fields, Frame, FrameHeader, PREFACE, Reader},
+        http::{Head, Version},
     },
     Connection, Context,
 };
@@ -45,10 +48,18 @@ pub(super) struct Conversation {
 /// An exchange open on a stream.
 #[derive(Debug)]
 struct Call {
+    /// The request's id for the replay side.
+    id: u64,
+    /// Handed to the replay side.
+    replaying: bool,
+    /// The client has not ended its side of the stream yet.
+    asking: bool,
     /// Observed: its labels and when it began.
     exchange: Option<Exchange>,
     /// The answer's status, once its head came.
     status: Option<u16>,
+    /// Replayed with compare on: the live answer, as it is read.
+    answer: Option<Answer>,
 }
 
 /// The client's direction read as frame headers only.
@@ -68,6 +79,7 @@ enum Said {
         fields: Option<Fields>,
         end_stream: bool,
     },
+    Data(u32, Vec<u8>),
     End(u32),
     Reset(u32),
     TableSize(u32),
@@ -94,6 +106,23 @@ impl Conversation {
         joined.readers[1].gap();
         joined
     }
+}
+
+/// The value of field `name`, as text.
+fn field<'a>(fields: &'a [(Vec<u8>, Vec<u8>)], name: &[u8]) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// The fields that are not pseudo-headers, as the replay side takes headers.
+fn regular(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    fields
+        .iter()
+        .filter(|(n, _)| !n.starts_with(b":"))
+        .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), v.clone()))
+        .collect()
 }
 
 impl Blind {
@@ -164,21 +193,22 @@ impl Context<'_> {
             }
         } else {
             let mut said = Vec::new();
-            h2.readers[side].feed(data, &mut |frame| match frame {
-                Frame::Headers {
-                    stream,
-                    fields,
-                    end_stream,
-                } => said.push(Said::Headers {
-                    stream,
-                    fields,
-                    end_stream,
-                }),
-                Frame::End { stream } => said.push(Said::End(stream)),
-                Frame::Reset { stream } => said.push(Said::Reset(stream)),
-                Frame::TableSize(table) => said.push(Said::TableSize(table)),
-                // Bodies are not read yet: replay and compare over HTTP/2 will.
-                Frame::Data { .. } => {}
+            h2.readers[side].feed(data, &mut |frame| {
+                said.push(match frame {
+                    Frame::Headers {
+                        stream,
+                        fields,
+                        end_stream,
+                    } => Said::Headers {
+                        stream,
+                        fields,
+                        end_stream,
+                    },
+                    Frame::Data { stream, data } => Said::Data(stream, data.to_vec()),
+                    Frame::End { stream } => Said::End(stream),
+                    Frame::Reset { stream } => Said::Reset(stream),
+                    Frame::TableSize(table) => Said::TableSize(table),
+                });
             });
             for said in said {
                 self.h2_said(conn, &mut h2, side, said);
@@ -187,6 +217,7 @@ impl Context<'_> {
                 // From here the client's header blocks cannot be decoded: its requests are
                 // counted by their frames, from the next piece that begins one.
                 h2.blind = Some(Blind::default());
+                self.h2_cut(conn, &mut h2, 0);
             }
         }
         conn.h2 = Some(h2);
@@ -200,20 +231,32 @@ impl Context<'_> {
         h2.readers[side].gap();
         if side == 0 {
             h2.blind.get_or_insert_with(Blind::default).left = None;
-        } else {
-            // The answers being read are lost with the bytes.
-            for (_, call) in h2.calls.drain() {
-                self.h2_ended(conn, call, None);
+        }
+        self.h2_cut(conn, &mut h2, side);
+        conn.h2 = Some(h2);
+    }
+
+    /// Direction `side` can be read no further: the requests it was sending, or the answers,
+    /// are lost with it.
+    fn h2_cut(&mut self, conn: &Connection, h2: &mut Conversation, side: usize) {
+        let cut: Vec<u32> = h2
+            .calls
+            .iter()
+            .filter(|(_, call)| side == 1 || call.asking)
+            .map(|(stream, _)| *stream)
+            .collect();
+        for stream in cut {
+            if let Some(call) = h2.calls.remove(&stream) {
+                self.h2_ended(conn, call, None, conn.gap_reason(side));
             }
         }
-        conn.h2 = Some(h2);
     }
 
     /// The connection ended: the exchanges still open were not answered.
     pub(super) fn h2_close(&mut self, conn: &mut Connection) {
         if let Some(mut h2) = conn.h2.take() {
             for (_, call) in h2.calls.drain() {
-                self.h2_ended(conn, call, None);
+                self.h2_ended(conn, call, None, Reason::Gap);
             }
         }
     }
@@ -225,98 +268,174 @@ impl Context<'_> {
                 stream,
                 fields,
                 end_stream,
-            } => {
-                if side == 0 {
-                    if stream % 2 == 1 && stream > h2.highest {
-                        h2.highest = stream;
-                        self.h2_request(h2, stream, fields.as_ref());
-                    }
-                } else if let Some(call) = h2.calls.get_mut(&stream) {
-                    let fields = fields.unwrap_or_default();
-                    let field = |name: &[u8]| {
-                        fields
-                            .iter()
-                            .find(|(n, _)| n == name)
-                            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                    };
-                    if call.status.is_none() {
-                        // An interim answer (1xx) is followed by the real one.
-                        call.status = field(b":status")
-                            .and_then(|s| s.parse().ok())
-                            .filter(|s| !(100..200).contains(s));
-                    }
-                    if let (Some(exchange), Some(code)) = (
-                        call.exchange.as_mut(),
-                        field(b"grpc-status").and_then(|c| c.parse().ok()),
-                    ) {
-                        exchange.grpc_status(code);
-                    }
-                    if end_stream && let Some(call) = h2.calls.remove(&stream) {
-                        let status = call.status;
-                        self.h2_ended(conn, call, status);
-                    }
-                }
-            }
-            Said::End(stream) => {
-                if side == 1
-                    && let Some(call) = h2.calls.remove(&stream)
+            } if side == 0 => {
+                if stream % 2 == 1 && stream > h2.highest {
+                    h2.highest = stream;
+                    self.h2_request(conn, h2, stream, fields.as_ref(), end_stream);
+                } else if let Some(call) = h2.calls.get_mut(&stream)
+                    && end_stream
                 {
-                    let status = call.status;
-                    self.h2_ended(conn, call, status);
+                    // The request's trailers.
+                    let trailers = regular(&fields.unwrap_or_default());
+                    Self::asked(self.replay, conn, call, trailers);
                 }
             }
+            Said::Headers {
+                stream,
+                fields,
+                end_stream,
+            } => {
+                let Some(call) = h2.calls.get_mut(&stream) else {
+                    return;
+                };
+                let fields = fields.unwrap_or_default();
+                if call.status.is_none() {
+                    // An interim answer (1xx) is followed by the real one.
+                    call.status = field(&fields, b":status")
+                        .and_then(|s| s.parse().ok())
+                        .filter(|s| !(100..200).contains(s));
+                    if let (Some(status), Some(answer)) = (call.status, call.answer.as_mut()) {
+                        *answer = Answer::new(status, regular(&fields));
+                    }
+                } else if let Some(answer) = call.answer.as_mut() {
+                    // Trailers (gRPC's status) are compared as headers are.
+                    answer.headers.extend(regular(&fields));
+                }
+                if let (Some(exchange), Some(code)) = (
+                    call.exchange.as_mut(),
+                    field(&fields, b"grpc-status").and_then(|c| c.parse().ok()),
+                ) {
+                    exchange.grpc_status(code);
+                }
+                if end_stream {
+                    self.h2_answered(conn, h2, stream);
+                }
+            }
+            Said::Data(stream, data) => {
+                let Some(call) = h2.calls.get_mut(&stream) else {
+                    return;
+                };
+                if side == 1 {
+                    if let Some(answer) = call.answer.as_mut() {
+                        answer.add_body(&data, self.flows.limits.compare_body_bytes);
+                    }
+                } else if call.replaying
+                    && call.asking
+                    && !self.replay.body(conn.id, call.id, &data)
+                {
+                    self.replay.abort(conn.id, call.id, Reason::Busy);
+                    call.replaying = false;
+                    call.answer = None;
+                }
+            }
+            Said::End(stream) => match h2.calls.get_mut(&stream) {
+                Some(call) if side == 0 => Self::asked(self.replay, conn, call, Vec::new()),
+                Some(_) => self.h2_answered(conn, h2, stream),
+                None => {}
+            },
             Said::Reset(stream) => {
                 if let Some(call) = h2.calls.remove(&stream) {
-                    self.h2_ended(conn, call, None);
+                    self.h2_ended(conn, call, None, Reason::Reset);
                 }
             }
         }
     }
 
-    /// A request opened `stream` with these header fields (`None`: over the bound).
-    fn h2_request(&mut self, h2: &mut Conversation, stream: u32, fields: Option<&Fields>) {
+    /// The client ended its side of `call`'s stream, with `trailers`.
+    fn asked(
+        replay: &mut dyn super::Replay,
+        conn: &Connection,
+        call: &mut Call,
+        trailers: Vec<(String, Vec<u8>)>,
+    ) {
+        if call.asking && call.replaying {
+            replay.end(conn.id, call.id, trailers);
+        }
+        call.asking = false;
+    }
+
+    /// A request opened `stream` with these header fields (`None`: over the bound); `whole`
+    /// when they ended the stream.
+    fn h2_request(
+        &mut self,
+        conn: &Connection,
+        h2: &mut Conversation,
+        stream: u32,
+        fields: Option<&Fields>,
+        whole: bool,
+    ) {
         self.flows.shared.update(|s| s.requests += 1);
         let Some(fields) = fields.filter(|_| h2.calls.len() < MAX_STREAMS) else {
-            self.h2_lost(Reason::Unreadable);
+            if self.flows.limits.replays {
+                self.flows.shared.lost(Reason::Unreadable);
+            }
+            if let Some(observed) = &self.flows.observed {
+                observed.unread(Reason::Unreadable);
+            }
             return;
         };
-        let field = |name: &[u8]| {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| String::from_utf8_lossy(v))
+        let id = self.flows.next_request;
+        self.flows.next_request += 1;
+        let mut headers = regular(fields);
+        if let Some(authority) = field(fields, b":authority") {
+            headers.insert(0, ("host".to_owned(), authority.as_bytes().to_vec()));
+        }
+        let head = Head {
+            method: field(fields, b":method").unwrap_or_default().to_owned(),
+            target: field(fields, b":path").unwrap_or_default().to_owned(),
+            version: Version::Http2 { body: !whole },
+            headers,
+            ..Head::default()
         };
-        if self.flows.limits.replays {
-            self.flows.shared.lost(Reason::Http2);
+        let why = self.not_replayed(conn, &head, None);
+        let replaying = self.hand_over(conn.id, id, &head, why);
+        if replaying && whole {
+            self.replay.end(conn.id, id, Vec::new());
         }
         let exchange = self.flows.observed.as_ref().map(|observed| {
-            let path = field(b":path").unwrap_or_default();
-            let exchange = observed.request(&field(b":method").unwrap_or_default(), &path, self.at);
-            let grpc = field(b"content-type").is_some_and(|t| t.starts_with("application/grpc"));
-            if grpc { exchange.grpc(&path) } else { exchange }
+            let exchange = observed.request(&head.method, &head.target, self.at);
+            let grpc = head
+                .header("content-type")
+                .is_some_and(|t| t.starts_with(b"application/grpc"));
+            if grpc {
+                exchange.grpc(&head.target)
+            } else {
+                exchange
+            }
         });
+        let compare = replaying && self.flows.limits.compare;
         h2.calls.insert(
             stream,
             Call {
+                id,
+                replaying,
+                asking: !whole,
                 exchange,
                 status: None,
+                answer: compare.then(Answer::default),
             },
         );
     }
 
-    /// A request read no further than its frames, lost for `why`: counted as
-    /// [`Context::unread`] does, less the count of requests, already made.
-    fn h2_lost(&mut self, why: Reason) {
-        if self.flows.limits.replays {
-            self.flows.shared.lost(why);
+    /// The live answer on `stream` ended whole.
+    fn h2_answered(&mut self, conn: &Connection, h2: &mut Conversation, stream: u32) {
+        let Some(mut call) = h2.calls.remove(&stream) else {
+            return;
+        };
+        if let Some(answer) = call.answer.take().filter(|_| !call.asking) {
+            self.replay.live_answer(conn.id, call.id, answer);
         }
-        if let Some(observed) = &self.flows.observed {
-            observed.unread(why);
-        }
+        let status = call.status;
+        // Answered and closed before the request was whole: the rest never comes.
+        self.h2_ended(conn, call, status, Reason::Reset);
     }
 
-    /// An exchange ended, answered with `status` (or not: `None`).
-    fn h2_ended(&self, conn: &Connection, call: Call, status: Option<u16>) {
+    /// An exchange ended: answered with `status`, or not (`None`). A request still being read,
+    /// or a live answer still awaited for compare, is aborted for `why`.
+    fn h2_ended(&mut self, conn: &Connection, call: Call, status: Option<u16>, why: Reason) {
+        if call.replaying && (call.asking || call.answer.is_some()) {
+            self.replay.abort(conn.id, call.id, why);
+        }
         if let Some(exchange) = call.exchange {
             self.observe(conn, exchange, status);
         }
@@ -470,16 +589,40 @@ mod tests {
     }
 
     #[test]
-    fn a_shadow_counts_http2_requests_as_not_replayed() {
-        let mut h2 = H2Wire::new(Wire::new(""));
+    fn each_stream_is_replayed_with_its_body_trailers_and_live_answer() {
+        let mut h2 = H2Wire::new(Wire::new("compare = true"));
         h2.wire.handshake();
         h2.send(true, PREFACE);
-        for stream in [1, 3, 5] {
-            h2.headers(true, stream, &[(":method", "GET"), (":path", "/")], true);
-        }
-        let stats = h2.wire.stats();
-        assert_eq!((stats.requests, stats.lost.http2), (3, 3));
-        assert_eq!(stats.lost.total(), 3);
+        h2.headers(true, 1, &[(":method", "GET"), (":path", "/")], true);
+        h2.headers(true, 3, &[(":method", "POST"), (":path", "/up")], false);
+        h2.headers(true, 5, &[(":method", "PUT"), (":path", "/cut")], false);
+        // Bodies interleaved, as a client multiplexes them.
+        h2.send(true, &frame(DATA, 0, 3, b"ab"));
+        h2.send(true, &frame(DATA, 0, 5, b"part"));
+        h2.send(true, &frame(DATA, 0, 3, b"c"));
+        h2.headers(true, 3, &[("x-sum", "1")], true);
+        // Stream 5 is reset in the middle of its body.
+        h2.send(true, &frame(0x3, 0, 5, &[0, 0, 0, 8]));
+        h2.headers(false, 3, &[(":status", "201")], false);
+        h2.send(false, &frame(DATA, END_STREAM, 3, b"made"));
+        h2.headers(false, 1, &[(":status", "200")], false);
+        h2.send(false, &frame(DATA, END_STREAM, 1, b"ok"));
+        assert_eq!(
+            h2.wire.told.lines,
+            [
+                "start 1 GET /",
+                "end 1 trailers=0",
+                "start 2 POST /up",
+                "start 3 PUT /cut",
+                "end 2 trailers=1",
+                "abort 3 Reset",
+                "live 2 201 made",
+                "live 1 200 ok",
+            ]
+        );
+        assert_eq!(h2.wire.told.bodies[&2], b"abc");
+        assert_eq!(h2.wire.told.bodies[&3], b"part");
+        assert_eq!(h2.wire.stats().requests, 3);
     }
 
     #[test]

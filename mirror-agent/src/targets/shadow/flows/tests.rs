@@ -4,10 +4,10 @@ use crate::targets::shadow::ShadowConfig;
 
 /// What the replay side was told, in words.
 #[derive(Debug, Default)]
-struct Told {
-    lines: Vec<String>,
+pub(super) struct Told {
+    pub(super) lines: Vec<String>,
     /// Bodies by request.
-    bodies: HashMap<u64, Vec<u8>>,
+    pub(super) bodies: HashMap<u64, Vec<u8>>,
     refuse: bool,
 }
 
@@ -49,7 +49,7 @@ pub(super) const SERVER: &str = "10.0.0.2:80";
 /// A connection's packets, by sequence offsets from each side's first byte.
 pub(super) struct Wire {
     pub(super) flows: Flows,
-    told: Told,
+    pub(super) told: Told,
     client_isn: u32,
     server_isn: u32,
     /// The wall-clock time the next packets are seen at.
